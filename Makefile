@@ -1,0 +1,50 @@
+# vdifs: `make mount` installs everything and mounts the embedded pool at
+# $(MOUNTPOINT); `make test` installs everything and runs the whole suite.
+# Both need root on Debian (apt packages, /dev/fuse, loop devices).
+
+PYTHON ?= python3
+VENV ?= .venv
+MOUNTPOINT ?= /mnt/vdis
+APT_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-venv qemu-utils fio e2fsprogs attr util-linux
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv install mount umount test test-unit bench clean
+
+all: install
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+install: deps venv
+	@if [ "$$(id -u)" = 0 ]; then ln -sf "$(abspath $(VENV))/bin/vdifs" /usr/local/bin/vdifs; fi
+
+mount: install
+	$(VENV)/bin/vdifs mount $(MOUNTPOINT)
+	@echo "vdifs is mounted at $(MOUNTPOINT); 'vdifs umount $(MOUNTPOINT)' to stop"
+
+umount:
+	$(VENV)/bin/vdifs umount $(MOUNTPOINT)
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
+
+test-unit: venv
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/unit tests/pool
+
+bench: install
+	bench/run.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

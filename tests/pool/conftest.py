@@ -1,0 +1,21 @@
+import os
+
+import pytest
+
+from vdifs.client.catalog import Catalog
+from vdifs.client.pool import LocalPool
+from vdifs.meta.directory import DirectoryService
+from vdifs.meta.register import FileRegister
+from vdifs.peer.store import ObjectStore
+
+
+def make_catalog(root: str) -> Catalog:
+    store = ObjectStore(root)
+    store.open()
+    os.makedirs(os.path.join(root, "meta"), exist_ok=True)
+    return Catalog(LocalPool(store), DirectoryService(FileRegister(os.path.join(root, "meta", "directory"))))
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    return str(tmp_path / "store")

@@ -1,0 +1,165 @@
+import hashlib
+import os
+import random
+
+import pytest
+import trio
+
+from vdifs.errors import TooLarge, VdiNotFound
+from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid
+from vdifs.model.objmap import PENDING_DELETE
+
+from .conftest import make_catalog
+
+OBJ = 4 << 20
+
+
+async def data_objects(cat, vid):
+    return await cat.pool.list_objects(vid, ObjectKind.DATA)
+
+
+async def open_catalog(root, nursery):
+    cat = make_catalog(root)
+    await cat.start(nursery)
+    return cat
+
+
+async def test_write_read_across_boundaries(store_dir, nursery):
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("v", 10 * OBJ)
+    vol = await cat.open(rec.vid)
+    payload = os.urandom(8192)
+    await vol.write(OBJ - 4096, payload)
+    assert await vol.read(OBJ - 4096, 8192) == payload
+    assert await vol.read(0, 16) == bytes(16)
+    assert len(await data_objects(cat, rec.vid)) == 2
+    assert vol.allocated_bytes == 2 * OBJ
+    # last byte of the VDI, then a read beyond EOF
+    await vol.write(10 * OBJ - 1, b"\x7f")
+    assert await vol.read(10 * OBJ - 1, 100) == b"\x7f"
+    assert await vol.read(10 * OBJ, 100) == b""
+
+
+async def test_zero_detection(store_dir, nursery):
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("z", 4 * OBJ)
+    vol = await cat.open(rec.vid)
+    await vol.write(0, bytes(65536))  # zeros on a hole: nothing allocated
+    assert await data_objects(cat, rec.vid) == []
+    await vol.write(OBJ, b"\1" * 4096)
+    assert len(await data_objects(cat, rec.vid)) == 1
+    await vol.write(OBJ, bytes(OBJ))  # a whole object of zeros frees it
+    assert await data_objects(cat, rec.vid) == []
+    assert vol.map.allocated == 0
+    assert await vol.read(OBJ, 4096) == bytes(4096)
+
+
+async def test_truncate_frees_and_zeroes_tail(store_dir, nursery):
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("t", 8 * OBJ)
+    vol = await cat.open(rec.vid)
+    await vol.write(0, b"\xaa" * (8 * OBJ))
+    assert len(await data_objects(cat, rec.vid)) == 8
+    await vol.truncate(OBJ + 100)
+    assert len(await data_objects(cat, rec.vid)) == 2
+    await vol.truncate(8 * OBJ)
+    assert await vol.read(OBJ + 96, 8) == b"\xaa" * 4 + bytes(4)
+    assert await vol.read(5 * OBJ, 16) == bytes(16)
+
+
+async def test_limits(store_dir, nursery):
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("big", MAX_VDI_SIZE)
+    vol = await cat.open(rec.vid)
+    await vol.write(MAX_VDI_SIZE - 1, b"x")  # the very last byte of a 16 PiB VDI
+    assert await vol.read(MAX_VDI_SIZE - 1, 1) == b"x"
+    with pytest.raises(TooLarge):
+        await vol.write(MAX_VDI_SIZE, b"x")
+    with pytest.raises(TooLarge):
+        await vol.truncate(MAX_VDI_SIZE + 1)
+    assert len(vol.map._pages) == 1  # the sparse map stays small
+
+
+async def test_concurrent_writers_on_one_object(store_dir, nursery):
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("c", 2 * OBJ)
+    vol = await cat.open(rec.vid)
+    pieces = list(range(64))
+    random.Random(1).shuffle(pieces)
+    async with trio.open_nursery() as n:
+        for i in pieces:  # all race to allocate the same fresh object
+            n.start_soon(vol.write, i * 4096, bytes([i + 1]) * 4096)
+    assert len(await data_objects(cat, rec.vid)) == 1
+    for i in range(64):
+        assert await vol.read(i * 4096, 4096) == bytes([i + 1]) * 4096
+
+
+async def test_persistence_after_flush(store_dir):
+    digest = None
+    async with trio.open_nursery() as n:
+        cat = await open_catalog(store_dir, n)
+        rec = await cat.create("p", 3 * OBJ)
+        vol = await cat.open(rec.vid)
+        data = os.urandom(OBJ)
+        await vol.write(OBJ // 2, data)
+        await vol.write(3 * OBJ, b"grown")  # extends the VDI
+        await vol.flush()
+        digest = hashlib.sha256(await vol.read(0, vol.size)).hexdigest()
+        n.cancel_scope.cancel()
+    async with trio.open_nursery() as n:
+        cat = await open_catalog(store_dir, n)
+        rec = cat.lookup("p")
+        assert rec.size == 3 * OBJ + 5
+        vol = await cat.open(rec.vid)
+        assert hashlib.sha256(await vol.read(0, vol.size)).hexdigest() == digest
+        n.cancel_scope.cancel()
+
+
+async def test_reconcile_cleans_crash_leftovers(store_dir):
+    async with trio.open_nursery() as n:
+        cat = await open_catalog(store_dir, n)
+        rec = await cat.create("r", 4 * OBJ)
+        vol = await cat.open(rec.vid)
+        await vol.write(0, b"keep")
+        await vol.write(OBJ, b"freeing")
+        await vol.flush()
+        # crash states: an allocation whose map entry never landed, a free
+        # that stopped after PENDING_DELETE, an object past the size
+        await cat.pool.create(data_oid(rec.vid, 2), 0, b"leak", OBJ)
+        vol.map.set(1, PENDING_DELETE)
+        await vol._write_dirty_map()
+        await cat.pool.create(data_oid(rec.vid, 9), 0, b"beyond", OBJ)
+        n.cancel_scope.cancel()
+    async with trio.open_nursery() as n:
+        cat = await open_catalog(store_dir, n)
+        vol = await cat.open(cat.lookup("r").vid)
+        assert await data_objects(cat, vol.vid) == [data_oid(vol.vid, 0)]
+        assert vol.map.allocated == 1
+        assert await vol.read(0, 4) == b"keep"
+        assert await vol.read(OBJ, 7) == bytes(7)
+        n.cancel_scope.cancel()
+
+
+async def test_delete_and_rename_purge_objects(store_dir, nursery):
+    cat = await open_catalog(store_dir, nursery)
+    a = await cat.create("a", OBJ)
+    b = await cat.create("b", OBJ)
+    for rec in (a, b):
+        vol = await cat.open(rec.vid)
+        await vol.write(0, b"data")
+        await cat.close(vol)
+    await cat.rename("a", "b")  # replaces b: its objects go
+    assert cat.lookup("b").vid == a.vid
+    with pytest.raises(VdiNotFound):
+        cat.lookup("a")
+    with trio.fail_after(10):
+        while await cat.pool.list_objects(b.vid):
+            await trio.sleep(0.01)
+    # an open VDI that is deleted keeps working until closed, then is purged
+    vol = await cat.open(a.vid)
+    await cat.delete("b")
+    assert await vol.read(0, 4) == b"data"
+    await cat.close(vol)
+    with trio.fail_after(10):
+        while await cat.pool.list_vids() or cat.current.deleting:
+            await trio.sleep(0.01)

@@ -1,0 +1,3 @@
+from vdifs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""The `vdifs` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from vdifs import __version__
+from vdifs.control import client
+from vdifs.errors import VdifsError
+from vdifs.model.sizes import format_size, parse_size
+
+log = logging.getLogger("vdifs")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit status 1."""
+
+
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vdifs.fuse.mount import default_store
+
+    store_default = default_store()
+    p = argparse.ArgumentParser(
+        prog="vdifs",
+        description="vdifs: virtual disk images as sparse files, stored in a replicated object pool.",
+        epilog="Run 'vdifs COMMAND --help' for the options of a command.",
+    )
+    p.add_argument("--version", action="version", version=f"vdifs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    m = sub.add_parser("mount", help="mount the VDIs of a pool as files",
+                       description="Mount every VDI of the pool as a sparse file under MOUNTPOINT. "
+                                   "Without --cluster an embedded single-node pool on --store is used.")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("--store", default=store_default, metavar="DIR",
+                   help=f"directory of the embedded pool (default: {store_default})")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
+    m.add_argument("--allow-other", action="store_true", help="let other users access the mount (for QEMU run as another user)")
+    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default: info)")
+    m.add_argument("--log-file", metavar="FILE",
+                   help="log file when running in the background (default: STORE/mount.log)")
+
+    u = sub.add_parser("umount", help="flush and unmount a vdifs mount",
+                       description="Flush everything to the pool, unmount, and wait for the mount process to exit.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for the mount process to finish (default: 60)")
+
+    v = sub.add_parser("vdi", help="manage VDIs through a running mount",
+                       description="Manage VDIs through the control channel of a running mount.")
+    where = v.add_mutually_exclusive_group()
+    where.add_argument("--mount", "-m", metavar="MOUNTPOINT", help="the mount to talk to")
+    where.add_argument("--store", default=None, metavar="DIR",
+                       help=f"store of the mount to talk to (default: {store_default})")
+    vs = v.add_subparsers(dest="vdi_command", metavar="ACTION", required=True)
+    vl = vs.add_parser("list", help="list VDIs")
+    vl.add_argument("--json", action="store_true", help="machine-readable output")
+    vi = vs.add_parser("info", help="show one VDI")
+    vi.add_argument("name", metavar="NAME")
+    vi.add_argument("--json", action="store_true", help="machine-readable output")
+    vc = vs.add_parser("create", help="create an empty (sparse) VDI")
+    vc.add_argument("name", metavar="NAME")
+    vc.add_argument("size", metavar="SIZE", type=size_arg, help="size with optional K/M/G/T suffix")
+    vc.add_argument("--copies", type=int, metavar="N", help="replicas of each object (default: the pool's)")
+    vd = vs.add_parser("delete", help="delete a VDI and free its space")
+    vd.add_argument("name", metavar="NAME")
+    vr = vs.add_parser("resize", help="grow or shrink a VDI (shrinking frees the objects past the end)")
+    vr.add_argument("name", metavar="NAME")
+    vr.add_argument("size", metavar="SIZE", type=size_arg, help="new size with optional K/M/G/T suffix")
+    vn = vs.add_parser("rename", help="rename a VDI (replaces an existing NEW)")
+    vn.add_argument("old", metavar="OLD")
+    vn.add_argument("new", metavar="NEW")
+    return p
+
+
+def setup_logging(level: str, stream: Any = None, filename: str | None = None) -> None:
+    handler: logging.Handler = logging.FileHandler(filename) if filename else logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("pyfuse3").setLevel(max(logging.INFO, root.level))
+
+
+# -- mount / umount ----------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from vdifs.fuse.mount import Mount, check_mountpoint, lock_store
+
+    store = os.path.abspath(args.store)
+    mountpoint = os.path.abspath(args.mountpoint)
+    check_mountpoint(mountpoint)
+    if not os.path.exists("/dev/fuse"):
+        raise CliError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse)")
+    lock = lock_store(store)
+    if args.foreground:
+        setup_logging(args.log_level, sys.stderr)
+        trio.run(Mount(mountpoint, store, allow_other=args.allow_other).run)
+        lock.close()
+        return 0
+
+    # Background: fork, let the child mount, and report its verdict here.
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        lock.close()  # the child keeps its own copy of the locked descriptor
+        with os.fdopen(read_fd, "rb") as r:
+            verdict = r.read().decode(errors="replace").strip()
+        if verdict == "ok":
+            return 0
+        raise CliError(verdict or f"the mount process failed before mounting; see {args.log_file or os.path.join(store, 'mount.log')}")
+    os.close(read_fd)
+    os.setsid()
+    logfile = args.log_file or os.path.join(store, "mount.log")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    setup_logging(args.log_level, sys.stderr)
+    ready = os.fdopen(write_fd, "wb", buffering=0)
+    status = 0
+    try:
+        trio.run(Mount(mountpoint, store, allow_other=args.allow_other).run, ready)
+    except BaseException as e:
+        log.exception("mount failed")
+        if not ready.closed:
+            ready.write(f"mount failed: {e}".encode())
+        status = 1
+    finally:
+        lock.close()
+        os._exit(status)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    path = client.socket_for_mount(mountpoint)
+    status = trio.run(client.call, path, "status")
+    trio.run(lambda: client.call(path, "flush", timeout=args.timeout))
+    res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise CliError(f"could not unmount {mountpoint}: {res.stderr.strip() or 'fusermount3 failed'}")
+    pid = status["pid"]
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return 0
+        time.sleep(0.05)
+    raise CliError(f"unmounted, but the mount process {pid} has not exited after {args.timeout:.0f} s")
+
+
+# -- vdi ---------------------------------------------------------------------------------
+
+
+def _control_path(args: argparse.Namespace) -> str:
+    from vdifs.fuse.mount import default_store
+
+    if args.mount:
+        return client.socket_for_mount(os.path.abspath(args.mount))
+    return client.socket_for_store(os.path.abspath(args.store or default_store()))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _fmt_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def cmd_vdi(args: argparse.Namespace) -> int:
+    path = _control_path(args)
+    action = args.vdi_command
+
+    def call(op: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+        return trio.run(lambda: client.call(path, op, params, timeout=timeout))
+
+    if action == "list":
+        vdis = call("vdi.list")
+        if args.json:
+            print(json.dumps(vdis, indent=2))
+        elif not vdis:
+            print("no VDIs")
+        else:
+            print(_table([[v["name"], str(v["vid"]), format_size(v["size"]), format_size(v["allocated"]),
+                           str(v["copies"]), _fmt_time(v["mtime"])] for v in vdis],
+                         ["NAME", "VID", "SIZE", "ALLOCATED", "COPIES", "MODIFIED"]))
+    elif action == "info":
+        v = call("vdi.info", {"name": args.name})
+        if args.json:
+            print(json.dumps(v, indent=2))
+        else:
+            print(_table([
+                ["name", v["name"]], ["vid", str(v["vid"])],
+                ["size", f"{format_size(v['size'])} ({v['size']} bytes)"],
+                ["allocated", f"{format_size(v['allocated'])} ({v['objects']} objects of {format_size(v['object_size'])})"],
+                ["copies", str(v["copies"])], ["shared", "yes" if v["shared"] else "no"],
+                ["created", _fmt_time(v["ctime"])], ["modified", _fmt_time(v["mtime"])],
+            ], ["FIELD", "VALUE"]))
+    elif action == "create":
+        v = call("vdi.create", {"name": args.name, "size": args.size, "copies": args.copies})
+        print(f"created {v['name']} (vid {v['vid']}, {format_size(v['size'])})")
+    elif action == "delete":
+        call("vdi.delete", {"name": args.name})
+        print(f"deleted {args.name}")
+    elif action == "resize":
+        v = call("vdi.resize", {"name": args.name, "size": args.size}, timeout=3600)
+        print(f"resized {v['name']} to {format_size(v['size'])}")
+    elif action == "rename":
+        call("vdi.rename", {"old": args.old, "new": args.new})
+        print(f"renamed {args.old} to {args.new}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"mount": cmd_mount, "umount": cmd_umount, "vdi": cmd_vdi}
+    try:
+        return handlers[args.command](args)
+    except (CliError, VdifsError) as e:
+        print(f"vdifs: {e}", file=sys.stderr)
+        return 1
+    except trio.TooSlowError:
+        print("vdifs: the mount did not answer in time", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

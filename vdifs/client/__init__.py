@@ -1,0 +1,1 @@
+"""The client side: the object-pool interface and VDI volumes built on it."""

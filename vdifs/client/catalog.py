@@ -1,0 +1,240 @@
+"""VDIs by name: the directory, the loaded volumes, and background purges.
+
+Everything the FUSE layer and the control channel do to a VDI goes through
+here, so both see one consistent state. Directory changes are durable when
+the call returns (the register's CAS is). Deleting a VDI tombstones its vid
+in the directory first and frees its objects afterwards in the background;
+a vid whose VDI is still open is purged when its last handle closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import replace
+
+import trio
+
+from vdifs.client.pool import ObjectPool
+from vdifs.client.volume import Volume
+from vdifs.errors import InvalidArgument, VdiNotFound
+from vdifs.meta.directory import DirectoryService
+from vdifs.model.directory import Directory, VdiRecord
+from vdifs.model.sizes import format_size
+
+log = logging.getLogger(__name__)
+
+#: Closed volumes kept loaded (their maps answer getattr without I/O).
+IDLE_VOLUMES = 256
+PURGE_PARALLELISM = 16
+PURGE_RETRY_SECONDS = 5.0
+
+
+class Catalog:
+    def __init__(self, pool: ObjectPool, directory: DirectoryService) -> None:
+        self.pool = pool
+        self.directory = directory
+        self._volumes: OrderedDict[int, Volume] = OrderedDict()
+        self._load_locks: dict[int, trio.Lock] = {}
+        self._purge_send, self._purge_recv = trio.open_memory_channel[int](math.inf)
+        self._purging: set[int] = set()
+        self.purges_done = 0
+
+    # -- life cycle ------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Read the directory, resume interrupted deletes, start the purger."""
+        d = await self.directory.refresh()
+        nursery.start_soon(self._purger)
+        live = {r.vid for r in d.vdis.values()}
+        for vid in sorted(d.deleting):
+            self._schedule_purge(vid)
+        for vid in await self.pool.list_vids():
+            if vid not in live and vid not in d.deleting:
+                log.warning("vid %d has objects but no VDI record: freeing them", vid)
+                self._schedule_purge(vid)
+        log.info("directory: %d VDIs, %d being deleted", len(d.vdis), len(d.deleting))
+
+    async def reconcile_all(self) -> None:
+        """Load (and so reconcile) every VDI once; run in the background after start."""
+        for rec in list(self.directory.current.vdis.values()):
+            try:
+                await self.volume(rec.vid)
+            except VdiNotFound:
+                continue
+
+    async def flush_all(self) -> None:
+        for vol in list(self._volumes.values()):
+            if vol.dirty:
+                await vol.flush()
+
+    # -- lookups ---------------------------------------------------------------
+
+    @property
+    def current(self) -> Directory:
+        return self.directory.current
+
+    def lookup(self, name: str) -> VdiRecord:
+        rec = self.current.get(name)
+        vol = self._volumes.get(rec.vid)
+        return vol.record if vol is not None else rec
+
+    def record_of(self, vid: int) -> VdiRecord | None:
+        vol = self._volumes.get(vid)
+        if vol is not None:
+            return vol.record
+        found = self.current.by_vid(vid)
+        return found[1] if found else None
+
+    def name_of(self, vid: int) -> str | None:
+        found = self.current.by_vid(vid)
+        return found[0] if found else None
+
+    def listing(self) -> list[tuple[str, VdiRecord]]:
+        return sorted((n, self.record_of(r.vid) or r) for n, r in self.current.vdis.items())
+
+    async def volume(self, vid: int) -> Volume:
+        """The loaded volume of a vid (loading and reconciling it if needed)."""
+        vol = self._volumes.get(vid)
+        if vol is not None:
+            self._volumes.move_to_end(vid)
+            return vol
+        lock = self._load_locks.setdefault(vid, trio.Lock())
+        async with lock:
+            vol = self._volumes.get(vid)
+            if vol is None:
+                found = self.current.by_vid(vid)
+                if found is None:
+                    raise VdiNotFound(f"no VDI with vid {vid}")
+                vol = await Volume.load(self.pool, replace(found[1]), self.persist_meta)
+                self._volumes[vid] = vol
+                self._evict_idle()
+        self._load_locks.pop(vid, None)
+        return vol
+
+    def _evict_idle(self) -> None:
+        if len(self._volumes) <= IDLE_VOLUMES:
+            return
+        for vid, vol in list(self._volumes.items()):
+            if len(self._volumes) <= IDLE_VOLUMES:
+                break
+            if vol.handles == 0 and not vol.dirty:
+                del self._volumes[vid]
+
+    # -- open files ------------------------------------------------------------
+
+    async def open(self, vid: int) -> Volume:
+        vol = await self.volume(vid)
+        vol.handles += 1
+        return vol
+
+    async def close(self, vol: Volume) -> None:
+        vol.handles -= 1
+        if vol.handles == 0:
+            if vol.unlinked:
+                self._volumes.pop(vol.vid, None)
+                self._schedule_purge(vol.vid)
+            elif vol.dirty:
+                await vol.flush()
+
+    async def persist_meta(self, vol: Volume) -> None:
+        """Write a volume's size, times and ownership into the directory."""
+        rec = vol.record
+
+        def apply(d: Directory) -> None:
+            found = d.by_vid(rec.vid)
+            if found is not None:
+                d.vdis[found[0]] = replace(rec)
+
+        await self.directory.update(apply)
+
+    # -- VDI operations ----------------------------------------------------------
+
+    async def create(self, name: str, size: int, *, copies: int | None = None, mode: int = 0o644,
+                     uid: int = 0, gid: int = 0) -> VdiRecord:
+        copies = self.pool.max_copies if copies is None else copies
+        if not 1 <= copies <= self.pool.max_copies:
+            raise InvalidArgument(f"copies must be between 1 and {self.pool.max_copies} in this pool")
+        rec = await self.directory.update(
+            lambda d: d.create(name, size, copies=copies, mode=mode, uid=uid, gid=gid))
+        log.info("created VDI %r (vid %d, %s)", name, rec.vid, format_size(size))
+        return rec
+
+    async def delete(self, name: str) -> int:
+        vid = await self.directory.update(lambda d: d.delete(name))
+        log.info("deleted VDI %r (vid %d); freeing its objects", name, vid)
+        self._tombstoned(vid)
+        return vid
+
+    async def rename(self, old: str, new: str, *, replace_target: bool = True) -> None:
+        replaced = await self.directory.update(lambda d: d.rename(old, new, replace=replace_target))
+        log.info("renamed VDI %r to %r", old, new)
+        if replaced is not None:
+            log.info("rename replaced the old VDI %r (vid %d); freeing its objects", new, replaced)
+            self._tombstoned(replaced)
+
+    async def resize(self, name: str, size: int) -> VdiRecord:
+        rec = self.current.get(name)
+        vol = await self.volume(rec.vid)
+        old = vol.size
+        await vol.truncate(size)
+        log.info("resized VDI %r (vid %d) from %s to %s", name, rec.vid, format_size(old), format_size(size))
+        return vol.record
+
+    async def set_copies(self, vid: int, copies: int) -> None:
+        vol = await self.volume(vid)
+        if not 1 <= copies <= self.pool.max_copies:
+            raise InvalidArgument(f"copies must be between 1 and {self.pool.max_copies} in this pool")
+        if vol.map.allocated:
+            raise InvalidArgument("copies can only be set on a VDI that holds no data yet")
+        vol.record.copies = copies
+        await self.persist_meta(vol)
+
+    # -- purging -----------------------------------------------------------------
+
+    def _tombstoned(self, vid: int) -> None:
+        vol = self._volumes.get(vid)
+        if vol is not None and vol.handles > 0:
+            vol.unlinked = True  # open files keep working; purge on last close
+            return
+        self._volumes.pop(vid, None)
+        self._schedule_purge(vid)
+
+    def _schedule_purge(self, vid: int) -> None:
+        if vid not in self._purging:
+            self._purging.add(vid)
+            self._purge_send.send_nowait(vid)
+
+    @property
+    def pending_purges(self) -> int:
+        return len(self._purging)
+
+    async def _purger(self) -> None:
+        async for vid in self._purge_recv:
+            try:
+                await self._purge(vid)
+            except Exception as e:
+                log.error("freeing the objects of vid %d failed (%s); retrying in %.0f s",
+                          vid, e, PURGE_RETRY_SECONDS)
+                await trio.sleep(PURGE_RETRY_SECONDS)
+                self._purge_send.send_nowait(vid)
+                continue
+            self._purging.discard(vid)
+            self.purges_done += 1
+
+    async def _purge(self, vid: int) -> None:
+        oids = await self.pool.list_objects(vid)
+        limiter = trio.CapacityLimiter(PURGE_PARALLELISM)
+
+        async def drop(oid: int) -> None:
+            async with limiter:
+                await self.pool.delete(oid)
+
+        async with trio.open_nursery() as nursery:
+            for oid in oids:
+                nursery.start_soon(drop, oid)
+        await self.pool.finish_vid(vid)
+        await self.pool.sync([])  # the unlinks are durable before the tombstone goes
+        await self.directory.update(lambda d: d.finish_delete(vid))
+        log.info("freed %d objects of deleted vid %d", len(oids), vid)

@@ -1,0 +1,78 @@
+"""The object-pool interface: everything the mount needs from storage.
+
+The mount (volumes, catalog, FUSE) only ever talks to an `ObjectPool`. The
+embedded single-node pool (`LocalPool`) runs a peer's `ObjectStore` in the
+mount's own process; the cluster puts remote, replicated peers behind the
+same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from vdifs.peer.store import ObjectStore
+
+
+@dataclass(frozen=True)
+class PoolSpace:
+    total: int  # usable bytes, already divided by the copies
+    free: int
+    copies: int
+
+
+class ObjectPool(Protocol):
+    max_copies: int
+
+    async def read(self, oid: int, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` (zeros past what was written); ObjectNotFound if absent."""
+
+    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
+        """Write into an existing object; ObjectNotFound if it does not exist."""
+
+    async def create(self, oid: int, offset: int, data: bytes | memoryview, size: int) -> None:
+        """Create or replace the object whole: zeros except `data` at `offset`."""
+
+    async def delete(self, oid: int) -> None:
+        """Remove an object; a missing object is not an error."""
+
+    async def sync(self, oids: Iterable[int]) -> None:
+        """Return only when the named objects are durable."""
+
+    async def list_vids(self) -> list[int]:
+        """vids that have at least one object in the pool."""
+
+    async def list_objects(self, vid: int, kind: int | None = None) -> list[int]:
+        """All object ids of one VDI (optionally of one kind), sorted."""
+
+    async def finish_vid(self, vid: int) -> None:
+        """Tidy up after the last object of a vid was deleted."""
+
+    async def space(self) -> PoolSpace: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LocalPool:
+    """The embedded pool: one in-process store, one copy of every object."""
+
+    max_copies = 1
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.read = store.read
+        self.write = store.write
+        self.create = store.create
+        self.delete = store.delete
+        self.sync = store.sync
+        self.list_vids = store.list_vids
+        self.list_objects = store.list_objects
+        self.finish_vid = store.remove_vid_dir
+
+    async def space(self) -> PoolSpace:
+        total, free = await self.store.space()
+        return PoolSpace(total, free, 1)
+
+    async def aclose(self) -> None:
+        self.store.close()

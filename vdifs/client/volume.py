@@ -1,0 +1,342 @@
+"""I/O on one VDI: its object map and the read/write/trim/flush paths.
+
+Concurrency invariants (trio; a task can only be interrupted at an await):
+
+- `_index_lock(i)` guards every state change of map entry i (allocation,
+  freeing). A plain overwrite of an allocated object takes no lock: if the
+  object vanished meanwhile (a concurrent free), the pool answers
+  ObjectNotFound because `write` never creates, and the write retries
+  through the locked path. So no write can ever resurrect a freed object.
+- `_map_lock` serialises writing map pages to the pool. The page bytes are
+  taken inside the lock, so the last write of a page to land is also the
+  newest: the pool's copy never goes backwards.
+- `_flush_lock` serialises flushes; writes go on during a flush, and what
+  they dirty is left for the next one.
+
+Durability order on flush: data objects are synced, then dirty map pages
+are written and synced, then the directory record (size, mtime) is
+updated. A crash at any point leaves either the old or the new state of
+every acknowledged-and-flushed write; `reconcile()` at load time cleans
+what an interrupted allocation or free left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from vdifs.client.pool import ObjectPool
+from vdifs.errors import InvalidArgument, ObjectNotFound, PoolError, TooLarge
+from vdifs.model.directory import VdiRecord, check_size
+from vdifs.model.extents import Extent, objects_for_size, split_extents
+from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid, map_oid, unpack_oid
+from vdifs.model.objmap import (
+    CHUNK_BYTES, CHUNK_ENTRIES, NON_EXISTENT, PAGE_BYTES, PENDING_DELETE, ObjectMap,
+    is_allocated, page_location,
+)
+from vdifs.model.zeros import is_zero, zeros
+
+log = logging.getLogger(__name__)
+
+#: Concurrent object deletions when a VDI shrinks.
+FREE_PARALLELISM = 16
+
+PersistMeta = Callable[["Volume"], Awaitable[None]]
+
+
+class Volume:
+    def __init__(self, pool: ObjectPool, record: VdiRecord, persist_meta: PersistMeta) -> None:
+        self.pool = pool
+        self.vid = record.vid
+        self.record = record  # our copy; size/mtime here may be ahead of the directory
+        self.object_size = record.object_size
+        self.map = ObjectMap()
+        self._persist_meta = persist_meta
+        self._locks: dict[int, trio.Lock] = {}
+        self._map_lock = trio.Lock()
+        self._flush_lock = trio.Lock()
+        self._dirty_data: set[int] = set()
+        self._unsynced_chunks: set[int] = set()
+        self._map_chunks: set[int] = set()
+        self.meta_dirty = False
+        self.handles = 0
+        self.unlinked = False
+
+    # -- loading -----------------------------------------------------------
+
+    @classmethod
+    async def load(cls, pool: ObjectPool, record: VdiRecord, persist_meta: PersistMeta,
+                   *, reconcile: bool = True) -> Volume:
+        vol = cls(pool, record, persist_meta)
+        entries = objects_for_size(record.size, vol.object_size)
+        for oid in await pool.list_objects(record.vid, ObjectKind.MAP):
+            chunk = unpack_oid(oid)[2]
+            vol._map_chunks.add(chunk)
+            want = min(CHUNK_BYTES, max(0, entries - chunk * CHUNK_ENTRIES) * 4)
+            if want:
+                vol.map.load_chunk(chunk, await pool.read(oid, 0, want))
+        if reconcile:
+            await vol.reconcile()
+        return vol
+
+    async def reconcile(self) -> None:
+        """Make the map and the pool agree after a crash.
+
+        Finishes interrupted frees (PENDING_DELETE), frees objects beyond the
+        size (a shrink or an unflushed extension that did not survive),
+        deletes objects the map does not reference (an allocation whose map
+        entry was lost), and forgets map entries whose object is gone.
+        """
+        entries = objects_for_size(self.record.size, self.object_size)
+        present = {unpack_oid(o)[2] for o in await self.pool.list_objects(self.vid, ObjectKind.DATA)}
+        fixed = 0
+        for index, entry in list(self.map.entries()):
+            if entry == PENDING_DELETE or index >= entries:
+                await self.pool.delete(data_oid(self.vid, index))
+                self.map.set(index, NON_EXISTENT)
+                present.discard(index)
+                fixed += 1
+            elif entry == self.vid and index not in present:
+                log.warning("vid %d: object %d is in the map but not in the pool; it reads as zeros now",
+                            self.vid, index)
+                self.map.set(index, NON_EXISTENT)
+                fixed += 1
+            present.discard(index)
+        for index in sorted(present):
+            await self.pool.delete(data_oid(self.vid, index))
+            fixed += 1
+        if fixed:
+            log.info("vid %d: reconciled %d objects after an unclean stop", self.vid, fixed)
+            await self._write_dirty_map()
+            await self._sync_map()
+        self.map.drop_empty_pages()
+
+    # -- helpers -------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.record.size
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.map.allocated * self.object_size
+
+    def _index_lock(self, index: int) -> trio.Lock:
+        lock = self._locks.get(index)
+        if lock is None:
+            lock = self._locks[index] = trio.Lock()
+        return lock
+
+    def _drop_index_lock(self, index: int, lock: trio.Lock) -> None:
+        if not lock.locked() and lock.statistics().tasks_waiting == 0:
+            self._locks.pop(index, None)
+
+    def touch(self) -> None:
+        self.record.mtime = time.time()
+        self.meta_dirty = True
+
+    # -- read ----------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise InvalidArgument("negative offset or length")
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return b""
+        extents = split_extents(offset, length, self.object_size)
+        if len(extents) == 1:
+            return await self._read_extent(extents[0])
+        parts: list[bytes] = [b""] * len(extents)
+
+        async def one(i: int, e: Extent) -> None:
+            parts[i] = await self._read_extent(e)
+
+        async with trio.open_nursery() as nursery:
+            for i, e in enumerate(extents):
+                nursery.start_soon(one, i, e)
+        return b"".join(parts)
+
+    async def _read_extent(self, e: Extent) -> bytes:
+        entry = self.map.get(e.index)
+        if not is_allocated(entry):
+            return zeros(e.length)
+        try:
+            return await self.pool.read(data_oid(entry, e.index), e.offset, e.length)
+        except ObjectNotFound:
+            if not is_allocated(self.map.get(e.index)):
+                return zeros(e.length)  # freed while we read: a hole now
+            log.error("vid %d: object %d is mapped but missing from the pool", self.vid, e.index)
+            raise PoolError(f"object {e.index} of vid {self.vid} is missing") from None
+
+    # -- write ---------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> int:
+        end = offset + len(data)
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        if end > MAX_VDI_SIZE:
+            raise TooLarge(f"write ends at {end}, past the 16 PiB limit of a VDI")
+        extents = split_extents(offset, len(data), self.object_size)
+        view = memoryview(data)
+        if len(extents) == 1:
+            await self._write_extent(extents[0], data)
+        else:
+            async with trio.open_nursery() as nursery:
+                for e in extents:
+                    nursery.start_soon(self._write_extent, e, view[e.buf_offset:e.buf_offset + e.length])
+        if end > self.record.size:
+            self.record.size = end
+        self.touch()
+        return len(data)
+
+    async def _write_extent(self, e: Extent, data: bytes | memoryview) -> None:
+        whole = e.length == self.object_size
+        if self.map.get(e.index) == self.vid and not whole:
+            oid = data_oid(self.vid, e.index)
+            try:
+                await self.pool.write(oid, e.offset, data)
+                self._dirty_data.add(oid)
+                return
+            except ObjectNotFound:
+                pass  # freed under us: take the locked path, which re-reads the map
+        lock = self._index_lock(e.index)
+        async with lock:
+            await self._write_extent_locked(e, data, whole)
+        self._drop_index_lock(e.index, lock)
+
+    async def _write_extent_locked(self, e: Extent, data: bytes | memoryview, whole: bool) -> None:
+        entry = self.map.get(e.index)
+        oid = data_oid(self.vid, e.index)
+        if entry == self.vid:
+            if whole and is_zero(data):
+                await self._free_locked(e.index)
+                return
+            await self.pool.write(oid, e.offset, data)
+            self._dirty_data.add(oid)
+            return
+        if entry not in (NON_EXISTENT, PENDING_DELETE):
+            raise PoolError(f"vid {self.vid}: map entry {e.index} points at vid {entry}")
+        if is_zero(data):
+            return  # zeros on a hole: nothing to allocate
+        # CREATE: the object is written whole (zeros around `data`), replacing
+        # any stale copy; only then does the map point at it.
+        await self.pool.create(oid, e.offset, data, self.object_size)
+        self._dirty_data.add(oid)
+        self.map.set(e.index, self.vid)
+        await self._write_map_page(e.index)
+
+    async def _free_locked(self, index: int) -> None:
+        oid = data_oid(self.vid, index)
+        self.map.set(index, PENDING_DELETE)
+        await self._write_map_page(index)
+        await self.pool.delete(oid)
+        self._dirty_data.discard(oid)
+        self.map.set(index, NON_EXISTENT)
+        await self._write_map_page(index)
+
+    async def free_object(self, index: int) -> None:
+        lock = self._index_lock(index)
+        async with lock:
+            if is_allocated(self.map.get(index)) or self.map.get(index) == PENDING_DELETE:
+                await self._free_locked(index)
+        self._drop_index_lock(index, lock)
+
+    # -- object map persistence ----------------------------------------------
+
+    async def _write_pages(self, pages: list[int]) -> None:
+        """Write map pages to their map objects (page cache; synced on flush)."""
+        async with self._map_lock:
+            for pno in pages:
+                chunk, offset = page_location(pno)
+                self.map.mark_clean(pno)
+                raw = self.map.page_bytes(pno)
+                oid = map_oid(self.vid, chunk)
+                try:
+                    if chunk in self._map_chunks:
+                        await self.pool.write(oid, offset, raw)
+                    else:
+                        await self.pool.create(oid, offset, raw, offset + PAGE_BYTES)
+                        self._map_chunks.add(chunk)
+                except BaseException:
+                    self.map.mark_dirty([pno])
+                    raise
+                self._unsynced_chunks.add(chunk)
+
+    async def _write_map_page(self, index: int) -> None:
+        # Write-through: a kill -9 of the mount loses no allocation.
+        await self._write_pages([index // (PAGE_BYTES // 4)])
+
+    async def _write_dirty_map(self) -> None:
+        pages = self.map.take_dirty()
+        try:
+            await self._write_pages(pages)
+        except BaseException:
+            self.map.mark_dirty(pages)  # unwritten ones stay dirty for the next flush
+            raise
+
+    async def _sync_map(self) -> None:
+        chunks, self._unsynced_chunks = self._unsynced_chunks, set()
+        try:
+            await self.pool.sync(map_oid(self.vid, c) for c in chunks)
+        except BaseException:
+            self._unsynced_chunks |= chunks
+            raise
+
+    # -- flush / truncate ------------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty_data or self._unsynced_chunks or self.map.dirty or self.meta_dirty)
+
+    async def flush(self) -> None:
+        """Make every write acknowledged so far durable, with its map and size."""
+        async with self._flush_lock:
+            data, self._dirty_data = self._dirty_data, set()
+            try:
+                await self.pool.sync(data)
+            except BaseException:
+                self._dirty_data |= data
+                raise
+            await self._write_dirty_map()
+            await self._sync_map()
+            if self.meta_dirty and not self.unlinked:
+                self.meta_dirty = False
+                try:
+                    await self._persist_meta(self)
+                except BaseException:
+                    self.meta_dirty = True
+                    raise
+
+    async def truncate(self, size: int) -> None:
+        """Resize; shrinking zeroes the tail of the last object and frees the rest."""
+        check_size(size)
+        old = self.record.size
+        if size < old:
+            keep = objects_for_size(size, self.object_size)
+            tail = size % self.object_size
+            if tail and is_allocated(self.map.get(keep - 1)):
+                # Zero what lies past the new end, so growing again reads zeros.
+                await self._write_extent(Extent(keep - 1, tail, self.object_size - tail, 0),
+                                         zeros(self.object_size - tail))
+            self.record.size = size
+            self.touch()
+            await self.flush()  # the new size is durable before objects go
+            doomed = [i for i, _ in self.map.entries(keep)]
+            limiter = trio.CapacityLimiter(FREE_PARALLELISM)
+
+            async def free(i: int) -> None:
+                async with limiter:
+                    await self.free_object(i)
+
+            async with trio.open_nursery() as nursery:
+                for i in doomed:
+                    nursery.start_soon(free, i)
+            await self.flush()
+            self.map.drop_empty_pages()
+        elif size > old:
+            self.record.size = size
+            self.touch()
+            await self.flush()

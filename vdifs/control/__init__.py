@@ -1,0 +1,1 @@
+"""The local control channel: `vdifs vdi ...` talking to a running mount."""

@@ -1,0 +1,51 @@
+"""Control client: one request, one reply, with a timeout on every wait."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+import trio
+
+from vdifs.errors import VdifsError, error_from_wire
+from vdifs.wire.frames import ConnectionClosed, FrameStream, ProtocolError, check_reply
+
+CONTROL_SOCKET = "control.sock"
+XATTR_CONTROL = "user.vdifs.control"
+
+
+class NotMounted(VdifsError):
+    errno = errno.ENOTCONN
+
+
+def socket_for_mount(mountpoint: str) -> str:
+    """The control socket of the vdifs mount at `mountpoint`."""
+    if not os.path.isdir(mountpoint):
+        raise NotMounted(f"{mountpoint} is not a directory")
+    try:
+        return os.getxattr(mountpoint, XATTR_CONTROL).decode()
+    except OSError:
+        raise NotMounted(f"{mountpoint} is not a vdifs mount") from None
+
+
+def socket_for_store(store: str) -> str:
+    return os.path.join(store, CONTROL_SOCKET)
+
+
+async def call(path: str, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0) -> Any:
+    with trio.fail_after(timeout):
+        try:
+            stream = await trio.open_unix_socket(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotMounted(f"no running vdifs mount serves {path}") from None
+        async with stream:
+            frames = FrameStream(stream)
+            await frames.send([1, op, args or {}])
+            try:
+                rid, status, result = check_reply(await frames.receive())
+            except (ConnectionClosed, ProtocolError) as e:
+                raise VdifsError(f"the mount closed the control connection ({e})") from None
+    if status:
+        raise error_from_wire(status, str(result))
+    return result

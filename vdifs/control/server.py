@@ -1,0 +1,160 @@
+"""Control server: a unix socket (mode 0600) in the store, served by the mount.
+
+Requests and replies are wire frames (`vdifs.wire.frames`). Only root and
+the mount's own user may connect (checked with SO_PEERCRED). A bad frame
+closes that connection; a failed operation answers with its errno and a
+one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from vdifs import __version__
+from vdifs.client.catalog import Catalog
+from vdifs.errors import InvalidArgument, VdifsError
+from vdifs.wire.frames import ConnectionClosed, FrameStream, ProtocolError, check_request
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+#: (event, vid, names) -> tell the kernel to drop what it cached.
+Invalidate = Callable[[str, int, list[str]], None]
+
+
+def _arg(args: dict[str, Any], key: str, kind: type) -> Any:
+    value = args.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidArgument(f"argument {key!r} must be {kind.__name__}")
+    return value
+
+
+class ControlServer:
+    def __init__(self, catalog: Catalog, path: str, status: dict[str, Any],
+                 invalidate: Invalidate | None = None) -> None:
+        self.catalog = catalog
+        self.path = path
+        self.status_info = status
+        self.invalidate = invalidate or (lambda event, vid, names: None)
+        self.ops: dict[str, Handler] = {
+            "status": self.op_status,
+            "flush": self.op_flush,
+            "vdi.list": self.op_list,
+            "vdi.info": self.op_info,
+            "vdi.create": self.op_create,
+            "vdi.delete": self.op_delete,
+            "vdi.resize": self.op_resize,
+            "vdi.rename": self.op_rename,
+        }
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(self.path)
+        os.chmod(self.path, 0o600)  # before listen(): nobody can connect yet
+        sock.listen(16)
+        task_status.started()
+        try:
+            await trio.serve_listeners(self._handle, [trio.SocketListener(sock)])
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _peer_allowed(self, stream: trio.SocketStream) -> bool:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid in (0, os.getuid())
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if not self._peer_allowed(stream):
+            log.warning("control: refused a connection from another user")
+            await stream.aclose()
+            return
+        frames = FrameStream(stream)
+        try:
+            while True:
+                try:
+                    rid, op, args = check_request(await frames.receive())
+                except ConnectionClosed:
+                    return
+                handler = self.ops.get(op)
+                try:
+                    if handler is None:
+                        raise InvalidArgument(f"unknown control operation {op!r}")
+                    result = await handler(args)
+                    reply = [rid, 0, result]
+                except VdifsError as e:
+                    reply = [rid, e.errno, str(e)]
+                except Exception as e:
+                    log.exception("control: %s failed", op)
+                    reply = [rid, 5, f"internal error: {e}"]
+                await frames.send(reply)
+        except ProtocolError as e:
+            log.warning("control: dropped a connection: %s", e)
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await stream.aclose()
+
+    # -- operations ---------------------------------------------------------------
+
+    async def _summary(self, name: str) -> dict[str, Any]:
+        rec = self.catalog.lookup(name)
+        vol = await self.catalog.volume(rec.vid)
+        r = vol.record
+        return {"name": name, "vid": r.vid, "size": r.size, "allocated": vol.allocated_bytes,
+                "objects": vol.map.allocated, "object_size": vol.object_size, "copies": r.copies,
+                "shared": r.shared, "ctime": r.ctime, "mtime": r.mtime, "mode": r.mode,
+                "uid": r.uid, "gid": r.gid}
+
+    async def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        space = await self.catalog.pool.space()
+        return {**self.status_info, "version": __version__, "pid": os.getpid(),
+                "vdis": len(self.catalog.current.vdis), "deleting": self.catalog.pending_purges,
+                "total": space.total, "free": space.free, "copies": space.copies}
+
+    async def op_flush(self, args: dict[str, Any]) -> None:
+        await self.catalog.flush_all()
+
+    async def op_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [await self._summary(name) for name, _ in self.catalog.listing()]
+
+    async def op_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._summary(_arg(args, "name", str))
+
+    async def op_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        name, size = _arg(args, "name", str), _arg(args, "size", int)
+        copies = args.get("copies")
+        if copies is not None:
+            copies = _arg(args, "copies", int)
+        await self.catalog.create(name, size, copies=copies, mode=0o644)
+        return await self._summary(name)
+
+    async def op_delete(self, args: dict[str, Any]) -> None:
+        name = _arg(args, "name", str)
+        vid = await self.catalog.delete(name)
+        self.invalidate("delete", vid, [name])
+
+    async def op_resize(self, args: dict[str, Any]) -> dict[str, Any]:
+        name, size = _arg(args, "name", str), _arg(args, "size", int)
+        rec = await self.catalog.resize(name, size)
+        self.invalidate("resize", rec.vid, [])
+        return await self._summary(name)
+
+    async def op_rename(self, args: dict[str, Any]) -> None:
+        old, new = _arg(args, "old", str), _arg(args, "new", str)
+        vid = self.catalog.lookup(old).vid
+        await self.catalog.rename(old, new)
+        self.invalidate("rename", vid, [old, new])

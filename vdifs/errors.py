@@ -1,0 +1,67 @@
+"""Errors that carry their own errno, so FUSE, the control channel and the
+CLI report the same thing in the same words."""
+
+from __future__ import annotations
+
+import errno
+
+
+class VdifsError(Exception):
+    """An expected failure with a one-line message for the user."""
+
+    errno: int = errno.EIO
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.errno = code
+
+
+class VdiNotFound(VdifsError):
+    errno = errno.ENOENT
+
+
+class VdiExists(VdifsError):
+    errno = errno.EEXIST
+
+
+class InvalidArgument(VdifsError):
+    errno = errno.EINVAL
+
+
+class TooLarge(VdifsError):
+    errno = errno.EFBIG
+
+
+class NoSpace(VdifsError):
+    errno = errno.ENOSPC
+
+
+class ObjectNotFound(VdifsError):
+    """The pool holds no such object (a normal answer, not a failure)."""
+
+    errno = errno.ENOENT
+
+
+class StoreBusy(VdifsError):
+    errno = errno.EBUSY
+
+
+class PoolError(VdifsError):
+    """The object pool failed an operation; data was not changed as asked."""
+
+    errno = errno.EIO
+
+
+class ConflictError(VdifsError):
+    """A compare-and-set lost against a concurrent update (retry)."""
+
+    errno = errno.EAGAIN
+
+
+def error_from_wire(code: int, message: str) -> VdifsError:
+    """Rebuild a typed error from the (errno, message) pair sent over a socket."""
+    for cls in (VdiNotFound, VdiExists, InvalidArgument, TooLarge, NoSpace, StoreBusy):
+        if cls.errno == code:
+            return cls(message)
+    return VdifsError(message, code=code)

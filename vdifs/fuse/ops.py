@@ -1,0 +1,359 @@
+"""pyfuse3 operations: the file-system calls mapped onto the catalog.
+
+Inodes: 1 is the root; a VDI's inode is its vid + 1, so it is stable across
+mounts and renames. Every handler turns a VdifsError into its errno and any
+unexpected exception into EIO with a logged traceback: the mount never dies
+because of what a caller sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from vdifs.client.catalog import Catalog
+from vdifs.client.volume import Volume
+from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
+from vdifs.model.directory import VdiRecord
+from vdifs.model.ids import MAX_VID
+from vdifs.model.names import MAX_NAME_BYTES, InvalidName, ReservedName, validate_name
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+ATTR_TIMEOUT = 1.0
+XATTR_PREFIX = b"user.vdifs."
+VDI_XATTRS = (b"vid", b"copies", b"shared", b"allocated", b"object_size", b"parent")
+ROOT_XATTRS = (b"control", b"store", b"pid")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def fuse_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except VdifsError as e:
+            if e.errno not in (errno.ENOENT, errno.EEXIST):
+                log.info("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def vid_of(inode: int) -> int:
+    vid = inode - 1
+    if not 1 <= vid <= MAX_VID:
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    return vid
+
+
+def parse_name(raw: bytes, *, for_create: bool) -> str:
+    """Turn a FUSE name into a VDI name; lookups of impossible names are ENOENT."""
+    if len(raw) > MAX_NAME_BYTES:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+    try:
+        return validate_name(raw)
+    except ReservedName as e:
+        if not for_create:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        log.info("refused name %r: %s", raw, e)
+        raise pyfuse3.FUSEError(errno.EPERM) from None
+    except InvalidName as e:
+        if not for_create:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        log.info("refused name %r: %s", raw, e)
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+
+class VdifsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, catalog: Catalog, *, control_path: str, store_path: str) -> None:
+        super().__init__()
+        self.catalog = catalog
+        self.control_path = control_path
+        self.store_path = store_path
+        self._handles: dict[int, Volume] = {}
+        self._next_fh = 1
+        self._dir_handles: dict[int, list[tuple[str, VdiRecord]]] = {}
+        self._mounted_at = time.time_ns()
+
+    # -- attributes --------------------------------------------------------------
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ROOT
+        e.st_mode = stat.S_IFDIR | 0o755
+        e.st_nlink = 2
+        e.st_uid = e.st_gid = 0
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self._mounted_at
+        e.attr_timeout = e.entry_timeout = ATTR_TIMEOUT
+        e.st_blksize = 4096
+        return e
+
+    async def _attrs(self, vid: int) -> pyfuse3.EntryAttributes:
+        vol = await self.catalog.volume(vid)
+        rec = vol.record
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = vid + 1
+        e.st_mode = stat.S_IFREG | rec.mode
+        e.st_nlink = 0 if vol.unlinked else 1
+        e.st_uid, e.st_gid = rec.uid, rec.gid
+        e.st_size = rec.size
+        e.st_blocks = vol.allocated_bytes // 512
+        e.st_blksize = 4096
+        e.st_atime_ns = int(rec.atime * 1e9)
+        e.st_mtime_ns = int(rec.mtime * 1e9)
+        e.st_ctime_ns = int(max(rec.ctime, rec.mtime) * 1e9)
+        e.attr_timeout = e.entry_timeout = ATTR_TIMEOUT
+        return e
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            return self._root_attrs()
+        return await self._attrs(vid_of(inode))
+
+    @fuse_errors
+    async def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+                     ) -> pyfuse3.EntryAttributes:
+        if parent != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if name in (b".", b".."):
+            return self._root_attrs()
+        rec = self.catalog.lookup(parse_name(name, for_create=False))
+        return await self._attrs(rec.vid)
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        vol = await self.catalog.volume(vid_of(inode))
+        rec = vol.record
+        if fields.update_size:
+            await vol.truncate(attr.st_size)
+        changed = False
+        if fields.update_mode:
+            rec.mode = stat.S_IMODE(attr.st_mode)
+            changed = True
+        if fields.update_uid:
+            rec.uid = attr.st_uid
+            changed = True
+        if fields.update_gid:
+            rec.gid = attr.st_gid
+            changed = True
+        if fields.update_atime:
+            rec.atime = attr.st_atime_ns / 1e9
+            changed = True
+        if fields.update_mtime:
+            rec.mtime = attr.st_mtime_ns / 1e9
+            changed = True
+        if changed and not vol.unlinked:
+            await self.catalog.persist_meta(vol)
+        return await self._attrs(vol.vid)
+
+    # -- directory ---------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = self.catalog.listing()
+        return fh
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dir_handles.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, rec = entries[i]
+            try:
+                attrs = await self._attrs(rec.vid)
+            except pyfuse3.FUSEError:
+                continue  # deleted since opendir
+            if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # -- files -------------------------------------------------------------------
+
+    def _new_handle(self, vol: Volume) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = vol
+        return fh
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        vid = vid_of(inode)
+        if self.catalog.record_of(vid) is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        vol = await self.catalog.open(vid)
+        return pyfuse3.FileInfo(fh=self._new_handle(vol), keep_cache=True)
+
+    @fuse_errors
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if parent != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
+                                        uid=ctx.uid, gid=ctx.gid)
+        vol = await self.catalog.open(rec.vid)
+        return pyfuse3.FileInfo(fh=self._new_handle(vol), keep_cache=True), await self._attrs(rec.vid)
+
+    @fuse_errors
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        if parent != ROOT or not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
+                                        uid=ctx.uid, gid=ctx.gid)
+        return await self._attrs(rec.vid)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._handles[fh].read(off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._handles[fh].write(off, buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        await self._handles[fh].flush()
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._handles[fh].flush()
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        vol = self._handles.pop(fh)
+        await self.catalog.close(vol)
+
+    # -- namespace -----------------------------------------------------------------
+
+    @fuse_errors
+    async def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if parent != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        await self.catalog.delete(parse_name(name, for_create=False))
+
+    @fuse_errors
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if parent_old != ROOT or parent_new != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        old = parse_name(name_old, for_create=False)
+        new = parse_name(name_new, for_create=True)
+        await self.catalog.rename(old, new, replace_target=not flags & pyfuse3.RENAME_NOREPLACE)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> None:
+        log.info("refused mkdir %r: vdifs holds VDIs only, no directories", name)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        try:
+            self.catalog.lookup(name.decode("utf-8", "replace"))
+        except VdiNotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode: int, new_parent: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        space = await self.catalog.pool.space()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = space.total // 4096
+        s.f_bfree = s.f_bavail = space.free // 4096
+        used = len(self.catalog.current.vdis)
+        s.f_files = MAX_VID
+        s.f_ffree = s.f_favail = MAX_VID - used
+        s.f_namemax = MAX_NAME_BYTES
+        return s
+
+    # -- extended attributes -----------------------------------------------------------
+
+    def _xattr_values(self, inode: int, vol: Volume | None) -> dict[bytes, bytes]:
+        if inode == ROOT:
+            return {b"control": self.control_path.encode(), b"store": self.store_path.encode(),
+                    b"pid": str(os.getpid()).encode()}
+        assert vol is not None
+        rec = vol.record
+        return {
+            b"vid": str(rec.vid).encode(),
+            b"copies": str(rec.copies).encode(),
+            b"shared": b"1" if rec.shared else b"0",
+            b"allocated": str(vol.allocated_bytes).encode(),
+            b"object_size": str(vol.object_size).encode(),
+            b"parent": b"",
+        }
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        vol = None if inode == ROOT else await self.catalog.volume(vid_of(inode))
+        value = self._xattr_values(inode, vol).get(name[len(XATTR_PREFIX):])
+        if value is None or (value == b"" and name.endswith(b"parent")):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        keys = ROOT_XATTRS if inode == ROOT else [k for k in VDI_XATTRS if k != b"parent"]
+        return [XATTR_PREFIX + k for k in keys]
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if not name.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        key = name[len(XATTR_PREFIX):]
+        if inode == ROOT or key not in VDI_XATTRS:
+            raise pyfuse3.FUSEError(errno.EPERM if inode == ROOT or key in ROOT_XATTRS else errno.ENOTSUP)
+        if key == b"copies":
+            try:
+                copies = int(value.decode())
+            except (UnicodeDecodeError, ValueError):
+                raise InvalidArgument(f"user.vdifs.copies must be a number, not {value!r}") from None
+            await self.catalog.set_copies(vid_of(inode), copies)
+            return
+        raise pyfuse3.FUSEError(errno.EPERM)  # read-only attributes
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM if name.startswith(XATTR_PREFIX) else pyfuse3.ENOATTR)

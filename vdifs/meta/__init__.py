@@ -1,0 +1,1 @@
+"""Metadata: registers and the directory service built on them."""

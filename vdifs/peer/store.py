@@ -1,0 +1,305 @@
+"""Objects as sparse files on one local file system.
+
+Layout: `STORE/obj/<vid:06x>/<oid:016x>`. Grouping by vid (the design brief
+had `obj/xx/`) makes listing and purging one VDI's objects proportional to
+that VDI, not to the store.
+
+Writes go to the page cache with pwrite; `sync` makes the named objects and
+the directory entries created or removed since the last sync durable
+(fdatasync, then fsync of the directories) before it returns.
+
+Concurrency: every blocking call runs in a worker thread. Open file
+descriptors are cached; the cache is only touched from the trio thread, and
+a descriptor is closed only when no operation is using it (reference count),
+so a worker thread never sees its fd closed or reused under it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import trio
+
+from vdifs.errors import NoSpace, ObjectNotFound, PoolError
+from vdifs.meta.atomic import fsync_dir
+from vdifs.model.ids import unpack_oid
+
+MAX_OPEN_FILES = 512
+SYNC_PARALLELISM = 8
+
+
+class _Handle:
+    __slots__ = ("fd", "refs", "doomed")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.refs = 0
+        self.doomed = False
+
+
+def _pread_full(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) < length:  # sparse tail or short file: the rest reads as zeros
+        more = [data]
+        got = len(data)
+        while got < length:
+            chunk = os.pread(fd, length - got, offset + got)
+            if not chunk:
+                more.append(bytes(length - got))
+                break
+            more.append(chunk)
+            got += len(chunk)
+        data = b"".join(more)
+    return data
+
+
+def _pwrite_full(fd: int, offset: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _os_error(e: OSError, what: str) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"store is full while {what}")
+    return PoolError(f"{what}: {e.strerror}")
+
+
+class ObjectStore:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.obj_root = os.path.join(self.root, "obj")
+        self._handles: OrderedDict[int, _Handle] = OrderedDict()
+        self._dirty_dirs: set[str] = set()
+
+    def open(self) -> None:
+        os.makedirs(self.obj_root, exist_ok=True)
+
+    # -- paths -------------------------------------------------------------
+
+    def vid_dir(self, vid: int) -> str:
+        return os.path.join(self.obj_root, f"{vid:06x}")
+
+    def path(self, oid: int) -> str:
+        return os.path.join(self.obj_root, f"{(oid >> 32) & 0xFFFFFF:06x}", f"{oid:016x}")
+
+    # -- descriptor cache (trio thread only) -------------------------------
+
+    async def _acquire(self, oid: int) -> _Handle:
+        h = self._handles.get(oid)
+        if h is None:
+            try:
+                fd = await trio.to_thread.run_sync(os.open, self.path(oid), os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ObjectNotFound(f"object {oid:016x} does not exist") from None
+            except OSError as e:
+                raise _os_error(e, f"opening object {oid:016x}") from None
+            h = self._handles.get(oid)
+            if h is None:
+                h = self._handles[oid] = _Handle(fd)
+                self._evict()
+            else:  # another task opened it meanwhile
+                os.close(fd)
+        else:
+            self._handles.move_to_end(oid)
+        h.refs += 1
+        return h
+
+    def _release(self, h: _Handle) -> None:
+        h.refs -= 1
+        if h.doomed and h.refs == 0:
+            os.close(h.fd)
+
+    def _forget(self, oid: int) -> None:
+        h = self._handles.pop(oid, None)
+        if h is not None:
+            h.doomed = True
+            if h.refs == 0:
+                os.close(h.fd)
+
+    def _evict(self) -> None:
+        if len(self._handles) <= MAX_OPEN_FILES:
+            return
+        for oid in list(self._handles):
+            if len(self._handles) <= MAX_OPEN_FILES:
+                break
+            if self._handles[oid].refs == 0:
+                self._forget(oid)
+
+    # -- object operations ---------------------------------------------------
+
+    async def read(self, oid: int, offset: int, length: int) -> bytes:
+        h = await self._acquire(oid)
+        try:
+            return await trio.to_thread.run_sync(_pread_full, h.fd, offset, length)
+        except OSError as e:
+            raise _os_error(e, f"reading object {oid:016x}") from None
+        finally:
+            self._release(h)
+
+    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
+        """Write into an existing object; ObjectNotFound if it does not exist."""
+        h = await self._acquire(oid)
+        try:
+            await trio.to_thread.run_sync(_pwrite_full, h.fd, offset, data)
+        except OSError as e:
+            raise _os_error(e, f"writing object {oid:016x}") from None
+        finally:
+            self._release(h)
+
+    def _create(self, oid: int, offset: int, data: bytes | memoryview, size: int) -> tuple[int, bool]:
+        path = self.path(oid)
+        made_dir = False
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            made_dir = True
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            _pwrite_full(fd, offset, data)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, made_dir
+
+    async def create(self, oid: int, offset: int, data: bytes | memoryview, size: int) -> None:
+        """Create or replace an object: `size` bytes, zero except `data` at `offset`."""
+        try:
+            fd, made_dir = await trio.to_thread.run_sync(self._create, oid, offset, data, size)
+        except OSError as e:
+            raise _os_error(e, f"creating object {oid:016x}") from None
+        if made_dir:
+            self._dirty_dirs.add(self.obj_root)
+        self._dirty_dirs.add(os.path.dirname(self.path(oid)))
+        if oid in self._handles:  # same path, same inode: keep the cached fd
+            os.close(fd)
+        else:
+            self._handles[oid] = _Handle(fd)
+            self._evict()
+
+    async def delete(self, oid: int) -> None:
+        """Remove an object; deleting a missing object is not an error."""
+        self._forget(oid)
+        path = self.path(oid)
+        try:
+            await trio.to_thread.run_sync(os.unlink, path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise _os_error(e, f"deleting object {oid:016x}") from None
+        self._dirty_dirs.add(os.path.dirname(path))
+
+    async def remove_vid_dir(self, vid: int) -> None:
+        try:
+            await trio.to_thread.run_sync(os.rmdir, self.vid_dir(vid))
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise _os_error(e, f"removing directory of vid {vid}") from None
+            return
+        self._dirty_dirs.discard(self.vid_dir(vid))
+        self._dirty_dirs.add(self.obj_root)
+
+    def _sync_one(self, fd_or_path: int | str) -> None:
+        if isinstance(fd_or_path, int):
+            os.fdatasync(fd_or_path)
+            return
+        try:
+            fd = os.open(fd_or_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # deleted since it was written: nothing to make durable
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    async def sync(self, oids: Iterable[int]) -> None:
+        """Make the objects' data and all pending directory changes durable."""
+        limiter = trio.CapacityLimiter(SYNC_PARALLELISM)
+        dirs, self._dirty_dirs = self._dirty_dirs, set()
+        failed: list[Exception] = []
+
+        async def sync_oid(oid: int) -> None:
+            async with limiter:
+                h = self._handles.get(oid)
+                if h is not None:
+                    h.refs += 1
+                try:
+                    target = h.fd if h is not None else self.path(oid)
+                    await trio.to_thread.run_sync(self._sync_one, target)
+                except OSError as e:
+                    failed.append(_os_error(e, f"syncing object {oid:016x}"))
+                finally:
+                    if h is not None:
+                        self._release(h)
+
+        async def sync_dir(path: str) -> None:
+            async with limiter:
+                try:
+                    await trio.to_thread.run_sync(fsync_dir, path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    failed.append(_os_error(e, f"syncing directory {path}"))
+
+        async with trio.open_nursery() as nursery:
+            for oid in oids:
+                nursery.start_soon(sync_oid, oid)
+        # Directory entries after the files: a name never outlives its data.
+        async with trio.open_nursery() as nursery:
+            for d in sorted(dirs, key=len, reverse=True):
+                nursery.start_soon(sync_dir, d)
+        if failed:
+            self._dirty_dirs |= dirs
+            raise failed[0]
+
+    # -- listing and space -----------------------------------------------------
+
+    def _list_vids(self) -> list[int]:
+        out = []
+        for name in os.listdir(self.obj_root):
+            try:
+                out.append(int(name, 16))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    async def list_vids(self) -> list[int]:
+        return await trio.to_thread.run_sync(self._list_vids)
+
+    def _list_objects(self, vid: int, kind: int | None) -> list[int]:
+        try:
+            names = os.listdir(self.vid_dir(vid))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if len(name) != 16:
+                continue
+            try:
+                oid = int(name, 16)
+            except ValueError:
+                continue
+            if kind is None or unpack_oid(oid)[0] == kind:
+                out.append(oid)
+        return sorted(out)
+
+    async def list_objects(self, vid: int, kind: int | None = None) -> list[int]:
+        return await trio.to_thread.run_sync(self._list_objects, vid, kind)
+
+    async def space(self) -> tuple[int, int]:
+        """(total, available) bytes of the file system holding the store."""
+        st = await trio.to_thread.run_sync(os.statvfs, self.root)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def close(self) -> None:
+        for oid in list(self._handles):
+            self._forget(oid)

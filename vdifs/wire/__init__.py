@@ -1,0 +1,1 @@
+"""Framing and request/reply codecs shared by the control channel and peers."""
