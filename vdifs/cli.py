@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import logging
 import os
 import subprocess
@@ -32,6 +33,18 @@ def size_arg(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+#: `-5G` is a (bad) size, not an option: let it reach size_arg, which says why.
+_NEGATIVE_SIZE = re.compile(r"^-\d+(\.\d+)?[KMGTPkmgtp]?(i?B)?$")
+
+
+def _sizes_may_be_negative(parser: argparse.ArgumentParser) -> None:
+    parser._negative_number_matcher = _NEGATIVE_SIZE  # argparse's hook for this
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _sizes_may_be_negative(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     vn = vs.add_parser("rename", help="rename a VDI (replaces an existing NEW)")
     vn.add_argument("old", metavar="OLD")
     vn.add_argument("new", metavar="NEW")
+    _sizes_may_be_negative(p)
     return p
 
 

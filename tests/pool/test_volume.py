@@ -163,3 +163,39 @@ async def test_delete_and_rename_purge_objects(store_dir, nursery):
     with trio.fail_after(10):
         while await cat.pool.list_vids() or cat.current.deleting:
             await trio.sleep(0.01)
+
+
+async def test_zeroing_in_small_writes_frees_the_object(store_dir, nursery):
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("zz", 2 * OBJ)
+    vol = await cat.open(rec.vid)
+    await vol.write(0, os.urandom(2 * OBJ))
+    for off in range(0, OBJ, 128 << 10):  # how FUSE delivers a 4 MiB zero write
+        await vol.write(off, bytes(128 << 10))
+    assert await data_objects(cat, rec.vid) == [data_oid(rec.vid, 1)]
+    # zeros ending at the object's end do not free it while other data remains
+    await vol.write(2 * OBJ - 4096, bytes(4096))
+    assert len(await data_objects(cat, rec.vid)) == 1
+
+
+async def test_zero_check_voided_by_concurrent_write(store_dir, nursery):
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("race", OBJ)
+    vol = await cat.open(rec.vid)
+    await vol.write(0, b"\1" * 4096)
+    await vol.write(0, bytes(4096))
+    real_read = cat.pool.read
+
+    async def slow_read(oid, offset, length):
+        data = await real_read(oid, offset, length)
+        await trio.sleep(0.05)  # a concurrent write lands while the check reads
+        return data
+
+    cat.pool.read = slow_read
+    async with trio.open_nursery() as n:
+        n.start_soon(vol.write, OBJ - 4096, bytes(4096))  # triggers the zero check
+        await trio.sleep(0.01)
+        n.start_soon(vol.write, 8192, b"keep")
+    cat.pool.read = real_read
+    assert await vol.read(8192, 4) == b"keep"
+    assert len(await data_objects(cat, rec.vid)) == 1

@@ -59,6 +59,8 @@ class Volume:
         self._map_lock = trio.Lock()
         self._flush_lock = trio.Lock()
         self._dirty_data: set[int] = set()
+        self._inflight: dict[int, int] = {}  # unlocked overwrites in flight, per index
+        self._zero_checks: dict[int, bool] = {}  # index -> written during its zero check
         self._unsynced_chunks: set[int] = set()
         self._map_chunks: set[int] = set()
         self.meta_dirty = False
@@ -194,18 +196,54 @@ class Volume:
 
     async def _write_extent(self, e: Extent, data: bytes | memoryview) -> None:
         whole = e.length == self.object_size
-        if self.map.get(e.index) == self.vid and not whole:
-            oid = data_oid(self.vid, e.index)
+        index = e.index
+        if self.map.get(index) == self.vid and not whole:
+            oid = data_oid(self.vid, index)
+            if index in self._zero_checks:
+                self._zero_checks[index] = True  # a zero check of this object is now void
+            self._inflight[index] = self._inflight.get(index, 0) + 1
             try:
                 await self.pool.write(oid, e.offset, data)
-                self._dirty_data.add(oid)
-                return
+                written = True
             except ObjectNotFound:
-                pass  # freed under us: take the locked path, which re-reads the map
-        lock = self._index_lock(e.index)
+                written = False  # freed under us: take the locked path, which re-reads the map
+            finally:
+                left = self._inflight[index] - 1
+                if left:
+                    self._inflight[index] = left
+                else:
+                    del self._inflight[index]
+            if written:
+                self._dirty_data.add(oid)
+                if e.offset + e.length == self.object_size and is_zero(data):
+                    await self._free_if_zero(index)
+                return
+        lock = self._index_lock(index)
         async with lock:
             await self._write_extent_locked(e, data, whole)
-        self._drop_index_lock(e.index, lock)
+        self._drop_index_lock(index, lock)
+
+    async def _free_if_zero(self, index: int) -> None:
+        """Free an object that zero writes (FUSE splits them) made all zero.
+
+        Checked when an all-zero write ends at the object's end, as sequential
+        zeroing (discard emulated by writing zeros) does. Any write to the
+        object while we read it voids the check, so no acknowledged data is
+        ever freed.
+        """
+        lock = self._index_lock(index)
+        async with lock:
+            if self.map.get(index) != self.vid or self._inflight.get(index):
+                return
+            self._zero_checks[index] = False
+            try:
+                content = await self.pool.read(data_oid(self.vid, index), 0, self.object_size)
+                voided = self._zero_checks[index] or bool(self._inflight.get(index))
+            finally:
+                del self._zero_checks[index]
+            if not voided and is_zero(content):
+                await self._free_locked(index)  # marks PENDING_DELETE before its first await
+        self._drop_index_lock(index, lock)
 
     async def _write_extent_locked(self, e: Extent, data: bytes | memoryview, whole: bool) -> None:
         entry = self.map.get(e.index)

@@ -1,0 +1,99 @@
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from vdifs import __version__
+
+from .conftest import OBJ, run, vdifs, write_at
+
+
+def vdi(mount, *args, check=True):
+    return vdifs("vdi", "--store", mount.store, *args, check=check)
+
+
+def one_line_error(res, text):
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vdifs: ") and text in lines[0], res.stderr
+
+
+def test_vdi_commands(mount):
+    out = vdi(mount, "create", "db01", "10G").stdout
+    assert "created db01" in out
+    assert os.stat(mount.path("db01")).st_size == 10 << 30
+    write_at(mount.path("db01"), 0, b"x" * 4096)
+    listed = json.loads(vdi(mount, "list", "--json").stdout)
+    assert [(v["name"], v["size"], v["allocated"]) for v in listed] == [("db01", 10 << 30, OBJ)]
+    table = vdi(mount, "list").stdout
+    assert table.splitlines()[0].split()[:4] == ["NAME", "VID", "SIZE", "ALLOCATED"]
+    assert "10.0 GiB" in table
+    info = json.loads(vdi(mount, "info", "db01", "--json").stdout)
+    assert info["objects"] == 1 and info["copies"] == 1
+    vdi(mount, "resize", "db01", "20G")
+    assert os.stat(mount.path("db01")).st_size == 20 << 30  # the kernel's cache was invalidated
+    vdi(mount, "resize", "db01", "4K")
+    assert os.stat(mount.path("db01")).st_size == 4096
+    with open(mount.path("db01"), "rb") as f:
+        assert f.read() == b"x" * 4096
+    vdi(mount, "rename", "db01", "db02")
+    assert os.listdir(mount.mp) == ["db02"]
+    vdifs("vdi", "--mount", mount.mp, "delete", "db02")
+    assert os.listdir(mount.mp) == []
+    assert "no VDIs" in vdi(mount, "list").stdout
+
+
+def test_cli_errors_are_one_line(mount, tmp_path):
+    vdi(mount, "create", "a", "1M")
+    one_line_error(vdi(mount, "create", "a", "1M", check=False), "already exists")
+    one_line_error(vdi(mount, "info", "missing", check=False), "no VDI named 'missing'")
+    one_line_error(vdi(mount, "delete", "missing", check=False), "no VDI named")
+    one_line_error(vdi(mount, "create", "huge", "17P", check=False), "16 PiB")
+    one_line_error(vdi(mount, "create", "bad@name", "1M", check=False), "'@'")
+    one_line_error(vdi(mount, "create", "c", "1M", "--copies", "2", check=False), "copies")
+    res = vdi(mount, "create", "neg", "-5G", check=False)
+    assert res.returncode == 2 and "invalid size" in res.stderr and "Traceback" not in res.stderr
+    res = vdi(mount, "create", "neg", "12Q", check=False)
+    assert res.returncode == 2 and "invalid size" in res.stderr
+    one_line_error(vdifs("vdi", "--store", str(tmp_path / "nowhere"), "list", check=False),
+                   "no running vdifs mount")
+    one_line_error(vdifs("vdi", "--mount", str(tmp_path), "list", check=False), "not a vdifs mount")
+    one_line_error(vdifs("umount", str(tmp_path), check=False), "not a vdifs mount")
+    # the store is locked by the running mount
+    one_line_error(vdifs("mount", str(tmp_path / "mnt2"), "--store", mount.store, check=False), "in use")
+    one_line_error(vdifs("mount", mount.mp, "--store", str(tmp_path / "s2"), check=False), "already a mount point")
+    assert sorted(os.listdir(mount.mp)) == ["a"]
+
+
+def test_version_and_help():
+    assert vdifs("--version").stdout.strip() == f"vdifs {__version__}"
+    for cmd in ([], ["mount"], ["umount"], ["vdi"], ["vdi", "create"]):
+        res = vdifs(*cmd, "--help")
+        assert res.stdout.startswith("usage: vdifs")
+
+
+def test_background_mount_and_umount(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    mp, store = str(tmp_path / "mnt"), str(tmp_path / "store")
+    vdifs("mount", mp, "--store", store)  # returns once the mount is up
+    try:
+        assert os.path.ismount(mp)
+        pid = int(os.getxattr(mp, "user.vdifs.pid"))
+        vdifs("vdi", "--mount", mp, "create", "bg", "1M")
+        write_at(os.path.join(mp, "bg"), 0, b"background")
+        vdifs("umount", mp)
+        assert not os.path.ismount(mp)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        vdifs("mount", mp, "--store", store)
+        with open(os.path.join(mp, "bg"), "rb") as f:
+            assert f.read(10) == b"background"
+        vdifs("umount", mp)
+    finally:
+        if os.path.ismount(mp):
+            run("fusermount3", "-u", "-z", mp, check=False)
+    assert "mounted" in open(os.path.join(store, "mount.log")).read()

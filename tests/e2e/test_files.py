@@ -1,0 +1,219 @@
+"""Sparse accounting, persistence, crash safety and namespace operations."""
+
+import errno
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+
+from .conftest import OBJ, read_at, write_at
+
+GiB = 1 << 30
+
+
+def wait_for(cond, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_sparse_accounting_and_df(mount):
+    p = mount.path("sparse")
+    with open(p, "wb") as f:
+        f.truncate(10 * GiB)
+    st = os.stat(p)
+    assert st.st_size == 10 * GiB and st.st_blocks == 0
+    write_at(p, 5 * GiB + 123, b"x" * 4096)
+    assert len(mount.data_objects(mount.vid("sparse"))) == 1  # exactly one object
+    assert os.stat(p).st_blocks * 512 == OBJ
+    assert int(os.getxattr(p, "user.vdifs.allocated")) == OBJ
+    # df: fill some space, rm, and the space comes back
+    big = mount.path("big")
+    with open(big, "wb") as f:
+        for i in range(16):
+            f.write(os.urandom(1 << 20) * 4)
+        f.flush()
+        os.fsync(f.fileno())
+    assert len(mount.data_objects(mount.vid("big"))) == 16
+    free_before = os.statvfs(mount.mp).f_bavail
+    os.unlink(big)
+    wait_for(lambda: not mount.data_objects() or len(mount.data_objects()) == 1)
+    wait_for(lambda: os.statvfs(mount.mp).f_bavail * 4096 >= free_before * 4096 + 48 * (1 << 20))
+    assert sorted(os.listdir(mount.mp)) == ["sparse"]
+
+
+def test_persistence_across_unmount(mount):
+    data = os.urandom(3 * OBJ)
+    write_at(mount.path("vm"), 0, b"") if False else open(mount.path("vm"), "wb").close()
+    write_at(mount.path("vm"), OBJ // 3, data)
+    os.chmod(mount.path("vm"), 0o600)
+    mount.restart()
+    assert read_at(mount.path("vm"), OBJ // 3, len(data)) == data
+    st = os.stat(mount.path("vm"))
+    assert st.st_size == OBJ // 3 + len(data) and (st.st_mode & 0o777) == 0o600
+
+
+def test_kill9_keeps_fsynced_data_and_leaks_nothing(mount):
+    synced = os.urandom(2 * OBJ)
+    p = mount.path("crash")
+    open(p, "wb").close()
+    write_at(p, OBJ, synced, fsync=True)
+    open(mount.path("gone"), "wb").close()
+    write_at(mount.path("gone"), 0, b"z" * 8192, fsync=True)
+    os.unlink(mount.path("gone"))
+    # unsynced writes, some of them growing the file, then kill -9
+    write_at(p, 10 * OBJ, b"unsynced" * 1000)
+    write_at(p, 0, b"head")
+    mount.kill9()
+    mount.start()
+    assert sorted(os.listdir(mount.mp)) == ["crash"]
+    assert read_at(p, OBJ, len(synced)) == synced
+    vid = mount.vid("crash")
+    size = os.stat(p).st_size
+    allocated = os.stat(p).st_blocks * 512 // OBJ
+    time.sleep(0.5)  # let the background reconcile finish
+    # the pool holds exactly the objects the map references, nothing of the deleted VDI
+    assert len(mount.data_objects()) == len(mount.data_objects(vid)) == allocated
+    assert all(int(o, 16) & 0xFFFFFFFF < -(-size // OBJ) for o in mount.data_objects(vid))
+
+
+def test_rename_is_atomic_and_replaces(mount):
+    for name, byte in (("a", b"A"), ("b", b"B")):
+        with open(mount.path(name), "wb") as f:
+            f.write(byte * 4096)
+    vid_b = mount.vid("b")
+    os.rename(mount.path("a"), mount.path("b"))
+    assert sorted(os.listdir(mount.mp)) == ["b"]
+    assert read_at(mount.path("b"), 0, 4096) == b"A" * 4096
+    wait_for(lambda: not mount.data_objects(vid_b))
+    # rsync-style: write a hidden temp name, rename it into place
+    tmp = mount.path(".b.XyZ123")
+    with open(tmp, "wb") as f:
+        f.write(b"new")
+    assert ".b.XyZ123" in os.listdir(mount.mp)
+    os.rename(tmp, mount.path("b"))
+    assert read_at(mount.path("b"), 0, 3) == b"new"
+    mount.restart()
+    assert os.listdir(mount.mp) == ["b"] and read_at(mount.path("b"), 0, 3) == b"new"
+
+
+def test_shrink_frees_objects(mount):
+    p = mount.path("shrink")
+    with open(p, "wb") as f:
+        f.write(b"\x55" * (6 * OBJ))
+    assert len(mount.data_objects(mount.vid("shrink"))) == 6
+    os.truncate(p, OBJ + 10)
+    assert len(mount.data_objects(mount.vid("shrink"))) == 2
+    os.truncate(p, 6 * OBJ)
+    assert read_at(p, OBJ, 16) == b"\x55" * 10 + bytes(6)
+    assert read_at(p, 3 * OBJ, 16) == bytes(16)
+
+
+def test_zero_writes_discard(mount):
+    p = mount.path("discard")
+    with open(p, "wb") as f:
+        f.truncate(4 * OBJ)
+    write_at(p, 0, bytes(OBJ))  # zeros into a hole allocate nothing
+    assert os.stat(p).st_blocks == 0
+    write_at(p, OBJ, os.urandom(OBJ))
+    assert os.stat(p).st_blocks * 512 == OBJ
+    write_at(p, OBJ, bytes(OBJ))  # zeroing a whole object frees it
+    assert os.stat(p).st_blocks == 0 and mount.data_objects(mount.vid("discard")) == []
+
+
+def test_concurrent_writers_on_one_object(mount):
+    p = mount.path("shared-object")
+    with open(p, "wb") as f:
+        f.truncate(OBJ)
+    errors = []
+
+    def writer(k: int) -> None:
+        try:
+            fd = os.open(p, os.O_WRONLY)
+            for i in range(k, 256, 8):
+                os.pwrite(fd, bytes([i]) * 4096, i * 4096)
+            os.close(fd)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(mount.data_objects(mount.vid("shared-object"))) == 1
+    got = read_at(p, 0, OBJ)
+    assert all(got[i * 4096:(i + 1) * 4096] == bytes([i]) * 4096 for i in range(256))
+
+
+def test_xattrs(mount):
+    p = mount.path("x")
+    open(p, "wb").close()
+    names = set(os.listxattr(p))
+    assert {"user.vdifs.vid", "user.vdifs.copies", "user.vdifs.allocated", "user.vdifs.shared"} <= names
+    assert os.getxattr(p, "user.vdifs.copies") == b"1"
+    os.setxattr(p, "user.vdifs.copies", b"1")
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "user.vdifs.copies", b"3")  # the embedded pool has one copy
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "user.vdifs.vid", b"9")
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "user.other", b"1")
+    assert e.value.errno == errno.ENOTSUP
+    with pytest.raises(OSError) as e:
+        os.getxattr(p, "user.vdifs.nothing")
+    assert e.value.errno == errno.ENODATA
+    assert os.getxattr(mount.mp, "user.vdifs.store").decode() == mount.store
+
+
+def test_bad_input_gets_clear_errors(mount):
+    def err(fn, *args):
+        with pytest.raises(OSError) as e:
+            fn(*args)
+        return e.value.errno
+
+    assert err(open, mount.path("vm@snap"), "wb") == errno.EINVAL
+    assert err(open, mount.path(".snapshots"), "wb") == errno.EPERM
+    assert err(open, mount.path(".vdifs-x"), "wb") == errno.EPERM
+    assert err(open, mount.path("n" * 256), "wb") == errno.ENAMETOOLONG
+    assert err(os.mkdir, mount.path("dir")) == errno.EPERM
+    assert err(os.symlink, "/etc/passwd", mount.path("ln")) == errno.EPERM
+    p = mount.path("ok")
+    with open(p, "wb") as f:
+        f.write(b"precious")
+    assert err(os.link, p, mount.path("hard")) == errno.EPERM
+    assert err(os.rename, p, mount.path("bad@name")) == errno.EINVAL
+    assert err(os.truncate, p, (16 << 50) + 1) == errno.EFBIG  # past 16 PiB
+    os.truncate(p, 16 << 50)  # exactly 16 PiB is fine
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        assert err(os.pwrite, fd, b"x", 16 << 50) == errno.EFBIG
+    finally:
+        os.close(fd)
+    assert err(os.rmdir, p) == errno.ENOTDIR
+    # none of this changed anything
+    assert sorted(os.listdir(mount.mp)) == ["ok"]
+    assert read_at(p, 0, 8) == b"precious"
+    assert os.stat(p).st_size == 16 << 50
+    assert len(mount.data_objects()) == 1
+
+
+def test_unlinked_open_file_stays_readable(mount):
+    p = mount.path("tmp")
+    with open(p, "w+b") as f:
+        f.write(b"still here")
+        f.flush()
+        os.unlink(p)
+        f.seek(0)
+        assert f.read() == b"still here"
+        assert not os.path.exists(p)
+    wait_for(lambda: not mount.data_objects())
+    digest = hashlib.sha256(b"").hexdigest()
+    assert digest  # nothing left to read; the objects are gone
