@@ -167,6 +167,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
         os._exit(status)
 
 
+def _process_alive(pid: int) -> bool:
+    """True while pid runs; a zombie (exited, not yet reaped by its parent) is done."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     path = client.socket_for_mount(mountpoint)
@@ -178,9 +187,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pid = status["pid"]
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _process_alive(pid):
             return 0
         time.sleep(0.05)
     raise CliError(f"unmounted, but the mount process {pid} has not exited after {args.timeout:.0f} s")

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# fio-jobs.sh FILE OUTDIR
+#
+# The jobs of ../shared/bench/fio-suite.sh (same options, same seed, O_DIRECT
+# with libaio), run against one existing or new FILE instead of a directory,
+# so that the pyfuse3 ceiling probe (which serves exactly one file) can be
+# measured with the same jobs as everything else. verify uses the first
+# 256 MiB of FILE. Writes OUTDIR/<job>.json and OUTDIR/summary.txt.
+set -euo pipefail
+FILE=${1:?usage: fio-jobs.sh FILE OUTDIR}
+OUT=${2:?usage: fio-jobs.sh FILE OUTDIR}
+SEED=${FIO_SEED:-20261121}
+SIZE=${FIO_SIZE:-2G}
+RT=${FIO_RUNTIME:-20}
+SEQCAP=${FIO_SEQ_CAP:-60}
+mkdir -p "$OUT"
+COMMON=(--ioengine=libaio --direct=1 --randseed="$SEED" --randrepeat=1 --fallocate=none
+        --group_reporting --lat_percentiles=1 --output-format=json --filename="$FILE")
+: > "$OUT/summary.txt"
+job() {  # job NAME fio-args...
+    local name=$1; shift
+    timeout 300 fio --name="$name" "${COMMON[@]}" --output="$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1 || true
+    python3 "$(dirname "$0")/summarize.py" "$name" "$OUT/$name.json" | tee -a "$OUT/summary.txt"
+}
+job seqwrite  --size="$SIZE" --rw=write --bs=1M --iodepth=8 --runtime="$SEQCAP"
+job seqread   --size="$SIZE" --rw=read  --bs=1M --iodepth=8 --runtime="$SEQCAP"
+job randwrite --size="$SIZE" --rw=randwrite --bs=4k --iodepth=16 --runtime="$RT" --time_based
+job randread  --size="$SIZE" --rw=randread  --bs=4k --iodepth=16 --runtime="$RT" --time_based
+job randrw70  --size="$SIZE" --rw=randrw --rwmixread=70 --bs=64k --iodepth=8 --runtime="$RT" --time_based
+job verify    --size=256M --rw=randwrite --bs=64k --iodepth=8 --verify=crc32c --do_verify=1 \
+              --verify_fatal=1 --verify_state_save=0
