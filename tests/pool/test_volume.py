@@ -199,3 +199,24 @@ async def test_zero_check_voided_by_concurrent_write(store_dir, nursery):
     cat.pool.read = real_read
     assert await vol.read(8192, 4) == b"keep"
     assert len(await data_objects(cat, rec.vid)) == 1
+
+
+async def test_volume_stays_pinned_while_resized(store_dir, nursery, monkeypatch):
+    monkeypatch.setattr("vdifs.client.catalog.IDLE_VOLUMES", 0)  # evict whatever is idle
+    cat = await open_catalog(store_dir, nursery)
+    a = await cat.create("a", 8 * OBJ)
+    others = [await cat.create(f"o{i}", OBJ) for i in range(4)]
+    async with cat.using(a.vid) as vol:
+        await vol.write(0, b"\1" * (8 * OBJ))
+    seen = []
+    real_free = type(vol).free_object
+
+    async def free_and_load(self, index):
+        await cat.volume(others[index % 4].vid)  # loads evict idle volumes
+        seen.append(cat._volumes.get(a.vid) is self)
+        await real_free(self, index)
+
+    monkeypatch.setattr(type(vol), "free_object", free_and_load)
+    await cat.resize("a", OBJ)
+    assert seen and all(seen)  # never a second Volume for the same VDI mid-resize
+    assert len(await data_objects(cat, a.vid)) == 1

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import trio
@@ -67,7 +69,7 @@ class Catalog:
     async def flush_all(self) -> None:
         for vol in list(self._volumes.values()):
             if vol.dirty:
-                await vol.flush()
+                await vol.flush(times=True)
 
     # -- lookups ---------------------------------------------------------------
 
@@ -108,8 +110,8 @@ class Catalog:
                 if found is None:
                     raise VdiNotFound(f"no VDI with vid {vid}")
                 vol = await Volume.load(self.pool, replace(found[1]), self.persist_meta)
+                self._evict_idle()  # before inserting: the caller has not pinned it yet
                 self._volumes[vid] = vol
-                self._evict_idle()
         self._load_locks.pop(vid, None)
         return vol
 
@@ -136,7 +138,16 @@ class Catalog:
                 self._volumes.pop(vol.vid, None)
                 self._schedule_purge(vol.vid)
             elif vol.dirty:
-                await vol.flush()
+                await vol.flush(times=True)
+
+    @asynccontextmanager
+    async def using(self, vid: int) -> AsyncIterator[Volume]:
+        """The volume, pinned (not evicted, not purged) for the duration."""
+        vol = await self.open(vid)
+        try:
+            yield vol
+        finally:
+            await self.close(vol)
 
     async def persist_meta(self, vol: Volume) -> None:
         """Write a volume's size, times and ownership into the directory."""
@@ -176,20 +187,20 @@ class Catalog:
 
     async def resize(self, name: str, size: int) -> VdiRecord:
         rec = self.current.get(name)
-        vol = await self.volume(rec.vid)
-        old = vol.size
-        await vol.truncate(size)
+        async with self.using(rec.vid) as vol:
+            old = vol.size
+            await vol.truncate(size)
         log.info("resized VDI %r (vid %d) from %s to %s", name, rec.vid, format_size(old), format_size(size))
         return vol.record
 
     async def set_copies(self, vid: int, copies: int) -> None:
-        vol = await self.volume(vid)
         if not 1 <= copies <= self.pool.max_copies:
             raise InvalidArgument(f"copies must be between 1 and {self.pool.max_copies} in this pool")
-        if vol.map.allocated:
-            raise InvalidArgument("copies can only be set on a VDI that holds no data yet")
-        vol.record.copies = copies
-        await self.persist_meta(vol)
+        async with self.using(vid) as vol:
+            if vol.map.allocated:
+                raise InvalidArgument("copies can only be set on a VDI that holds no data yet")
+            vol.record.copies = copies
+            await self.persist_meta(vol)
 
     # -- purging -----------------------------------------------------------------
 

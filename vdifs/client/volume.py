@@ -63,7 +63,8 @@ class Volume:
         self._zero_checks: dict[int, bool] = {}  # index -> written during its zero check
         self._unsynced_chunks: set[int] = set()
         self._map_chunks: set[int] = set()
-        self.meta_dirty = False
+        self.size_dirty = False  # size not yet in the directory: persisted by every flush
+        self.times_dirty = False  # only times changed: persisted on close and unmount
         self.handles = 0
         self.unlinked = False
 
@@ -138,7 +139,7 @@ class Volume:
 
     def touch(self) -> None:
         self.record.mtime = time.time()
-        self.meta_dirty = True
+        self.times_dirty = True
 
     # -- read ----------------------------------------------------------------
 
@@ -191,6 +192,7 @@ class Volume:
                     nursery.start_soon(self._write_extent, e, view[e.buf_offset:e.buf_offset + e.length])
         if end > self.record.size:
             self.record.size = end
+            self.size_dirty = True
         self.touch()
         return len(data)
 
@@ -327,10 +329,16 @@ class Volume:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._dirty_data or self._unsynced_chunks or self.map.dirty or self.meta_dirty)
+        return bool(self._dirty_data or self._unsynced_chunks or self.map.dirty or self.size_dirty
+                    or self.times_dirty)
 
-    async def flush(self) -> None:
-        """Make every write acknowledged so far durable, with its map and size."""
+    async def flush(self, *, times: bool = False) -> None:
+        """Make every write acknowledged so far durable, with its map and size.
+
+        The directory is rewritten only when the size changed (or `times`
+        asks for mtime too): guests flush often, and a directory update
+        costs two fsyncs and a rename.
+        """
         async with self._flush_lock:
             data, self._dirty_data = self._dirty_data, set()
             try:
@@ -340,12 +348,14 @@ class Volume:
                 raise
             await self._write_dirty_map()
             await self._sync_map()
-            if self.meta_dirty and not self.unlinked:
-                self.meta_dirty = False
+            if (self.size_dirty or (times and self.times_dirty)) and not self.unlinked:
+                size_dirty, times_dirty = self.size_dirty, self.times_dirty
+                self.size_dirty = self.times_dirty = False
                 try:
                     await self._persist_meta(self)
                 except BaseException:
-                    self.meta_dirty = True
+                    self.size_dirty |= size_dirty
+                    self.times_dirty |= times_dirty
                     raise
 
     async def truncate(self, size: int) -> None:
@@ -360,6 +370,7 @@ class Volume:
                 await self._write_extent(Extent(keep - 1, tail, self.object_size - tail, 0),
                                          zeros(self.object_size - tail))
             self.record.size = size
+            self.size_dirty = True
             self.touch()
             await self.flush()  # the new size is durable before objects go
             doomed = [i for i, _ in self.map.entries(keep)]
@@ -376,5 +387,6 @@ class Volume:
             self.map.drop_empty_pages()
         elif size > old:
             self.record.size = size
+            self.size_dirty = True
             self.touch()
             await self.flush()

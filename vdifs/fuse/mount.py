@@ -101,7 +101,10 @@ class Mount:
                                     {"mountpoint": self.mountpoint, "store": self.store_path},
                                     self.invalidate)
             await nursery.start(control.serve)
-            pyfuse3.init(ops, self.mountpoint, fuse_options(self.allow_other))
+            try:
+                pyfuse3.init(ops, self.mountpoint, fuse_options(self.allow_other))
+            except RuntimeError as e:
+                raise VdifsError(f"could not mount {self.mountpoint}: {e}") from None
             try:
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self.catalog.reconcile_all)

@@ -145,7 +145,11 @@ class VdifsOperations(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
-        vol = await self.catalog.volume(vid_of(inode))
+        async with self.catalog.using(vid_of(inode)) as vol:
+            return await self._setattr(vol, attr, fields)
+
+    async def _setattr(self, vol: Volume, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+                       ) -> pyfuse3.EntryAttributes:
         rec = vol.record
         if fields.update_size:
             await vol.truncate(attr.st_size)
