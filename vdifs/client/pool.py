@@ -51,6 +51,9 @@ class ObjectPool(Protocol):
 
     async def space(self) -> PoolSpace: ...
 
+    def io_stats(self) -> dict[str, int]:
+        """Counters for `status`: how the pool's I/O was carried out."""
+
     async def aclose(self) -> None: ...
 
 
@@ -73,6 +76,9 @@ class LocalPool:
     async def space(self) -> PoolSpace:
         total, free = await self.store.space()
         return PoolSpace(total, free, 1)
+
+    def io_stats(self) -> dict[str, int]:
+        return self.store.io_stats()
 
     async def aclose(self) -> None:
         self.store.close()

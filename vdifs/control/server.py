@@ -123,7 +123,8 @@ class ControlServer:
         space = await self.catalog.pool.space()
         return {**self.status_info, "version": __version__, "pid": os.getpid(),
                 "vdis": len(self.catalog.current.vdis), "deleting": self.catalog.pending_purges,
-                "total": space.total, "free": space.free, "copies": space.copies}
+                "total": space.total, "free": space.free, "copies": space.copies,
+                "io": self.catalog.pool.io_stats()}
 
     async def op_flush(self, args: dict[str, Any]) -> None:
         await self.catalog.flush_all()

@@ -93,6 +93,7 @@ class ObjectStore:
         self._dirty_dirs: set[str] = set()
         self._io = BatchRunner()
         self._nowait = hasattr(os, "RWF_NOWAIT")
+        self.nowait_reads = 0
 
     def open(self) -> None:
         os.makedirs(self.obj_root, exist_ok=True)
@@ -162,6 +163,7 @@ class ObjectStore:
                     self._nowait = False  # this file system cannot: always use threads
                     data = None
                 if data is not None:
+                    self.nowait_reads += 1
                     return data
             return await self._io.run(_pread_full, h.fd, offset, length)
         except OSError as e:
@@ -326,6 +328,10 @@ class ObjectStore:
         """(total, available) bytes of the file system holding the store."""
         st = await trio.to_thread.run_sync(os.statvfs, self.root)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def io_stats(self) -> dict[str, int]:
+        return {"nowait_reads": self.nowait_reads, "thread_calls": self._io.calls,
+                "thread_hops": self._io.hops, "open_files": len(self._handles)}
 
     def close(self) -> None:
         for oid in list(self._handles):
