@@ -89,10 +89,6 @@ class Catalog:
         found = self.current.by_vid(vid)
         return found[1] if found else None
 
-    def name_of(self, vid: int) -> str | None:
-        found = self.current.by_vid(vid)
-        return found[0] if found else None
-
     def listing(self) -> list[tuple[str, VdiRecord]]:
         return sorted((n, self.record_of(r.vid) or r) for n, r in self.current.vdis.items())
 

@@ -25,7 +25,7 @@ class PoolSpace:
 class ObjectPool(Protocol):
     max_copies: int
 
-    async def read(self, oid: int, offset: int, length: int) -> bytes:
+    async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         """`length` bytes at `offset` (zeros past what was written); ObjectNotFound if absent."""
 
     async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:

@@ -143,7 +143,7 @@ class Volume:
 
     # -- read ----------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         if offset < 0 or length < 0:
             raise InvalidArgument("negative offset or length")
         length = min(length, self.size - offset)
@@ -152,7 +152,7 @@ class Volume:
         extents = split_extents(offset, length, self.object_size)
         if len(extents) == 1:
             return await self._read_extent(extents[0])
-        parts: list[bytes] = [b""] * len(extents)
+        parts: list[bytes | bytearray] = [b""] * len(extents)
 
         async def one(i: int, e: Extent) -> None:
             parts[i] = await self._read_extent(e)
@@ -162,7 +162,7 @@ class Volume:
                 nursery.start_soon(one, i, e)
         return b"".join(parts)
 
-    async def _read_extent(self, e: Extent) -> bytes:
+    async def _read_extent(self, e: Extent) -> bytes | bytearray:
         entry = self.map.get(e.index)
         if not is_allocated(entry):
             return zeros(e.length)

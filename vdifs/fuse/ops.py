@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 ATTR_TIMEOUT = 1.0
 XATTR_PREFIX = b"user.vdifs."
-VDI_XATTRS = (b"vid", b"copies", b"shared", b"allocated", b"object_size", b"parent")
+VDI_XATTRS = (b"vid", b"copies", b"shared", b"allocated", b"object_size")
 ROOT_XATTRS = (b"control", b"store", b"pid")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -239,7 +239,8 @@ class VdifsOperations(pyfuse3.Operations):
         return await self._attrs(rec.vid)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
+        # pyfuse3 takes any contiguous buffer (PyObject_GetBuffer), so no copy to bytes
         return await self._handles[fh].read(off, size)
 
     @fuse_errors
@@ -278,7 +279,7 @@ class VdifsOperations(pyfuse3.Operations):
         new = parse_name(name_new, for_create=True)
         await self.catalog.rename(old, new, replace_target=not flags & pyfuse3.RENAME_NOREPLACE)
 
-    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> None:
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         log.info("refused mkdir %r: vdifs holds VDIs only, no directories", name)
         raise pyfuse3.FUSEError(errno.EPERM)
 
@@ -289,10 +290,10 @@ class VdifsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
-    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def link(self, inode: int, new_parent: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def link(self, inode: int, new_parent: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -325,7 +326,6 @@ class VdifsOperations(pyfuse3.Operations):
             b"shared": b"1" if rec.shared else b"0",
             b"allocated": str(vol.allocated_bytes).encode(),
             b"object_size": str(vol.object_size).encode(),
-            b"parent": b"",
         }
 
     @fuse_errors
@@ -334,13 +334,13 @@ class VdifsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         vol = None if inode == ROOT else await self.catalog.volume(vid_of(inode))
         value = self._xattr_values(inode, vol).get(name[len(XATTR_PREFIX):])
-        if value is None or (value == b"" and name.endswith(b"parent")):
+        if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        keys = ROOT_XATTRS if inode == ROOT else [k for k in VDI_XATTRS if k != b"parent"]
+        keys = ROOT_XATTRS if inode == ROOT else VDI_XATTRS
         return [XATTR_PREFIX + k for k in keys]
 
     @fuse_errors

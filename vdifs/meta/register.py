@@ -8,7 +8,6 @@ CASPaxos register behind the same interface.
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import msgpack
@@ -65,7 +64,3 @@ class FileRegister:
             await trio.to_thread.run_sync(atomic_write, self.path, raw)
             self._cached = new
             return True
-
-    @staticmethod
-    def exists(path: str) -> bool:
-        return os.path.exists(path)

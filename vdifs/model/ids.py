@@ -10,7 +10,7 @@ readable form for everything else.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from dataclasses import dataclass
 
 OBJECT_ORDER = 22
 OBJECT_SIZE = 1 << OBJECT_ORDER  # 4 MiB, the default and (for now) only object size
@@ -26,7 +26,8 @@ class ObjectKind(enum.IntEnum):
     SYSTEM = 2
 
 
-class ObjectId(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class ObjectId:
     kind: ObjectKind
     vid: int
     index: int

@@ -39,10 +39,6 @@ def validate_name(raw: bytes | str) -> str:
             raise InvalidName(f"VDI names must not contain {label}")
     if text in (".", ".."):
         raise InvalidName(f"{text!r} is not a VDI name")
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidName("VDI names must be valid UTF-8") from None
     if text == SNAPSHOT_DIR or text.startswith(RESERVED_PREFIX):
         raise ReservedName(f"{text!r} is reserved for vdifs itself")
     return text

@@ -42,7 +42,7 @@ def page_location(page: int) -> tuple[int, int]:
     return chunk, inner * PAGE_BYTES
 
 
-def _decode_page(raw: bytes) -> array:
+def _decode_page(raw: bytes | bytearray) -> array:
     page = array("I")
     page.frombytes(raw)
     if _SWAP:
@@ -78,7 +78,7 @@ class ObjectMap:
         self._dirty.add(pno)
         return old
 
-    def load_chunk(self, chunk: int, raw: bytes) -> None:
+    def load_chunk(self, chunk: int, raw: bytes | bytearray) -> None:
         """Fill pages from the bytes of one map object (may be short)."""
         base = chunk * PAGES_PER_CHUNK
         for i in range(0, len(raw), PAGE_BYTES):

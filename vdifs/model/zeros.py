@@ -15,7 +15,7 @@ def zeros(n: int) -> bytes:
     return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
 
 
-def is_zero(data: bytes | memoryview) -> bool:
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """True if every byte is zero; one memcmp, with an early exit for data."""
     n = len(data)
     if n == 0:

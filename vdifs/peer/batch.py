@@ -68,7 +68,7 @@ class BatchRunner:
         return call.result
 
     async def _run_lane(self) -> None:
-        batch = []
+        batch: list[_Call] = []
         while self._pending and len(batch) < self.max_batch:
             c = self._pending.popleft()
             c.taken = True
