@@ -1,0 +1,132 @@
+"""The RPC layer over real loopback TCP: auth, multiplexing, bad traffic."""
+
+import errno
+import logging
+import os
+import struct
+
+import pytest
+import trio
+
+from vdifs.errors import InvalidArgument
+from vdifs.wire.rpc import PeerUnavailable, RemoteError, RpcClient, RpcServer
+
+SECRET = b"s" * 32
+
+
+async def start_server(nursery, secret=SECRET, cluster="c1"):
+    async def echo(args, session):
+        return {"echo": args["x"], "auth": session.authenticated}
+
+    async def slow(args, session):
+        await trio.sleep(args["t"])
+        return args["t"]
+
+    async def bad(args, session):
+        raise InvalidArgument("no good")
+
+    async def crash(args, session):
+        raise RuntimeError("bug")
+
+    server = RpcServer("test", {"echo": echo, "slow": slow, "bad": bad, "crash": crash, "open": echo},
+                       secret=lambda: secret, cluster_id=lambda: cluster, peer_id="p1",
+                       open_ops=frozenset({"open"}))
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_calls_multiplex_and_errors(nursery):
+    server, addr = await start_server(nursery)
+    client = RpcClient(addr, SECRET, nursery)
+    assert await client.call("echo", {"x": b"\0\1"}) == {"echo": b"\0\1", "auth": True}
+    results = []
+
+    async def one(t):
+        results.append(await client.call("slow", {"t": t}))
+
+    async with trio.open_nursery() as n:  # replies arrive out of order, routed by id
+        for t in (0.2, 0.0, 0.1):
+            n.start_soon(one, t)
+    assert results == [0.0, 0.1, 0.2]
+    with pytest.raises(RemoteError) as e:
+        await client.call("bad")
+    assert e.value.errno == errno.EINVAL and "no good" in str(e.value)
+    with pytest.raises(RemoteError) as e:
+        await client.call("crash")
+    assert e.value.errno == errno.EIO
+    with pytest.raises(RemoteError) as e:
+        await client.call("nope")
+    assert e.value.errno == errno.ENOSYS
+    with pytest.raises(RemoteError) as e:
+        await client.call("echo", {"y": 1})  # missing argument
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(PeerUnavailable):
+        await client.call("slow", {"t": 5}, timeout=0.2)
+    assert await client.call("echo", {"x": 1}) == {"echo": 1, "auth": True}
+    await client.aclose()
+
+
+async def test_wrong_secret_is_refused(nursery, caplog):
+    server, addr = await start_server(nursery)
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(Exception, match="authentication failed"):
+            await RpcClient(addr, b"wrong", nursery).call("echo", {"x": 1})
+        with pytest.raises(Exception, match="authentication failed"):
+            await RpcClient(addr, None, nursery).call("open", {"x": 1})
+    assert "authentication failed" in caplog.text
+    assert server.refused == 2
+
+
+async def test_unformatted_peer_allows_only_open_ops(nursery):
+    server, addr = await start_server(nursery, secret=None, cluster=None)
+    client = RpcClient(addr, None, nursery)
+    assert await client.call("open", {"x": 2}) == {"echo": 2, "auth": False}
+    with pytest.raises(RemoteError) as e:
+        await client.call("echo", {"x": 2})
+    assert e.value.errno == errno.EACCES
+
+
+async def raw_exchange(addr, payload: bytes) -> bytes:
+    host, port = addr.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    got = b""
+    with trio.move_on_after(3):
+        await stream.send_all(payload)
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            got += chunk
+    await stream.aclose()
+    return got
+
+
+@pytest.mark.parametrize("payload", [
+    os.urandom(5000),  # random bytes
+    struct.pack(">I", 2 << 30) + b"x" * 100,  # a 2 GiB length prefix
+    struct.pack(">I", 3) + b"\xc1\xc1\xc1",  # undecodable
+    b"\x00\x00\x00\x05" + bytes([0x93, 1, 2, 3]) + b"\x00",  # a valid frame of the wrong shape
+])
+async def test_bad_traffic_closes_only_that_connection(nursery, payload, caplog):
+    server, addr = await start_server(nursery)
+    good = RpcClient(addr, SECRET, nursery)
+    assert await good.call("echo", {"x": 1})
+    with caplog.at_level(logging.WARNING):
+        await raw_exchange(addr, payload)  # the server hangs up on it
+    assert server.refused == 1
+    assert "refused connection" in caplog.text
+    assert await good.call("echo", {"x": 2}) == {"echo": 2, "auth": True}
+
+
+async def test_wrong_types_after_authentication(nursery):
+    server, addr = await start_server(nursery)
+    client = RpcClient(addr, SECRET, nursery)
+    assert await client.call("echo", {"x": 1})
+    await client._frames.send(["not-an-id", 5, None])  # valid msgpack, wrong shape
+    with trio.fail_after(5):
+        while server.refused == 0:
+            await trio.sleep(0.01)
+    other = RpcClient(addr, SECRET, nursery)
+    assert await other.call("echo", {"x": 3}) == {"echo": 3, "auth": True}
+    assert await client.call("echo", {"x": 4}) == {"echo": 4, "auth": True}  # reconnects

@@ -1,0 +1,315 @@
+"""Authenticated, multiplexed request/reply connections between vdifs processes.
+
+Handshake (every frame a msgpack frame, see `frames`):
+
+    server -> client  {"proto": 1, "nonce": Ns, "cluster": id | None, "peer": id}
+    client -> server  {"proto": 1, "nonce": Nc, "mac": HMAC(secret, "vdifs-c" Ns Nc) | None}
+    server -> client  {"ok": true, "mac": HMAC(secret, "vdifs-s" Nc Ns)}   or  {"ok": false, "error": "..."}
+
+Both sides prove they hold the cluster secret without sending it. A peer of
+no cluster yet (before `cluster format`) accepts clients without a MAC, but
+only for the operations it marks open (joining, formatting). Until the
+handshake is done frames are limited to 4 KiB; afterwards to one object
+plus headers. Requests `[id, op, args]` and replies `[id, status, result]`
+are multiplexed: many in flight per connection, one reader task routes the
+replies. Anything malformed closes that connection with a logged reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import trio
+
+from vdifs.errors import PoolError, VdifsError
+from vdifs.model.ids import OBJECT_SIZE
+from vdifs.wire.frames import ConnectionClosed, FrameStream, ProtocolError, check_reply, check_request
+
+log = logging.getLogger(__name__)
+
+PROTO = 1
+HANDSHAKE_MAX_FRAME = 4096
+MAX_FRAME = OBJECT_SIZE + (1 << 16)
+HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
+MAX_INFLIGHT_PER_CONNECTION = 64
+
+#: status of a reply that says "your cluster map is older than mine"
+ESTALE_EPOCH = errno.ESTALE
+
+
+class PeerUnavailable(PoolError):
+    """The peer cannot be reached, or the connection broke mid-request."""
+
+
+class RemoteError(VdifsError):
+    """The peer answered with an error status."""
+
+    def __init__(self, status: int, result: Any) -> None:
+        message = result if isinstance(result, str) else (result or {}).get("message", "error")
+        super().__init__(str(message), code=status)
+        self.result = result
+
+
+def mac(secret: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
+    return hmac.new(secret, label + a + b, hashlib.sha256).digest()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise VdifsError(f"address {address!r} is not HOST:PORT", code=errno.EINVAL)
+    return host.strip("[]"), int(port)
+
+
+Handler = Callable[[dict[str, Any], "Session"], Awaitable[Any]]
+
+
+class Session:
+    """What a handler knows about the connection it serves."""
+
+    def __init__(self, remote: str, authenticated: bool) -> None:
+        self.remote = remote
+        self.authenticated = authenticated
+
+
+class RpcServer:
+    def __init__(self, name: str, handlers: dict[str, Handler], *,
+                 secret: Callable[[], bytes | None], cluster_id: Callable[[], str | None],
+                 peer_id: str, open_ops: frozenset[str] = frozenset()) -> None:
+        self.name = name
+        self.handlers = handlers
+        self.secret = secret
+        self.cluster_id = cluster_id
+        self.peer_id = peer_id
+        self.open_ops = open_ops
+        self.refused = 0  # connections dropped for bad traffic or credentials
+
+    async def serve(self, host: str, port: int, *,
+                    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners)
+        await trio.serve_listeners(self.handle, listeners)
+
+    def _refuse(self, remote: str, reason: str) -> None:
+        self.refused += 1
+        log.warning("%s: refused connection from %s: %s", self.name, remote, reason)
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        remote = _remote_name(stream)
+        frames = FrameStream(stream, HANDSHAKE_MAX_FRAME)
+        try:
+            session = await self._handshake(frames, remote)
+            if session is None:
+                return
+            frames.max_frame = MAX_FRAME
+            await self._serve_requests(frames, session)
+        except ProtocolError as e:
+            self._refuse(remote, str(e))
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except trio.TooSlowError:
+            self._refuse(remote, "no handshake within %.0f s" % HANDSHAKE_TIMEOUT)
+        finally:
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                await stream.aclose()
+
+    async def _handshake(self, frames: FrameStream, remote: str) -> Session | None:
+        nonce_s = os.urandom(16)
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await frames.send({"proto": PROTO, "nonce": nonce_s, "cluster": self.cluster_id(),
+                               "peer": self.peer_id})
+            hello = await frames.receive()
+        if not isinstance(hello, dict) or not isinstance(hello.get("nonce"), bytes):
+            raise ProtocolError("malformed handshake")
+        if hello.get("proto") != PROTO:
+            await frames.send({"ok": False, "error": f"protocol version {hello.get('proto')!r} is not {PROTO}"})
+            self._refuse(remote, f"protocol version {hello.get('proto')!r}")
+            return None
+        secret = self.secret()
+        given = hello.get("mac")
+        if secret is None:
+            # No cluster yet: anyone may talk, but only the open operations.
+            await frames.send({"ok": True, "mac": None})
+            return Session(remote, authenticated=False)
+        if not isinstance(given, bytes) or not hmac.compare_digest(given, mac(secret, b"vdifs-c", nonce_s, hello["nonce"])):
+            await frames.send({"ok": False, "error": "authentication failed: wrong or missing cluster secret"})
+            self._refuse(remote, "authentication failed (wrong or missing cluster secret)")
+            return None
+        await frames.send({"ok": True, "mac": mac(secret, b"vdifs-s", hello["nonce"], nonce_s)})
+        return Session(remote, authenticated=True)
+
+    async def _serve_requests(self, frames: FrameStream, session: Session) -> None:
+        limit = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
+        ended: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                while True:
+                    rid, op, args = check_request(await frames.receive())
+                    await limit.acquire()  # backpressure: stop reading while full
+                    nursery.start_soon(self._dispatch, frames, session, rid, op, args, limit)
+            except (ProtocolError, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                ended = e  # raised below, outside the nursery, so it is not wrapped in a group
+                nursery.cancel_scope.cancel()
+        if ended is not None:
+            raise ended
+
+    async def _dispatch(self, frames: FrameStream, session: Session, rid: int, op: str,
+                        args: dict[str, Any], limit: trio.Semaphore) -> None:
+        try:
+            handler = self.handlers.get(op)
+            if handler is None:
+                reply = [rid, errno.ENOSYS, f"unknown operation {op!r}"]
+            elif not session.authenticated and op not in self.open_ops:
+                reply = [rid, errno.EACCES, f"{op} needs an authenticated connection"]
+            else:
+                try:
+                    reply = [rid, 0, await handler(args, session)]
+                except RemoteError as e:
+                    reply = [rid, e.errno, e.result]
+                except VdifsError as e:
+                    reply = [rid, e.errno, str(e)]
+                except (KeyError, TypeError, ValueError) as e:
+                    log.info("%s: bad arguments for %s from %s: %r", self.name, op, session.remote, e)
+                    reply = [rid, errno.EINVAL, f"bad arguments for {op}: {e!r}"]
+                except Exception as e:
+                    log.exception("%s: %s from %s failed", self.name, op, session.remote)
+                    reply = [rid, errno.EIO, f"internal error in {op}: {e}"]
+            try:
+                await frames.send(reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        finally:
+            limit.release()
+
+
+def _remote_name(stream: trio.abc.Stream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+        return f"{host}:{port}"
+    except Exception:
+        return "?"
+
+
+class RpcClient:
+    """One multiplexed connection to one peer, reconnected on demand.
+
+    `call` never waits without a timeout. A broken connection fails every
+    request in flight with PeerUnavailable; the next call reconnects.
+    """
+
+    def __init__(self, address: str, secret: bytes | None, nursery: trio.Nursery, *,
+                 expect_cluster: str | None = None) -> None:
+        self.address = address
+        self.secret = secret
+        self.nursery = nursery
+        self.expect_cluster = expect_cluster
+        self.remote_peer: str | None = None
+        self.remote_cluster: str | None = None
+        self._frames: FrameStream | None = None
+        self._pending: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._next_id = 1
+        self._connect_lock = trio.Lock()
+
+    async def _connect(self) -> FrameStream:
+        async with self._connect_lock:
+            if self._frames is not None:
+                return self._frames
+            host, port = split_address(self.address)
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    stream = await trio.open_tcp_stream(host, port)
+            except (OSError, trio.TooSlowError) as e:
+                raise PeerUnavailable(f"cannot connect to {self.address}: {e or 'timeout'}") from None
+            frames = FrameStream(stream, HANDSHAKE_MAX_FRAME)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await self._handshake(frames)
+            except (ProtocolError, ConnectionClosed, trio.BrokenResourceError, trio.TooSlowError) as e:
+                await stream.aclose()
+                raise PeerUnavailable(f"handshake with {self.address} failed: {e or 'timeout'}") from None
+            except BaseException:
+                await stream.aclose()
+                raise
+            frames.max_frame = MAX_FRAME
+            self._frames = frames
+            self.nursery.start_soon(self._reader, frames)
+            return frames
+
+    async def _handshake(self, frames: FrameStream) -> None:
+        hello = await frames.receive()
+        if not isinstance(hello, dict) or not isinstance(hello.get("nonce"), bytes):
+            raise ProtocolError("malformed handshake")
+        self.remote_peer, self.remote_cluster = hello.get("peer"), hello.get("cluster")
+        if self.expect_cluster and self.remote_cluster not in (None, self.expect_cluster):
+            raise VdifsError(f"{self.address} belongs to another cluster ({self.remote_cluster})",
+                             code=errno.EPERM)
+        nonce_c = os.urandom(16)
+        token = mac(self.secret, b"vdifs-c", hello["nonce"], nonce_c) if self.secret else None
+        await frames.send({"proto": PROTO, "nonce": nonce_c, "mac": token})
+        answer = await frames.receive()
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            error = answer.get("error") if isinstance(answer, dict) else "refused"
+            raise VdifsError(f"{self.address} refused us: {error}", code=errno.EACCES)
+        if self.secret and hello.get("cluster") is not None:
+            expected = mac(self.secret, b"vdifs-s", nonce_c, hello["nonce"])
+            if not isinstance(answer.get("mac"), bytes) or not hmac.compare_digest(answer["mac"], expected):
+                raise VdifsError(f"{self.address} could not prove it knows the cluster secret",
+                                 code=errno.EACCES)
+
+    async def _reader(self, frames: FrameStream) -> None:
+        try:
+            while True:
+                rid, status, result = check_reply(await frames.receive())
+                slot = self._pending.pop(rid, None)
+                if slot is not None:
+                    slot[1].extend((status, result))
+                    slot[0].set()
+        except (ProtocolError, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            if self._pending:
+                log.info("connection to %s lost: %s", self.address, e or type(e).__name__)
+        finally:
+            if self._frames is frames:
+                self._frames = None
+            for event, box in self._pending.values():
+                box.extend((-1, "connection lost"))
+                event.set()
+            self._pending.clear()
+            with trio.CancelScope(shield=True):
+                await frames.aclose()
+
+    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0) -> Any:
+        frames = await self._connect()
+        rid = self._next_id
+        self._next_id += 1
+        event, box = trio.Event(), cast(list[Any], [])
+        self._pending[rid] = (event, box)
+        try:
+            with trio.fail_after(timeout):
+                try:
+                    await frames.send([rid, op, args or {}])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise PeerUnavailable(f"connection to {self.address} broke") from None
+                await event.wait()
+        except trio.TooSlowError:
+            raise PeerUnavailable(f"{self.address} did not answer {op} within {timeout:.0f} s") from None
+        finally:
+            self._pending.pop(rid, None)
+        status, result = box
+        if status == -1:
+            raise PeerUnavailable(f"connection to {self.address} lost during {op}")
+        if status:
+            raise RemoteError(status, result)
+        return result
+
+    async def aclose(self) -> None:
+        if self._frames is not None:
+            await self._frames.aclose()
+            self._frames = None
