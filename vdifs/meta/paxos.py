@@ -1,0 +1,263 @@
+"""CASPaxos (Rystsov 2018): leaderless replicated registers with compare-and-set.
+
+Every register (the cluster map, the directory, later the per-VDI locks) is
+changed by running a function on its current value through two phases on a
+majority of the acceptors (the meta peers):
+
+1. prepare(ballot): each acceptor promises to ignore lower ballots and
+   returns what it accepted last; the proposer takes the value with the
+   highest accepted ballot as the current one.
+2. accept(ballot, f(current)): each acceptor stores it unless it promised
+   a higher ballot meanwhile.
+
+A change is done when a majority accepted it. Acceptors make their state
+durable before they answer. Reads are changes by the identity function, so
+they are linearizable; `peek` is a cheap, possibly stale read for watching.
+
+The transport is a function, so the same proposer runs over real RPC and
+over the in-memory network of the simulation tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+import trio
+
+from vdifs.errors import ConflictError, VdifsError
+from vdifs.meta.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+Ballot = tuple[int, str]  # (counter, proposer id): totally ordered, unique per proposer
+ZERO: Ballot = (0, "")
+
+
+class ConsensusUnavailable(VdifsError):
+    errno = errno.EAGAIN
+
+
+# -- acceptor -------------------------------------------------------------------
+
+
+@dataclass
+class AcceptorState:
+    promise: Ballot = ZERO
+    accepted: Ballot = ZERO
+    value: bytes | None = None
+
+
+class AcceptorStorage(Protocol):
+    async def load(self, key: str) -> AcceptorState: ...
+
+    async def save(self, key: str, state: AcceptorState) -> None: ...
+
+
+class MemoryAcceptorStorage:
+    def __init__(self) -> None:
+        self.states: dict[str, AcceptorState] = {}
+
+    async def load(self, key: str) -> AcceptorState:
+        s = self.states.get(key, AcceptorState())
+        return AcceptorState(s.promise, s.accepted, s.value)
+
+    async def save(self, key: str, state: AcceptorState) -> None:
+        self.states[key] = AcceptorState(state.promise, state.accepted, state.value)
+
+
+class FileAcceptorStorage:
+    """One file per register, replaced atomically and fsynced before answering."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, key.encode().hex())
+
+    def _load(self, key: str) -> AcceptorState:
+        try:
+            with open(self._path(key), "rb") as f:
+                d = msgpack.unpackb(f.read())
+        except FileNotFoundError:
+            return AcceptorState()
+        return AcceptorState(tuple(d["promise"]), tuple(d["accepted"]), d["value"])  # type: ignore[arg-type]
+
+    async def load(self, key: str) -> AcceptorState:
+        return await trio.to_thread.run_sync(self._load, key)
+
+    async def save(self, key: str, state: AcceptorState) -> None:
+        raw = msgpack.packb({"promise": list(state.promise), "accepted": list(state.accepted), "value": state.value})
+        await trio.to_thread.run_sync(atomic_write, self._path(key), raw)
+
+
+class Acceptor:
+    def __init__(self, storage: AcceptorStorage) -> None:
+        self.storage = storage
+        self._locks: dict[str, trio.Lock] = {}
+
+    def _lock(self, key: str) -> trio.Lock:
+        return self._locks.setdefault(key, trio.Lock())
+
+    async def prepare(self, key: str, ballot: Ballot) -> dict[str, Any]:
+        async with self._lock(key):
+            s = await self.storage.load(key)
+            if ballot <= s.promise or ballot <= s.accepted:
+                return {"ok": False, "seen": list(max(s.promise, s.accepted))}
+            s.promise = ballot
+            await self.storage.save(key, s)
+            return {"ok": True, "accepted": list(s.accepted), "value": s.value}
+
+    async def accept(self, key: str, ballot: Ballot, value: bytes) -> dict[str, Any]:
+        async with self._lock(key):
+            s = await self.storage.load(key)
+            if ballot < s.promise or ballot <= s.accepted:
+                return {"ok": False, "seen": list(max(s.promise, s.accepted))}
+            s.promise, s.accepted, s.value = ballot, ballot, value
+            await self.storage.save(key, s)
+            return {"ok": True}
+
+    async def peek(self, key: str) -> dict[str, Any]:
+        s = await self.storage.load(key)
+        return {"accepted": list(s.accepted), "value": s.value}
+
+
+# -- proposer -------------------------------------------------------------------
+
+#: send(acceptor, op, args) -> reply dict; raises on loss or timeout
+Send = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class Proposer:
+    def __init__(self, proposer_id: str, acceptors: list[str], send: Send, *,
+                 round_timeout: float = 2.0, give_up_after: float = 30.0) -> None:
+        self.proposer_id = proposer_id
+        self.acceptors = list(acceptors)
+        self.send = send
+        self.round_timeout = round_timeout
+        self.give_up_after = give_up_after
+        self._counter = 0
+        self._random = random.Random(proposer_id)
+
+    @property
+    def majority(self) -> int:
+        return len(self.acceptors) // 2 + 1
+
+    async def _broadcast(self, op: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """Replies from the acceptors until a majority said ok or cannot."""
+        replies: list[dict[str, Any]] = []
+        done = trio.Event()
+        answered = 0
+
+        async def one(acceptor: str) -> None:
+            nonlocal answered
+            try:
+                reply = await self.send(acceptor, op, args)
+            except Exception as e:  # lost, refused, timed out: no vote
+                log.debug("%s to %s failed: %s", op, acceptor, e)
+                reply = None
+            answered += 1
+            if reply is not None:
+                replies.append(reply)
+            oks = sum(1 for r in replies if r.get("ok"))
+            if oks >= self.majority or answered - oks > len(self.acceptors) - self.majority:
+                done.set()
+            if answered == len(self.acceptors):
+                done.set()
+
+        async with trio.open_nursery() as nursery:
+            for a in self.acceptors:
+                nursery.start_soon(one, a)
+            with trio.move_on_after(self.round_timeout):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+        return replies
+
+    def _next_ballot(self, replies: list[dict[str, Any]]) -> None:
+        for r in replies:
+            if not r.get("ok") and "seen" in r:
+                self._counter = max(self._counter, int(r["seen"][0]))
+
+    async def change(self, key: str, fn: Callable[[bytes | None], bytes]) -> bytes:
+        """Apply fn to the register's current value; return what was stored."""
+        attempt = 0
+        with trio.move_on_after(self.give_up_after):
+            while True:
+                attempt += 1
+                self._counter += 1
+                ballot: Ballot = (self._counter, self.proposer_id)
+                replies = await self._broadcast("prepare", {"key": key, "ballot": list(ballot)})
+                oks = [r for r in replies if r.get("ok")]
+                if len(oks) >= self.majority:
+                    best = max(oks, key=lambda r: tuple(r["accepted"]))
+                    new = fn(best["value"])
+                    replies = await self._broadcast("accept", {"key": key, "ballot": list(ballot), "value": new})
+                    if sum(1 for r in replies if r.get("ok")) >= self.majority:
+                        return new
+                self._next_ballot(replies)
+                # Back off with jitter so duelling proposers stop colliding.
+                await trio.sleep(self._random.uniform(0, min(0.5, 0.01 * 2 ** min(attempt, 6))))
+        raise ConsensusUnavailable(
+            f"no majority of the {len(self.acceptors)} meta peers agreed on {key!r} "
+            f"within {self.give_up_after:.0f} s")
+
+    async def peek(self, key: str) -> bytes | None:
+        """A cheap read: the value with the highest ballot any acceptor answered."""
+        replies = await self._broadcast("peek", {"key": key})
+        if not replies:
+            raise ConsensusUnavailable(f"no meta peer answered a read of {key!r}")
+        return max(replies, key=lambda r: tuple(r["accepted"]))["value"]
+
+
+# -- registers --------------------------------------------------------------------
+
+
+#: Writer tokens remembered in the value, so that a writer whose replies were
+#: lost can still tell that its write won even after others wrote on top.
+RECENT_WRITERS = 32
+
+
+class PaxosRegister:
+    """A versioned value with compare-and-set on top of CASPaxos (see `Register`)."""
+
+    def __init__(self, proposer: Proposer, key: str) -> None:
+        self.proposer = proposer
+        self.key = key
+
+    @staticmethod
+    def _decode(raw: bytes | None) -> dict[str, Any]:
+        return {"v": 0, "d": b"", "w": []} if raw is None else msgpack.unpackb(raw)
+
+    async def get(self) -> tuple[int, bytes]:
+        d = self._decode(await self.proposer.change(self.key, lambda raw: raw if raw is not None else
+                                                     msgpack.packb({"v": 0, "d": b"", "w": []})))
+        return d["v"], d["d"]
+
+    async def peek(self) -> tuple[int, bytes]:
+        d = self._decode(await self.proposer.peek(self.key))
+        return d["v"], d["d"]
+
+    def token(self) -> bytes:
+        return os.urandom(16)
+
+    async def cas(self, version: int, value: bytes) -> bool:
+        token = self.token()
+
+        def fn(raw: bytes | None) -> bytes:
+            cur = self._decode(raw)
+            if cur["v"] != version:
+                return msgpack.packb(cur)
+            return msgpack.packb({"v": version + 1, "d": value, "w": (cur["w"] + [token])[-RECENT_WRITERS:]})
+
+        try:
+            result = self._decode(await self.proposer.change(self.key, fn))
+        except ConflictError:
+            return False
+        return token in result["w"]
