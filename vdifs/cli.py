@@ -119,7 +119,8 @@ def setup_logging(level: str, stream: Any = None, filename: str | None = None) -
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from vdifs.fuse.mount import Mount, check_mountpoint, lock_store
+    from vdifs.fuse.mount import Mount, check_mountpoint
+    from vdifs.peer.store import lock_store
 
     store = os.path.abspath(args.store)
     mountpoint = os.path.abspath(args.mountpoint)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -20,7 +20,7 @@ import trio
 
 from vdifs.client.pool import ObjectPool
 from vdifs.client.volume import Volume
-from vdifs.errors import InvalidArgument, VdiNotFound
+from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
 from vdifs.meta.directory import DirectoryService
 from vdifs.model.directory import Directory, VdiRecord
 from vdifs.model.sizes import format_size
@@ -34,14 +34,26 @@ PURGE_RETRY_SECONDS = 5.0
 
 
 class Catalog:
-    def __init__(self, pool: ObjectPool, directory: DirectoryService) -> None:
+    def __init__(self, pool: ObjectPool, directory: DirectoryService, *, shared: bool = False) -> None:
+        """`shared`: other mounts use the same pool and directory (a cluster).
+
+        Then a VDI's map is re-read when it is opened, objects the map does not
+        reference are left alone (another mount may be allocating them), and
+        leftovers of unknown vids are not purged.
+        """
         self.pool = pool
         self.directory = directory
+        self.shared = shared
         self._volumes: OrderedDict[int, Volume] = OrderedDict()
         self._load_locks: dict[int, trio.Lock] = {}
         self._purge_send, self._purge_recv = trio.open_memory_channel[int](math.inf)
         self._purging: set[int] = set()
         self.purges_done = 0
+        self.copies_override: int | None = None  # `vdifs mount --copies`
+
+    @property
+    def default_copies(self) -> int:
+        return self.copies_override or self.pool.default_copies
 
     # -- life cycle ------------------------------------------------------------
 
@@ -52,10 +64,11 @@ class Catalog:
         live = {r.vid for r in d.vdis.values()}
         for vid in sorted(d.deleting):
             self._schedule_purge(vid)
-        for vid in await self.pool.list_vids():
-            if vid not in live and vid not in d.deleting:
-                log.warning("vid %d has objects but no VDI record: freeing them", vid)
-                self._schedule_purge(vid)
+        if not self.shared:
+            for vid in await self.pool.list_vids():
+                if vid not in live and vid not in d.deleting:
+                    log.warning("vid %d has objects but no VDI record: freeing them", vid)
+                    self._schedule_purge(vid)
         log.info("directory: %d VDIs, %d being deleted", len(d.vdis), len(d.deleting))
 
     async def reconcile_all(self) -> None:
@@ -76,6 +89,32 @@ class Catalog:
     @property
     def current(self) -> Directory:
         return self.directory.current
+
+    async def watch(self, on_change: Callable[[Directory, Directory], None], interval: float = 0.5) -> None:
+        """Follow the directory changes other mounts make (shared pools)."""
+        while True:
+            await trio.sleep(interval)
+            before = self.current
+            try:
+                changed = await self.directory.refresh_hint()
+            except VdifsError as e:
+                log.debug("directory watch: %s", e)
+                continue
+            if changed:
+                after = self.current
+                for vid in after.deleting - before.deleting:
+                    self._tombstoned(vid)
+                on_change(before, after)
+
+    async def find(self, name: str) -> VdiRecord:
+        """Like lookup, but a miss re-reads the directory first when it is shared."""
+        try:
+            return self.lookup(name)
+        except VdiNotFound:
+            if not self.shared:
+                raise
+        await self.directory.refresh_hint()
+        return self.lookup(name)
 
     def lookup(self, name: str) -> VdiRecord:
         rec = self.current.get(name)
@@ -105,7 +144,9 @@ class Catalog:
                 found = self.current.by_vid(vid)
                 if found is None:
                     raise VdiNotFound(f"no VDI with vid {vid}")
-                vol = await Volume.load(self.pool, replace(found[1]), self.persist_meta)
+                self.pool.register_vdi(vid, found[1].copies)
+                vol = await Volume.load(self.pool, replace(found[1]), self.persist_meta,
+                                        reconcile=not self.shared)
                 self._evict_idle()  # before inserting: the caller has not pinned it yet
                 self._volumes[vid] = vol
         self._load_locks.pop(vid, None)
@@ -123,6 +164,10 @@ class Catalog:
     # -- open files ------------------------------------------------------------
 
     async def open(self, vid: int) -> Volume:
+        if self.shared:
+            idle = self._volumes.get(vid)
+            if idle is not None and idle.handles == 0 and not idle.dirty:
+                del self._volumes[vid]  # another mount may have written it: re-read the map
         vol = await self.volume(vid)
         vol.handles += 1
         return vol
@@ -160,11 +205,12 @@ class Catalog:
 
     async def create(self, name: str, size: int, *, copies: int | None = None, mode: int = 0o644,
                      uid: int = 0, gid: int = 0) -> VdiRecord:
-        copies = self.pool.max_copies if copies is None else copies
+        copies = self.default_copies if copies is None else copies
         if not 1 <= copies <= self.pool.max_copies:
             raise InvalidArgument(f"copies must be between 1 and {self.pool.max_copies} in this pool")
         rec = await self.directory.update(
             lambda d: d.create(name, size, copies=copies, mode=mode, uid=uid, gid=gid))
+        self.pool.register_vdi(rec.vid, rec.copies)
         log.info("created VDI %r (vid %d, %s)", name, rec.vid, format_size(size))
         return rec
 
@@ -196,6 +242,7 @@ class Catalog:
             if vol.map.allocated:
                 raise InvalidArgument("copies can only be set on a VDI that holds no data yet")
             vol.record.copies = copies
+            self.pool.register_vdi(vid, copies)
             await self.persist_meta(vol)
 
     # -- purging -----------------------------------------------------------------

@@ -23,7 +23,15 @@ class PoolSpace:
 
 
 class ObjectPool(Protocol):
-    max_copies: int
+    @property
+    def max_copies(self) -> int:
+        """The most copies a VDI can ask for (the number of peers that are up)."""
+
+    @property
+    def default_copies(self) -> int: ...
+
+    def register_vdi(self, vid: int, copies: int) -> None:
+        """Tell the pool how many copies the objects of a vid have."""
 
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         """`length` bytes at `offset` (zeros past what was written); ObjectNotFound if absent."""
@@ -61,6 +69,7 @@ class LocalPool:
     """The embedded pool: one in-process store, one copy of every object."""
 
     max_copies = 1
+    default_copies = 1
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
@@ -72,6 +81,9 @@ class LocalPool:
         self.list_vids = store.list_vids
         self.list_objects = store.list_objects
         self.finish_vid = store.remove_vid_dir
+
+    def register_vdi(self, vid: int, copies: int) -> None:
+        pass  # one copy of everything
 
     async def space(self) -> PoolSpace:
         total, free = await self.store.space()

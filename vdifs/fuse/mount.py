@@ -9,10 +9,11 @@ ends the FUSE loop and the same flush runs on the way out.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
+import secrets
 import signal
+import socket
 from typing import IO
 
 import pyfuse3
@@ -20,12 +21,16 @@ import trio
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.pool import LocalPool
+from vdifs.client.remote import RemotePool
 from vdifs.control.client import CONTROL_SOCKET
 from vdifs.control.server import ControlServer
-from vdifs.errors import StoreBusy, VdifsError
+from vdifs.errors import VdifsError
 from vdifs.fuse.ops import ROOT, VdifsOperations
+from vdifs.meta.consensus import DIRECTORY_KEY
+from vdifs.meta.credentials import default_secret_file, read_credentials
 from vdifs.meta.directory import DirectoryService
 from vdifs.meta.register import FileRegister
+from vdifs.model.directory import Directory
 from vdifs.peer.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -36,24 +41,6 @@ def default_store() -> str:
         return "/var/lib/vdifs"
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return os.path.join(base, "vdifs")
-
-
-def lock_store(store: str) -> IO[str]:
-    """Take the store's lock for this process, or say who holds it."""
-    os.makedirs(store, mode=0o700, exist_ok=True)
-    f = open(os.path.join(store, "lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise StoreBusy(f"store {store} is in use by another vdifs process (pid {holder})") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -72,16 +59,43 @@ def fuse_options(allow_other: bool) -> set[str]:
 
 
 class Mount:
-    def __init__(self, mountpoint: str, store: str, *, allow_other: bool = False) -> None:
+    """One mount: the embedded pool on `store`, or a cluster's pool when
+    `cluster` lists peer addresses (then `store` only holds the lock, the
+    control socket and the log)."""
+
+    def __init__(self, mountpoint: str, store: str, *, allow_other: bool = False,
+                 cluster: list[str] | None = None, secret_file: str | None = None,
+                 copies: int | None = None) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
-        self.store = ObjectStore(self.store_path)
-        self.pool = LocalPool(self.store)
-        os.makedirs(os.path.join(self.store_path, "meta"), mode=0o700, exist_ok=True)
-        self.directory = DirectoryService(FileRegister(os.path.join(self.store_path, "meta", "directory")))
-        self.catalog = Catalog(self.pool, self.directory)
+        self.cluster = cluster
+        self.creds = read_credentials(secret_file or default_secret_file()) if cluster else None
+        self.copies = copies
         self.control_path = os.path.join(self.store_path, CONTROL_SOCKET)
+        self.catalog: Catalog | None = None
+
+    async def _open_backend(self, nursery: trio.Nursery) -> Catalog:
+        if self.cluster:
+            assert self.creds is not None
+            node_id = f"mount-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+            remote = RemotePool(self.cluster, self.creds, nursery, node_id)
+            cmap = await remote.connect()
+            log.info("cluster %s: epoch %d, %d peers up, copies %d", cmap.cluster_id, cmap.epoch,
+                     len(cmap.up_peers()), cmap.copies)
+            catalog = Catalog(remote, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True)
+        else:
+            store = ObjectStore(self.store_path)
+            store.open()
+            os.makedirs(os.path.join(self.store_path, "meta"), mode=0o700, exist_ok=True)
+            register = FileRegister(os.path.join(self.store_path, "meta", "directory"))
+            catalog = Catalog(LocalPool(store), DirectoryService(register))
+        if self.copies is not None:
+            if not 1 <= self.copies <= catalog.pool.max_copies:
+                raise VdifsError(f"--copies {self.copies}: this pool has room for 1 to "
+                                 f"{catalog.pool.max_copies} copies", code=errno.EINVAL)
+            catalog.copies_override = self.copies
+        return catalog
 
     def invalidate(self, event: str, vid: int, names: list[str]) -> None:
         """Drop what the kernel cached after a change made outside FUSE."""
@@ -92,13 +106,26 @@ class Mount:
         except OSError:
             pass  # the kernel never saw this inode
 
+    def directory_changed(self, before: Directory, after: Directory) -> None:
+        """Another mount changed the namespace: forget stale names and sizes."""
+        for name, rec in before.vdis.items():
+            now = after.vdis.get(name)
+            if now is None or now.vid != rec.vid:
+                pyfuse3.invalidate_entry_async(ROOT, name.encode(), ignore_enoent=True)
+            elif now.size != rec.size:
+                try:
+                    pyfuse3.invalidate_inode(rec.vid + 1, attr_only=True)
+                except OSError:
+                    pass
+
     async def run(self, ready: IO[bytes] | None = None) -> None:
-        self.store.open()
         async with trio.open_nursery() as nursery:
-            await self.catalog.start(nursery)
-            ops = VdifsOperations(self.catalog, control_path=self.control_path, store_path=self.store_path)
-            control = ControlServer(self.catalog, self.control_path,
-                                    {"mountpoint": self.mountpoint, "store": self.store_path},
+            self.catalog = catalog = await self._open_backend(nursery)
+            await catalog.start(nursery)
+            ops = VdifsOperations(catalog, control_path=self.control_path, store_path=self.store_path)
+            control = ControlServer(catalog, self.control_path,
+                                    {"mountpoint": self.mountpoint, "store": self.store_path,
+                                     "cluster": ",".join(self.cluster or [])},
                                     self.invalidate)
             await nursery.start(control.serve)
             try:
@@ -107,21 +134,26 @@ class Mount:
                 raise VdifsError(f"could not mount {self.mountpoint}: {e}") from None
             try:
                 nursery.start_soon(self._signals)
-                nursery.start_soon(self.catalog.reconcile_all)
-                log.info("mounted %s (store %s, embedded pool)", self.mountpoint, self.store_path)
+                if catalog.shared:
+                    nursery.start_soon(catalog.watch, self.directory_changed)
+                else:
+                    nursery.start_soon(catalog.reconcile_all)
+                log.info("mounted %s (%s)", self.mountpoint,
+                         f"cluster {','.join(self.cluster)}" if self.cluster else f"embedded pool in {self.store_path}")
                 if ready is not None:
                     ready.write(b"ok\n")
                     ready.close()
                 await pyfuse3.main()
             finally:
                 with trio.CancelScope(shield=True):
-                    await self.catalog.flush_all()
+                    await catalog.flush_all()
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", self.mountpoint)
             nursery.cancel_scope.cancel()
-        await self.pool.aclose()
+        await catalog.pool.aclose()
 
     async def _signals(self) -> None:
+        assert self.catalog is not None
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("%s: flushing and unmounting", signal.Signals(signum).name)

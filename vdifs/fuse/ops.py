@@ -137,7 +137,7 @@ class VdifsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if name in (b".", b".."):
             return self._root_attrs()
-        rec = self.catalog.lookup(parse_name(name, for_create=False))
+        rec = await self.catalog.find(parse_name(name, for_create=False))
         return await self._attrs(rec.vid)
 
     @fuse_errors

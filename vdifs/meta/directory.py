@@ -30,8 +30,18 @@ class DirectoryService:
         self._lock = trio.Lock()
 
     async def refresh(self) -> Directory:
-        version, raw = await self.register.get()
-        if version != self._version:
+        """Read the directory through the register (linearizable)."""
+        return self._take(*await self.register.get())
+
+    async def refresh_hint(self) -> bool:
+        """A cheap, possibly stale read (for watching); True if it changed."""
+        peek = getattr(self.register, "peek", None)
+        before = self._version
+        self._take(*(await peek() if peek is not None else await self.register.get()))
+        return self._version != before
+
+    def _take(self, version: int, raw: bytes) -> Directory:
+        if version > self._version:
             self._current = Directory.decode(raw)
             self._version = version
         return self._current
@@ -42,13 +52,26 @@ class DirectoryService:
         return self._current
 
     async def update(self, fn: Callable[[Directory], T]) -> T:
+        """Apply fn to the directory and store it; fn's errors are only
+        believed on a freshly read directory (a cached one may be stale)."""
         async with self._lock:
+            if self._version < 0:
+                await self.refresh()
+            fresh = False
             for _ in range(MAX_CAS_ATTEMPTS):
-                base = await self.refresh()
-                draft = base.clone()
-                result = fn(draft)
+                draft = self._current.clone()
+                try:
+                    result = fn(draft)
+                except Exception:
+                    if fresh:
+                        raise
+                    await self.refresh()
+                    fresh = True
+                    continue
                 if await self.register.cas(self._version, draft.encode()):
                     self._version += 1
                     self._current = draft
                     return result
+                await self.refresh()
+                fresh = True
             raise ConflictError("the directory kept changing under us; try again")

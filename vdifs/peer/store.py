@@ -21,19 +21,39 @@ so a worker thread never sees its fd closed or reused under it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import IO
 
 import trio
 
-from vdifs.errors import NoSpace, ObjectNotFound, PoolError
+from vdifs.errors import NoSpace, ObjectNotFound, PoolError, StoreBusy
 from vdifs.meta.atomic import fsync_dir
 from vdifs.model.ids import unpack_oid
 from vdifs.peer.batch import BatchRunner
 
 MAX_OPEN_FILES = 512
 SYNC_PARALLELISM = 8
+
+
+def lock_store(store: str) -> IO[str]:
+    """Take the store's lock for this process, or say who holds it."""
+    os.makedirs(store, mode=0o700, exist_ok=True)
+    f = open(os.path.join(store, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise StoreBusy(f"store {store} is in use by another vdifs process (pid {holder})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 class _Handle:

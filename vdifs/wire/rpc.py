@@ -313,3 +313,28 @@ class RpcClient:
         if self._frames is not None:
             await self._frames.aclose()
             self._frames = None
+
+
+class RpcPool:
+    """One RpcClient per address, created on first use."""
+
+    def __init__(self, secret: bytes | None, nursery: trio.Nursery, *, cluster_id: str | None = None) -> None:
+        self.secret = secret
+        self.nursery = nursery
+        self.cluster_id = cluster_id
+        self._clients: dict[str, RpcClient] = {}
+
+    def get(self, address: str) -> RpcClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = RpcClient(address, self.secret, self.nursery,
+                                                        expect_cluster=self.cluster_id)
+        return client
+
+    async def call(self, address: str, op: str, args: dict[str, Any] | None = None, *,
+                   timeout: float = 30.0) -> Any:
+        return await self.get(address).call(op, args, timeout=timeout)
+
+    async def aclose(self) -> None:
+        for c in self._clients.values():
+            await c.aclose()

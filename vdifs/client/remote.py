@@ -1,0 +1,245 @@
+"""The replicated object pool: objects on the peers that placement names.
+
+Reads go to the first replica that answers (failover on error or timeout);
+writes, creates and deletes go to every replica in parallel and succeed only
+when all of them did; `sync` asks each replica involved to make its objects
+durable. Every data request carries our map's epoch: a peer with a newer map
+refuses it and sends its map, and we retry against the new placement.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import trio
+
+from vdifs.client.pool import PoolSpace
+from vdifs.errors import ObjectNotFound, PoolError, VdifsError
+from vdifs.meta.consensus import MetaClient
+from vdifs.meta.credentials import Credentials
+from vdifs.model.cluster import ClusterMap
+from vdifs.model.ids import unpack_oid
+from vdifs.model.placement import placement
+from vdifs.wire.rpc import ESTALE_EPOCH, PeerUnavailable, RemoteError, RpcPool
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DATA_TIMEOUT = 30.0
+MAP_POLL_SECONDS = 2.0
+STALE_RETRIES = 5
+
+
+class _StaleMap(Exception):
+    pass
+
+
+class RemotePool:
+    def __init__(self, seeds: list[str], creds: Credentials, nursery: trio.Nursery, node_id: str) -> None:
+        self.seeds = list(seeds)
+        self.creds = creds
+        self.nursery = nursery
+        self.rpc = RpcPool(creds.secret, nursery, cluster_id=creds.cluster_id)
+        self.meta = MetaClient(node_id, self.rpc, [])
+        self.cmap: ClusterMap | None = None
+        self.vid_copies: dict[int, int] = {}
+
+    # -- the map -----------------------------------------------------------------------
+
+    async def connect(self) -> ClusterMap:
+        errors = []
+        for seed in self.seeds:
+            try:
+                cmap = ClusterMap.from_dict(await self.rpc.call(seed, "cluster.map", timeout=10))
+            except VdifsError as e:
+                errors.append(f"{seed}: {e}")
+                continue
+            self._adopt(cmap)
+            self.nursery.start_soon(self._watch_map)
+            return cmap
+        raise PoolError("no cluster peer answered: " + "; ".join(errors))
+
+    @property
+    def map(self) -> ClusterMap:
+        if self.cmap is None:
+            raise PoolError("not connected to a cluster")
+        return self.cmap
+
+    def _adopt(self, cmap: ClusterMap) -> bool:
+        if self.cmap is not None and cmap.epoch <= self.cmap.epoch:
+            return False
+        if cmap.cluster_id != self.creds.cluster_id:
+            return False
+        if self.cmap is not None:
+            log.info("cluster map epoch %d -> %d", self.cmap.epoch, cmap.epoch)
+        self.cmap = cmap
+        self.meta.set_meta(cmap.meta_addresses())
+        return True
+
+    async def _watch_map(self) -> None:
+        while True:
+            await trio.sleep(MAP_POLL_SECONDS)
+            try:
+                latest = await self.meta.peek_map()
+            except VdifsError as e:
+                log.debug("map poll failed: %s", e)
+                continue
+            if latest is not None:
+                self._adopt(latest)
+
+    @property
+    def max_copies(self) -> int:
+        return len(self.map.up_peers())
+
+    @property
+    def default_copies(self) -> int:
+        return self.map.copies
+
+    def register_vdi(self, vid: int, copies: int) -> None:
+        self.vid_copies[vid] = copies
+
+    def _targets(self, oid: int) -> list[str]:
+        cmap = self.map
+        vid = unpack_oid(oid)[1]
+        copies = self.vid_copies.get(vid)
+        if copies is None:  # e.g. a deleted VDI being purged: every peer may hold it
+            return [p.address for p in cmap.up_peers()]
+        return [cmap.peers[p].address for p in placement(cmap, oid, copies)]
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def _call(self, address: str, op: str, args: dict[str, Any], timeout: float = DATA_TIMEOUT) -> Any:
+        args["epoch"] = self.map.epoch
+        try:
+            return await self.rpc.call(address, op, args, timeout=timeout)
+        except RemoteError as e:
+            if e.errno == ESTALE_EPOCH and isinstance(e.result, dict) and "map" in e.result:
+                self._adopt(ClusterMap.from_dict(e.result["map"]))
+                raise _StaleMap() from None
+            raise
+
+    async def _with_fresh_map(self, fn: Callable[[], Awaitable[T]]) -> T:
+        for _ in range(STALE_RETRIES):
+            try:
+                return await fn()
+            except _StaleMap:
+                continue
+        raise PoolError("the cluster map kept changing under this request")
+
+    async def _all(self, targets: list[str], op: str, args: dict[str, Any]) -> list[Any]:
+        """The op on every target in parallel; all must succeed."""
+        results: list[Any] = [None] * len(targets)
+        errors: list[BaseException] = []
+
+        async def one(i: int, address: str) -> None:
+            try:
+                results[i] = await self._call(address, op, dict(args))
+            except (_StaleMap, VdifsError) as e:
+                errors.append(e)
+
+        async with trio.open_nursery() as nursery:
+            for i, a in enumerate(targets):
+                nursery.start_soon(one, i, a)
+        if errors:
+            if any(isinstance(e, _StaleMap) for e in errors):
+                raise _StaleMap()
+            missing = [e for e in errors if isinstance(e, RemoteError) and e.errno == errno.ENOENT]
+            if missing and len(missing) == len(errors):
+                raise ObjectNotFound(str(missing[0]))
+            raise PoolError(f"{op} failed on {len(errors)} of {len(targets)} replicas: {errors[0]}")
+        return results
+
+    # -- the ObjectPool interface ----------------------------------------------------------
+
+    async def read(self, oid: int, offset: int, length: int) -> bytes:
+        async def attempt() -> bytes:
+            targets = self._targets(oid)
+            not_found = 0
+            last: Exception | None = None
+            for address in targets:
+                try:
+                    data: bytes = await self._call(address, "obj.read",
+                                                   {"oid": oid, "offset": offset, "length": length})
+                    return data
+                except RemoteError as e:
+                    if e.errno == errno.ENOENT:
+                        not_found += 1
+                        continue
+                    last = e
+                except PeerUnavailable as e:
+                    last = e
+                log.info("read of %016x failed on %s (%s); trying the next replica", oid, address, last)
+            if not_found == len(targets):
+                raise ObjectNotFound(f"object {oid:016x} does not exist")
+            raise PoolError(f"no replica of object {oid:016x} could be read: {last}")
+
+        return await self._with_fresh_map(attempt)
+
+    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
+        args = {"oid": oid, "offset": offset, "data": data}
+        await self._with_fresh_map(lambda: self._all(self._targets(oid), "obj.write", args))
+
+    async def create(self, oid: int, offset: int, data: bytes | memoryview, size: int) -> None:
+        args = {"oid": oid, "offset": offset, "data": data, "size": size}
+        await self._with_fresh_map(lambda: self._all(self._targets(oid), "obj.create", args))
+
+    async def delete(self, oid: int) -> None:
+        await self._with_fresh_map(lambda: self._all(self._targets(oid), "obj.delete", {"oid": oid}))
+
+    async def sync(self, oids: Iterable[int]) -> None:
+        oids = list(oids)
+
+        async def attempt() -> None:
+            by_peer: dict[str, list[int]] = defaultdict(list)
+            for oid in oids:
+                for address in self._targets(oid):
+                    by_peer[address].append(oid)
+            if not oids:  # a bare sync: make every peer's pending deletes durable
+                for p in self.map.up_peers():
+                    by_peer[p.address] = []
+            errors: list[Exception] = []
+
+            async def one(address: str, group: list[int]) -> None:
+                try:
+                    await self._call(address, "obj.sync", {"oids": group})
+                except VdifsError as e:
+                    errors.append(e)
+
+            async with trio.open_nursery() as nursery:
+                for address, group in by_peer.items():
+                    nursery.start_soon(one, address, group)
+            if errors:
+                raise PoolError(f"sync failed on {len(errors)} peers: {errors[0]}")
+
+        await self._with_fresh_map(attempt)
+
+    async def _union(self, op: str, args: dict[str, Any]) -> list[int]:
+        addresses = [p.address for p in self.map.up_peers()]
+        results = await self._with_fresh_map(lambda: self._all(addresses, op, args))
+        return sorted({x for r in results for x in r})
+
+    async def list_vids(self) -> list[int]:
+        return await self._union("obj.vids", {})
+
+    async def list_objects(self, vid: int, kind: int | None = None) -> list[int]:
+        return await self._union("obj.list", {"vid": vid, "kind": kind})
+
+    async def finish_vid(self, vid: int) -> None:
+        addresses = [p.address for p in self.map.up_peers()]
+        await self._with_fresh_map(lambda: self._all(addresses, "obj.finish_vid", {"vid": vid}))
+
+    async def space(self) -> PoolSpace:
+        infos = await self._with_fresh_map(
+            lambda: self._all([p.address for p in self.map.up_peers()], "peer.info", {}))
+        copies = max(1, self.map.copies)
+        return PoolSpace(sum(i["total"] for i in infos) // copies, sum(i["free"] for i in infos) // copies, copies)
+
+    def io_stats(self) -> dict[str, int]:
+        return {"epoch": self.map.epoch, "peers_up": len(self.map.up_peers())}
+
+    async def aclose(self) -> None:
+        await self.rpc.aclose()

@@ -1,0 +1,466 @@
+"""`vdifs peer`: a storage daemon.
+
+A peer owns one store directory and serves, over authenticated RPC:
+objects (read/write/create/delete/sync/list), its CASPaxos acceptor (if it
+is a meta peer), and cluster membership (format, join, leave, settings).
+Nodes are symmetric: a peer joins by itself with --join and needs no role
+configuration. Every data request carries the sender's epoch: an older one
+is refused with this peer's map (ESTALE), a newer one makes this peer
+refresh its map before it answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import signal
+from typing import IO, Any
+
+import trio
+
+from vdifs.errors import VdifsError
+from vdifs.meta.atomic import atomic_write
+from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
+from vdifs.meta.credentials import Credentials, read_credentials
+from vdifs.meta.paxos import Acceptor, FileAcceptorStorage
+from vdifs.model.cluster import UP, ClusterMap, PeerInfo, choose_meta
+from vdifs.peer.store import ObjectStore, lock_store
+from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, RpcPool, RpcServer, Session, split_address
+
+log = logging.getLogger("vdifs.peer")
+
+MAP_POLL_SECONDS = 2.0
+OPEN_OPS = frozenset({"peer.hello", "peer.register_pending", "cluster.format", "cluster.adopt"})
+
+
+class PeerDaemon:
+    def __init__(self, store_dir: str, listen: str, *, join: str | None = None, zone: str = "",
+                 weight: float = 1.0, secret_file: str | None = None) -> None:
+        self.root = os.path.abspath(store_dir)
+        self.listen = listen
+        self.join = join
+        self.zone = zone
+        self.weight = weight
+        self.secret_file = secret_file
+        self.store = ObjectStore(self.root)
+        self.meta_dir = os.path.join(self.root, "meta")
+        self.acceptor = Acceptor(FileAcceptorStorage(os.path.join(self.meta_dir, "acceptor")))
+        self.creds: Credentials | None = None
+        self.cmap: ClusterMap | None = None
+        self.peer_id = ""
+        self._pending: dict[str, PeerInfo] = {}
+        self._lock_file: IO[str] | None = None
+        self.rpc: RpcPool | None = None
+        self.meta: MetaClient | None = None
+        self._map_lock = trio.Lock()
+
+    # -- local state -------------------------------------------------------------
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def _load_local_state(self) -> None:
+        os.makedirs(self.meta_dir, mode=0o700, exist_ok=True)
+        self.store.open()
+        ident = self._path("peer.id")
+        if os.path.exists(ident):
+            with open(ident) as f:
+                self.peer_id = f.read().strip()
+        else:
+            self.peer_id = secrets.token_hex(6)
+            atomic_write(ident, self.peer_id.encode() + b"\n")
+        if os.path.exists(self._path("secret")):
+            with open(self._path("secret"), "rb") as f:
+                self.creds = Credentials.decode(f.read(), self._path("secret"))
+        if self.secret_file:
+            given = read_credentials(self.secret_file)
+            if self.creds is not None and given.cluster_id != self.creds.cluster_id:
+                raise VdifsError(f"store {self.root} belongs to cluster {self.creds.cluster_id}, "
+                                 f"not to {given.cluster_id} of {self.secret_file}", code=errno.EPERM)
+            if self.creds is None:
+                self.creds = given
+        map_path = os.path.join(self.meta_dir, "cluster_map")
+        if os.path.exists(map_path):
+            with open(map_path, "rb") as f:
+                self.cmap = ClusterMap.decode(f.read())
+            if self.creds is None or self.cmap.cluster_id != self.creds.cluster_id:
+                raise VdifsError(f"store {self.root} holds a map of cluster {self.cmap.cluster_id} "
+                                 "but not its secret", code=errno.EPERM)
+
+    async def _save_creds(self, creds: Credentials) -> None:
+        await trio.to_thread.run_sync(atomic_write, self._path("secret"), creds.encode())
+        os.chmod(self._path("secret"), 0o600)
+        self.creds = creds
+
+    async def adopt_map(self, cmap: ClusterMap) -> bool:
+        """Take a map if it is newer than ours; keep a durable local copy."""
+        async with self._map_lock:
+            if self.cmap is not None and cmap.epoch <= self.cmap.epoch:
+                return False
+            if self.creds is None or cmap.cluster_id != self.creds.cluster_id:
+                return False
+            await trio.to_thread.run_sync(atomic_write, os.path.join(self.meta_dir, "cluster_map"), cmap.encode())
+            old = self.cmap.epoch if self.cmap else 0
+            self.cmap = cmap
+            if self.meta is not None:
+                self.meta.set_meta(cmap.meta_addresses())
+            log.info("cluster map epoch %d -> %d: %d peers (%d up), copies %d", old, cmap.epoch,
+                     len(cmap.peers), len(cmap.up_peers()), cmap.copies)
+            return True
+
+    # -- running -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        self._lock_file = lock_store(self.root)
+        try:
+            self._load_local_state()
+            host, port = split_address(self.listen)
+            server = RpcServer(f"peer {self.peer_id}", self._handlers(),
+                               secret=lambda: self.creds.secret if self.creds else None,
+                               cluster_id=lambda: self.creds.cluster_id if self.creds else None,
+                               peer_id=self.peer_id, open_ops=OPEN_OPS)
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(server.serve, host, port)
+                bound = listeners[0].socket.getsockname()[1]
+                if port == 0:
+                    self.listen = f"{host}:{bound}"
+                self._start_clients(nursery)
+                log.info("peer %s serving store %s on %s (%s)", self.peer_id, self.root, self.listen,
+                         f"cluster {self.creds.cluster_id}, epoch {self.cmap.epoch}" if self.cmap and self.creds
+                         else "no cluster yet")
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self._announce)
+                nursery.start_soon(self._watch_map)
+                task_status.started(bound)
+        finally:
+            self.store.close()
+            self._lock_file.close()
+
+    def _start_clients(self, nursery: trio.Nursery) -> None:
+        self.rpc = RpcPool(self.creds.secret if self.creds else None, nursery)
+        self.meta = MetaClient(self.peer_id, self.rpc, self.cmap.meta_addresses() if self.cmap else [])
+
+    def _reset_clients(self) -> None:
+        """New credentials: future connections authenticate with them."""
+        assert self.rpc is not None
+        self.rpc.secret = self.creds.secret if self.creds else None
+        self.rpc._clients.clear()
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: peer %s stopping", signal.Signals(signum).name, self.peer_id)
+                scope.cancel()
+                return
+
+    async def _announce(self) -> None:
+        """Make sure the map lists us, up, at our address (retrying until it does)."""
+        while True:
+            try:
+                if self.cmap is not None:
+                    me = self.cmap.peers.get(self.peer_id)
+                    if me is None or me.address != self.listen or me.state != UP:
+                        await self._change_map(self._add_peer_fn(self._me()))
+                    return
+                if self.join:
+                    await self._join_via(self.join)
+                    if self.cmap is not None or not self.creds:
+                        return
+                else:
+                    return
+            except VdifsError as e:
+                log.warning("peer %s: cannot join yet: %s; retrying", self.peer_id, e)
+            await trio.sleep(2)
+
+    def _me(self) -> PeerInfo:
+        return PeerInfo(self.peer_id, self.listen, self.zone, self.weight, UP)
+
+    async def _join_via(self, address: str) -> None:
+        assert self.rpc is not None
+        if self.creds is None:
+            reply = await self.rpc.call(address, "peer.register_pending", {"peer": self._me().to_dict()})
+            log.info("peer %s: waiting at %s for 'vdifs cluster format' (%s)", self.peer_id, address, reply)
+            return
+        cmap = ClusterMap.from_dict(await self.rpc.call(address, "cluster.add_peer", {"peer": self._me().to_dict()}))
+        await self.adopt_map(cmap)
+
+    async def _watch_map(self) -> None:
+        while True:
+            await trio.sleep(MAP_POLL_SECONDS)
+            if self.meta is None or self.cmap is None or not self.meta.proposer.acceptors:
+                continue
+            try:
+                latest = await self.meta.peek_map()
+            except VdifsError as e:
+                log.debug("map poll failed: %s", e)
+                continue
+            if latest is not None:
+                await self.adopt_map(latest)
+
+    # -- cluster map changes -----------------------------------------------------------
+
+    @staticmethod
+    def _add_peer_fn(info: PeerInfo):  # type: ignore[no-untyped-def]
+        def fn(cmap: ClusterMap) -> ClusterMap | None:
+            cur = cmap.peers.get(info.peer_id)
+            if cur is not None and cur.to_dict() == info.to_dict():
+                return None
+            for other in cmap.peers.values():
+                if other.address == info.address and other.peer_id != info.peer_id and other.state == UP:
+                    raise VdifsError(f"address {info.address} is already used by peer {other.peer_id}",
+                                     code=errno.EADDRINUSE)
+            peers = dict(cmap.peers)
+            peers[info.peer_id] = info
+            return cmap.with_changes(peers=peers)
+        return fn
+
+    async def _change_map(self, fn) -> ClusterMap:  # type: ignore[no-untyped-def]
+        assert self.meta is not None and self.cmap is not None
+        new = await self.meta.change_map(fn)
+        await self.adopt_map(new)
+        await self._notify_all(new)
+        return new
+
+    async def _notify_all(self, cmap: ClusterMap) -> None:
+        assert self.rpc is not None
+        rpc = self.rpc
+
+        async def one(address: str) -> None:
+            try:
+                await rpc.call(address, "cluster.notify", {"map": cmap.to_dict()}, timeout=5)
+            except VdifsError:
+                pass  # it will poll the register
+
+        async with trio.open_nursery() as nursery:
+            for p in cmap.peers.values():
+                if p.peer_id != self.peer_id:
+                    nursery.start_soon(one, p.address)
+
+    # -- request handlers ----------------------------------------------------------------
+
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "peer.hello": self.h_hello,
+            "peer.register_pending": self.h_register_pending,
+            "peer.info": self.h_info,
+            "cluster.format": self.h_format,
+            "cluster.adopt": self.h_adopt,
+            "cluster.map": self.h_map,
+            "cluster.notify": self.h_notify,
+            "cluster.add_peer": self.h_add_peer,
+            "cluster.remove_peer": self.h_remove_peer,
+            "cluster.set": self.h_set,
+            "paxos.prepare": self.h_prepare,
+            "paxos.accept": self.h_accept,
+            "paxos.peek": self.h_peek,
+            "obj.read": self.h_read,
+            "obj.write": self.h_write,
+            "obj.create": self.h_create,
+            "obj.delete": self.h_delete,
+            "obj.sync": self.h_sync,
+            "obj.list": self.h_list,
+            "obj.vids": self.h_vids,
+            "obj.finish_vid": self.h_finish_vid,
+        }
+
+    async def h_hello(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        return {"peer": self.peer_id, "address": self.listen,
+                "cluster": self.creds.cluster_id if self.creds else None,
+                "epoch": self.cmap.epoch if self.cmap else 0,
+                "pending": sorted(self._pending)}
+
+    async def h_register_pending(self, args: dict[str, Any], s: Session) -> str:
+        if self.creds is not None:
+            raise VdifsError("this peer already belongs to a cluster: start the new peer with "
+                             "--secret-file to join it", code=errno.EEXIST)
+        info = PeerInfo(**args["peer"])
+        self._pending[info.peer_id] = info
+        log.info("peer %s at %s will join at format time", info.peer_id, info.address)
+        return f"registered with {self.peer_id}; run 'vdifs cluster format {self.listen}'"
+
+    async def h_info(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        total, free = await self.store.space()
+        return {"peer": self.peer_id, "address": self.listen, "zone": self.zone,
+                "epoch": self.cmap.epoch if self.cmap else 0, "total": total, "free": free,
+                "vids": len(await self.store.list_vids()), "meta": bool(self.cmap and self.peer_id in self.cmap.meta)}
+
+    async def h_format(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        if self.creds is not None:
+            raise VdifsError(f"peer {self.peer_id} already belongs to cluster {self.creds.cluster_id}",
+                             code=errno.EEXIST)
+        creds = Credentials(args["cluster_id"], args["secret"])
+        copies, min_copies = int(args["copies"]), int(args["min_copies"])
+        peers = {self.peer_id: self._me(), **self._pending}
+        if copies > len(peers):
+            raise VdifsError(f"copies={copies} needs at least {copies} peers; {len(peers)} have joined "
+                             f"({', '.join(sorted(p.address for p in peers.values()))})", code=errno.EINVAL)
+        cmap = ClusterMap(creds.cluster_id, epoch=1, copies=copies, min_copies=min_copies, peers=peers,
+                          meta=choose_meta(list(peers)))
+        assert self.rpc is not None
+        for info in self._pending.values():
+            await self.rpc.call(info.address, "cluster.adopt",
+                                {"cluster_id": creds.cluster_id, "secret": creds.secret, "map": cmap.to_dict()})
+        await self._adopt(creds, cmap)
+        assert self.meta is not None
+        if not await self.meta.register(CLUSTER_KEY).cas(0, cmap.encode()):
+            raise VdifsError("the cluster register was already written", code=errno.EEXIST)
+        self._pending.clear()
+        log.info("formatted cluster %s: %d peers, copies %d, meta %s", creds.cluster_id, len(peers),
+                 copies, ",".join(cmap.meta))
+        return cmap.to_dict()
+
+    async def _adopt(self, creds: Credentials, cmap: ClusterMap) -> None:
+        await self._save_creds(creds)
+        self._reset_clients()
+        await self.adopt_map(cmap)
+
+    async def h_adopt(self, args: dict[str, Any], s: Session) -> str:
+        if self.creds is not None:
+            raise VdifsError(f"peer {self.peer_id} already belongs to cluster {self.creds.cluster_id}",
+                             code=errno.EEXIST)
+        await self._adopt(Credentials(args["cluster_id"], args["secret"]), ClusterMap.from_dict(args["map"]))
+        return self.peer_id
+
+    def _need_map(self) -> ClusterMap:
+        if self.cmap is None:
+            raise VdifsError("this peer has no cluster yet (run 'vdifs cluster format')", code=errno.ENOTCONN)
+        return self.cmap
+
+    async def h_map(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        return self._need_map().to_dict()
+
+    async def h_notify(self, args: dict[str, Any], s: Session) -> bool:
+        return await self.adopt_map(ClusterMap.from_dict(args["map"]))
+
+    async def h_add_peer(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        self._need_map()
+        info = PeerInfo(**args["peer"])
+        new = await self._change_map(self._add_peer_fn(info))
+        log.info("peer %s at %s joined (epoch %d)", info.peer_id, info.address, new.epoch)
+        return new.to_dict()
+
+    async def h_remove_peer(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        cmap = self._need_map()
+        target = args["peer"]
+        found = [p for p in cmap.peers.values() if target in (p.peer_id, p.address)]
+        if not found:
+            raise VdifsError(f"no peer {target!r} in the cluster", code=errno.ENOENT)
+        victim = found[0]
+        if victim.peer_id in cmap.meta:
+            raise VdifsError(f"peer {victim.peer_id} is a meta peer (consensus member); it cannot "
+                             "leave until meta peers can be replaced", code=errno.EBUSY)
+
+        def fn(m: ClusterMap) -> ClusterMap | None:
+            if victim.peer_id not in m.peers:
+                return None
+            peers = {k: v for k, v in m.peers.items() if k != victim.peer_id}
+            if len(peers) < m.copies:
+                raise VdifsError(f"only {len(peers)} peers would remain for copies={m.copies}", code=errno.EINVAL)
+            return m.with_changes(peers=peers)
+
+        new = await self._change_map(fn)
+        log.info("peer %s at %s left (epoch %d)", victim.peer_id, victim.address, new.epoch)
+        return new.to_dict()
+
+    async def h_set(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        self._need_map()
+
+        def fn(m: ClusterMap) -> ClusterMap | None:
+            copies = int(args.get("copies") or m.copies)
+            min_copies = int(args.get("min_copies") or m.min_copies)
+            if not 1 <= min_copies <= copies:
+                raise VdifsError("need 1 <= min_copies <= copies", code=errno.EINVAL)
+            if copies > len(m.up_peers()):
+                raise VdifsError(f"copies={copies} needs {copies} peers; {len(m.up_peers())} are up",
+                                 code=errno.EINVAL)
+            if (copies, min_copies) == (m.copies, m.min_copies):
+                return None
+            return m.with_changes(copies=copies, min_copies=min_copies)
+
+        return (await self._change_map(fn)).to_dict()
+
+    async def h_prepare(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        return await self.acceptor.prepare(str(args["key"]), (int(args["ballot"][0]), str(args["ballot"][1])))
+
+    async def h_accept(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        value = args["value"]
+        if not isinstance(value, bytes):
+            raise TypeError("value must be bytes")
+        return await self.acceptor.accept(str(args["key"]), (int(args["ballot"][0]), str(args["ballot"][1])), value)
+
+    async def h_peek(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        return await self.acceptor.peek(str(args["key"]))
+
+    # -- data --------------------------------------------------------------------------
+
+    async def _check_epoch(self, args: dict[str, Any]) -> None:
+        cmap = self._need_map()
+        epoch = int(args["epoch"])
+        if epoch < cmap.epoch:
+            raise RemoteError(ESTALE_EPOCH, {"message": f"stale epoch {epoch} < {cmap.epoch}",
+                                             "map": cmap.to_dict()})
+        if epoch > cmap.epoch and self.meta is not None:
+            latest = await self.meta.peek_map()
+            if latest is not None:
+                await self.adopt_map(latest)
+
+    @staticmethod
+    def _oid(args: dict[str, Any]) -> int:
+        oid = args["oid"]
+        if not isinstance(oid, int) or not 0 <= oid < 1 << 64:
+            raise ValueError("oid must be a 64-bit unsigned integer")
+        return oid
+
+    @staticmethod
+    def _range(args: dict[str, Any], key: str) -> int:
+        v = args[key]
+        if not isinstance(v, int) or not 0 <= v <= 1 << 23:  # within one object (plus slack)
+            raise ValueError(f"{key} out of range")
+        return v
+
+    async def h_read(self, args: dict[str, Any], s: Session) -> bytes | bytearray:
+        await self._check_epoch(args)
+        return await self.store.read(self._oid(args), self._range(args, "offset"), self._range(args, "length"))
+
+    async def h_write(self, args: dict[str, Any], s: Session) -> None:
+        await self._check_epoch(args)
+        data = args["data"]
+        if not isinstance(data, bytes):
+            raise TypeError("data must be bytes")
+        await self.store.write(self._oid(args), self._range(args, "offset"), data)
+
+    async def h_create(self, args: dict[str, Any], s: Session) -> None:
+        await self._check_epoch(args)
+        data = args["data"]
+        if not isinstance(data, bytes):
+            raise TypeError("data must be bytes")
+        await self.store.create(self._oid(args), self._range(args, "offset"), data, self._range(args, "size"))
+
+    async def h_delete(self, args: dict[str, Any], s: Session) -> None:
+        await self._check_epoch(args)
+        await self.store.delete(self._oid(args))
+
+    async def h_sync(self, args: dict[str, Any], s: Session) -> None:
+        oids = args["oids"]
+        if not isinstance(oids, list) or not all(isinstance(o, int) and 0 <= o < 1 << 64 for o in oids):
+            raise ValueError("oids must be a list of object ids")
+        await self.store.sync(oids)
+
+    async def h_list(self, args: dict[str, Any], s: Session) -> list[int]:
+        kind = args.get("kind")
+        return await self.store.list_objects(int(args["vid"]), None if kind is None else int(kind))
+
+    async def h_vids(self, args: dict[str, Any], s: Session) -> list[int]:
+        return await self.store.list_vids()
+
+    async def h_finish_vid(self, args: dict[str, Any], s: Session) -> None:
+        await self.store.remove_vid_dir(int(args["vid"]))
+        await self.store.sync([])
+
+
+def run_peer(daemon: PeerDaemon) -> None:
+    trio.run(daemon.run)
+
+
