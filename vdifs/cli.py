@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from vdifs import __version__
+from vdifs import __version__, cluster_cli
 from vdifs.control import client
 from vdifs.errors import VdifsError
 from vdifs.model.sizes import format_size, parse_size
@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log verbosity (default: info)")
     m.add_argument("--log-file", metavar="FILE",
                    help="log file when running in the background (default: STORE/mount.log)")
+    m.add_argument("--cluster", metavar="ADDR[,ADDR...]",
+                   help="mount a cluster's pool (peers to contact; also $VDIFS_CLUSTER) instead of the "
+                        "embedded one; --store then only holds the lock, control socket and log")
+    m.add_argument("--secret-file", metavar="F", help="the cluster's secret file (with --cluster)")
+    m.add_argument("--copies", type=int, metavar="N", help="default copies of VDIs created through this mount")
 
     u = sub.add_parser("umount", help="flush and unmount a vdifs mount",
                        description="Flush everything to the pool, unmount, and wait for the mount process to exit.")
@@ -102,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     vn = vs.add_parser("rename", help="rename a VDI (replaces an existing NEW)")
     vn.add_argument("old", metavar="OLD")
     vn.add_argument("new", metavar="NEW")
+    cluster_cli.add_parsers(sub)
     _sizes_may_be_negative(p)
     return p
 
@@ -127,10 +133,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_mountpoint(mountpoint)
     if not os.path.exists("/dev/fuse"):
         raise CliError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse)")
+    cluster = cluster_cli.cluster_addresses(args.cluster) if (args.cluster or os.environ.get("VDIFS_CLUSTER")) else None
+    mount = Mount(mountpoint, store, allow_other=args.allow_other, cluster=cluster,
+                  secret_file=args.secret_file, copies=args.copies)
     lock = lock_store(store)
     if args.foreground:
         setup_logging(args.log_level, sys.stderr)
-        trio.run(Mount(mountpoint, store, allow_other=args.allow_other).run)
+        trio.run(mount.run)
         lock.close()
         return 0
 
@@ -157,7 +166,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     ready = os.fdopen(write_fd, "wb", buffering=0)
     status = 0
     try:
-        trio.run(Mount(mountpoint, store, allow_other=args.allow_other).run, ready)
+        trio.run(mount.run, ready)
     except BaseException as e:
         log.exception("mount failed")
         if not ready.closed:
@@ -261,7 +270,8 @@ def cmd_vdi(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"mount": cmd_mount, "umount": cmd_umount, "vdi": cmd_vdi}
+    handlers = {"mount": cmd_mount, "umount": cmd_umount, "vdi": cmd_vdi,
+                "peer": cluster_cli.cmd_peer, "cluster": cluster_cli.cmd_cluster}
     try:
         return handlers[args.command](args)
     except (CliError, VdifsError) as e:

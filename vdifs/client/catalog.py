@@ -104,7 +104,16 @@ class Catalog:
                 after = self.current
                 for vid in after.deleting - before.deleting:
                     self._tombstoned(vid)
+                self._forget_stale(after)
                 on_change(before, after)
+
+    def _forget_stale(self, directory: Directory) -> None:
+        """Drop idle volumes whose record another mount changed (reloaded on use)."""
+        records = {r.vid: r for r in directory.vdis.values()}
+        for vid, vol in list(self._volumes.items()):
+            rec = records.get(vid)
+            if vol.handles == 0 and not vol.dirty and rec is not None and rec != vol.record:
+                del self._volumes[vid]
 
     async def find(self, name: str) -> VdiRecord:
         """Like lookup, but a miss re-reads the directory first when it is shared."""

@@ -112,7 +112,10 @@ class Mount:
             now = after.vdis.get(name)
             if now is None or now.vid != rec.vid:
                 pyfuse3.invalidate_entry_async(ROOT, name.encode(), ignore_enoent=True)
-            elif now.size != rec.size:
+        old_by_vid = {r.vid: r for r in before.vdis.values()}
+        for rec in after.vdis.values():
+            old = old_by_vid.get(rec.vid)
+            if old is not None and old != rec:  # size, times or mode changed elsewhere
                 try:
                     pyfuse3.invalidate_inode(rec.vid + 1, attr_only=True)
                 except OSError:

@@ -215,7 +215,8 @@ class VdifsOperations(pyfuse3.Operations):
         if self.catalog.record_of(vid) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         vol = await self.catalog.open(vid)
-        return pyfuse3.FileInfo(fh=self._new_handle(vol), keep_cache=True)
+        # With other mounts on the same pool, cached pages may be stale: drop them on open.
+        return pyfuse3.FileInfo(fh=self._new_handle(vol), keep_cache=not self.catalog.shared)
 
     @fuse_errors
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -227,7 +228,8 @@ class VdifsOperations(pyfuse3.Operations):
         rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
                                         uid=ctx.uid, gid=ctx.gid)
         vol = await self.catalog.open(rec.vid)
-        return pyfuse3.FileInfo(fh=self._new_handle(vol), keep_cache=True), await self._attrs(rec.vid)
+        return (pyfuse3.FileInfo(fh=self._new_handle(vol), keep_cache=not self.catalog.shared),
+                await self._attrs(rec.vid))
 
     @fuse_errors
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext

@@ -184,6 +184,7 @@ class PeerDaemon:
             log.info("peer %s: waiting at %s for 'vdifs cluster format' (%s)", self.peer_id, address, reply)
             return
         cmap = ClusterMap.from_dict(await self.rpc.call(address, "cluster.add_peer", {"peer": self._me().to_dict()}))
+        await self._save_creds(self.creds)  # the store belongs to this cluster from now on
         await self.adopt_map(cmap)
 
     async def _watch_map(self) -> None:

@@ -1,0 +1,167 @@
+"""Real `vdifs peer` processes on 127.0.0.1 and real cluster mounts.
+
+Everything a fixture starts is stopped by pid and every mount unmounted,
+also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e.conftest import MountProc, run
+
+pytestmark = pytest.mark.fuse
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vdifs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run(sys.executable, "-m", "vdifs", *args, check=check, timeout=timeout)
+
+
+def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.1)
+
+
+class PeerProc:
+    def __init__(self, root: str, name: str) -> None:
+        self.name = name
+        self.store = os.path.join(root, name)
+        self.log = os.path.join(root, f"{name}.log")
+        self.address = f"127.0.0.1:{free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *extra: str) -> None:
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vdifs", "peer", "--store", self.store,
+                                      "--listen", self.address, *extra], stdout=logf, stderr=subprocess.STDOUT)
+        wait_for(lambda: self._listening() or self.proc.poll() is not None, 20, f"{self.name} listening")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"peer {self.name} exited: {open(self.log).read()}")
+
+    def _listening(self) -> bool:
+        host, port = self.address.rsplit(":", 1)
+        with socket.socket() as s:
+            return s.connect_ex((host, int(port))) == 0
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc, self.proc = self.proc.returncode, None
+        return rc
+
+    def object_files(self, vid: int | None = None, kind: str = "00") -> set[str]:
+        root = os.path.join(self.store, "obj")
+        out = set()
+        if os.path.isdir(root):
+            for d in os.listdir(root):
+                if vid is not None and int(d, 16) != vid:
+                    continue
+                out |= {f for f in os.listdir(os.path.join(root, d)) if f.startswith(kind)}
+        return out
+
+    @property
+    def peer_id(self) -> str:
+        with open(os.path.join(self.store, "peer.id")) as f:
+            return f.read().strip()
+
+    def log_text(self) -> str:
+        with open(self.log) as f:
+            return f.read()
+
+
+class Cluster:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.peers: list[PeerProc] = []
+        self.mounts: list[MountProc] = []
+        self.secret = os.path.join(root, "secret")
+
+    @property
+    def addresses(self) -> str:
+        return ",".join(p.address for p in self.peers)
+
+    def add_peer(self, *extra: str) -> PeerProc:
+        p = PeerProc(self.root, f"peer{len(self.peers)}")
+        self.peers.append(p)
+        p.start(*extra)
+        return p
+
+    def format(self, n: int, copies: int = 3) -> None:
+        first = self.add_peer()
+        for _ in range(n - 1):
+            self.add_peer("--join", first.address)
+        wait_for(lambda: all(f"will join at format time" in first.log_text().split(p.peer_id, 1)[-1]
+                             for p in self.peers[1:]) if n > 1 else True, 20, "pending joins")
+        vdifs("cluster", "format", "--copies", str(copies), "--secret-file", self.secret, first.address)
+
+    def info(self) -> dict:
+        return json.loads(vdifs("cluster", "info", "--json", "--cluster", self.addresses,
+                                "--secret-file", self.secret).stdout)
+
+    def mount(self, name: str, *extra: str) -> MountProc:
+        m = ClusterMount(os.path.join(self.root, f"mnt-{name}"), os.path.join(self.root, f"ms-{name}"),
+                         os.path.join(self.root, f"mount-{name}.log"), self, extra)
+        self.mounts.append(m)
+        m.start()
+        return m
+
+    def stop(self) -> None:
+        for m in self.mounts:
+            m.stop()
+            if m.proc is not None:
+                m.proc.kill()
+        for p in self.peers:
+            p.stop()
+
+
+class ClusterMount(MountProc):
+    def __init__(self, mp: str, store: str, log: str, cluster: Cluster, extra: tuple[str, ...]) -> None:
+        super().__init__(mp, store, log)
+        self.cluster = cluster
+        self.extra = extra
+
+    def start(self) -> None:
+        os.makedirs(self.mp, exist_ok=True)
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vdifs", "mount", self.mp, "--store", self.store, "--foreground",
+             "--cluster", self.cluster.addresses, "--secret-file", self.cluster.secret, *self.extra],
+            stdout=logf, stderr=subprocess.STDOUT)
+        wait_for(lambda: os.path.ismount(self.mp) or self.proc.poll() is not None, 30, "cluster mount")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"mount exited: {open(self.log).read()}")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("cluster tests need root and /dev/fuse")
+    c = Cluster(str(tmp_path))
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -1,0 +1,191 @@
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from vdifs.model.cluster import ClusterMap
+from vdifs.model.ids import data_oid
+from vdifs.model.placement import placement
+from tests.e2e.conftest import OBJ, need, read_at, run, write_at
+
+from .conftest import vdifs, wait_for
+
+
+def local_map(peer) -> ClusterMap:
+    with open(os.path.join(peer.store, "meta", "cluster_map"), "rb") as f:
+        return ClusterMap.decode(f.read())
+
+
+def test_format_info_and_replicated_io(cluster):
+    need("qemu-img", "qemu-io", "fio")
+    cluster.format(3, copies=3)
+    info = cluster.info()
+    assert info["epoch"] == 1 and info["copies"] == 3 and len(info["peers"]) == 3
+    assert all(p["reachable"] and p["state"] == "up" and p["meta"] for p in info["peers"])
+    assert info["capacity"] == info["raw_total"] // 3
+    m = cluster.mount("a")
+    run("qemu-img", "create", "-f", "raw", m.path("db01"), "64M")
+    pattern = [("0xab", OBJ - 4096, 8192), ("0x11", 0, 512), ("0x77", (64 << 20) - 512, 512)]
+    run("qemu-io", "-f", "raw", *sum([["-c", f"write -P {p} {o} {n}"] for p, o, n in pattern], []), m.path("db01"))
+    out = run("qemu-io", "-f", "raw", *sum([["-c", f"read -P {p} {o} {n}"] for p, o, n in pattern], []),
+              m.path("db01")).stdout
+    assert "verification failed" not in out
+    res = run("fio", "--name=v", f"--filename={m.path('fio.img')}", "--size=32M", "--rw=randwrite",
+              "--bs=64k", "--ioengine=libaio", "--iodepth=8", "--direct=1", "--verify=crc32c",
+              "--do_verify=1", "--verify_fatal=1", "--output-format=json")
+    job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] == 32 << 20
+    # every data object is on exactly `copies` peers: the ones placement names
+    cmap = local_map(cluster.peers[0])
+    by_id = {p.peer_id: p for p in cluster.peers}
+    for name in ("db01", "fio.img"):
+        vid = m.vid(name)
+        held = {pid: p.object_files(vid) for pid, p in by_id.items()}
+        all_objects = set().union(*held.values())
+        assert all_objects
+        for fname in all_objects:
+            oid = int(fname, 16)
+            holders = {pid for pid, files in held.items() if fname in files}
+            assert holders == set(placement(cmap, oid, 3)), fname
+    assert len(cluster.peers[0].object_files(m.vid("fio.img"))) == 8  # 32 MiB = 8 objects
+    # statfs: the pool's capacity divided by copies
+    st = os.statvfs(m.mp)
+    assert abs(st.f_blocks * st.f_frsize - info["capacity"]) < 1 << 30
+
+
+def test_two_mounts_share_one_namespace(cluster):
+    cluster.format(3, copies=2)
+    a, b = cluster.mount("a"), cluster.mount("b")
+    errors = []
+
+    def create_many(m, prefix):
+        for i in range(50):
+            try:
+                open(m.path(f"{prefix}{i:02d}"), "wb").close()
+            except OSError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=create_many, args=(a, "a")), threading.Thread(target=create_many, args=(b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    wait_for(lambda: len(os.listdir(a.mp)) == 100 and len(os.listdir(b.mp)) == 100, 10, "100 VDIs on both")
+    assert sorted(os.listdir(a.mp)) == sorted(os.listdir(b.mp))
+    vids = {a.vid(n) for n in os.listdir(a.mp)}
+    assert len(vids) == 100  # no vid handed out twice
+    # a rename on one mount shows on the other within a second
+    write_at(a.path("a00"), 0, b"renamed data")
+    os.rename(a.path("a00"), a.path("moved"))
+    t0 = time.monotonic()
+    wait_for(lambda: "moved" in os.listdir(b.mp) and "a00" not in os.listdir(b.mp), 5, "rename seen")
+    assert time.monotonic() - t0 < 1.5
+    assert read_at(b.path("moved"), 0, 12) == b"renamed data"
+    os.unlink(b.path("b07"))
+    wait_for(lambda: "b07" not in os.listdir(a.mp), 5, "delete seen")
+    with pytest.raises(FileNotFoundError):
+        os.stat(a.path("b07"))
+
+
+def test_per_vdi_copies(cluster):
+    cluster.format(3, copies=3)
+    m = cluster.mount("a")
+    vdifs("vdi", "--mount", m.mp, "create", "two", "16M", "--copies", "2")
+    open(m.path("one"), "wb").close()
+    os.setxattr(m.path("one"), "user.vdifs.copies", b"1")
+    for name in ("two", "one"):
+        with open(m.path(name), "r+b") as f:
+            f.write(os.urandom(2 * OBJ))
+    for name, copies in (("two", 2), ("one", 1)):
+        vid = m.vid(name)
+        counts = [len(p.object_files(vid)) for p in cluster.peers]
+        assert sum(counts) == 2 * copies, (name, counts)
+    with pytest.raises(OSError):
+        os.setxattr(m.path("one"), "user.vdifs.copies", b"4")  # more than the peers
+
+
+def test_peer_joins_later_and_refuses_foreign_store(cluster, tmp_path):
+    cluster.format(3, copies=2)
+    newcomer = cluster.add_peer("--join", cluster.peers[0].address, "--secret-file", cluster.secret)
+    wait_for(lambda: len(cluster.info()["peers"]) == 4, 20, "4 peers in the map")
+    assert cluster.info()["epoch"] == 2
+    wait_for(lambda: local_map(cluster.peers[1]).epoch == 2, 10, "map propagated")
+    # a peer refuses to start on a store that belongs to another cluster
+    assert newcomer.stop() == 0
+    newcomer.start()  # restarts from its own store, no --join or --secret-file needed
+    wait_for(lambda: "epoch 2" in newcomer.log_text(), 10, "restarted peer back in its cluster")
+    assert newcomer.stop() == 0
+    other = tmp_path / "other-secret"
+    other.write_text("cluster=ffff\nsecret=" + "00" * 32 + "\n")
+    res = vdifs("peer", "--store", newcomer.store, "--listen", "127.0.0.1:1",
+                "--secret-file", str(other), check=False, timeout=30)
+    assert res.returncode == 1 and "belongs to cluster" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_peer_stops_cleanly_on_sigterm(cluster):
+    cluster.format(1, copies=1)
+    assert cluster.peers[0].stop() == 0
+    assert "SIGTERM" in cluster.peers[0].log_text()
+
+
+def test_bad_traffic_is_refused_while_fio_runs(cluster):
+    import socket
+    import struct
+    import subprocess
+
+    import trio
+
+    from vdifs.meta.credentials import read_credentials
+    from vdifs.wire.rpc import RpcClient
+
+    need("fio")
+    cluster.format(3, copies=3)
+    m = cluster.mount("a")
+    target = cluster.peers[0]
+    fio = subprocess.Popen(["fio", "--name=v", f"--filename={m.path('fio.img')}", "--size=48M",
+                            "--rw=randwrite", "--bs=64k", "--ioengine=libaio", "--iodepth=8", "--direct=1",
+                            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    host, port = target.address.rsplit(":", 1)
+
+    def raw(payload: bytes) -> None:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.recv(4096)  # the server's hello
+            s.sendall(payload)
+            s.settimeout(5)
+            try:
+                while s.recv(65536):
+                    pass
+            except (ConnectionResetError, socket.timeout):
+                pass
+
+    raw(os.urandom(4096))  # random bytes
+    raw(struct.pack(">I", 2 << 30) + b"x" * 64)  # a 2 GiB length prefix
+    raw(b"\x00\x00\x00\x03" + b"\x93\x01\x02")  # a valid frame, not a handshake
+    creds = read_credentials(cluster.secret)
+
+    async def bad_clients():
+        async with trio.open_nursery() as n:
+            wrong = RpcClient(target.address, b"not the secret", n)
+            with pytest.raises(Exception, match="authentication failed"):
+                await wrong.call("cluster.map")
+            good = RpcClient(target.address, creds.secret, n)
+            await good.call("cluster.map")
+            await good._frames.send([1, 2, 3])  # authenticated, then a frame with wrong types
+            await trio.sleep(0.5)
+            with pytest.raises(Exception):
+                await good.call("obj.read", {"oid": "x", "offset": -1, "length": 1, "epoch": 1})
+            n.cancel_scope.cancel()
+
+    trio.run(bad_clients)
+    out, err = fio.communicate(timeout=300)
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert fio.returncode == 0 and job["error"] == 0 and job["read"]["io_bytes"] == 48 << 20
+    log = target.log_text()
+    assert log.count("refused connection") >= 5, log
+    for reason in ("exceeds", "authentication failed", "request must be", "undecodable"):
+        assert reason in log, reason
+    assert target.proc.poll() is None  # still serving

@@ -1,0 +1,224 @@
+"""`vdifs peer` and `vdifs cluster ...`: running peers and administering a cluster."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+from vdifs.errors import VdifsError
+from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials, write_credentials
+from vdifs.model.cluster import ClusterMap
+from vdifs.model.sizes import format_size
+from vdifs.wire.rpc import RpcClient, RpcPool
+
+T = TypeVar("T")
+
+
+def cluster_addresses(text: str | None) -> list[str]:
+    text = text or os.environ.get("VDIFS_CLUSTER", "")
+    addresses = [a.strip() for a in text.split(",") if a.strip()]
+    if not addresses:
+        raise VdifsError("no cluster address: pass --cluster HOST:PORT[,...] or set VDIFS_CLUSTER",
+                         code=errno.EINVAL)
+    return addresses
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("peer", help="run a storage peer (foreground)",
+                       description="Run a storage peer: serves the objects in --store and takes part "
+                                   "in membership and consensus. Without a cluster yet, --join ADDR "
+                                   "waits at ADDR for 'vdifs cluster format'; to join a formatted "
+                                   "cluster pass --join and --secret-file.")
+    p.add_argument("--store", required=True, metavar="DIR", help="directory holding this peer's objects")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on")
+    p.add_argument("--join", metavar="HOST:PORT", help="a peer of the cluster to join")
+    p.add_argument("--zone", default="", metavar="Z", help="failure zone (replicas go to distinct zones)")
+    p.add_argument("--weight", type=float, default=1.0, metavar="W", help="relative share of data (default 1)")
+    p.add_argument("--secret-file", metavar="F", help="cluster secret file, to join a formatted cluster")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    c = sub.add_parser("cluster", help="administer a cluster",
+                       description="Administer a cluster of peers. --cluster (or VDIFS_CLUSTER) names "
+                                   "any of its peers; --secret-file the secret 'format' wrote.")
+    cs = c.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+
+    def common(q: argparse.ArgumentParser, *, cluster: bool = True) -> None:
+        if cluster:
+            q.add_argument("--cluster", metavar="ADDR[,ADDR...]", help="peers of the cluster (default: $VDIFS_CLUSTER)")
+        q.add_argument("--secret-file", default=default_secret_file(), metavar="F",
+                       help=f"cluster secret file (default: {default_secret_file()})")
+
+    f = cs.add_parser("format", help="create a cluster from a peer and the peers waiting at it")
+    f.add_argument("address", metavar="ADDR", help="a running peer; the peers that --join'ed it come along")
+    f.add_argument("--copies", type=int, default=3, metavar="N", help="default replicas per object (default 3)")
+    f.add_argument("--min-copies", type=int, metavar="M", help="replicas needed to accept writes (default: majority of N)")
+    f.add_argument("--force", action="store_true", help="overwrite an existing secret file")
+    common(f, cluster=False)
+    i = cs.add_parser("info", help="epoch, peers, zones, capacity and use")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    common(i)
+    j = cs.add_parser("join", help="add a running peer that has no cluster yet")
+    j.add_argument("peer", metavar="PEER_ADDR")
+    common(j)
+    lv = cs.add_parser("leave", help="remove a peer from the cluster map")
+    lv.add_argument("peer", metavar="PEER", help="peer id or address")
+    common(lv)
+    st = cs.add_parser("set", help="change cluster settings")
+    st.add_argument("--copies", type=int, metavar="N")
+    st.add_argument("--min-copies", type=int, metavar="M")
+    common(st)
+
+
+def _run(fn: Callable[[RpcPool], Awaitable[T]], secret: bytes | None, cluster_id: str | None = None) -> T:
+    async def main() -> T:
+        async with trio.open_nursery() as nursery:
+            pool = RpcPool(secret, nursery, cluster_id=cluster_id)
+            try:
+                return await fn(pool)
+            finally:
+                await pool.aclose()
+                nursery.cancel_scope.cancel()
+    return trio.run(main)
+
+
+async def _first(pool: RpcPool, addresses: list[str], op: str, args: dict[str, Any] | None = None,
+                 timeout: float = 30.0) -> Any:
+    errors = []
+    for a in addresses:
+        try:
+            return await pool.call(a, op, args, timeout=timeout)
+        except VdifsError as e:
+            errors.append(f"{a}: {e}")
+    raise VdifsError("no peer answered: " + "; ".join(errors), code=errno.EHOSTUNREACH)
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from vdifs.cli import setup_logging
+    from vdifs.peer.daemon import PeerDaemon
+
+    setup_logging(args.log_level, sys.stderr)
+    daemon = PeerDaemon(args.store, args.listen, join=args.join, zone=args.zone, weight=args.weight,
+                        secret_file=args.secret_file)
+    trio.run(daemon.run)
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    action = args.cluster_command
+    if action == "format":
+        return _format(args)
+    creds = read_credentials(args.secret_file)
+    addresses = cluster_addresses(args.cluster)
+    if action == "info":
+        info = _run(lambda pool: _info(pool, addresses), creds.secret, creds.cluster_id)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(_info_table(info))
+    elif action == "join":
+        cmap = _run(lambda pool: _join(pool, addresses, args.peer, creds), creds.secret, creds.cluster_id)
+        print(f"added {args.peer}: epoch {cmap.epoch}, {len(cmap.peers)} peers")
+    elif action == "leave":
+        d = _run(lambda pool: _first(pool, addresses, "cluster.remove_peer", {"peer": args.peer}),
+                 creds.secret, creds.cluster_id)
+        print(f"removed {args.peer}: epoch {d['epoch']}, {len(d['peers'])} peers")
+    elif action == "set":
+        if args.copies is None and args.min_copies is None:
+            raise VdifsError("nothing to set: give --copies and/or --min-copies", code=errno.EINVAL)
+        d = _run(lambda pool: _first(pool, addresses, "cluster.set",
+                                     {"copies": args.copies, "min_copies": args.min_copies}),
+                 creds.secret, creds.cluster_id)
+        print(f"epoch {d['epoch']}: copies {d['copies']}, min_copies {d['min_copies']}")
+    return 0
+
+
+def _format(args: argparse.Namespace) -> int:
+    if os.path.exists(args.secret_file) and not args.force:
+        raise VdifsError(f"{args.secret_file} exists (a cluster was formatted with it); "
+                         "use --force or another --secret-file", code=errno.EEXIST)
+    if args.copies < 1:
+        raise VdifsError("--copies must be at least 1", code=errno.EINVAL)
+    min_copies = args.min_copies or (args.copies // 2 + 1)
+    if not 1 <= min_copies <= args.copies:
+        raise VdifsError("--min-copies must be between 1 and --copies", code=errno.EINVAL)
+    creds = Credentials.new()
+
+    async def go(pool: RpcPool) -> dict[str, Any]:
+        client = RpcClient(args.address, None, pool.nursery)
+        try:
+            result: dict[str, Any] = await client.call(
+                "cluster.format", {"cluster_id": creds.cluster_id, "secret": creds.secret,
+                                   "copies": args.copies, "min_copies": min_copies}, timeout=60)
+            return result
+        finally:
+            await client.aclose()
+
+    cmap = ClusterMap.from_dict(_run(go, None))
+    write_credentials(args.secret_file, creds)
+    print(f"formatted cluster {cmap.cluster_id}: {len(cmap.peers)} peers, copies {cmap.copies}, "
+          f"min_copies {cmap.min_copies}, meta peers {len(cmap.meta)}")
+    print(f"secret written to {args.secret_file} (copy it to every hypervisor and new peer)")
+    return 0
+
+
+async def _info(pool: RpcPool, addresses: list[str]) -> dict[str, Any]:
+    cmap = ClusterMap.from_dict(await _first(pool, addresses, "cluster.map"))
+    peers: list[dict[str, Any]] = []
+
+    async def one(p: Any) -> None:
+        row = {**p.to_dict(), "meta": p.peer_id in cmap.meta, "reachable": False,
+               "total": 0, "free": 0}
+        try:
+            info = await pool.call(p.address, "peer.info", timeout=5)
+            row.update(reachable=True, total=info["total"], free=info["free"], epoch=info["epoch"])
+        except VdifsError as e:
+            row["error"] = str(e)
+        peers.append(row)
+
+    async with trio.open_nursery() as nursery:
+        for p in cmap.peers.values():
+            nursery.start_soon(one, p)
+    peers.sort(key=lambda r: r["address"])
+    reachable = [r for r in peers if r["reachable"]]
+    total = sum(r["total"] for r in reachable)
+    free = sum(r["free"] for r in reachable)
+    return {"cluster": cmap.cluster_id, "epoch": cmap.epoch, "copies": cmap.copies,
+            "min_copies": cmap.min_copies, "peers": peers,
+            "raw_total": total, "raw_free": free,
+            "capacity": total // max(1, cmap.copies), "available": free // max(1, cmap.copies)}
+
+
+def _info_table(info: dict[str, Any]) -> str:
+    from vdifs.cli import _table
+
+    head = (f"cluster {info['cluster']}  epoch {info['epoch']}  copies {info['copies']} "
+            f"(min {info['min_copies']})\n"
+            f"capacity {format_size(info['capacity'])}, available {format_size(info['available'])} "
+            f"(raw {format_size(info['raw_total'])} / {format_size(info['raw_free'])} free, divided by copies)\n")
+    rows = [[r["peer_id"], r["address"], r["zone"] or "-", f"{r['weight']:g}",
+             r["state"] if r["reachable"] else f"{r['state']} (unreachable)", "yes" if r["meta"] else "",
+             format_size(r["total"]) if r["reachable"] else "-",
+             format_size(r["total"] - r["free"]) if r["reachable"] else "-"] for r in info["peers"]]
+    return head + "\n" + _table(rows, ["PEER", "ADDRESS", "ZONE", "WEIGHT", "STATE", "META", "SIZE", "USED"])
+
+
+async def _join(pool: RpcPool, addresses: list[str], peer_addr: str, creds: Credentials) -> ClusterMap:
+    newcomer = RpcClient(peer_addr, None, pool.nursery)
+    try:
+        hello = await newcomer.call("peer.hello", timeout=10)
+        if hello["cluster"] is not None:
+            raise VdifsError(f"{peer_addr} already belongs to cluster {hello['cluster']}", code=errno.EEXIST)
+        info = {"peer_id": hello["peer"], "address": peer_addr, "zone": "", "weight": 1.0, "state": "up"}
+        cmap = ClusterMap.from_dict(await _first(pool, addresses, "cluster.add_peer", {"peer": info}))
+        await newcomer.call("cluster.adopt", {"cluster_id": creds.cluster_id, "secret": creds.secret,
+                                              "map": cmap.to_dict()}, timeout=30)
+        return cmap
+    finally:
+        await newcomer.aclose()
