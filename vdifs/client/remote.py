@@ -102,8 +102,7 @@ class RemotePool:
     def register_vdi(self, vid: int, copies: int) -> None:
         self.vid_copies[vid] = copies
 
-    def _targets(self, oid: int) -> list[str]:
-        cmap = self.map
+    def _targets(self, oid: int, cmap: ClusterMap) -> list[str]:
         vid = unpack_oid(oid)[1]
         copies = self.vid_copies.get(vid)
         if copies is None:  # e.g. a deleted VDI being purged: every peer may hold it
@@ -112,8 +111,12 @@ class RemotePool:
 
     # -- calls ---------------------------------------------------------------------------
 
-    async def _call(self, address: str, op: str, args: dict[str, Any], timeout: float = DATA_TIMEOUT) -> Any:
-        args["epoch"] = self.map.epoch
+    async def _call(self, address: str, op: str, args: dict[str, Any], epoch: int,
+                    timeout: float = DATA_TIMEOUT) -> Any:
+        """One request stamped with `epoch`: the epoch of the map its targets came
+        from, never a newer one adopted meanwhile (that would let a peer that is
+        no longer a replica accept it)."""
+        args["epoch"] = epoch
         try:
             return await self.rpc.call(address, op, args, timeout=timeout)
         except RemoteError as e:
@@ -122,22 +125,23 @@ class RemotePool:
                 raise _StaleMap() from None
             raise
 
-    async def _with_fresh_map(self, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _with_fresh_map(self, fn: Callable[[ClusterMap], Awaitable[T]]) -> T:
+        """Run an attempt against one map; on a stale-epoch refusal, again with the newer map."""
         for _ in range(STALE_RETRIES):
             try:
-                return await fn()
+                return await fn(self.map)
             except _StaleMap:
                 continue
         raise PoolError("the cluster map kept changing under this request")
 
-    async def _all(self, targets: list[str], op: str, args: dict[str, Any]) -> list[Any]:
+    async def _all(self, targets: list[str], op: str, args: dict[str, Any], epoch: int) -> list[Any]:
         """The op on every target in parallel; all must succeed."""
         results: list[Any] = [None] * len(targets)
         errors: list[BaseException] = []
 
         async def one(i: int, address: str) -> None:
             try:
-                results[i] = await self._call(address, op, dict(args))
+                results[i] = await self._call(address, op, dict(args), epoch)
             except (_StaleMap, VdifsError) as e:
                 errors.append(e)
 
@@ -156,14 +160,14 @@ class RemotePool:
     # -- the ObjectPool interface ----------------------------------------------------------
 
     async def read(self, oid: int, offset: int, length: int) -> bytes:
-        async def attempt() -> bytes:
-            targets = self._targets(oid)
+        async def attempt(cmap: ClusterMap) -> bytes:
+            targets = self._targets(oid, cmap)
             not_found = 0
             last: Exception | None = None
             for address in targets:
                 try:
                     data: bytes = await self._call(address, "obj.read",
-                                                   {"oid": oid, "offset": offset, "length": length})
+                                                   {"oid": oid, "offset": offset, "length": length}, cmap.epoch)
                     return data
                 except RemoteError as e:
                     if e.errno == errno.ENOENT:
@@ -181,31 +185,31 @@ class RemotePool:
 
     async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
         args = {"oid": oid, "offset": offset, "data": data}
-        await self._with_fresh_map(lambda: self._all(self._targets(oid), "obj.write", args))
+        await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.write", args, m.epoch))
 
     async def create(self, oid: int, offset: int, data: bytes | memoryview, size: int) -> None:
         args = {"oid": oid, "offset": offset, "data": data, "size": size}
-        await self._with_fresh_map(lambda: self._all(self._targets(oid), "obj.create", args))
+        await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.create", args, m.epoch))
 
     async def delete(self, oid: int) -> None:
-        await self._with_fresh_map(lambda: self._all(self._targets(oid), "obj.delete", {"oid": oid}))
+        await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.delete", {"oid": oid}, m.epoch))
 
     async def sync(self, oids: Iterable[int]) -> None:
         oids = list(oids)
 
-        async def attempt() -> None:
+        async def attempt(cmap: ClusterMap) -> None:
             by_peer: dict[str, list[int]] = defaultdict(list)
             for oid in oids:
-                for address in self._targets(oid):
+                for address in self._targets(oid, cmap):
                     by_peer[address].append(oid)
             if not oids:  # a bare sync: make every peer's pending deletes durable
-                for p in self.map.up_peers():
+                for p in cmap.up_peers():
                     by_peer[p.address] = []
             errors: list[Exception] = []
 
             async def one(address: str, group: list[int]) -> None:
                 try:
-                    await self._call(address, "obj.sync", {"oids": group})
+                    await self._call(address, "obj.sync", {"oids": group}, cmap.epoch)
                 except VdifsError as e:
                     errors.append(e)
 
@@ -217,9 +221,12 @@ class RemotePool:
 
         await self._with_fresh_map(attempt)
 
+    async def _everywhere(self, op: str, args: dict[str, Any]) -> list[Any]:
+        return await self._with_fresh_map(
+            lambda m: self._all([p.address for p in m.up_peers()], op, args, m.epoch))
+
     async def _union(self, op: str, args: dict[str, Any]) -> list[int]:
-        addresses = [p.address for p in self.map.up_peers()]
-        results = await self._with_fresh_map(lambda: self._all(addresses, op, args))
+        results = await self._everywhere(op, args)
         return sorted({x for r in results for x in r})
 
     async def list_vids(self) -> list[int]:
@@ -229,12 +236,10 @@ class RemotePool:
         return await self._union("obj.list", {"vid": vid, "kind": kind})
 
     async def finish_vid(self, vid: int) -> None:
-        addresses = [p.address for p in self.map.up_peers()]
-        await self._with_fresh_map(lambda: self._all(addresses, "obj.finish_vid", {"vid": vid}))
+        await self._everywhere("obj.finish_vid", {"vid": vid})
 
     async def space(self) -> PoolSpace:
-        infos = await self._with_fresh_map(
-            lambda: self._all([p.address for p in self.map.up_peers()], "peer.info", {}))
+        infos = await self._everywhere("peer.info", {})
         copies = max(1, self.map.copies)
         return PoolSpace(sum(i["total"] for i in infos) // copies, sum(i["free"] for i in infos) // copies, copies)
 

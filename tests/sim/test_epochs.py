@@ -1,0 +1,148 @@
+"""Epochs: stale senders refresh and retry; peers learn newer maps.
+
+Real PeerDaemon handlers and a real RemotePool, joined by an in-memory
+network instead of TCP (same call signature as RpcPool), so the schedule of
+map changes, partitions and requests is exactly the one written here.
+"""
+
+import copy
+import errno
+
+import pytest
+import trio
+
+from vdifs.client.remote import RemotePool
+from vdifs.errors import VdifsError
+from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
+from vdifs.meta.credentials import Credentials
+from vdifs.model.cluster import ClusterMap, PeerInfo, choose_meta
+from vdifs.model.ids import data_oid
+from vdifs.model.placement import placement
+from vdifs.peer.daemon import PeerDaemon
+from vdifs.wire.rpc import PeerUnavailable, RemoteError, Session
+
+
+class MemoryNet:
+    """Routes calls to daemons' handlers; `down` addresses are unreachable."""
+
+    def __init__(self) -> None:
+        self.daemons: dict[str, PeerDaemon] = {}
+        self.down: set[str] = set()
+        self.calls: list[tuple[str, str, int]] = []  # (address, op, epoch)
+
+    def pool_for(self, owner: str):
+        net = self
+
+        class Pool:
+            secret = None
+            nursery = None
+
+            async def call(self, address, op, args=None, *, timeout=30.0):
+                args = copy.deepcopy(args or {})
+                net.calls.append((address, op, args.get("epoch", -1)))
+                if address in net.down or owner in net.down:
+                    raise PeerUnavailable(f"{address} unreachable")
+                handler = net.daemons[address]._handlers()[op]
+                try:
+                    return await handler(args, Session(owner, True))
+                except RemoteError:
+                    raise
+                except VdifsError as e:
+                    raise RemoteError(e.errno, str(e)) from None
+
+            def get(self, address):
+                raise NotImplementedError
+
+            async def aclose(self):
+                pass
+
+        return Pool()
+
+
+async def make_cluster(tmp_path, n: int, net: MemoryNet):
+    creds = Credentials.new()
+    daemons = []
+    for i in range(n):
+        d = PeerDaemon(str(tmp_path / f"p{i}"), f"10.0.0.{i}:7000")  # addresses are only names here
+        d._load_local_state()
+        d.creds = creds
+        d.rpc = net.pool_for(d.listen)
+        d.meta = MetaClient(d.peer_id, d.rpc, [])
+        net.daemons[d.listen] = d
+        daemons.append(d)
+    first = daemons[:3]
+    peers = {d.peer_id: PeerInfo(d.peer_id, d.listen) for d in first}
+    cmap = ClusterMap(creds.cluster_id, epoch=1, copies=2, min_copies=1, peers=peers,
+                      meta=choose_meta(list(peers)))
+    for d in first:
+        await d.adopt_map(cmap)
+    assert await first[0].meta.register(CLUSTER_KEY).cas(0, cmap.encode())
+    return creds, daemons
+
+
+def holders(daemons, oid):
+    return {d.peer_id for d in daemons if oid in d.store._list_objects((oid >> 32) & 0xFFFFFF, None)}
+
+
+async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
+    net = MemoryNet()
+    creds, daemons = await make_cluster(tmp_path, 4, net)
+    pool = RemotePool([daemons[0].listen], creds, nursery, "mount-1")
+    pool.rpc = net.pool_for("mount")
+    pool.meta = MetaClient("mount-1", pool.rpc, [])
+    await pool.connect()
+    pool.register_vdi(5, 2)
+    assert pool.map.epoch == 1
+    before = [data_oid(5, i) for i in range(40)]
+    for oid in before:
+        await pool.create(oid, 0, b"epoch1", 64)
+        assert holders(daemons, oid) == set(placement(pool.map, oid, 2))
+
+    # p3 joins through p0 while p1 is partitioned away: epoch 2, p1 misses the notify
+    net.down.add(daemons[1].listen)
+    newcomer = daemons[3]
+    new_map = ClusterMap.from_dict(await daemons[0].h_add_peer(
+        {"peer": PeerInfo(newcomer.peer_id, newcomer.listen).to_dict()}, Session("admin", True)))
+    await newcomer.adopt_map(new_map)
+    assert new_map.epoch == 2 and daemons[2].cmap.epoch == 2 and daemons[1].cmap.epoch == 1
+    net.down.clear()
+
+    # p1 never heard of epoch 2; a request carrying epoch 2 makes it refresh from the register
+    assert daemons[1].cmap.epoch == 1
+    assert await pool.rpc.call(daemons[1].listen, "obj.vids", {"epoch": 2}) is not None
+    await daemons[1]._check_epoch({"epoch": 2})
+    assert daemons[1].cmap.epoch == 2
+
+    # the mount still has epoch 1: peers with epoch 2 refuse, the mount adopts their map and retries
+    moved = [oid for oid in (data_oid(5, 100 + i) for i in range(200))
+             if set(placement(new_map, oid, 2)) != set(placement(pool.map, oid, 2))]
+    assert moved  # the join moved some placements
+    pool_map_before = pool.map
+    net.calls.clear()
+    await pool.create(moved[0], 0, b"epoch2", 64)
+    assert pool.map.epoch == 2
+    creates = [(a, e) for a, op, e in net.calls if op == "obj.create"]
+    old_targets = {pool_map_before.peers[p].address for p in placement(pool_map_before, moved[0], 2)}
+    new_targets = {new_map.peers[p].address for p in placement(new_map, moved[0], 2)}
+    # the refused attempt went to the old replicas, all stamped with the old epoch ...
+    assert {a for a, e in creates if e == 1} == old_targets
+    # ... and only the new replicas got the retry with the new one
+    assert {a for a, e in creates if e == 2} == new_targets
+    assert holders(daemons, moved[0]) == set(placement(new_map, moved[0], 2))
+
+    # reads fail over when the first replica is unreachable
+    oid = next(o for o in before if set(placement(new_map, o, 2)) == holders(daemons, o))
+    first = placement(pool.map, oid, 2)[0]
+    net.down.add(pool.map.peers[first].address)
+    assert await pool.read(oid, 0, 6) == b"epoch1"
+    net.down.clear()
+
+
+async def test_older_epoch_is_refused_with_the_newer_map(tmp_path, nursery):
+    net = MemoryNet()
+    creds, daemons = await make_cluster(tmp_path, 3, net)
+    d = daemons[0]
+    with pytest.raises(RemoteError) as e:
+        await d.h_read({"oid": data_oid(1, 0), "offset": 0, "length": 1, "epoch": 0}, Session("m", True))
+    assert e.value.errno == errno.ESTALE
+    assert ClusterMap.from_dict(e.value.result["map"]).epoch == 1
