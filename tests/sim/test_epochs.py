@@ -50,6 +50,19 @@ class MemoryNet:
                 except VdifsError as e:
                     raise RemoteError(e.errno, str(e)) from None
 
+            async def start(self, address, op, args=None):
+                try:
+                    result, error = await self.call(address, op, args), None
+                except VdifsError as e:
+                    result, error = None, e
+
+                class Done:
+                    async def finish(self, timeout):
+                        if error is not None:
+                            raise error
+                        return result
+                return Done()
+
             def get(self, address):
                 raise NotImplementedError
 

@@ -38,14 +38,16 @@ async def _receive_raw(raw: bytes, max_frame: int = 1 << 20):
 
 async def test_oversized_length_prefix_is_refused_without_reading():
     with pytest.raises(ProtocolError, match="exceeds"):
-        await _receive_raw(HEADER.pack(2 << 30))
+        await _receive_raw(HEADER.pack(2 << 30, 10))
 
 
 async def test_garbage_and_truncation():
     with pytest.raises(ProtocolError):
-        await _receive_raw(HEADER.pack(3) + b"\xc1\xc1\xc1")  # 0xc1 is never valid msgpack
+        await _receive_raw(HEADER.pack(7, 3) + b"\xc1\xc1\xc1")  # 0xc1 is never valid msgpack
     with pytest.raises(ProtocolError, match="middle"):
-        await _receive_raw(HEADER.pack(10) + b"abc")
+        await _receive_raw(HEADER.pack(14, 10) + b"abc")
+    with pytest.raises(ProtocolError, match="inconsistent"):
+        await _receive_raw(HEADER.pack(8, 100) + b"abcd")
     with pytest.raises(ConnectionClosed):
         await _receive_raw(b"")
 
@@ -61,3 +63,30 @@ def test_shape_checks():
     for bad in [None, [], [1, "op"], ["1", "op", {}], [1, 2, {}], [1, "op", []]]:
         with pytest.raises(ProtocolError):
             check_request(bad)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(values, st.one_of(st.none(), st.binary(min_size=1, max_size=200000))),
+                min_size=1, max_size=4))
+def test_blobs_travel_beside_the_message(frames):
+    async def main():
+        a, b = trio.testing.memory_stream_pair()
+        fa, fb = FrameStream(a, 1 << 20), FrameStream(b, 1 << 20)
+        async with trio.open_nursery() as n:
+            async def send_all():
+                for m, blob in frames:
+                    await fa.send(m, blob=blob)
+            n.start_soon(send_all)
+            for m, blob in frames:
+                got, got_blob = await fb.receive_frame()
+                assert got == m
+                assert (None if got_blob is None else bytes(got_blob)) == blob
+
+    trio.run(main)
+
+
+async def test_plain_receive_refuses_a_blob():
+    a, b = trio.testing.memory_stream_pair()
+    await FrameStream(a).send([1], blob=b"data")
+    with pytest.raises(ProtocolError, match="unexpected data"):
+        await FrameStream(b).receive()

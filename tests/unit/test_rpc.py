@@ -104,9 +104,9 @@ async def raw_exchange(addr, payload: bytes) -> bytes:
 
 @pytest.mark.parametrize("payload", [
     os.urandom(5000),  # random bytes
-    struct.pack(">I", 2 << 30) + b"x" * 100,  # a 2 GiB length prefix
-    struct.pack(">I", 3) + b"\xc1\xc1\xc1",  # undecodable
-    b"\x00\x00\x00\x05" + bytes([0x93, 1, 2, 3]) + b"\x00",  # a valid frame of the wrong shape
+    struct.pack(">II", 2 << 30, 4) + b"x" * 100,  # a 2 GiB length prefix
+    struct.pack(">II", 7, 3) + b"\xc1\xc1\xc1",  # undecodable
+    struct.pack(">II", 9, 5) + bytes([0x93, 1, 2, 3]) + b"\x00",  # msgpack with trailing garbage
 ])
 async def test_bad_traffic_closes_only_that_connection(nursery, payload, caplog):
     server, addr = await start_server(nursery)
@@ -114,6 +114,9 @@ async def test_bad_traffic_closes_only_that_connection(nursery, payload, caplog)
     assert await good.call("echo", {"x": 1})
     with caplog.at_level(logging.WARNING):
         await raw_exchange(addr, payload)  # the server hangs up on it
+        with trio.fail_after(5):
+            while server.refused < 1:
+                await trio.sleep(0.01)
     assert server.refused == 1
     assert "refused connection" in caplog.text
     assert await good.call("echo", {"x": 2}) == {"echo": 2, "auth": True}

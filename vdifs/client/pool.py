@@ -36,10 +36,10 @@ class ObjectPool(Protocol):
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         """`length` bytes at `offset` (zeros past what was written); ObjectNotFound if absent."""
 
-    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write into an existing object; ObjectNotFound if it does not exist."""
 
-    async def create(self, oid: int, offset: int, data: bytes | memoryview, size: int) -> None:
+    async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int) -> None:
         """Create or replace the object whole: zeros except `data` at `offset`."""
 
     async def delete(self, oid: int) -> None:

@@ -135,19 +135,29 @@ class RemotePool:
         raise PoolError("the cluster map kept changing under this request")
 
     async def _all(self, targets: list[str], op: str, args: dict[str, Any], epoch: int) -> list[Any]:
-        """The op on every target in parallel; all must succeed."""
+        """The op on every target in parallel; all must succeed.
+
+        All requests are sent first and then awaited: in flight together
+        without a task each (this runs for every replicated write)."""
         results: list[Any] = [None] * len(targets)
         errors: list[BaseException] = []
-
-        async def one(i: int, address: str) -> None:
+        pending = []
+        for i, address in enumerate(targets):
             try:
-                results[i] = await self._call(address, op, dict(args), epoch)
-            except (_StaleMap, VdifsError) as e:
+                pending.append((i, await self.rpc.start(address, op, {**args, "epoch": epoch})))
+            except VdifsError as e:
                 errors.append(e)
-
-        async with trio.open_nursery() as nursery:
-            for i, a in enumerate(targets):
-                nursery.start_soon(one, i, a)
+        for i, call in pending:
+            try:
+                results[i] = await call.finish(DATA_TIMEOUT)
+            except RemoteError as e:
+                if e.errno == ESTALE_EPOCH and isinstance(e.result, dict) and "map" in e.result:
+                    self._adopt(ClusterMap.from_dict(e.result["map"]))
+                    errors.append(_StaleMap())
+                else:
+                    errors.append(e)
+            except VdifsError as e:
+                errors.append(e)
         if errors:
             if any(isinstance(e, _StaleMap) for e in errors):
                 raise _StaleMap()
@@ -183,11 +193,11 @@ class RemotePool:
 
         return await self._with_fresh_map(attempt)
 
-    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         args = {"oid": oid, "offset": offset, "data": data}
         await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.write", args, m.epoch))
 
-    async def create(self, oid: int, offset: int, data: bytes | memoryview, size: int) -> None:
+    async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int) -> None:
         args = {"oid": oid, "offset": offset, "data": data, "size": size}
         await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.create", args, m.epoch))
 

@@ -387,6 +387,8 @@ class PeerDaemon:
 
     async def h_accept(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         value = args["value"]
+        if isinstance(value, bytearray):
+            value = bytes(value)  # an accepted value sent as a blob
         if not isinstance(value, bytes):
             raise TypeError("value must be bytes")
         return await self.acceptor.accept(str(args["key"]), (int(args["ballot"][0]), str(args["ballot"][1])), value)
@@ -428,14 +430,14 @@ class PeerDaemon:
     async def h_write(self, args: dict[str, Any], s: Session) -> None:
         await self._check_epoch(args)
         data = args["data"]
-        if not isinstance(data, bytes):
+        if not isinstance(data, (bytes, bytearray)):
             raise TypeError("data must be bytes")
         await self.store.write(self._oid(args), self._range(args, "offset"), data)
 
     async def h_create(self, args: dict[str, Any], s: Session) -> None:
         await self._check_epoch(args)
         data = args["data"]
-        if not isinstance(data, bytes):
+        if not isinstance(data, (bytes, bytearray)):
             raise TypeError("data must be bytes")
         await self.store.create(self._oid(args), self._range(args, "offset"), data, self._range(args, "size"))
 

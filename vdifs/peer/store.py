@@ -81,7 +81,7 @@ def _pread_full(fd: int, offset: int, length: int) -> bytes:
     return data
 
 
-def _pwrite_full(fd: int, offset: int, data: bytes | memoryview) -> None:
+def _pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -191,7 +191,7 @@ class ObjectStore:
         finally:
             self._release(h)
 
-    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write into an existing object; ObjectNotFound if it does not exist."""
         h = await self._acquire(oid)
         try:
@@ -201,7 +201,7 @@ class ObjectStore:
         finally:
             self._release(h)
 
-    def _create(self, oid: int, offset: int, data: bytes | memoryview, size: int) -> tuple[int, bool]:
+    def _create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int) -> tuple[int, bool]:
         path = self.path(oid)
         made_dir = False
         try:
@@ -218,7 +218,7 @@ class ObjectStore:
             raise
         return fd, made_dir
 
-    async def create(self, oid: int, offset: int, data: bytes | memoryview, size: int) -> None:
+    async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int) -> None:
         """Create or replace an object: `size` bytes, zero except `data` at `offset`."""
         try:
             fd, made_dir = await self._io.run(self._create, oid, offset, data, size)

@@ -23,7 +23,7 @@ import hmac
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import trio
 
@@ -152,7 +152,10 @@ class RpcServer:
         async with trio.open_nursery() as nursery:
             try:
                 while True:
-                    rid, op, args = check_request(await frames.receive())
+                    msg, blob = await frames.receive_frame()
+                    rid, op, args = check_request(msg)
+                    if blob is not None:
+                        args["data"] = blob  # object data rides outside msgpack
                     await limit.acquire()  # backpressure: stop reading while full
                     nursery.start_soon(self._dispatch, frames, session, rid, op, args, limit)
             except (ProtocolError, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
@@ -183,7 +186,11 @@ class RpcServer:
                     log.exception("%s: %s from %s failed", self.name, op, session.remote)
                     reply = [rid, errno.EIO, f"internal error in {op}: {e}"]
             try:
-                await frames.send(reply)
+                result = reply[2]
+                if isinstance(result, (bytes, bytearray, memoryview)) and reply[1] == 0:
+                    await frames.send([rid, 0, None], blob=result)
+                else:
+                    await frames.send(reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         finally:
@@ -267,7 +274,10 @@ class RpcClient:
     async def _reader(self, frames: FrameStream) -> None:
         try:
             while True:
-                rid, status, result = check_reply(await frames.receive())
+                msg, blob = await frames.receive_frame()
+                rid, status, result = check_reply(msg)
+                if blob is not None:
+                    result = blob
                 slot = self._pending.pop(rid, None)
                 if slot is not None:
                     slot[1].extend((status, result))
@@ -285,34 +295,66 @@ class RpcClient:
             with trio.CancelScope(shield=True):
                 await frames.aclose()
 
-    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0) -> Any:
+    async def start(self, op: str, args: dict[str, Any] | None = None) -> PendingCall:
+        """Send a request; `finish` waits for its reply. Lets a caller have
+        requests to several peers in flight without a task per request."""
         frames = await self._connect()
         rid = self._next_id
         self._next_id += 1
-        event, box = trio.Event(), cast(list[Any], [])
-        self._pending[rid] = (event, box)
+        call = PendingCall(self, rid, op)
+        self._pending[rid] = (call.event, call.box)
+        args = dict(args or {})
+        data = args.pop("data", None)
+        blob = data if isinstance(data, (bytes, bytearray, memoryview)) else None
+        if data is not None and blob is None:
+            args["data"] = data
         try:
-            with trio.fail_after(timeout):
-                try:
-                    await frames.send([rid, op, args or {}])
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    raise PeerUnavailable(f"connection to {self.address} broke") from None
-                await event.wait()
-        except trio.TooSlowError:
-            raise PeerUnavailable(f"{self.address} did not answer {op} within {timeout:.0f} s") from None
-        finally:
+            await frames.send([rid, op, args], blob=blob)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._pending.pop(rid, None)
-        status, result = box
-        if status == -1:
-            raise PeerUnavailable(f"connection to {self.address} lost during {op}")
-        if status:
-            raise RemoteError(status, result)
-        return result
+            raise PeerUnavailable(f"connection to {self.address} broke") from None
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        return call
+
+    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0) -> Any:
+        with trio.move_on_after(timeout) as scope:
+            call = await self.start(op, args)
+        if scope.cancelled_caught:
+            raise PeerUnavailable(f"{self.address} did not take {op} within {timeout:.0f} s")
+        return await call.finish(timeout)
 
     async def aclose(self) -> None:
         if self._frames is not None:
             await self._frames.aclose()
             self._frames = None
+
+
+class PendingCall:
+    """A request in flight; `finish` waits (with a timeout) for the reply."""
+
+    def __init__(self, client: RpcClient, rid: int, op: str) -> None:
+        self.client = client
+        self.rid = rid
+        self.op = op
+        self.event = trio.Event()
+        self.box: list[Any] = []
+
+    async def finish(self, timeout: float) -> Any:
+        try:
+            with trio.fail_after(timeout):
+                await self.event.wait()
+        except trio.TooSlowError:
+            raise PeerUnavailable(f"{self.client.address} did not answer {self.op} within {timeout:.0f} s") from None
+        finally:
+            self.client._pending.pop(self.rid, None)
+        status, result = self.box
+        if status == -1:
+            raise PeerUnavailable(f"connection to {self.client.address} lost during {self.op}")
+        if status:
+            raise RemoteError(status, result)
+        return result
 
 
 class RpcPool:
@@ -334,6 +376,9 @@ class RpcPool:
     async def call(self, address: str, op: str, args: dict[str, Any] | None = None, *,
                    timeout: float = 30.0) -> Any:
         return await self.get(address).call(op, args, timeout=timeout)
+
+    async def start(self, address: str, op: str, args: dict[str, Any] | None = None) -> PendingCall:
+        return await self.get(address).start(op, args)
 
     async def aclose(self) -> None:
         for c in self._clients.values():
