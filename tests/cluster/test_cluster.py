@@ -33,7 +33,7 @@ def test_format_info_and_replicated_io(cluster):
     assert "verification failed" not in out
     res = run("fio", "--name=v", f"--filename={m.path('fio.img')}", "--size=32M", "--rw=randwrite",
               "--bs=64k", "--ioengine=libaio", "--iodepth=8", "--direct=1", "--verify=crc32c",
-              "--do_verify=1", "--verify_fatal=1", "--output-format=json")
+              "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
     job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["read"]["io_bytes"] == 32 << 20
     # every data object is on exactly `copies` peers: the ones placement names
@@ -145,7 +145,7 @@ def test_bad_traffic_is_refused_while_fio_runs(cluster):
     target = cluster.peers[0]
     fio = subprocess.Popen(["fio", "--name=v", f"--filename={m.path('fio.img')}", "--size=48M",
                             "--rw=randwrite", "--bs=64k", "--ioengine=libaio", "--iodepth=8", "--direct=1",
-                            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json"],
+                            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     host, port = target.address.rsplit(":", 1)
 
