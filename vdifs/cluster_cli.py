@@ -77,14 +77,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _run(fn: Callable[[RpcPool], Awaitable[T]], secret: bytes | None, cluster_id: str | None = None) -> T:
+    """Run fn with a connection pool; its error comes out as itself (not
+    wrapped in an exception group), so the CLI can print it as one line."""
     async def main() -> T:
+        outcome: list[T] = []
+        error: Exception | None = None
         async with trio.open_nursery() as nursery:
             pool = RpcPool(secret, nursery, cluster_id=cluster_id)
             try:
-                return await fn(pool)
+                outcome.append(await fn(pool))
+            except Exception as e:
+                error = e
             finally:
                 await pool.aclose()
                 nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return outcome[0]
     return trio.run(main)
 
 

@@ -187,3 +187,16 @@ def test_bad_traffic_is_refused_while_fio_runs(cluster):
     for reason in ("exceeds", "authentication failed", "request must be", "undecodable"):
         assert reason in log, reason
     assert target.proc.poll() is None  # still serving
+
+
+def test_cluster_cli_errors_are_one_line(cluster, tmp_path):
+    p = cluster.add_peer()
+    res = vdifs("cluster", "format", "--copies", "3", "--secret-file", str(tmp_path / "s"), p.address, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "copies=3 needs at least 3 peers" in res.stderr
+    assert not (tmp_path / "s").exists()  # a refused format writes no secret
+    vdifs("cluster", "format", "--copies", "1", "--secret-file", str(tmp_path / "s"), p.address)
+    res = vdifs("cluster", "info", "--cluster", "127.0.0.1:1", "--secret-file", str(tmp_path / "s"), check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "no peer answered" in res.stderr
+    res = vdifs("cluster", "info", "--secret-file", str(tmp_path / "missing"), "--cluster", p.address, check=False)
+    assert res.returncode == 1 and "no secret file" in res.stderr

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# bench/cluster.sh [OUTDIR]: issue 3's comparison, one run, loopback only.
+#   gluster : ../shared/bench/gluster/setup.sh (replica 3, 4 MB shards) at /mnt/gluster
+#   vdifs   : three `vdifs peer` processes on 127.0.0.1 and one mount, copies=3
+# Both through ../shared/bench/fio-suite.sh (O_DIRECT when the target takes it).
+# Guest RAM is touched once first: on this VM the first write into a page of
+# RAM is ~7x slower than later ones, which otherwise favours whoever runs last.
+# Records the peak RSS of each vdifs process. Needs root.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+TOP=$(dirname "$HERE")
+SHARED=${SHARED:-$TOP/../shared}
+V=${V:-$TOP/.venv/bin/vdifs}
+OUT=${1:-$HERE/results/cluster-$(date -u +%Y%m%dT%H%M%SZ)}
+WORK=${WORK:-/tmp/vdifs-bench-cluster}
+mkdir -p "$OUT"
+pids=()
+cleanup() {
+    fusermount3 -u "$WORK/mnt" 2>/dev/null || true
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+peak_rss() {  # peak_rss PID FILE: sample VmRSS every 0.5 s while PID lives
+    ( peak=0; while kill -0 "$1" 2>/dev/null; do
+          rss=$(awk '/VmRSS/{print $2}' /proc/"$1"/status 2>/dev/null || echo 0)
+          (( rss > peak )) && peak=$rss && echo "$peak" > "$2"
+          sleep 0.5; done ) & pids+=($!)
+}
+
+echo "# cluster bench $(date -u +%FT%TZ) kernel=$(uname -r) nproc=$(nproc)" | tee "$OUT/README"
+avail=$(awk '/MemAvailable/{print int($2/1024*0.7)}' /proc/meminfo)
+echo "warming ${avail} MiB of guest RAM"
+dd if=/dev/zero of=/dev/shm/vdifs-warm bs=1M count="$avail" status=none; rm -f /dev/shm/vdifs-warm
+
+bash "$SHARED/bench/gluster/setup.sh" > "$OUT/gluster-setup.log" 2>&1
+echo "== GlusterFS replica 3"
+bash "$SHARED/bench/fio-suite.sh" /mnt/gluster "$OUT/gluster"
+
+echo "== vdifs, 3 peers, copies=3"
+rm -rf "$WORK"; mkdir -p "$WORK"
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+addrs=()
+for i in 1 2 3; do
+    a="127.0.0.1:$(port)"; addrs+=("$a")
+    join=(); [[ $i -gt 1 ]] && join=(--join "${addrs[0]}")
+    "$V" peer --store "$WORK/p$i" --listen "$a" "${join[@]}" --log-level warning 2>"$OUT/peer$i.log" &
+    pids+=($!); peak_rss $! "$OUT/peer$i-peak-rss-kib"
+    sleep 0.5
+done
+for _ in $(seq 60); do  # until the other two have registered at the first
+    "$V" cluster format --copies 3 --secret-file "$WORK/secret" "${addrs[0]}" 2>/dev/null && break
+    sleep 0.5
+done
+[[ -f $WORK/secret ]] || { echo "cluster format never succeeded" >&2; exit 1; }
+"$V" mount "$WORK/mnt" --store "$WORK/ms" --cluster "$(IFS=,; echo "${addrs[*]}")" \
+    --secret-file "$WORK/secret" --foreground --log-level warning 2>"$OUT/mount.log" &
+mpid=$!; pids+=($mpid); peak_rss $mpid "$OUT/mount-peak-rss-kib"
+for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
+bash "$SHARED/bench/fio-suite.sh" "$WORK/mnt" "$OUT/vdifs"
+for f in "$OUT"/*-peak-rss-kib; do echo "$(basename "$f" -peak-rss-kib): peak RSS $(( $(cat "$f") / 1024 )) MiB"; done | tee -a "$OUT/README"
+python3 "$HERE/compare_cluster.py" "$OUT" | tee "$OUT/table.md"

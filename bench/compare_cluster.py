@@ -1,0 +1,37 @@
+"""Table of one cluster bench run: vdifs (3 peers, copies=3) against GlusterFS replica 3."""
+
+import json
+import os
+import sys
+
+out = sys.argv[1]
+JOBS = ["seqwrite", "seqread", "randwrite", "randread", "randrw70"]
+
+
+def metric(target, job):
+    try:
+        j = json.load(open(os.path.join(out, target, f"{job}.json")))["jobs"][0]
+    except Exception:
+        return None
+    if job == "randrw70":
+        return j["read"]["iops"] + j["write"]["iops"], "IOPS"
+    side = "read" if job in ("seqread", "randread") else "write"
+    if job.startswith("rand"):
+        return j[side]["iops"], "IOPS"
+    return j[side]["bw_bytes"] / 1e6, "MB/s"
+
+
+print("| job | unit | GlusterFS replica 3 | vdifs copies=3 | vdifs / GlusterFS |")
+print("|---|---|---:|---:|---:|")
+for job in JOBS:
+    g, v = metric("gluster", job), metric("vdifs", job)
+    unit = (g or v or (0, ""))[1]
+    cell = lambda m: f"{m[0]:.0f}" if m else "failed"
+    ratio = f"{v[0] / g[0]:.2f}x" if g and v and g[0] else "-"
+    print(f"| {job} | {unit} | {cell(g)} | {cell(v)} | {ratio} |")
+for target in ("gluster", "vdifs"):
+    try:
+        verdict = [line for line in open(os.path.join(out, target, "summary.txt")) if line.startswith("verify")][0]
+        print(f"\n{target} {verdict.strip()}")
+    except (OSError, IndexError):
+        print(f"\n{target} verify: no result")
