@@ -1,0 +1,223 @@
+"""Leases: one writer per VDI across mounts, made safe by fencing.
+
+Each VDI has a `lock/<vid>` register holding its lease: the holder (mount id,
+host, pid, mount point), a generation, and a beat counter the holder bumps
+every third of the term. Nobody compares clocks across hosts:
+
+- A mount that finds the lease held watches the register on its *own*
+  monotonic clock. Only when the value has not changed for a whole term
+  does it conclude the holder stopped renewing, and take over.
+- Taking a lease always bumps the generation, and the taker fences every
+  peer with it (durably) before its first write; peers refuse writes that
+  carry an older generation. A holder that was paused, partitioned or
+  simply slow can therefore never change a byte after a takeover, however
+  wrong its own idea of time is: its writes fail with EIO.
+- A holder that cannot renew for a whole term stops writing on its own
+  too (belt and braces; the fence is what makes it safe).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+import trio
+
+from vdifs.errors import VdifsError
+from vdifs.meta.register import Register
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TERM = 15.0
+
+
+class LeaseBusy(VdifsError):
+    errno = errno.EBUSY
+
+
+class LeaseLost(VdifsError):
+    errno = errno.EIO
+
+
+@dataclass
+class Lease:
+    holder: dict[str, Any] | None = None  # {"mount", "host", "pid", "mountpoint"}
+    generation: int = 0
+    since: float = 0.0  # wall clock when taken: for people, never for expiry
+    renewed: float = 0.0  # wall clock of the last renewal: for people
+    beat: int = 0
+
+    def encode(self) -> bytes:
+        return msgpack.packb(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Lease:
+        return cls(**msgpack.unpackb(raw)) if raw else cls()
+
+    def describe(self) -> str:
+        if self.holder is None:
+            return "free"
+        h = self.holder
+        return (f"mount {h['mountpoint']} on {h['host']} (pid {h['pid']}) since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}")
+
+
+@dataclass
+class Held:
+    generation: int
+    last_ok: float  # trio clock of the last successful renewal (or the take)
+    lost: str | None = None
+
+
+@dataclass
+class _Watch:
+    version: int
+    first_seen: float
+
+
+RegisterFor = Callable[[int], Register]
+Fence = Callable[[int, int], Awaitable[None]]
+
+
+@dataclass
+class LeaseManager:
+    mount_id: str
+    identity: dict[str, Any]  # host, pid, mountpoint
+    register_for: RegisterFor
+    fence: Fence
+    term: float = DEFAULT_TERM
+    on_lost: Callable[[int, str], None] = lambda vid, why: None
+    clock: Callable[[], float] = trio.current_time  # this mount's monotonic clock
+    held: dict[int, Held] = field(default_factory=dict)
+    _watching: dict[int, _Watch] = field(default_factory=dict)
+    _locks: dict[int, trio.Lock] = field(default_factory=dict)
+
+    def _me(self) -> dict[str, Any]:
+        return {"mount": self.mount_id, **self.identity}
+
+    def _mine(self, lease: Lease) -> bool:
+        return lease.holder is not None and lease.holder.get("mount") == self.mount_id
+
+    def _lock(self, vid: int) -> trio.Lock:
+        return self._locks.setdefault(vid, trio.Lock())
+
+    async def info(self, vid: int) -> Lease:
+        _version, raw = await self.register_for(vid).get()
+        return Lease.decode(raw)
+
+    async def acquire(self, vid: int) -> int:
+        """Take the lease (or confirm we hold it); return its generation.
+
+        Raises LeaseBusy while another mount holds it and has renewed within
+        the last term as seen from here."""
+        async with self._lock(vid):
+            held = self.held.get(vid)
+            if held is not None and held.lost is None:
+                return held.generation
+            reg = self.register_for(vid)
+            version, raw = await reg.get()
+            lease = Lease.decode(raw)
+            now = self.clock()
+            if lease.holder is not None and not self._mine(lease):
+                watch = self._watching.get(vid)
+                if watch is None or watch.version != version:
+                    self._watching[vid] = _Watch(version, now)  # it moved: the holder is alive
+                    raise LeaseBusy(f"VDI is in use by {lease.describe()}")
+                if now - watch.first_seen < self.term:
+                    raise LeaseBusy(f"VDI is in use by {lease.describe()}")
+                log.warning("vid %d: %s has not renewed its lease for %.0f s; taking it over",
+                            vid, lease.describe(), now - watch.first_seen)
+            wall = time.time()
+            new = Lease(self._me(), lease.generation + 1, wall, wall, 0)
+            if not await reg.cas(version, new.encode()):
+                raise LeaseBusy("another mount took the lease at the same moment; try again")
+            self._watching.pop(vid, None)
+            # Fence before the first write: from now on peers refuse every older generation.
+            await self.fence(vid, new.generation)
+            self.held[vid] = Held(new.generation, self.clock())
+            log.info("vid %d: lease taken, generation %d", vid, new.generation)
+            return new.generation
+
+    async def release(self, vid: int) -> None:
+        async with self._lock(vid):
+            held = self.held.pop(vid, None)
+            if held is None or held.lost is not None:
+                return
+            reg = self.register_for(vid)
+            for _ in range(10):
+                version, raw = await reg.get()
+                lease = Lease.decode(raw)
+                if not self._mine(lease) or lease.generation != held.generation:
+                    return  # someone broke it meanwhile
+                lease.holder = None
+                if await reg.cas(version, lease.encode()):
+                    log.info("vid %d: lease released (generation %d)", vid, held.generation)
+                    return
+
+    async def break_lock(self, vid: int) -> Lease:
+        """Free a lease whatever its holder says, fencing the holder off."""
+        async with self._lock(vid):
+            reg = self.register_for(vid)
+            while True:
+                version, raw = await reg.get()
+                lease = Lease.decode(raw)
+                new = Lease(None, lease.generation + 1, lease.since, time.time(), 0)
+                if await reg.cas(version, new.encode()):
+                    break
+            await self.fence(vid, new.generation)
+            self.held.pop(vid, None)
+            log.warning("vid %d: lock broken (was %s); generation %d fenced", vid, lease.describe(),
+                        new.generation)
+            return lease
+
+    def holds(self, vid: int) -> bool:
+        held = self.held.get(vid)
+        return held is not None and held.lost is None
+
+    def check(self, vid: int) -> None:
+        """Raise if we held this lease and lost it."""
+        held = self.held.get(vid)
+        if held is not None and held.lost is not None:
+            raise LeaseLost(f"lease lost: {held.lost}")
+
+    def _lose(self, vid: int, held: Held, why: str) -> None:
+        if held.lost is None:
+            held.lost = why
+            log.error("vid %d: lease lost (%s); writes to it fail from now on", vid, why)
+            self.on_lost(vid, why)
+
+    async def renew_once(self, vid: int) -> None:
+        held = self.held.get(vid)
+        if held is None or held.lost is not None:
+            return
+        started = self.clock()
+        async with self._lock(vid):
+            reg = self.register_for(vid)
+            try:
+                version, raw = await reg.get()
+                lease = Lease.decode(raw)
+                if not self._mine(lease) or lease.generation != held.generation:
+                    self._lose(vid, held, f"taken over by {lease.describe()} (generation {lease.generation})"
+                               if lease.holder else f"broken (generation {lease.generation})")
+                    return
+                lease.beat += 1
+                lease.renewed = time.time()
+                if await reg.cas(version, lease.encode()):
+                    held.last_ok = started
+                    return
+            except VdifsError as e:
+                log.warning("vid %d: cannot renew the lease: %s", vid, e)
+            if self.clock() - held.last_ok >= self.term:
+                self._lose(vid, held, f"not renewed for {self.term:.0f} s")
+
+    async def run(self) -> None:
+        """Renew every held lease every third of the term."""
+        while True:
+            await trio.sleep(self.term / 3)
+            for vid in list(self.held):
+                await self.renew_once(vid)
