@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedded one; --store then only holds the lock, control socket and log")
     m.add_argument("--secret-file", metavar="F", help="the cluster's secret file (with --cluster)")
     m.add_argument("--copies", type=int, metavar="N", help="default copies of VDIs created through this mount")
+    m.add_argument("--lease-term", type=float, default=15.0, metavar="SECONDS",
+                   help="a writer that stops renewing loses its VDI lease after this long (default 15)")
 
     u = sub.add_parser("umount", help="flush and unmount a vdifs mount",
                        description="Flush everything to the pool, unmount, and wait for the mount process to exit.")
@@ -104,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     vr = vs.add_parser("resize", help="grow or shrink a VDI (shrinking frees the objects past the end)")
     vr.add_argument("name", metavar="NAME")
     vr.add_argument("size", metavar="SIZE", type=size_arg, help="new size with optional K/M/G/T suffix")
+    vk = vs.add_parser("lock-info", help="who holds a VDI's write lease (clusters)")
+    vk.add_argument("name", metavar="NAME")
+    vk.add_argument("--json", action="store_true", help="machine-readable output")
+    vb = vs.add_parser("break-lock", help="fence a VDI's lease holder and free the lease (clusters)",
+                       description="For an operator who knows the holder is dead: the holder is fenced "
+                                   "on every peer (its writes fail from now on) and the lease is freed.")
+    vb.add_argument("name", metavar="NAME")
     vn = vs.add_parser("rename", help="rename a VDI (replaces an existing NEW)")
     vn.add_argument("old", metavar="OLD")
     vn.add_argument("new", metavar="NEW")
@@ -135,7 +144,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CliError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse)")
     cluster = cluster_cli.cluster_addresses(args.cluster) if (args.cluster or os.environ.get("VDIFS_CLUSTER")) else None
     mount = Mount(mountpoint, store, allow_other=args.allow_other, cluster=cluster,
-                  secret_file=args.secret_file, copies=args.copies)
+                  secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term)
     lock = lock_store(store)
     if args.foreground:
         setup_logging(args.log_level, sys.stderr)
@@ -265,6 +274,23 @@ def cmd_vdi(args: argparse.Namespace) -> int:
     elif action == "rename":
         call("vdi.rename", {"old": args.old, "new": args.new})
         print(f"renamed {args.old} to {args.new}")
+    elif action == "lock-info":
+        info = call("vdi.lock_info", {"name": args.name})
+        if args.json:
+            print(json.dumps(info, indent=2))
+        elif info["holder"] is None:
+            print(f"{args.name}: no writer (generation {info['generation']})")
+        else:
+            h = info["holder"]
+            print(_table([["holder", f"{h['mountpoint']} on {h['host']} (pid {h['pid']}, mount {h['mount']})"],
+                          ["generation", str(info["generation"])], ["since", _fmt_time(info["since"])],
+                          ["last renewal", _fmt_time(info["renewed"])], ["renewals", str(info["beat"])]],
+                         ["FIELD", "VALUE"]))
+    elif action == "break-lock":
+        info = call("vdi.break_lock", {"name": args.name})
+        holder = info["holder"]
+        who = f"{holder['mountpoint']} on {holder['host']} (pid {holder['pid']})" if holder else "nobody"
+        print(f"broke the lock of {args.name}: {who} fenced, generation {info['generation']}")
     return 0
 
 

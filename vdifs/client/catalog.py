@@ -22,6 +22,7 @@ from vdifs.client.pool import ObjectPool
 from vdifs.client.volume import Volume
 from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
 from vdifs.meta.directory import DirectoryService
+from vdifs.meta.lease import Lease, LeaseBusy, LeaseManager
 from vdifs.model.directory import Directory, VdiRecord
 from vdifs.model.sizes import format_size
 
@@ -34,7 +35,8 @@ PURGE_RETRY_SECONDS = 5.0
 
 
 class Catalog:
-    def __init__(self, pool: ObjectPool, directory: DirectoryService, *, shared: bool = False) -> None:
+    def __init__(self, pool: ObjectPool, directory: DirectoryService, *, shared: bool = False,
+                 leases: LeaseManager | None = None) -> None:
         """`shared`: other mounts use the same pool and directory (a cluster).
 
         Then a VDI's map is re-read when it is opened, objects the map does not
@@ -44,6 +46,9 @@ class Catalog:
         self.pool = pool
         self.directory = directory
         self.shared = shared
+        self.leases = leases
+        if leases is not None:
+            leases.on_lost = self._lease_lost
         self._volumes: OrderedDict[int, Volume] = OrderedDict()
         self._load_locks: dict[int, trio.Lock] = {}
         self._purge_send, self._purge_recv = trio.open_memory_channel[int](math.inf)
@@ -172,32 +177,106 @@ class Catalog:
 
     # -- open files ------------------------------------------------------------
 
-    async def open(self, vid: int) -> Volume:
-        if self.shared:
-            idle = self._volumes.get(vid)
-            if idle is not None and idle.handles == 0 and not idle.dirty:
-                del self._volumes[vid]  # another mount may have written it: re-read the map
-        vol = await self.volume(vid)
+    def _needs_lease(self, vid: int) -> bool:
+        rec = self.record_of(vid)
+        return self.leases is not None and rec is not None and not rec.shared
+
+    async def open(self, vid: int, *, writable: bool = False) -> Volume:
+        """A handle on a VDI; a writable one holds its lease (in a cluster).
+
+        The lease is taken before the map is read, so the map we load is the
+        previous writer's last word."""
+        took = False
+        if writable and self._needs_lease(vid):
+            assert self.leases is not None
+            if not self.leases.holds(vid):
+                generation = await self.leases.acquire(vid)
+                self.pool.set_generation(vid, generation)
+                took = True
+        try:
+            if self.shared:
+                idle = self._volumes.get(vid)
+                if idle is not None and (took or (idle.handles == 0 and not idle.dirty)):
+                    del self._volumes[vid]  # another mount may have written it: re-read the map
+            vol = await self.volume(vid)
+        except BaseException:
+            if took:
+                await self._release_lease(vid)
+            raise
+        if took:
+            vol.fenced = None
         vol.handles += 1
+        vol.writers += writable
         return vol
 
-    async def close(self, vol: Volume) -> None:
+    async def close(self, vol: Volume, *, writable: bool = False) -> None:
         vol.handles -= 1
+        vol.writers -= writable
+        if writable and vol.writers == 0 and self.leases is not None and self.leases.holds(vol.vid):
+            try:
+                if vol.dirty and not vol.unlinked:
+                    await vol.flush(times=True)
+            finally:
+                await self._release_lease(vol.vid)
         if vol.handles == 0:
             if vol.unlinked:
                 self._volumes.pop(vol.vid, None)
                 self._schedule_purge(vol.vid)
-            elif vol.dirty:
+            elif vol.dirty and not vol.fenced:
                 await vol.flush(times=True)
 
+    async def _release_lease(self, vid: int) -> None:
+        assert self.leases is not None
+        with trio.CancelScope(shield=True):
+            try:
+                await self.leases.release(vid)
+            except VdifsError as e:
+                log.warning("vid %d: could not release the lease (%s); it expires by itself", vid, e)
+            self.pool.set_generation(vid, None)
+
+    def _lease_lost(self, vid: int, why: str) -> None:
+        vol = self._volumes.get(vid)
+        if vol is not None:
+            vol.fenced = f"lease lost: {why}"
+
+    async def release_all_leases(self) -> None:
+        if self.leases is not None:
+            for vid in list(self.leases.held):
+                await self._release_lease(vid)
+
     @asynccontextmanager
-    async def using(self, vid: int) -> AsyncIterator[Volume]:
-        """The volume, pinned (not evicted, not purged) for the duration."""
-        vol = await self.open(vid)
+    async def using(self, vid: int, *, writable: bool = True) -> AsyncIterator[Volume]:
+        """The volume, pinned (not evicted, not purged) for the duration; by
+        default writable, i.e. under the VDI's lease in a cluster."""
+        vol = await self.open(vid, writable=writable)
         try:
             yield vol
         finally:
-            await self.close(vol)
+            await self.close(vol, writable=writable)
+
+    async def _refuse_if_leased_elsewhere(self, name: str) -> None:
+        """Maintenance must not race the writer of a VDI on another mount."""
+        if self.leases is None:
+            return
+        rec = self.current.get(name)
+        if rec.shared or self.leases.holds(rec.vid):
+            return
+        lease = await self.leases.info(rec.vid)
+        if lease.holder is not None and not self.leases.is_ours(lease):
+            raise LeaseBusy(f"VDI {name!r} is in use by {lease.describe()}")
+
+    async def lock_info(self, name: str) -> Lease:
+        if self.leases is None:
+            raise InvalidArgument("the embedded pool has one mount and no leases")
+        return await self.leases.info(self.current.get(name).vid)
+
+    async def break_lock(self, name: str) -> Lease:
+        if self.leases is None:
+            raise InvalidArgument("the embedded pool has one mount and no leases")
+        rec = self.current.get(name)
+        before = await self.leases.break_lock(rec.vid)
+        self._lease_lost(rec.vid, "the lock was broken")
+        return before
 
     async def persist_meta(self, vol: Volume) -> None:
         """Write a volume's size, times and ownership into the directory."""
@@ -224,12 +303,16 @@ class Catalog:
         return rec
 
     async def delete(self, name: str) -> int:
+        await self._refuse_if_leased_elsewhere(name)
         vid = await self.directory.update(lambda d: d.delete(name))
         log.info("deleted VDI %r (vid %d); freeing its objects", name, vid)
         self._tombstoned(vid)
         return vid
 
     async def rename(self, old: str, new: str, *, replace_target: bool = True) -> None:
+        await self._refuse_if_leased_elsewhere(old)
+        if new in self.current.vdis:
+            await self._refuse_if_leased_elsewhere(new)
         replaced = await self.directory.update(lambda d: d.rename(old, new, replace=replace_target))
         log.info("renamed VDI %r to %r", old, new)
         if replaced is not None:

@@ -33,6 +33,12 @@ class ObjectPool(Protocol):
     def register_vdi(self, vid: int, copies: int) -> None:
         """Tell the pool how many copies the objects of a vid have."""
 
+    def set_generation(self, vid: int, generation: int | None) -> None:
+        """The lease generation our writes to vid carry (None: no lease)."""
+
+    async def fence(self, vid: int, generation: int) -> None:
+        """Make every peer refuse writes to vid below `generation`."""
+
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         """`length` bytes at `offset` (zeros past what was written); ObjectNotFound if absent."""
 
@@ -84,6 +90,12 @@ class LocalPool:
 
     def register_vdi(self, vid: int, copies: int) -> None:
         pass  # one copy of everything
+
+    def set_generation(self, vid: int, generation: int | None) -> None:
+        pass  # one mount per store: no leases
+
+    async def fence(self, vid: int, generation: int) -> None:
+        pass
 
     async def space(self) -> PoolSpace:
         total, free = await self.store.space()

@@ -47,6 +47,7 @@ class RemotePool:
         self.meta = MetaClient(node_id, self.rpc, [])
         self.cmap: ClusterMap | None = None
         self.vid_copies: dict[int, int] = {}
+        self.vid_generation: dict[int, int] = {}
 
     # -- the map -----------------------------------------------------------------------
 
@@ -101,6 +102,20 @@ class RemotePool:
 
     def register_vdi(self, vid: int, copies: int) -> None:
         self.vid_copies[vid] = copies
+
+    def set_generation(self, vid: int, generation: int | None) -> None:
+        if generation is None:
+            self.vid_generation.pop(vid, None)
+        else:
+            self.vid_generation[vid] = generation
+
+    def _gen(self, oid: int) -> dict[str, int]:
+        gen = self.vid_generation.get(unpack_oid(oid)[1])
+        return {} if gen is None else {"gen": gen}
+
+    async def fence(self, vid: int, generation: int) -> None:
+        """Every peer in the map must take the fence: any of them may hold the VDI's objects."""
+        await self._everywhere("lease.fence", {"vid": vid, "gen": generation})
 
     def _targets(self, oid: int, cmap: ClusterMap) -> list[str]:
         vid = unpack_oid(oid)[1]
@@ -194,15 +209,16 @@ class RemotePool:
         return await self._with_fresh_map(attempt)
 
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-        args = {"oid": oid, "offset": offset, "data": data}
+        args = {"oid": oid, "offset": offset, "data": data, **self._gen(oid)}
         await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.write", args, m.epoch))
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int) -> None:
-        args = {"oid": oid, "offset": offset, "data": data, "size": size}
+        args = {"oid": oid, "offset": offset, "data": data, "size": size, **self._gen(oid)}
         await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.create", args, m.epoch))
 
     async def delete(self, oid: int) -> None:
-        await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.delete", {"oid": oid}, m.epoch))
+        await self._with_fresh_map(
+            lambda m: self._all(self._targets(oid, m), "obj.delete", {"oid": oid, **self._gen(oid)}, m.epoch))
 
     async def sync(self, oids: Iterable[int]) -> None:
         oids = list(oids)

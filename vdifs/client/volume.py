@@ -66,7 +66,9 @@ class Volume:
         self.size_dirty = False  # size not yet in the directory: persisted by every flush
         self.times_dirty = False  # only times changed: persisted on close and unmount
         self.handles = 0
+        self.writers = 0  # writable handles (a lease is held while > 0, in clusters)
         self.unlinked = False
+        self.fenced: str | None = None  # why writes are refused (lease lost)
 
     # -- loading -----------------------------------------------------------
 
@@ -178,6 +180,8 @@ class Volume:
 
     async def write(self, offset: int, data: bytes) -> int:
         end = offset + len(data)
+        if self.fenced:
+            raise PoolError(f"vid {self.vid}: {self.fenced}")
         if offset < 0:
             raise InvalidArgument("negative offset")
         if end > MAX_VDI_SIZE:
@@ -339,6 +343,8 @@ class Volume:
         asks for mtime too): guests flush often, and a directory update
         costs two fsyncs and a rename.
         """
+        if self.fenced:
+            raise PoolError(f"vid {self.vid}: {self.fenced}; nothing more is written")
         async with self._flush_lock:
             data, self._dirty_data = self._dirty_data, set()
             try:
@@ -361,6 +367,8 @@ class Volume:
     async def truncate(self, size: int) -> None:
         """Resize; shrinking zeroes the tail of the last object and frees the rest."""
         check_size(size)
+        if self.fenced:
+            raise PoolError(f"vid {self.vid}: {self.fenced}")
         old = self.record.size
         if size < old:
             keep = objects_for_size(size, self.object_size)

@@ -52,6 +52,8 @@ class ControlServer:
             "vdi.delete": self.op_delete,
             "vdi.resize": self.op_resize,
             "vdi.rename": self.op_rename,
+            "vdi.lock_info": self.op_lock_info,
+            "vdi.break_lock": self.op_break_lock,
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -159,3 +161,14 @@ class ControlServer:
         vid = self.catalog.lookup(old).vid
         await self.catalog.rename(old, new)
         self.invalidate("rename", vid, [old, new])
+
+    async def op_lock_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _arg(args, "name", str)
+        lease = await self.catalog.lock_info(name)
+        return {"name": name, "holder": lease.holder, "generation": lease.generation,
+                "since": lease.since, "renewed": lease.renewed, "beat": lease.beat}
+
+    async def op_break_lock(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _arg(args, "name", str)
+        before = await self.catalog.break_lock(name)
+        return {"name": name, "holder": before.holder, "generation": before.generation + 1}

@@ -29,6 +29,7 @@ from vdifs.fuse.ops import ROOT, VdifsOperations
 from vdifs.meta.consensus import DIRECTORY_KEY
 from vdifs.meta.credentials import default_secret_file, read_credentials
 from vdifs.meta.directory import DirectoryService
+from vdifs.meta.lease import DEFAULT_TERM, LeaseManager
 from vdifs.meta.register import FileRegister
 from vdifs.model.directory import Directory
 from vdifs.peer.store import ObjectStore
@@ -65,13 +66,14 @@ class Mount:
 
     def __init__(self, mountpoint: str, store: str, *, allow_other: bool = False,
                  cluster: list[str] | None = None, secret_file: str | None = None,
-                 copies: int | None = None) -> None:
+                 copies: int | None = None, lease_term: float = DEFAULT_TERM) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
         self.cluster = cluster
         self.creds = read_credentials(secret_file or default_secret_file()) if cluster else None
         self.copies = copies
+        self.lease_term = lease_term
         self.control_path = os.path.join(self.store_path, CONTROL_SOCKET)
         self.catalog: Catalog | None = None
 
@@ -83,7 +85,13 @@ class Mount:
             cmap = await remote.connect()
             log.info("cluster %s: epoch %d, %d peers up, copies %d", cmap.cluster_id, cmap.epoch,
                      len(cmap.up_peers()), cmap.copies)
-            catalog = Catalog(remote, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True)
+            leases = LeaseManager(node_id, {"host": socket.gethostname(), "pid": os.getpid(),
+                                            "mountpoint": self.mountpoint},
+                                  lambda vid: remote.meta.register(f"lock/{vid}"), remote.fence,
+                                  term=self.lease_term)
+            catalog = Catalog(remote, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True,
+                              leases=leases)
+            nursery.start_soon(leases.run)
         else:
             store = ObjectStore(self.store_path)
             store.open()
@@ -149,7 +157,10 @@ class Mount:
                 await pyfuse3.main()
             finally:
                 with trio.CancelScope(shield=True):
-                    await catalog.flush_all()
+                    try:
+                        await catalog.flush_all()
+                    finally:
+                        await catalog.release_all_leases()
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", self.mountpoint)
             nursery.cancel_scope.cancel()

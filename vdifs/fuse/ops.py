@@ -90,6 +90,7 @@ class VdifsOperations(pyfuse3.Operations):
         self.control_path = control_path
         self.store_path = store_path
         self._handles: dict[int, Volume] = {}
+        self._writable: set[int] = set()  # file handles opened for writing
         self._next_fh = 1
         self._dir_handles: dict[int, list[tuple[str, VdiRecord]]] = {}
         self._mounted_at = time.time_ns()
@@ -201,10 +202,12 @@ class VdifsOperations(pyfuse3.Operations):
 
     # -- files -------------------------------------------------------------------
 
-    def _new_handle(self, vol: Volume) -> int:
+    def _new_handle(self, vol: Volume, writable: bool) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = vol
+        if writable:
+            self._writable.add(fh)
         return fh
 
     @fuse_errors
@@ -214,9 +217,11 @@ class VdifsOperations(pyfuse3.Operations):
         vid = vid_of(inode)
         if self.catalog.record_of(vid) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        vol = await self.catalog.open(vid)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        vol = await self.catalog.open(vid, writable=writable)
         # With other mounts on the same pool, cached pages may be stale: drop them on open.
-        return pyfuse3.FileInfo(fh=self._new_handle(vol), keep_cache=not self.catalog.shared)
+        return pyfuse3.FileInfo(fh=self._new_handle(vol, writable), keep_cache=not self.catalog.shared,
+                                direct_io=vol.record.shared)
 
     @fuse_errors
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -227,8 +232,8 @@ class VdifsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
                                         uid=ctx.uid, gid=ctx.gid)
-        vol = await self.catalog.open(rec.vid)
-        return (pyfuse3.FileInfo(fh=self._new_handle(vol), keep_cache=not self.catalog.shared),
+        vol = await self.catalog.open(rec.vid, writable=True)
+        return (pyfuse3.FileInfo(fh=self._new_handle(vol, True), keep_cache=not self.catalog.shared),
                 await self._attrs(rec.vid))
 
     @fuse_errors
@@ -260,7 +265,9 @@ class VdifsOperations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         vol = self._handles.pop(fh)
-        await self.catalog.close(vol)
+        writable = fh in self._writable
+        self._writable.discard(fh)
+        await self.catalog.close(vol, writable=writable)
 
     # -- namespace -----------------------------------------------------------------
 

@@ -100,6 +100,9 @@ class LeaseManager:
     def _me(self) -> dict[str, Any]:
         return {"mount": self.mount_id, **self.identity}
 
+    def is_ours(self, lease: Lease) -> bool:
+        return self._mine(lease)
+
     def _mine(self, lease: Lease) -> bool:
         return lease.holder is not None and lease.holder.get("mount") == self.mount_id
 
@@ -145,19 +148,25 @@ class LeaseManager:
 
     async def release(self, vid: int) -> None:
         async with self._lock(vid):
-            held = self.held.pop(vid, None)
-            if held is None or held.lost is not None:
+            held = self.held.get(vid)
+            if held is None:
                 return
-            reg = self.register_for(vid)
-            for _ in range(10):
-                version, raw = await reg.get()
-                lease = Lease.decode(raw)
-                if not self._mine(lease) or lease.generation != held.generation:
-                    return  # someone broke it meanwhile
-                lease.holder = None
-                if await reg.cas(version, lease.encode()):
-                    log.info("vid %d: lease released (generation %d)", vid, held.generation)
+            try:
+                if held.lost is not None:
                     return
+                reg = self.register_for(vid)
+                for _ in range(10):
+                    version, raw = await reg.get()
+                    lease = Lease.decode(raw)
+                    if not self._mine(lease) or lease.generation != held.generation:
+                        return  # someone broke it meanwhile
+                    lease.holder = None
+                    if await reg.cas(version, lease.encode()):
+                        log.info("vid %d: lease released (generation %d)", vid, held.generation)
+                        return
+            finally:
+                # Forgotten only now: until the register says free, it is ours.
+                self.held.pop(vid, None)
 
     async def break_lock(self, vid: int) -> Lease:
         """Free a lease whatever its holder says, fencing the holder off."""

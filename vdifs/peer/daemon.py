@@ -18,6 +18,7 @@ import secrets
 import signal
 from typing import IO, Any
 
+import msgpack
 import trio
 
 from vdifs.errors import VdifsError
@@ -55,6 +56,8 @@ class PeerDaemon:
         self.rpc: RpcPool | None = None
         self.meta: MetaClient | None = None
         self._map_lock = trio.Lock()
+        self.fences: dict[int, int] = {}  # vid -> lowest lease generation still allowed to write
+        self._fence_lock = trio.Lock()
 
     # -- local state -------------------------------------------------------------
 
@@ -81,6 +84,10 @@ class PeerDaemon:
                                  f"not to {given.cluster_id} of {self.secret_file}", code=errno.EPERM)
             if self.creds is None:
                 self.creds = given
+        fences = os.path.join(self.meta_dir, "fences")
+        if os.path.exists(fences):
+            with open(fences, "rb") as f:
+                self.fences = {int(k): int(v) for k, v in msgpack.unpackb(f.read(), strict_map_key=False).items()}
         map_path = os.path.join(self.meta_dir, "cluster_map")
         if os.path.exists(map_path):
             with open(map_path, "rb") as f:
@@ -264,6 +271,7 @@ class PeerDaemon:
             "obj.list": self.h_list,
             "obj.vids": self.h_vids,
             "obj.finish_vid": self.h_finish_vid,
+            "lease.fence": self.h_fence,
         }
 
     async def h_hello(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
@@ -409,6 +417,27 @@ class PeerDaemon:
             if latest is not None:
                 await self.adopt_map(latest)
 
+    async def h_fence(self, args: dict[str, Any], s: Session) -> int:
+        """From now on refuse writes to vid from generations below gen (durable first)."""
+        vid, gen = int(args["vid"]), int(args["gen"])
+        async with self._fence_lock:
+            if gen > self.fences.get(vid, 0):
+                fences = {**self.fences, vid: gen}
+                await trio.to_thread.run_sync(atomic_write, os.path.join(self.meta_dir, "fences"),
+                                              msgpack.packb(fences))
+                self.fences = fences
+                log.info("vid %d fenced at lease generation %d", vid, gen)
+            return self.fences[vid]
+
+    def _check_fence(self, args: dict[str, Any], oid: int) -> None:
+        gen = args.get("gen")
+        if gen is None:
+            return  # embedded-style or shared VDI: no lease
+        vid = (oid >> 32) & 0xFFFFFF
+        if int(gen) < self.fences.get(vid, 0):
+            raise VdifsError(f"vid {vid} is fenced at lease generation {self.fences[vid]}; "
+                             f"a write of generation {gen} is refused", code=errno.EPERM)
+
     @staticmethod
     def _oid(args: dict[str, Any]) -> int:
         oid = args["oid"]
@@ -429,6 +458,7 @@ class PeerDaemon:
 
     async def h_write(self, args: dict[str, Any], s: Session) -> None:
         await self._check_epoch(args)
+        self._check_fence(args, self._oid(args))
         data = args["data"]
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError("data must be bytes")
@@ -436,6 +466,7 @@ class PeerDaemon:
 
     async def h_create(self, args: dict[str, Any], s: Session) -> None:
         await self._check_epoch(args)
+        self._check_fence(args, self._oid(args))
         data = args["data"]
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError("data must be bytes")
@@ -443,6 +474,7 @@ class PeerDaemon:
 
     async def h_delete(self, args: dict[str, Any], s: Session) -> None:
         await self._check_epoch(args)
+        self._check_fence(args, self._oid(args))
         await self.store.delete(self._oid(args))
 
     async def h_sync(self, args: dict[str, Any], s: Session) -> None:
