@@ -1,0 +1,147 @@
+"""One writer per VDI across mounts: leases and fencing with real mounts."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e.conftest import read_at, run
+
+from .conftest import vdifs, wait_for
+
+TERM = "3"
+HOLDER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+print("open", flush=True)
+for line in sys.stdin:
+    cmd, off, byte, n = line.split()
+    try:
+        os.pwrite(fd, bytes([int(byte, 16)]) * int(n), int(off))
+        if cmd == "ws":
+            os.fsync(fd)
+        print("ok", flush=True)
+    except OSError as e:
+        print("err", e.errno, flush=True)
+"""
+
+
+class Holder:
+    """A process keeping a VDI open for writing, writing when told."""
+
+    def __init__(self, path: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, path], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if line != "open":
+            raise OSError(f"holder could not open {path}: {self.proc.stderr.read()}")
+
+    def write(self, offset: int, byte: int, n: int, *, sync: bool = False) -> str:
+        self.proc.stdin.write(f"{'ws' if sync else 'w'} {offset} {byte:x} {n}\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+def open_errno(path: str, flags: int) -> int:
+    try:
+        os.close(os.open(path, flags))
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+@pytest.fixture
+def two(cluster):
+    cluster.format(3, copies=3)
+    a = cluster.mount("a", "--lease-term", TERM)
+    b = cluster.mount("b", "--lease-term", TERM)
+    with open(a.path("vm"), "wb") as f:
+        f.truncate(16 << 20)
+    wait_for(lambda: os.path.exists(b.path("vm")), 10, "vm on b")
+    holders = []
+    yield cluster, a, b, holders
+    for h in holders:
+        if h.proc.poll() is None:
+            h.proc.kill()
+
+
+def test_one_writer_read_only_everywhere_and_handover(two):
+    cluster, a, b, holders = two
+    h = Holder(a.path("vm"))
+    holders.append(h)
+    assert h.write(0, 0x11, 65536, sync=True) == "ok"
+    assert open_errno(b.path("vm"), os.O_RDWR) == errno.EBUSY
+    assert open_errno(b.path("vm"), os.O_WRONLY) == errno.EBUSY
+    assert open_errno(b.path("vm"), os.O_RDONLY) == 0  # readers are welcome
+    assert "virtual size: 16 MiB" in run("qemu-img", "info", "-U", b.path("vm")).stdout
+    info = vdifs("vdi", "--mount", b.mp, "lock-info", "vm").stdout
+    assert a.mp in info and "generation" in info
+    # maintenance from the other mount must not race the writer
+    for args in (["resize", "vm", "32M"], ["rename", "vm", "vm2"], ["delete", "vm"]):
+        res = vdifs("vdi", "--mount", b.mp, *args, check=False)
+        assert res.returncode == 1 and "in use by" in res.stderr and a.mp in res.stderr, res.stderr
+    h.close()  # the last writable handle: the lease goes at once
+    wait_for(lambda: open_errno(b.path("vm"), os.O_RDWR) == 0, 10, "B can write after A closed")
+    hb = Holder(b.path("vm"))
+    holders.append(hb)
+    assert read_at(b.path("vm"), 0, 65536) == b"\x11" * 65536  # hand-over keeps the data
+    assert hb.write(65536, 0x22, 4096, sync=True) == "ok"
+    assert open_errno(a.path("vm"), os.O_RDWR) == errno.EBUSY
+    hb.close()
+
+
+def test_paused_holder_is_fenced_after_takeover(two):
+    cluster, a, b, holders = two
+    h = Holder(a.path("vm"))
+    holders.append(h)
+    assert h.write(0, 0x11, 1 << 20, sync=True) == "ok"
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        # B's writable open is refused until the lease stood still for a whole term
+        wait_for(lambda: open_errno(b.path("vm"), os.O_RDWR) == 0, 60, "takeover by B")
+        hb = Holder(b.path("vm"))
+        holders.append(hb)
+        assert hb.write(0, 0x22, 1 << 20, sync=True) == "ok"
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    # the old holder resumes: every write fails and changes nothing
+    for i in range(5):
+        assert h.write(i * 4096, 0x33, 4096) == f"err {errno.EIO}"
+        time.sleep(0.2)
+    hb.close()
+    out = run("qemu-io", "-r", "-f", "raw", "-c", f"read -P 0x22 0 {1 << 20}", b.path("vm")).stdout
+    assert "verification failed" not in out
+    log = open(a.log).read()
+    assert "lease lost" in log or "fenced at lease generation" in log
+
+
+def test_killed_holder_is_taken_over_with_its_fsynced_data(two):
+    cluster, a, b, holders = two
+    h = Holder(a.path("vm"))
+    holders.append(h)
+    assert h.write(4 << 20, 0x44, 8192, sync=True) == "ok"
+    a.kill9()
+    h.proc.kill()
+    wait_for(lambda: open_errno(b.path("vm"), os.O_RDWR) == 0, 60, "takeover after kill -9")
+    assert read_at(b.path("vm"), 4 << 20, 8192) == b"\x44" * 8192
+
+
+def test_break_lock_fences_a_live_holder(two):
+    cluster, a, b, holders = two
+    h = Holder(a.path("vm"))
+    holders.append(h)
+    assert h.write(0, 0x55, 4096, sync=True) == "ok"
+    out = vdifs("vdi", "--mount", b.mp, "break-lock", "vm").stdout
+    assert "broke the lock" in out and a.mp in out
+    assert h.write(0, 0x66, 4096) == f"err {errno.EIO}"
+    assert open_errno(b.path("vm"), os.O_RDWR) == 0
+    assert read_at(b.path("vm"), 0, 4096) == b"\x55" * 4096
