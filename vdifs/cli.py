@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("name", metavar="NAME")
     vc.add_argument("size", metavar="SIZE", type=size_arg, help="size with optional K/M/G/T suffix")
     vc.add_argument("--copies", type=int, metavar="N", help="replicas of each object (default: the pool's)")
+    vc.add_argument("--shared", action="store_true",
+                    help="any number of writers on any mounts, no lease (for cluster file systems: OCFS2, GFS2)")
     vd = vs.add_parser("delete", help="delete a VDI and free its space")
     vd.add_argument("name", metavar="NAME")
     vr = vs.add_parser("resize", help="grow or shrink a VDI (shrinking frees the objects past the end)")
@@ -263,7 +265,8 @@ def cmd_vdi(args: argparse.Namespace) -> int:
                 ["created", _fmt_time(v["ctime"])], ["modified", _fmt_time(v["mtime"])],
             ], ["FIELD", "VALUE"]))
     elif action == "create":
-        v = call("vdi.create", {"name": args.name, "size": args.size, "copies": args.copies})
+        v = call("vdi.create", {"name": args.name, "size": args.size, "copies": args.copies,
+                                "shared": args.shared})
         print(f"created {v['name']} (vid {v['vid']}, {format_size(v['size'])})")
     elif action == "delete":
         call("vdi.delete", {"name": args.name})

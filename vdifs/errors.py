@@ -43,6 +43,12 @@ class ObjectNotFound(VdifsError):
     errno = errno.ENOENT
 
 
+class ObjectExists(VdifsError):
+    """An exclusive create found the object already there."""
+
+    errno = errno.EEXIST
+
+
 class StoreBusy(VdifsError):
     errno = errno.EBUSY
 

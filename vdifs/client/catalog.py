@@ -285,19 +285,22 @@ class Catalog:
         def apply(d: Directory) -> None:
             found = d.by_vid(rec.vid)
             if found is not None:
-                d.vdis[found[0]] = replace(rec)
+                new = replace(rec)
+                if rec.shared:  # several writers: a size only grows here
+                    new.size = max(new.size, found[1].size)
+                d.vdis[found[0]] = new
 
         await self.directory.update(apply)
 
     # -- VDI operations ----------------------------------------------------------
 
     async def create(self, name: str, size: int, *, copies: int | None = None, mode: int = 0o644,
-                     uid: int = 0, gid: int = 0) -> VdiRecord:
+                     uid: int = 0, gid: int = 0, shared: bool = False) -> VdiRecord:
         copies = self.default_copies if copies is None else copies
         if not 1 <= copies <= self.pool.max_copies:
             raise InvalidArgument(f"copies must be between 1 and {self.pool.max_copies} in this pool")
         rec = await self.directory.update(
-            lambda d: d.create(name, size, copies=copies, mode=mode, uid=uid, gid=gid))
+            lambda d: d.create(name, size, copies=copies, mode=mode, uid=uid, gid=gid, shared=shared))
         self.pool.register_vdi(rec.vid, rec.copies)
         log.info("created VDI %r (vid %d, %s)", name, rec.vid, format_size(size))
         return rec
@@ -326,6 +329,24 @@ class Catalog:
             await vol.truncate(size)
         log.info("resized VDI %r (vid %d) from %s to %s", name, rec.vid, format_size(old), format_size(size))
         return vol.record
+
+    async def set_shared(self, vid: int, shared: bool) -> None:
+        """Flag a VDI shared (any number of writers, no lease) or back; only while
+        nobody holds its lease."""
+        rec = self.record_of(vid)
+        if rec is None:
+            raise VdiNotFound(f"no VDI with vid {vid}")
+        if self.leases is not None:
+            lease = await self.leases.info(vid)
+            if lease.holder is not None:
+                raise LeaseBusy(f"the shared flag can only change while nobody writes; "
+                                f"the VDI is in use by {lease.describe()}")
+        vol = await self.volume(vid)
+        if vol.writers:
+            raise LeaseBusy("the shared flag can only change while nobody writes (open for writing here)")
+        vol.record.shared = shared
+        await self.persist_meta(vol)
+        log.info("vid %d is now %s", vid, "shared: any number of writers, no lease" if shared else "exclusive")
 
     async def set_copies(self, vid: int, copies: int) -> None:
         if not 1 <= copies <= self.pool.max_copies:

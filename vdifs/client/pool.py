@@ -45,8 +45,10 @@ class ObjectPool(Protocol):
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write into an existing object; ObjectNotFound if it does not exist."""
 
-    async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int) -> None:
-        """Create or replace the object whole: zeros except `data` at `offset`."""
+    async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
+                     exclusive: bool = False) -> None:
+        """Create or replace the object whole: zeros except `data` at `offset`.
+        `exclusive`: raise ObjectExists rather than replace (on any replica)."""
 
     async def delete(self, oid: int) -> None:
         """Remove an object; a missing object is not an error."""

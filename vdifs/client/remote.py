@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 from vdifs.client.pool import PoolSpace
-from vdifs.errors import ObjectNotFound, PoolError, VdifsError
+from vdifs.errors import ObjectExists, ObjectNotFound, PoolError, VdifsError
 from vdifs.meta.consensus import MetaClient
 from vdifs.meta.credentials import Credentials
 from vdifs.model.cluster import ClusterMap
@@ -179,6 +179,9 @@ class RemotePool:
             missing = [e for e in errors if isinstance(e, RemoteError) and e.errno == errno.ENOENT]
             if missing and len(missing) == len(errors):
                 raise ObjectNotFound(str(missing[0]))
+            existing = [e for e in errors if isinstance(e, RemoteError) and e.errno == errno.EEXIST]
+            if existing and len(existing) == len(errors):
+                raise ObjectExists(str(existing[0]))
             raise PoolError(f"{op} failed on {len(errors)} of {len(targets)} replicas: {errors[0]}")
         return results
 
@@ -212,8 +215,12 @@ class RemotePool:
         args = {"oid": oid, "offset": offset, "data": data, **self._gen(oid)}
         await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.write", args, m.epoch))
 
-    async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int) -> None:
-        args = {"oid": oid, "offset": offset, "data": data, "size": size, **self._gen(oid)}
+    async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
+                     exclusive: bool = False) -> None:
+        args = {"oid": oid, "offset": offset, "data": data, "size": size, "exclusive": exclusive, **self._gen(oid)}
+        # An exclusive create that meets an existing copy on some replica raises
+        # ObjectExists: another mount created it meanwhile, the object now exists
+        # on every replica, and the caller writes its data into it.
         await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.create", args, m.epoch))
 
     async def delete(self, oid: int) -> None:

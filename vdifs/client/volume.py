@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from vdifs.client.pool import ObjectPool
-from vdifs.errors import InvalidArgument, ObjectNotFound, PoolError, TooLarge
+from vdifs.errors import InvalidArgument, ObjectExists, ObjectNotFound, PoolError, TooLarge
 from vdifs.model.directory import VdiRecord, check_size
 from vdifs.model.extents import Extent, objects_for_size, split_extents
 from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid, map_oid, unpack_oid
@@ -166,6 +166,8 @@ class Volume:
 
     async def _read_extent(self, e: Extent) -> bytes | bytearray:
         entry = self.map.get(e.index)
+        if not is_allocated(entry) and self.record.shared:
+            entry = await self._refresh_entry(e.index)  # another mount may have written it
         if not is_allocated(entry):
             return zeros(e.length)
         try:
@@ -221,7 +223,7 @@ class Volume:
                     del self._inflight[index]
             if written:
                 self._dirty_data.add(oid)
-                if e.offset + e.length == self.object_size and is_zero(data):
+                if e.offset + e.length == self.object_size and not self.record.shared and is_zero(data):
                     await self._free_if_zero(index)
                 return
         lock = self._index_lock(index)
@@ -254,8 +256,11 @@ class Volume:
     async def _write_extent_locked(self, e: Extent, data: bytes | memoryview, whole: bool) -> None:
         entry = self.map.get(e.index)
         oid = data_oid(self.vid, e.index)
+        shared = self.record.shared
+        if shared and not is_allocated(entry):
+            entry = await self._refresh_entry(e.index)
         if entry == self.vid:
-            if whole and is_zero(data):
+            if whole and is_zero(data) and not shared:  # shared: never free under another writer
                 await self._free_locked(e.index)
                 return
             await self.pool.write(oid, e.offset, data)
@@ -266,8 +271,15 @@ class Volume:
         if is_zero(data):
             return  # zeros on a hole: nothing to allocate
         # CREATE: the object is written whole (zeros around `data`), replacing
-        # any stale copy; only then does the map point at it.
-        await self.pool.create(oid, e.offset, data, self.object_size)
+        # any stale copy; only then does the map point at it. Shared VDIs create
+        # exclusively: if another mount was first, write into its object.
+        if shared:
+            try:
+                await self.pool.create(oid, e.offset, data, self.object_size, exclusive=True)
+            except ObjectExists:
+                await self.pool.write(oid, e.offset, data)
+        else:
+            await self.pool.create(oid, e.offset, data, self.object_size)
         self._dirty_data.add(oid)
         self.map.set(e.index, self.vid)
         await self._write_map_page(e.index)
@@ -311,10 +323,45 @@ class Volume:
 
     async def _write_map_page(self, index: int) -> None:
         # Write-through: a kill -9 of the mount loses no allocation.
-        await self._write_pages([index // (PAGE_BYTES // 4)])
+        if self.record.shared:
+            await self._write_entry(index)
+        else:
+            await self._write_pages([index // (PAGE_BYTES // 4)])
+
+    async def _write_entry(self, index: int) -> None:
+        """Write one 4-byte entry (shared VDIs: other mounts write other entries of the
+        same page, so whole pages would undo each other's allocations)."""
+        chunk, inner = divmod(index, CHUNK_ENTRIES)
+        oid = map_oid(self.vid, chunk)
+        raw = self.map.get(index).to_bytes(4, "little")
+        try:
+            await self.pool.write(oid, inner * 4, raw)
+        except ObjectNotFound:
+            try:
+                await self.pool.create(oid, inner * 4, raw, inner * 4 + 4, exclusive=True)
+            except ObjectExists:
+                await self.pool.write(oid, inner * 4, raw)
+        self._map_chunks.add(chunk)
+        self._unsynced_chunks.add(chunk)
+        self.map.mark_clean(index // (PAGE_BYTES // 4))
+
+    async def _refresh_entry(self, index: int) -> int:
+        """Re-read one map entry from the pool (shared VDIs keep no trusted map)."""
+        chunk, inner = divmod(index, CHUNK_ENTRIES)
+        try:
+            raw = await self.pool.read(map_oid(self.vid, chunk), inner * 4, 4)
+        except ObjectNotFound:
+            return NON_EXISTENT
+        value = int.from_bytes(raw, "little")
+        if value != self.map.get(index):
+            self.map.set(index, value)
+            self.map.mark_clean(index // (PAGE_BYTES // 4))  # learnt, not ours to write
+        return value
 
     async def _write_dirty_map(self) -> None:
         pages = self.map.take_dirty()
+        if self.record.shared:
+            return  # shared VDIs write every entry through, one by one
         try:
             await self._write_pages(pages)
         except BaseException:

@@ -142,7 +142,7 @@ class ControlServer:
         copies = args.get("copies")
         if copies is not None:
             copies = _arg(args, "copies", int)
-        await self.catalog.create(name, size, copies=copies, mode=0o644)
+        await self.catalog.create(name, size, copies=copies, mode=0o644, shared=bool(args.get("shared")))
         return await self._summary(name)
 
     async def op_delete(self, args: dict[str, Any]) -> None:

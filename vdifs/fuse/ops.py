@@ -359,6 +359,11 @@ class VdifsOperations(pyfuse3.Operations):
         key = name[len(XATTR_PREFIX):]
         if inode == ROOT or key not in VDI_XATTRS:
             raise pyfuse3.FUSEError(errno.EPERM if inode == ROOT or key in ROOT_XATTRS else errno.ENOTSUP)
+        if key == b"shared":
+            if value.strip() not in (b"0", b"1"):
+                raise InvalidArgument(f"user.vdifs.shared must be 0 or 1, not {value!r}")
+            await self.catalog.set_shared(vid_of(inode), value.strip() == b"1")
+            return
         if key == b"copies":
             try:
                 copies = int(value.decode())

@@ -470,7 +470,8 @@ class PeerDaemon:
         data = args["data"]
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError("data must be bytes")
-        await self.store.create(self._oid(args), self._range(args, "offset"), data, self._range(args, "size"))
+        await self.store.create(self._oid(args), self._range(args, "offset"), data, self._range(args, "size"),
+                                exclusive=bool(args.get("exclusive", False)))
 
     async def h_delete(self, args: dict[str, Any], s: Session) -> None:
         await self._check_epoch(args)

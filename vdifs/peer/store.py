@@ -29,7 +29,7 @@ from typing import IO
 
 import trio
 
-from vdifs.errors import NoSpace, ObjectNotFound, PoolError, StoreBusy
+from vdifs.errors import NoSpace, ObjectExists, ObjectNotFound, PoolError, StoreBusy
 from vdifs.meta.atomic import fsync_dir
 from vdifs.model.ids import unpack_oid
 from vdifs.peer.batch import BatchRunner
@@ -201,15 +201,17 @@ class ObjectStore:
         finally:
             self._release(h)
 
-    def _create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int) -> tuple[int, bool]:
+    def _create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
+                exclusive: bool) -> tuple[int, bool]:
         path = self.path(oid)
         made_dir = False
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, flags, 0o600)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             made_dir = True
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, flags, 0o600)
         try:
             os.ftruncate(fd, size)
             _pwrite_full(fd, offset, data)
@@ -218,10 +220,16 @@ class ObjectStore:
             raise
         return fd, made_dir
 
-    async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int) -> None:
-        """Create or replace an object: `size` bytes, zero except `data` at `offset`."""
+    async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
+                     exclusive: bool = False) -> None:
+        """Create or replace an object: `size` bytes, zero except `data` at `offset`.
+
+        `exclusive`: fail with ObjectExists instead of replacing (shared VDIs,
+        where another mount may have created it a moment ago)."""
         try:
-            fd, made_dir = await self._io.run(self._create, oid, offset, data, size)
+            fd, made_dir = await self._io.run(self._create, oid, offset, data, size, exclusive)
+        except FileExistsError:
+            raise ObjectExists(f"object {oid:016x} exists") from None
         except OSError as e:
             raise _os_error(e, f"creating object {oid:016x}") from None
         if made_dir:
