@@ -190,3 +190,21 @@ def test_shared_vdi_two_writers(two):
     # every object exists exactly once per replica: no lost or duplicated allocation
     vid = a.vid("gfs")
     assert all(len(p.object_files(vid)) == 8 for p in cluster.peers)
+
+
+def test_stopping_the_holders_mount_releases_the_lease(cluster):
+    cluster.format(3, copies=3)
+    a = cluster.mount("a", "--lease-term", "30")  # long: only a release can free it quickly
+    b = cluster.mount("b", "--lease-term", "30")
+    with open(a.path("vm"), "wb") as f:
+        f.truncate(1 << 20)
+    wait_for(lambda: os.path.exists(b.path("vm")), 10, "vm on b")
+    h = Holder(a.path("vm"))
+    try:
+        assert h.write(0, 0x77, 4096, sync=True) == "ok"
+        assert open_errno(b.path("vm"), os.O_RDWR) == errno.EBUSY
+        a.proc.send_signal(signal.SIGTERM)  # systemd stop, with the file still open
+        wait_for(lambda: open_errno(b.path("vm"), os.O_RDWR) == 0, 10, "lease released by SIGTERM")
+        assert read_at(b.path("vm"), 0, 4096) == b"\x77" * 4096
+    finally:
+        h.proc.kill()
