@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DATA_TIMEOUT = 30.0
-MAP_POLL_SECONDS = 2.0
 STALE_RETRIES = 5
 
 
@@ -82,15 +81,10 @@ class RemotePool:
         return True
 
     async def _watch_map(self) -> None:
-        while True:
-            await trio.sleep(MAP_POLL_SECONDS)
-            try:
-                latest = await self.meta.peek_map()
-            except VdifsError as e:
-                log.debug("map poll failed: %s", e)
-                continue
-            if latest is not None:
-                self._adopt(latest)
+        async def adopt(cmap: ClusterMap) -> None:
+            self._adopt(cmap)
+
+        await self.meta.follow_map(adopt)
 
     @property
     def max_copies(self) -> int:

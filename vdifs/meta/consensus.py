@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
+from vdifs.errors import VdifsError
 from vdifs.meta.paxos import PaxosRegister, Proposer
 from vdifs.model.cluster import ClusterMap
 from vdifs.wire.rpc import RpcPool
@@ -12,6 +16,9 @@ from vdifs.wire.rpc import RpcPool
 CLUSTER_KEY = "cluster"
 DIRECTORY_KEY = "directory"
 PAXOS_TIMEOUT = 2.0
+MAP_POLL_SECONDS = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class MetaClient:
@@ -50,3 +57,20 @@ class MetaClient:
                 return current
             if await reg.cas(version, new.encode()):
                 return new
+
+    async def follow_map(self, adopt: Callable[[ClusterMap], Awaitable[Any]],
+                         interval: float = MAP_POLL_SECONDS) -> None:
+        """Poll the cluster register (cheap peeks) and hand every map to `adopt`,
+        which keeps it if it is newer. Notifications make changes arrive sooner;
+        this makes sure they arrive."""
+        while True:
+            await trio.sleep(interval)
+            if not self.proposer.acceptors:
+                continue  # no cluster yet
+            try:
+                latest = await self.peek_map()
+            except VdifsError as e:
+                log.debug("map poll failed: %s", e)
+                continue
+            if latest is not None:
+                await adopt(latest)

@@ -32,7 +32,6 @@ from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, RpcPool, RpcServer, Sessio
 
 log = logging.getLogger("vdifs.peer")
 
-MAP_POLL_SECONDS = 2.0
 OPEN_OPS = frozenset({"peer.hello", "peer.register_pending", "cluster.format", "cluster.adopt"})
 
 
@@ -195,17 +194,8 @@ class PeerDaemon:
         await self.adopt_map(cmap)
 
     async def _watch_map(self) -> None:
-        while True:
-            await trio.sleep(MAP_POLL_SECONDS)
-            if self.meta is None or self.cmap is None or not self.meta.proposer.acceptors:
-                continue
-            try:
-                latest = await self.meta.peek_map()
-            except VdifsError as e:
-                log.debug("map poll failed: %s", e)
-                continue
-            if latest is not None:
-                await self.adopt_map(latest)
+        assert self.meta is not None
+        await self.meta.follow_map(self.adopt_map)
 
     # -- cluster map changes -----------------------------------------------------------
 
