@@ -84,7 +84,7 @@ class RemotePool:
         async def adopt(cmap: ClusterMap) -> None:
             self._adopt(cmap)
 
-        await self.meta.follow_map(adopt)
+        await self.meta.follow_map(adopt, lambda: self.cmap.epoch if self.cmap else 0)
 
     @property
     def max_copies(self) -> int:

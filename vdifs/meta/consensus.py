@@ -58,7 +58,7 @@ class MetaClient:
             if await reg.cas(version, new.encode()):
                 return new
 
-    async def follow_map(self, adopt: Callable[[ClusterMap], Awaitable[Any]],
+    async def follow_map(self, adopt: Callable[[ClusterMap], Awaitable[Any]], known: Callable[[], int],
                          interval: float = MAP_POLL_SECONDS) -> None:
         """Poll the cluster register (cheap peeks) and hand every map to `adopt`,
         which keeps it if it is newer. Notifications make changes arrive sooner;
@@ -68,7 +68,10 @@ class MetaClient:
             if not self.proposer.acceptors:
                 continue  # no cluster yet
             try:
-                latest = await self.peek_map()
+                peeked = await self.peek_map()
+                # A peek can show a map that was accepted somewhere but never
+                # chosen: confirm a newer epoch through consensus first.
+                latest = await self.read_map() if peeked is not None and peeked.epoch > known() else None
             except VdifsError as e:
                 log.debug("map poll failed: %s", e)
                 continue

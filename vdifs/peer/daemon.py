@@ -195,7 +195,7 @@ class PeerDaemon:
 
     async def _watch_map(self) -> None:
         assert self.meta is not None
-        await self.meta.follow_map(self.adopt_map)
+        await self.meta.follow_map(self.adopt_map, lambda: self.cmap.epoch if self.cmap else 0)
 
     # -- cluster map changes -----------------------------------------------------------
 
@@ -403,7 +403,7 @@ class PeerDaemon:
             raise RemoteError(ESTALE_EPOCH, {"message": f"stale epoch {epoch} < {cmap.epoch}",
                                              "map": cmap.to_dict()})
         if epoch > cmap.epoch and self.meta is not None:
-            latest = await self.meta.peek_map()
+            latest = await self.meta.read_map()  # consensus: never adopt an unchosen map
             if latest is not None:
                 await self.adopt_map(latest)
 
