@@ -159,3 +159,20 @@ async def test_older_epoch_is_refused_with_the_newer_map(tmp_path, nursery):
         await d.h_read({"oid": data_oid(1, 0), "offset": 0, "length": 1, "epoch": 0}, Session("m", True))
     assert e.value.errno == errno.ESTALE
     assert ClusterMap.from_dict(e.value.result["map"]).epoch == 1
+
+
+async def test_object_lists_come_in_pages(tmp_path, nursery, monkeypatch):
+    monkeypatch.setattr("vdifs.peer.daemon.LIST_PAGE", 7)
+    net = MemoryNet()
+    creds, daemons = await make_cluster(tmp_path, 3, net)
+    pool = RemotePool([daemons[0].listen], creds, nursery, "mount-1")
+    pool.rpc = net.pool_for("mount")
+    pool.meta = MetaClient("mount-1", pool.rpc, [])
+    await pool.connect()
+    pool.register_vdi(9, 2)
+    oids = [data_oid(9, i) for i in range(30)]
+    for oid in oids:
+        await pool.create(oid, 0, b"x", 8)
+    net.calls.clear()
+    assert await pool.list_objects(9) == oids
+    assert sum(1 for _, op, _ in net.calls if op == "obj.list") > 3  # several pages per peer

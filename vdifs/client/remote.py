@@ -260,7 +260,18 @@ class RemotePool:
         return await self._union("obj.vids", {})
 
     async def list_objects(self, vid: int, kind: int | None = None) -> list[int]:
-        return await self._union("obj.list", {"vid": vid, "kind": kind})
+        """Union over the up peers of their object ids of `vid`, page by page."""
+        found: set[int] = set()
+        for address in [p.address for p in self.map.up_peers()]:
+            after = None
+            while True:
+                page = await self._with_fresh_map(lambda m: self._call(
+                    address, "obj.list", {"vid": vid, "kind": kind, "after": after}, m.epoch))
+                found.update(page["oids"])
+                if not page["more"] or not page["oids"]:
+                    break
+                after = page["oids"][-1]
+        return sorted(found)
 
     async def finish_vid(self, vid: int) -> None:
         await self._everywhere("obj.finish_vid", {"vid": vid})

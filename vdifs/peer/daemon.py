@@ -11,6 +11,7 @@ refresh its map before it answers.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
@@ -32,6 +33,7 @@ from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, RpcPool, RpcServer, Sessio
 
 log = logging.getLogger("vdifs.peer")
 
+LIST_PAGE = 100_000  # object ids per obj.list reply (~1 MB of msgpack)
 OPEN_OPS = frozenset({"peer.hello", "peer.register_pending", "cluster.format", "cluster.adopt"})
 
 
@@ -474,9 +476,17 @@ class PeerDaemon:
             raise ValueError("oids must be a list of object ids")
         await self.store.sync(oids)
 
-    async def h_list(self, args: dict[str, Any], s: Session) -> list[int]:
+    async def h_list(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        """One page of a vid's object ids, after `after`: a 4 TiB VDI has a million
+        objects, more than one frame holds, so lists come in pages."""
         kind = args.get("kind")
-        return await self.store.list_objects(int(args["vid"]), None if kind is None else int(kind))
+        after = args.get("after")
+        limit = min(int(args.get("limit") or LIST_PAGE), LIST_PAGE)
+        oids = await self.store.list_objects(int(args["vid"]), None if kind is None else int(kind))
+        if after is not None:
+            oids = oids[bisect.bisect_right(oids, int(after)):]
+        page = oids[:limit]
+        return {"oids": page, "more": len(oids) > limit}
 
     async def h_vids(self, args: dict[str, Any], s: Session) -> list[int]:
         return await self.store.list_vids()
