@@ -28,6 +28,7 @@ from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, read_credentials
 from vdifs.meta.paxos import Acceptor, FileAcceptorStorage
 from vdifs.model.cluster import UP, ClusterMap, PeerInfo, choose_meta
+from vdifs.peer.health import FailureDetector
 from vdifs.peer.store import ObjectStore, lock_store
 from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, RpcPool, RpcServer, Session, split_address
 
@@ -57,6 +58,7 @@ class PeerDaemon:
         self.rpc: RpcPool | None = None
         self.meta: MetaClient | None = None
         self._map_lock = trio.Lock()
+        self.health = FailureDetector(self)
         self.fences: dict[int, int] = {}  # vid -> lowest lease generation still allowed to write
         self._fence_lock = trio.Lock()
 
@@ -141,6 +143,7 @@ class PeerDaemon:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._announce)
                 nursery.start_soon(self._watch_map)
+                nursery.start_soon(self.health.run)
                 task_status.started(bound)
         finally:
             self.store.close()
@@ -181,6 +184,13 @@ class PeerDaemon:
             except VdifsError as e:
                 log.warning("peer %s: cannot join yet: %s; retrying", self.peer_id, e)
             await trio.sleep(2)
+
+    async def rejoin(self) -> None:
+        """We are alive: make the map say so again."""
+        await self._change_map(self._add_peer_fn(self._me()))
+
+    async def change_map(self, fn) -> ClusterMap:  # type: ignore[no-untyped-def]
+        return await self._change_map(fn)
 
     def _me(self) -> PeerInfo:
         return PeerInfo(self.peer_id, self.listen, self.zone, self.weight, UP)
@@ -264,6 +274,8 @@ class PeerDaemon:
             "obj.vids": self.h_vids,
             "obj.finish_vid": self.h_finish_vid,
             "lease.fence": self.h_fence,
+            "peer.ping": self.h_ping,
+            "peer.probe": self.h_probe,
         }
 
     async def h_hello(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
@@ -408,6 +420,12 @@ class PeerDaemon:
             latest = await self.meta.read_map()  # consensus: never adopt an unchosen map
             if latest is not None:
                 await self.adopt_map(latest)
+
+    async def h_ping(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        return {"peer": self.peer_id, "epoch": self.cmap.epoch if self.cmap else 0}
+
+    async def h_probe(self, args: dict[str, Any], s: Session) -> bool:
+        return await self.health.probe(str(args["address"]))
 
     async def h_fence(self, args: dict[str, Any], s: Session) -> int:
         """From now on refuse writes to vid from generations below gen (durable first)."""
