@@ -27,3 +27,31 @@ def test_dead_peer_is_marked_down_and_returns(cluster):
     victim.start()  # its store remembers the cluster
     wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back up")
     assert states(cluster)[0] > epoch1
+
+
+def test_fio_verify_survives_a_peer_kill(cluster):
+    import json
+    import subprocess
+    import time
+
+    from tests.e2e.conftest import need
+
+    need("fio")
+    cluster.format(4, copies=3)
+    m = cluster.mount("a")
+    # 64 MiB at 8 MB/s: the write phase spans the kill, the detection and the new epoch
+    fio = subprocess.Popen(["fio", "--name=v", f"--filename={m.path('fio.img')}", "--size=64M", "--rate=8m",
+                            "--rw=randwrite", "--bs=64k", "--ioengine=libaio", "--iodepth=8", "--direct=1",
+                            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+                            "--output-format=json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    victim = cluster.peers[2]
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait()
+    victim.proc = None
+    out, err = fio.communicate(timeout=300)
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert fio.returncode == 0 and job["error"] == 0, err
+    assert job["write"]["io_bytes"] == 64 << 20 and job["read"]["io_bytes"] == 64 << 20
+    assert states(cluster)[1][victim.address] == "down"  # it happened while fio was writing
+    assert "continuing with cluster map epoch" in open(m.log).read()  # writes waited for it

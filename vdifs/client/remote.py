@@ -31,10 +31,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DATA_TIMEOUT = 30.0
 STALE_RETRIES = 5
+#: How long a write waits for the cluster to replace an unreachable replica.
+REPLICA_WAIT = 60.0
 
 
 class _StaleMap(Exception):
     pass
+
+
+class _ReplicaDown(Exception):
+    """A replica did not answer: wait for the map that leaves it out."""
+
+    def __init__(self, epoch: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.epoch = epoch
+        self.error = error
 
 
 class RemotePool:
@@ -135,13 +146,36 @@ class RemotePool:
             raise
 
     async def _with_fresh_map(self, fn: Callable[[ClusterMap], Awaitable[T]]) -> T:
-        """Run an attempt against one map; on a stale-epoch refusal, again with the newer map."""
-        for _ in range(STALE_RETRIES):
+        """Run an attempt against one map; on a stale-epoch refusal, again with the
+        newer map; when a replica is unreachable, wait (bounded) for the map that
+        replaces it and try again there."""
+        stale = 0
+        deadline = trio.current_time() + REPLICA_WAIT
+        while True:
             try:
                 return await fn(self.map)
             except _StaleMap:
+                stale += 1
+                if stale >= STALE_RETRIES:
+                    raise PoolError("the cluster map kept changing under this request") from None
+            except _ReplicaDown as e:
+                if not await self._wait_for_epoch_after(e.epoch, deadline):
+                    raise PoolError(f"a replica is unreachable and the cluster did not replace it "
+                                    f"within {REPLICA_WAIT:.0f} s: {e.error}") from None
+
+    async def _wait_for_epoch_after(self, epoch: int, deadline: float) -> bool:
+        while self.map.epoch <= epoch:
+            if trio.current_time() >= deadline:
+                return False
+            await trio.sleep(0.5)
+            try:
+                latest = await self.meta.read_map()
+            except VdifsError:
                 continue
-        raise PoolError("the cluster map kept changing under this request")
+            if latest is not None:
+                self._adopt(latest)
+        log.info("continuing with cluster map epoch %d", self.map.epoch)
+        return True
 
     async def _all(self, targets: list[str], op: str, args: dict[str, Any], epoch: int) -> list[Any]:
         """The op on every target in parallel; all must succeed.
@@ -170,6 +204,9 @@ class RemotePool:
         if errors:
             if any(isinstance(e, _StaleMap) for e in errors):
                 raise _StaleMap()
+            down = [e for e in errors if isinstance(e, PeerUnavailable)]
+            if down:
+                raise _ReplicaDown(epoch, down[0])
             missing = [e for e in errors if isinstance(e, RemoteError) and e.errno == errno.ENOENT]
             if missing and len(missing) == len(errors):
                 raise ObjectNotFound(str(missing[0]))

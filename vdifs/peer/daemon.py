@@ -59,6 +59,8 @@ class PeerDaemon:
         self.meta: MetaClient | None = None
         self._map_lock = trio.Lock()
         self.health = FailureDetector(self)
+        self._recovering: dict[int, trio.Lock] = {}
+        self.recovered = 0  # objects copied from other peers
         self.fences: dict[int, int] = {}  # vid -> lowest lease generation still allowed to write
         self._fence_lock = trio.Lock()
 
@@ -275,6 +277,7 @@ class PeerDaemon:
             "obj.finish_vid": self.h_finish_vid,
             "lease.fence": self.h_fence,
             "peer.ping": self.h_ping,
+            "obj.fetch": self.h_fetch,
             "peer.probe": self.h_probe,
         }
 
@@ -462,8 +465,40 @@ class PeerDaemon:
             raise ValueError(f"{key} out of range")
         return v
 
+    async def h_fetch(self, args: dict[str, Any], s: Session) -> bytes:
+        """A whole object, for a peer that recovers it."""
+        return await self.store.read_all(self._oid(args))
+
+    async def recover(self, oid: int) -> bool:
+        """Copy an object we should hold but lack from any up peer that has it.
+
+        Used before serving a read or write of an object this peer took over
+        in a new epoch and has not recovered yet. True if we hold it now."""
+        lock = self._recovering.setdefault(oid, trio.Lock())
+        async with lock:
+            if await self.store.exists(oid):
+                return True
+            assert self.rpc is not None and self.cmap is not None
+            for p in self.cmap.up_peers():
+                if p.peer_id == self.peer_id:
+                    continue
+                try:
+                    data = await self.rpc.call(p.address, "obj.fetch", {"oid": oid}, timeout=30)
+                except VdifsError:
+                    continue
+                await self.store.create(oid, 0, data, len(data))
+                self.recovered += 1
+                log.info("recovered object %016x from peer %s on demand", oid, p.peer_id)
+                return True
+            return False
+
+    async def _have(self, oid: int) -> None:
+        if not await self.store.exists(oid):
+            await self.recover(oid)
+
     async def h_read(self, args: dict[str, Any], s: Session) -> bytes | bytearray:
         await self._check_epoch(args)
+        await self._have(self._oid(args))
         return await self.store.read(self._oid(args), self._range(args, "offset"), self._range(args, "length"))
 
     async def h_write(self, args: dict[str, Any], s: Session) -> None:
@@ -472,6 +507,7 @@ class PeerDaemon:
         data = args["data"]
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError("data must be bytes")
+        await self._have(self._oid(args))
         await self.store.write(self._oid(args), self._range(args, "offset"), data)
 
     async def h_create(self, args: dict[str, Any], s: Session) -> None:

@@ -191,6 +191,20 @@ class ObjectStore:
         finally:
             self._release(h)
 
+    async def read_all(self, oid: int) -> bytes:
+        """The whole object, as long as it is (for copying it to another peer)."""
+        h = await self._acquire(oid)
+        try:
+            size = await self._io.run(lambda: os.fstat(h.fd).st_size)
+            return await self._io.run(_pread_full, h.fd, 0, size)
+        except OSError as e:
+            raise _os_error(e, f"reading object {oid:016x}") from None
+        finally:
+            self._release(h)
+
+    async def exists(self, oid: int) -> bool:
+        return await self._io.run(os.path.exists, self.path(oid))
+
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write into an existing object; ObjectNotFound if it does not exist."""
         h = await self._acquire(oid)
