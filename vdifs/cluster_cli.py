@@ -42,6 +42,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--zone", default="", metavar="Z", help="failure zone (replicas go to distinct zones)")
     p.add_argument("--weight", type=float, default=1.0, metavar="W", help="relative share of data (default 1)")
     p.add_argument("--secret-file", metavar="F", help="cluster secret file, to join a formatted cluster")
+    p.add_argument("--recovery-rate", type=float, default=100.0, metavar="MB/S",
+                   help="limit for copying objects after a peer failure or join (default 100 MB/s)")
+    p.add_argument("--recovery-reserve", default="1G", metavar="SIZE",
+                   help="free space recovery never uses (default 1G)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     c = sub.add_parser("cluster", help="administer a cluster",
@@ -113,8 +117,15 @@ def cmd_peer(args: argparse.Namespace) -> int:
     from vdifs.peer.daemon import PeerDaemon
 
     setup_logging(args.log_level, sys.stderr)
+    from vdifs.model.sizes import parse_size
+
+    try:
+        reserve = parse_size(args.recovery_reserve)
+    except ValueError as e:
+        raise VdifsError(f"--recovery-reserve: {e}", code=errno.EINVAL) from None
     daemon = PeerDaemon(args.store, args.listen, join=args.join, zone=args.zone, weight=args.weight,
-                        secret_file=args.secret_file)
+                        secret_file=args.secret_file, recovery_rate=args.recovery_rate * 1e6,
+                        recovery_reserve=reserve)
     trio.run(daemon.run)
     return 0
 

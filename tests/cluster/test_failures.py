@@ -55,3 +55,22 @@ def test_fio_verify_survives_a_peer_kill(cluster):
     assert job["write"]["io_bytes"] == 64 << 20 and job["read"]["io_bytes"] == 64 << 20
     assert states(cluster)[1][victim.address] == "down"  # it happened while fio was writing
     assert "continuing with cluster map epoch" in open(m.log).read()  # writes waited for it
+
+    # recovery: every object of the VDI gets back to 3 replicas where placement says
+    from vdifs.model.cluster import ClusterMap
+    from vdifs.model.placement import placement
+
+    survivors = [p for p in cluster.peers if p is not victim]
+    vid = m.vid("fio.img")
+
+    def recovered() -> bool:
+        with open(os.path.join(survivors[0].store, "meta", "cluster_map"), "rb") as f:
+            cmap = ClusterMap.decode(f.read())
+        by_id = {p.peer_id: p for p in survivors}
+        objects = set().union(*(p.object_files(vid, kind="") for p in survivors))
+        return bool(objects) and all(
+            fname in by_id[pid].object_files(vid, kind="")
+            for fname in objects for pid in placement(cmap, int(fname, 16), 3))
+
+    wait_for(recovered, 60, "3 replicas of every object at the new placement")
+    assert sum(len(p.object_files(vid)) for p in survivors) >= 3 * 16  # 64 MiB = 16 data objects

@@ -29,6 +29,7 @@ from vdifs.meta.credentials import Credentials, read_credentials
 from vdifs.meta.paxos import Acceptor, FileAcceptorStorage
 from vdifs.model.cluster import UP, ClusterMap, PeerInfo, choose_meta
 from vdifs.peer.health import FailureDetector
+from vdifs.peer.recovery import Recovery
 from vdifs.peer.store import ObjectStore, lock_store
 from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, RpcPool, RpcServer, Session, split_address
 
@@ -40,7 +41,8 @@ OPEN_OPS = frozenset({"peer.hello", "peer.register_pending", "cluster.format", "
 
 class PeerDaemon:
     def __init__(self, store_dir: str, listen: str, *, join: str | None = None, zone: str = "",
-                 weight: float = 1.0, secret_file: str | None = None) -> None:
+                 weight: float = 1.0, secret_file: str | None = None, recovery_rate: float = 100e6,
+                 recovery_reserve: int = 1 << 30) -> None:
         self.root = os.path.abspath(store_dir)
         self.listen = listen
         self.join = join
@@ -56,9 +58,11 @@ class PeerDaemon:
         self._pending: dict[str, PeerInfo] = {}
         self._lock_file: IO[str] | None = None
         self.rpc: RpcPool | None = None
+        self.server: RpcServer | None = None
         self.meta: MetaClient | None = None
         self._map_lock = trio.Lock()
         self.health = FailureDetector(self)
+        self.recovery = Recovery(self, rate=recovery_rate, reserve=recovery_reserve)
         self._recovering: dict[int, trio.Lock] = {}
         self.recovered = 0  # objects copied from other peers
         self.fences: dict[int, int] = {}  # vid -> lowest lease generation still allowed to write
@@ -120,6 +124,7 @@ class PeerDaemon:
                 self.meta.set_meta(cmap.meta_addresses())
             log.info("cluster map epoch %d -> %d: %d peers (%d up), copies %d", old, cmap.epoch,
                      len(cmap.peers), len(cmap.up_peers()), cmap.copies)
+            self.recovery.epoch_changed()
             return True
 
     # -- running -------------------------------------------------------------------
@@ -129,7 +134,7 @@ class PeerDaemon:
         try:
             self._load_local_state()
             host, port = split_address(self.listen)
-            server = RpcServer(f"peer {self.peer_id}", self._handlers(),
+            server = self.server = RpcServer(f"peer {self.peer_id}", self._handlers(),
                                secret=lambda: self.creds.secret if self.creds else None,
                                cluster_id=lambda: self.creds.cluster_id if self.creds else None,
                                peer_id=self.peer_id, open_ops=OPEN_OPS)
@@ -146,6 +151,9 @@ class PeerDaemon:
                 nursery.start_soon(self._announce)
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self.health.run)
+                nursery.start_soon(self.recovery.run)
+                if self.cmap is not None:
+                    self.recovery.epoch_changed()  # catch up with what changed while we were away
                 task_status.started(bound)
         finally:
             self.store.close()
@@ -298,7 +306,10 @@ class PeerDaemon:
 
     async def h_info(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         total, free = await self.store.space()
+        r = self.recovery.state
         return {"peer": self.peer_id, "address": self.listen, "zone": self.zone,
+                "recovery": {"epoch": r.epoch, "running": r.running, "total": r.total, "done": r.done,
+                             "bytes": r.bytes, "stopped": r.stopped, "recovered_total": self.recovered},
                 "epoch": self.cmap.epoch if self.cmap else 0, "total": total, "free": free,
                 "vids": len(await self.store.list_vids()), "meta": bool(self.cmap and self.peer_id in self.cmap.meta)}
 
@@ -318,7 +329,7 @@ class PeerDaemon:
         for info in self._pending.values():
             await self.rpc.call(info.address, "cluster.adopt",
                                 {"cluster_id": creds.cluster_id, "secret": creds.secret, "map": cmap.to_dict()})
-        await self._adopt(creds, cmap)
+        await self._adopt(creds, cmap, s)
         assert self.meta is not None
         if not await self.meta.register(CLUSTER_KEY).cas(0, cmap.encode()):
             raise VdifsError("the cluster register was already written", code=errno.EEXIST)
@@ -327,16 +338,18 @@ class PeerDaemon:
                  copies, ",".join(cmap.meta))
         return cmap.to_dict()
 
-    async def _adopt(self, creds: Credentials, cmap: ClusterMap) -> None:
+    async def _adopt(self, creds: Credentials, cmap: ClusterMap, session: Session | None = None) -> None:
         await self._save_creds(creds)
         self._reset_clients()
         await self.adopt_map(cmap)
+        if self.server is not None:
+            await self.server.close_unauthenticated(keep=session)
 
     async def h_adopt(self, args: dict[str, Any], s: Session) -> str:
         if self.creds is not None:
             raise VdifsError(f"peer {self.peer_id} already belongs to cluster {self.creds.cluster_id}",
                              code=errno.EEXIST)
-        await self._adopt(Credentials(args["cluster_id"], args["secret"]), ClusterMap.from_dict(args["map"]))
+        await self._adopt(Credentials(args["cluster_id"], args["secret"]), ClusterMap.from_dict(args["map"]), s)
         return self.peer_id
 
     def _need_map(self) -> ClusterMap:

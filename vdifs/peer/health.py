@@ -38,7 +38,8 @@ class FailureDetector:
         try:
             await self.daemon.rpc.call(address, "peer.ping", timeout=PING_TIMEOUT)
             return True
-        except VdifsError:
+        except VdifsError as e:
+            log.info("ping %s failed: %s", address, e)
             return False
 
     async def probe(self, address: str) -> bool:

@@ -90,6 +90,17 @@ class RpcServer:
         self.peer_id = peer_id
         self.open_ops = open_ops
         self.refused = 0  # connections dropped for bad traffic or credentials
+        self._unauthenticated: dict[trio.abc.Stream, Session] = {}
+
+    async def close_unauthenticated(self, keep: Session | None = None) -> None:
+        """Hang up on every connection made before we had a secret (but `keep`,
+        the one whose request is being answered): their clients reconnect and
+        authenticate. Pre-format sessions must not linger into the cluster,
+        where they can call nothing but the open operations."""
+        for stream, session in list(self._unauthenticated.items()):
+            if session is not keep:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
 
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -109,6 +120,8 @@ class RpcServer:
             if session is None:
                 return
             frames.max_frame = MAX_FRAME
+            if not session.authenticated:
+                self._unauthenticated[stream] = session
             await self._serve_requests(frames, session)
         except ProtocolError as e:
             self._refuse(remote, str(e))
@@ -117,6 +130,7 @@ class RpcServer:
         except trio.TooSlowError:
             self._refuse(remote, "no handshake within %.0f s" % HANDSHAKE_TIMEOUT)
         finally:
+            self._unauthenticated.pop(stream, None)
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await stream.aclose()

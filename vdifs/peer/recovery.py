@@ -1,0 +1,131 @@
+"""Background recovery: after every epoch change, get back to `copies` replicas.
+
+Each peer, for every live VDI (the directory says which, and with how many
+copies: objects of deleted vids are never recovered), lists the objects
+the up peers hold and copies to itself those that placement now gives it
+and it lacks. Throttled (bytes per second), it stops before eating into a
+reserve of free space, and starts over when the map changes under it.
+Objects a peer no longer owns are kept for now (dropping them safely needs
+the whole cluster to have finished the epoch; see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from vdifs.errors import VdifsError
+from vdifs.meta.consensus import DIRECTORY_KEY
+from vdifs.model.directory import Directory
+from vdifs.model.placement import placement
+
+if TYPE_CHECKING:
+    from vdifs.peer.daemon import PeerDaemon
+
+log = logging.getLogger("vdifs.peer.recovery")
+
+
+@dataclass
+class RecoveryState:
+    epoch: int = 0
+    running: bool = False
+    total: int = 0  # objects this pass must copy
+    done: int = 0
+    bytes: int = 0
+    stopped: str = ""  # why the last pass gave up, if it did
+
+
+class Recovery:
+    def __init__(self, daemon: PeerDaemon, *, rate: float = 100e6, reserve: int = 1 << 30) -> None:
+        self.daemon = daemon
+        self.rate = rate  # bytes per second
+        self.reserve = reserve  # free bytes the store keeps
+        self.state = RecoveryState()
+        self.wakeup = trio.Event()
+
+    def epoch_changed(self) -> None:
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup = trio.Event()
+            cmap = self.daemon.cmap
+            if cmap is None:
+                continue
+            try:
+                await self._pass(cmap.epoch)
+            except VdifsError as e:
+                self.state.stopped = str(e)
+                log.warning("recovery for epoch %d interrupted: %s; retrying", cmap.epoch, e)
+                await trio.sleep(2)
+                self.wakeup.set()
+            finally:
+                self.state.running = False
+
+    async def _pass(self, epoch: int) -> None:
+        d = self.daemon
+        assert d.meta is not None and d.rpc is not None
+        cmap = d.cmap
+        assert cmap is not None
+        # Which VDIs live, with how many copies: a peek is enough (no consensus round,
+        # so passes on many peers do not duel); a VDI created a moment ago has its
+        # objects created at the new placement anyway.
+        _version, raw = await d.meta.register(DIRECTORY_KEY).peek()
+        directory = Directory.decode(raw)
+        live = {r.vid: r.copies for r in directory.vdis.values()}
+        todo: list[int] = []
+        for vid, copies in sorted(live.items()):
+            for oid in await self._cluster_objects(vid):
+                if d.peer_id in placement(cmap, oid, copies) and not await d.store.exists(oid):
+                    todo.append(oid)
+        self.state = RecoveryState(epoch=epoch, running=True, total=len(todo))
+        if todo:
+            log.info("epoch %d: recovering %d objects to this peer", epoch, len(todo))
+        started = trio.current_time()
+        for oid in todo:
+            if d.cmap is None or d.cmap.epoch != epoch:
+                log.info("the map changed during recovery: starting over")
+                self.wakeup.set()
+                return
+            _total, free = await d.store.space()
+            if free < self.reserve + (4 << 20):
+                self.state.stopped = (f"stopped: only {free >> 20} MiB free, the reserve is "
+                                      f"{self.reserve >> 20} MiB")
+                log.error("recovery %s (%d of %d objects copied)", self.state.stopped, self.state.done,
+                          self.state.total)
+                return
+            before = d.recovered
+            if await d.recover(oid):
+                self.state.done += 1
+                if d.recovered > before:
+                    self.state.bytes += 4 << 20
+            # throttle: never faster than `rate` on average
+            ahead = self.state.bytes / self.rate - (trio.current_time() - started)
+            if ahead > 0:
+                await trio.sleep(ahead)
+        if todo:
+            log.info("epoch %d: recovery done, %d objects copied", epoch, self.state.done)
+
+    async def _cluster_objects(self, vid: int) -> set[int]:
+        d = self.daemon
+        assert d.rpc is not None and d.cmap is not None
+        found: set[int] = set()
+        for p in d.cmap.up_peers():
+            if p.peer_id == d.peer_id:
+                continue
+            after = None
+            while True:
+                try:
+                    page = await d.rpc.call(p.address, "obj.list", {"vid": vid, "after": after,
+                                                                   "epoch": d.cmap.epoch}, timeout=30)
+                except VdifsError:
+                    break  # that peer may be the one that just died
+                found.update(page["oids"])
+                if not page["more"] or not page["oids"]:
+                    break
+                after = page["oids"][-1]
+        return found
