@@ -74,3 +74,31 @@ def test_fio_verify_survives_a_peer_kill(cluster):
 
     wait_for(recovered, 60, "3 replicas of every object at the new placement")
     assert sum(len(p.object_files(vid)) for p in survivors) >= 3 * 16  # 64 MiB = 16 data objects
+
+
+def test_returning_peer_never_serves_stale_data(cluster):
+    from tests.e2e.conftest import read_at
+
+    cluster.format(4, copies=3)
+    m = cluster.mount("a")
+    size = 16 << 22  # 16 objects
+    with open(m.path("vm"), "wb") as f:
+        f.write(b"\xaa" * size)
+        f.flush()
+        os.fsync(f.fileno())
+    victim = cluster.peers[1]
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait()
+    victim.proc = None
+    wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
+    with open(m.path("vm"), "r+b") as f:  # overwritten while the victim is away
+        f.write(b"\xbb" * size)
+        f.flush()
+        os.fsync(f.fileno())
+    victim.start()
+    wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back")
+    # whichever replica serves the reads now, it must be the new data
+    for _ in range(3):
+        data = read_at(m.path("vm"), 0, size)
+        stale = [i for i in range(16) if data[i << 22:(i + 1) << 22] != b"\xbb" * (4 << 20)]
+        assert not stale, f"objects {stale} served stale"

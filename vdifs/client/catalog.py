@@ -47,6 +47,7 @@ class Catalog:
         self.directory = directory
         self.shared = shared
         self.leases = leases
+        self._lease_users: dict[int, int] = {}  # writable opens that need (or wait for) each lease
         if leases is not None:
             leases.on_lost = self._lease_lost
         self._volumes: OrderedDict[int, Volume] = OrderedDict()
@@ -189,10 +190,16 @@ class Catalog:
         took = False
         if writable and self._needs_lease(vid):
             assert self.leases is not None
-            if not self.leases.holds(vid):
-                generation = await self.leases.acquire(vid)
-                self.pool.set_generation(vid, generation)
-                took = True
+            # Counted before acquiring: a release running meanwhile sees us and keeps it.
+            self._lease_users[vid] = self._lease_users.get(vid, 0) + 1
+            had = self.leases.holds(vid)
+            try:
+                generation = await self.leases.acquire(vid)  # serialised with release
+            except BaseException:
+                self._drop_lease_user(vid)
+                raise
+            self.pool.set_generation(vid, generation)
+            took = not had
         try:
             if self.shared:
                 idle = self._volumes.get(vid)
@@ -200,7 +207,8 @@ class Catalog:
                     del self._volumes[vid]  # another mount may have written it: re-read the map
             vol = await self.volume(vid)
         except BaseException:
-            if took:
+            if writable and self._needs_lease(vid):
+                self._drop_lease_user(vid)
                 await self._release_lease(vid)
             raise
         if took:
@@ -209,9 +217,18 @@ class Catalog:
         vol.writers += writable
         return vol
 
+    def _drop_lease_user(self, vid: int) -> None:
+        left = self._lease_users.get(vid, 0) - 1
+        if left > 0:
+            self._lease_users[vid] = left
+        else:
+            self._lease_users.pop(vid, None)
+
     async def close(self, vol: Volume, *, writable: bool = False) -> None:
         vol.handles -= 1
         vol.writers -= writable
+        if writable and vol.vid in self._lease_users:
+            self._drop_lease_user(vol.vid)
         if writable and vol.writers == 0 and self.leases is not None and self.leases.holds(vol.vid):
             try:
                 if vol.dirty and not vol.unlinked:
@@ -229,10 +246,11 @@ class Catalog:
         assert self.leases is not None
         with trio.CancelScope(shield=True):
             try:
-                await self.leases.release(vid)
+                await self.leases.release(vid, lambda: vid not in self._lease_users)
             except VdifsError as e:
                 log.warning("vid %d: could not release the lease (%s); it expires by itself", vid, e)
-            self.pool.set_generation(vid, None)
+            if not self.leases.holds(vid):
+                self.pool.set_generation(vid, None)
 
     def _lease_lost(self, vid: int, why: str) -> None:
         vol = self._volumes.get(vid)
@@ -240,7 +258,9 @@ class Catalog:
             vol.fenced = f"lease lost: {why}"
 
     async def release_all_leases(self) -> None:
+        """At unmount: give back every lease, whoever still has the file open."""
         if self.leases is not None:
+            self._lease_users.clear()
             for vid in list(self.leases.held):
                 await self._release_lease(vid)
 

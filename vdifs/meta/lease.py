@@ -146,10 +146,12 @@ class LeaseManager:
             log.info("vid %d: lease taken, generation %d", vid, new.generation)
             return new.generation
 
-    async def release(self, vid: int) -> None:
+    async def release(self, vid: int, unused: Callable[[], bool] = lambda: True) -> None:
+        """Give the lease back, if `unused()` still says nobody needs it once we
+        hold the per-VDI lock (a writable open may have come in meanwhile)."""
         async with self._lock(vid):
             held = self.held.get(vid)
-            if held is None:
+            if held is None or not unused():
                 return
             try:
                 if held.lost is not None:

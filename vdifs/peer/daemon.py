@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 from typing import IO, Any
 
 import msgpack
@@ -181,9 +182,7 @@ class PeerDaemon:
         while True:
             try:
                 if self.cmap is not None:
-                    me = self.cmap.peers.get(self.peer_id)
-                    if me is None or me.address != self.listen or me.state != UP:
-                        await self._change_map(self._add_peer_fn(self._me()))
+                    await self.rejoin()  # the map may have marked us down while we were away
                     return
                 if self.join:
                     await self._join_via(self.join)
@@ -196,7 +195,12 @@ class PeerDaemon:
             await trio.sleep(2)
 
     async def rejoin(self) -> None:
-        """We are alive: make the map say so again."""
+        """We are alive: make the map say so again (after setting aside what may be stale)."""
+        assert self.meta is not None
+        current = await self.meta.read_map()
+        me = current.peers.get(self.peer_id) if current else None
+        if me is not None and me.state != UP:
+            await self._return_from_down()
         await self._change_map(self._add_peer_fn(self._me()))
 
     async def change_map(self, fn) -> ClusterMap:  # type: ignore[no-untyped-def]
@@ -501,9 +505,22 @@ class PeerDaemon:
                     continue
                 await self.store.create(oid, 0, data, len(data))
                 self.recovered += 1
-                log.info("recovered object %016x from peer %s on demand", oid, p.peer_id)
+                log.info("recovered object %016x from peer %s", oid, p.peer_id)
+                return True
+            if await self.store.take_stale(oid):
+                log.warning("object %016x: no other peer has it; took back our own copy from before "
+                            "we were marked down", oid)
                 return True
             return False
+
+    async def _return_from_down(self) -> None:
+        """We were declared down: writes went around us, so none of our objects
+        can be trusted. Move them aside before rejoining; recovery fetches the
+        current ones (our old copy is only a last resort)."""
+        epoch = self.cmap.epoch if self.cmap else 0
+        dest = await self.store.quarantine(f"epoch-{epoch}-{int(time.time())}")
+        log.warning("peer %s was marked down: its objects moved to %s; recovery will fetch current copies",
+                    self.peer_id, dest)
 
     async def _have(self, oid: int) -> None:
         if not await self.store.exists(oid):

@@ -109,11 +109,13 @@ class Recovery:
                 await trio.sleep(ahead)
         if todo:
             log.info("epoch %d: recovery done, %d objects copied", epoch, self.state.done)
+        if self.state.done == self.state.total:
+            await d.store.drop_stale()  # everything we should hold is current now
 
     async def _cluster_objects(self, vid: int) -> set[int]:
         d = self.daemon
         assert d.rpc is not None and d.cmap is not None
-        found: set[int] = set()
+        found: set[int] = set(await d.store.list_stale(vid))  # maybe the only copy left
         for p in d.cmap.up_peers():
             if p.peer_id == d.peer_id:
                 continue

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import IO
@@ -374,6 +375,68 @@ class ObjectStore:
     def io_stats(self) -> dict[str, int]:
         return {"nowait_reads": self.nowait_reads, "thread_calls": self._io.calls,
                 "thread_hops": self._io.hops, "open_files": len(self._handles)}
+
+    # -- stale copies (a peer that was declared down) -------------------------------
+
+    @property
+    def stale_root(self) -> str:
+        return os.path.join(self.root, "stale")
+
+    def _quarantine(self, label: str) -> str:
+        os.makedirs(self.stale_root, exist_ok=True)
+        dest = os.path.join(self.stale_root, label)
+        os.rename(self.obj_root, dest)
+        os.makedirs(self.obj_root)
+        fsync_dir(self.stale_root)
+        fsync_dir(self.root)
+        return dest
+
+    async def quarantine(self, label: str) -> str:
+        """Move every object aside: it may be stale (writes went around us)."""
+        self.close()  # cached descriptors point at the moved files
+        self._dirty_dirs.clear()
+        return await trio.to_thread.run_sync(self._quarantine, label)
+
+    def _stale_path(self, oid: int) -> str | None:
+        if not os.path.isdir(self.stale_root):
+            return None
+        rel = os.path.relpath(self.path(oid), self.obj_root)
+        for label in sorted(os.listdir(self.stale_root), reverse=True):
+            candidate = os.path.join(self.stale_root, label, rel)
+            if os.path.exists(candidate):
+                return candidate
+        return None
+
+    def _take_stale(self, oid: int) -> bool:
+        src = self._stale_path(oid)
+        if src is None:
+            return False
+        os.makedirs(os.path.dirname(self.path(oid)), exist_ok=True)
+        os.rename(src, self.path(oid))
+        return True
+
+    async def take_stale(self, oid: int) -> bool:
+        """Put our own old copy back (the last resort when no other peer has it)."""
+        taken = await trio.to_thread.run_sync(self._take_stale, oid)
+        if taken:
+            self._dirty_dirs.add(os.path.dirname(self.path(oid)))
+        return taken
+
+    def _list_stale(self, vid: int) -> list[int]:
+        out: set[int] = set()
+        if os.path.isdir(self.stale_root):
+            for label in os.listdir(self.stale_root):
+                d = os.path.join(self.stale_root, label, f"{vid:06x}")
+                if os.path.isdir(d):
+                    out.update(int(n, 16) for n in os.listdir(d) if len(n) == 16)
+        return sorted(out)
+
+    async def list_stale(self, vid: int) -> list[int]:
+        return await trio.to_thread.run_sync(self._list_stale, vid)
+
+    async def drop_stale(self) -> None:
+        if os.path.isdir(self.stale_root):
+            await trio.to_thread.run_sync(shutil.rmtree, self.stale_root)
 
     def close(self) -> None:
         for oid in list(self._handles):
