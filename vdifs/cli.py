@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedded one; --store then only holds the lock, control socket and log")
     m.add_argument("--secret-file", metavar="F", help="the cluster's secret file (with --cluster)")
     m.add_argument("--copies", type=int, metavar="N", help="default copies of VDIs created through this mount")
+    m.add_argument("--io-wait", type=float, default=60.0, metavar="SECONDS",
+                   help="how long a write waits for the cluster to replace unreachable replicas "
+                        "before it fails with EIO (default 60)")
     m.add_argument("--lease-term", type=float, default=15.0, metavar="SECONDS",
                    help="a writer that stops renewing loses its VDI lease after this long (default 15)")
 
@@ -146,7 +149,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CliError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse)")
     cluster = cluster_cli.cluster_addresses(args.cluster) if (args.cluster or os.environ.get("VDIFS_CLUSTER")) else None
     mount = Mount(mountpoint, store, allow_other=args.allow_other, cluster=cluster,
-                  secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term)
+                  secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term,
+                  io_wait=args.io_wait)
     lock = lock_store(store)
     if args.foreground:
         setup_logging(args.log_level, sys.stderr)

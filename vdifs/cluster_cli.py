@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -68,6 +69,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     i = cs.add_parser("info", help="epoch, peers, zones, capacity and use")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     common(i)
+    ss = cs.add_parser("status", help="peers up/down and recovery progress")
+    ss.add_argument("--json", action="store_true", help="machine-readable output")
+    ss.add_argument("--watch", action="store_true", help="refresh every second until recovery is done")
+    common(ss)
     j = cs.add_parser("join", help="add a running peer that has no cluster yet")
     j.add_argument("peer", metavar="PEER_ADDR")
     common(j)
@@ -142,6 +147,18 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=2))
         else:
             print(_info_table(info))
+    elif action == "status":
+        while True:
+            info = _run(lambda pool: _info(pool, addresses), creds.secret, creds.cluster_id)
+            if args.json:
+                print(json.dumps(info, indent=2))
+                break
+            print(_status_text(info), flush=True)
+            busy = any(r.get("recovery", {}).get("running") for r in info["peers"])
+            if not args.watch or not busy:
+                break
+            time.sleep(1)
+            print()
     elif action == "join":
         cmap = _run(lambda pool: _join(pool, addresses, args.peer, creds), creds.secret, creds.cluster_id)
         print(f"added {args.peer}: epoch {cmap.epoch}, {len(cmap.peers)} peers")
@@ -197,7 +214,8 @@ async def _info(pool: RpcPool, addresses: list[str]) -> dict[str, Any]:
                "total": 0, "free": 0}
         try:
             info = await pool.call(p.address, "peer.info", timeout=5)
-            row.update(reachable=True, total=info["total"], free=info["free"], epoch=info["epoch"])
+            row.update(reachable=True, total=info["total"], free=info["free"], epoch=info["epoch"],
+                       recovery=info.get("recovery", {}))
         except VdifsError as e:
             row["error"] = str(e)
         peers.append(row)
@@ -213,6 +231,35 @@ async def _info(pool: RpcPool, addresses: list[str]) -> dict[str, Any]:
             "min_copies": cmap.min_copies, "peers": peers,
             "raw_total": total, "raw_free": free,
             "capacity": total // max(1, cmap.copies), "available": free // max(1, cmap.copies)}
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    frac = 1.0 if total == 0 else done / total
+    fill = int(frac * width)
+    return "[" + "#" * fill + "." * (width - fill) + f"] {frac:4.0%}"
+
+
+def _status_text(info: dict[str, Any]) -> str:
+    from vdifs.cli import _table
+
+    peers = info["peers"]
+    up = [p for p in peers if p["state"] == "up"]
+    down = [p for p in peers if p["state"] != "up"]
+    head = (f"cluster {info['cluster']}  epoch {info['epoch']}  peers {len(up)} up, {len(down)} down"
+            f"{' (' + ', '.join(p['address'] for p in down) + ')' if down else ''}")
+    rows = []
+    for p in peers:
+        r = p.get("recovery") or {}
+        if not p["reachable"]:
+            state = "unreachable"
+        elif r.get("stopped"):
+            state = r["stopped"]
+        elif r.get("running"):
+            state = f"recovering {_bar(r.get('done', 0), r.get('total', 0))} {r.get('done', 0)}/{r.get('total', 0)}"
+        else:
+            state = f"clean (epoch {r.get('epoch', '?')}, {r.get('recovered_total', 0)} objects recovered so far)"
+        rows.append([p["peer_id"], p["address"], p["state"], state])
+    return head + "\n\n" + _table(rows, ["PEER", "ADDRESS", "MAP", "RECOVERY"])
 
 
 def _info_table(info: dict[str, Any]) -> str:

@@ -102,3 +102,92 @@ def test_returning_peer_never_serves_stale_data(cluster):
         data = read_at(m.path("vm"), 0, size)
         stale = [i for i in range(16) if data[i << 22:(i + 1) << 22] != b"\xbb" * (4 << 20)]
         assert not stale, f"objects {stale} served stale"
+
+
+def kill(peer) -> None:
+    os.kill(peer.proc.pid, signal.SIGKILL)
+    peer.proc.wait()
+    peer.proc = None
+
+
+def test_below_min_copies_writes_fail_reads_work(cluster):
+    import errno as _errno
+
+    from tests.e2e.conftest import read_at
+
+    cluster.format(3, copies=3)  # min_copies 2; meta: all three
+    m = cluster.mount("a", "--io-wait", "4")
+    with open(m.path("vm"), "wb") as f:
+        f.write(b"\x5a" * (4 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(m.path("vm"), os.O_RDWR)  # the writer (and its lease) from before the failure
+    try:
+        kill(cluster.peers[1])
+        kill(cluster.peers[2])  # one replica left: no majority to change the map either
+        assert read_at(m.path("vm"), 0, 4096) == b"\x5a" * 4096  # reads fail over to the live one
+        try:
+            os.pwrite(fd, b"\x11" * 4096, 0)  # blocks for --io-wait, then EIO
+            raise AssertionError("a write below min_copies succeeded")
+        except OSError as e:
+            assert e.errno == _errno.EIO
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    # like a disk after a write error: the block holds the old or the new data, never a mix
+    assert read_at(m.path("vm"), 0, 4096) in (b"\x5a" * 4096, b"\x11" * 4096)
+    assert "did not replace it within 4 s" in open(m.log).read()
+
+
+def test_deleted_while_a_peer_is_down_stays_deleted(cluster):
+    from .conftest import vdifs
+
+    cluster.format(4, copies=3)
+    m = cluster.mount("a")
+    with open(m.path("gone"), "wb") as f:
+        f.write(os.urandom(8 << 20))
+    vid = m.vid("gone")
+    victim = cluster.peers[3]
+    held_before = len(victim.object_files(vid))
+    kill(victim)
+    wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
+    os.unlink(m.path("gone"))
+    wait_for(lambda: all(not p.object_files(vid) for p in cluster.peers[:3]), 30, "purged on the live peers")
+    victim.start()
+    wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back")
+    status = vdifs("cluster", "status", "--cluster", cluster.addresses, "--secret-file", cluster.secret).stdout
+    assert "4 up, 0 down" in status
+    # its old copies were set aside and are dropped, never recovered anywhere
+    wait_for(lambda: not os.path.exists(os.path.join(victim.store, "stale")), 30, "stale copies dropped")
+    assert all(not p.object_files(vid) for p in cluster.peers)
+    assert held_before > 0
+
+
+def test_new_peer_gets_its_share(cluster):
+    from vdifs.model.cluster import ClusterMap
+    from vdifs.model.placement import placement
+
+    cluster.format(3, copies=2)
+    m = cluster.mount("a")
+    with open(m.path("vm"), "wb") as f:
+        f.write(os.urandom(32 << 20))
+    vid = m.vid("vm")
+    newcomer = cluster.add_peer("--join", cluster.peers[0].address, "--secret-file", cluster.secret)
+
+    def rebalanced() -> bool:
+        path = os.path.join(newcomer.store, "meta", "cluster_map")
+        if not os.path.exists(path):
+            return False  # not joined yet
+        with open(path, "rb") as f:
+            cmap = ClusterMap.decode(f.read())
+        if len(cmap.up_peers()) != 4:
+            return False
+        mine = {o for o in set().union(*(p.object_files(vid, kind="") for p in cluster.peers[:3]))
+                if newcomer.peer_id in placement(cmap, int(o, 16), 2)}
+        return bool(mine) and mine <= newcomer.object_files(vid, kind="")
+
+    wait_for(rebalanced, 60, "the new peer holds what placement gives it")
+    with open(m.path("vm"), "rb") as f:
+        assert len(f.read()) == 32 << 20

@@ -49,7 +49,9 @@ class _ReplicaDown(Exception):
 
 
 class RemotePool:
-    def __init__(self, seeds: list[str], creds: Credentials, nursery: trio.Nursery, node_id: str) -> None:
+    def __init__(self, seeds: list[str], creds: Credentials, nursery: trio.Nursery, node_id: str, *,
+                 io_wait: float = REPLICA_WAIT) -> None:
+        self.io_wait = io_wait
         self.seeds = list(seeds)
         self.creds = creds
         self.nursery = nursery
@@ -150,7 +152,7 @@ class RemotePool:
         newer map; when a replica is unreachable, wait (bounded) for the map that
         replaces it and try again there."""
         stale = 0
-        deadline = trio.current_time() + REPLICA_WAIT
+        deadline = trio.current_time() + self.io_wait
         while True:
             try:
                 return await fn(self.map)
@@ -161,7 +163,7 @@ class RemotePool:
             except _ReplicaDown as e:
                 if not await self._wait_for_epoch_after(e.epoch, deadline):
                     raise PoolError(f"a replica is unreachable and the cluster did not replace it "
-                                    f"within {REPLICA_WAIT:.0f} s: {e.error}") from None
+                                    f"within {self.io_wait:.0f} s: {e.error}") from None
 
     async def _wait_for_epoch_after(self, epoch: int, deadline: float) -> bool:
         while self.map.epoch <= epoch:
@@ -176,6 +178,16 @@ class RemotePool:
                 self._adopt(latest)
         log.info("continuing with cluster map epoch %d", self.map.epoch)
         return True
+
+    def _writable_targets(self, oid: int, cmap: ClusterMap) -> list[str]:
+        """Targets of a write; below min_copies up replicas, wait for the cluster."""
+        targets = self._targets(oid, cmap)
+        copies = self.vid_copies.get(unpack_oid(oid)[1], cmap.copies)
+        need = min(cmap.min_copies, copies)  # a VDI with copies=1 needs its one replica
+        if len(targets) < need:
+            raise _ReplicaDown(cmap.epoch, PoolError(
+                f"only {len(targets)} replicas are up, {need} are needed (min_copies)"))
+        return targets
 
     async def _all(self, targets: list[str], op: str, args: dict[str, Any], epoch: int) -> list[Any]:
         """The op on every target in parallel; all must succeed.
@@ -244,7 +256,7 @@ class RemotePool:
 
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         args = {"oid": oid, "offset": offset, "data": data, **self._gen(oid)}
-        await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.write", args, m.epoch))
+        await self._with_fresh_map(lambda m: self._all(self._writable_targets(oid, m), "obj.write", args, m.epoch))
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
                      exclusive: bool = False) -> None:
@@ -252,7 +264,7 @@ class RemotePool:
         # An exclusive create that meets an existing copy on some replica raises
         # ObjectExists: another mount created it meanwhile, the object now exists
         # on every replica, and the caller writes its data into it.
-        await self._with_fresh_map(lambda m: self._all(self._targets(oid, m), "obj.create", args, m.epoch))
+        await self._with_fresh_map(lambda m: self._all(self._writable_targets(oid, m), "obj.create", args, m.epoch))
 
     async def delete(self, oid: int) -> None:
         await self._with_fresh_map(
@@ -297,17 +309,29 @@ class RemotePool:
         return await self._union("obj.vids", {})
 
     async def list_objects(self, vid: int, kind: int | None = None) -> list[int]:
-        """Union over the up peers of their object ids of `vid`, page by page."""
+        """Union of the object ids of `vid` on the peers that answer, page by page.
+
+        An unreachable peer is skipped: every object it holds has replicas on
+        others, and a peer that returns after being marked down sets its old
+        objects aside anyway."""
         found: set[int] = set()
+        answered = 0
         for address in [p.address for p in self.map.up_peers()]:
             after = None
-            while True:
-                page = await self._with_fresh_map(lambda m: self._call(
-                    address, "obj.list", {"vid": vid, "kind": kind, "after": after}, m.epoch))
-                found.update(page["oids"])
-                if not page["more"] or not page["oids"]:
-                    break
-                after = page["oids"][-1]
+            try:
+                while True:
+                    page = await self._with_fresh_map(lambda m: self._call(
+                        address, "obj.list", {"vid": vid, "kind": kind, "after": after}, m.epoch))
+                    found.update(page["oids"])
+                    if not page["more"] or not page["oids"]:
+                        break
+                    after = page["oids"][-1]
+                answered += 1
+            except PeerUnavailable as e:
+                log.info("listing vid %d: %s is unreachable; using the other replicas", vid, address)
+                log.debug("%s", e)
+        if not answered:
+            raise PoolError(f"no peer answered a listing of vid {vid}")
         return sorted(found)
 
     async def finish_vid(self, vid: int) -> None:

@@ -370,6 +370,8 @@ class Volume:
 
     async def _sync_map(self) -> None:
         chunks, self._unsynced_chunks = self._unsynced_chunks, set()
+        if not chunks:
+            return
         try:
             await self.pool.sync(map_oid(self.vid, c) for c in chunks)
         except BaseException:
@@ -395,7 +397,8 @@ class Volume:
         async with self._flush_lock:
             data, self._dirty_data = self._dirty_data, set()
             try:
-                await self.pool.sync(data)
+                if data:  # nothing written: nothing to ask of the pool
+                    await self.pool.sync(data)
             except BaseException:
                 self._dirty_data |= data
                 raise

@@ -66,7 +66,7 @@ class Mount:
 
     def __init__(self, mountpoint: str, store: str, *, allow_other: bool = False,
                  cluster: list[str] | None = None, secret_file: str | None = None,
-                 copies: int | None = None, lease_term: float = DEFAULT_TERM) -> None:
+                 copies: int | None = None, lease_term: float = DEFAULT_TERM, io_wait: float = 60.0) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
@@ -74,6 +74,7 @@ class Mount:
         self.creds = read_credentials(secret_file or default_secret_file()) if cluster else None
         self.copies = copies
         self.lease_term = lease_term
+        self.io_wait = io_wait
         self.control_path = os.path.join(self.store_path, CONTROL_SOCKET)
         self.catalog: Catalog | None = None
 
@@ -81,7 +82,7 @@ class Mount:
         if self.cluster:
             assert self.creds is not None
             node_id = f"mount-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-            remote = RemotePool(self.cluster, self.creds, nursery, node_id)
+            remote = RemotePool(self.cluster, self.creds, nursery, node_id, io_wait=self.io_wait)
             cmap = await remote.connect()
             log.info("cluster %s: epoch %d, %d peers up, copies %d", cmap.cluster_id, cmap.epoch,
                      len(cmap.up_peers()), cmap.copies)
