@@ -69,6 +69,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     i = cs.add_parser("info", help="epoch, peers, zones, capacity and use")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     common(i)
+    ck = cs.add_parser("check", help="verify every object's replicas (places and content)",
+                       description="Check that every object of every VDI has its copies on the peers "
+                                   "placement names, with identical content (sha256 of each replica). "
+                                   "Exit status 1 if problems remain.")
+    ck.add_argument("--repair", action="store_true",
+                    help="replace missing or differing replicas with the majority's copy")
+    ck.add_argument("--json", action="store_true", help="machine-readable output")
+    common(ck)
     ss = cs.add_parser("status", help="peers up/down and recovery progress")
     ss.add_argument("--json", action="store_true", help="machine-readable output")
     ss.add_argument("--watch", action="store_true", help="refresh every second until recovery is done")
@@ -147,6 +155,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=2))
         else:
             print(_info_table(info))
+    elif action == "check":
+        report = _run(lambda pool: _check(pool, addresses, creds, args.repair), creds.secret, creds.cluster_id)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(_check_text(report))
+        return 1 if report["problems_left"] else 0
     elif action == "status":
         while True:
             info = _run(lambda pool: _info(pool, addresses), creds.secret, creds.cluster_id)
@@ -289,3 +304,82 @@ async def _join(pool: RpcPool, addresses: list[str], peer_addr: str, creds: Cred
         return cmap
     finally:
         await newcomer.aclose()
+
+
+async def _check(pool: RpcPool, addresses: list[str], creds: Credentials, repair: bool) -> dict[str, Any]:
+    from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
+    from vdifs.model.directory import Directory
+    from vdifs.model.placement import placement
+
+    cmap = ClusterMap.from_dict(await _first(pool, addresses, "cluster.map"))
+    meta = MetaClient("check", pool, cmap.meta_addresses())
+    _version, raw = await meta.register(DIRECTORY_KEY).get()
+    directory = Directory.decode(raw)
+    up = {p.peer_id: p for p in cmap.up_peers()}
+    problems: list[dict[str, Any]] = []
+    checked = 0
+    show = sys.stderr.isatty()
+    for name, rec in sorted(directory.vdis.items()):
+        holders: dict[int, set[str]] = {}
+        for pid, p in up.items():
+            after = None
+            while True:
+                page = await pool.call(p.address, "obj.list", {"vid": rec.vid, "after": after,
+                                                              "epoch": cmap.epoch}, timeout=60)
+                for oid in page["oids"]:
+                    holders.setdefault(oid, set()).add(pid)
+                if not page["more"] or not page["oids"]:
+                    break
+                after = page["oids"][-1]
+        digests: dict[int, dict[str, str | None]] = {oid: {} for oid in holders}
+        for pid, p in up.items():
+            mine = [oid for oid, hs in holders.items() if pid in hs]
+            for i in range(0, len(mine), 256):
+                got = await pool.call(p.address, "obj.digest", {"oids": mine[i:i + 256]}, timeout=120)
+                for oid, d in got.items():
+                    digests[int(oid, 16)][pid] = d
+        for oid in sorted(holders):
+            checked += 1
+            if show and checked % 64 == 0:
+                print(f"\rchecked {checked} objects", end="", file=sys.stderr, flush=True)
+            want = placement(cmap, oid, rec.copies)
+            ds = digests[oid]
+            counts: dict[str, int] = {}
+            for d in ds.values():
+                if d is not None:
+                    counts[d] = counts.get(d, 0) + 1
+            good = max(counts, key=lambda d: counts[d]) if counts else None
+            bad = [pid for pid in want if ds.get(pid) != good]
+            if bad:
+                problems.append({"vdi": name, "oid": f"{oid:016x}", "expected": want,
+                                 "missing": [pid for pid in bad if pid not in ds],
+                                 "differing": [pid for pid in bad if pid in ds],
+                                 "source": next((pid for pid, d in ds.items() if d == good), None),
+                                 "repaired": False})
+    if show and checked:
+        print(file=sys.stderr)
+    if repair:
+        for prob in problems:
+            if prob["source"] is None:
+                continue
+            source = up[prob["source"]].address
+            for pid in prob["missing"] + prob["differing"]:
+                await pool.call(up[pid].address, "obj.pull", {"oid": int(prob["oid"], 16), "source": source,
+                                                            "epoch": cmap.epoch}, timeout=120)
+            prob["repaired"] = True
+    left = [p for p in problems if not p["repaired"]]
+    return {"epoch": cmap.epoch, "vdis": len(directory.vdis), "objects": checked,
+            "problems": problems, "problems_left": len(left)}
+
+
+def _check_text(report: dict[str, Any]) -> str:
+    from vdifs.cli import _table
+
+    head = (f"checked {report['objects']} objects of {report['vdis']} VDIs at epoch {report['epoch']}: "
+            f"{len(report['problems'])} with missing or differing replicas")
+    if not report["problems"]:
+        return head + " - all replicas where placement says, identical"
+    rows = [[p["vdi"], p["oid"], ",".join(p["missing"]) or "-", ",".join(p["differing"]) or "-",
+             "repaired" if p["repaired"] else ("no good copy" if p["source"] is None else "needs --repair")]
+            for p in report["problems"]]
+    return head + "\n\n" + _table(rows, ["VDI", "OBJECT", "MISSING ON", "DIFFERS ON", "STATE"])

@@ -191,3 +191,38 @@ def test_new_peer_gets_its_share(cluster):
     wait_for(rebalanced, 60, "the new peer holds what placement gives it")
     with open(m.path("vm"), "rb") as f:
         assert len(f.read()) == 32 << 20
+
+
+def test_cluster_check_finds_and_repairs_a_corrupted_replica(cluster):
+    from .conftest import vdifs
+
+    cluster.format(3, copies=3)
+    m = cluster.mount("a")
+    payload = os.urandom(8 << 20)
+    with open(m.path("vm"), "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    vid = m.vid("vm")
+    args = ("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
+    assert "all replicas where placement says, identical" in vdifs(*args).stdout
+    # flip bytes in one replica file on one peer's disk
+    bad = cluster.peers[1]
+    name = sorted(bad.object_files(vid))[0]
+    path = os.path.join(bad.store, "obj", f"{vid:06x}", name)
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xde\xad\xbe\xef")
+    res = vdifs(*args, check=False)
+    assert res.returncode == 1 and name in res.stdout and bad.peer_id in res.stdout
+    res = vdifs(*args, "--repair", check=False)
+    assert res.returncode == 0 and "repaired" in res.stdout
+    assert "identical" in vdifs(*args).stdout
+    good = os.path.join(cluster.peers[0].store, "obj", f"{vid:06x}", name)
+    assert open(path, "rb").read() == open(good, "rb").read()
+    # a missing replica is found and restored the same way
+    os.unlink(path)
+    res = vdifs(*args, check=False)
+    assert res.returncode == 1 and "MISSING ON" in res.stdout
+    vdifs(*args, "--repair")
+    assert os.path.exists(path) and "identical" in vdifs(*args).stdout

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import hashlib
 import logging
 import os
 import secrets
@@ -23,7 +24,7 @@ from typing import IO, Any
 import msgpack
 import trio
 
-from vdifs.errors import VdifsError
+from vdifs.errors import ObjectNotFound, VdifsError
 from vdifs.meta.atomic import atomic_write
 from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, read_credentials
@@ -290,6 +291,8 @@ class PeerDaemon:
             "lease.fence": self.h_fence,
             "peer.ping": self.h_ping,
             "obj.fetch": self.h_fetch,
+            "obj.digest": self.h_digest,
+            "obj.pull": self.h_pull,
             "peer.probe": self.h_probe,
         }
 
@@ -486,6 +489,31 @@ class PeerDaemon:
         """A whole object, for a peer that recovers it."""
         return await self.store.read_all(self._oid(args))
 
+    async def h_digest(self, args: dict[str, Any], s: Session) -> dict[str, str | None]:
+        """sha256 of whole objects (for `cluster check`), keyed by the oid in hex
+        (frames only carry string keys); None for a missing one."""
+        oids = args["oids"]
+        if not isinstance(oids, list) or len(oids) > 1024:
+            raise ValueError("oids must be a list of at most 1024 object ids")
+        out: dict[str, str | None] = {}
+        for oid in oids:
+            try:
+                data = await self.store.read_all(int(oid))
+            except ObjectNotFound:
+                out[f"{oid:016x}"] = None
+                continue
+            out[f"{oid:016x}"] = await trio.to_thread.run_sync(_sha256_hex, data)
+        return out
+
+    async def h_pull(self, args: dict[str, Any], s: Session) -> int:
+        """Replace our copy of an object with the one `source` holds (repair)."""
+        assert self.rpc is not None
+        oid = self._oid(args)
+        data = await self.rpc.call(str(args["source"]), "obj.fetch", {"oid": oid}, timeout=60)
+        await self.store.create(oid, 0, data, len(data))
+        log.warning("object %016x replaced by the copy on %s (repair)", oid, args["source"])
+        return len(data)
+
     async def recover(self, oid: int) -> bool:
         """Copy an object we should hold but lack from any up peer that has it.
 
@@ -578,6 +606,10 @@ class PeerDaemon:
     async def h_finish_vid(self, args: dict[str, Any], s: Session) -> None:
         await self.store.remove_vid_dir(int(args["vid"]))
         await self.store.sync([])
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def run_peer(daemon: PeerDaemon) -> None:
