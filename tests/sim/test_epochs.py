@@ -93,6 +93,15 @@ async def make_cluster(tmp_path, n: int, net: MemoryNet):
     return creds, daemons
 
 
+async def connected_pool(daemons, net, nursery, creds) -> RemotePool:
+    """A mount's RemotePool talking over the in-memory network."""
+    pool = RemotePool([daemons[0].listen], creds, nursery, "mount-1")
+    pool.rpc = net.pool_for("mount")
+    pool.meta = MetaClient("mount-1", pool.rpc, [])
+    await pool.connect()
+    return pool
+
+
 def holders(daemons, oid):
     return {d.peer_id for d in daemons if oid in d.store._list_objects((oid >> 32) & 0xFFFFFF, None)}
 
@@ -100,10 +109,7 @@ def holders(daemons, oid):
 async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
     net = MemoryNet()
     creds, daemons = await make_cluster(tmp_path, 4, net)
-    pool = RemotePool([daemons[0].listen], creds, nursery, "mount-1")
-    pool.rpc = net.pool_for("mount")
-    pool.meta = MetaClient("mount-1", pool.rpc, [])
-    await pool.connect()
+    pool = await connected_pool(daemons, net, nursery, creds)
     pool.register_vdi(5, 2)
     assert pool.map.epoch == 1
     before = [data_oid(5, i) for i in range(40)]
@@ -165,10 +171,7 @@ async def test_object_lists_come_in_pages(tmp_path, nursery, monkeypatch):
     monkeypatch.setattr("vdifs.peer.daemon.LIST_PAGE", 7)
     net = MemoryNet()
     creds, daemons = await make_cluster(tmp_path, 3, net)
-    pool = RemotePool([daemons[0].listen], creds, nursery, "mount-1")
-    pool.rpc = net.pool_for("mount")
-    pool.meta = MetaClient("mount-1", pool.rpc, [])
-    await pool.connect()
+    pool = await connected_pool(daemons, net, nursery, creds)
     pool.register_vdi(9, 2)
     oids = [data_oid(9, i) for i in range(30)]
     for oid in oids:
