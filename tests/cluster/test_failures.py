@@ -226,3 +226,26 @@ def test_cluster_check_finds_and_repairs_a_corrupted_replica(cluster):
     assert res.returncode == 1 and "MISSING ON" in res.stdout
     vdifs(*args, "--repair")
     assert os.path.exists(path) and "identical" in vdifs(*args).stdout
+
+
+def test_two_failures_one_after_the_other_lose_nothing(cluster):
+    import hashlib
+
+    from tests.e2e.conftest import read_at
+
+    from .conftest import vdifs
+
+    cluster.format(5, copies=3)  # five meta peers: a majority survives two failures
+    m = cluster.mount("a")
+    payload = os.urandom(24 << 20)
+    with open(m.path("vm"), "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    check = ("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
+    for victim in (cluster.peers[4], cluster.peers[3]):
+        kill(victim)
+        wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
+        # recovery brings every object back to 3 replicas before the next failure
+        wait_for(lambda: vdifs(*check, check=False).returncode == 0, 90, "recovered to 3 replicas")
+        assert hashlib.sha256(read_at(m.path("vm"), 0, len(payload))).digest() == hashlib.sha256(payload).digest()

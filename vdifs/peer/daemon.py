@@ -532,6 +532,7 @@ class PeerDaemon:
                 except VdifsError:
                     continue
                 await self.store.create(oid, 0, data, len(data))
+                await self.store.sync([oid])  # durable before it counts as a replica
                 self.recovered += 1
                 log.info("recovered object %016x from peer %s", oid, p.peer_id)
                 return True
