@@ -220,3 +220,21 @@ async def test_volume_stays_pinned_while_resized(store_dir, nursery, monkeypatch
     await cat.resize("a", OBJ)
     assert seen and all(seen)  # never a second Volume for the same VDI mid-resize
     assert len(await data_objects(cat, a.vid)) == 1
+
+
+async def test_map_page_write_never_replaces_a_map_object(store_dir, nursery):
+    from vdifs.client.volume import Volume
+
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("m", 4096 * OBJ)
+    vol = await cat.open(rec.vid)
+    await vol.write(0, b"first")  # entry 0, map page 0 of map object 0
+    await vol.flush()
+    # a volume that did not see the map object (a listing that missed it) allocates
+    # an entry on another page of the same map object
+    blind = Volume(cat.pool, vol.record, cat.persist_meta)
+    await blind.write(2000 * OBJ, b"second")
+    await blind.flush()
+    again = await Volume.load(cat.pool, vol.record, cat.persist_meta, reconcile=False)
+    assert again.map.get(0) == rec.vid and again.map.get(2000) == rec.vid
+    assert await again.read(0, 5) == b"first"

@@ -62,7 +62,6 @@ class Volume:
         self._inflight: dict[int, int] = {}  # unlocked overwrites in flight, per index
         self._zero_checks: dict[int, bool] = {}  # index -> written during its zero check
         self._unsynced_chunks: set[int] = set()
-        self._map_chunks: set[int] = set()
         self.size_dirty = False  # size not yet in the directory: persisted by every flush
         self.times_dirty = False  # only times changed: persisted on close and unmount
         self.handles = 0
@@ -79,7 +78,6 @@ class Volume:
         entries = objects_for_size(record.size, vol.object_size)
         for oid in await pool.list_objects(record.vid, ObjectKind.MAP):
             chunk = unpack_oid(oid)[2]
-            vol._map_chunks.add(chunk)
             want = min(CHUNK_BYTES, max(0, entries - chunk * CHUNK_ENTRIES) * 4)
             if want:
                 vol.map.load_chunk(chunk, await pool.read(oid, 0, want))
@@ -309,17 +307,11 @@ class Volume:
                 chunk, offset = page_location(pno)
                 self.map.mark_clean(pno)
                 raw = self.map.page_bytes(pno)
-                oid = map_oid(self.vid, chunk)
                 try:
-                    if chunk in self._map_chunks:
-                        await self.pool.write(oid, offset, raw)
-                    else:
-                        await self.pool.create(oid, offset, raw, offset + PAGE_BYTES)
-                        self._map_chunks.add(chunk)
+                    await self._write_map_bytes(chunk, offset, raw)
                 except BaseException:
                     self.map.mark_dirty([pno])
                     raise
-                self._unsynced_chunks.add(chunk)
 
     async def _write_map_page(self, index: int) -> None:
         # Write-through: a kill -9 of the mount loses no allocation.
@@ -332,18 +324,25 @@ class Volume:
         """Write one 4-byte entry (shared VDIs: other mounts write other entries of the
         same page, so whole pages would undo each other's allocations)."""
         chunk, inner = divmod(index, CHUNK_ENTRIES)
+        await self._write_map_bytes(chunk, inner * 4, self.map.get(index).to_bytes(4, "little"))
+        self.map.mark_clean(index // (PAGE_BYTES // 4))
+
+    async def _write_map_bytes(self, chunk: int, offset: int, raw: bytes) -> None:
+        """Write into a map object, creating it if it does not exist yet.
+
+        Never a replacing create: a map object holds a million entries, and a
+        create that replaced one we failed to list (or one another mount just
+        made) would wipe them all. So: write; if missing, create exclusively;
+        if someone created it meanwhile, write into theirs."""
         oid = map_oid(self.vid, chunk)
-        raw = self.map.get(index).to_bytes(4, "little")
         try:
-            await self.pool.write(oid, inner * 4, raw)
+            await self.pool.write(oid, offset, raw)
         except ObjectNotFound:
             try:
-                await self.pool.create(oid, inner * 4, raw, inner * 4 + 4, exclusive=True)
+                await self.pool.create(oid, offset, raw, offset + len(raw), exclusive=True)
             except ObjectExists:
-                await self.pool.write(oid, inner * 4, raw)
-        self._map_chunks.add(chunk)
+                await self.pool.write(oid, offset, raw)
         self._unsynced_chunks.add(chunk)
-        self.map.mark_clean(index // (PAGE_BYTES // 4))
 
     async def _refresh_entry(self, index: int) -> int:
         """Re-read one map entry from the pool (shared VDIs keep no trusted map)."""

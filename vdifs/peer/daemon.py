@@ -511,6 +511,7 @@ class PeerDaemon:
         oid = self._oid(args)
         data = await self.rpc.call(str(args["source"]), "obj.fetch", {"oid": oid}, timeout=60)
         await self.store.create(oid, 0, data, len(data))
+        await self.store.sync([oid])  # a repaired replica is durable before we say so
         log.warning("object %016x replaced by the copy on %s (repair)", oid, args["source"])
         return len(data)
 
