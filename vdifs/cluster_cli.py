@@ -17,6 +17,7 @@ from vdifs.errors import VdifsError
 from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials, write_credentials
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.sizes import format_size
+from vdifs.wire import objlist
 from vdifs.wire.rpc import RpcClient, RpcPool
 
 T = TypeVar("T")
@@ -322,15 +323,13 @@ async def _check(pool: RpcPool, addresses: list[str], creds: Credentials, repair
     for name, rec in sorted(directory.vdis.items()):
         holders: dict[int, set[str]] = {}
         for pid, p in up.items():
-            after = None
-            while True:
-                page = await pool.call(p.address, "obj.list", {"vid": rec.vid, "after": after,
-                                                              "epoch": cmap.epoch}, timeout=60)
-                for oid in page["oids"]:
-                    holders.setdefault(oid, set()).add(pid)
-                if not page["more"] or not page["oids"]:
-                    break
-                after = page["oids"][-1]
+            async def call(args: dict[str, Any], address: str = p.address) -> dict[str, Any]:
+                reply: dict[str, Any] = await pool.call(address, "obj.list", {**args, "epoch": cmap.epoch},
+                                                        timeout=60)
+                return reply
+
+            for oid in await objlist.list_all(call, rec.vid):
+                holders.setdefault(oid, set()).add(pid)
         digests: dict[int, dict[str, str | None]] = {oid: {} for oid in holders}
         for pid, p in up.items():
             mine = [oid for oid, hs in holders.items() if pid in hs]

@@ -168,7 +168,7 @@ async def test_older_epoch_is_refused_with_the_newer_map(tmp_path, nursery):
 
 
 async def test_object_lists_come_in_pages(tmp_path, nursery, monkeypatch):
-    monkeypatch.setattr("vdifs.peer.daemon.LIST_PAGE", 7)
+    monkeypatch.setattr("vdifs.wire.objlist.LIST_PAGE", 7)
     net = MemoryNet()
     creds, daemons = await make_cluster(tmp_path, 3, net)
     pool = await connected_pool(daemons, net, nursery, creds)
@@ -179,3 +179,20 @@ async def test_object_lists_come_in_pages(tmp_path, nursery, monkeypatch):
     net.calls.clear()
     assert await pool.list_objects(9) == oids
     assert sum(1 for _, op, _ in net.calls if op == "obj.list") > 3  # several pages per peer
+
+
+async def test_peer_refuses_writes_outside_one_object(tmp_path, nursery):
+    net = MemoryNet()
+    creds, daemons = await make_cluster(tmp_path, 3, net)
+    d = daemons[0]
+    oid = data_oid(4, 0)
+    s = Session("m", True)
+    await d.h_create({"oid": oid, "offset": 0, "data": b"ok", "size": 4 << 20, "epoch": 1}, s)
+    for bad in ({"oid": oid, "offset": (4 << 20) - 1, "data": b"xx", "epoch": 1},
+                {"oid": oid, "offset": 0, "data": "text", "epoch": 1},
+                {"oid": -1, "offset": 0, "data": b"x", "epoch": 1}):
+        with pytest.raises((ValueError, TypeError)):
+            await d.h_write(bad, s)
+    with pytest.raises(ValueError):
+        await d.h_create({"oid": oid, "offset": 0, "data": b"x", "size": 8 << 20, "epoch": 1}, s)
+    assert await d.store.read(oid, 0, 4) == b"ok\0\0"  # nothing changed

@@ -24,6 +24,7 @@ from vdifs.meta.credentials import Credentials
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import unpack_oid
 from vdifs.model.placement import placement
+from vdifs.wire import objlist
 from vdifs.wire.rpc import ESTALE_EPOCH, PeerUnavailable, RemoteError, RpcPool
 
 log = logging.getLogger(__name__)
@@ -317,15 +318,12 @@ class RemotePool:
         found: set[int] = set()
         answered = 0
         for address in [p.address for p in self.map.up_peers()]:
-            after = None
+            async def call(args: dict[str, Any], address: str = address) -> dict[str, Any]:
+                reply: dict[str, Any] = await self._with_fresh_map(
+                    lambda m: self._call(address, "obj.list", args, m.epoch))
+                return reply
             try:
-                while True:
-                    page = await self._with_fresh_map(lambda m: self._call(
-                        address, "obj.list", {"vid": vid, "kind": kind, "after": after}, m.epoch))
-                    found.update(page["oids"])
-                    if not page["more"] or not page["oids"]:
-                        break
-                    after = page["oids"][-1]
+                found.update(await objlist.list_all(call, vid, kind))
                 answered += 1
             except PeerUnavailable as e:
                 log.info("listing vid %d: %s is unreachable; using the other replicas", vid, address)

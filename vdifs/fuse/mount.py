@@ -95,8 +95,9 @@ class Mount:
             nursery.start_soon(leases.run)
         else:
             store = ObjectStore(self.store_path)
-            store.open()
-            os.makedirs(os.path.join(self.store_path, "meta"), mode=0o700, exist_ok=True)
+            await trio.to_thread.run_sync(store.open)
+            await trio.to_thread.run_sync(lambda: os.makedirs(os.path.join(self.store_path, "meta"),
+                                                              mode=0o700, exist_ok=True))
             register = FileRegister(os.path.join(self.store_path, "meta", "directory"))
             catalog = Catalog(LocalPool(store), DirectoryService(register))
         if self.copies is not None:

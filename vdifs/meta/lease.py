@@ -101,9 +101,6 @@ class LeaseManager:
         return {"mount": self.mount_id, **self.identity}
 
     def is_ours(self, lease: Lease) -> bool:
-        return self._mine(lease)
-
-    def _mine(self, lease: Lease) -> bool:
         return lease.holder is not None and lease.holder.get("mount") == self.mount_id
 
     def _lock(self, vid: int) -> trio.Lock:
@@ -126,7 +123,7 @@ class LeaseManager:
             version, raw = await reg.get()
             lease = Lease.decode(raw)
             now = self.clock()
-            if lease.holder is not None and not self._mine(lease):
+            if lease.holder is not None and not self.is_ours(lease):
                 watch = self._watching.get(vid)
                 if watch is None or watch.version != version:
                     self._watching[vid] = _Watch(version, now)  # it moved: the holder is alive
@@ -160,7 +157,7 @@ class LeaseManager:
                 for _ in range(10):
                     version, raw = await reg.get()
                     lease = Lease.decode(raw)
-                    if not self._mine(lease) or lease.generation != held.generation:
+                    if not self.is_ours(lease) or lease.generation != held.generation:
                         return  # someone broke it meanwhile
                     lease.holder = None
                     if await reg.cas(version, lease.encode()):
@@ -212,7 +209,7 @@ class LeaseManager:
             try:
                 version, raw = await reg.get()
                 lease = Lease.decode(raw)
-                if not self._mine(lease) or lease.generation != held.generation:
+                if not self.is_ours(lease) or lease.generation != held.generation:
                     self._lose(vid, held, f"taken over by {lease.describe()} (generation {lease.generation})"
                                if lease.holder else f"broken (generation {lease.generation})")
                     return

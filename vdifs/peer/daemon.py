@@ -11,7 +11,6 @@ refresh its map before it answers.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import hashlib
 import logging
@@ -30,14 +29,15 @@ from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, read_credentials
 from vdifs.meta.paxos import Acceptor, FileAcceptorStorage
 from vdifs.model.cluster import UP, ClusterMap, PeerInfo, choose_meta
+from vdifs.model.ids import OBJECT_SIZE
 from vdifs.peer.health import FailureDetector
 from vdifs.peer.recovery import Recovery
 from vdifs.peer.store import ObjectStore, lock_store
+from vdifs.wire import objlist
 from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, RpcPool, RpcServer, Session, split_address
 
 log = logging.getLogger("vdifs.peer")
 
-LIST_PAGE = 100_000  # object ids per obj.list reply (~1 MB of msgpack)
 OPEN_OPS = frozenset({"peer.hello", "peer.register_pending", "cluster.format", "cluster.adopt"})
 
 
@@ -132,9 +132,9 @@ class PeerDaemon:
     # -- running -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        self._lock_file = lock_store(self.root)
+        self._lock_file = await trio.to_thread.run_sync(lock_store, self.root)
         try:
-            self._load_local_state()
+            await trio.to_thread.run_sync(self._load_local_state)
             host, port = split_address(self.listen)
             server = self.server = RpcServer(f"peer {self.peer_id}", self._handlers(),
                                secret=lambda: self.creds.secret if self.creds else None,
@@ -202,10 +202,7 @@ class PeerDaemon:
         me = current.peers.get(self.peer_id) if current else None
         if me is not None and me.state != UP:
             await self._return_from_down()
-        await self._change_map(self._add_peer_fn(self._me()))
-
-    async def change_map(self, fn) -> ClusterMap:  # type: ignore[no-untyped-def]
-        return await self._change_map(fn)
+        await self.change_map(self._add_peer_fn(self._me()))
 
     def _me(self) -> PeerInfo:
         return PeerInfo(self.peer_id, self.listen, self.zone, self.weight, UP)
@@ -241,7 +238,7 @@ class PeerDaemon:
             return cmap.with_changes(peers=peers)
         return fn
 
-    async def _change_map(self, fn) -> ClusterMap:  # type: ignore[no-untyped-def]
+    async def change_map(self, fn) -> ClusterMap:  # type: ignore[no-untyped-def]
         assert self.meta is not None and self.cmap is not None
         new = await self.meta.change_map(fn)
         await self.adopt_map(new)
@@ -373,7 +370,7 @@ class PeerDaemon:
     async def h_add_peer(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         self._need_map()
         info = PeerInfo(**args["peer"])
-        new = await self._change_map(self._add_peer_fn(info))
+        new = await self.change_map(self._add_peer_fn(info))
         log.info("peer %s at %s joined (epoch %d)", info.peer_id, info.address, new.epoch)
         return new.to_dict()
 
@@ -396,7 +393,7 @@ class PeerDaemon:
                 raise VdifsError(f"only {len(peers)} peers would remain for copies={m.copies}", code=errno.EINVAL)
             return m.with_changes(peers=peers)
 
-        new = await self._change_map(fn)
+        new = await self.change_map(fn)
         log.info("peer %s at %s left (epoch %d)", victim.peer_id, victim.address, new.epoch)
         return new.to_dict()
 
@@ -415,7 +412,7 @@ class PeerDaemon:
                 return None
             return m.with_changes(copies=copies, min_copies=min_copies)
 
-        return (await self._change_map(fn)).to_dict()
+        return (await self.change_map(fn)).to_dict()
 
     async def h_prepare(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         return await self.acceptor.prepare(str(args["key"]), (int(args["ballot"][0]), str(args["ballot"][1])))
@@ -561,28 +558,37 @@ class PeerDaemon:
         await self._have(self._oid(args))
         return await self.store.read(self._oid(args), self._range(args, "offset"), self._range(args, "length"))
 
-    async def h_write(self, args: dict[str, Any], s: Session) -> None:
+    async def _mutation(self, args: dict[str, Any], *, with_data: bool) -> tuple[int, int, bytes | bytearray]:
+        """Checks every change of an object passes first: epoch, lease fence, and
+        an offset and data that stay inside one object. Returns (oid, offset, data)."""
         await self._check_epoch(args)
-        self._check_fence(args, self._oid(args))
+        oid = self._oid(args)
+        self._check_fence(args, oid)
+        if not with_data:
+            return oid, 0, b""
         data = args["data"]
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError("data must be bytes")
-        await self._have(self._oid(args))
-        await self.store.write(self._oid(args), self._range(args, "offset"), data)
+        offset = self._range(args, "offset")
+        if offset + len(data) > OBJECT_SIZE:
+            raise ValueError(f"offset {offset} + {len(data)} bytes runs past the {OBJECT_SIZE} byte object")
+        return oid, offset, data
+
+    async def h_write(self, args: dict[str, Any], s: Session) -> None:
+        oid, offset, data = await self._mutation(args, with_data=True)
+        await self._have(oid)
+        await self.store.write(oid, offset, data)
 
     async def h_create(self, args: dict[str, Any], s: Session) -> None:
-        await self._check_epoch(args)
-        self._check_fence(args, self._oid(args))
-        data = args["data"]
-        if not isinstance(data, (bytes, bytearray)):
-            raise TypeError("data must be bytes")
-        await self.store.create(self._oid(args), self._range(args, "offset"), data, self._range(args, "size"),
-                                exclusive=bool(args.get("exclusive", False)))
+        oid, offset, data = await self._mutation(args, with_data=True)
+        size = self._range(args, "size")
+        if not offset + len(data) <= size <= OBJECT_SIZE:
+            raise ValueError(f"object size {size} must hold the data and be at most {OBJECT_SIZE}")
+        await self.store.create(oid, offset, data, size, exclusive=bool(args.get("exclusive", False)))
 
     async def h_delete(self, args: dict[str, Any], s: Session) -> None:
-        await self._check_epoch(args)
-        self._check_fence(args, self._oid(args))
-        await self.store.delete(self._oid(args))
+        oid, _, _ = await self._mutation(args, with_data=False)
+        await self.store.delete(oid)
 
     async def h_sync(self, args: dict[str, Any], s: Session) -> None:
         oids = args["oids"]
@@ -594,13 +600,8 @@ class PeerDaemon:
         """One page of a vid's object ids, after `after`: a 4 TiB VDI has a million
         objects, more than one frame holds, so lists come in pages."""
         kind = args.get("kind")
-        after = args.get("after")
-        limit = min(int(args.get("limit") or LIST_PAGE), LIST_PAGE)
         oids = await self.store.list_objects(int(args["vid"]), None if kind is None else int(kind))
-        if after is not None:
-            oids = oids[bisect.bisect_right(oids, int(after)):]
-        page = oids[:limit]
-        return {"oids": page, "more": len(oids) > limit}
+        return objlist.page(oids, args.get("after"), args.get("limit"))
 
     async def h_vids(self, args: dict[str, Any], s: Session) -> list[int]:
         return await self.store.list_vids()
@@ -614,7 +615,5 @@ def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def run_peer(daemon: PeerDaemon) -> None:
-    trio.run(daemon.run)
 
 

@@ -10,7 +10,6 @@ peer that is alive but finds itself marked down announces itself up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -110,5 +109,3 @@ class FailureDetector:
             log.warning("peer %s at %s stopped answering: marked down (epoch %d)", peer_id,
                         new.peers[peer_id].address, new.epoch)
 
-
-Rejoin = Callable[[], Awaitable[None]]

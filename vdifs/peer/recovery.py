@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -21,6 +21,7 @@ from vdifs.errors import VdifsError
 from vdifs.meta.consensus import DIRECTORY_KEY
 from vdifs.model.directory import Directory
 from vdifs.model.placement import placement
+from vdifs.wire import objlist
 
 if TYPE_CHECKING:
     from vdifs.peer.daemon import PeerDaemon
@@ -116,18 +117,17 @@ class Recovery:
         d = self.daemon
         assert d.rpc is not None and d.cmap is not None
         found: set[int] = set(await d.store.list_stale(vid))  # maybe the only copy left
+        rpc, epoch = d.rpc, d.cmap.epoch
         for p in d.cmap.up_peers():
             if p.peer_id == d.peer_id:
                 continue
-            after = None
-            while True:
-                try:
-                    page = await d.rpc.call(p.address, "obj.list", {"vid": vid, "after": after,
-                                                                   "epoch": d.cmap.epoch}, timeout=30)
-                except VdifsError:
-                    break  # that peer may be the one that just died
-                found.update(page["oids"])
-                if not page["more"] or not page["oids"]:
-                    break
-                after = page["oids"][-1]
+
+            async def call(args: dict[str, Any], address: str = p.address) -> dict[str, Any]:
+                reply: dict[str, Any] = await rpc.call(address, "obj.list", {**args, "epoch": epoch}, timeout=30)
+                return reply
+
+            try:
+                found.update(await objlist.list_all(call, vid))
+            except VdifsError:
+                continue  # that peer may be the one that just died
         return found
