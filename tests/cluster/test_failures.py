@@ -169,10 +169,13 @@ def test_new_peer_gets_its_share(cluster):
     from vdifs.model.cluster import ClusterMap
     from vdifs.model.placement import placement
 
+    import hashlib
+
     cluster.format(3, copies=2)
     m = cluster.mount("a")
+    payload = os.urandom(32 << 20)
     with open(m.path("vm"), "wb") as f:
-        f.write(os.urandom(32 << 20))
+        f.write(payload)
     vid = m.vid("vm")
     newcomer = cluster.add_peer("--join", cluster.peers[0].address, "--secret-file", cluster.secret)
 
@@ -189,8 +192,8 @@ def test_new_peer_gets_its_share(cluster):
         return bool(mine) and mine <= newcomer.object_files(vid, kind="")
 
     wait_for(rebalanced, 60, "the new peer holds what placement gives it")
-    with open(m.path("vm"), "rb") as f:
-        assert len(f.read()) == 32 << 20
+    with open(m.path("vm"), "rb") as f:  # reads now also go to the new peer's copies
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(payload).digest()
 
 
 def test_cluster_check_finds_and_repairs_a_corrupted_replica(cluster):
