@@ -238,3 +238,22 @@ async def test_map_page_write_never_replaces_a_map_object(store_dir, nursery):
     again = await Volume.load(cat.pool, vol.record, cat.persist_meta, reconcile=False)
     assert again.map.get(0) == rec.vid and again.map.get(2000) == rec.vid
     assert await again.read(0, 5) == b"first"
+
+
+async def test_map_load_does_not_trust_listings(store_dir, nursery):
+    from vdifs.client.volume import Volume
+
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("l", 8 * OBJ)
+    vol = await cat.open(rec.vid)
+    await vol.write(3 * OBJ, b"allocated")
+    await vol.flush()
+    real_list = cat.pool.list_objects
+
+    async def listing_that_misses_map_objects(vid, kind=None):
+        return [o for o in await real_list(vid, kind) if (o >> 56) != ObjectKind.MAP]
+
+    cat.pool.list_objects = listing_that_misses_map_objects  # like a peer that did not answer
+    again = await Volume.load(cat.pool, vol.record, cat.persist_meta, reconcile=False)
+    assert again.map.get(3) == rec.vid  # not a hole that a write would replace
+    assert await again.read(3 * OBJ, 9) == b"allocated"

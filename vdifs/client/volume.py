@@ -76,11 +76,17 @@ class Volume:
                    *, reconcile: bool = True) -> Volume:
         vol = cls(pool, record, persist_meta)
         entries = objects_for_size(record.size, vol.object_size)
-        for oid in await pool.list_objects(record.vid, ObjectKind.MAP):
-            chunk = unpack_oid(oid)[2]
-            want = min(CHUNK_BYTES, max(0, entries - chunk * CHUNK_ENTRIES) * 4)
-            if want:
-                vol.map.load_chunk(chunk, await pool.read(oid, 0, want))
+        # Read every map object the size covers rather than listing them: a
+        # listing skips unreachable peers, and a map object missed that way
+        # would make allocated objects look like holes (a later write would
+        # replace them). A read says "not found" only when every replica did.
+        for chunk in range(objects_for_size(entries, CHUNK_ENTRIES)):
+            want = min(CHUNK_BYTES, (entries - chunk * CHUNK_ENTRIES) * 4)
+            try:
+                raw = await pool.read(map_oid(record.vid, chunk), 0, want)
+            except ObjectNotFound:
+                continue  # nothing allocated in this part of the VDI yet
+            vol.map.load_chunk(chunk, raw)
         if reconcile:
             await vol.reconcile()
         return vol
