@@ -90,3 +90,87 @@ async def test_plain_receive_refuses_a_blob():
     await FrameStream(a).send([1], blob=b"data")
     with pytest.raises(ProtocolError, match="unexpected data"):
         await FrameStream(b).receive()
+
+
+async def _socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    await listeners[0].aclose()
+    return client, server
+
+
+async def _send_concurrently(monkeypatch, sizes) -> int:
+    """200 tasks send at once over a real socket; every frame must arrive
+    exactly once and intact. Returns how many sendmsg calls carried them."""
+    client, server = await _socket_pair()
+    sender, receiver = FrameStream(client, 1 << 22), FrameStream(server, 1 << 22)
+    calls = 0
+    real = type(client.socket).sendmsg
+
+    async def counting(sock, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return await real(sock, *args, **kwargs)
+
+    monkeypatch.setattr(type(client.socket), "sendmsg", counting)
+    expected = {i: bytes([i % 251]) * sizes(i) for i in range(200)}
+    got: dict[int, bytes] = {}
+    async with trio.open_nursery() as n:
+        async def receive_all():
+            for _ in expected:
+                msg, blob = await receiver.receive_frame()
+                assert msg[0] not in got
+                got[msg[0]] = bytes(blob)
+        n.start_soon(receive_all)
+        async with trio.open_nursery() as senders:
+            for i, data in expected.items():
+                senders.start_soon(sender.send, [i, "x", {}], data)
+    assert got == expected
+    await client.aclose()
+    await server.aclose()
+    return calls
+
+
+async def test_small_frames_from_concurrent_senders_share_sendmsg_calls(monkeypatch):
+    """Frames queued behind a busy sender ride along in its next sendmsg."""
+    calls = await _send_concurrently(monkeypatch, lambda i: 1 + i % 100)
+    assert 0 < calls < 100
+
+
+async def test_big_frames_from_concurrent_senders_arrive_whole(monkeypatch):
+    """Also when big frames need several sendmsg calls each."""
+    await _send_concurrently(monkeypatch, lambda i: 1 + (i * 7919) % 300000)
+
+
+async def test_a_send_cancelled_while_waiting_never_goes_out():
+    client, server = await _socket_pair()
+    sender, receiver = FrameStream(client, 1 << 24), FrameStream(server, 1 << 24)
+    async with trio.open_nursery() as n:
+        # A big frame keeps the sender busy (nobody reads yet), so the next waits.
+        n.start_soon(sender.send, ["big"], b"b" * (15 << 20))
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0.2):
+            await sender.send(["cancelled"])
+        await sender_after(n, sender)
+        msg, blob = await receiver.receive_frame()
+        assert msg == ["big"] and len(blob) == 15 << 20
+        assert await receiver.receive() == ["after"]
+    await client.aclose()
+    await server.aclose()
+
+
+async def sender_after(n: trio.Nursery, sender: FrameStream) -> None:
+    n.start_soon(sender.send, ["after"])
+
+
+async def test_a_failed_send_breaks_the_stream_for_every_later_sender():
+    client, server = await _socket_pair()
+    sender = FrameStream(client)
+    await server.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first sends may still land in kernel buffers
+            await sender.send(["x"], b"y" * 65536)
+    with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+        await sender.send(["later"])

@@ -18,7 +18,8 @@ import os
 import secrets
 import signal
 import time
-from typing import IO, Any
+from collections.abc import Awaitable, Callable
+from typing import IO, Any, TypeVar
 
 import msgpack
 import trio
@@ -37,6 +38,7 @@ from vdifs.wire import objlist
 from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, RpcPool, RpcServer, Session, split_address
 
 log = logging.getLogger("vdifs.peer")
+T = TypeVar("T")
 
 OPEN_OPS = frozenset({"peer.hello", "peer.register_pending", "cluster.format", "cluster.adopt"})
 
@@ -549,14 +551,21 @@ class PeerDaemon:
         log.warning("peer %s was marked down: its objects moved to %s; recovery will fetch current copies",
                     self.peer_id, dest)
 
-    async def _have(self, oid: int) -> None:
-        if not await self.store.exists(oid):
-            await self.recover(oid)
+    async def _recovering_first(self, oid: int, op: Callable[[], Awaitable[T]]) -> T:
+        """Run `op` on an object; if we lack it (we took it over in a new epoch
+        and recovery has not reached it yet), recover it first and run `op`
+        again. Trying first keeps the common case at one store call."""
+        try:
+            return await op()
+        except ObjectNotFound:
+            if not await self.recover(oid):
+                raise
+        return await op()
 
     async def h_read(self, args: dict[str, Any], s: Session) -> bytes | bytearray:
         await self._check_epoch(args)
-        await self._have(self._oid(args))
-        return await self.store.read(self._oid(args), self._range(args, "offset"), self._range(args, "length"))
+        oid, offset, length = self._oid(args), self._range(args, "offset"), self._range(args, "length")
+        return await self._recovering_first(oid, lambda: self.store.read(oid, offset, length))
 
     async def _mutation(self, args: dict[str, Any], *, with_data: bool) -> tuple[int, int, bytes | bytearray]:
         """Checks every change of an object passes first: epoch, lease fence, and
@@ -576,8 +585,7 @@ class PeerDaemon:
 
     async def h_write(self, args: dict[str, Any], s: Session) -> None:
         oid, offset, data = await self._mutation(args, with_data=True)
-        await self._have(oid)
-        await self.store.write(oid, offset, data)
+        await self._recovering_first(oid, lambda: self.store.write(oid, offset, data))
 
     async def h_create(self, args: dict[str, Any], s: Session) -> None:
         oid, offset, data = await self._mutation(args, with_data=True)

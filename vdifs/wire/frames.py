@@ -20,6 +20,7 @@ import trio
 
 HEADER = struct.Struct(">II")
 DEFAULT_MAX_FRAME = 1 << 20
+IOV_BATCH = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 Blob = bytes | bytearray | memoryview
 
 
@@ -57,6 +58,8 @@ class FrameStream:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._send_lock = trio.Lock()
+        self._queue: list[Blob] = []  # frames waiting for the sender that holds the lock
+        self._send_error: BaseException | None = None
 
     async def _fill(self, out: bytearray, *, at_boundary: bool) -> None:
         """Fill `out` completely from the buffered bytes and the stream."""
@@ -101,10 +104,62 @@ class FrameStream:
         return msg
 
     async def send(self, obj: Any, blob: Blob | None = None) -> None:
-        parts = encode_frame(obj, self.max_frame, blob)
-        async with self._send_lock:
+        """Send one frame; returns once it is handed to the kernel.
+
+        Frames queued while another task is sending go out together in the
+        next `sendmsg` (one system call and one wakeup of the receiver for
+        many small frames): the task that gets the lock sends everything
+        queued so far, and the tasks whose frames it carried find the queue
+        empty. A failed send closes the stream, so the reader ends too and
+        the connection's owner fails what is in flight and reconnects."""
+        mine = encode_frame(obj, self.max_frame, blob)
+        self._queue.extend(mine)
+        try:
+            await self._send_lock.acquire()
+        except BaseException:
+            self._unqueue(mine)  # cancelled before anyone sent it: it never goes out
+            raise
+        try:
+            if self._send_error is not None:
+                raise trio.BrokenResourceError(f"an earlier send failed: {self._send_error!r}")
+            if not self._queue:
+                return  # an earlier sender carried our frame
+            parts, self._queue = self._queue, []
+            try:
+                await self._send_parts(parts)
+            except BaseException as e:
+                self._send_error = e  # frames may be half-sent: the stream is unusable
+                with trio.CancelScope(shield=True):
+                    await self.stream.aclose()
+                raise
+        finally:
+            self._send_lock.release()
+
+    def _unqueue(self, mine: list[Blob]) -> None:
+        for i in range(len(self._queue) - len(mine) + 1):
+            if all(a is b for a, b in zip(self._queue[i:i + len(mine)], mine)):
+                del self._queue[i:i + len(mine)]
+                return
+
+    async def _send_parts(self, parts: list[Blob]) -> None:
+        sock = getattr(self.stream, "socket", None)
+        if not isinstance(self.stream, trio.SocketStream) or sock is None:
             for part in parts:
                 await self.stream.send_all(part)
+            return
+        views = [memoryview(p).cast("B") for p in parts]
+        while views:
+            try:
+                sent = await sock.sendmsg(views[:IOV_BATCH])
+            except OSError as e:  # as SocketStream.send_all reports it
+                raise trio.BrokenResourceError(f"socket connection broken: {e}") from e
+            while sent and views:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
 
     async def aclose(self) -> None:
         await self.stream.aclose()
