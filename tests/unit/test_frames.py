@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import trio
 import trio.testing
@@ -174,3 +176,35 @@ async def test_a_failed_send_breaks_the_stream_for_every_later_sender():
             await sender.send(["x"], b"y" * 65536)
     with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
         await sender.send(["later"])
+
+
+async def test_a_frame_being_sent_goes_out_whole_even_if_its_sender_is_cancelled():
+    """Cancelling a task mid-send must not cut its frame short (that would
+    corrupt the stream for every other request on the connection)."""
+    client, server = await _socket_pair()
+    sender, receiver = FrameStream(client, 1 << 24), FrameStream(server, 1 << 24)
+    big = os.urandom(8 << 20)  # more than the socket buffers hold: the send blocks
+    cancelled_at = None
+
+    async def send_then_get_cancelled() -> None:
+        nonlocal cancelled_at
+        with trio.CancelScope() as scope:
+            n.start_soon(cancel_soon, scope)
+            await sender.send(["big"], big)
+        cancelled_at = trio.current_time()
+
+    async def cancel_soon(scope: trio.CancelScope) -> None:
+        await trio.sleep(0.2)
+        scope.cancel()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(send_then_get_cancelled)
+        await trio.sleep(0.5)  # the sender is blocked, and its cancel has come
+        assert cancelled_at is None  # still sending: the frame is not cut
+        msg, blob = await receiver.receive_frame()
+        assert msg == ["big"] and bytes(blob) == big
+        await sender.send(["after"])
+        assert await receiver.receive() == ["after"]
+    assert cancelled_at is not None
+    await client.aclose()
+    await server.aclose()

@@ -20,6 +20,7 @@ import trio
 
 HEADER = struct.Struct(">II")
 DEFAULT_MAX_FRAME = 1 << 20
+SEND_TIMEOUT = 60.0  # seconds a receiver may leave a frame unread before the stream is given up
 IOV_BATCH = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 Blob = bytes | bytearray | memoryview
 
@@ -125,13 +126,24 @@ class FrameStream:
             if not self._queue:
                 return  # an earlier sender carried our frame
             parts, self._queue = self._queue, []
-            try:
-                await self._send_parts(parts)
-            except BaseException as e:
-                self._send_error = e  # frames may be half-sent: the stream is unusable
+            # The batch carries other tasks' frames and a frame cut short
+            # corrupts the stream: it goes out whole even if this task is
+            # cancelled meanwhile, unless the receiver stalls for SEND_TIMEOUT.
+            with trio.move_on_after(SEND_TIMEOUT) as scope:
+                scope.shield = True
+                try:
+                    await self._send_parts(parts)
+                except BaseException as e:
+                    self._send_error = e
+            if scope.cancelled_caught:
+                self._send_error = trio.BrokenResourceError(
+                    f"the receiver took nothing for {SEND_TIMEOUT:.0f} s")
+            if self._send_error is not None:
                 with trio.CancelScope(shield=True):
-                    await self.stream.aclose()
-                raise
+                    await self.stream.aclose()  # frames may be half-sent: the stream is unusable
+                if isinstance(self._send_error, trio.BrokenResourceError):
+                    raise self._send_error
+                raise trio.BrokenResourceError(f"send failed: {self._send_error!r}") from self._send_error
         finally:
             self._send_lock.release()
 
