@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # bench/cluster.sh [OUTDIR]: issue 3's comparison, one run, loopback only.
 #   gluster : ../shared/bench/gluster/setup.sh (replica 3, 4 MB shards) at /mnt/gluster
+#   netfs   : bench/netfs_ceiling.py, the fastest a pyfuse3 file system whose
+#             data lives in three other Python processes (loopback TCP,
+#             reads from one, writes to all three) can be: the bound for
+#             this architecture on this machine
 #   vdifs   : three `vdifs peer` processes on 127.0.0.1 and one mount, copies=3
-# Both through ../shared/bench/fio-suite.sh (O_DIRECT when the target takes it).
+# All through the jobs of ../shared/bench/fio-suite.sh (O_DIRECT); netfs serves
+# one file, so it runs them through bench/fio-jobs.sh.
 # Guest RAM is touched once first: on this VM the first write into a page of
 # RAM is ~7x slower than later ones, which otherwise favours whoever runs last.
 # Records the peak RSS of each vdifs process. Needs root.
@@ -17,6 +22,7 @@ mkdir -p "$OUT"
 pids=()
 cleanup() {
     fusermount3 -u "$WORK/mnt" 2>/dev/null || true
+    fusermount3 -u "$WORK/netfs" 2>/dev/null || true
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$WORK"
@@ -37,6 +43,23 @@ dd if=/dev/zero of=/dev/shm/vdifs-warm bs=1M count="$avail" status=none; rm -f /
 bash "$SHARED/bench/gluster/setup.sh" > "$OUT/gluster-setup.log" 2>&1
 echo "== GlusterFS replica 3"
 bash "$SHARED/bench/fio-suite.sh" /mnt/gluster "$OUT/gluster"
+
+PY=${PY:-$TOP/.venv/bin/python}
+echo "== netfs ceiling (pyfuse3 + 3 data processes over loopback)"
+mkdir -p "$WORK/netfs"
+nports=()
+for i in 1 2 3; do
+    p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    nports+=("$p"); "$PY" "$HERE/netfs_ceiling.py" serve "$p" 2048 & pids+=($!)
+done
+for p in "${nports[@]}"; do  # until every server listens
+    for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $p))" 2>/dev/null && break; sleep 0.1; done
+done
+"$PY" "$HERE/netfs_ceiling.py" mount "$WORK/netfs" 2048 "$(IFS=,; echo "${nports[*]}")" & pids+=($!)
+for _ in $(seq 100); do mountpoint -q "$WORK/netfs" && break; sleep 0.1; done
+mountpoint -q "$WORK/netfs" || { echo "netfs ceiling did not mount" >&2; exit 1; }
+"$HERE/fio-jobs.sh" "$WORK/netfs/disk" "$OUT/netfs"
+fusermount3 -u "$WORK/netfs"
 
 echo "== vdifs, 3 peers, copies=3"
 rm -rf "$WORK"; mkdir -p "$WORK"

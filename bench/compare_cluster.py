@@ -1,4 +1,5 @@
-"""Table of one cluster bench run: vdifs (3 peers, copies=3) against GlusterFS replica 3."""
+"""Table of one cluster bench run: vdifs (3 peers, copies=3) against GlusterFS
+replica 3 and against the bound of its architecture (bench/netfs_ceiling.py)."""
 
 import json
 import os
@@ -21,15 +22,15 @@ def metric(target, job):
     return j[side]["bw_bytes"] / 1e6, "MB/s"
 
 
-print("| job | unit | GlusterFS replica 3 | vdifs copies=3 | vdifs / GlusterFS |")
-print("|---|---|---:|---:|---:|")
+print("| job | unit | GlusterFS replica 3 | netfs ceiling | vdifs copies=3 | vdifs / GlusterFS | ceiling / GlusterFS |")
+print("|---|---|---:|---:|---:|---:|---:|")
 for job in JOBS:
-    g, v = metric("gluster", job), metric("vdifs", job)
-    unit = (g or v or (0, ""))[1]
+    g, n, v = metric("gluster", job), metric("netfs", job), metric("vdifs", job)
+    unit = (g or v or n or (0, ""))[1]
     cell = lambda m: f"{m[0]:.0f}" if m else "failed"
-    ratio = f"{v[0] / g[0]:.2f}x" if g and v and g[0] else "-"
-    print(f"| {job} | {unit} | {cell(g)} | {cell(v)} | {ratio} |")
-for target in ("gluster", "vdifs"):
+    ratio = lambda a, b: f"{a[0] / b[0]:.2f}x" if a and b and b[0] else "-"
+    print(f"| {job} | {unit} | {cell(g)} | {cell(n)} | {cell(v)} | {ratio(v, g)} | {ratio(n, g)} |")
+for target in ("gluster", "netfs", "vdifs"):
     try:
         verdict = [line for line in open(os.path.join(out, target, "summary.txt")) if line.startswith("verify")][0]
         print(f"\n{target} {verdict.strip()}")
