@@ -71,3 +71,9 @@ def error_from_wire(code: int, message: str) -> VdifsError:
         if cls.errno == code:
             return cls(message)
     return VdifsError(message, code=code)
+
+
+class ChecksumError(VdifsError):
+    """A replica's bytes do not match its block checksums: it rotted on disk."""
+
+    errno = errno.EBADMSG

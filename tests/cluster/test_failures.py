@@ -165,11 +165,42 @@ def test_deleted_while_a_peer_is_down_stays_deleted(cluster):
     assert held_before > 0
 
 
-def test_new_peer_gets_its_share(cluster):
+def _map(peer):
     from vdifs.model.cluster import ClusterMap
+
+    path = os.path.join(peer.store, "meta", "cluster_map")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return ClusterMap.decode(f.read())
+
+
+def _exactly_at_placement(peers, vid: int, copies: int) -> bool:
+    """Every object of `vid` is served by exactly the peers placement names, and
+    no handed-off copy is left anywhere."""
     from vdifs.model.placement import placement
 
+    cmap = _map(peers[0])
+    up = {p.peer_id for p in cmap.up_peers()}
+    live = [p for p in peers if p.peer_id in up]
+    held = {p.peer_id: p.object_files(vid, kind="") for p in live}
+    everything = set().union(*held.values())
+    if any(os.listdir(os.path.join(p.store, "handoff")) for p in live
+           if os.path.isdir(os.path.join(p.store, "handoff"))):
+        return False
+    return bool(everything) and all(
+        {pid for pid, names in held.items() if o in names} == set(placement(cmap, int(o, 16), copies))
+        for o in everything)
+
+
+def test_new_peer_gets_its_share_and_old_copies_never_come_back(cluster):
+    """A peer joins: objects move to it, the peers they moved from stop serving
+    them and drop them once everyone recovered. Then data changes and the new
+    peer dies: placement hands its objects back to their old holders, which
+    must fetch the current bytes, not serve what they held before the join."""
     import hashlib
+
+    from tests.e2e.conftest import read_at
 
     cluster.format(3, copies=2)
     m = cluster.mount("a")
@@ -178,22 +209,41 @@ def test_new_peer_gets_its_share(cluster):
         f.write(payload)
     vid = m.vid("vm")
     newcomer = cluster.add_peer("--join", cluster.peers[0].address, "--secret-file", cluster.secret)
+    wait_for(lambda: (_map(newcomer) is not None and len(_map(newcomer).up_peers()) == 4
+                      and _map(cluster.peers[0]).epoch == _map(newcomer).epoch
+                      and newcomer.object_files(vid, kind="")
+                      and _exactly_at_placement(cluster.peers, vid, 2)),
+             90, "objects moved to the new peer and nowhere else")
+    assert hashlib.sha256(read_at(m.path("vm"), 0, len(payload))).digest() == hashlib.sha256(payload).digest()
+    moved = newcomer.object_files(vid, kind="00")
 
-    def rebalanced() -> bool:
-        path = os.path.join(newcomer.store, "meta", "cluster_map")
-        if not os.path.exists(path):
-            return False  # not joined yet
-        with open(path, "rb") as f:
-            cmap = ClusterMap.decode(f.read())
-        if len(cmap.up_peers()) != 4:
-            return False
-        mine = {o for o in set().union(*(p.object_files(vid, kind="") for p in cluster.peers[:3]))
-                if newcomer.peer_id in placement(cmap, int(o, 16), 2)}
-        return bool(mine) and mine <= newcomer.object_files(vid, kind="")
+    changed = os.urandom(32 << 20)  # every object changes while the newcomer holds its share
+    with open(m.path("vm"), "r+b") as f:
+        f.write(changed)
+        f.flush()
+        os.fsync(f.fileno())
+    kill(newcomer)
+    wait_for(lambda: states(cluster)[1][newcomer.address] == "down", 30, "newcomer down")
+    wait_for(lambda: _exactly_at_placement(cluster.peers[:3], vid, 2), 90, "objects back at 2 replicas")
+    assert moved, "the newcomer held data objects"
+    got = read_direct(m.path("vm"), len(changed))  # from the peers, not the mount's page cache
+    assert hashlib.sha256(got).digest() == hashlib.sha256(changed).digest()
 
-    wait_for(rebalanced, 60, "the new peer holds what placement gives it")
-    with open(m.path("vm"), "rb") as f:  # reads now also go to the new peer's copies
-        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(payload).digest()
+
+def read_direct(path: str, length: int) -> bytes:
+    import mmap
+
+    buf = mmap.mmap(-1, 1 << 20)
+    out = bytearray()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        while len(out) < length:
+            n = os.preadv(fd, [buf], len(out))
+            assert n > 0
+            out += buf[:min(n, length - len(out))]
+    finally:
+        os.close(fd)
+    return bytes(out)
 
 
 def test_cluster_check_finds_and_repairs_a_corrupted_replica(cluster):
@@ -252,3 +302,80 @@ def test_two_failures_one_after_the_other_lose_nothing(cluster):
         # recovery brings every object back to 3 replicas before the next failure
         wait_for(lambda: vdifs(*check, check=False).returncode == 0, 90, "recovered to 3 replicas")
         assert hashlib.sha256(read_at(m.path("vm"), 0, len(payload))).digest() == hashlib.sha256(payload).digest()
+
+
+def _first_replica(cluster, oid: int):
+    """The peer a read of `oid` goes to first (placement order)."""
+    from vdifs.model.cluster import ClusterMap
+    from vdifs.model.placement import placement
+
+    with open(os.path.join(cluster.peers[0].store, "meta", "cluster_map"), "rb") as f:
+        cmap = ClusterMap.decode(f.read())
+    first = placement(cmap, oid, cmap.copies)[0]
+    return next(p for p in cluster.peers if p.peer_id == first)
+
+
+def test_a_rotten_replica_is_never_served_and_repairs_itself_on_read(cluster):
+    """Flipped bits in the replica a read goes to: the peer's block checksums
+    catch them, it sets the file aside, fetches a good copy and serves that."""
+    cluster.format(3, copies=3)
+    m = cluster.mount("a")
+    payload = os.urandom(8 << 20)
+    with open(m.path("vm"), "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    vid = m.vid("vm")
+    name = sorted(cluster.peers[0].object_files(vid))[1]  # the second 4 MiB object
+    bad = _first_replica(cluster, int(name, 16))
+    path = os.path.join(bad.store, "obj", f"{vid:06x}", name)
+    good = open(path, "rb").read()
+    with open(path, "r+b") as f:
+        f.seek(123456)
+        f.write(b"\xde\xad\xbe\xef")
+    assert read_direct(m.path("vm"), 8 << 20) == payload  # past the mount's page cache
+    assert open(path, "rb").read() == good  # repaired in place
+    aside = os.listdir(os.path.join(bad.store, "corrupt"))
+    assert len(aside) == 1 and aside[0].startswith(name)
+    assert "corrupt" in bad.log_text() and "repaired from another peer" in bad.log_text()
+
+
+def test_recovery_stops_short_of_filling_a_small_store(cluster):
+    """A new peer whose store is a 40 MiB tmpfs, with a 24 MiB recovery reserve:
+    recovery copies what fits, stops with free space >= the reserve, says so
+    in `cluster status`, and the data stays whole (read from the other copies)."""
+    import hashlib
+    import subprocess
+
+    from .conftest import vdifs
+
+    cluster.format(3, copies=2)
+    m = cluster.mount("a")
+    payload = os.urandom(64 << 20)
+    with open(m.path("vm"), "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    small = os.path.join(cluster.root, f"peer{len(cluster.peers)}")
+    os.makedirs(small)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", small], check=True)
+    try:
+        newcomer = cluster.add_peer("--join", cluster.peers[0].address, "--secret-file", cluster.secret,
+                                    "--recovery-reserve", "24M")
+        status = ("cluster", "status", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
+        wait_for(lambda: "stopped: only" in vdifs(*status).stdout, 60, "recovery on the small store stops")
+        out = vdifs(*status).stdout
+        assert "the reserve is 24 MiB" in out and newcomer.peer_id in out
+        st = os.statvfs(small)
+        assert st.f_bavail * st.f_frsize >= 24 << 20
+        assert newcomer.object_files(vid=None, kind="")  # it took what fit
+        assert "recovery stopped: only" in newcomer.log_text()
+        # the newcomer did not finish its epoch: the others keep what they handed off
+        handed_off = [os.path.join(dp, f) for p in cluster.peers[:3]
+                      for dp, _, fs in os.walk(os.path.join(p.store, "handoff")) for f in fs]
+        assert handed_off
+        got = read_direct(m.path("vm"), len(payload))
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    finally:
+        cluster.stop()  # the peer must let go of the tmpfs
+        subprocess.run(["umount", "-l", small], check=False)

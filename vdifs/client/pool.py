@@ -8,11 +8,15 @@ same interface.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from vdifs.errors import ChecksumError, PoolError
 from vdifs.peer.store import ObjectStore
+
+log = logging.getLogger("vdifs.pool")
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,6 @@ class LocalPool:
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
-        self.read = store.read
         self.write = store.write
         self.create = store.create
         self.delete = store.delete
@@ -89,6 +92,14 @@ class LocalPool:
         self.list_vids = store.list_vids
         self.list_objects = store.list_objects
         self.finish_vid = store.remove_vid_dir
+
+    async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
+        try:
+            return await self.store.read(oid, offset, length)
+        except ChecksumError as e:
+            # One copy, and it rotted: an I/O error, never the bad bytes.
+            log.error("%s; there is no other copy to repair it from", e)
+            raise PoolError(str(e)) from None
 
     def register_vdi(self, vid: int, copies: int) -> None:
         pass  # one copy of everything

@@ -96,6 +96,7 @@ class Mount:
         else:
             store = ObjectStore(self.store_path)
             await trio.to_thread.run_sync(store.open)
+            nursery.start_soon(store.keep_checksums_durable)
             await trio.to_thread.run_sync(lambda: os.makedirs(os.path.join(self.store_path, "meta"),
                                                               mode=0o700, exist_ok=True))
             register = FileRegister(os.path.join(self.store_path, "meta", "directory"))

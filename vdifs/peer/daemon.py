@@ -24,7 +24,7 @@ from typing import IO, Any, TypeVar
 import msgpack
 import trio
 
-from vdifs.errors import ObjectNotFound, VdifsError
+from vdifs.errors import ChecksumError, NoSpace, ObjectNotFound, VdifsError
 from vdifs.meta.atomic import atomic_write
 from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, read_credentials
@@ -156,6 +156,7 @@ class PeerDaemon:
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self.health.run)
                 nursery.start_soon(self.recovery.run)
+                nursery.start_soon(self.store.keep_checksums_durable)
                 if self.cmap is not None:
                     self.recovery.epoch_changed()  # catch up with what changed while we were away
                 task_status.started(bound)
@@ -485,8 +486,15 @@ class PeerDaemon:
         return v
 
     async def h_fetch(self, args: dict[str, Any], s: Session) -> bytes:
-        """A whole object, for a peer that recovers it."""
-        return await self.store.read_all(self._oid(args))
+        """A whole object, for a peer that recovers it; with `handoff`, also a
+        copy this peer handed off (when no peer serves the object any more)."""
+        oid = self._oid(args)
+        try:
+            return await self.store.read_all(oid)
+        except ObjectNotFound:
+            if not args.get("handoff"):
+                raise
+        return await self.store.read_handoff(oid)
 
     async def h_digest(self, args: dict[str, Any], s: Session) -> dict[str, str | None]:
         """sha256 of whole objects (for `cluster check`), keyed by the oid in hex
@@ -501,6 +509,9 @@ class PeerDaemon:
             except ObjectNotFound:
                 out[f"{oid:016x}"] = None
                 continue
+            except ChecksumError as e:
+                out[f"{oid:016x}"] = f"corrupt: {e}"  # never equal to a good replica's digest
+                continue
             out[f"{oid:016x}"] = await trio.to_thread.run_sync(_sha256_hex, data)
         return out
 
@@ -514,29 +525,39 @@ class PeerDaemon:
         log.warning("object %016x replaced by the copy on %s (repair)", oid, args["source"])
         return len(data)
 
-    async def recover(self, oid: int) -> bool:
+    async def recover(self, oid: int, *, stale_ok: bool = True) -> bool:
         """Copy an object we should hold but lack from any up peer that has it.
 
         Used before serving a read or write of an object this peer took over
-        in a new epoch and has not recovered yet. True if we hold it now."""
+        in a new epoch and has not recovered yet, and to replace a rotten
+        replica. True if we hold it now."""
         lock = self._recovering.setdefault(oid, trio.Lock())
         async with lock:
             if await self.store.exists(oid):
                 return True
             assert self.rpc is not None and self.cmap is not None
-            for p in self.cmap.up_peers():
-                if p.peer_id == self.peer_id:
-                    continue
-                try:
-                    data = await self.rpc.call(p.address, "obj.fetch", {"oid": oid}, timeout=30)
-                except VdifsError:
-                    continue
-                await self.store.create(oid, 0, data, len(data))
-                await self.store.sync([oid])  # durable before it counts as a replica
-                self.recovered += 1
-                log.info("recovered object %016x from peer %s", oid, p.peer_id)
-                return True
-            if await self.store.take_stale(oid):
+            # Served copies first; a copy handed off at an epoch change only
+            # when no peer serves the object (the newest handed-off one).
+            for handoff in (False, True):
+                for p in self.cmap.up_peers():
+                    if p.peer_id == self.peer_id:
+                        continue
+                    try:
+                        data = await self.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff},
+                                                   timeout=30)
+                    except VdifsError:
+                        continue
+                    _total, free = await self.store.space()
+                    if free < self.recovery.reserve + len(data):
+                        raise NoSpace(f"object {oid:016x}: not recovered here, only {free >> 20} MiB free and "
+                                      f"the recovery reserve is {self.recovery.reserve >> 20} MiB")
+                    await self.store.create(oid, 0, data, len(data))
+                    await self.store.sync([oid])  # durable before it counts as a replica
+                    self.recovered += 1
+                    log.info("recovered object %016x from peer %s%s", oid, p.peer_id,
+                             " (a handed-off copy)" if handoff else "")
+                    return True
+            if stale_ok and await self.store.take_stale(oid):
                 log.warning("object %016x: no other peer has it; took back our own copy from before "
                             "we were marked down", oid)
                 return True
@@ -560,7 +581,20 @@ class PeerDaemon:
         except ObjectNotFound:
             if not await self.recover(oid):
                 raise
+        except ChecksumError as e:
+            await self._repair_rotten(oid, e)
         return await op()
+
+    async def _repair_rotten(self, oid: int, error: ChecksumError) -> None:
+        """Our replica failed its checksums: set it aside and fetch a good copy
+        (the other peers verify theirs before sending). Raises if none exists."""
+        dest = await self.store.set_aside(oid)
+        log.error("object %016x: our replica is corrupt (%s); moved to %s, fetching a good copy",
+                  oid, error, dest)
+        if not await self.recover(oid, stale_ok=False):
+            raise ChecksumError(f"object {oid:016x}: our replica is corrupt and no other peer "
+                                f"has a good copy") from None
+        log.warning("object %016x: repaired from another peer", oid)
 
     async def h_read(self, args: dict[str, Any], s: Session) -> bytes | bytearray:
         await self._check_epoch(args)
@@ -609,6 +643,8 @@ class PeerDaemon:
         objects, more than one frame holds, so lists come in pages."""
         kind = args.get("kind")
         oids = await self.store.list_objects(int(args["vid"]), None if kind is None else int(kind))
+        if args.get("handoff"):  # recovery: what was handed off here is still to be copied
+            oids = sorted(set(oids).union(await self.store.list_handoff(int(args["vid"]))))
         return objlist.page(oids, args.get("after"), args.get("limit"))
 
     async def h_vids(self, args: dict[str, Any], s: Session) -> list[int]:

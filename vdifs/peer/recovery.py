@@ -5,8 +5,10 @@ copies: objects of deleted vids are never recovered), lists the objects
 the up peers hold and copies to itself those that placement now gives it
 and it lacks. Throttled (bytes per second), it stops before eating into a
 reserve of free space, and starts over when the map changes under it.
-Objects a peer no longer owns are kept for now (dropping them safely needs
-the whole cluster to have finished the epoch; see docs/architecture.md).
+Objects a peer no longer owns are handed off: moved out of service (so a
+stale copy is never served when placement gives the object back later) but
+kept as a source until every up peer has finished recovering the epoch, then
+dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from vdifs.peer.daemon import PeerDaemon
 
 log = logging.getLogger("vdifs.peer.recovery")
+HANDOFF_POLL = 3.0  # seconds between asking the peers whether they finished an epoch
 
 
 @dataclass
@@ -80,6 +83,12 @@ class Recovery:
         live = {r.vid: r.copies for r in directory.vdis.values()}
         todo: list[int] = []
         for vid, copies in sorted(live.items()):
+            unowned = [oid for oid in await d.store.list_objects(vid)
+                       if d.peer_id not in placement(cmap, oid, copies)]
+            if unowned:
+                await d.store.hand_off(unowned, epoch)
+                log.info("epoch %d: handed off %d objects of vid %d that placement gives to other peers",
+                         epoch, len(unowned), vid)
             for oid in await self._cluster_objects(vid):
                 if d.peer_id in placement(cmap, oid, copies) and not await d.store.exists(oid):
                     todo.append(oid)
@@ -112,6 +121,32 @@ class Recovery:
             log.info("epoch %d: recovery done, %d objects copied", epoch, self.state.done)
         if self.state.done == self.state.total:
             await d.store.drop_stale()  # everything we should hold is current now
+            self.state.running = False  # what the other peers wait to see
+            await self._drop_handoff_when_cluster_done(epoch)
+
+    async def _drop_handoff_when_cluster_done(self, epoch: int) -> None:
+        """Copies we handed off are kept until every up peer says it finished
+        recovering `epoch` (each may still need to copy them); then dropped.
+        Gives up when the map moves on: the next pass waits for the next epoch."""
+        d = self.daemon
+        assert d.rpc is not None
+        while d.cmap is not None and d.cmap.epoch == epoch:
+            try:
+                done = True
+                for p in d.cmap.up_peers():
+                    if p.peer_id == d.peer_id:
+                        continue
+                    r = (await d.rpc.call(p.address, "peer.info", {}, timeout=10))["recovery"]
+                    if r["epoch"] != epoch or r["running"] or r["done"] != r["total"] or r["stopped"]:
+                        done = False
+                        break
+            except (VdifsError, KeyError, TypeError):
+                done = False
+            if done:
+                if await d.store.drop_handoff(epoch):
+                    log.info("epoch %d: every peer finished recovery; dropped the objects handed off", epoch)
+                return
+            await trio.sleep(HANDOFF_POLL)
 
     async def _cluster_objects(self, vid: int) -> set[int]:
         d = self.daemon
@@ -123,7 +158,8 @@ class Recovery:
                 continue
 
             async def call(args: dict[str, Any], address: str = p.address) -> dict[str, Any]:
-                reply: dict[str, Any] = await rpc.call(address, "obj.list", {**args, "epoch": epoch}, timeout=30)
+                reply: dict[str, Any] = await rpc.call(address, "obj.list", {**args, "epoch": epoch,
+                                                                             "handoff": True}, timeout=30)
                 return reply
 
             try:

@@ -20,20 +20,27 @@ so a worker thread never sees its fd closed or reused under it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import IO
 
 import trio
 
-from vdifs.errors import NoSpace, ObjectExists, ObjectNotFound, PoolError, StoreBusy
+from vdifs.errors import ChecksumError, NoSpace, ObjectExists, ObjectNotFound, PoolError, StoreBusy
 from vdifs.meta.atomic import fsync_dir
 from vdifs.model.ids import unpack_oid
+from vdifs.peer import checksums
 from vdifs.peer.batch import BatchRunner
+from vdifs.peer.checksums import BLOCK, CLEAN, DIRTY, XATTR
+
+log = logging.getLogger("vdifs.store")
 
 MAX_OPEN_FILES = 512
 SYNC_PARALLELISM = 8
@@ -58,12 +65,25 @@ def lock_store(store: str) -> IO[str]:
 
 
 class _Handle:
-    __slots__ = ("fd", "refs", "doomed")
+    """An open object file and its block checksums.
 
-    def __init__(self, fd: int) -> None:
+    `table` always matches the file's bytes while this process lives (it is
+    changed only under `lock`, after the data). `clean_on_disk`: the stored
+    table is marked CLEAN, so the first write after it must mark it DIRTY
+    first. `writes` counts writes started and `inflight` those not finished:
+    a read that overlaps one cannot be verified against the table."""
+
+    __slots__ = ("fd", "refs", "doomed", "table", "clean_on_disk", "writes", "inflight", "lock")
+
+    def __init__(self, fd: int, table: list[int], clean_on_disk: bool) -> None:
         self.fd = fd
         self.refs = 0
         self.doomed = False
+        self.table = table
+        self.clean_on_disk = clean_on_disk
+        self.writes = 0
+        self.inflight = 0
+        self.lock = trio.Lock()  # one write (or create, or sync's marking) at a time
 
 
 def _pread_full(fd: int, offset: int, length: int) -> bytes:
@@ -100,6 +120,52 @@ def _read_nowait(fd: int, offset: int, length: int) -> bytearray | None:
     return buf if n == length else None
 
 
+def _load_table(fd: int) -> tuple[list[int], bool]:
+    """(table, clean_on_disk) of an open object. A missing, unreadable or DIRTY
+    table is rebuilt from the data (see `checksums`)."""
+    size = os.fstat(fd).st_size
+    try:
+        table, state = checksums.decode(os.getxattr(fd, XATTR), checksums.blocks_of(size))
+        if state == CLEAN:
+            return table, True
+    except (OSError, checksums.BadTable):
+        pass
+    return checksums.table_of(_pread_full(fd, 0, size), size), False
+
+
+def _open_object(path: str) -> tuple[int, list[int], bool]:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        table, clean = _load_table(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, table, clean
+
+
+def _write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
+                      table: list[int], mark_dirty: bytes | None) -> list[int]:
+    """Write `data` and return the CRCs of the blocks it touched. The old
+    contents of partly written blocks are verified first: a write must not
+    bless rotten bytes around it with a fresh checksum."""
+    start, end = checksums.covering(offset, len(data))
+    buf = bytearray(end - start)
+    head, tail = offset - start, offset + len(data)
+    if head or tail < end:
+        for b0, b1 in {(start, start + BLOCK), (end - BLOCK, end)}:
+            if (b0 < offset) or (b1 > tail):
+                old = _pread_full(fd, b0, BLOCK)
+                bad = checksums.first_mismatch(table, b0 // BLOCK, old)
+                if bad is not None:
+                    raise ChecksumError(f"block {bad} does not match its checksum")
+                buf[b0 - start:b1 - start] = old
+    buf[head:head + len(data)] = data
+    if mark_dirty is not None:  # only after the checks: a DIRTY table is rebuilt from the data
+        os.setxattr(fd, XATTR, mark_dirty)
+    _pwrite_full(fd, offset, data)
+    return checksums.crcs_of(buf)
+
+
 def _os_error(e: OSError, what: str) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"store is full while {what}")
@@ -115,9 +181,20 @@ class ObjectStore:
         self._io = BatchRunner()
         self._nowait = hasattr(os, "RWF_NOWAIT")
         self.nowait_reads = 0
+        self.checksums = True  # False on a file system without user xattrs
+        self.checksum_errors = 0
 
     def open(self) -> None:
         os.makedirs(self.obj_root, exist_ok=True)
+        try:
+            os.setxattr(self.obj_root, XATTR, b"probe")
+            os.removexattr(self.obj_root, XATTR)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            self.checksums = False
+            log.warning("store %s: the file system has no user extended attributes: "
+                        "replicas are stored without checksums", self.root)
 
     # -- paths -------------------------------------------------------------
 
@@ -133,14 +210,17 @@ class ObjectStore:
         h = self._handles.get(oid)
         if h is None:
             try:
-                fd = await self._io.run(os.open, self.path(oid), os.O_RDWR | os.O_CLOEXEC)
+                if self.checksums:
+                    fd, table, clean = await self._io.run(_open_object, self.path(oid))
+                else:
+                    fd, table, clean = await self._io.run(os.open, self.path(oid), os.O_RDWR | os.O_CLOEXEC), [], False
             except FileNotFoundError:
                 raise ObjectNotFound(f"object {oid:016x} does not exist") from None
             except OSError as e:
                 raise _os_error(e, f"opening object {oid:016x}") from None
             h = self._handles.get(oid)
             if h is None:
-                h = self._handles[oid] = _Handle(fd)
+                h = self._handles[oid] = _Handle(fd, table, clean)
                 self._evict()
             else:  # another task opened it meanwhile
                 os.close(fd)
@@ -173,31 +253,57 @@ class ObjectStore:
     # -- object operations ---------------------------------------------------
 
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
+        """`length` bytes at `offset`; the blocks they lie in are verified
+        against their checksums first (ChecksumError if rotten)."""
         h = await self._acquire(oid)
         try:
-            if self._nowait:
-                try:
-                    data = _read_nowait(h.fd, offset, length)
-                except OSError as e:
-                    if e.errno != errno.EOPNOTSUPP:
-                        raise
-                    self._nowait = False  # this file system cannot: always use threads
-                    data = None
-                if data is not None:
-                    self.nowait_reads += 1
-                    return data
-            return await self._io.run(_pread_full, h.fd, offset, length)
+            if not self.checksums:
+                return await self._pread(h, offset, length)
+            start, end = checksums.covering(offset, length)
+            writes, busy = h.writes, h.inflight
+            data = await self._pread(h, start, end - start)
+            if not busy and not h.inflight and h.writes == writes:  # else a write overlapped: cannot tell
+                self._verify(oid, h, start, data)
+            if start == offset and end - start == length:
+                return data
+            return data[offset - start:offset - start + length]
         except OSError as e:
             raise _os_error(e, f"reading object {oid:016x}") from None
         finally:
             self._release(h)
 
+    async def _pread(self, h: _Handle, offset: int, length: int) -> bytearray | bytes:
+        if self._nowait:
+            try:
+                data = _read_nowait(h.fd, offset, length)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._nowait = False  # this file system cannot: always use threads
+                data = None
+            if data is not None:
+                self.nowait_reads += 1
+                return data
+        return await self._io.run(_pread_full, h.fd, offset, length)
+
+    def _verify(self, oid: int, h: _Handle, start: int, data: bytes | bytearray) -> None:
+        bad = checksums.first_mismatch(h.table, start // BLOCK, data)
+        if bad is not None:
+            self.checksum_errors += 1
+            raise ChecksumError(f"object {oid:016x}: block {bad} (bytes {bad * BLOCK}..{(bad + 1) * BLOCK}) "
+                                f"does not match its checksum")
+
     async def read_all(self, oid: int) -> bytes:
-        """The whole object, as long as it is (for copying it to another peer)."""
+        """The whole object, as long as it is (for copying it to another peer),
+        verified like any read."""
         h = await self._acquire(oid)
         try:
+            writes, busy = h.writes, h.inflight
             size = await self._io.run(lambda: os.fstat(h.fd).st_size)
-            return await self._io.run(_pread_full, h.fd, 0, size)
+            data = await self._io.run(_pread_full, h.fd, 0, size)
+            if self.checksums and not busy and not h.inflight and h.writes == writes:
+                self._verify(oid, h, 0, data)
+            return data
         except OSError as e:
             raise _os_error(e, f"reading object {oid:016x}") from None
         finally:
@@ -210,30 +316,65 @@ class ObjectStore:
         """Write into an existing object; ObjectNotFound if it does not exist."""
         h = await self._acquire(oid)
         try:
-            await self._io.run(_pwrite_full, h.fd, offset, data)
+            if not self.checksums:
+                await self._io.run(_pwrite_full, h.fd, offset, data)
+                return
+            async with h.lock:  # the table follows the data in the order the writes happened
+                mark = checksums.encode(h.table, DIRTY) if h.clean_on_disk else None
+                h.writes += 1
+                h.inflight += 1
+                try:
+                    crcs = await self._io.run(_write_block_crcs, h.fd, offset, data, h.table, mark)
+                except ChecksumError:
+                    raise  # nothing written; the rotten replica keeps its table (never rebuilt from rot)
+                except BaseException:
+                    self._forget(oid)  # the table may be behind the data: rebuild it on the next open
+                    raise
+                finally:
+                    h.inflight -= 1
+                h.clean_on_disk = False
+                first = offset // BLOCK
+                if first + len(crcs) > len(h.table):  # the write made the object longer
+                    h.table.extend([checksums.ZERO_CRC] * (first + len(crcs) - len(h.table)))
+                h.table[first:first + len(crcs)] = crcs
+        except ChecksumError as e:
+            self.checksum_errors += 1
+            raise ChecksumError(f"object {oid:016x}: {e}") from None
         except OSError as e:
             raise _os_error(e, f"writing object {oid:016x}") from None
         finally:
             self._release(h)
 
     def _create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
-                exclusive: bool) -> tuple[int, bool]:
+                exclusive: bool) -> tuple[int, bool, list[int]]:
         path = self.path(oid)
         made_dir = False
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
         try:
             fd = os.open(path, flags, 0o600)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             made_dir = True
             fd = os.open(path, flags, 0o600)
+        table: list[int] = []
         try:
+            if self.checksums:
+                # The new table, marked DIRTY, before any byte changes: a crash
+                # anywhere below leaves a table that is rebuilt, never trusted.
+                start, end = checksums.covering(offset, len(data))
+                region = bytearray(end - start)
+                region[offset - start:offset - start + len(data)] = data
+                table = [checksums.ZERO_CRC] * checksums.blocks_of(size)
+                crcs = checksums.crcs_of(region[:max(0, min(end, size) - start)])
+                table[start // BLOCK:start // BLOCK + len(crcs)] = crcs
+                os.setxattr(fd, XATTR, checksums.encode(table, DIRTY))
+            os.ftruncate(fd, 0)
             os.ftruncate(fd, size)
             _pwrite_full(fd, offset, data)
         except BaseException:
             os.close(fd)
             raise
-        return fd, made_dir
+        return fd, made_dir, table
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
                      exclusive: bool = False) -> None:
@@ -241,20 +382,38 @@ class ObjectStore:
 
         `exclusive`: fail with ObjectExists instead of replacing (shared VDIs,
         where another mount may have created it a moment ago)."""
+        old = self._handles.get(oid)
+        if old is not None:
+            old.refs += 1
         try:
-            fd, made_dir = await self._io.run(self._create, oid, offset, data, size, exclusive)
-        except FileExistsError:
-            raise ObjectExists(f"object {oid:016x} exists") from None
-        except OSError as e:
-            raise _os_error(e, f"creating object {oid:016x}") from None
-        if made_dir:
-            self._dirty_dirs.add(self.obj_root)
-        self._dirty_dirs.add(os.path.dirname(self.path(oid)))
-        if oid in self._handles:  # same path, same inode: keep the cached fd
-            os.close(fd)
-        else:
-            self._handles[oid] = _Handle(fd)
-            self._evict()
+            async with old.lock if old is not None else contextlib.nullcontext():
+                if old is not None:
+                    old.writes += 1
+                    old.inflight += 1  # reads meanwhile cannot be verified
+                try:
+                    fd, made_dir, table = await self._io.run(self._create, oid, offset, data, size, exclusive)
+                except FileExistsError:
+                    raise ObjectExists(f"object {oid:016x} exists") from None
+                except OSError as e:
+                    if old is not None:
+                        self._forget(oid)  # half replaced: rebuild the table on the next open
+                    raise _os_error(e, f"creating object {oid:016x}") from None
+                finally:
+                    if old is not None:
+                        old.inflight -= 1
+                if made_dir:
+                    self._dirty_dirs.add(self.obj_root)
+                self._dirty_dirs.add(os.path.dirname(self.path(oid)))
+                h = self._handles.get(oid)
+                if h is not None and not h.doomed:  # same path, same inode: keep the cached fd
+                    os.close(fd)
+                    h.table, h.clean_on_disk = table, False
+                else:
+                    self._handles[oid] = _Handle(fd, table, False)
+                    self._evict()
+        finally:
+            if old is not None:
+                self._release(old)
 
     async def delete(self, oid: int) -> None:
         """Remove an object; deleting a missing object is not an error."""
@@ -268,7 +427,14 @@ class ObjectStore:
             raise _os_error(e, f"deleting object {oid:016x}") from None
         self._dirty_dirs.add(os.path.dirname(path))
 
+    def _remove_vid_handoff(self, vid: int) -> None:
+        for e in self._handoff_epochs():
+            shutil.rmtree(os.path.join(self.handoff_root, e, f"{vid:06x}"), ignore_errors=True)
+
     async def remove_vid_dir(self, vid: int) -> None:
+        """The last step of purging a deleted VDI: its (empty) directory, and any
+        copies of its objects handed off to other peers earlier."""
+        await self._io.run(self._remove_vid_handoff, vid)
         try:
             await trio.to_thread.run_sync(os.rmdir, self.vid_dir(vid))
         except FileNotFoundError:
@@ -279,6 +445,35 @@ class ObjectStore:
             return
         self._dirty_dirs.discard(self.vid_dir(vid))
         self._dirty_dirs.add(self.obj_root)
+
+    async def _mark_clean(self, h: _Handle, writes: int) -> None:
+        """After a sync: the stored table matches durable data, unless a write
+        came in since the sync started (then the next sync marks it)."""
+        if not self.checksums or h.clean_on_disk or h.writes != writes or h.inflight:
+            return
+        async with h.lock:
+            if h.writes != writes or h.inflight or h.doomed:
+                return
+            await self._io.run(os.setxattr, h.fd, XATTR, checksums.encode(h.table, CLEAN))
+            h.clean_on_disk = True
+
+    async def sync_dirty(self) -> int:
+        """Sync every open object whose stored table is DIRTY, so its checksums
+        are trusted after a crash too."""
+        dirty = [oid for oid, h in self._handles.items() if self.checksums and not h.clean_on_disk]
+        if dirty:
+            await self.sync(dirty)
+        return len(dirty)
+
+    async def keep_checksums_durable(self, interval: float = 30.0) -> None:
+        """Run by the store's owner: `sync_dirty` every `interval` seconds, so a
+        crash leaves few tables to rebuild from (unverified) data."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.sync_dirty()
+            except (PoolError, NoSpace) as e:
+                log.warning("store %s: syncing written objects failed: %s", self.root, e)
 
     def _sync_one(self, fd_or_path: int | str) -> None:
         if isinstance(fd_or_path, int):
@@ -306,7 +501,10 @@ class ObjectStore:
                     h.refs += 1
                 try:
                     target = h.fd if h is not None else self.path(oid)
+                    writes = h.writes if h is not None else 0
                     await trio.to_thread.run_sync(self._sync_one, target)  # parallel: commits coalesce
+                    if h is not None and not h.doomed:
+                        await self._mark_clean(h, writes)
                 except OSError as e:
                     failed.append(_os_error(e, f"syncing object {oid:016x}"))
                 finally:
@@ -373,8 +571,108 @@ class ObjectStore:
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
     def io_stats(self) -> dict[str, int]:
-        return {"nowait_reads": self.nowait_reads, "thread_calls": self._io.calls,
+        return {"nowait_reads": self.nowait_reads, "checksum_errors": self.checksum_errors,
+                "thread_calls": self._io.calls,
                 "thread_hops": self._io.hops, "open_files": len(self._handles)}
+
+    # -- rotten replicas ---------------------------------------------------------------
+
+    @property
+    def corrupt_root(self) -> str:
+        return os.path.join(self.root, "corrupt")
+
+    def _set_aside(self, oid: int) -> str:
+        os.makedirs(self.corrupt_root, exist_ok=True)
+        dest = os.path.join(self.corrupt_root, f"{oid:016x}.{time.time_ns()}")
+        os.rename(self.path(oid), dest)
+        fsync_dir(os.path.dirname(self.path(oid)))
+        return dest
+
+    async def set_aside(self, oid: int) -> str:
+        """Move a replica that failed its checksums to STORE/corrupt (kept for
+        inspection, never served); the object then counts as missing here."""
+        self._forget(oid)
+        return await self._io.run(self._set_aside, oid)
+
+    # -- handed-off copies (objects placement gave to other peers) ---------------------
+
+    @property
+    def handoff_root(self) -> str:
+        return os.path.join(self.root, "handoff")
+
+    def _handoff_path(self, epoch: int, oid: int) -> str:
+        return os.path.join(self.handoff_root, f"{epoch:012d}", os.path.relpath(self.path(oid), self.obj_root))
+
+    def _hand_off(self, oids: list[int], epoch: int) -> None:
+        dirs: set[str] = set()
+        for oid in oids:
+            dest = self._handoff_path(epoch, oid)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            try:
+                os.rename(self.path(oid), dest)
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            dirs.update((os.path.dirname(dest), os.path.dirname(self.path(oid))))
+        for d in dirs:
+            fsync_dir(d)
+
+    async def hand_off(self, oids: list[int], epoch: int) -> None:
+        """Stop serving objects that placement gave to other peers at `epoch`,
+        but keep them (STORE/handoff/<epoch>) as a source for those peers until
+        the whole cluster has recovered that epoch. A copy left in place could
+        be served again, stale, when placement hands the object back later."""
+        for oid in oids:
+            self._forget(oid)
+        await self._io.run(self._hand_off, oids, epoch)
+
+    def _handoff_epochs(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.handoff_root), reverse=True)  # newest first
+        except FileNotFoundError:
+            return []
+
+    def _list_handoff(self, vid: int) -> list[int]:
+        out: set[int] = set()
+        for e in self._handoff_epochs():
+            try:
+                out.update(int(n, 16) for n in os.listdir(os.path.join(self.handoff_root, e, f"{vid:06x}"))
+                           if len(n) == 16)
+            except FileNotFoundError:
+                continue
+        return sorted(out)
+
+    async def list_handoff(self, vid: int) -> list[int]:
+        return await self._io.run(self._list_handoff, vid)
+
+    def _read_handoff(self, oid: int) -> bytes | None:
+        rel = os.path.relpath(self.path(oid), self.obj_root)
+        for e in self._handoff_epochs():
+            try:
+                fd, table, clean = _open_object(os.path.join(self.handoff_root, e, rel))
+            except FileNotFoundError:
+                continue
+            try:
+                data = _pread_full(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+            if self.checksums and clean and checksums.first_mismatch(table, 0, data) is not None:
+                continue  # rotten: not a source
+            return data
+        return None
+
+    async def read_handoff(self, oid: int) -> bytes:
+        """The newest handed-off copy of an object (verified), for recovery."""
+        data = await self._io.run(self._read_handoff, oid)
+        if data is None:
+            raise ObjectNotFound(f"object {oid:016x}: no handed-off copy here")
+        return data
+
+    async def drop_handoff(self, upto_epoch: int) -> int:
+        """Delete the copies handed off at epochs <= `upto_epoch`; how many dirs."""
+        gone = [e for e in self._handoff_epochs() if int(e) <= upto_epoch]
+        for e in gone:
+            await trio.to_thread.run_sync(shutil.rmtree, os.path.join(self.handoff_root, e))
+        return len(gone)
 
     # -- stale copies (a peer that was declared down) -------------------------------
 

@@ -1,0 +1,51 @@
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vdifs.peer import checksums
+from vdifs.peer.checksums import BLOCK, CLEAN, DIRTY
+
+
+@given(st.integers(0, 4 << 20), st.integers(1, 1 << 20))
+def test_covering_is_the_smallest_aligned_range(offset, length):
+    start, end = checksums.covering(offset, length)
+    assert start % BLOCK == 0 and end % BLOCK == 0
+    assert start <= offset < start + BLOCK
+    assert offset + length <= end < offset + length + BLOCK
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 5 * BLOCK), st.data())
+def test_a_flipped_byte_is_found_in_its_block(size, data):
+    content = bytearray(os.urandom(size))
+    table = checksums.table_of(content, size)
+    assert len(table) == checksums.blocks_of(size)
+    padded = content + bytes(-size % BLOCK)
+    assert checksums.first_mismatch(table, 0, padded) is None
+    pos = data.draw(st.integers(0, size - 1))
+    padded[pos] ^= 1 << data.draw(st.integers(0, 7))
+    assert checksums.first_mismatch(table, 0, padded) == pos // BLOCK
+    # verifying only the block that holds it finds it too
+    b = pos // BLOCK
+    assert checksums.first_mismatch(table, b, padded[b * BLOCK:(b + 1) * BLOCK]) == b
+
+
+def test_zero_blocks_and_short_tails_read_as_zero_padded():
+    assert checksums.block_crc(bytes(BLOCK)) == checksums.ZERO_CRC
+    assert checksums.block_crc(b"") == checksums.ZERO_CRC
+    assert checksums.block_crc(b"ab") == checksums.block_crc(b"ab" + bytes(BLOCK - 2))
+    table = checksums.table_of(b"", 3 * BLOCK)
+    assert table == [checksums.ZERO_CRC] * 3
+
+
+@given(st.lists(st.integers(0, (1 << 32) - 1), max_size=256), st.sampled_from([CLEAN, DIRTY]))
+def test_table_roundtrip(table, state):
+    assert checksums.decode(checksums.encode(table, state), len(table)) == (table, state)
+
+
+@pytest.mark.parametrize("raw", [b"", b"VC1", b"XX1\0", b"VC1\x07", b"VC1\0abc", b"VC1\0" + bytes(8)])
+def test_bad_tables_are_refused(raw):
+    with pytest.raises(checksums.BadTable):
+        checksums.decode(raw, 1)
