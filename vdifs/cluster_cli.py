@@ -88,6 +88,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     lv = cs.add_parser("leave", help="remove a peer from the cluster map")
     lv.add_argument("peer", metavar="PEER", help="peer id or address")
     common(lv)
+    rm = cs.add_parser("replace-meta", help="swap a dead meta (consensus) peer for a live one",
+                       description="Swap a meta peer that the cluster marked down, and that must never "
+                                   "come back, for a live peer that is not meta yet; the new one gets a "
+                                   "copy of every register. OLD and NEW are peer ids or addresses.")
+    rm.add_argument("old", metavar="OLD")
+    rm.add_argument("new", metavar="NEW")
+    common(rm)
     st = cs.add_parser("set", help="change cluster settings")
     st.add_argument("--copies", type=int, metavar="N")
     st.add_argument("--min-copies", type=int, metavar="M")
@@ -182,6 +189,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         d = _run(lambda pool: _first(pool, addresses, "cluster.remove_peer", {"peer": args.peer}),
                  creds.secret, creds.cluster_id)
         print(f"removed {args.peer}: epoch {d['epoch']}, {len(d['peers'])} peers")
+    elif action == "replace-meta":
+        d = _run(lambda pool: _first(pool, addresses, "cluster.replace_meta", {"old": args.old, "new": args.new},
+                                     timeout=300), creds.secret, creds.cluster_id)
+        print(f"epoch {d['epoch']}: meta peers {', '.join(d['meta'])}; "
+              f"{d['copied']} of {d['registers']} registers copied to {args.new}")
     elif action == "set":
         if args.copies is None and args.min_copies is None:
             raise VdifsError("nothing to set: give --copies and/or --min-copies", code=errno.EINVAL)

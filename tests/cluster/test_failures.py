@@ -149,12 +149,13 @@ def test_deleted_while_a_peer_is_down_stays_deleted(cluster):
     with open(m.path("gone"), "wb") as f:
         f.write(os.urandom(8 << 20))
     vid = m.vid("gone")
-    victim = cluster.peers[3]
+    victim = max(cluster.peers[1:], key=lambda p: len(p.object_files(vid)))  # one that holds some
     held_before = len(victim.object_files(vid))
     kill(victim)
     wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
     os.unlink(m.path("gone"))
-    wait_for(lambda: all(not p.object_files(vid) for p in cluster.peers[:3]), 30, "purged on the live peers")
+    others = [p for p in cluster.peers if p is not victim]
+    wait_for(lambda: all(not p.object_files(vid) for p in others), 30, "purged on the live peers")
     victim.start()
     wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back")
     status = vdifs("cluster", "status", "--cluster", cluster.addresses, "--secret-file", cluster.secret).stdout
@@ -379,3 +380,108 @@ def test_recovery_stops_short_of_filling_a_small_store(cluster):
     finally:
         cluster.stop()  # the peer must let go of the tmpfs
         subprocess.run(["umount", "-l", small], check=False)
+
+
+def test_a_returning_peer_fetches_only_what_changed_while_it_was_away(cluster):
+    """Delta resync: 16 objects, the peer is killed and marked down, one object
+    changes, the peer comes back. It fetches what changed (and what moved to
+    it), not the objects it still holds; every replica ends up current."""
+    import hashlib
+    import json
+
+    from .conftest import vdifs
+
+    cluster.format(4, copies=3)
+    m = cluster.mount("a")
+    size = 16 << 22
+    payload = bytearray(os.urandom(size))
+    with open(m.path("vm"), "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    vid = m.vid("vm")
+    victim = cluster.peers[2]
+    held_before = victim.object_files(vid)
+    assert len(held_before) >= 8
+    kill(victim)
+    wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
+    changed = os.urandom(4 << 20)
+    payload[0:4 << 20] = changed  # one object changes while it is away
+    with open(m.path("vm"), "r+b") as f:
+        f.write(changed)
+        f.flush()
+        os.fsync(f.fileno())
+    victim.start()
+    wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back")
+    check = ("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
+    wait_for(lambda: vdifs(*check, check=False).returncode == 0, 90, "every replica current and in place")
+    status = json.loads(vdifs("cluster", "status", "--json", "--cluster", cluster.addresses,
+                              "--secret-file", cluster.secret).stdout)
+    mine = next(p for p in status["peers"] if p["peer_id"] == victim.peer_id)
+    pulled = mine["recovery"]["recovered_total"]
+    assert pulled <= 2, f"pulled {pulled} objects: not a delta"
+    assert "delta resync" in victim.log_text()
+    assert len(victim.object_files(vid) & held_before) >= len(held_before) - 1  # kept, not refetched
+    got = read_direct(m.path("vm"), size)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+
+def test_a_peer_that_crashes_and_returns_at_once_leaves_and_rejoins(cluster):
+    """Killed and restarted before anyone noticed: it may have missed writes, so
+    it takes itself out of the map (new epoch: waiting writers retry) and comes
+    back through a resync; nothing it serves afterwards is stale."""
+    import hashlib
+
+    cluster.format(3, copies=3)
+    m = cluster.mount("a")
+    payload = os.urandom(16 << 20)
+    with open(m.path("vm"), "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    victim = cluster.peers[1]
+    epoch = states(cluster)[0]
+    kill(victim)
+    victim.start()
+    wait_for(lambda: states(cluster)[0] >= epoch + 2 and states(cluster)[1][victim.address] == "up", 30,
+             "victim left and rejoined")
+    assert "restarted after a crash" in victim.log_text()
+    assert hashlib.sha256(read_direct(m.path("vm"), len(payload))).digest() == hashlib.sha256(payload).digest()
+
+
+def test_replace_meta_swaps_a_dead_consensus_peer(cluster):
+    """Three of four peers run the registers. One dies; replace-meta puts the
+    fourth in its place. Then a second original one dies: the registers still
+    have a majority (the survivor and the newcomer), so the map changes and
+    VDIs can be created; without the swap they would be stuck."""
+    from .conftest import vdifs
+
+    cluster.format(4, copies=2)
+    m = cluster.mount("a")
+    meta = [p for p in cluster.info()["peers"] if p["meta"]]
+    assert len(meta) == 3
+    by_id = {p.peer_id: p for p in cluster.peers}
+    old, second = by_id[meta[0]["peer_id"]], by_id[meta[1]["peer_id"]]
+    new = next(p for p in cluster.peers if p.peer_id not in {x["peer_id"] for x in meta})
+    args = ("cluster", "replace-meta", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
+    res = vdifs(*args, old.peer_id, new.peer_id, check=False)
+    assert res.returncode != 0 and "is up" in res.stderr  # a live meta peer is never replaced
+    with open(m.path("before"), "wb") as f:
+        f.write(b"x" * 4096)
+    kill(old)
+    wait_for(lambda: states(cluster)[1][old.address] == "down", 30, "old meta peer down")
+    res = vdifs(*args, old.address, new.address)
+    assert new.peer_id in res.stdout and "registers copied" in res.stdout
+    meta_now = {p["peer_id"] for p in cluster.info()["peers"] if p["meta"]}
+    assert meta_now == {meta[1]["peer_id"], meta[2]["peer_id"], new.peer_id}
+    # the new member holds every register (the directory among them)
+    assert any(n == b"directory".hex() for n in os.listdir(os.path.join(new.store, "meta", "acceptor")))
+    check = ("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
+    wait_for(lambda: vdifs(*check, check=False).returncode == 0, 60, "copies=2 again before the next failure")
+    kill(second)
+    wait_for(lambda: states(cluster)[1][second.address] == "down", 30, "second meta peer down (map changed)")
+    with open(m.path("after"), "wb") as f:  # a directory change needs a register majority
+        f.write(b"y" * 4096)
+    assert sorted(os.listdir(m.mp)) == ["after", "before"]
+    with open(m.path("before"), "rb") as f:
+        assert f.read() == b"x" * 4096

@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from vdifs.errors import VdifsError
-from vdifs.meta.paxos import PaxosRegister, Proposer
+from vdifs.meta.paxos import ConsensusUnavailable, PaxosRegister, Proposer
 from vdifs.model.cluster import ClusterMap
 from vdifs.wire.rpc import RpcPool
 
@@ -58,6 +58,24 @@ class MetaClient:
             if await reg.cas(version, new.encode()):
                 return new
 
+    async def _confirm(self, peeked: ClusterMap) -> ClusterMap | None:
+        """Read the map through consensus. If the peeked map names other meta
+        peers than ours (replace-meta swapped a dead one), read through those
+        first: ours may no longer form a majority. replace-meta only ever
+        swaps a peer that is dead, so the two sets share every live member
+        and any majority of one meets any majority of the other."""
+        ours = list(self.proposer.acceptors)
+        theirs = peeked.meta_addresses()
+        if sorted(theirs) == sorted(ours):
+            return await self.read_map()
+        log.info("the cluster map names other meta peers (%s, we use %s): reading it through them", theirs, ours)
+        self.set_meta(theirs)
+        try:
+            return await self.read_map()
+        except ConsensusUnavailable:
+            self.set_meta(ours)
+            raise
+
     async def follow_map(self, adopt: Callable[[ClusterMap], Awaitable[Any]], known: Callable[[], int],
                          interval: float = MAP_POLL_SECONDS) -> None:
         """Poll the cluster register (cheap peeks) and hand every map to `adopt`,
@@ -71,7 +89,7 @@ class MetaClient:
                 peeked = await self.peek_map()
                 # A peek can show a map that was accepted somewhere but never
                 # chosen: confirm a newer epoch through consensus first.
-                latest = await self.read_map() if peeked is not None and peeked.epoch > known() else None
+                latest = await self._confirm(peeked) if peeked is not None and peeked.epoch > known() else None
             except VdifsError as e:
                 log.debug("map poll failed: %s", e)
                 continue

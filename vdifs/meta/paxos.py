@@ -59,6 +59,8 @@ class AcceptorStorage(Protocol):
 
     async def save(self, key: str, state: AcceptorState) -> None: ...
 
+    async def keys(self) -> list[str]: ...
+
 
 class MemoryAcceptorStorage:
     def __init__(self) -> None:
@@ -70,6 +72,9 @@ class MemoryAcceptorStorage:
 
     async def save(self, key: str, state: AcceptorState) -> None:
         self.states[key] = AcceptorState(state.promise, state.accepted, state.value)
+
+    async def keys(self) -> list[str]:
+        return sorted(self.states)
 
 
 class FileAcceptorStorage:
@@ -96,6 +101,18 @@ class FileAcceptorStorage:
     async def save(self, key: str, state: AcceptorState) -> None:
         raw = msgpack.packb({"promise": list(state.promise), "accepted": list(state.accepted), "value": state.value})
         await trio.to_thread.run_sync(atomic_write, self._path(key), raw)
+
+    def _keys(self) -> list[str]:
+        out = []
+        for name in os.listdir(self.directory):
+            try:
+                out.append(bytes.fromhex(name).decode())
+            except ValueError:
+                continue  # a temporary file of atomic_write
+        return sorted(out)
+
+    async def keys(self) -> list[str]:
+        return await trio.to_thread.run_sync(self._keys)
 
 
 class Acceptor:
@@ -128,6 +145,18 @@ class Acceptor:
         s = await self.storage.load(key)
         return {"accepted": list(s.accepted), "value": s.value}
 
+    async def install(self, key: str, ballot: Ballot, value: bytes | None) -> bool:
+        """Take a value another acceptor accepted at `ballot`, if it is newer than
+        ours: how a new acceptor that replaces a dead one gets the registers.
+        Safe at any time: it only ever moves this acceptor forward."""
+        async with self._lock(key):
+            s = await self.storage.load(key)
+            if ballot <= s.accepted:
+                return False
+            s.accepted, s.value, s.promise = ballot, value, max(s.promise, ballot)
+            await self.storage.save(key, s)
+            return True
+
 
 # -- proposer -------------------------------------------------------------------
 
@@ -150,8 +179,10 @@ class Proposer:
     def majority(self) -> int:
         return len(self.acceptors) // 2 + 1
 
-    async def _broadcast(self, op: str, args: dict[str, Any]) -> list[dict[str, Any]]:
-        """Replies from the acceptors until a majority said ok or cannot."""
+    async def _broadcast(self, op: str, args: dict[str, Any], *, any_reply: bool = False) -> list[dict[str, Any]]:
+        """Replies from the acceptors until a majority said ok or cannot (with
+        `any_reply`: until a majority replied at all, or every one answered or
+        failed, so a read never ends empty-handed while one acceptor is alive)."""
         replies: list[dict[str, Any]] = []
         done = trio.Event()
         answered = 0
@@ -166,8 +197,8 @@ class Proposer:
             answered += 1
             if reply is not None:
                 replies.append(reply)
-            oks = sum(1 for r in replies if r.get("ok"))
-            if oks >= self.majority or answered - oks > len(self.acceptors) - self.majority:
+            oks = len(replies) if any_reply else sum(1 for r in replies if r.get("ok"))
+            if oks >= self.majority or (not any_reply and answered - oks > len(self.acceptors) - self.majority):
                 done.set()
             if answered == len(self.acceptors):
                 done.set()
@@ -210,7 +241,7 @@ class Proposer:
 
     async def peek(self, key: str) -> bytes | None:
         """A cheap read: the value with the highest ballot any acceptor answered."""
-        replies = await self._broadcast("peek", {"key": key})
+        replies = await self._broadcast("peek", {"key": key}, any_reply=True)
         if not replies:
             raise ConsensusUnavailable(f"no meta peer answered a read of {key!r}")
         return max(replies, key=lambda r: tuple(r["accepted"]))["value"]

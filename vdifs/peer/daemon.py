@@ -29,9 +29,10 @@ from vdifs.meta.atomic import atomic_write
 from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, read_credentials
 from vdifs.meta.paxos import Acceptor, FileAcceptorStorage
-from vdifs.model.cluster import UP, ClusterMap, PeerInfo, choose_meta
+from vdifs.model.cluster import DOWN, UP, ClusterMap, PeerInfo, choose_meta
 from vdifs.model.ids import OBJECT_SIZE
 from vdifs.peer.health import FailureDetector
+from vdifs.peer.journal import ChangeJournal
 from vdifs.peer.recovery import Recovery
 from vdifs.peer.store import ObjectStore, lock_store
 from vdifs.wire import objlist
@@ -69,6 +70,9 @@ class PeerDaemon:
         self.recovery = Recovery(self, rate=recovery_rate, reserve=recovery_reserve)
         self._recovering: dict[int, trio.Lock] = {}
         self.recovered = 0  # objects copied from other peers
+        self.journal = ChangeJournal(self.root)
+        self.clean_start = True  # False after a crash: we may have missed writes
+        self.up_epoch = 0  # the last epoch whose map had us up (we hold its data)
         self.fences: dict[int, int] = {}  # vid -> lowest lease generation still allowed to write
         self._fence_lock = trio.Lock()
 
@@ -108,6 +112,12 @@ class PeerDaemon:
             if self.creds is None or self.cmap.cluster_id != self.creds.cluster_id:
                 raise VdifsError(f"store {self.root} holds a map of cluster {self.cmap.cluster_id} "
                                  "but not its secret", code=errno.EPERM)
+        try:
+            with open(os.path.join(self.meta_dir, "up_epoch")) as f:
+                self.up_epoch = int(f.read())
+        except (FileNotFoundError, ValueError):
+            self.up_epoch = 0  # unknown: a returning peer then resyncs fully
+        self.clean_start = self.journal.open(self.cmap.epoch if self.cmap else 0)
 
     async def _save_creds(self, creds: Credentials) -> None:
         await trio.to_thread.run_sync(atomic_write, self._path("secret"), creds.encode())
@@ -122,6 +132,11 @@ class PeerDaemon:
             if self.creds is None or cmap.cluster_id != self.creds.cluster_id:
                 return False
             await trio.to_thread.run_sync(atomic_write, os.path.join(self.meta_dir, "cluster_map"), cmap.encode())
+            me = cmap.peers.get(self.peer_id)
+            if me is not None and me.state == UP:
+                await trio.to_thread.run_sync(atomic_write, os.path.join(self.meta_dir, "up_epoch"),
+                                              f"{cmap.epoch}\n".encode())
+                self.up_epoch = cmap.epoch
             old = self.cmap.epoch if self.cmap else 0
             self.cmap = cmap
             if self.meta is not None:
@@ -157,9 +172,11 @@ class PeerDaemon:
                 nursery.start_soon(self.health.run)
                 nursery.start_soon(self.recovery.run)
                 nursery.start_soon(self.store.keep_checksums_durable)
-                if self.cmap is not None:
-                    self.recovery.epoch_changed()  # catch up with what changed while we were away
+                if self.cmap is not None and self.clean_start:
+                    self.recovery.epoch_changed()  # catch up (after a crash, rejoining does this)
                 task_status.started(bound)
+            with trio.CancelScope(shield=True):
+                await self.journal.close_cleanly()  # only on an orderly stop: a crash skips this
         finally:
             self.store.close()
             self._lock_file.close()
@@ -203,9 +220,26 @@ class PeerDaemon:
         assert self.meta is not None
         current = await self.meta.read_map()
         me = current.peers.get(self.peer_id) if current else None
-        if me is not None and me.state != UP:
+        if me is not None and (me.state != UP or not self.clean_start):
+            if me.state == UP:
+                # We crashed and came back before anyone noticed: we may have missed
+                # writes, and their writers wait for an epoch without us. Leave first.
+                log.warning("peer %s restarted after a crash: leaving the map before rejoining", self.peer_id)
+                await self.change_map(self._state_fn(self.peer_id, DOWN))
             await self._return_from_down()
+            self.clean_start = True
         await self.change_map(self._add_peer_fn(self._me()))
+
+    @staticmethod
+    def _state_fn(peer_id: str, state: str):  # type: ignore[no-untyped-def]
+        def fn(cmap: ClusterMap) -> ClusterMap | None:
+            p = cmap.peers.get(peer_id)
+            if p is None or p.state == state:
+                return None
+            peers = dict(cmap.peers)
+            peers[peer_id] = PeerInfo(**{**p.to_dict(), "state": state})
+            return cmap.with_changes(peers=peers)
+        return fn
 
     def _me(self) -> PeerInfo:
         return PeerInfo(self.peer_id, self.listen, self.zone, self.weight, UP)
@@ -280,6 +314,9 @@ class PeerDaemon:
             "paxos.prepare": self.h_prepare,
             "paxos.accept": self.h_accept,
             "paxos.peek": self.h_peek,
+            "paxos.keys": self.h_keys,
+            "paxos.install": self.h_install,
+            "cluster.replace_meta": self.h_replace_meta,
             "obj.read": self.h_read,
             "obj.write": self.h_write,
             "obj.create": self.h_create,
@@ -291,6 +328,7 @@ class PeerDaemon:
             "lease.fence": self.h_fence,
             "peer.ping": self.h_ping,
             "obj.fetch": self.h_fetch,
+            "obj.changed_after": self.h_changed_after,
             "obj.digest": self.h_digest,
             "obj.pull": self.h_pull,
             "peer.probe": self.h_probe,
@@ -417,7 +455,16 @@ class PeerDaemon:
 
         return (await self.change_map(fn)).to_dict()
 
+    def _check_acceptor(self) -> None:
+        """A peer that the map no longer lists as meta (replaced after it was
+        declared dead) must never vote again: its votes could form a quorum
+        that misses the new members'."""
+        if self.cmap is not None and self.peer_id not in self.cmap.meta:
+            raise VdifsError(f"peer {self.peer_id} is not a meta peer at epoch {self.cmap.epoch}",
+                             code=errno.EPERM)
+
     async def h_prepare(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        self._check_acceptor()
         return await self.acceptor.prepare(str(args["key"]), (int(args["ballot"][0]), str(args["ballot"][1])))
 
     async def h_accept(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
@@ -426,7 +473,82 @@ class PeerDaemon:
             value = bytes(value)  # an accepted value sent as a blob
         if not isinstance(value, bytes):
             raise TypeError("value must be bytes")
+        self._check_acceptor()
         return await self.acceptor.accept(str(args["key"]), (int(args["ballot"][0]), str(args["ballot"][1])), value)
+
+    async def h_keys(self, args: dict[str, Any], s: Session) -> list[str]:
+        return await self.acceptor.storage.keys()
+
+    async def h_install(self, args: dict[str, Any], s: Session) -> bool:
+        value = args["value"]
+        if value is not None and not isinstance(value, (bytes, bytearray)):
+            raise TypeError("value must be bytes")
+        return await self.acceptor.install(str(args["key"]), (int(args["ballot"][0]), str(args["ballot"][1])),
+                                           None if value is None else bytes(value))
+
+    async def h_replace_meta(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        """Swap a dead meta peer for a live one (`vdifs cluster replace-meta`).
+
+        Safe while the old one stays dead: every write of the old set needed
+        all its live members, and every majority of the new set contains one
+        of them, so no chosen value is lost and no two quorums miss each
+        other. Then the new member gets a copy of every register."""
+        assert self.rpc is not None and self.meta is not None
+        current = await self.meta.read_map()
+        if current is None:
+            raise VdifsError("no cluster map", code=errno.ENOENT)
+        old, new = self._find_peer(current, str(args["old"])), self._find_peer(current, str(args["new"]))
+        if old.peer_id not in current.meta:
+            raise VdifsError(f"peer {old.peer_id} is not a meta peer (meta: {', '.join(current.meta)})",
+                             code=errno.EINVAL)
+        if new.peer_id in current.meta:
+            raise VdifsError(f"peer {new.peer_id} is already a meta peer", code=errno.EEXIST)
+        if new.state != UP:
+            raise VdifsError(f"peer {new.peer_id} is not up", code=errno.EINVAL)
+        if old.state == UP:
+            raise VdifsError(f"peer {old.peer_id} is up: replace-meta only replaces a peer the cluster "
+                             "marked down (stop it for good first)", code=errno.EBUSY)
+        try:
+            await self.rpc.call(old.address, "peer.info", {}, timeout=3)
+        except VdifsError:
+            pass
+        else:
+            raise VdifsError(f"peer {old.peer_id} at {old.address} still answers: stop it for good first",
+                             code=errno.EBUSY)
+
+        def fn(m: ClusterMap) -> ClusterMap | None:
+            if old.peer_id not in m.meta:
+                return None
+            if m.peers[old.peer_id].state == UP:
+                raise VdifsError(f"peer {old.peer_id} came back up", code=errno.EBUSY)
+            return m.with_changes(meta=[new.peer_id if p == old.peer_id else p for p in m.meta])
+
+        cmap = await self.change_map(fn)
+        log.warning("meta peer %s replaced by %s (epoch %d)", old.peer_id, new.peer_id, cmap.epoch)
+        members = [cmap.peers[p] for p in cmap.meta if p != new.peer_id and cmap.peers[p].state == UP]
+        keys: set[str] = set()
+        for p in members:
+            keys.update(await self.rpc.call(p.address, "paxos.keys", {}, timeout=30))
+        copied = 0
+        for key in sorted(keys):
+            best: dict[str, Any] | None = None
+            for p in members:
+                got = await self.rpc.call(p.address, "paxos.peek", {"key": key}, timeout=30)
+                if best is None or tuple(got["accepted"]) > tuple(best["accepted"]):
+                    best = got
+            assert best is not None
+            if await self.rpc.call(new.address, "paxos.install", {"key": key, "ballot": best["accepted"],
+                                                                  "value": best["value"]}, timeout=30):
+                copied += 1
+        log.info("copied %d of %d registers to the new meta peer %s", copied, len(keys), new.peer_id)
+        return {"epoch": cmap.epoch, "meta": cmap.meta, "registers": len(keys), "copied": copied}
+
+    @staticmethod
+    def _find_peer(cmap: ClusterMap, name: str) -> PeerInfo:
+        for p in cmap.peers.values():
+            if name in (p.peer_id, p.address):
+                return p
+        raise VdifsError(f"no peer {name!r} in the cluster map", code=errno.ENOENT)
 
     async def h_peek(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         return await self.acceptor.peek(str(args["key"]))
@@ -564,13 +686,61 @@ class PeerDaemon:
             return False
 
     async def _return_from_down(self) -> None:
-        """We were declared down: writes went around us, so none of our objects
-        can be trusted. Move them aside before rejoining; recovery fetches the
-        current ones (our old copy is only a last resort)."""
+        """We were away (marked down, or crashed): writes went around us. Set
+        aside what changed meanwhile, per the other peers' change journals
+        (delta resync); if they cannot tell (a journal does not reach back
+        that far, a peer does not answer), set aside everything (full
+        resync). Recovery fetches current copies of what we should hold; our
+        old copy is only a last resort."""
         epoch = self.cmap.epoch if self.cmap else 0
-        dest = await self.store.quarantine(f"epoch-{epoch}-{int(time.time())}")
-        log.warning("peer %s was marked down: its objects moved to %s; recovery will fetch current copies",
-                    self.peer_id, dest)
+        label = f"epoch-{epoch}-{int(time.time())}"
+        changed = await self._changed_after(self.up_epoch) if self.up_epoch else None
+        if changed is None:
+            dest = await self.store.quarantine(label)
+            log.warning("peer %s was away since epoch %d and the others cannot say what changed since: "
+                        "all its objects moved to %s (full resync)", self.peer_id, self.up_epoch, dest)
+            return
+        held = set()
+        for vid in await self.store.list_vids():
+            held.update(await self.store.list_objects(vid))
+        stale = sorted(held.intersection(changed))
+        await self.store.set_aside_stale(stale, label)
+        log.warning("peer %s was away since epoch %d: %d of its %d objects changed meanwhile and were set "
+                    "aside (delta resync); the rest are current", self.peer_id, self.up_epoch, len(stale), len(held))
+
+    async def _changed_after(self, epoch: int) -> set[int] | None:
+        """Ids every other up peer changed after `epoch`, or None if any cannot say."""
+        assert self.rpc is not None and self.meta is not None
+        cmap = await self.meta.read_map()
+        if cmap is None:
+            return None
+        out: set[int] = set()
+        for p in cmap.up_peers():
+            if p.peer_id == self.peer_id:
+                continue
+            after = None
+            while True:
+                try:
+                    reply = await self.rpc.call(p.address, "obj.changed_after",
+                                                {"since": epoch, "after": after}, timeout=30)
+                except VdifsError as e:
+                    log.info("peer %s cannot list its changes (%s): full resync", p.peer_id, e)
+                    return None
+                if not reply.get("covered"):
+                    log.info("peer %s's change journal does not reach back to epoch %d", p.peer_id, epoch)
+                    return None
+                out.update(reply["oids"])
+                if not reply["more"] or not reply["oids"]:
+                    break
+                after = reply["oids"][-1]
+        return out
+
+    async def h_changed_after(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        """A page of the ids this peer changed at epochs after `since` (delta resync)."""
+        changed = self.journal.changed_after(int(args["since"]))
+        if changed is None:
+            return {"covered": False, "oids": [], "more": False}
+        return {"covered": True, **objlist.page(changed, args.get("after"), args.get("limit"))}
 
     async def _recovering_first(self, oid: int, op: Callable[[], Awaitable[T]]) -> T:
         """Run `op` on an object; if we lack it (we took it over in a new epoch
@@ -607,6 +777,8 @@ class PeerDaemon:
         await self._check_epoch(args)
         oid = self._oid(args)
         self._check_fence(args, oid)
+        assert self.cmap is not None
+        self.journal.record(self.cmap.epoch, oid)  # before the change: a returning peer must learn of it
         if not with_data:
             return oid, 0, b""
         data = args["data"]
@@ -637,6 +809,7 @@ class PeerDaemon:
         if not isinstance(oids, list) or not all(isinstance(o, int) and 0 <= o < 1 << 64 for o in oids):
             raise ValueError("oids must be a list of object ids")
         await self.store.sync(oids)
+        await self.journal.flush(sync=False)
 
     async def h_list(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         """One page of a vid's object ids, after `after`: a 4 TiB VDI has a million

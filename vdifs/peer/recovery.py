@@ -21,6 +21,7 @@ import trio
 
 from vdifs.errors import VdifsError
 from vdifs.meta.consensus import DIRECTORY_KEY
+from vdifs.model.cluster import UP
 from vdifs.model.directory import Directory
 from vdifs.model.placement import placement
 from vdifs.wire import objlist
@@ -75,6 +76,9 @@ class Recovery:
         assert d.meta is not None and d.rpc is not None
         cmap = d.cmap
         assert cmap is not None
+        me = cmap.peers.get(d.peer_id)
+        if me is None or me.state != UP:
+            return  # not serving at this epoch: nothing to recover, nothing to hand off
         # Which VDIs live, with how many copies: a peek is enough (no consensus round,
         # so passes on many peers do not duel); a VDI created a moment ago has its
         # objects created at the new placement anyway.
@@ -146,7 +150,10 @@ class Recovery:
                 if await d.store.drop_handoff(epoch):
                     log.info("epoch %d: every peer finished recovery; dropped the objects handed off", epoch)
                 return
-            await trio.sleep(HANDOFF_POLL)
+            with trio.move_on_after(HANDOFF_POLL):
+                await self.wakeup.wait()  # a new epoch: go recover it at once
+            if self.wakeup.is_set():
+                return
 
     async def _cluster_objects(self, vid: int) -> set[int]:
         d = self.daemon

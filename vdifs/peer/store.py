@@ -695,6 +695,26 @@ class ObjectStore:
         self._dirty_dirs.clear()
         return await trio.to_thread.run_sync(self._quarantine, label)
 
+    def _set_aside_stale(self, oids: list[int], label: str) -> None:
+        dirs: set[str] = set()
+        for oid in oids:
+            dest = os.path.join(self.stale_root, label, os.path.relpath(self.path(oid), self.obj_root))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            try:
+                os.rename(self.path(oid), dest)
+            except FileNotFoundError:
+                continue
+            dirs.update((os.path.dirname(dest), os.path.dirname(self.path(oid))))
+        for d in dirs:
+            fsync_dir(d)
+
+    async def set_aside_stale(self, oids: list[int], label: str) -> None:
+        """Move just these objects aside as stale (delta resync: they changed
+        elsewhere while this peer was away)."""
+        for oid in oids:
+            self._forget(oid)
+        await self._io.run(self._set_aside_stale, oids, label)
+
     def _stale_path(self, oid: int) -> str | None:
         if not os.path.isdir(self.stale_root):
             return None
