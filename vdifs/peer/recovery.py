@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from vdifs.errors import VdifsError
+from vdifs.errors import PoolError, VdifsError
 from vdifs.meta.consensus import DIRECTORY_KEY
 from vdifs.model.cluster import UP
 from vdifs.model.directory import Directory
@@ -79,12 +79,11 @@ class Recovery:
         me = cmap.peers.get(d.peer_id)
         if me is None or me.state != UP:
             return  # not serving at this epoch: nothing to recover, nothing to hand off
-        # Which VDIs live, with how many copies: a peek is enough (no consensus round,
-        # so passes on many peers do not duel); a VDI created a moment ago has its
-        # objects created at the new placement anyway.
-        _version, raw = await d.meta.register(DIRECTORY_KEY).peek()
-        directory = Directory.decode(raw)
-        live = {r.vid: r.copies for r in directory.vdis.values()}
+        # Which VDIs live, with how many copies: read through consensus, since a
+        # peek may show a directory from before a delete, and copying a deleted
+        # VDI's objects would leak them. (A VDI created a moment ago has its
+        # objects created at the new placement anyway.)
+        live = await self._live_vdis()
         todo: list[int] = []
         for vid, copies in sorted(live.items()):
             unowned = [oid for oid in await d.store.list_objects(vid)
@@ -123,6 +122,17 @@ class Recovery:
                 await trio.sleep(ahead)
         if todo:
             log.info("epoch %d: recovery done, %d objects copied", epoch, self.state.done)
+            # A VDI deleted while we copied: its purge may have missed our copies.
+            still = await self._live_vdis()
+            dead = [oid for oid in todo if (oid >> 32) & 0xFFFFFF not in still]
+            for oid in dead:
+                await d.store.delete(oid)
+            if dead:
+                log.info("epoch %d: dropped %d copied objects of VDIs deleted meanwhile", epoch, len(dead))
+        if self.state.done < self.state.total:
+            # Some could not be fetched (peers unreachable for now): try again.
+            raise PoolError(f"{self.state.total - self.state.done} of {self.state.total} objects "
+                            "could not be fetched yet")
         if self.state.done == self.state.total:
             await d.store.drop_stale()  # everything we should hold is current now
             self.state.running = False  # what the other peers wait to see
@@ -155,6 +165,12 @@ class Recovery:
             if self.wakeup.is_set():
                 return
 
+    async def _live_vdis(self) -> dict[int, int]:
+        """vid -> copies of every VDI the directory lists (not the deleted ones)."""
+        assert self.daemon.meta is not None
+        _version, raw = await self.daemon.meta.register(DIRECTORY_KEY).get()
+        return {r.vid: r.copies for r in Directory.decode(raw).vdis.values()}
+
     async def _cluster_objects(self, vid: int) -> set[int]:
         d = self.daemon
         assert d.rpc is not None and d.cmap is not None
@@ -171,6 +187,8 @@ class Recovery:
 
             try:
                 found.update(await objlist.list_all(call, vid))
-            except VdifsError:
-                continue  # that peer may be the one that just died
+            except VdifsError as e:
+                # Skipping it could miss objects only it lists (and call the pass
+                # finished); if it died, the map will say so and this pass restarts.
+                raise PoolError(f"cannot list vid {vid} on peer {p.peer_id}: {e}") from None
         return found
