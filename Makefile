@@ -8,7 +8,7 @@ MOUNTPOINT ?= /mnt/vdis
 APT_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-venv qemu-utils fio e2fsprogs attr util-linux
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv install mount umount test test-unit bench clean
+.PHONY: all deps venv install mount umount test soak test-unit bench clean
 
 all: install
 
@@ -39,6 +39,9 @@ umount:
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
+
+soak: install
+	VDIFS_SOAK_CYCLES=10 $(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m soak tests
 
 test-unit: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/unit tests/pool

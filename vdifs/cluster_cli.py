@@ -267,6 +267,15 @@ def _bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * fill + "." * (width - fill) + f"] {frac:4.0%}"
 
 
+def _rate_eta(r: dict[str, Any]) -> str:
+    """'  12.0 MB/s  ETA 0:42' from a peer's recovery state (empty until it has a rate)."""
+    elapsed, done, total = r.get("elapsed", 0.0), r.get("done", 0), r.get("total", 0)
+    if elapsed <= 0 or done <= 0:
+        return ""
+    eta = int((total - done) * elapsed / done)
+    return f"  {r.get('bytes', 0) / elapsed / 1e6:.1f} MB/s  ETA {eta // 60}:{eta % 60:02d}"
+
+
 def _status_text(info: dict[str, Any]) -> str:
     from vdifs.cli import _table
 
@@ -284,6 +293,7 @@ def _status_text(info: dict[str, Any]) -> str:
             state = r["stopped"]
         elif r.get("running"):
             state = f"recovering {_bar(r.get('done', 0), r.get('total', 0))} {r.get('done', 0)}/{r.get('total', 0)}"
+            state += _rate_eta(r)
         else:
             state = f"clean (epoch {r.get('epoch', '?')}, {r.get('recovered_total', 0)} objects recovered so far)"
         rows.append([p["peer_id"], p["address"], p["state"], state])

@@ -3,6 +3,8 @@
 import os
 import signal
 
+import pytest
+
 from .conftest import wait_for
 
 
@@ -485,3 +487,41 @@ def test_replace_meta_swaps_a_dead_consensus_peer(cluster):
     assert sorted(os.listdir(m.mp)) == ["after", "before"]
     with open(m.path("before"), "rb") as f:
         assert f.read() == b"x" * 4096
+
+
+@pytest.mark.soak
+def test_fio_verify_through_repeated_kills_and_restarts(cluster):
+    """fio writes and verifies (crc32c) while peers are killed and restarted,
+    one after the other, VDIFS_SOAK_CYCLES times (1 in CI; `make soak` runs
+    10): zero verify errors, and every replica current and in place after."""
+    import json
+    import random
+    import subprocess
+
+    from tests.e2e.conftest import need
+
+    from .conftest import vdifs
+
+    need("fio")
+    cycles = int(os.environ.get("VDIFS_SOAK_CYCLES", "1"))
+    cluster.format(5, copies=3)  # five meta peers: killing one at a time keeps a majority
+    m = cluster.mount("a")
+    size = 48 * cycles
+    fio = subprocess.Popen(["fio", "--name=soak", f"--filename={m.path('soak.img')}", f"--size={size}M",
+                            "--rate=4m", "--rw=randwrite", "--bs=64k", "--ioengine=libaio", "--iodepth=8",
+                            "--direct=1", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                            "--verify_state_save=0", "--output-format=json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rng = random.Random(cycles)
+    for _ in range(cycles):
+        victim = rng.choice(cluster.peers)
+        kill(victim)
+        wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
+        victim.start()
+        wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back")
+    out, err = fio.communicate(timeout=60 + 30 * size)
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert fio.returncode == 0 and job["error"] == 0, err
+    assert job["read"]["io_bytes"] == size << 20  # everything written was read back and verified
+    check = ("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
+    wait_for(lambda: vdifs(*check, check=False).returncode == 0, 120, "every replica current and in place")

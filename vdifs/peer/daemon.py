@@ -354,7 +354,8 @@ class PeerDaemon:
         r = self.recovery.state
         return {"peer": self.peer_id, "address": self.listen, "zone": self.zone,
                 "recovery": {"epoch": r.epoch, "running": r.running, "total": r.total, "done": r.done,
-                             "bytes": r.bytes, "stopped": r.stopped, "recovered_total": self.recovered},
+                             "bytes": r.bytes, "stopped": r.stopped, "recovered_total": self.recovered,
+                             "elapsed": trio.current_time() - r.started if r.running else 0.0},
                 "epoch": self.cmap.epoch if self.cmap else 0, "total": total, "free": free,
                 "vids": len(await self.store.list_vids()), "meta": bool(self.cmap and self.peer_id in self.cmap.meta)}
 

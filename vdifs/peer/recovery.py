@@ -41,6 +41,7 @@ class RecoveryState:
     done: int = 0
     bytes: int = 0
     stopped: str = ""  # why the last pass gave up, if it did
+    started: float = 0.0  # trio clock at the start of the pass (for rate and ETA)
 
 
 class Recovery:
@@ -98,7 +99,7 @@ class Recovery:
         self.state = RecoveryState(epoch=epoch, running=True, total=len(todo))
         if todo:
             log.info("epoch %d: recovering %d objects to this peer", epoch, len(todo))
-        started = trio.current_time()
+        started = self.state.started = trio.current_time()
         for oid in todo:
             if d.cmap is None or d.cmap.epoch != epoch:
                 log.info("the map changed during recovery: starting over")
