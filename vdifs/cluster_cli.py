@@ -284,6 +284,11 @@ def _status_text(info: dict[str, Any]) -> str:
     down = [p for p in peers if p["state"] != "up"]
     head = (f"cluster {info['cluster']}  epoch {info['epoch']}  peers {len(up)} up, {len(down)} down"
             f"{' (' + ', '.join(p['address'] for p in down) + ')' if down else ''}")
+    recoveries = [p.get("recovery") or {} for p in peers]
+    missing = sum(max(0, r.get("total", 0) - r.get("done", 0)) for r in recoveries
+                  if r.get("running") or r.get("stopped"))
+    if missing:
+        head += f"\ndegraded: {missing} object replicas still to recover"
     rows = []
     for p in peers:
         r = p.get("recovery") or {}

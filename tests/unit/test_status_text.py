@@ -15,6 +15,7 @@ def test_status_shows_progress_rate_and_eta():
     ]}
     text = _status_text(info)
     assert "epoch 7  peers 3 up, 1 down" in text
+    assert "degraded: 75 object replicas still to recover" in text  # a's 75 (c's pass stopped at 0/0)
     line = next(ln for ln in text.splitlines() if ln.startswith("a "))
     assert "[######.................." in line and "25%" in line and "25/100" in line
     assert "10.5 MB/s" in line and "ETA 0:30" in line  # 25 objects in 10 s: 75 more take 30 s

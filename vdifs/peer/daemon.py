@@ -73,6 +73,7 @@ class PeerDaemon:
         self.journal = ChangeJournal(self.root)
         self.clean_start = True  # False after a crash: we may have missed writes
         self.up_epoch = 0  # the last epoch whose map had us up (we hold its data)
+        self._catching_up: trio.Event | None = None  # set while a returning peer sorts out stale objects
         self.fences: dict[int, int] = {}  # vid -> lowest lease generation still allowed to write
         self._fence_lock = trio.Lock()
 
@@ -133,10 +134,8 @@ class PeerDaemon:
                 return False
             await trio.to_thread.run_sync(atomic_write, os.path.join(self.meta_dir, "cluster_map"), cmap.encode())
             me = cmap.peers.get(self.peer_id)
-            if me is not None and me.state == UP:
-                await trio.to_thread.run_sync(atomic_write, os.path.join(self.meta_dir, "up_epoch"),
-                                              f"{cmap.epoch}\n".encode())
-                self.up_epoch = cmap.epoch
+            if me is not None and me.state == UP and self._catching_up is None:
+                await self._save_up_epoch(cmap.epoch)
             old = self.cmap.epoch if self.cmap else 0
             self.cmap = cmap
             if self.meta is not None:
@@ -220,15 +219,40 @@ class PeerDaemon:
         assert self.meta is not None
         current = await self.meta.read_map()
         me = current.peers.get(self.peer_id) if current else None
-        if me is not None and (me.state != UP or not self.clean_start):
-            if me.state == UP:
-                # We crashed and came back before anyone noticed: we may have missed
-                # writes, and their writers wait for an epoch without us. Leave first.
-                log.warning("peer %s restarted after a crash: leaving the map before rejoining", self.peer_id)
-                await self.change_map(self._state_fn(self.peer_id, DOWN))
-            await self._return_from_down()
-            self.clean_start = True
-        await self.change_map(self._add_peer_fn(self._me()))
+        if me is None or (me.state == UP and self.clean_start):
+            await self.change_map(self._add_peer_fn(self._me()))
+            return
+        if me.state == UP:
+            # We crashed and came back before anyone noticed: we may have missed
+            # writes, and their writers wait for an epoch without us. Leave first.
+            log.warning("peer %s restarted after a crash: leaving the map before rejoining", self.peer_id)
+            await self.change_map(self._state_fn(self.peer_id, DOWN))
+        # Back in the map, but every data request waits at the gate until we
+        # know what changed while we were away. The delta is asked for only
+        # once every peer has our new epoch: from then on nobody accepts a
+        # write of the old epoch, so the journals hold every change we missed.
+        since = self.up_epoch
+        self._catching_up = trio.Event()
+        try:
+            cmap = await self.change_map(self._add_peer_fn(self._me()))
+            await self._return_from_down(since, cmap.epoch)
+            await self._save_up_epoch(cmap.epoch)
+        finally:
+            gate, self._catching_up = self._catching_up, None
+            gate.set()
+        self.clean_start = True
+
+    async def _save_up_epoch(self, epoch: int) -> None:
+        """Remember the last epoch we were up in and current (a returning peer
+        asks for the changes after it). Not while catching up: a crash then
+        must ask again from the older epoch."""
+        await trio.to_thread.run_sync(atomic_write, os.path.join(self.meta_dir, "up_epoch"), f"{epoch}\n".encode())
+        self.up_epoch = epoch
+
+    async def caught_up(self) -> None:
+        """Wait while a returning peer sets aside what changed in its absence."""
+        if self._catching_up is not None:
+            await self._catching_up.wait()
 
     @staticmethod
     def _state_fn(peer_id: str, state: str):  # type: ignore[no-untyped-def]
@@ -612,6 +636,7 @@ class PeerDaemon:
         """A whole object, for a peer that recovers it; with `handoff`, also a
         copy this peer handed off (when no peer serves the object any more)."""
         oid = self._oid(args)
+        await self.caught_up()  # never hand out a copy that may be stale
         try:
             return await self.store.read_all(oid)
         except ObjectNotFound:
@@ -686,20 +711,25 @@ class PeerDaemon:
                 return True
             return False
 
-    async def _return_from_down(self) -> None:
-        """We were away (marked down, or crashed): writes went around us. Set
-        aside what changed meanwhile, per the other peers' change journals
-        (delta resync); if they cannot tell (a journal does not reach back
-        that far, a peer does not answer), set aside everything (full
-        resync). Recovery fetches current copies of what we should hold; our
-        old copy is only a last resort."""
-        epoch = self.cmap.epoch if self.cmap else 0
+    async def _return_from_down(self, since: int, epoch: int) -> None:
+        """We were away (marked down, or crashed) since epoch `since`: writes
+        went around us. Set aside what changed meanwhile, per the other
+        peers' change journals (delta resync); if they cannot tell (a journal
+        does not reach back that far, a peer does not answer, not every peer
+        has reached `epoch` yet), set aside everything (full resync).
+        Recovery fetches current copies of what we should hold; our old copy
+        is only a last resort."""
         label = f"epoch-{epoch}-{int(time.time())}"
-        changed = await self._changed_after(self.up_epoch) if self.up_epoch else None
+        changed = None
+        try:
+            if since and await self._all_peers_at(epoch):
+                changed = await self._changed_after(since)
+        except VdifsError as e:
+            log.warning("cannot learn what changed while we were away (%s)", e)
         if changed is None:
             dest = await self.store.quarantine(label)
             log.warning("peer %s was away since epoch %d and the others cannot say what changed since: "
-                        "all its objects moved to %s (full resync)", self.peer_id, self.up_epoch, dest)
+                        "all its objects moved to %s (full resync)", self.peer_id, since, dest)
             return
         held = set()
         for vid in await self.store.list_vids():
@@ -707,7 +737,29 @@ class PeerDaemon:
         stale = sorted(held.intersection(changed))
         await self.store.set_aside_stale(stale, label)
         log.warning("peer %s was away since epoch %d: %d of its %d objects changed meanwhile and were set "
-                    "aside (delta resync); the rest are current", self.peer_id, self.up_epoch, len(stale), len(held))
+                    "aside (delta resync); the rest are current", self.peer_id, since, len(stale), len(held))
+
+    async def _all_peers_at(self, epoch: int, timeout: float = 30.0) -> bool:
+        """True once every up peer has adopted `epoch` (so it refuses older writes)."""
+        assert self.rpc is not None and self.cmap is not None
+        with trio.move_on_after(timeout):
+            while True:
+                behind = []
+                for p in self.cmap.up_peers():
+                    if p.peer_id == self.peer_id:
+                        continue
+                    try:
+                        info = await self.rpc.call(p.address, "peer.info", {}, timeout=5)
+                    except VdifsError:
+                        behind.append(p.peer_id)
+                        continue
+                    if int(info.get("epoch", 0)) < epoch:
+                        behind.append(p.peer_id)
+                if not behind:
+                    return True
+                await trio.sleep(0.2)
+        log.warning("peers did not all reach epoch %d within %.0f s", epoch, timeout)
+        return False
 
     async def _changed_after(self, epoch: int) -> set[int] | None:
         """Ids every other up peer changed after `epoch`, or None if any cannot say."""
@@ -768,6 +820,7 @@ class PeerDaemon:
         log.warning("object %016x: repaired from another peer", oid)
 
     async def h_read(self, args: dict[str, Any], s: Session) -> bytes | bytearray:
+        await self.caught_up()
         await self._check_epoch(args)
         oid, offset, length = self._oid(args), self._range(args, "offset"), self._range(args, "length")
         return await self._recovering_first(oid, lambda: self.store.read(oid, offset, length))
@@ -775,6 +828,7 @@ class PeerDaemon:
     async def _mutation(self, args: dict[str, Any], *, with_data: bool) -> tuple[int, int, bytes | bytearray]:
         """Checks every change of an object passes first: epoch, lease fence, and
         an offset and data that stay inside one object. Returns (oid, offset, data)."""
+        await self.caught_up()
         await self._check_epoch(args)
         oid = self._oid(args)
         self._check_fence(args, oid)

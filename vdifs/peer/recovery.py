@@ -80,6 +80,7 @@ class Recovery:
         me = cmap.peers.get(d.peer_id)
         if me is None or me.state != UP:
             return  # not serving at this epoch: nothing to recover, nothing to hand off
+        await d.caught_up()  # a returning peer first sets aside what went stale
         # Which VDIs live, with how many copies: read through consensus, since a
         # peek may show a directory from before a delete, and copying a deleted
         # VDI's objects would leak them. (A VDI created a moment ago has its
