@@ -11,6 +11,7 @@ refresh its map before it answers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -18,7 +19,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import IO, Any, TypeVar
 
 import msgpack
@@ -74,6 +75,8 @@ class PeerDaemon:
         self.clean_start = True  # False after a crash: we may have missed writes
         self.up_epoch = 0  # the last epoch whose map had us up (we hold its data)
         self._catching_up: trio.Event | None = None  # set while a returning peer sorts out stale objects
+        self._changing: dict[int, int] = {}  # epoch -> object changes admitted at it and still running
+        self._changed = trio.Event()  # set (and replaced) whenever one of them ends
         self.fences: dict[int, int] = {}  # vid -> lowest lease generation still allowed to write
         self._fence_lock = trio.Lock()
 
@@ -637,6 +640,9 @@ class PeerDaemon:
         copy this peer handed off (when no peer serves the object any more)."""
         oid = self._oid(args)
         await self.caught_up()  # never hand out a copy that may be stale
+        if "epoch" in args:  # recovery at that epoch: older writes must have landed first
+            await self._check_epoch(args)
+            await self._older_changes_landed(int(args["epoch"]))
         try:
             return await self.store.read_all(oid)
         except ObjectNotFound:
@@ -691,8 +697,8 @@ class PeerDaemon:
                     if p.peer_id == self.peer_id:
                         continue
                     try:
-                        data = await self.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff},
-                                                   timeout=30)
+                        data = await self.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff,
+                                                                            "epoch": self.cmap.epoch}, timeout=30)
                     except VdifsError:
                         continue
                     _total, free = await self.store.space()
@@ -844,20 +850,45 @@ class PeerDaemon:
             raise ValueError(f"offset {offset} + {len(data)} bytes runs past the {OBJECT_SIZE} byte object")
         return oid, offset, data
 
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """Count a change while it runs, under the epoch it was admitted at:
+        a peer recovering at a newer epoch copies an object from us only
+        after the changes admitted under older epochs have landed (else its
+        copy could miss a write its writer saw succeed here)."""
+        assert self.cmap is not None
+        epoch = self.cmap.epoch
+        self._changing[epoch] = self._changing.get(epoch, 0) + 1
+        try:
+            yield
+        finally:
+            self._changing[epoch] -= 1
+            if not self._changing[epoch]:
+                del self._changing[epoch]
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def _older_changes_landed(self, epoch: int) -> None:
+        while any(e < epoch for e in self._changing):
+            await self._changed.wait()
+
     async def h_write(self, args: dict[str, Any], s: Session) -> None:
         oid, offset, data = await self._mutation(args, with_data=True)
-        await self._recovering_first(oid, lambda: self.store.write(oid, offset, data))
+        async with self._admitted():
+            await self._recovering_first(oid, lambda: self.store.write(oid, offset, data))
 
     async def h_create(self, args: dict[str, Any], s: Session) -> None:
         oid, offset, data = await self._mutation(args, with_data=True)
         size = self._range(args, "size")
         if not offset + len(data) <= size <= OBJECT_SIZE:
             raise ValueError(f"object size {size} must hold the data and be at most {OBJECT_SIZE}")
-        await self.store.create(oid, offset, data, size, exclusive=bool(args.get("exclusive", False)))
+        async with self._admitted():
+            await self.store.create(oid, offset, data, size, exclusive=bool(args.get("exclusive", False)))
 
     async def h_delete(self, args: dict[str, Any], s: Session) -> None:
         oid, _, _ = await self._mutation(args, with_data=False)
-        await self.store.delete(oid)
+        async with self._admitted():
+            await self.store.delete(oid)
 
     async def h_sync(self, args: dict[str, Any], s: Session) -> None:
         oids = args["oids"]

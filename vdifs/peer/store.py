@@ -166,6 +166,11 @@ def _write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview
     return checksums.crcs_of(buf)
 
 
+def _same_file(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)  # metadata of open files: never waits for the disk
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def _os_error(e: OSError, what: str) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"store is full while {what}")
@@ -404,11 +409,15 @@ class ObjectStore:
                 if made_dir:
                     self._dirty_dirs.add(self.obj_root)
                 self._dirty_dirs.add(os.path.dirname(self.path(oid)))
+                # Creating keeps the inode at the path (no O_TRUNC), so a cached
+                # handle of that inode stays the one handle (one lock, one table).
+                # One of another inode (moved away meanwhile) is dropped.
                 h = self._handles.get(oid)
-                if h is not None and not h.doomed:  # same path, same inode: keep the cached fd
+                if h is not None and not h.doomed and _same_file(h.fd, fd):
                     os.close(fd)
                     h.table, h.clean_on_disk = table, False
                 else:
+                    self._forget(oid)
                     self._handles[oid] = _Handle(fd, table, False)
                     self._evict()
         finally:
@@ -592,7 +601,10 @@ class ObjectStore:
         """Move a replica that failed its checksums to STORE/corrupt (kept for
         inspection, never served); the object then counts as missing here."""
         self._forget(oid)
-        return await self._io.run(self._set_aside, oid)
+        try:
+            return await self._io.run(self._set_aside, oid)
+        finally:
+            self._forget(oid)  # opened again while the file was being moved
 
     # -- handed-off copies (objects placement gave to other peers) ---------------------
 
@@ -624,6 +636,8 @@ class ObjectStore:
         for oid in oids:
             self._forget(oid)
         await self._io.run(self._hand_off, oids, epoch)
+        for oid in oids:
+            self._forget(oid)  # opened again while the files were being moved
 
     def _handoff_epochs(self) -> list[str]:
         try:
@@ -693,7 +707,10 @@ class ObjectStore:
         """Move every object aside: it may be stale (writes went around us)."""
         self.close()  # cached descriptors point at the moved files
         self._dirty_dirs.clear()
-        return await trio.to_thread.run_sync(self._quarantine, label)
+        try:
+            return await trio.to_thread.run_sync(self._quarantine, label)
+        finally:
+            self.close()  # and at those opened while they were being moved
 
     def _set_aside_stale(self, oids: list[int], label: str) -> None:
         dirs: set[str] = set()
@@ -714,6 +731,8 @@ class ObjectStore:
         for oid in oids:
             self._forget(oid)
         await self._io.run(self._set_aside_stale, oids, label)
+        for oid in oids:
+            self._forget(oid)  # opened again while the files were being moved
 
     def _stale_path(self, oid: int) -> str | None:
         if not os.path.isdir(self.stale_root):
@@ -736,6 +755,7 @@ class ObjectStore:
     async def take_stale(self, oid: int) -> bool:
         """Put our own old copy back (the last resort when no other peer has it)."""
         taken = await trio.to_thread.run_sync(self._take_stale, oid)
+        self._forget(oid)  # a cached fd would be of whatever was at the path before
         if taken:
             self._dirty_dirs.add(os.path.dirname(self.path(oid)))
         return taken
