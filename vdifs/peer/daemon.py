@@ -686,36 +686,43 @@ class PeerDaemon:
         in a new epoch and has not recovered yet, and to replace a rotten
         replica. True if we hold it now."""
         lock = self._recovering.setdefault(oid, trio.Lock())
-        async with lock:
-            if await self.store.exists(oid):
+        try:
+            async with lock:
+                return await self._recover_locked(oid, stale_ok)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._recovering.pop(oid, None)  # one lock per object being recovered, not ever
+
+    async def _recover_locked(self, oid: int, stale_ok: bool) -> bool:
+        if await self.store.exists(oid):
+            return True
+        assert self.rpc is not None and self.cmap is not None
+        # Served copies first; a copy handed off at an epoch change only
+        # when no peer serves the object (the newest handed-off one).
+        for handoff in (False, True):
+            for p in self.cmap.up_peers():
+                if p.peer_id == self.peer_id:
+                    continue
+                try:
+                    data = await self.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff,
+                                                                        "epoch": self.cmap.epoch}, timeout=30)
+                except VdifsError:
+                    continue
+                _total, free = await self.store.space()
+                if free < self.recovery.reserve + len(data):
+                    raise NoSpace(f"object {oid:016x}: not recovered here, only {free >> 20} MiB free and "
+                                  f"the recovery reserve is {self.recovery.reserve >> 20} MiB")
+                await self.store.create(oid, 0, data, len(data))
+                await self.store.sync([oid])  # durable before it counts as a replica
+                self.recovered += 1
+                log.info("recovered object %016x from peer %s%s", oid, p.peer_id,
+                         " (a handed-off copy)" if handoff else "")
                 return True
-            assert self.rpc is not None and self.cmap is not None
-            # Served copies first; a copy handed off at an epoch change only
-            # when no peer serves the object (the newest handed-off one).
-            for handoff in (False, True):
-                for p in self.cmap.up_peers():
-                    if p.peer_id == self.peer_id:
-                        continue
-                    try:
-                        data = await self.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff,
-                                                                            "epoch": self.cmap.epoch}, timeout=30)
-                    except VdifsError:
-                        continue
-                    _total, free = await self.store.space()
-                    if free < self.recovery.reserve + len(data):
-                        raise NoSpace(f"object {oid:016x}: not recovered here, only {free >> 20} MiB free and "
-                                      f"the recovery reserve is {self.recovery.reserve >> 20} MiB")
-                    await self.store.create(oid, 0, data, len(data))
-                    await self.store.sync([oid])  # durable before it counts as a replica
-                    self.recovered += 1
-                    log.info("recovered object %016x from peer %s%s", oid, p.peer_id,
-                             " (a handed-off copy)" if handoff else "")
-                    return True
-            if stale_ok and await self.store.take_stale(oid):
-                log.warning("object %016x: no other peer has it; took back our own copy from before "
-                            "we were marked down", oid)
-                return True
-            return False
+        if stale_ok and await self.store.take_stale(oid):
+            log.warning("object %016x: no other peer has it; took back our own copy from before "
+                        "we were marked down", oid)
+            return True
+        return False
 
     async def _return_from_down(self, since: int, epoch: int) -> None:
         """We were away (marked down, or crashed) since epoch `since`: writes

@@ -88,15 +88,16 @@ class Recovery:
         live = await self._live_vdis()
         todo: list[int] = []
         for vid, copies in sorted(live.items()):
-            unowned = [oid for oid in await d.store.list_objects(vid)
-                       if d.peer_id not in placement(cmap, oid, copies)]
+            held = set(await d.store.list_objects(vid))
+            unowned = [oid for oid in held if d.peer_id not in placement(cmap, oid, copies)]
             if unowned:
                 await d.store.hand_off(unowned, epoch)
                 log.info("epoch %d: handed off %d objects of vid %d that placement gives to other peers",
                          epoch, len(unowned), vid)
-            for oid in await self._cluster_objects(vid):
-                if d.peer_id in placement(cmap, oid, copies) and not await d.store.exists(oid):
-                    todo.append(oid)
+            # One listing, not a check per object: recover() looks again under
+            # the object's lock, so one created meanwhile is not copied twice.
+            todo.extend(oid for oid in sorted(await self._cluster_objects(vid))
+                        if oid not in held and d.peer_id in placement(cmap, oid, copies))
         self.state = RecoveryState(epoch=epoch, running=True, total=len(todo))
         if todo:
             log.info("epoch %d: recovering %d objects to this peer", epoch, len(todo))

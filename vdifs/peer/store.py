@@ -102,6 +102,10 @@ def _pread_full(fd: int, offset: int, length: int) -> bytes:
     return data
 
 
+def _pread_all(fd: int) -> bytes:
+    return _pread_full(fd, 0, os.fstat(fd).st_size)
+
+
 def _pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -130,7 +134,7 @@ def _load_table(fd: int) -> tuple[list[int], bool]:
             return table, True
     except (OSError, checksums.BadTable):
         pass
-    return checksums.table_of(_pread_full(fd, 0, size), size), False
+    return checksums.table_of(_pread_all(fd), size), False
 
 
 def _open_object(path: str) -> tuple[int, list[int], bool]:
@@ -304,8 +308,7 @@ class ObjectStore:
         h = await self._acquire(oid)
         try:
             writes, busy = h.writes, h.inflight
-            size = await self._io.run(lambda: os.fstat(h.fd).st_size)
-            data = await self._io.run(_pread_full, h.fd, 0, size)
+            data = await self._io.run(_pread_all, h.fd)
             if self.checksums and not busy and not h.inflight and h.writes == writes:
                 self._verify(oid, h, 0, data)
             return data
@@ -666,7 +669,7 @@ class ObjectStore:
             except FileNotFoundError:
                 continue
             try:
-                data = _pread_full(fd, 0, os.fstat(fd).st_size)
+                data = _pread_all(fd)
             finally:
                 os.close(fd)
             if self.checksums and clean and checksums.first_mismatch(table, 0, data) is not None:
