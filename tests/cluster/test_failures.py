@@ -323,8 +323,9 @@ def test_a_rotten_replica_is_never_served_and_repairs_itself_on_read(cluster):
         f.write(b"\xde\xad\xbe\xef")
     assert read_direct(m.path("vm"), 8 << 20) == payload  # past the mount's page cache
     assert open(path, "rb").read() == good  # repaired in place
-    aside = os.listdir(os.path.join(bad.store, "corrupt"))
-    assert len(aside) == 1 and aside[0].startswith(name)
+    aside = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(bad.store, "corrupt")) for f in fs]
+    assert len(aside) == 1 and os.path.basename(aside[0]) == name
+    assert open(aside[0], "rb").read() != good  # the rotten bytes were kept for inspection
     assert "corrupt" in bad.log_text() and "repaired from another peer" in bad.log_text()
 
 

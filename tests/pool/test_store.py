@@ -161,3 +161,65 @@ async def test_a_dirty_table_is_rebuilt_from_the_data_after_a_crash(store):
     assert os.getxattr(store.path(oid), checksums.XATTR)[3] == checksums.CLEAN
     # sync_dirty finds nothing left to do
     assert await store.sync_dirty() == 0
+
+
+async def test_install_replaces_whole_and_leaves_nothing_half_written(store):
+    oid = data_oid(6, 0)
+    await store.create(oid, 0, b"old" * 100, 4 << 20)
+    assert await store.read(oid, 0, 3) == b"old"  # a cached handle of the old file
+    new = os.urandom(4 << 20)
+    await store.install(oid, new)
+    assert await store.read_all(oid) == new  # the cached handle was replaced too
+    assert os.listdir(os.path.dirname(store.path(oid))) == [os.path.basename(store.path(oid))]
+    # a crash in the middle of an install leaves only a .part file: never listed, removed at start
+    part = store.path(data_oid(6, 1)) + ".part"
+    with open(part, "wb") as f:
+        f.write(b"half")
+    assert await store.list_objects(6) == [oid]
+    store.close()
+    again = ObjectStore(store.root)
+    again.open()
+    assert not os.path.exists(part)
+    assert await again.read_all(oid) == new
+    again.close()
+
+
+async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, monkeypatch):
+    """A read opens the object in a worker thread; before the open returns, the
+    object is handed off (renamed away). The descriptor it got is of the moved
+    file: it must not be cached and used, the read must find the object gone."""
+    import threading
+
+    import trio
+
+    from vdifs.peer import store as store_module
+
+    oid = data_oid(7, 0)
+    await store.create(oid, 0, b"data", 4096)
+    store.close()  # no cached handle: the read must open
+    opened, release = threading.Event(), threading.Event()
+    real = store_module._open_object
+
+    def slow_open(path):
+        result = real(path)
+        opened.set()
+        release.wait(10)
+        return result
+
+    monkeypatch.setattr(store_module, "_open_object", slow_open)
+    outcome = []
+
+    async def reader():
+        try:
+            outcome.append(await store.read(oid, 0, 4))
+        except ObjectNotFound:
+            outcome.append("gone")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.to_thread.run_sync(opened.wait, 10)
+        monkeypatch.setattr(store_module, "_open_object", real)
+        await store.hand_off([oid], epoch=2)
+        release.set()
+    assert outcome == ["gone"]
+    assert oid not in store._handles

@@ -674,8 +674,7 @@ class PeerDaemon:
         assert self.rpc is not None
         oid = self._oid(args)
         data = await self.rpc.call(str(args["source"]), "obj.fetch", {"oid": oid}, timeout=60)
-        await self.store.create(oid, 0, data, len(data))
-        await self.store.sync([oid])  # a repaired replica is durable before we say so
+        await self.store.install(oid, data)  # durable and whole before we say so
         log.warning("object %016x replaced by the copy on %s (repair)", oid, args["source"])
         return len(data)
 
@@ -712,8 +711,7 @@ class PeerDaemon:
                 if free < self.recovery.reserve + len(data):
                     raise NoSpace(f"object {oid:016x}: not recovered here, only {free >> 20} MiB free and "
                                   f"the recovery reserve is {self.recovery.reserve >> 20} MiB")
-                await self.store.create(oid, 0, data, len(data))
-                await self.store.sync([oid])  # durable before it counts as a replica
+                await self.store.install(oid, data)  # durable and whole before it counts as a replica
                 self.recovered += 1
                 log.info("recovered object %016x from peer %s%s", oid, p.peer_id,
                          " (a handed-off copy)" if handoff else "")

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import IO
 
 import trio
@@ -43,6 +43,7 @@ from vdifs.peer.checksums import BLOCK, CLEAN, DIRTY, XATTR
 log = logging.getLogger("vdifs.store")
 
 MAX_OPEN_FILES = 512
+PART = ".part"  # suffix of an object being installed (never 16 hex digits: never listed)
 SYNC_PARALLELISM = 8
 
 
@@ -192,9 +193,17 @@ class ObjectStore:
         self.nowait_reads = 0
         self.checksums = True  # False on a file system without user xattrs
         self.checksum_errors = 0
+        self._moving = 0  # renames of object files in progress
+        self._moves = 0  # bumped when one starts and when it ends
+        self._moves_done = trio.Event()
 
     def open(self) -> None:
         os.makedirs(self.obj_root, exist_ok=True)
+        for name in os.listdir(self.obj_root):  # installs a crash interrupted
+            d = os.path.join(self.obj_root, name)
+            for leftover in os.listdir(d) if os.path.isdir(d) else []:
+                if leftover.endswith(PART):
+                    os.unlink(os.path.join(d, leftover))
         try:
             os.setxattr(self.obj_root, XATTR, b"probe")
             os.removexattr(self.obj_root, XATTR)
@@ -217,7 +226,8 @@ class ObjectStore:
 
     async def _acquire(self, oid: int) -> _Handle:
         h = self._handles.get(oid)
-        if h is None:
+        while h is None:
+            moves = self._moves
             try:
                 if self.checksums:
                     fd, table, clean = await self._io.run(_open_object, self.path(oid))
@@ -227,16 +237,47 @@ class ObjectStore:
                 raise ObjectNotFound(f"object {oid:016x} does not exist") from None
             except OSError as e:
                 raise _os_error(e, f"opening object {oid:016x}") from None
+            if self._moving or self._moves != moves:
+                # Files were moved while we opened: ours may be one that left
+                # the path. Open again once the moves are done.
+                os.close(fd)
+                if self._moving:
+                    await self._moves_done.wait()
+                h = self._handles.get(oid)
+                continue
             h = self._handles.get(oid)
             if h is None:
                 h = self._handles[oid] = _Handle(fd, table, clean)
                 self._evict()
             else:  # another task opened it meanwhile
                 os.close(fd)
+            break
         else:
             self._handles.move_to_end(oid)
         h.refs += 1
         return h
+
+    @contextlib.asynccontextmanager
+    async def _moving_files(self, oids: Iterable[int] | None) -> AsyncIterator[None]:
+        """Around any rename of object files (None: all of them): their cached
+        descriptors are dropped first, and an open that overlaps the move is
+        redone after it (see `_acquire`), so no descriptor ever names a file
+        that left its path."""
+        self._moving += 1
+        self._moves += 1
+        if oids is None:
+            self.close()
+        else:
+            for oid in oids:
+                self._forget(oid)
+        try:
+            yield
+        finally:
+            self._moving -= 1
+            self._moves += 1
+            if not self._moving:
+                self._moves_done.set()
+                self._moves_done = trio.Event()
 
     def _release(self, h: _Handle) -> None:
         h.refs -= 1
@@ -427,6 +468,44 @@ class ObjectStore:
             if old is not None:
                 self._release(old)
 
+    def _install(self, oid: int, data: bytes | bytearray) -> tuple[int, list[int]]:
+        path = self.path(oid)
+        part = path + PART
+        made_dir = not os.path.isdir(os.path.dirname(path))
+        if made_dir:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _pwrite_full(fd, 0, data)
+            table = checksums.table_of(data, len(data)) if self.checksums else []
+            if self.checksums:
+                os.setxattr(fd, XATTR, checksums.encode(table, CLEAN))
+            os.fsync(fd)  # data and table durable before the name points at them
+            os.rename(part, path)
+            fsync_dir(os.path.dirname(path))
+            if made_dir:
+                fsync_dir(self.obj_root)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            raise
+        return fd, table
+
+    async def install(self, oid: int, data: bytes | bytearray) -> None:
+        """Put a whole, verified copy of an object in place, durably and
+        atomically (recovery, repair): written and fsynced under a temporary
+        name, then renamed over the path. A crash leaves the old state or the
+        new one, never a half-written replica that would pass for whole."""
+        try:
+            async with self._moving_files([oid]):
+                fd, table = await self._io.run(self._install, oid, data)
+        except OSError as e:
+            raise _os_error(e, f"installing object {oid:016x}") from None
+        self._forget(oid)
+        self._handles[oid] = _Handle(fd, table, self.checksums)
+        self._evict()
+
     async def delete(self, oid: int) -> None:
         """Remove an object; deleting a missing object is not an error."""
         self._forget(oid)
@@ -440,7 +519,7 @@ class ObjectStore:
         self._dirty_dirs.add(os.path.dirname(path))
 
     def _remove_vid_handoff(self, vid: int) -> None:
-        for e in self._handoff_epochs():
+        for e in self._labels(self.handoff_root):
             shutil.rmtree(os.path.join(self.handoff_root, e, f"{vid:06x}"), ignore_errors=True)
 
     async def remove_vid_dir(self, vid: int) -> None:
@@ -587,41 +666,30 @@ class ObjectStore:
                 "thread_calls": self._io.calls,
                 "thread_hops": self._io.hops, "open_files": len(self._handles)}
 
-    # -- rotten replicas ---------------------------------------------------------------
+    # -- objects out of service: rotten, handed off, stale --------------------------
+    #
+    # Each lives in a tree STORE/<kind>/<label>/<vid>/<oid> (label: a time, an
+    # epoch, a label of the return); the newest label is the newest copy.
 
     @property
     def corrupt_root(self) -> str:
         return os.path.join(self.root, "corrupt")
 
-    def _set_aside(self, oid: int) -> str:
-        os.makedirs(self.corrupt_root, exist_ok=True)
-        dest = os.path.join(self.corrupt_root, f"{oid:016x}.{time.time_ns()}")
-        os.rename(self.path(oid), dest)
-        fsync_dir(os.path.dirname(self.path(oid)))
-        return dest
-
-    async def set_aside(self, oid: int) -> str:
-        """Move a replica that failed its checksums to STORE/corrupt (kept for
-        inspection, never served); the object then counts as missing here."""
-        self._forget(oid)
-        try:
-            return await self._io.run(self._set_aside, oid)
-        finally:
-            self._forget(oid)  # opened again while the file was being moved
-
-    # -- handed-off copies (objects placement gave to other peers) ---------------------
-
     @property
     def handoff_root(self) -> str:
         return os.path.join(self.root, "handoff")
 
-    def _handoff_path(self, epoch: int, oid: int) -> str:
-        return os.path.join(self.handoff_root, f"{epoch:012d}", os.path.relpath(self.path(oid), self.obj_root))
+    @property
+    def stale_root(self) -> str:
+        return os.path.join(self.root, "stale")
 
-    def _hand_off(self, oids: list[int], epoch: int) -> None:
+    def _rel(self, oid: int) -> str:
+        return os.path.relpath(self.path(oid), self.obj_root)
+
+    def _move_out(self, oids: list[int], tree: str) -> None:
         dirs: set[str] = set()
         for oid in oids:
-            dest = self._handoff_path(epoch, oid)
+            dest = os.path.join(tree, self._rel(oid))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             try:
                 os.rename(self.path(oid), dest)
@@ -631,41 +699,54 @@ class ObjectStore:
         for d in dirs:
             fsync_dir(d)
 
+    async def _take_out(self, oids: list[int], tree: str) -> None:
+        async with self._moving_files(oids):
+            await self._io.run(self._move_out, oids, tree)
+
+    def _labels(self, root: str) -> list[str]:
+        try:
+            return sorted(os.listdir(root), reverse=True)  # newest first
+        except FileNotFoundError:
+            return []
+
+    def _copies(self, root: str, oid: int) -> list[str]:
+        """Paths of the copies of `oid` under `root`, newest first."""
+        found = (os.path.join(root, label, self._rel(oid)) for label in self._labels(root))
+        return [p for p in found if os.path.exists(p)]
+
+    def _list_tree(self, root: str, vid: int) -> list[int]:
+        out: set[int] = set()
+        for label in self._labels(root):
+            try:
+                out.update(int(n, 16) for n in os.listdir(os.path.join(root, label, f"{vid:06x}")) if len(n) == 16)
+            except FileNotFoundError:
+                continue
+        return sorted(out)
+
+    async def set_aside(self, oid: int) -> str:
+        """Move a replica that failed its checksums to STORE/corrupt (kept for
+        inspection, never served); the object then counts as missing here."""
+        tree = os.path.join(self.corrupt_root, str(time.time_ns()))
+        await self._take_out([oid], tree)
+        return os.path.join(tree, self._rel(oid))
+
     async def hand_off(self, oids: list[int], epoch: int) -> None:
         """Stop serving objects that placement gave to other peers at `epoch`,
         but keep them (STORE/handoff/<epoch>) as a source for those peers until
         the whole cluster has recovered that epoch. A copy left in place could
         be served again, stale, when placement hands the object back later."""
-        for oid in oids:
-            self._forget(oid)
-        await self._io.run(self._hand_off, oids, epoch)
-        for oid in oids:
-            self._forget(oid)  # opened again while the files were being moved
+        await self._take_out(oids, os.path.join(self.handoff_root, f"{epoch:012d}"))
 
     def _handoff_epochs(self) -> list[str]:
-        try:
-            return sorted(os.listdir(self.handoff_root), reverse=True)  # newest first
-        except FileNotFoundError:
-            return []
-
-    def _list_handoff(self, vid: int) -> list[int]:
-        out: set[int] = set()
-        for e in self._handoff_epochs():
-            try:
-                out.update(int(n, 16) for n in os.listdir(os.path.join(self.handoff_root, e, f"{vid:06x}"))
-                           if len(n) == 16)
-            except FileNotFoundError:
-                continue
-        return sorted(out)
+        return self._labels(self.handoff_root)
 
     async def list_handoff(self, vid: int) -> list[int]:
-        return await self._io.run(self._list_handoff, vid)
+        return await self._io.run(self._list_tree, self.handoff_root, vid)
 
     def _read_handoff(self, oid: int) -> bytes | None:
-        rel = os.path.relpath(self.path(oid), self.obj_root)
-        for e in self._handoff_epochs():
+        for path in self._copies(self.handoff_root, oid):
             try:
-                fd, table, clean = _open_object(os.path.join(self.handoff_root, e, rel))
+                fd, table, clean = _open_object(path)
             except FileNotFoundError:
                 continue
             try:
@@ -691,12 +772,6 @@ class ObjectStore:
             await trio.to_thread.run_sync(shutil.rmtree, os.path.join(self.handoff_root, e))
         return len(gone)
 
-    # -- stale copies (a peer that was declared down) -------------------------------
-
-    @property
-    def stale_root(self) -> str:
-        return os.path.join(self.root, "stale")
-
     def _quarantine(self, label: str) -> str:
         os.makedirs(self.stale_root, exist_ok=True)
         dest = os.path.join(self.stale_root, label)
@@ -708,72 +783,33 @@ class ObjectStore:
 
     async def quarantine(self, label: str) -> str:
         """Move every object aside: it may be stale (writes went around us)."""
-        self.close()  # cached descriptors point at the moved files
         self._dirty_dirs.clear()
-        try:
-            return await trio.to_thread.run_sync(self._quarantine, label)
-        finally:
-            self.close()  # and at those opened while they were being moved
-
-    def _set_aside_stale(self, oids: list[int], label: str) -> None:
-        dirs: set[str] = set()
-        for oid in oids:
-            dest = os.path.join(self.stale_root, label, os.path.relpath(self.path(oid), self.obj_root))
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            try:
-                os.rename(self.path(oid), dest)
-            except FileNotFoundError:
-                continue
-            dirs.update((os.path.dirname(dest), os.path.dirname(self.path(oid))))
-        for d in dirs:
-            fsync_dir(d)
+        async with self._moving_files(None):
+            return await self._io.run(self._quarantine, label)
 
     async def set_aside_stale(self, oids: list[int], label: str) -> None:
         """Move just these objects aside as stale (delta resync: they changed
         elsewhere while this peer was away)."""
-        for oid in oids:
-            self._forget(oid)
-        await self._io.run(self._set_aside_stale, oids, label)
-        for oid in oids:
-            self._forget(oid)  # opened again while the files were being moved
-
-    def _stale_path(self, oid: int) -> str | None:
-        if not os.path.isdir(self.stale_root):
-            return None
-        rel = os.path.relpath(self.path(oid), self.obj_root)
-        for label in sorted(os.listdir(self.stale_root), reverse=True):
-            candidate = os.path.join(self.stale_root, label, rel)
-            if os.path.exists(candidate):
-                return candidate
-        return None
+        await self._take_out(oids, os.path.join(self.stale_root, label))
 
     def _take_stale(self, oid: int) -> bool:
-        src = self._stale_path(oid)
-        if src is None:
+        copies = self._copies(self.stale_root, oid)
+        if not copies:
             return False
         os.makedirs(os.path.dirname(self.path(oid)), exist_ok=True)
-        os.rename(src, self.path(oid))
+        os.rename(copies[0], self.path(oid))
         return True
 
     async def take_stale(self, oid: int) -> bool:
         """Put our own old copy back (the last resort when no other peer has it)."""
-        taken = await trio.to_thread.run_sync(self._take_stale, oid)
-        self._forget(oid)  # a cached fd would be of whatever was at the path before
+        async with self._moving_files([oid]):
+            taken = await self._io.run(self._take_stale, oid)
         if taken:
             self._dirty_dirs.add(os.path.dirname(self.path(oid)))
         return taken
 
-    def _list_stale(self, vid: int) -> list[int]:
-        out: set[int] = set()
-        if os.path.isdir(self.stale_root):
-            for label in os.listdir(self.stale_root):
-                d = os.path.join(self.stale_root, label, f"{vid:06x}")
-                if os.path.isdir(d):
-                    out.update(int(n, 16) for n in os.listdir(d) if len(n) == 16)
-        return sorted(out)
-
     async def list_stale(self, vid: int) -> list[int]:
-        return await trio.to_thread.run_sync(self._list_stale, vid)
+        return await self._io.run(self._list_tree, self.stale_root, vid)
 
     async def drop_stale(self) -> None:
         if os.path.isdir(self.stale_root):
