@@ -159,6 +159,11 @@ class PeerDaemon:
                                secret=lambda: self.creds.secret if self.creds else None,
                                cluster_id=lambda: self.creds.cluster_id if self.creds else None,
                                peer_id=self.peer_id, open_ops=OPEN_OPS)
+            if self.cmap is not None:
+                # Until the map says what became of us while we were stopped (we
+                # may have been marked down, and writes gone around us), no data
+                # request is served: rejoin() opens the gate.
+                self._catching_up = trio.Event()
             async with trio.open_nursery() as nursery:
                 listeners = await nursery.start(server.serve, host, port)
                 bound = listeners[0].socket.getsockname()[1]
@@ -222,28 +227,39 @@ class PeerDaemon:
         assert self.meta is not None
         current = await self.meta.read_map()
         me = current.peers.get(self.peer_id) if current else None
-        if me is None or (me.state == UP and self.clean_start):
-            await self.change_map(self._add_peer_fn(self._me()))
+        if me is None:
+            # Removed from the map meanwhile: join again, and trust none of our
+            # old copies (since=0 asks for a full resync).
+            log.warning("peer %s is no longer in the cluster map: joining again", self.peer_id)
+            cmap = await self.change_map(self._add_peer_fn(self._me()))
+            await self._return_from_down(0, cmap.epoch)
+            await self._save_up_epoch(cmap.epoch)
+            self._open_gate()
             return
         if me.state == UP:
-            # We crashed and came back before anyone noticed: we may have missed
-            # writes, and their writers wait for an epoch without us. Leave first.
-            log.warning("peer %s restarted after a crash: leaving the map before rejoining", self.peer_id)
+            # We stopped (cleanly or not) and came back before anyone noticed:
+            # writes may have gone to the others but not to us, and their writers
+            # wait for an epoch without us. Leave first.
+            log.warning("peer %s restarted before the cluster marked it down%s: leaving the map before "
+                        "rejoining", self.peer_id, "" if self.clean_start else " (after a crash)")
             await self.change_map(self._state_fn(self.peer_id, DOWN))
         # Back in the map, but every data request waits at the gate until we
         # know what changed while we were away. The delta is asked for only
         # once every peer has our new epoch: from then on nobody accepts a
         # write of the old epoch, so the journals hold every change we missed.
         since = self.up_epoch
-        self._catching_up = trio.Event()
-        try:
-            cmap = await self.change_map(self._add_peer_fn(self._me()))
-            await self._return_from_down(since, cmap.epoch)
-            await self._save_up_epoch(cmap.epoch)
-        finally:
-            gate, self._catching_up = self._catching_up, None
-            gate.set()
+        if self._catching_up is None:
+            self._catching_up = trio.Event()
+        cmap = await self.change_map(self._add_peer_fn(self._me()))
+        await self._return_from_down(since, cmap.epoch)
+        await self._save_up_epoch(cmap.epoch)
         self.clean_start = True
+        self._open_gate()  # only now: on an error above it stays shut and _announce tries again
+
+    def _open_gate(self) -> None:
+        gate, self._catching_up = self._catching_up, None
+        if gate is not None:
+            gate.set()
 
     async def _save_up_epoch(self, epoch: int) -> None:
         """Remember the last epoch we were up in and current (a returning peer
@@ -253,7 +269,9 @@ class PeerDaemon:
         self.up_epoch = epoch
 
     async def caught_up(self) -> None:
-        """Wait while a returning peer sets aside what changed in its absence."""
+        """Wait until the peer knows its objects are current: from start until
+        rejoin() has read the map, and while a returning peer sets aside what
+        changed in its absence."""
         if self._catching_up is not None:
             await self._catching_up.wait()
 
