@@ -1,4 +1,3 @@
-import json
 import os
 import threading
 
@@ -7,7 +6,7 @@ import pytest
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import data_oid
 from vdifs.model.placement import placement
-from tests.e2e.conftest import OBJ, need, read_at, run, write_at
+from tests.e2e.conftest import OBJ, FioVerify, need, read_at, run, write_at
 
 from .conftest import vdifs, wait_for
 
@@ -31,11 +30,8 @@ def test_format_info_and_replicated_io(cluster):
     out = run("qemu-io", "-f", "raw", *sum([["-c", f"read -P {p} {o} {n}"] for p, o, n in pattern], []),
               m.path("db01")).stdout
     assert "verification failed" not in out
-    res = run("fio", "--name=v", f"--filename={m.path('fio.img')}", "--size=32M", "--rw=randwrite",
-              "--bs=64k", "--ioengine=libaio", "--iodepth=8", "--direct=1", "--verify=crc32c",
-              "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
-    job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
-    assert job["error"] == 0 and job["read"]["io_bytes"] == 32 << 20
+    with FioVerify(m.path("fio.img"), 32) as fio:
+        fio.finish(timeout=300)
     # every data object is on exactly `copies` peers: the ones placement names
     cmap = local_map(cluster.peers[0])
     by_id = {p.peer_id: p for p in cluster.peers}
@@ -132,21 +128,16 @@ def test_peer_stops_cleanly_on_sigterm(cluster):
 def test_bad_traffic_is_refused_while_fio_runs(cluster):
     import socket
     import struct
-    import subprocess
 
     import trio
 
     from vdifs.meta.credentials import read_credentials
     from vdifs.wire.rpc import RpcClient
 
-    need("fio")
     cluster.format(3, copies=3)
     m = cluster.mount("a")
     target = cluster.peers[0]
-    fio = subprocess.Popen(["fio", "--name=v", f"--filename={m.path('fio.img')}", "--size=48M",
-                            "--rw=randwrite", "--bs=64k", "--ioengine=libaio", "--iodepth=8", "--direct=1",
-                            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fio = FioVerify(m.path("fio.img"), 48)
     host, port = target.address.rsplit(":", 1)
 
     def raw(payload: bytes) -> None:
@@ -178,10 +169,9 @@ def test_bad_traffic_is_refused_while_fio_runs(cluster):
                 await good.call("obj.read", {"oid": "x", "offset": -1, "length": 1, "epoch": 1})
             n.cancel_scope.cancel()
 
-    trio.run(bad_clients)
-    out, err = fio.communicate(timeout=300)
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    assert fio.returncode == 0 and job["error"] == 0 and job["read"]["io_bytes"] == 48 << 20
+    with fio:
+        trio.run(bad_clients)
+        fio.finish(timeout=300)
     log = target.log_text()
     assert log.count("refused connection") >= 5, log
     for reason in ("exceeds", "authentication failed", "request must be", "undecodable"):

@@ -38,27 +38,18 @@ def test_dead_peer_is_marked_down_and_returns(cluster):
 
 
 def test_fio_verify_survives_a_peer_kill(cluster):
-    import json
-    import subprocess
     import time
 
-    from tests.e2e.conftest import need
+    from tests.e2e.conftest import FioVerify
 
-    need("fio")
     cluster.format(4, copies=3)
     m = cluster.mount("a")
     # 64 MiB at 8 MB/s: the write phase spans the kill, the detection and the new epoch
-    fio = subprocess.Popen(["fio", "--name=v", f"--filename={m.path('fio.img')}", "--size=64M", "--rate=8m",
-                            "--rw=randwrite", "--bs=64k", "--ioengine=libaio", "--iodepth=8", "--direct=1",
-                            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
-                            "--output-format=json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
-    victim = cluster.peers[2]
-    kill(victim)
-    out, err = fio.communicate(timeout=300)
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    assert fio.returncode == 0 and job["error"] == 0, err
-    assert job["write"]["io_bytes"] == 64 << 20 and job["read"]["io_bytes"] == 64 << 20
+    with FioVerify(m.path("fio.img"), 64, rate="8m") as fio:
+        time.sleep(1.5)
+        victim = cluster.peers[2]
+        kill(victim)
+        fio.finish(timeout=300)
     assert states(cluster)[1][victim.address] == "down"  # it happened while fio was writing
     assert "continuing with cluster map epoch" in open(m.log).read()  # writes waited for it
 
@@ -498,35 +489,25 @@ def test_fio_verify_through_repeated_kills_and_restarts(cluster):
     Not in the default run yet: with several cycles it still ends, in about
     one run of three, with one replica of an object that differs (the
     session-start code lost written blocks in every such run)."""
-    import json
     import random
-    import subprocess
 
-    from tests.e2e.conftest import need
+    from tests.e2e.conftest import FioVerify
 
     from .conftest import vdifs
 
-    need("fio")
     cycles = int(os.environ.get("VDIFS_SOAK_CYCLES", "1"))
     cluster.format(5, copies=3)  # five meta peers: killing one at a time keeps a majority
     m = cluster.mount("a")
     size = 48 * cycles
-    fio = subprocess.Popen(["fio", "--name=soak", f"--filename={m.path('soak.img')}", f"--size={size}M",
-                            "--rate=4m", "--rw=randwrite", "--bs=64k", "--ioengine=libaio", "--iodepth=8",
-                            "--direct=1", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-                            "--verify_state_save=0", "--output-format=json"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rng = random.Random(cycles)
-    for _ in range(cycles):
-        victim = rng.choice(cluster.peers)
-        kill(victim)
-        wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
-        victim.start()
-        wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back")
-    out, err = fio.communicate(timeout=60 + 30 * size)
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    assert fio.returncode == 0 and job["error"] == 0, err
-    assert job["read"]["io_bytes"] == size << 20  # everything written was read back and verified
+    with FioVerify(m.path("soak.img"), size, rate="4m") as fio:
+        for _ in range(cycles):
+            victim = rng.choice(cluster.peers)
+            kill(victim)
+            wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
+            victim.start()
+            wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back")
+        fio.finish(timeout=60 + 30 * size)  # everything written was read back and verified
     check = ("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
     try:
         wait_for(lambda: vdifs(*check, check=False).returncode == 0, 120, "every replica current and in place")

@@ -33,6 +33,40 @@ def vdifs(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run(sys.executable, "-m", "vdifs", *args, check=check)
 
 
+class FioVerify:
+    """fio writing a file at random (64 KiB blocks, direct I/O, queue depth 8)
+    and then reading every block back against its crc32c, in the background.
+    A context manager: fio is killed if the test leaves before it finished."""
+
+    def __init__(self, path: str, size_mb: int, rate: str | None = None) -> None:
+        need("fio")
+        self.size = size_mb << 20
+        argv = ["fio", "--name=verify", f"--filename={path}", f"--size={size_mb}M", "--rw=randwrite",
+                "--bs=64k", "--ioengine=libaio", "--iodepth=8", "--direct=1", "--verify=crc32c",
+                "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"]
+        if rate:
+            argv.append(f"--rate={rate}")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> FioVerify:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def finish(self, timeout: float) -> dict:
+        """Wait for fio; assert it wrote and verified every byte without error."""
+        import json
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+        assert job["error"] == 0, err
+        assert job["write"]["io_bytes"] == self.size and job["read"]["io_bytes"] == self.size, job
+        return job
+
+
 class MountProc:
     def __init__(self, mountpoint: str, store: str, log: str) -> None:
         self.mp, self.store, self.log = mountpoint, store, log
