@@ -167,6 +167,12 @@ def _write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview
     buf[head:head + len(data)] = data
     if mark_dirty is not None:  # only after the checks: a DIRTY table is rebuilt from the data
         os.setxattr(fd, XATTR, mark_dirty)
+        # Durable before the data changes: the file system may write an
+        # overwritten block back before it commits the xattr, and a power
+        # loss between the two would leave a CLEAN table that no longer
+        # matches (false corruption). The file has no other dirty data (its
+        # table was CLEAN), so this is one journal commit per object per sync.
+        os.fsync(fd)
     _pwrite_full(fd, offset, data)
     return checksums.crcs_of(buf)
 
