@@ -76,6 +76,7 @@ class PeerDaemon:
         self._catching_up: trio.Event | None = None  # set while a returning peer sorts out stale objects
         self._changing: dict[int, int] = {}  # epoch -> object changes admitted at it and still running
         self._landed: trio.Event | None = None  # set when an epoch's last change lands, if anyone waits
+        self._map_moved = trio.Event()  # set (and replaced) whenever we adopt a newer map
         self.fences: dict[int, int] = {}  # vid -> lowest lease generation still allowed to write
         self._fence_lock = trio.Lock()
 
@@ -145,6 +146,8 @@ class PeerDaemon:
             log.info("cluster map epoch %d -> %d: %d peers (%d up), copies %d", old, cmap.epoch,
                      len(cmap.peers), len(cmap.up_peers()), cmap.copies)
             self.recovery.epoch_changed()
+            self._map_moved.set()
+            self._map_moved = trio.Event()
             return True
 
     # -- running -------------------------------------------------------------------
@@ -823,18 +826,47 @@ class PeerDaemon:
             return {"covered": False, "oids": [], "more": False}
         return {"covered": True, **objlist.page(changed, args.get("after"), args.get("limit"))}
 
-    async def _recovering_first(self, oid: int, op: Callable[[], Awaitable[T]]) -> T:
+    async def _recovering_first(self, oid: int, op: Callable[[], Awaitable[T]], *,
+                                admitted: int | None = None) -> T:
         """Run `op` on an object; if we lack it (we took it over in a new epoch
         and recovery has not reached it yet), recover it first and run `op`
-        again. Trying first keeps the common case at one store call."""
+        again. Trying first keeps the common case at one store call.
+
+        `admitted`: the epoch a change was admitted at. Its recovery gives up
+        (stale epoch: the writer retries on the new map) once our map moves
+        past it: recovery copies wait for the source's older-epoch changes to
+        land, so an older-epoch change waiting on a recovery could end up
+        waiting on itself through the other replicas (the soak test caught
+        every peer stalled until the 30 s timeout)."""
         try:
             return await op()
         except ObjectNotFound:
-            if not await self.recover(oid):
+            if not await self._recover_within(oid, admitted):
                 raise
         except ChecksumError as e:
             await self._repair_rotten(oid, e)
         return await op()
+
+    async def _recover_within(self, oid: int, epoch: int | None) -> bool:
+        if epoch is None:
+            return await self.recover(oid)
+        found = False
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                async def watch() -> None:
+                    while self._need_map().epoch == epoch:
+                        await self._map_moved.wait()
+                    scope.cancel()
+
+                nursery.start_soon(watch)
+                found = await self.recover(oid)
+                nursery.cancel_scope.cancel()
+        if scope.cancelled_caught:
+            cmap = self._need_map()
+            raise RemoteError(ESTALE_EPOCH, {"message": f"the map moved to epoch {cmap.epoch} while object "
+                                                        f"{oid:016x} was being recovered for a change of "
+                                                        f"epoch {epoch}", "map": cmap.to_dict()})
+        return found
 
     async def _repair_rotten(self, oid: int, error: ChecksumError) -> None:
         """Our replica failed its checksums: set it aside and fetch a good copy
@@ -904,7 +936,7 @@ class PeerDaemon:
         oid, offset, data = await self._mutation(args, with_data=True)
         epoch = self._admit()
         try:
-            await self._recovering_first(oid, lambda: self.store.write(oid, offset, data))
+            await self._recovering_first(oid, lambda: self.store.write(oid, offset, data), admitted=epoch)
         finally:
             self._land(epoch)
 
