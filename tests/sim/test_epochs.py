@@ -224,3 +224,29 @@ async def test_a_restarted_peer_still_marked_up_leaves_and_comes_back_with_the_d
     held = returning.store._list_objects(3, None)
     assert oids[0] not in held and set(oids[1:]) <= set(held)  # only the changed one set aside
     assert returning.store._list_tree(returning.store.stale_root, 3) == [oids[0]]
+
+
+async def test_recovery_behind_by_an_epoch_catches_up_instead_of_taking_back_its_stale_copy(tmp_path, nursery):
+    """The sources refuse a recovery fetch of an older epoch. That is no
+    answer about the object: the recovering peer must adopt the newer map
+    and ask again, not take back the copy it set aside as stale (the soak
+    test caught a replica diverging this way)."""
+    net = MemoryNet()
+    creds, daemons = await make_cluster(tmp_path, 3, net)
+    oid = data_oid(5, 0)
+    s = Session("m", True)
+    for d in daemons[:2]:
+        await d.h_create({"oid": oid, "offset": 0, "data": b"current", "size": 64, "epoch": 1}, s)
+    behind = daemons[2]
+    await behind.h_create({"oid": oid, "offset": 0, "data": b"stale!!", "size": 64, "epoch": 1}, s)
+    await behind.store.set_aside_stale([oid], "epoch-1")
+    # The map moves to epoch 2 (chosen by consensus); only the sources hear of it.
+    newer = daemons[0].cmap.with_changes(copies=3)
+    assert await daemons[0].meta.register(CLUSTER_KEY).cas(1, newer.encode())
+    for d in daemons[:2]:
+        await d.adopt_map(newer)
+    assert behind.cmap.epoch == 1
+    assert await behind.recover(oid)
+    assert await behind.store.read(oid, 0, 7) == b"current"
+    assert behind.cmap.epoch == 2
+    assert [op for a, op, e in net.calls if op == "obj.fetch" and e == 1]  # it was refused first

@@ -609,10 +609,8 @@ class PeerDaemon:
         if epoch < cmap.epoch:
             raise RemoteError(ESTALE_EPOCH, {"message": f"stale epoch {epoch} < {cmap.epoch}",
                                              "map": cmap.to_dict()})
-        if epoch > cmap.epoch and self.meta is not None:
-            latest = await self.meta.read_map()  # consensus: never adopt an unchosen map
-            if latest is not None:
-                await self.adopt_map(latest)
+        if epoch > cmap.epoch:
+            await self._refresh_map()
 
     async def h_ping(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         return {"peer": self.peer_id, "epoch": self.cmap.epoch if self.cmap else 0}
@@ -715,9 +713,28 @@ class PeerDaemon:
     async def _recover_locked(self, oid: int, stale_ok: bool) -> bool:
         if await self.store.exists(oid):
             return True
+        for _ in range(3):
+            found, all_said_missing, stale_epoch = await self._fetch_from_others(oid)
+            if found:
+                return True
+            if not stale_epoch:
+                break
+            # A source was at a newer epoch than our request: catch up and ask again.
+            await self._refresh_map()
+        # Our own old copy only when every peer said it has none: a peer that
+        # failed otherwise (newer epoch, timeout) may hold the current one.
+        if stale_ok and all_said_missing and await self.store.take_stale(oid):
+            log.warning("object %016x: no other peer has it; took back our own copy from before "
+                        "we were marked down", oid)
+            return True
+        return False
+
+    async def _fetch_from_others(self, oid: int) -> tuple[bool, bool, bool]:
+        """Fetch and install a copy: (installed, every peer said it has none,
+        some peer refused our epoch as stale). Served copies first; a copy
+        handed off at an epoch change only when no peer serves the object."""
         assert self.rpc is not None and self.cmap is not None
-        # Served copies first; a copy handed off at an epoch change only
-        # when no peer serves the object (the newest handed-off one).
+        all_said_missing, stale_epoch = True, False
         for handoff in (False, True):
             for p in self.cmap.up_peers():
                 if p.peer_id == self.peer_id:
@@ -725,7 +742,10 @@ class PeerDaemon:
                 try:
                     data = await self.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff,
                                                                         "epoch": self.cmap.epoch}, timeout=30)
-                except VdifsError:
+                except VdifsError as e:
+                    if getattr(e, "errno", None) != errno.ENOENT:
+                        all_said_missing = False
+                        stale_epoch |= isinstance(e, RemoteError) and e.errno == ESTALE_EPOCH
                     continue
                 _total, free = await self.store.space()
                 if free < self.recovery.reserve + len(data):
@@ -735,12 +755,14 @@ class PeerDaemon:
                 self.recovered += 1
                 log.info("recovered object %016x from peer %s%s", oid, p.peer_id,
                          " (a handed-off copy)" if handoff else "")
-                return True
-        if stale_ok and await self.store.take_stale(oid):
-            log.warning("object %016x: no other peer has it; took back our own copy from before "
-                        "we were marked down", oid)
-            return True
-        return False
+                return True, False, False
+        return False, all_said_missing, stale_epoch
+
+    async def _refresh_map(self) -> None:
+        if self.meta is not None:
+            latest = await self.meta.read_map()  # consensus: never adopt an unchosen map
+            if latest is not None:
+                await self.adopt_map(latest)
 
     async def _return_from_down(self, since: int, epoch: int) -> None:
         """We were away (marked down, or crashed) since epoch `since`: writes
