@@ -53,3 +53,67 @@ def test_refusals_change_nothing():
 
 def test_max_size_is_allowed():
     assert Directory().create("huge", MAX_VDI_SIZE).size == MAX_VDI_SIZE
+
+
+def _snapshot(d: Directory, name: str, snap: str) -> int:
+    new = d.reserve(f"snapshot {name}@{snap}", d.get(name).dvid)
+    d.snapshot(name, snap, new, d.get(name).size)
+    return new
+
+
+def test_a_snapshot_freezes_the_data_vid_and_the_vdi_goes_on_under_a_new_one():
+    d = Directory()
+    a = d.create("a", 100)
+    assert a.dvid == a.vid == 1 and a.lineage == 1
+    new = _snapshot(d, "a", "s1")
+    rec = d.get("a")
+    assert rec.vid == 1 and rec.dvid == new == 2 and rec.snapshots["s1"].vid == 1 and not d.reserved
+    assert d.find_snapshot(1) == ("a", "s1", rec.snapshots["s1"])
+    _snapshot(d, "a", "s2")
+    assert sorted(d.live_maps(1)) == [(1, 100), (2, 100), (3, 100)]
+    assert d.vids_in_use() == {1, 2, 3}
+    with pytest.raises(VdiExists):
+        d.snapshot("a", "s1", d.reserve("x", 3), 100)
+    with pytest.raises(InvalidName):
+        d.snapshot("a", "bad@name", d.reserve("x", 3), 100)
+    assert Directory.decode(d.encode()) == d
+
+
+def test_clones_share_the_family_and_deleting_keeps_what_they_read():
+    d = Directory()
+    d.create("gold", 50, copies=2)
+    _snapshot(d, "gold", "base")
+    frozen = d.get("gold").snapshots["base"].vid
+    cvid = d.reserve("clone", frozen)
+    with pytest.raises(Exception, match="being copied"):
+        d.delete_snapshot("gold", "base")  # a clone is being made from it
+    clone = d.clone_snapshot("gold", "base", "vm1", cvid)
+    assert clone.lineage == d.get("gold").lineage and clone.parent_vid == frozen and clone.size == 50
+    assert clone.copies == 2 and clone.dvid == cvid
+    with pytest.raises(Exception, match="snapshot"):
+        d.delete("gold")  # it has snapshots: refused unless asked
+    assert d.get("gold").snapshots
+    purge = d.delete("gold", with_snapshots=True)
+    assert purge == 2 and d.deleting == {2} and d.retired == {frozen: [1, 2]}
+    assert d.copies_by_data_vid() == {frozen: 2, cvid: 2}
+    assert d.live_maps(1) == [(cvid, 50)]  # the clone still reads the retired objects
+    assert frozen in d.vids_in_use()
+    d.finish_retired(frozen)
+    assert frozen not in d.vids_in_use()
+    assert Directory.decode(d.encode()) == d
+
+
+def test_rollback_and_released_reservations_leave_objects_to_purge():
+    d = Directory()
+    d.create("a", 10)
+    _snapshot(d, "a", "s")
+    d.get("a").size = 20
+    new = d.reserve("rollback", 1)
+    assert d.rollback("a", "s", new) == 2 and d.get("a").dvid == new and d.get("a").size == 10
+    assert 2 in d.deleting
+    spare = d.reserve("clone", 1)
+    d.release(spare)
+    assert spare in d.deleting and spare not in d.reserved
+    with pytest.raises(InvalidArgument):
+        d.clone_snapshot("a", "s", "b", spare)  # no longer reserved
+    assert "b" not in d.vdis

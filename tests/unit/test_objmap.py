@@ -64,3 +64,17 @@ def test_short_chunk_loads():
     raw[8:12] = (5).to_bytes(4, "little")
     m.load_chunk(0, bytes(raw))
     assert m.get(2) == 5 and m.allocated == 1
+
+
+def test_chunk_bytes_match_what_load_chunk_reads():
+    from vdifs.model.objmap import CHUNK_ENTRIES, ObjectMap
+
+    m = ObjectMap()
+    for index, value in ((0, 7), (1023, 8), (5000, 9), (CHUNK_ENTRIES + 3, 10)):
+        m.set(index, value)
+    raw = m.chunk_bytes(0, 6000 * 4)
+    assert len(raw) == 24000
+    copy = ObjectMap()
+    copy.load_chunk(0, raw)
+    copy.load_chunk(1, m.chunk_bytes(1, 16))
+    assert list(copy.entries()) == list(m.entries()) and copy.allocated == 4

@@ -5,23 +5,55 @@ register in a cluster). It is small, so every change rewrites it whole:
 callers read it, apply one of the pure operations below to a copy, and
 compare-and-set it back. The operations check everything first and only
 then change the copy, so a refused operation changes nothing.
+
+Snapshots and clones. A VDI keeps its `vid` for life (its inode, its
+lease); its own objects and object map live under `data_vid`. Cutting a
+snapshot freezes the current data vid as the snapshot and gives the VDI a
+new data vid whose map starts as a copy of the frozen one: entries keep
+pointing at the frozen objects until a write copies them up. A clone is a
+new VDI whose map starts as a copy of a snapshot's. So an object (v, i) is
+referenced only by maps of the same lineage (`family`), and only through
+their entry i. A deleted snapshot's vid is `retired`: its objects stay
+until no live map of the family points at them. A vid being prepared (its
+map copied before the directory names it) is `reserved`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-from vdifs.errors import InvalidArgument, NoSpace, TooLarge, VdiExists, VdiNotFound
+from vdifs.errors import InvalidArgument, NoSpace, TooLarge, VdiExists, VdifsError, VdiNotFound
 from vdifs.model.ids import MAX_VDI_SIZE, MAX_VID, OBJECT_ORDER
 from vdifs.model.names import validate_name
 
 FORMAT_VERSION = 1
+
+
+@dataclass
+class SnapshotRecord:
+    """A frozen point in time of a VDI: the map and objects of data vid `vid`."""
+
+    vid: int
+    size: int
+    ctime: float
+    copies: int = 1
+    object_order: int = OBJECT_ORDER
+
+    @property
+    def object_size(self) -> int:
+        return 1 << self.object_order
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SnapshotRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -37,10 +69,22 @@ class VdiRecord:
     uid: int = 0
     gid: int = 0
     atime: float = 0.0
+    data_vid: int = 0  # where its own objects and map live; 0: the vid itself
+    family: int = 0  # lineage shared with its snapshots and clones; 0: the vid itself
+    parent_vid: int = 0  # a clone: the snapshot's data vid it started from
+    snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)
 
     @property
     def object_size(self) -> int:
         return 1 << self.object_order
+
+    @property
+    def dvid(self) -> int:
+        return self.data_vid or self.vid
+
+    @property
+    def lineage(self) -> int:
+        return self.family or self.vid
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -48,7 +92,10 @@ class VdiRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VdiRecord:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        rec = cls(**{k: v for k, v in d.items() if k in known})
+        rec.snapshots = {n: SnapshotRecord.from_dict(s) if isinstance(s, dict) else s
+                         for n, s in rec.snapshots.items()}
+        return rec
 
 
 def check_size(size: int) -> None:
@@ -66,6 +113,11 @@ class Directory:
     next_vid: int = 1
     #: vids whose objects are being freed (tombstones): never reused, never recovered.
     deleting: set[int] = field(default_factory=set)
+    #: data vids of deleted snapshots -> [family, copies]: objects freed once no
+    #: live map of the family points at them.
+    retired: dict[int, list[int]] = field(default_factory=dict)
+    #: vids being prepared -> {"for": what, "source": data vid copied from, "at": time}.
+    reserved: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     # -- queries ---------------------------------------------------------
 
@@ -82,7 +134,56 @@ class Directory:
         return None
 
     def vids_in_use(self) -> set[int]:
-        return {r.vid for r in self.vdis.values()} | self.deleting
+        used = set(self.deleting) | set(self.retired) | set(self.reserved)
+        for r in self.vdis.values():
+            used.add(r.vid)
+            used.add(r.dvid)
+            used.update(s.vid for s in r.snapshots.values())
+        return used
+
+    def snapshot_of(self, name: str, snap: str) -> SnapshotRecord:
+        rec = self.get(name)
+        try:
+            return rec.snapshots[snap]
+        except KeyError:
+            raise VdiNotFound(f"VDI {name!r} has no snapshot {snap!r}") from None
+
+    def find_snapshot(self, data_vid: int) -> tuple[str, str, SnapshotRecord] | None:
+        """(VDI name, snapshot name, record) of a snapshot by its data vid."""
+        for name, rec in self.vdis.items():
+            for snap, s in rec.snapshots.items():
+                if s.vid == data_vid:
+                    return name, snap, s
+        return None
+
+    def live_maps(self, family: int) -> list[tuple[int, int]]:
+        """(data vid, size) of every map of a family that may still be read:
+        the VDIs' own maps and their snapshots'."""
+        out = []
+        for rec in self.vdis.values():
+            if rec.lineage == family:
+                out.append((rec.dvid, rec.size))
+                out.extend((s.vid, s.size) for s in rec.snapshots.values())
+        return out
+
+    def retired_of(self, family: int) -> list[int]:
+        return sorted(v for v, (f, _) in self.retired.items() if f == family)
+
+    def data_vids(self) -> list[tuple[str, int, int]]:
+        """(label, data vid, copies) of every data vid whose objects must be
+        kept, recovered and checked: VDIs (NAME), snapshots (NAME@SNAP) and
+        retired snapshots whose objects clones still read."""
+        out = []
+        for name, rec in sorted(self.vdis.items()):
+            out.append((name, rec.dvid, rec.copies))
+            out.extend((f"{name}@{sn}", s.vid, s.copies) for sn, s in sorted(rec.snapshots.items()))
+        out.extend((f"(deleted snapshot {v})", v, copies) for v, (_, copies) in sorted(self.retired.items()))
+        return out
+
+    def copies_by_data_vid(self) -> dict[int, int]:
+        """Copies of the objects under every data vid a map may point at (a
+        clone's ancestors may keep fewer or more copies than the clone)."""
+        return {vid: copies for _, vid, copies in self.data_vids()}
 
     # -- operations (mutate self; call them on a copy) ---------------------
 
@@ -114,12 +215,103 @@ class Directory:
             vid += 1
         raise NoSpace("all 16 million VDI ids are in use")
 
-    def delete(self, name: str) -> int:
-        """Remove a name and tombstone its vid; returns the vid to purge."""
+    def delete(self, name: str, *, with_snapshots: bool = False) -> int:
+        """Remove a name and tombstone its own objects; returns the data vid to
+        purge. Its snapshots go with it only if asked (they are backups); their
+        objects are retired, since clones may still read them."""
         rec = self.get(name)
+        if rec.snapshots and not with_snapshots:
+            raise VdifsError(f"VDI {name!r} has {len(rec.snapshots)} snapshot(s): delete them first, "
+                             f"or delete with --snapshots", code=errno.EBUSY)
+        for snap in list(rec.snapshots):
+            self._check_no_reservation_from(rec.snapshots[snap].vid, f"{name}@{snap}")
+        for s in rec.snapshots.values():
+            self.retired[s.vid] = [rec.lineage, s.copies]
         del self.vdis[name]
-        self.deleting.add(rec.vid)
-        return rec.vid
+        self.deleting.add(rec.dvid)
+        return rec.dvid
+
+    # -- snapshots and clones (each a reserve, a map copy, then one of these) -----
+
+    def reserve(self, purpose: str, source: int, now: float | None = None) -> int:
+        """Set a fresh vid aside while its map is copied from `source`."""
+        vid = self._allocate_vid()
+        self.reserved[vid] = {"for": purpose, "source": source, "at": time.time() if now is None else now}
+        return vid
+
+    def release(self, vid: int) -> None:
+        """Give up a reservation (its copied map objects must be purged)."""
+        if self.reserved.pop(vid, None) is not None:
+            self.deleting.add(vid)
+
+    def _take_reservation(self, vid: int) -> None:
+        if vid not in self.reserved:
+            raise InvalidArgument(f"vid {vid} is not reserved (it was released meanwhile)")
+        del self.reserved[vid]
+
+    def _check_no_reservation_from(self, data_vid: int, what: str) -> None:
+        for r in self.reserved.values():
+            if r["source"] == data_vid:
+                raise VdifsError(f"{what} is being copied ({r['for']}); try again in a moment",
+                                 code=errno.EBUSY)
+
+    def snapshot(self, name: str, snap: str, new_data_vid: int, size: int,
+                 now: float | None = None) -> SnapshotRecord:
+        """Freeze the VDI's current data vid as snapshot `snap`; the VDI goes on
+        under `new_data_vid` (reserved, its map already a copy of the frozen one)."""
+        rec = self.get(name)
+        validate_name(snap)
+        if snap in rec.snapshots:
+            raise VdiExists(f"VDI {name!r} already has a snapshot {snap!r}")
+        check_size(size)
+        self._take_reservation(new_data_vid)
+        s = SnapshotRecord(vid=rec.dvid, size=size, ctime=time.time() if now is None else now,
+                           copies=rec.copies, object_order=rec.object_order)
+        rec.snapshots[snap] = s
+        rec.data_vid = new_data_vid
+        rec.family = rec.lineage
+        rec.size = size
+        return s
+
+    def clone_snapshot(self, name: str, snap: str, new_name: str, new_vid: int, *, copies: int | None = None,
+              now: float | None = None) -> VdiRecord:
+        """A new VDI starting as snapshot NAME@SNAP (its map copied to `new_vid`)."""
+        src = self.get(name)
+        s = self.snapshot_of(name, snap)
+        validate_name(new_name)
+        if new_name in self.vdis:
+            raise VdiExists(f"a VDI named {new_name!r} already exists")
+        self._take_reservation(new_vid)
+        now = time.time() if now is None else now
+        rec = VdiRecord(vid=new_vid, size=s.size, ctime=now, mtime=now, atime=now,
+                        copies=s.copies if copies is None else copies, object_order=s.object_order,
+                        mode=src.mode, uid=src.uid, gid=src.gid, family=src.lineage, parent_vid=s.vid)
+        self.vdis[new_name] = rec
+        return rec
+
+    def rollback(self, name: str, snap: str, new_data_vid: int) -> int:
+        """The VDI becomes snapshot `snap` again, under `new_data_vid` (a copy of
+        the snapshot's map); returns the old data vid to purge."""
+        rec = self.get(name)
+        s = self.snapshot_of(name, snap)
+        self._take_reservation(new_data_vid)
+        old = rec.dvid
+        rec.data_vid = new_data_vid
+        rec.size = s.size
+        self.deleting.add(old)
+        return old
+
+    def delete_snapshot(self, name: str, snap: str) -> int:
+        """Drop a snapshot; returns its data vid, now retired."""
+        rec = self.get(name)
+        s = self.snapshot_of(name, snap)
+        self._check_no_reservation_from(s.vid, f"{name}@{snap}")
+        del rec.snapshots[snap]
+        self.retired[s.vid] = [rec.lineage, s.copies]
+        return s.vid
+
+    def finish_retired(self, vid: int) -> None:
+        self.retired.pop(vid, None)
 
     def rename(self, old: str, new: str, *, replace: bool = True) -> int | None:
         """Rename atomically; returns the vid of a replaced target, if any."""
@@ -147,6 +339,8 @@ class Directory:
             "next_vid": self.next_vid,
             "vdis": {n: r.to_dict() for n, r in self.vdis.items()},
             "deleting": sorted(self.deleting),
+            "retired": sorted(self.retired.items()),  # pairs: msgpack maps take only str keys here
+            "reserved": sorted(self.reserved.items()),
         })
 
     @classmethod
@@ -160,6 +354,8 @@ class Directory:
             vdis={n: VdiRecord.from_dict(r) for n, r in d["vdis"].items()},
             next_vid=d["next_vid"],
             deleting=set(d["deleting"]),
+            retired={v: list(fc) for v, fc in d.get("retired", [])},
+            reserved=dict(d.get("reserved", [])),
         )
 
     def clone(self) -> Directory:

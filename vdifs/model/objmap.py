@@ -104,6 +104,16 @@ class ObjectMap:
             page.byteswap()
         return page.tobytes()
 
+    def chunk_bytes(self, chunk: int, length: int) -> bytearray:
+        """The first `length` bytes of map object `chunk`, as stored."""
+        out = bytearray(length)
+        base = chunk * PAGES_PER_CHUNK
+        for pno in sorted(p for p in self._pages if base <= p < base + PAGES_PER_CHUNK):
+            at = (pno - base) * PAGE_BYTES
+            if at < length:
+                out[at:at + PAGE_BYTES] = self.page_bytes(pno)[:length - at]
+        return out
+
     def take_dirty(self) -> list[int]:
         """Return the dirty page numbers (sorted) and forget them."""
         dirty = sorted(self._dirty)
