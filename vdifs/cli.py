@@ -106,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--copies", type=int, metavar="N", help="replicas of each object (default: the pool's)")
     vc.add_argument("--shared", action="store_true",
                     help="any number of writers on any mounts, no lease (for cluster file systems: OCFS2, GFS2)")
-    vd = vs.add_parser("delete", help="delete a VDI and free its space")
+    vd = vs.add_parser("delete", help="delete a VDI and free its space",
+                       description="Delete a VDI. One with snapshots is refused unless --snapshots says to "
+                                   "delete them too; clones made from them keep working.")
     vd.add_argument("name", metavar="NAME")
+    vd.add_argument("--snapshots", action="store_true", help="delete its snapshots as well")
     vr = vs.add_parser("resize", help="grow or shrink a VDI (shrinking frees the objects past the end)")
     vr.add_argument("name", metavar="NAME")
     vr.add_argument("size", metavar="SIZE", type=size_arg, help="new size with optional K/M/G/T suffix")
@@ -121,6 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     vn = vs.add_parser("rename", help="rename a VDI (replaces an existing NEW)")
     vn.add_argument("old", metavar="OLD")
     vn.add_argument("new", metavar="NEW")
+    vsn = vs.add_parser("snapshot", help="take a crash-consistent snapshot of a VDI (no data copied)",
+                        description="Freeze NAME as it is now, also while a VM writes to it through this "
+                                    "mount (its writes pause for the cut). The snapshot appears read-only "
+                                    "as MOUNT/.snapshots/NAME@SNAP; later writes copy only the objects they "
+                                    "touch.")
+    vsn.add_argument("name", metavar="NAME")
+    vsn.add_argument("snapshot", metavar="SNAP")
+    vsd = vs.add_parser("snapshot-delete", help="delete a snapshot (NAME@SNAP)",
+                        description="Delete a snapshot. Objects that clones or other snapshots still share "
+                                    "stay; the rest are freed in the background.")
+    vsd.add_argument("target", metavar="NAME@SNAP")
+    vcl = vs.add_parser("clone", help="create a VDI that starts as a snapshot and shares its objects",
+                        description="Create NEW, a writable VDI whose content is NAME@SNAP. Nothing is "
+                                    "copied: NEW shares the snapshot's objects until it writes them.")
+    vcl.add_argument("source", metavar="NAME@SNAP")
+    vcl.add_argument("new", metavar="NEW")
+    vcl.add_argument("--copies", type=int, metavar="N", help="replicas of NEW's own objects "
+                                                             "(default: the snapshot's)")
+    vrb = vs.add_parser("rollback", help="make a VDI a snapshot's content again (not while in use)",
+                        description="Replace NAME's content with NAME@SNAP's. Refused while the VDI is open "
+                                    "for writing anywhere. Writes since the snapshot are lost.")
+    vrb.add_argument("target", metavar="NAME@SNAP")
+    vt = vs.add_parser("tree", help="show VDIs with their snapshots and clones")
+    vt.add_argument("--json", action="store_true", help="machine-readable output")
     cluster_cli.add_parsers(sub)
     _sizes_may_be_negative(p)
     return p
@@ -239,6 +266,35 @@ def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _split_snapshot(text: str) -> tuple[str, str]:
+    name, at, snap = text.partition("@")
+    if not at or not name or not snap:
+        raise CliError(f"{text!r} is not NAME@SNAP")
+    return name, snap
+
+
+def _tree_lines(tree: list[dict[str, Any]]) -> list[str]:
+    """VDIs under the snapshots they were cloned from, snapshots under their VDI."""
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for v in tree:
+        children.setdefault(v["parent"] if v["parent"] and "@" in v["parent"] and
+                            not v["parent"].startswith("(") else None, []).append(v)
+    lines: list[str] = []
+
+    def vdi(v: dict[str, Any], depth: int) -> None:
+        lines.append(f"{'    ' * depth}{v['name']}  ({format_size(v['size'])}"
+                     f"{', from ' + v['parent'] if v['parent'] else ''})")
+        for s in v["snapshots"]:
+            full = f"{v['name']}@{s['name']}"
+            lines.append(f"{'    ' * (depth + 1)}@{s['name']}  ({format_size(s['size'])}, {_fmt_time(s['ctime'])})")
+            for c in children.get(full, []):
+                vdi(c, depth + 2)
+
+    for v in children.get(None, []):
+        vdi(v, 0)
+    return lines
+
+
 def cmd_vdi(args: argparse.Namespace) -> int:
     path = _control_path(args)
     action = args.vdi_command
@@ -265,6 +321,8 @@ def cmd_vdi(args: argparse.Namespace) -> int:
                 ["name", v["name"]], ["vid", str(v["vid"])],
                 ["size", f"{format_size(v['size'])} ({v['size']} bytes)"],
                 ["allocated", f"{format_size(v['allocated'])} ({v['objects']} objects of {format_size(v['object_size'])})"],
+                ["shared with snapshots", f"{v['objects'] - v['own_objects']} objects"],
+                ["snapshots", ", ".join(v["snapshots"]) or "none"],
                 ["copies", str(v["copies"])], ["shared", "yes" if v["shared"] else "no"],
                 ["created", _fmt_time(v["ctime"])], ["modified", _fmt_time(v["mtime"])],
             ], ["FIELD", "VALUE"]))
@@ -273,8 +331,30 @@ def cmd_vdi(args: argparse.Namespace) -> int:
                                 "shared": args.shared})
         print(f"created {v['name']} (vid {v['vid']}, {format_size(v['size'])})")
     elif action == "delete":
-        call("vdi.delete", {"name": args.name})
+        call("vdi.delete", {"name": args.name, "snapshots": args.snapshots})
         print(f"deleted {args.name}")
+    elif action == "snapshot":
+        s = call("vdi.snapshot", {"name": args.name, "snapshot": args.snapshot}, timeout=300)
+        print(f"snapshot {args.name}@{args.snapshot} taken ({format_size(s['size'])})")
+    elif action == "snapshot-delete":
+        name, snap = _split_snapshot(args.target)
+        call("vdi.snapshot_delete", {"name": name, "snapshot": snap})
+        print(f"deleted snapshot {name}@{snap}")
+    elif action == "clone":
+        name, snap = _split_snapshot(args.source)
+        v = call("vdi.clone", {"name": name, "snapshot": snap, "new": args.new, "copies": args.copies},
+                 timeout=300)
+        print(f"cloned {name}@{snap} as {v['name']} (vid {v['vid']}, {format_size(v['size'])})")
+    elif action == "rollback":
+        name, snap = _split_snapshot(args.target)
+        call("vdi.rollback", {"name": name, "snapshot": snap}, timeout=300)
+        print(f"rolled {name} back to {snap}")
+    elif action == "tree":
+        tree = call("vdi.tree")
+        if args.json:
+            print(json.dumps(tree, indent=2))
+        else:
+            print("\n".join(_tree_lines(tree)) if tree else "no VDIs")
     elif action == "resize":
         v = call("vdi.resize", {"name": args.name, "size": args.size}, timeout=3600)
         print(f"resized {v['name']} to {format_size(v['size'])}")

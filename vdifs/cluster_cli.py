@@ -347,7 +347,7 @@ async def _check(pool: RpcPool, addresses: list[str], creds: Credentials, repair
     problems: list[dict[str, Any]] = []
     checked = 0
     show = sys.stderr.isatty()
-    for name, rec in sorted(directory.vdis.items()):
+    for name, data_vid, copies in directory.data_vids():
         holders: dict[int, set[str]] = {}
         for pid, p in up.items():
             async def call(args: dict[str, Any], address: str = p.address) -> dict[str, Any]:
@@ -355,7 +355,7 @@ async def _check(pool: RpcPool, addresses: list[str], creds: Credentials, repair
                                                         timeout=60)
                 return reply
 
-            for oid in await objlist.list_all(call, rec.vid):
+            for oid in await objlist.list_all(call, data_vid):
                 holders.setdefault(oid, set()).add(pid)
         digests: dict[int, dict[str, str | None]] = {oid: {} for oid in holders}
         for pid, p in up.items():
@@ -368,7 +368,7 @@ async def _check(pool: RpcPool, addresses: list[str], creds: Credentials, repair
             checked += 1
             if show and checked % 64 == 0:
                 print(f"\rchecked {checked} objects", end="", file=sys.stderr, flush=True)
-            want = placement(cmap, oid, rec.copies)
+            want = placement(cmap, oid, copies)
             ds = digests[oid]
             counts: dict[str, int] = {}
             for d in ds.values():

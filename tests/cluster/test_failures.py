@@ -514,3 +514,44 @@ def test_fio_verify_through_repeated_kills_and_restarts(cluster):
     except AssertionError:
         status = vdifs("cluster", "status", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
         raise AssertionError(vdifs(*check, check=False).stdout + status.stdout) from None
+
+
+def test_snapshots_and_clones_are_recovered_and_checked_like_vdis(cluster):
+    """Recovery and `cluster check` cover every data vid: the VDI's current
+    one, its snapshot's, and a clone's (a snapshot moves a VDI to a new data
+    vid; recovering only the VDI's first vid would lose the copies-up)."""
+    import hashlib
+    import json
+
+    from tests.e2e.conftest import read_at, write_at
+
+    from .conftest import vdifs
+
+    cluster.format(4, copies=2)
+    m = cluster.mount("a")
+    base = os.urandom(12 << 20)
+    write_durably(m.path("vm"), base)
+    vdifs("vdi", "--mount", m.mp, "snapshot", "vm", "s1")
+    write_at(m.path("vm"), 5 << 20, b"\x42" * 8192, fsync=True)  # copy-up under the new data vid
+    vdifs("vdi", "--mount", m.mp, "clone", "vm@s1", "c1")
+    write_at(m.path("c1"), 9 << 20, b"\x43" * 8192, fsync=True)
+    tree = {v["name"]: v for v in json.loads(vdifs("vdi", "--mount", m.mp, "tree", "--json").stdout)}
+    data_vids = {tree["vm"]["data_vid"], tree["vm"]["snapshots"][0]["data_vid"], tree["c1"]["data_vid"]}
+    assert len(data_vids) == 3
+    check = ("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret, "--json")
+    report = json.loads(vdifs(*check).stdout)
+    # data: 3 objects (12 MiB) + one copy-up each; plus one map object per data vid
+    assert report["problems"] == [] and report["objects"] == (3 + 1 + 1) + 3
+    victim = next(p for p in cluster.peers if any(p.object_files(v) for v in data_vids))
+    kill(victim)
+    wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
+    try:
+        wait_for(lambda: vdifs(*check, check=False).returncode == 0, 90, "every data vid back to 2 replicas")
+    except AssertionError:
+        raise AssertionError(vdifs(*check[:-1], check=False).stdout) from None
+    expect_vm = bytearray(base)
+    expect_vm[5 << 20:(5 << 20) + 8192] = b"\x42" * 8192
+    expect_c1 = bytearray(base)
+    expect_c1[9 << 20:(9 << 20) + 8192] = b"\x43" * 8192
+    for path, want in ((m.path("vm"), expect_vm), (m.path(".snapshots/vm@s1"), base), (m.path("c1"), expect_c1)):
+        assert hashlib.sha256(read_at(path, 0, len(base))).digest() == hashlib.sha256(want).digest(), path

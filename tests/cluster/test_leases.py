@@ -147,6 +147,39 @@ def test_break_lock_fences_a_live_holder(two):
     assert read_at(b.path("vm"), 0, 4096) == b"\x55" * 4096
 
 
+def test_the_holder_snapshots_while_writing_and_fencing_follows_the_new_data_vid(two):
+    import json
+
+    cluster, a, b, holders = two
+    h = Holder(a.path("vm"))
+    holders.append(h)
+    assert h.write(0, 0x55, 4096, sync=True) == "ok"
+    res = vdifs("vdi", "--mount", b.mp, "snapshot", "vm", "s1", check=False)
+    assert res.returncode == 1 and "in use by" in res.stderr and a.mp in res.stderr  # only the holder cuts
+    vdifs("vdi", "--mount", a.mp, "snapshot", "vm", "s1")
+    assert h.write(0, 0x66, 4096, sync=True) == "ok"  # a copy-up under the new data vid
+    snap_b = b.path(".snapshots/vm@s1")
+    wait_for(lambda: os.path.exists(snap_b), 10, "the snapshot seen on b")
+    assert read_at(snap_b, 0, 4096) == b"\x55" * 4096 and read_at(a.path("vm"), 0, 4096) == b"\x66" * 4096
+    # a clone with its own copies count: inherited objects stay where they are
+    vdifs("vdi", "--mount", b.mp, "clone", "vm@s1", "vm2", "--copies", "2")
+    with open(b.path("vm2"), "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"\x99" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    tree = {v["name"]: v for v in json.loads(vdifs("vdi", "--mount", b.mp, "tree", "--json").stdout)}
+    own = tree["vm2"]["data_vid"]
+    assert sum(len(p.object_files(own)) for p in cluster.peers) == 2  # one object, two copies
+    assert read_at(b.path("vm2"), 0, 4096) == b"\x55" * 4096
+    # break the lock: the old holder's writes to the new data vid are refused by every peer
+    vdifs("vdi", "--mount", b.mp, "break-lock", "vm")
+    assert h.write(8192, 0x77, 4096) == f"err {errno.EIO}"
+    assert open_errno(b.path("vm"), os.O_RDWR) == 0
+    assert read_at(b.path("vm"), 0, 4096) == b"\x66" * 4096
+    assert read_at(b.path("vm"), 8192, 4096) == bytes(4096)
+
+
 def test_shared_vdi_two_writers(two):
     import threading
 

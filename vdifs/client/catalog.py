@@ -5,12 +5,21 @@ here, so both see one consistent state. Directory changes are durable when
 the call returns (the register's CAS is). Deleting a VDI tombstones its vid
 in the directory first and frees its objects afterwards in the background;
 a vid whose VDI is still open is purged when its last handle closes.
+
+Snapshots, clones and rollbacks copy a map to a freshly reserved data vid
+first and name it in the directory second (see `model.directory`); a
+crash between leaves a reservation, which is purged. Objects of deleted
+snapshots are freed by a family collection: load every live map of the
+lineage, free what none of them points at.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,11 +28,13 @@ from dataclasses import replace
 import trio
 
 from vdifs.client.pool import ObjectPool
-from vdifs.client.volume import Volume
+from vdifs.client.volume import Volume, load_map
 from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
 from vdifs.meta.directory import DirectoryService
 from vdifs.meta.lease import Lease, LeaseBusy, LeaseManager
-from vdifs.model.directory import Directory, VdiRecord
+from vdifs.model.directory import Directory, SnapshotRecord, VdiRecord
+from vdifs.model.ids import ObjectKind, unpack_oid
+from vdifs.model.names import validate_name
 from vdifs.model.sizes import format_size
 
 log = logging.getLogger(__name__)
@@ -32,6 +43,8 @@ log = logging.getLogger(__name__)
 IDLE_VOLUMES = 256
 PURGE_PARALLELISM = 16
 PURGE_RETRY_SECONDS = 5.0
+#: A reservation older than this in a shared pool was left by a crashed mount.
+RESERVATION_TTL = 3600.0
 
 
 class Catalog:
@@ -52,8 +65,10 @@ class Catalog:
             leases.on_lost = self._lease_lost
         self._volumes: OrderedDict[int, Volume] = OrderedDict()
         self._load_locks: dict[int, trio.Lock] = {}
-        self._purge_send, self._purge_recv = trio.open_memory_channel[int](math.inf)
-        self._purging: set[int] = set()
+        self._snapshots: OrderedDict[int, Volume] = OrderedDict()  # read-only, by data vid
+        # ("vid", data vid): free all its objects; ("family", lineage): free what no map points at
+        self._purge_send, self._purge_recv = trio.open_memory_channel[tuple[str, int]](math.inf)
+        self._purging: set[tuple[str, int]] = set()
         self.purges_done = 0
         self.copies_override: int | None = None  # `vdifs mount --copies`
 
@@ -67,12 +82,25 @@ class Catalog:
         """Read the directory, resume interrupted deletes, start the purger."""
         d = await self.directory.refresh()
         nursery.start_soon(self._purger)
-        live = {r.vid for r in d.vdis.values()}
+        stale = [v for v, r in d.reserved.items()
+                 if not self.shared or time.time() - float(r.get("at", 0)) > RESERVATION_TTL]
+        if stale:
+            log.warning("releasing %d reservation(s) left by an interrupted snapshot, clone or rollback", len(stale))
+
+            def release(d: Directory) -> None:
+                for v in stale:
+                    d.release(v)
+
+            await self.directory.update(release)
+            d = self.current
         for vid in sorted(d.deleting):
             self._schedule_purge(vid)
+        for family in sorted({f for f, _ in d.retired.values()}):
+            self._schedule_collect(family)
         if not self.shared:
+            in_use = d.vids_in_use()
             for vid in await self.pool.list_vids():
-                if vid not in live and vid not in d.deleting:
+                if vid not in in_use:
                     log.warning("vid %d has objects but no VDI record: freeing them", vid)
                     self._schedule_purge(vid)
         log.info("directory: %d VDIs, %d being deleted", len(d.vdis), len(d.deleting))
@@ -159,13 +187,20 @@ class Catalog:
                 found = self.current.by_vid(vid)
                 if found is None:
                     raise VdiNotFound(f"no VDI with vid {vid}")
-                self.pool.register_vdi(vid, found[1].copies)
+                self._register(found[1])
                 vol = await Volume.load(self.pool, replace(found[1]), self.persist_meta,
                                         reconcile=not self.shared)
                 self._evict_idle()  # before inserting: the caller has not pinned it yet
                 self._volumes[vid] = vol
         self._load_locks.pop(vid, None)
         return vol
+
+    def _register(self, rec: VdiRecord) -> None:
+        """Tell the pool the copies of every data vid a map may point at, and
+        which lease guards the VDI's own objects."""
+        for vid, copies in self.current.copies_by_data_vid().items():
+            self.pool.register_vdi(vid, copies)
+        self.pool.register_vdi(rec.dvid, rec.copies, lease_vid=rec.vid)
 
     def _evict_idle(self) -> None:
         if len(self._volumes) <= IDLE_VOLUMES:
@@ -238,7 +273,8 @@ class Catalog:
         if vol.handles == 0:
             if vol.unlinked:
                 self._volumes.pop(vol.vid, None)
-                self._schedule_purge(vol.vid)
+                self._schedule_purge(vol.data_vid)
+                self._schedule_collect(vol.record.lineage)
             elif vol.dirty and not vol.fenced:
                 await vol.flush(times=True)
 
@@ -304,13 +340,18 @@ class Catalog:
 
         def apply(d: Directory) -> None:
             found = d.by_vid(rec.vid)
-            if found is not None:
-                new = replace(rec)
-                if rec.shared:  # several writers: a size only grows here
-                    new.size = max(new.size, found[1].size)
-                d.vdis[found[0]] = new
+            if found is not None and found[1].dvid == vol.data_vid:
+                # Only what the volume owns: snapshots and the data vid change
+                # through the directory (another mount may have changed them).
+                size = max(rec.size, found[1].size) if rec.shared else rec.size  # several writers: grows only
+                d.vdis[found[0]] = replace(found[1], size=size, mtime=rec.mtime, atime=rec.atime, mode=rec.mode,
+                                           uid=rec.uid, gid=rec.gid, shared=rec.shared, copies=rec.copies)
 
         await self.directory.update(apply)
+        found = self.current.by_vid(rec.vid)
+        if found is not None and found[1].dvid != vol.data_vid:
+            log.warning("vid %d: not stored: the VDI moved to data vid %d elsewhere (rolled back?) while "
+                        "this mount had it open under data vid %d", rec.vid, found[1].dvid, vol.data_vid)
 
     # -- VDI operations ----------------------------------------------------------
 
@@ -321,26 +362,34 @@ class Catalog:
             raise InvalidArgument(f"copies must be between 1 and {self.pool.max_copies} in this pool")
         rec = await self.directory.update(
             lambda d: d.create(name, size, copies=copies, mode=mode, uid=uid, gid=gid, shared=shared))
-        self.pool.register_vdi(rec.vid, rec.copies)
+        self._register(rec)
         log.info("created VDI %r (vid %d, %s)", name, rec.vid, format_size(size))
         return rec
 
-    async def delete(self, name: str) -> int:
+    async def delete(self, name: str, *, with_snapshots: bool = False) -> int:
         await self._refuse_if_leased_elsewhere(name)
-        vid = await self.directory.update(lambda d: d.delete(name))
-        log.info("deleted VDI %r (vid %d); freeing its objects", name, vid)
-        self._tombstoned(vid)
-        return vid
+        rec = self.current.get(name)
+        dvid = await self.directory.update(lambda d: d.delete(name, with_snapshots=with_snapshots))
+        log.info("deleted VDI %r (vid %d%s); freeing its objects", name, rec.vid,
+                 f" and {len(rec.snapshots)} snapshots" if rec.snapshots else "")
+        for s in rec.snapshots.values():
+            self._snapshots.pop(s.vid, None)
+        self._tombstoned(dvid)
+        self._schedule_collect(rec.lineage)
+        return rec.vid
 
     async def rename(self, old: str, new: str, *, replace_target: bool = True) -> None:
         await self._refuse_if_leased_elsewhere(old)
         if new in self.current.vdis:
             await self._refuse_if_leased_elsewhere(new)
+        victim = self.current.vdis.get(new)
         replaced = await self.directory.update(lambda d: d.rename(old, new, replace=replace_target))
         log.info("renamed VDI %r to %r", old, new)
         if replaced is not None:
-            log.info("rename replaced the old VDI %r (vid %d); freeing its objects", new, replaced)
+            log.info("rename replaced the old VDI %r (data vid %d); freeing its objects", new, replaced)
             self._tombstoned(replaced)
+            if victim is not None:
+                self._schedule_collect(victim.lineage)
 
     async def resize(self, name: str, size: int) -> VdiRecord:
         rec = self.current.get(name)
@@ -364,6 +413,10 @@ class Catalog:
         vol = await self.volume(vid)
         if vol.writers:
             raise LeaseBusy("the shared flag can only change while nobody writes (open for writing here)")
+        if shared and (self.current.get(self._name_of(vid)).snapshots
+                       or any(e != vol.data_vid for _, e in vol.map.entries())):
+            raise InvalidArgument("a VDI with snapshots, or sharing objects with a snapshot (a clone), "
+                                  "cannot be shared: several writers could copy up the same object")
         vol.record.shared = shared
         await self.persist_meta(vol)
         log.info("vid %d is now %s", vid, "shared: any number of writers, no lease" if shared else "exclusive")
@@ -378,40 +431,218 @@ class Catalog:
             self.pool.register_vdi(vid, copies)
             await self.persist_meta(vol)
 
+    # -- snapshots, clones, rollback ---------------------------------------------------
+
+    def _name_of(self, vid: int) -> str:
+        found = self.current.by_vid(vid)
+        if found is None:
+            raise VdiNotFound(f"no VDI with vid {vid}")
+        return found[0]
+
+    async def _reserve_and_copy(self, purpose: str, source: Volume, copies: int,
+                                lease_vid: int | None = None) -> int:
+        """A fresh data vid whose map is a durable copy of `source`'s map, its
+        objects kept in `copies` copies (the pool must know before the first
+        create, or it would put the map on every peer)."""
+        new = await self.directory.update(lambda d: d.reserve(purpose, source.data_vid))
+        self.pool.register_vdi(new, copies, lease_vid=lease_vid)
+        try:
+            await source.copy_map_to(new)
+        except BaseException:
+            await self._release(new)
+            raise
+        return new
+
+    async def _release(self, vid: int) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.directory.update(lambda d: d.release(vid))
+                self._schedule_purge(vid)
+            except VdifsError as e:
+                log.warning("could not release reserved vid %d (%s); the next mount start does", vid, e)
+
+    async def snapshot(self, name: str, snap: str) -> SnapshotRecord:
+        """Cut a crash-consistent snapshot: with the VDI's lease (shared with a
+        VM writing through this mount), hold its writes back, flush, copy the
+        map to a new data vid and switch to it in one directory update."""
+        validate_name(snap)
+        rec = self.current.get(name)
+        if rec.shared:
+            raise InvalidArgument(f"VDI {name!r} is shared (several writers, no lease): it cannot be snapshotted")
+        if snap in rec.snapshots:
+            raise VdifsError(f"VDI {name!r} already has a snapshot {snap!r}", code=errno.EEXIST)
+        async with self.using(rec.vid) as vol:
+            async with vol.quiesced():
+                await vol.flush()
+                new = await self._reserve_and_copy(f"snapshot {name}@{snap}", vol, vol.record.copies,
+                                                   lease_vid=rec.vid)
+                try:
+                    def cut(d: Directory) -> tuple[SnapshotRecord, VdiRecord]:
+                        now_name = self._name_of_in(d, rec.vid)
+                        s = d.snapshot(now_name, snap, new, vol.size)
+                        return s, d.get(now_name)
+                    s, after = await self.directory.update(cut)
+                except BaseException:
+                    await self._release(new)
+                    raise
+                vol.switch_data_vid(replace(after, mtime=vol.record.mtime, atime=vol.record.atime))
+                self._register(after)
+        log.info("snapshot %s@%s: data vid %d frozen (%s); the VDI goes on under data vid %d",
+                 name, snap, s.vid, format_size(s.size), new)
+        return s
+
+    @staticmethod
+    def _name_of_in(d: Directory, vid: int) -> str:
+        found = d.by_vid(vid)
+        if found is None:
+            raise VdiNotFound(f"the VDI with vid {vid} was deleted meanwhile")
+        return found[0]
+
+    async def snapshot_volume(self, data_vid: int) -> Volume:
+        """A snapshot, read-only, by its data vid."""
+        vol = self._snapshots.get(data_vid)
+        if vol is not None:
+            self._snapshots.move_to_end(data_vid)
+            return vol
+        found = self.current.find_snapshot(data_vid)
+        if found is None:
+            raise VdiNotFound(f"no snapshot with data vid {data_vid}")
+        name, _, s = found
+        rec = VdiRecord(vid=data_vid, size=s.size, ctime=s.ctime, mtime=s.ctime, atime=s.ctime,
+                        copies=s.copies, object_order=s.object_order, mode=self.current.get(name).mode & 0o7555,
+                        uid=self.current.get(name).uid, gid=self.current.get(name).gid)
+        for vid, copies in self.current.copies_by_data_vid().items():
+            self.pool.register_vdi(vid, copies)
+        vol = await Volume.load(self.pool, rec, self.persist_meta, reconcile=False)
+        vol.read_only = True
+        self._snapshots[data_vid] = vol
+        while len(self._snapshots) > IDLE_VOLUMES:
+            self._snapshots.popitem(last=False)
+        return vol
+
+    def snapshot_listing(self) -> list[tuple[str, SnapshotRecord]]:
+        """("NAME@SNAP", record) of every snapshot, sorted."""
+        return sorted((f"{n}@{sn}", s) for n, r in self.current.vdis.items() for sn, s in r.snapshots.items())
+
+    async def clone(self, name: str, snap: str, new_name: str, *, copies: int | None = None) -> VdiRecord:
+        """A new VDI that starts as NAME@SNAP and shares its objects until written."""
+        validate_name(new_name)
+        s = self.current.snapshot_of(name, snap)
+        if copies is not None and not 1 <= copies <= self.pool.max_copies:
+            raise InvalidArgument(f"copies must be between 1 and {self.pool.max_copies} in this pool")
+        if new_name in self.current.vdis:
+            raise VdifsError(f"a VDI named {new_name!r} already exists", code=errno.EEXIST)
+        src = await self.snapshot_volume(s.vid)
+        new = await self._reserve_and_copy(f"clone {new_name} of {name}@{snap}", src,
+                                           s.copies if copies is None else copies)
+        try:
+            rec = await self.directory.update(
+                lambda d: d.clone_snapshot(name, snap, new_name, new, copies=copies))
+        except BaseException:
+            await self._release(new)
+            raise
+        self._register(rec)
+        log.info("cloned %s@%s as VDI %r (vid %d, %d objects shared)", name, snap, new_name, rec.vid,
+                 src.map.allocated)
+        return rec
+
+    async def rollback(self, name: str, snap: str) -> VdiRecord:
+        """Make the VDI the snapshot's content again (refused while anyone writes it)."""
+        await self._refuse_if_leased_elsewhere(name)
+        rec = self.current.get(name)
+        s = self.current.snapshot_of(name, snap)
+        async with self.using(rec.vid) as vol:
+            if vol.writers > 1:
+                raise VdifsError(f"VDI {name!r} is open for writing: stop its VM before a rollback",
+                                 code=errno.EBUSY)
+            await vol.flush()
+            src = await self.snapshot_volume(s.vid)
+            new = await self._reserve_and_copy(f"rollback {name}@{snap}", src, vol.record.copies,
+                                               lease_vid=rec.vid)
+            try:
+                old = await self.directory.update(lambda d: d.rollback(self._name_of_in(d, rec.vid), snap, new))
+            except BaseException:
+                await self._release(new)
+                raise
+            after = self.current.get(self._name_of(rec.vid))
+            await vol.reload(replace(after))
+            self._register(after)
+        self._schedule_purge(old)
+        self._schedule_collect(after.lineage)
+        log.info("rolled VDI %r back to snapshot %r (%s); freeing its data vid %d", name, snap,
+                 format_size(s.size), old)
+        return after
+
+    async def delete_snapshot(self, name: str, snap: str) -> int:
+        data_vid = await self.directory.update(lambda d: d.delete_snapshot(name, snap))
+        self._snapshots.pop(data_vid, None)
+        family = self.current.get(name).lineage
+        log.info("deleted snapshot %s@%s (data vid %d); freeing what no other map shares", name, snap, data_vid)
+        self._schedule_collect(family)
+        return data_vid
+
+    def family_tree(self) -> list[dict[str, object]]:
+        """Every VDI with its snapshots and where it was cloned from."""
+        d = self.current
+        out: list[dict[str, object]] = []
+        for name, rec in sorted(d.vdis.items()):
+            parent = None
+            if rec.parent_vid:
+                found = d.find_snapshot(rec.parent_vid)
+                parent = f"{found[0]}@{found[1]}" if found else f"(deleted snapshot, data vid {rec.parent_vid})"
+            out.append({"name": name, "vid": rec.vid, "data_vid": rec.dvid, "size": rec.size,
+                        "family": rec.lineage, "parent": parent,
+                        "snapshots": [{"name": sn, "data_vid": s.vid, "size": s.size, "ctime": s.ctime}
+                                      for sn, s in sorted(rec.snapshots.items(), key=lambda kv: kv[1].ctime)]})
+        return out
+
     # -- purging -----------------------------------------------------------------
 
-    def _tombstoned(self, vid: int) -> None:
-        vol = self._volumes.get(vid)
-        if vol is not None and vol.handles > 0:
-            vol.unlinked = True  # open files keep working; purge on last close
-            return
-        self._volumes.pop(vid, None)
-        self._schedule_purge(vid)
+    def _tombstoned(self, data_vid: int) -> None:
+        """A data vid went into `deleting`: free its objects, unless a volume
+        here still has it open (then on its last close)."""
+        for vid, vol in list(self._volumes.items()):
+            if vol.data_vid == data_vid:
+                if vol.handles > 0:
+                    vol.unlinked = True  # open files keep working; purge on last close
+                    return
+                del self._volumes[vid]
+        self._schedule_purge(data_vid)
 
     def _schedule_purge(self, vid: int) -> None:
-        if vid not in self._purging:
-            self._purging.add(vid)
-            self._purge_send.send_nowait(vid)
+        self._schedule(("vid", vid))
+
+    def _schedule_collect(self, family: int) -> None:
+        if self.current.retired_of(family):
+            self._schedule(("family", family))
+
+    def _schedule(self, job: tuple[str, int]) -> None:
+        if job not in self._purging:
+            self._purging.add(job)
+            self._purge_send.send_nowait(job)
 
     @property
     def pending_purges(self) -> int:
         return len(self._purging)
 
     async def _purger(self) -> None:
-        async for vid in self._purge_recv:
+        async for job in self._purge_recv:
+            kind, n = job
             try:
-                await self._purge(vid)
+                if kind == "vid":
+                    await self._purge(n)
+                else:
+                    await self._collect(n)
             except Exception as e:
-                log.error("freeing the objects of vid %d failed (%s); retrying in %.0f s",
-                          vid, e, PURGE_RETRY_SECONDS)
+                log.error("freeing the objects of %s %d failed (%s); retrying in %.0f s",
+                          "vid" if kind == "vid" else "family", n, e, PURGE_RETRY_SECONDS)
                 await trio.sleep(PURGE_RETRY_SECONDS)
-                self._purge_send.send_nowait(vid)
+                self._purge_send.send_nowait(job)
                 continue
-            self._purging.discard(vid)
+            self._purging.discard(job)
             self.purges_done += 1
 
-    async def _purge(self, vid: int) -> None:
-        oids = await self.pool.list_objects(vid)
+    async def _delete_all(self, oids: list[int]) -> None:
         limiter = trio.CapacityLimiter(PURGE_PARALLELISM)
 
         async def drop(oid: int) -> None:
@@ -421,7 +652,58 @@ class Catalog:
         async with trio.open_nursery() as nursery:
             for oid in oids:
                 nursery.start_soon(drop, oid)
+
+    async def _purge(self, vid: int) -> None:
+        oids = await self.pool.list_objects(vid)
+        await self._delete_all(oids)
         await self.pool.finish_vid(vid)
         await self.pool.sync([])  # the unlinks are durable before the tombstone goes
         await self.directory.update(lambda d: d.finish_delete(vid))
         log.info("freed %d objects of deleted vid %d", len(oids), vid)
+
+    async def _collect(self, family: int) -> None:
+        """Free the objects of a family's retired data vids that no live map
+        points at any more; a retired vid with nothing left is forgotten.
+
+        Safe against concurrent writers: maps gain references to a retired
+        vid only by copying a live map that had them (snapshot, clone,
+        rollback), and the stored maps read here never lag behind in that
+        direction (copies are stored before the directory names them; a
+        copy-up drops a reference in memory before in the pool)."""
+        d = await self.directory.refresh()
+        retired = d.retired_of(family)
+        if not retired:
+            return
+        for vid, copies in d.copies_by_data_vid().items():
+            self.pool.register_vdi(vid, copies)
+        referenced: dict[int, set[int]] = {v: set() for v in retired}
+        for data_vid, size in d.live_maps(family):
+            objmap = await load_map(self.pool, data_vid, size, self._object_size_of(d, data_vid))
+            for index, entry in objmap.entries():
+                if entry in referenced:
+                    referenced[entry].add(index)
+        freed = 0
+        for vid in retired:
+            doomed = []
+            for oid in await self.pool.list_objects(vid):
+                kind, _, index = unpack_oid(oid)
+                if kind != ObjectKind.DATA or index not in referenced[vid]:
+                    doomed.append(oid)  # its map (nobody reads it now) or an object nobody points at
+            await self._delete_all(doomed)
+            freed += len(doomed)
+            if not referenced[vid]:
+                await self.pool.finish_vid(vid)
+                await self.pool.sync([])
+                await self.directory.update(functools.partial(Directory.finish_retired, vid=vid))
+                log.info("retired data vid %d: nothing points at it any more; forgotten", vid)
+        log.info("family %d: freed %d objects no map points at", family, freed)
+
+    @staticmethod
+    def _object_size_of(d: Directory, data_vid: int) -> int:
+        for rec in d.vdis.values():
+            if rec.dvid == data_vid:
+                return rec.object_size
+            for s in rec.snapshots.values():
+                if s.vid == data_vid:
+                    return s.object_size
+        raise VdiNotFound(f"no map with data vid {data_vid}")

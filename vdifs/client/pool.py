@@ -34,8 +34,10 @@ class ObjectPool(Protocol):
     @property
     def default_copies(self) -> int: ...
 
-    def register_vdi(self, vid: int, copies: int) -> None:
-        """Tell the pool how many copies the objects of a vid have."""
+    def register_vdi(self, vid: int, copies: int, lease_vid: int | None = None) -> None:
+        """Tell the pool how many copies the objects of (data) vid `vid` have,
+        and whose lease guards writes to them (a VDI's data vid changes at
+        each snapshot; its lease, keyed by its vid, does not)."""
 
     def set_generation(self, vid: int, generation: int | None) -> None:
         """The lease generation our writes to vid carry (None: no lease)."""
@@ -101,7 +103,7 @@ class LocalPool:
             log.error("%s; there is no other copy to repair it from", e)
             raise PoolError(str(e)) from None
 
-    def register_vdi(self, vid: int, copies: int) -> None:
+    def register_vdi(self, vid: int, copies: int, lease_vid: int | None = None) -> None:
         pass  # one copy of everything
 
     def set_generation(self, vid: int, generation: int | None) -> None:

@@ -61,6 +61,7 @@ class RemotePool:
         self.cmap: ClusterMap | None = None
         self.vid_copies: dict[int, int] = {}
         self.vid_generation: dict[int, int] = {}
+        self.vid_lease: dict[int, int] = {}  # data vid -> the vid whose lease guards it
 
     # -- the map -----------------------------------------------------------------------
 
@@ -108,8 +109,10 @@ class RemotePool:
     def default_copies(self) -> int:
         return self.map.copies
 
-    def register_vdi(self, vid: int, copies: int) -> None:
+    def register_vdi(self, vid: int, copies: int, lease_vid: int | None = None) -> None:
         self.vid_copies[vid] = copies
+        if lease_vid is not None and lease_vid != vid:
+            self.vid_lease[vid] = lease_vid
 
     def set_generation(self, vid: int, generation: int | None) -> None:
         if generation is None:
@@ -118,8 +121,12 @@ class RemotePool:
             self.vid_generation[vid] = generation
 
     def _gen(self, oid: int) -> dict[str, int]:
-        gen = self.vid_generation.get(unpack_oid(oid)[1])
-        return {} if gen is None else {"gen": gen}
+        vid = unpack_oid(oid)[1]
+        lease_vid = self.vid_lease.get(vid, vid)
+        gen = self.vid_generation.get(lease_vid)
+        if gen is None:
+            return {}
+        return {"gen": gen} if lease_vid == vid else {"gen": gen, "lvid": lease_vid}
 
     async def fence(self, vid: int, generation: int) -> None:
         """Every peer in the map must take the fence: any of them may hold the VDI's objects."""

@@ -22,14 +22,16 @@ what an interrupted allocation or free left behind.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
 from vdifs.client.pool import ObjectPool
-from vdifs.errors import InvalidArgument, ObjectExists, ObjectNotFound, PoolError, TooLarge
+from vdifs.errors import InvalidArgument, ObjectExists, ObjectNotFound, PoolError, TooLarge, VdifsError
 from vdifs.model.directory import VdiRecord, check_size
 from vdifs.model.extents import Extent, objects_for_size, split_extents
 from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid, map_oid, unpack_oid
@@ -47,10 +49,30 @@ FREE_PARALLELISM = 16
 PersistMeta = Callable[["Volume"], Awaitable[None]]
 
 
+async def load_map(pool: ObjectPool, data_vid: int, size: int, object_size: int) -> ObjectMap:
+    """The stored object map of a data vid covering `size` bytes.
+
+    Every map object the size covers is read rather than listed: a listing
+    skips unreachable peers, and a map object missed that way would make
+    allocated objects look like holes (a later write would replace them). A
+    read says "not found" only when every replica did."""
+    objmap = ObjectMap()
+    entries = objects_for_size(size, object_size)
+    for chunk in range(objects_for_size(entries, CHUNK_ENTRIES)):
+        want = min(CHUNK_BYTES, (entries - chunk * CHUNK_ENTRIES) * 4)
+        try:
+            raw = await pool.read(map_oid(data_vid, chunk), 0, want)
+        except ObjectNotFound:
+            continue  # nothing allocated in this part of the VDI yet
+        objmap.load_chunk(chunk, raw)
+    return objmap
+
+
 class Volume:
     def __init__(self, pool: ObjectPool, record: VdiRecord, persist_meta: PersistMeta) -> None:
         self.pool = pool
-        self.vid = record.vid
+        self.vid = record.vid  # the VDI's identity (lease, inode)
+        self.data_vid = record.dvid  # where its own objects and map live
         self.record = record  # our copy; size/mtime here may be ahead of the directory
         self.object_size = record.object_size
         self.map = ObjectMap()
@@ -68,6 +90,11 @@ class Volume:
         self.writers = 0  # writable handles (a lease is held while > 0, in clusters)
         self.unlinked = False
         self.fenced: str | None = None  # why writes are refused (lease lost)
+        self.read_only = False  # a snapshot
+        self.copied_up = 0  # objects copied up from an ancestor (snapshot or clone parent)
+        self._changes = 0  # writes and truncates running
+        self._cutting: trio.Event | None = None  # set when a snapshot cut lets changes go on
+        self._quiet: trio.Event | None = None  # set when the last running change ends
 
     # -- loading -----------------------------------------------------------
 
@@ -75,21 +102,16 @@ class Volume:
     async def load(cls, pool: ObjectPool, record: VdiRecord, persist_meta: PersistMeta,
                    *, reconcile: bool = True) -> Volume:
         vol = cls(pool, record, persist_meta)
-        entries = objects_for_size(record.size, vol.object_size)
-        # Read every map object the size covers rather than listing them: a
-        # listing skips unreachable peers, and a map object missed that way
-        # would make allocated objects look like holes (a later write would
-        # replace them). A read says "not found" only when every replica did.
-        for chunk in range(objects_for_size(entries, CHUNK_ENTRIES)):
-            want = min(CHUNK_BYTES, (entries - chunk * CHUNK_ENTRIES) * 4)
-            try:
-                raw = await pool.read(map_oid(record.vid, chunk), 0, want)
-            except ObjectNotFound:
-                continue  # nothing allocated in this part of the VDI yet
-            vol.map.load_chunk(chunk, raw)
+        vol.map = await load_map(pool, record.dvid, record.size, vol.object_size)
         if reconcile:
             await vol.reconcile()
         return vol
+
+    async def reload(self, record: VdiRecord) -> None:
+        """Start over from the stored map of the record's data vid (after a
+        rollback replaced it); call with nothing in flight and nothing dirty."""
+        self.map = await load_map(self.pool, record.dvid, record.size, self.object_size)
+        self.switch_data_vid(record)
 
     async def reconcile(self) -> None:
         """Make the map and the pool agree after a crash.
@@ -100,22 +122,25 @@ class Volume:
         entry was lost), and forgets map entries whose object is gone.
         """
         entries = objects_for_size(self.record.size, self.object_size)
-        present = {unpack_oid(o)[2] for o in await self.pool.list_objects(self.vid, ObjectKind.DATA)}
+        present = {unpack_oid(o)[2] for o in await self.pool.list_objects(self.data_vid, ObjectKind.DATA)}
         fixed = 0
         for index, entry in list(self.map.entries()):
             if entry == PENDING_DELETE or index >= entries:
-                await self.pool.delete(data_oid(self.vid, index))
+                if entry == PENDING_DELETE or index in present:
+                    await self.pool.delete(data_oid(self.data_vid, index))  # never an ancestor's
                 self.map.set(index, NON_EXISTENT)
-                present.discard(index)
                 fixed += 1
-            elif entry == self.vid and index not in present:
+            elif entry == self.data_vid and index not in present:
                 log.warning("vid %d: object %d is in the map but not in the pool; it reads as zeros now",
                             self.vid, index)
                 self.map.set(index, NON_EXISTENT)
                 fixed += 1
-            present.discard(index)
+            if entry == self.data_vid or entry == PENDING_DELETE or index >= entries:
+                present.discard(index)
+        # Left: our own objects the map does not point at (an allocation or a
+        # copy-up whose map entry was lost).
         for index in sorted(present):
-            await self.pool.delete(data_oid(self.vid, index))
+            await self.pool.delete(data_oid(self.data_vid, index))
             fixed += 1
         if fixed:
             log.info("vid %d: reconciled %d objects after an unclean stop", self.vid, fixed)
@@ -177,17 +202,62 @@ class Volume:
         try:
             return await self.pool.read(data_oid(entry, e.index), e.offset, e.length)
         except ObjectNotFound:
-            if not is_allocated(self.map.get(e.index)):
+            now = self.map.get(e.index)
+            if not is_allocated(now):
                 return zeros(e.length)  # freed while we read: a hole now
-            log.error("vid %d: object %d is mapped but missing from the pool", self.vid, e.index)
-            raise PoolError(f"object {e.index} of vid {self.vid} is missing") from None
+            if now != entry:
+                return await self._read_extent(e)  # copied up meanwhile: read our own copy
+            log.error("vid %d: object %d (of data vid %d) is mapped but missing from the pool",
+                      self.vid, e.index, entry)
+            raise PoolError(f"object {e.index} of vid {entry} is missing") from None
 
     # -- write ---------------------------------------------------------------
 
-    async def write(self, offset: int, data: bytes) -> int:
-        end = offset + len(data)
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise VdifsError(f"vid {self.vid} is a snapshot: read-only", code=errno.EROFS)
         if self.fenced:
             raise PoolError(f"vid {self.vid}: {self.fenced}")
+
+    @asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        """Admit one change (write, truncate) unless a snapshot is being cut."""
+        while self._cutting is not None:
+            await self._cutting.wait()
+        self._changes += 1
+        try:
+            yield
+        finally:
+            self._changes -= 1
+            if not self._changes and self._quiet is not None:
+                self._quiet.set()
+
+    @asynccontextmanager
+    async def quiesced(self) -> AsyncIterator[None]:
+        """Hold new changes back and wait for running ones to end: what a
+        crash-consistent snapshot is cut in (the guest sees its writes stall
+        for that long, as at a disk's flush)."""
+        while self._cutting is not None:
+            await self._cutting.wait()
+        self._cutting = gate = trio.Event()
+        try:
+            while self._changes:
+                self._quiet = trio.Event()
+                await self._quiet.wait()
+            self._quiet = None
+            yield
+        finally:
+            self._quiet = None
+            self._cutting = None
+            gate.set()
+
+    async def write(self, offset: int, data: bytes) -> int:
+        self._check_writable()
+        async with self._changing():
+            return await self._write(offset, data)
+
+    async def _write(self, offset: int, data: bytes) -> int:
+        end = offset + len(data)
         if offset < 0:
             raise InvalidArgument("negative offset")
         if end > MAX_VDI_SIZE:
@@ -209,8 +279,8 @@ class Volume:
     async def _write_extent(self, e: Extent, data: bytes | memoryview) -> None:
         whole = e.length == self.object_size
         index = e.index
-        if self.map.get(index) == self.vid and not whole:
-            oid = data_oid(self.vid, index)
+        if self.map.get(index) == self.data_vid and not whole:
+            oid = data_oid(self.data_vid, index)
             if index in self._zero_checks:
                 self._zero_checks[index] = True  # a zero check of this object is now void
             self._inflight[index] = self._inflight.get(index, 0) + 1
@@ -245,11 +315,11 @@ class Volume:
         """
         lock = self._index_lock(index)
         async with lock:
-            if self.map.get(index) != self.vid or self._inflight.get(index):
+            if self.map.get(index) != self.data_vid or self._inflight.get(index):
                 return
             self._zero_checks[index] = False
             try:
-                content = await self.pool.read(data_oid(self.vid, index), 0, self.object_size)
+                content = await self.pool.read(data_oid(self.data_vid, index), 0, self.object_size)
                 voided = self._zero_checks[index] or bool(self._inflight.get(index))
             finally:
                 del self._zero_checks[index]
@@ -259,11 +329,11 @@ class Volume:
 
     async def _write_extent_locked(self, e: Extent, data: bytes | memoryview, whole: bool) -> None:
         entry = self.map.get(e.index)
-        oid = data_oid(self.vid, e.index)
+        oid = data_oid(self.data_vid, e.index)
         shared = self.record.shared
         if shared and not is_allocated(entry):
             entry = await self._refresh_entry(e.index)
-        if entry == self.vid:
+        if entry == self.data_vid:
             if whole and is_zero(data) and not shared:  # shared: never free under another writer
                 await self._free_locked(e.index)
                 return
@@ -271,7 +341,8 @@ class Volume:
             self._dirty_data.add(oid)
             return
         if entry not in (NON_EXISTENT, PENDING_DELETE):
-            raise PoolError(f"vid {self.vid}: map entry {e.index} points at vid {entry}")
+            await self._copy_up(e, data, entry)
+            return
         if is_zero(data):
             return  # zeros on a hole: nothing to allocate
         # CREATE: the object is written whole (zeros around `data`), replacing
@@ -285,11 +356,36 @@ class Volume:
         else:
             await self.pool.create(oid, e.offset, data, self.object_size)
         self._dirty_data.add(oid)
-        self.map.set(e.index, self.vid)
+        self.map.set(e.index, self.data_vid)
+        await self._write_map_page(e.index)
+
+    async def _copy_up(self, e: Extent, data: bytes | memoryview, ancestor: int) -> None:
+        """First write to an object inherited from a snapshot: our own copy is
+        the ancestor's bytes with `data` over them, created whole; only then
+        does the map point at it (the ancestor's object is never written)."""
+        oid = data_oid(self.data_vid, e.index)
+        if e.length == self.object_size:
+            if is_zero(data):
+                self.map.set(e.index, NON_EXISTENT)  # zeros over it: just stop inheriting
+                await self._write_map_page(e.index)
+                return
+            body: bytes | bytearray | memoryview = data
+        else:
+            body = bytearray(await self.pool.read(data_oid(ancestor, e.index), 0, self.object_size))
+            body.extend(bytes(self.object_size - len(body)))
+            body[e.offset:e.offset + e.length] = data
+        await self.pool.create(oid, 0, body, self.object_size)
+        self._dirty_data.add(oid)
+        self.copied_up += 1
+        self.map.set(e.index, self.data_vid)
         await self._write_map_page(e.index)
 
     async def _free_locked(self, index: int) -> None:
-        oid = data_oid(self.vid, index)
+        if self.map.get(index) not in (self.data_vid, PENDING_DELETE):
+            self.map.set(index, NON_EXISTENT)  # inherited: drop our reference, never their object
+            await self._write_map_page(index)
+            return
+        oid = data_oid(self.data_vid, index)
         self.map.set(index, PENDING_DELETE)
         await self._write_map_page(index)
         await self.pool.delete(oid)
@@ -340,7 +436,7 @@ class Volume:
         create that replaced one we failed to list (or one another mount just
         made) would wipe them all. So: write; if missing, create exclusively;
         if someone created it meanwhile, write into theirs."""
-        oid = map_oid(self.vid, chunk)
+        oid = map_oid(self.data_vid, chunk)
         try:
             await self.pool.write(oid, offset, raw)
         except ObjectNotFound:
@@ -354,7 +450,7 @@ class Volume:
         """Re-read one map entry from the pool (shared VDIs keep no trusted map)."""
         chunk, inner = divmod(index, CHUNK_ENTRIES)
         try:
-            raw = await self.pool.read(map_oid(self.vid, chunk), inner * 4, 4)
+            raw = await self.pool.read(map_oid(self.data_vid, chunk), inner * 4, 4)
         except ObjectNotFound:
             return NON_EXISTENT
         value = int.from_bytes(raw, "little")
@@ -378,10 +474,32 @@ class Volume:
         if not chunks:
             return
         try:
-            await self.pool.sync(map_oid(self.vid, c) for c in chunks)
+            await self.pool.sync(map_oid(self.data_vid, c) for c in chunks)
         except BaseException:
             self._unsynced_chunks |= chunks
             raise
+
+    async def copy_map_to(self, data_vid: int) -> None:
+        """Store this volume's map (as it is in memory) as the map of
+        `data_vid`, durably: a snapshot's or clone's starting point. Call
+        quiesced and flushed, so no entry is mid-change."""
+        entries = objects_for_size(self.record.size, self.object_size)
+        written = []
+        for chunk in range(objects_for_size(entries, CHUNK_ENTRIES)):
+            length = min(CHUNK_BYTES, (entries - chunk * CHUNK_ENTRIES) * 4)
+            raw = self.map.chunk_bytes(chunk, length)
+            if is_zero(raw):
+                continue  # a missing map object reads as holes
+            oid = map_oid(data_vid, chunk)
+            await self.pool.create(oid, 0, raw, length)
+            written.append(oid)
+        await self.pool.sync(written)
+
+    def switch_data_vid(self, record: VdiRecord) -> None:
+        """Go on under the record's (new) data vid after a snapshot or rollback
+        was stored; the map in memory is already the new map's content."""
+        self.record = record
+        self.data_vid = record.dvid
 
     # -- flush / truncate ------------------------------------------------------
 
@@ -422,8 +540,11 @@ class Volume:
     async def truncate(self, size: int) -> None:
         """Resize; shrinking zeroes the tail of the last object and frees the rest."""
         check_size(size)
-        if self.fenced:
-            raise PoolError(f"vid {self.vid}: {self.fenced}")
+        self._check_writable()
+        async with self._changing():
+            await self._truncate(size)
+
+    async def _truncate(self, size: int) -> None:
         old = self.record.size
         if size < old:
             keep = objects_for_size(size, self.object_size)

@@ -54,6 +54,11 @@ class ControlServer:
             "vdi.rename": self.op_rename,
             "vdi.lock_info": self.op_lock_info,
             "vdi.break_lock": self.op_break_lock,
+            "vdi.snapshot": self.op_snapshot,
+            "vdi.snapshot_delete": self.op_snapshot_delete,
+            "vdi.clone": self.op_clone,
+            "vdi.rollback": self.op_rollback,
+            "vdi.tree": self.op_tree,
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -116,7 +121,11 @@ class ControlServer:
         rec = self.catalog.lookup(name)
         vol = await self.catalog.volume(rec.vid)
         r = vol.record
-        return {"name": name, "vid": r.vid, "size": r.size, "allocated": vol.allocated_bytes,
+        stored = self.catalog.current.get(name)
+        own = sum(1 for _, e in vol.map.entries() if e == vol.data_vid)
+        return {"name": name, "vid": r.vid, "data_vid": vol.data_vid, "size": r.size,
+                "allocated": vol.allocated_bytes, "own_objects": own,
+                "snapshots": sorted(stored.snapshots, key=lambda s: stored.snapshots[s].ctime),
                 "objects": vol.map.allocated, "object_size": vol.object_size, "copies": r.copies,
                 "shared": r.shared, "ctime": r.ctime, "mtime": r.mtime, "mode": r.mode,
                 "uid": r.uid, "gid": r.gid}
@@ -147,8 +156,10 @@ class ControlServer:
 
     async def op_delete(self, args: dict[str, Any]) -> None:
         name = _arg(args, "name", str)
-        vid = await self.catalog.delete(name)
+        snaps = [f"{name}@{s}" for s in self.catalog.current.get(name).snapshots]
+        vid = await self.catalog.delete(name, with_snapshots=bool(args.get("snapshots")))
         self.invalidate("delete", vid, [name])
+        self.invalidate("snapshot-delete", 0, snaps)
 
     async def op_resize(self, args: dict[str, Any]) -> dict[str, Any]:
         name, size = _arg(args, "name", str), _arg(args, "size", int)
@@ -161,6 +172,35 @@ class ControlServer:
         vid = self.catalog.lookup(old).vid
         await self.catalog.rename(old, new)
         self.invalidate("rename", vid, [old, new])
+
+    async def op_snapshot(self, args: dict[str, Any]) -> dict[str, Any]:
+        name, snap = _arg(args, "name", str), _arg(args, "snapshot", str)
+        s = await self.catalog.snapshot(name, snap)
+        self.invalidate("snapshot", 0, [f"{name}@{snap}"])
+        return {"name": name, "snapshot": snap, "data_vid": s.vid, "size": s.size, "ctime": s.ctime}
+
+    async def op_snapshot_delete(self, args: dict[str, Any]) -> None:
+        name, snap = _arg(args, "name", str), _arg(args, "snapshot", str)
+        await self.catalog.delete_snapshot(name, snap)
+        self.invalidate("snapshot-delete", 0, [f"{name}@{snap}"])
+
+    async def op_clone(self, args: dict[str, Any]) -> dict[str, Any]:
+        name, snap, new = _arg(args, "name", str), _arg(args, "snapshot", str), _arg(args, "new", str)
+        copies = args.get("copies")
+        if copies is not None:
+            copies = _arg(args, "copies", int)
+        await self.catalog.clone(name, snap, new, copies=copies)
+        self.invalidate("clone", 0, [new])
+        return await self._summary(new)
+
+    async def op_rollback(self, args: dict[str, Any]) -> dict[str, Any]:
+        name, snap = _arg(args, "name", str), _arg(args, "snapshot", str)
+        rec = await self.catalog.rollback(name, snap)
+        self.invalidate("rollback", rec.vid, [])
+        return await self._summary(name)
+
+    async def op_tree(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.catalog.family_tree()
 
     async def op_lock_info(self, args: dict[str, Any]) -> dict[str, Any]:
         name = _arg(args, "name", str)

@@ -25,7 +25,7 @@ from vdifs.client.remote import RemotePool
 from vdifs.control.client import CONTROL_SOCKET
 from vdifs.control.server import ControlServer
 from vdifs.errors import VdifsError
-from vdifs.fuse.ops import ROOT, VdifsOperations
+from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
 from vdifs.meta.consensus import DIRECTORY_KEY
 from vdifs.meta.credentials import default_secret_file, read_credentials
 from vdifs.meta.directory import DirectoryService
@@ -111,7 +111,10 @@ class Mount:
     def invalidate(self, event: str, vid: int, names: list[str]) -> None:
         """Drop what the kernel cached after a change made outside FUSE."""
         for name in names:
-            pyfuse3.invalidate_entry_async(ROOT, name.encode(), ignore_enoent=True)
+            parent = SNAPSHOTS if "@" in name else ROOT
+            pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
+        if not vid:
+            return
         try:
             pyfuse3.invalidate_inode(vid + 1)
         except OSError:
@@ -127,10 +130,16 @@ class Mount:
         for rec in after.vdis.values():
             old = old_by_vid.get(rec.vid)
             if old is not None and old != rec:  # size, times or mode changed elsewhere
+                # A new data vid with the old one deleted is a rollback: the content changed.
+                content = old.dvid != rec.dvid and old.dvid in after.deleting
                 try:
-                    pyfuse3.invalidate_inode(rec.vid + 1, attr_only=True)
+                    pyfuse3.invalidate_inode(rec.vid + 1, attr_only=not content)
                 except OSError:
                     pass
+        for name, rec in before.vdis.items():
+            gone = set(rec.snapshots) - set(after.vdis[name].snapshots if name in after.vdis else {})
+            for snap in gone:
+                pyfuse3.invalidate_entry_async(SNAPSHOTS, f"{name}@{snap}".encode(), ignore_enoent=True)
 
     async def run(self, ready: IO[bytes] | None = None) -> None:
         async with trio.open_nursery() as nursery:

@@ -1,7 +1,9 @@
 """pyfuse3 operations: the file-system calls mapped onto the catalog.
 
 Inodes: 1 is the root; a VDI's inode is its vid + 1, so it is stable across
-mounts and renames. Every handler turns a VdifsError into its errno and any
+mounts and renames. `.snapshots` (a directory that `ls` of the root does not
+list, like ZFS's `.zfs`) holds every snapshot as a read-only file
+`NAME@SNAP` with inode 2^32 + its data vid. Every handler turns a VdifsError into its errno and any
 unexpected exception into EIO with a logged traceback: the mount never dies
 because of what a caller sent.
 """
@@ -22,13 +24,14 @@ import pyfuse3
 from vdifs.client.catalog import Catalog
 from vdifs.client.volume import Volume
 from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
-from vdifs.model.directory import VdiRecord
 from vdifs.model.ids import MAX_VID
-from vdifs.model.names import MAX_NAME_BYTES, InvalidName, ReservedName, validate_name
+from vdifs.model.names import MAX_NAME_BYTES, SNAPSHOT_DIR, InvalidName, ReservedName, validate_name
 
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
+SNAPSHOTS = MAX_VID + 2  # the .snapshots directory
+SNAPSHOT_BASE = 1 << 32  # a snapshot's inode: this + its data vid
 ATTR_TIMEOUT = 1.0
 XATTR_PREFIX = b"user.vdifs."
 VDI_XATTRS = (b"vid", b"copies", b"shared", b"allocated", b"object_size")
@@ -62,6 +65,14 @@ def vid_of(inode: int) -> int:
     return vid
 
 
+def is_snapshot(inode: int) -> bool:
+    return inode > SNAPSHOT_BASE
+
+
+def read_only() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
 def parse_name(raw: bytes, *, for_create: bool) -> str:
     """Turn a FUSE name into a VDI name; lookups of impossible names are ENOENT."""
     if len(raw) > MAX_NAME_BYTES:
@@ -92,15 +103,16 @@ class VdifsOperations(pyfuse3.Operations):
         self._handles: dict[int, Volume] = {}
         self._writable: set[int] = set()  # file handles opened for writing
         self._next_fh = 1
-        self._dir_handles: dict[int, list[tuple[str, VdiRecord]]] = {}
+        self._dir_handles: dict[int, list[tuple[str, int]]] = {}  # (name, inode)
+        self._snapshot_handles: set[int] = set()  # file handles on snapshots (read-only, not counted)
         self._mounted_at = time.time_ns()
 
     # -- attributes --------------------------------------------------------------
 
-    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+    def _root_attrs(self, inode: int = ROOT) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
-        e.st_ino = ROOT
-        e.st_mode = stat.S_IFDIR | 0o755
+        e.st_ino = inode
+        e.st_mode = stat.S_IFDIR | (0o755 if inode == ROOT else 0o555)
         e.st_nlink = 2
         e.st_uid = e.st_gid = 0
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self._mounted_at
@@ -125,19 +137,46 @@ class VdifsOperations(pyfuse3.Operations):
         e.attr_timeout = e.entry_timeout = ATTR_TIMEOUT
         return e
 
+    async def _snapshot_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        vol = await self.catalog.snapshot_volume(inode - SNAPSHOT_BASE)
+        rec = vol.record
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode
+        e.st_mode = stat.S_IFREG | (rec.mode & 0o555)
+        e.st_nlink = 1
+        e.st_uid, e.st_gid = rec.uid, rec.gid
+        e.st_size = rec.size
+        e.st_blocks = vol.allocated_bytes // 512
+        e.st_blksize = 4096
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = int(rec.ctime * 1e9)
+        e.attr_timeout = e.entry_timeout = ATTR_TIMEOUT
+        return e
+
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        if inode == ROOT:
-            return self._root_attrs()
+        if inode in (ROOT, SNAPSHOTS):
+            return self._root_attrs(inode)
+        if is_snapshot(inode):
+            return await self._snapshot_attrs(inode)
         return await self._attrs(vid_of(inode))
 
     @fuse_errors
     async def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
                      ) -> pyfuse3.EntryAttributes:
+        if parent == SNAPSHOTS:
+            if name in (b".", b".."):
+                return self._root_attrs(SNAPSHOTS if name == b"." else ROOT)
+            vdi, _, snap = name.decode("utf-8", "surrogateescape").partition("@")
+            found = self.catalog.current.vdis.get(vdi)
+            if found is None or snap not in found.snapshots:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return await self._snapshot_attrs(SNAPSHOT_BASE + found.snapshots[snap].vid)
         if parent != ROOT:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if name in (b".", b".."):
             return self._root_attrs()
+        if name == SNAPSHOT_DIR.encode():
+            return self._root_attrs(SNAPSHOTS)
         rec = await self.catalog.find(parse_name(name, for_create=False))
         return await self._attrs(rec.vid)
 
@@ -146,6 +185,8 @@ class VdifsOperations(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
+        if inode == SNAPSHOTS or is_snapshot(inode):
+            raise read_only()
         async with self.catalog.using(vid_of(inode)) as vol:
             return await self._setattr(vol, attr, fields)
 
@@ -178,21 +219,25 @@ class VdifsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode != ROOT:
+        if inode == SNAPSHOTS:
+            listing = [(name, SNAPSHOT_BASE + s.vid) for name, s in self.catalog.snapshot_listing()]
+        elif inode == ROOT:
+            listing = [(name, rec.vid + 1) for name, rec in self.catalog.listing()]
+        else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._next_fh
         self._next_fh += 1
-        self._dir_handles[fh] = self.catalog.listing()
+        self._dir_handles[fh] = listing
         return fh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self._dir_handles.get(fh, [])
         for i in range(start_id, len(entries)):
-            name, rec = entries[i]
+            name, inode = entries[i]
             try:
-                attrs = await self._attrs(rec.vid)
-            except pyfuse3.FUSEError:
+                attrs = await (self._snapshot_attrs(inode) if is_snapshot(inode) else self._attrs(inode - 1))
+            except (pyfuse3.FUSEError, VdiNotFound):
                 continue  # deleted since opendir
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 1):
                 break
@@ -212,8 +257,14 @@ class VdifsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if inode == ROOT:
+        if inode in (ROOT, SNAPSHOTS):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if is_snapshot(inode):
+            if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+                raise read_only()
+            fh = self._new_handle(await self.catalog.snapshot_volume(inode - SNAPSHOT_BASE), False)
+            self._snapshot_handles.add(fh)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         vid = vid_of(inode)
         if self.catalog.record_of(vid) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -226,6 +277,8 @@ class VdifsOperations(pyfuse3.Operations):
     @fuse_errors
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if parent == SNAPSHOTS:
+            raise read_only()
         if parent != ROOT:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if not stat.S_ISREG(mode):
@@ -239,6 +292,8 @@ class VdifsOperations(pyfuse3.Operations):
     @fuse_errors
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
                     ) -> pyfuse3.EntryAttributes:
+        if parent == SNAPSHOTS:
+            raise read_only()
         if parent != ROOT or not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)
         rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
@@ -265,6 +320,9 @@ class VdifsOperations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         vol = self._handles.pop(fh)
+        if fh in self._snapshot_handles:
+            self._snapshot_handles.discard(fh)
+            return
         writable = fh in self._writable
         self._writable.discard(fh)
         await self.catalog.close(vol, writable=writable)
@@ -273,6 +331,8 @@ class VdifsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if parent == SNAPSHOTS:
+            raise read_only()
         if parent != ROOT:
             raise pyfuse3.FUSEError(errno.ENOENT)
         await self.catalog.delete(parse_name(name, for_create=False))
@@ -280,6 +340,8 @@ class VdifsOperations(pyfuse3.Operations):
     @fuse_errors
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if SNAPSHOTS in (parent_old, parent_new):
+            raise read_only()
         if parent_old != ROOT or parent_new != ROOT:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if flags & pyfuse3.RENAME_EXCHANGE:

@@ -634,8 +634,10 @@ class PeerDaemon:
         gen = args.get("gen")
         if gen is None:
             return  # embedded-style or shared VDI: no lease
-        vid = (oid >> 32) & 0xFFFFFF
-        if int(gen) < self.fences.get(vid, 0):
+        vid = args.get("lvid", (oid >> 32) & 0xFFFFFF)  # the lease's vid, if not the object's
+        if not isinstance(vid, int) or not isinstance(gen, int):
+            raise ValueError("gen and lvid must be integers")
+        if gen < self.fences.get(vid, 0):
             raise VdifsError(f"vid {vid} is fenced at lease generation {self.fences[vid]}; "
                              f"a write of generation {gen} is refused", code=errno.EPERM)
 

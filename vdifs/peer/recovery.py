@@ -169,10 +169,11 @@ class Recovery:
                 return
 
     async def _live_vdis(self) -> dict[int, int]:
-        """vid -> copies of every VDI the directory lists (not the deleted ones)."""
+        """data vid -> copies of everything the directory keeps: VDIs, their
+        snapshots, and retired snapshots clones still read (not the deleted)."""
         assert self.daemon.meta is not None
         _version, raw = await self.daemon.meta.register(DIRECTORY_KEY).get()
-        return {r.vid: r.copies for r in Directory.decode(raw).vdis.values()}
+        return Directory.decode(raw).copies_by_data_vid()
 
     async def _cluster_objects(self, vid: int) -> set[int]:
         d = self.daemon
