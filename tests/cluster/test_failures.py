@@ -479,16 +479,11 @@ def test_replace_meta_swaps_a_dead_consensus_peer(cluster):
 
 
 @pytest.mark.soak
-@pytest.mark.skipif("VDIFS_SOAK_CYCLES" not in os.environ,
-                    reason="soak run: `make soak` (it still finds replicas that differ, see docs/architecture.md)")
 def test_fio_verify_through_repeated_kills_and_restarts(cluster):
     """fio writes and verifies (crc32c) while peers are killed and restarted,
-    one after the other, VDIFS_SOAK_CYCLES times (`make soak` runs 10): zero
-    verify errors, and every replica current and in place after.
-
-    Not in the default run yet: with several cycles it still ends, in about
-    one run of three, with one replica of an object that differs (the
-    session-start code lost written blocks in every such run)."""
+    one after the other, VDIFS_SOAK_CYCLES times (1 in the default run, `make
+    soak` runs 10): zero verify errors, and every replica current and in
+    place after."""
     import random
 
     from tests.e2e.conftest import FioVerify
