@@ -146,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Replace NAME's content with NAME@SNAP's. Refused while the VDI is open "
                                     "for writing anywhere. Writes since the snapshot are lost.")
     vrb.add_argument("target", metavar="NAME@SNAP")
+    vf = vs.add_parser("flatten", help="copy a clone's shared objects into it, so it stands alone",
+                       description="Copy every object NAME still shares with the snapshot it was cloned "
+                                   "from into NAME, at most --rate per second, while NAME stays in use.")
+    vf.add_argument("name", metavar="NAME")
+    vf.add_argument("--rate", type=size_arg, default=64 << 20, metavar="BYTES",
+                    help="copy at most this much per second (default: 64M)")
+    vdf = vs.add_parser("diff", help="list what changed between two snapshots (from the object maps)",
+                        description="The extents of NAME (or NAME@SNAP) that differ from snapshot FROM of "
+                                    "the same VDI (or from an empty VDI), object by object, read from the "
+                                    "object maps without reading data.")
+    vdf.add_argument("target", metavar="NAME[@SNAP]")
+    vdf.add_argument("--from", dest="since", metavar="SNAP", help="an older snapshot of the same VDI")
+    vdf.add_argument("--json", action="store_true", help="machine-readable output")
+    vdu = vs.add_parser("du", help="space used by a VDI and each of its snapshots")
+    vdu.add_argument("name", metavar="NAME")
+    vdu.add_argument("--json", action="store_true", help="machine-readable output")
     vt = vs.add_parser("tree", help="show VDIs with their snapshots and clones")
     vt.add_argument("--json", action="store_true", help="machine-readable output")
     cluster_cli.add_parsers(sub)
@@ -273,6 +289,36 @@ def _split_snapshot(text: str) -> tuple[str, str]:
     return name, snap
 
 
+def _with_progress(path: str, op: str, params: dict[str, Any], job: str) -> Any:
+    """Run a long control operation; while it runs, draw the mount's progress
+    for `job` on stderr (when it is a terminal)."""
+    show = sys.stderr.isatty()
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                while True:
+                    await trio.sleep(0.5)
+                    try:
+                        state = (await client.call(path, "vdi.jobs", timeout=10)).get(job)
+                    except (VdifsError, trio.TooSlowError):
+                        continue
+                    if state and show:
+                        print(f"\r{state['op']} {job}: {cluster_cli._bar(state['done'], state['total'])} "
+                              f"{state['done']}/{state['total']} objects", end="", file=sys.stderr, flush=True)
+
+            if show:
+                nursery.start_soon(watch)
+            result["value"] = await client.call(path, op, params, timeout=7 * 24 * 3600)
+            nursery.cancel_scope.cancel()
+        if show:
+            print(file=sys.stderr)
+
+    trio.run(main)
+    return result["value"]
+
+
 def _tree_lines(tree: list[dict[str, Any]]) -> list[str]:
     """VDIs under the snapshots they were cloned from, snapshots under their VDI."""
     children: dict[str | None, list[dict[str, Any]]] = {}
@@ -349,6 +395,30 @@ def cmd_vdi(args: argparse.Namespace) -> int:
         name, snap = _split_snapshot(args.target)
         call("vdi.rollback", {"name": name, "snapshot": snap}, timeout=300)
         print(f"rolled {name} back to {snap}")
+    elif action == "flatten":
+        v = _with_progress(path, "vdi.flatten", {"name": args.name, "rate": args.rate}, args.name)
+        print(f"flattened {args.name}: {v['copied']} objects copied")
+    elif action == "diff":
+        name, _, snap = args.target.partition("@")
+        d = call("vdi.diff", {"name": name, "snapshot": snap or None, "from": args.since}, timeout=300)
+        if args.json:
+            print(json.dumps(d, indent=2))
+        else:
+            changed = sum(n for _, n, kind in d["extents"] if kind == "data")
+            zeroed = sum(n for _, n, kind in d["extents"] if kind == "zero")
+            if d["extents"]:
+                print(_table([[str(o), format_size(n), kind] for o, n, kind in d["extents"]],
+                             ["OFFSET", "LENGTH", "TYPE"]))
+            print(f"{args.target} since {args.since or 'empty'}: {format_size(changed)} changed, "
+                  f"{format_size(zeroed)} zeroed, of {format_size(d['size'])}")
+    elif action == "du":
+        rows = call("vdi.du", {"name": args.name}, timeout=300)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(_table([[r["name"], format_size(r["size"]), format_size(r["allocated"]),
+                           format_size(r["exclusive"]), format_size(r["shared"])] for r in rows],
+                         ["NAME", "SIZE", "ALLOCATED", "EXCLUSIVE", "SHARED"]))
     elif action == "tree":
         tree = call("vdi.tree")
         if args.json:

@@ -275,3 +275,67 @@ def test_info_counts_shared_objects_and_names_snapshots(mount):
     res = vdi(mount, "clone", "v@a", "bad@name", check=False)
     assert res.returncode == 1 and "'@'" in res.stderr and not os.path.exists(mount.path("bad@name"))
     assert tree(mount).keys() == {"v"}  # refused operations left nothing behind
+
+
+def test_flatten_copies_what_a_clone_shares_while_it_is_written(mount):
+    need("qemu-io")
+    run("truncate", "-s", "24M", mount.path("gold"))
+    pattern = [("0xab", OBJ - 4096, 8192), ("0x11", 0, 512), ("0x77", 5 * OBJ + 4096, 65536)]
+    run("qemu-io", "-f", "raw", *sum([["-c", f"write -P {p} {o} {n}"] for p, o, n in pattern], []),
+        mount.path("gold"))
+    vdi(mount, "snapshot", "gold", "base")
+    vdi(mount, "clone", "gold@base", "vm")
+    base, slots = 3 * OBJ, 256  # a VM keeps writing object 3 of the clone meanwhile
+    writer = SequentialWriter(mount.path("vm"), base, slots)
+    writer.start()
+    try:
+        wait_until(lambda: writer.acked > 10)
+        out = vdi(mount, "flatten", "vm", "--rate", "8M").stdout  # 3 objects to copy: about 1.5 s
+    finally:
+        writer.stop.set()
+        writer.join()
+    assert "flattened vm: 3 objects copied" in out  # 0, 1 and 5; the VM allocated 3 itself
+    own = data_vid(mount, "vm")
+    assert {i for v, i in objects(mount) if v == own} == {0, 1, 3, 5}  # everything allocated, own now
+    assert tree(mount)["vm"]["parent"] is None
+    out = run("qemu-io", "-r", "-f", "raw", *sum([["-c", f"read -P {p} {o} {n}"] for p, o, n in pattern], []),
+              mount.path("vm")).stdout
+    assert "verification failed" not in out
+    assert read_at(mount.path("vm"), base, slots * 4096) == writer.state_after(writer.acked)
+    vdi(mount, "delete", "gold", "--snapshots")  # nothing of gold is needed any more
+    wait_until(lambda: {v for v, _ in objects(mount)} == {own})
+    out = run("qemu-io", "-r", "-f", "raw", *sum([["-c", f"read -P {p} {o} {n}"] for p, o, n in pattern], []),
+              mount.path("vm")).stdout
+    assert "verification failed" not in out
+
+
+def test_diff_and_du_come_from_the_object_maps(mount):
+    run("truncate", "-s", "16M", mount.path("v"))
+    for i in range(3):
+        write_at(mount.path("v"), i * OBJ, b"a" * 4096)
+    vdi(mount, "snapshot", "v", "s1")
+    write_at(mount.path("v"), OBJ + 8192, b"b" * 4096)  # copy-up of object 1
+    write_at(mount.path("v"), 3 * OBJ, b"c" * 4096)  # a new object 3
+    write_at(mount.path("v"), 2 * OBJ, bytes(OBJ), fsync=True)  # object 2 zeroed whole
+    vdi(mount, "snapshot", "v", "s2")
+
+    def diff(*args):
+        return json.loads(vdi(mount, "diff", *args, "--json").stdout)["extents"]
+
+    assert diff("v@s2", "--from", "s1") == [[OBJ, OBJ, "data"], [2 * OBJ, OBJ, "zero"], [3 * OBJ, OBJ, "data"]]
+    assert diff("v@s1") == [[0, 3 * OBJ, "data"]]
+    assert diff("v", "--from", "s2") == []  # nothing since
+    write_at(mount.path("v"), 0, b"d" * 512, fsync=True)
+    assert diff("v", "--from", "s2") == [[0, OBJ, "data"]]
+    assert "4.0 MiB changed" in vdi(mount, "diff", "v", "--from", "s2").stdout
+    rows = {r["name"]: r for r in json.loads(vdi(mount, "du", "v", "--json").stdout)}
+    assert list(rows) == ["v@s1", "v@s2", "v"]
+    assert (rows["v@s1"]["allocated"], rows["v@s1"]["exclusive"]) == (3 * OBJ, 2 * OBJ)  # objects 1 and 2
+    assert (rows["v@s2"]["allocated"], rows["v@s2"]["exclusive"]) == (3 * OBJ, 0)  # all shared (s1, v)
+    assert (rows["v"]["allocated"], rows["v"]["exclusive"]) == (3 * OBJ, OBJ)  # its new object 0
+    # deleting s1 frees exactly what du said it holds alone
+    before = len(objects(mount))
+    vdi(mount, "snapshot-delete", "v@s1")
+    wait_until(lambda: len(objects(mount)) == before - 2)
+    res = vdi(mount, "diff", "v", "--from", "s1", check=False)
+    assert res.returncode == 1 and "no snapshot 's1'" in res.stderr

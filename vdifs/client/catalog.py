@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import trio
 
@@ -33,7 +34,9 @@ from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
 from vdifs.meta.directory import DirectoryService
 from vdifs.meta.lease import Lease, LeaseBusy, LeaseManager
 from vdifs.model.directory import Directory, SnapshotRecord, VdiRecord
+from vdifs.model.extents import objects_for_size
 from vdifs.model.ids import ObjectKind, unpack_oid
+from vdifs.model.objmap import ObjectMap, is_allocated
 from vdifs.model.names import validate_name
 from vdifs.model.sizes import format_size
 
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 IDLE_VOLUMES = 256
 PURGE_PARALLELISM = 16
 PURGE_RETRY_SECONDS = 5.0
+#: Default pace of `flatten` (bytes/s), so a VM on the clone keeps its I/O.
+FLATTEN_RATE = 64 << 20
 #: A reservation older than this in a shared pool was left by a crashed mount.
 RESERVATION_TTL = 3600.0
 
@@ -71,6 +76,7 @@ class Catalog:
         self._purging: set[tuple[str, int]] = set()
         self.purges_done = 0
         self.copies_override: int | None = None  # `vdifs mount --copies`
+        self.jobs: dict[str, dict[str, object]] = {}  # long operations in progress, by VDI name
 
     @property
     def default_copies(self) -> int:
@@ -572,6 +578,120 @@ class Catalog:
         log.info("rolled VDI %r back to snapshot %r (%s); freeing its data vid %d", name, snap,
                  format_size(s.size), old)
         return after
+
+    async def flatten(self, name: str, *, rate: int = FLATTEN_RATE) -> int:
+        """Copy every object the VDI shares with a parent snapshot into its own
+        data vid, at most `rate` bytes/s, while it stays in use; returns the
+        objects copied. Objects shared with its own snapshots stay shared."""
+        if rate <= 0:
+            raise InvalidArgument("the flatten rate must be positive")
+        rec = self.current.get(name)
+        own = {s.vid for s in rec.snapshots.values()}
+        async with self.using(rec.vid) as vol:
+            todo = vol.inherited(own)
+            job: dict[str, object] = {"op": "flatten", "done": 0, "total": len(todo)}
+            if name in self.jobs:
+                raise VdifsError(f"VDI {name!r} is already being flattened", code=errno.EBUSY)
+            self.jobs[name] = job
+            log.info("flattening VDI %r: %d objects to copy from its parent", name, len(todo))
+            copied = 0
+            try:
+                started = trio.current_time()
+                for n, index in enumerate(todo, start=1):
+                    copied += await vol.flatten_object(index, own)
+                    job["done"] = n
+                    ahead = copied * vol.object_size / rate - (trio.current_time() - started)
+                    if ahead > 0:
+                        await trio.sleep(ahead)
+                await vol.flush()
+            finally:
+                del self.jobs[name]
+            # Independent now, unless one of its snapshots still reads the parent.
+            still = False
+            for s in rec.snapshots.values():
+                snapvol = await self.snapshot_volume(s.vid)
+                still |= any(e not in own for _, e in snapvol.map.entries())
+            if not still and rec.parent_vid:
+                def detach(d: Directory) -> None:
+                    d.get(self._name_of_in(d, rec.vid)).parent_vid = 0
+                await self.directory.update(detach)
+                vol.record.parent_vid = 0
+        self._schedule_collect(rec.lineage)
+        log.info("flattened VDI %r: %d objects copied%s", name, copied,
+                 "" if not still else "; its snapshots still share objects with the parent")
+        return copied
+
+    async def _stored_map(self, vid: int) -> ObjectMap:
+        """The map of a live VDI: ours if we hold it (or nobody else can write
+        it), else re-read from the pool (another mount's writes)."""
+        vol = await self.volume(vid)
+        if not self.shared or (self.leases is not None and self.leases.holds(vid)):
+            return vol.map
+        return await load_map(self.pool, vol.data_vid, vol.size, vol.object_size)
+
+    async def diff(self, name: str, snap: str | None = None, since: str | None = None) -> dict[str, Any]:
+        """What changed in NAME (or NAME@SNAP) since snapshot `since` of the same
+        VDI (or since empty), from the object maps alone: an object changed
+        when the two maps point at different data vids. Whole objects:
+        extents [offset, length, "data" | "zero"] in order."""
+        rec = self.current.get(name)
+        if snap is not None:
+            s = self.current.snapshot_of(name, snap)
+            target, size, object_size = (await self.snapshot_volume(s.vid)).map, s.size, s.object_size
+        else:
+            vol = await self.volume(rec.vid)
+            target, size, object_size = await self._stored_map(rec.vid), vol.size, vol.object_size
+        base = ObjectMap()
+        if since is not None:
+            base = (await self.snapshot_volume(self.current.snapshot_of(name, since).vid)).map
+        count = objects_for_size(size, object_size)
+        indexes = sorted({i for i, _ in target.entries()} | {i for i, _ in base.entries()})
+        extents: list[list[Any]] = []
+        for i in indexes:
+            if i >= count:
+                break
+            t, b = target.get(i), base.get(i)
+            t, b = (t if is_allocated(t) else 0), (b if is_allocated(b) else 0)
+            if t == b:
+                continue
+            kind = "data" if t else "zero"
+            start, length = i * object_size, min(object_size, size - i * object_size)
+            if extents and extents[-1][2] == kind and extents[-1][0] + extents[-1][1] == start:
+                extents[-1][1] += length
+            else:
+                extents.append([start, length, kind])
+        return {"name": name, "snapshot": snap, "from": since, "size": size, "object_size": object_size,
+                "extents": extents}
+
+    async def usage(self, name: str) -> list[dict[str, Any]]:
+        """Space of a VDI and each of its snapshots: allocated, and the part no
+        other map of the family (snapshots, clones, the VDI) points at, which
+        deleting just that one would free."""
+        d = self.current
+        rec = d.get(name)
+        maps: dict[int, ObjectMap] = {}
+        for data_vid, _size in d.live_maps(rec.lineage):
+            found = d.find_snapshot(data_vid)
+            if found is not None:
+                maps[data_vid] = (await self.snapshot_volume(data_vid)).map
+            else:
+                owner = next(r for r in d.vdis.values() if r.dvid == data_vid)
+                maps[data_vid] = await self._stored_map(owner.vid)
+        refs: dict[tuple[int, int], int] = {}
+        for m in maps.values():
+            for i, e in m.entries():
+                if is_allocated(e):
+                    refs[(e, i)] = refs.get((e, i), 0) + 1
+        rows = []
+        for label, data_vid, size in ([(f"{name}@{sn}", s.vid, s.size) for sn, s in
+                                       sorted(rec.snapshots.items(), key=lambda kv: kv[1].ctime)]
+                                      + [(name, rec.dvid, rec.size)]):
+            entries = [(e, i) for i, e in maps[data_vid].entries() if is_allocated(e)]
+            exclusive = sum(1 for key in entries if refs[key] == 1)
+            rows.append({"name": label, "size": size, "allocated": len(entries) * rec.object_size,
+                         "exclusive": exclusive * rec.object_size,
+                         "shared": (len(entries) - exclusive) * rec.object_size})
+        return rows
 
     async def delete_snapshot(self, name: str, snap: str) -> int:
         data_vid = await self.directory.update(lambda d: d.delete_snapshot(name, snap))

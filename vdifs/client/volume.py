@@ -380,6 +380,31 @@ class Volume:
         self.map.set(e.index, self.data_vid)
         await self._write_map_page(e.index)
 
+    def inherited(self, own: set[int]) -> list[int]:
+        """Indexes whose object lives under a data vid not in `own`."""
+        return [i for i, e in self.map.entries() if is_allocated(e) and e != self.data_vid and e not in own]
+
+    async def flatten_object(self, index: int, own: set[int]) -> bool:
+        """Copy one inherited object into our own data vid (flatten), under
+        the index lock, so a write to it meanwhile lands after (or on) our
+        copy. False if it is no longer inherited."""
+        self._check_writable()
+        async with self._changing():
+            lock = self._index_lock(index)
+            async with lock:
+                entry = self.map.get(index)
+                copied = is_allocated(entry) and entry != self.data_vid and entry not in own
+                if copied:
+                    body = await self.pool.read(data_oid(entry, index), 0, self.object_size)
+                    oid = data_oid(self.data_vid, index)
+                    await self.pool.create(oid, 0, body, self.object_size)
+                    self._dirty_data.add(oid)
+                    self.copied_up += 1
+                    self.map.set(index, self.data_vid)
+                    await self._write_map_page(index)
+            self._drop_index_lock(index, lock)
+        return copied
+
     async def _free_locked(self, index: int) -> None:
         if self.map.get(index) not in (self.data_vid, PENDING_DELETE):
             self.map.set(index, NON_EXISTENT)  # inherited: drop our reference, never their object

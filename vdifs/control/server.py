@@ -59,6 +59,10 @@ class ControlServer:
             "vdi.clone": self.op_clone,
             "vdi.rollback": self.op_rollback,
             "vdi.tree": self.op_tree,
+            "vdi.flatten": self.op_flatten,
+            "vdi.diff": self.op_diff,
+            "vdi.du": self.op_du,
+            "vdi.jobs": self.op_jobs,
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -198,6 +202,24 @@ class ControlServer:
         rec = await self.catalog.rollback(name, snap)
         self.invalidate("rollback", rec.vid, [])
         return await self._summary(name)
+
+    async def op_flatten(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _arg(args, "name", str)
+        rate = args.get("rate")
+        copied = await self.catalog.flatten(name, **({} if rate is None else {"rate": _arg(args, "rate", int)}))
+        return {**await self._summary(name), "copied": copied}
+
+    async def op_diff(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _arg(args, "name", str)
+        snap = None if args.get("snapshot") is None else _arg(args, "snapshot", str)
+        since = None if args.get("from") is None else _arg(args, "from", str)
+        return await self.catalog.diff(name, snap, since)
+
+    async def op_du(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.catalog.usage(_arg(args, "name", str))
+
+    async def op_jobs(self, args: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.catalog.jobs)
 
     async def op_tree(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return self.catalog.family_tree()
