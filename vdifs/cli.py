@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from vdifs import __version__, cluster_cli
+from vdifs import __version__, cluster_cli, diff_cli
 from vdifs.control import client
 from vdifs.errors import VdifsError
 from vdifs.model.sizes import format_size, parse_size
@@ -162,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     vdu = vs.add_parser("du", help="space used by a VDI and each of its snapshots")
     vdu.add_argument("name", metavar="NAME")
     vdu.add_argument("--json", action="store_true", help="machine-readable output")
+    vex = vs.add_parser("export-diff", help="write a snapshot, or what changed since an older one, as a stream",
+                        description="Write NAME@SNAP (whole, or only what changed since snapshot FROM) to FILE "
+                                    "or stdout ('-') in the vdifs diff format (docs/diff-format.md): "
+                                    "checksummed, in bounded memory, so any size streams through a pipe.")
+    vex.add_argument("target", metavar="NAME@SNAP")
+    vex.add_argument("file", metavar="FILE|-")
+    vex.add_argument("--from", dest="since", metavar="FROM", help="an older snapshot of the same VDI")
+    vim = vs.add_parser("import-diff", help="apply a diff stream to a VDI (a new one for a full stream)",
+                        description="Read a stream from FILE or stdin ('-'). A full stream creates NAME; an "
+                                    "incremental one applies to NAME, which must have the stream's base "
+                                    "snapshot and be unchanged since. Either way NAME@SNAP is created. A "
+                                    "corrupt or truncated stream changes nothing.")
+    vim.add_argument("file", metavar="FILE|-")
+    vim.add_argument("name", metavar="NAME")
     vt = vs.add_parser("tree", help="show VDIs with their snapshots and clones")
     vt.add_argument("--json", action="store_true", help="machine-readable output")
     cluster_cli.add_parsers(sub)
@@ -419,6 +433,13 @@ def cmd_vdi(args: argparse.Namespace) -> int:
             print(_table([[r["name"], format_size(r["size"]), format_size(r["allocated"]),
                            format_size(r["exclusive"]), format_size(r["shared"])] for r in rows],
                          ["NAME", "SIZE", "ALLOCATED", "EXCLUSIVE", "SHARED"]))
+    elif action in ("export-diff", "import-diff"):
+        mountpoint = args.mount or call("status")["mountpoint"]
+        if action == "export-diff":
+            done = diff_cli.export_diff(call, mountpoint, args.target, args.since, args.file)
+        else:
+            done = diff_cli.import_diff(call, mountpoint, args.file, args.name)
+        print(done, file=sys.stderr if action == "export-diff" and args.file == "-" else sys.stdout)
     elif action == "tree":
         tree = call("vdi.tree")
         if args.json:

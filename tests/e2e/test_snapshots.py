@@ -6,6 +6,7 @@ import itertools
 import json
 import mmap
 import os
+import sys
 import threading
 
 import pytest
@@ -339,3 +340,69 @@ def test_diff_and_du_come_from_the_object_maps(mount):
     wait_until(lambda: len(objects(mount)) == before - 2)
     res = vdi(mount, "diff", "v", "--from", "s1", check=False)
     assert res.returncode == 1 and "no snapshot 's1'" in res.stderr
+
+
+def test_export_diff_and_import_diff_carry_snapshots_between_vdis(mount, tmp_path):
+    rnd = os.urandom
+    run("truncate", "-s", "64M", mount.path("src"))
+    for i in range(10):
+        write_at(mount.path("src"), i * OBJ + 4096 * i, rnd(OBJ // 2))
+    vdi(mount, "snapshot", "src", "s1")
+    write_at(mount.path("src"), 2 * OBJ + 123, rnd(5000))  # two objects change a little
+    write_at(mount.path("src"), 7 * OBJ + 9999, rnd(100))
+    write_at(mount.path("src"), 4 * OBJ, bytes(OBJ))  # one is zeroed whole
+    write_at(mount.path("src"), 7 * OBJ + (128 << 10), bytes(256 << 10))  # zeros inside a changed one
+    os.truncate(mount.path("src"), 72 * MiB)  # and the VDI grows
+    write_at(mount.path("src"), 70 * MiB, rnd(4096), fsync=True)  # into a new object
+    vdi(mount, "snapshot", "src", "s2")
+    full, inc = str(tmp_path / "s1.diff"), str(tmp_path / "s1-s2.diff")
+    vdi(mount, "export-diff", "src@s1", full)
+    vdi(mount, "export-diff", "src@s2", inc, "--from", "s1")
+    assert 10 * (OBJ // 2) < os.path.getsize(full) < 10 * OBJ  # the data, not the 64 MiB
+    assert os.path.getsize(inc) < 3 * OBJ + 4096  # only the three changed objects' data
+    vdi(mount, "import-diff", full, "dst")
+    assert sha(mount.path("dst")) == sha(snap_path(mount, "src", "s1"))
+    vdi(mount, "import-diff", inc, "dst")
+    assert sha(mount.path("dst")) == sha(snap_path(mount, "src", "s2")) == sha(snap_path(mount, "dst", "s2"))
+    assert os.stat(mount.path("dst")).st_size == 72 * MiB
+    ids = {s["name"]: s["id"] for s in tree(mount)["dst"]["snapshots"]}
+    assert ids == {s["name"]: s["id"] for s in tree(mount)["src"]["snapshots"]}
+    # through a pipe, as to an object store's CLI
+    piped = run("sh", "-c", f"{sys.executable} -m vdifs vdi --mount {mount.mp} export-diff src@s2 - "
+                            f"| {sys.executable} -m vdifs vdi --mount {mount.mp} import-diff - copy")
+    assert "imported src@s2" in piped.stdout and sha(mount.path("copy")) == sha(mount.path("dst"))
+
+    # bad streams: refused with one line, the target unchanged
+    write_at(mount.path("src"), 0, rnd(OBJ), fsync=True)
+    vdi(mount, "snapshot", "src", "s3")
+    nxt = str(tmp_path / "s2-s3.diff")
+    vdi(mount, "export-diff", "src@s3", nxt, "--from", "s2")
+    raw = open(nxt, "rb").read()
+    before = sha(mount.path("dst"))
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x40
+    for label, bad in (("flipped", bytes(flipped)), ("truncated", raw[:len(raw) // 2]),
+                       ("extended", raw + b"more")):
+        p = tmp_path / f"{label}.diff"
+        p.write_bytes(bad)
+        res = vdi(mount, "import-diff", str(p), "dst", check=False)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "unchanged" in res.stderr, res.stderr
+        assert sha(mount.path("dst")) == before, label
+        assert [s["name"] for s in tree(mount)["dst"]["snapshots"]] == ["s1", "s2"]
+    res = vdi(mount, "import-diff", full, "dst", check=False)  # a full stream never overwrites a VDI
+    assert res.returncode == 1 and "exists" in res.stderr
+    res = vdi(mount, "import-diff", inc, "dst", check=False)  # already applied
+    assert res.returncode == 1 and "already has a snapshot 's2'" in res.stderr
+    # a base with the right name but another history is refused
+    run("truncate", "-s", "64M", mount.path("other"))
+    vdi(mount, "snapshot", "other", "s1")
+    res = vdi(mount, "import-diff", inc, "other", check=False)
+    assert res.returncode == 1 and "not the snapshot this diff was made from" in res.stderr
+    # the target changed since its base: refused before anything is written
+    write_at(mount.path("dst"), 0, b"local change", fsync=True)
+    res = vdi(mount, "import-diff", nxt, "dst", check=False)
+    assert res.returncode == 1 and "changed since snapshot 's2'" in res.stderr
+    vdi(mount, "rollback", "dst@s2")
+    vdi(mount, "import-diff", nxt, "dst")
+    assert sha(mount.path("dst")) == sha(snap_path(mount, "src", "s3"))

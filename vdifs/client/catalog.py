@@ -19,6 +19,7 @@ import errno
 import functools
 import logging
 import math
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -467,11 +468,12 @@ class Catalog:
             except VdifsError as e:
                 log.warning("could not release reserved vid %d (%s); the next mount start does", vid, e)
 
-    async def snapshot(self, name: str, snap: str) -> SnapshotRecord:
+    async def snapshot(self, name: str, snap: str, snapshot_id: str | None = None) -> SnapshotRecord:
         """Cut a crash-consistent snapshot: with the VDI's lease (shared with a
         VM writing through this mount), hold its writes back, flush, copy the
         map to a new data vid and switch to it in one directory update."""
         validate_name(snap)
+        ident = snapshot_id or secrets.token_hex(8)
         rec = self.current.get(name)
         if rec.shared:
             raise InvalidArgument(f"VDI {name!r} is shared (several writers, no lease): it cannot be snapshotted")
@@ -485,7 +487,7 @@ class Catalog:
                 try:
                     def cut(d: Directory) -> tuple[SnapshotRecord, VdiRecord]:
                         now_name = self._name_of_in(d, rec.vid)
-                        s = d.snapshot(now_name, snap, new, vol.size)
+                        s = d.snapshot(now_name, snap, new, vol.size, snapshot_id=ident)
                         return s, d.get(now_name)
                     s, after = await self.directory.update(cut)
                 except BaseException:
@@ -712,7 +714,8 @@ class Catalog:
                 parent = f"{found[0]}@{found[1]}" if found else f"(deleted snapshot, data vid {rec.parent_vid})"
             out.append({"name": name, "vid": rec.vid, "data_vid": rec.dvid, "size": rec.size,
                         "family": rec.lineage, "parent": parent,
-                        "snapshots": [{"name": sn, "data_vid": s.vid, "size": s.size, "ctime": s.ctime}
+                        "snapshots": [{"name": sn, "data_vid": s.vid, "size": s.size, "ctime": s.ctime,
+                                       "id": s.id}
                                       for sn, s in sorted(rec.snapshots.items(), key=lambda kv: kv[1].ctime)]})
         return out
 

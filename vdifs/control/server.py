@@ -179,9 +179,10 @@ class ControlServer:
 
     async def op_snapshot(self, args: dict[str, Any]) -> dict[str, Any]:
         name, snap = _arg(args, "name", str), _arg(args, "snapshot", str)
-        s = await self.catalog.snapshot(name, snap)
+        ident = None if args.get("id") is None else _arg(args, "id", str)
+        s = await self.catalog.snapshot(name, snap, ident)
         self.invalidate("snapshot", 0, [f"{name}@{snap}"])
-        return {"name": name, "snapshot": snap, "data_vid": s.vid, "size": s.size, "ctime": s.ctime}
+        return {"name": name, "snapshot": snap, "data_vid": s.vid, "size": s.size, "ctime": s.ctime, "id": s.id}
 
     async def op_snapshot_delete(self, args: dict[str, Any]) -> None:
         name, snap = _arg(args, "name", str), _arg(args, "snapshot", str)

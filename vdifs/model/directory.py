@@ -45,6 +45,10 @@ class SnapshotRecord:
     ctime: float
     copies: int = 1
     object_order: int = OBJECT_ORDER
+    #: who this point in time is, across clusters: an import-diff gives the
+    #: snapshot it creates the id of the source's, so the next incremental
+    #: diff can prove it applies to the same base.
+    id: str = ""
 
     @property
     def object_size(self) -> int:
@@ -256,7 +260,7 @@ class Directory:
                                  code=errno.EBUSY)
 
     def snapshot(self, name: str, snap: str, new_data_vid: int, size: int,
-                 now: float | None = None) -> SnapshotRecord:
+                 now: float | None = None, snapshot_id: str = "") -> SnapshotRecord:
         """Freeze the VDI's current data vid as snapshot `snap`; the VDI goes on
         under `new_data_vid` (reserved, its map already a copy of the frozen one)."""
         rec = self.get(name)
@@ -266,7 +270,7 @@ class Directory:
         check_size(size)
         self._take_reservation(new_data_vid)
         s = SnapshotRecord(vid=rec.dvid, size=size, ctime=time.time() if now is None else now,
-                           copies=rec.copies, object_order=rec.object_order)
+                           copies=rec.copies, object_order=rec.object_order, id=snapshot_id)
         rec.snapshots[snap] = s
         rec.data_vid = new_data_vid
         rec.family = rec.lineage
