@@ -16,6 +16,7 @@ import trio
 from vdifs.errors import VdifsError
 from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials, write_credentials
 from vdifs.model.cluster import ClusterMap
+from vdifs.model.ids import ObjectKind, data_oid, map_oid, unpack_oid
 from vdifs.model.sizes import format_size
 from vdifs.wire import objlist
 from vdifs.wire.rpc import RpcClient, RpcPool
@@ -347,8 +348,10 @@ async def _check(pool: RpcPool, addresses: list[str], creds: Credentials, repair
     problems: list[dict[str, Any]] = []
     checked = 0
     show = sys.stderr.isatty()
+    present: dict[int, tuple[str, dict[int, set[str]]]] = {}  # data vid -> (label, oid -> holders)
     for name, data_vid, copies in directory.data_vids():
         holders: dict[int, set[str]] = {}
+        present[data_vid] = (name, holders)
         for pid, p in up.items():
             async def call(args: dict[str, Any], address: str = p.address) -> dict[str, Any]:
                 reply: dict[str, Any] = await pool.call(address, "obj.list", {**args, "epoch": cmap.epoch},
@@ -394,8 +397,59 @@ async def _check(pool: RpcPool, addresses: list[str], creds: Credentials, repair
                                                             "epoch": cmap.epoch}, timeout=120)
             prob["repaired"] = True
     left = [p for p in problems if not p["repaired"]]
+    refs = await _referenced(pool, directory, present, up)
+    unreferenced, lost = [], []
+    for data_vid, (label, holders) in present.items():
+        for oid in sorted(holders):
+            kind, _, index = unpack_oid(oid)
+            if kind == ObjectKind.DATA and (data_vid, index) not in refs:
+                unreferenced.append({"vdi": label, "oid": f"{oid:016x}"})
+    for vid, index in sorted(refs):
+        if vid not in present or data_oid(vid, index) not in present[vid][1]:
+            lost.append({"oid": f"{data_oid(vid, index):016x}"})
+    keep = {vid for _, vid, _ in directory.data_vids()} | directory.deleting | set(directory.reserved)
+    stray: set[int] = set()
+    for p in up.values():
+        stray |= {int(v) for v in await pool.call(p.address, "obj.vids", {"epoch": cmap.epoch}, timeout=60)} - keep
     return {"epoch": cmap.epoch, "vdis": len(directory.vdis), "objects": checked,
-            "problems": problems, "problems_left": len(left)}
+            "problems": problems, "problems_left": len(left) + len(lost) + len(unreferenced) + len(stray),
+            "unreferenced": unreferenced, "lost": lost, "stray_vids": sorted(stray)}
+
+
+async def _referenced(pool: RpcPool, directory: Any, present: dict[int, tuple[str, dict[int, set[str]]]],
+                      up: dict[str, Any]) -> set[tuple[int, int]]:
+    """(data vid, index) of every object some live map (VDI or snapshot)
+    points at, from the map objects themselves."""
+    from vdifs.model.extents import objects_for_size
+    from vdifs.model.objmap import CHUNK_ENTRIES, ObjectMap, is_allocated
+
+    refs: set[tuple[int, int]] = set()
+    sizes = {vid: size for family in {r.lineage for r in directory.vdis.values()}
+             for vid, size in directory.live_maps(family)}
+    object_sizes = {vid: 1 << order for vid, order in _object_orders(directory).items()}
+    for data_vid, size in sizes.items():
+        objmap = ObjectMap()
+        entries = objects_for_size(size, object_sizes[data_vid])
+        for chunk in range(objects_for_size(entries, CHUNK_ENTRIES)):
+            oid = map_oid(data_vid, chunk)
+            holders = present.get(data_vid, ("", {}))[1].get(oid, set())
+            for pid in sorted(holders):
+                try:
+                    raw = await pool.call(up[pid].address, "obj.fetch", {"oid": oid}, timeout=120)
+                except VdifsError:
+                    continue
+                objmap.load_chunk(chunk, raw[:min(len(raw), (entries - chunk * CHUNK_ENTRIES) * 4)])
+                break
+        refs.update((e, i) for i, e in objmap.entries() if is_allocated(e))
+    return refs
+
+
+def _object_orders(directory: Any) -> dict[int, int]:
+    out = {}
+    for rec in directory.vdis.values():
+        out[rec.dvid] = rec.object_order
+        out.update((s.vid, s.object_order) for s in rec.snapshots.values())
+    return out
 
 
 def _check_text(report: dict[str, Any]) -> str:
@@ -404,8 +458,22 @@ def _check_text(report: dict[str, Any]) -> str:
     head = (f"checked {report['objects']} objects of {report['vdis']} VDIs at epoch {report['epoch']}: "
             f"{len(report['problems'])} with missing or differing replicas")
     if not report["problems"]:
-        return head + " - all replicas where placement says, identical"
-    rows = [[p["vdi"], p["oid"], ",".join(p["missing"]) or "-", ",".join(p["differing"]) or "-",
-             "repaired" if p["repaired"] else ("no good copy" if p["source"] is None else "needs --repair")]
-            for p in report["problems"]]
-    return head + "\n\n" + _table(rows, ["VDI", "OBJECT", "MISSING ON", "DIFFERS ON", "STATE"])
+        head += " - all replicas where placement says, identical"
+    out = [head]
+    if report["problems"]:
+        rows = [[p["vdi"], p["oid"], ",".join(p["missing"]) or "-", ",".join(p["differing"]) or "-",
+                 "repaired" if p["repaired"] else ("no good copy" if p["source"] is None else "needs --repair")]
+                for p in report["problems"]]
+        out.append("\n" + _table(rows, ["VDI", "OBJECT", "MISSING ON", "DIFFERS ON", "STATE"]))
+    if report["lost"]:
+        out.append(f"LOST: {len(report['lost'])} objects a map points at exist on no peer: "
+                   + ", ".join(p["oid"] for p in report["lost"][:20]))
+    if report["unreferenced"]:
+        out.append(f"{len(report['unreferenced'])} objects no map points at (leaked, or being written or "
+                   "freed right now: run again when quiet): "
+                   + ", ".join(f"{p['vdi']}:{p['oid']}" for p in report["unreferenced"][:20]))
+    if report["stray_vids"]:
+        out.append(f"objects of vids the directory does not know: {report['stray_vids'][:20]}")
+    if not (report["lost"] or report["unreferenced"] or report["stray_vids"]):
+        out.append("every object is referenced by a map, and every referenced object exists")
+    return "\n".join(out)

@@ -550,3 +550,29 @@ def test_snapshots_and_clones_are_recovered_and_checked_like_vdis(cluster):
     expect_c1[9 << 20:(9 << 20) + 8192] = b"\x43" * 8192
     for path, want in ((m.path("vm"), expect_vm), (m.path(".snapshots/vm@s1"), base), (m.path("c1"), expect_c1)):
         assert hashlib.sha256(read_at(path, 0, len(base))).digest() == hashlib.sha256(want).digest(), path
+    # Deleting the snapshot and the clone frees what nothing points at; check proves it
+    vdifs("vdi", "--mount", m.mp, "delete", "c1")
+    vdifs("vdi", "--mount", m.mp, "snapshot-delete", "vm@s1")
+    wait_for(lambda: json.loads(vdifs(*check, check=False).stdout)["objects"] == 3 + 1, 60,
+             "the clone's and the snapshot's own objects freed")  # vm's 3 data objects and its map
+    report = json.loads(vdifs(*check).stdout)
+    assert report["unreferenced"] == [] and report["lost"] == [] and report["stray_vids"] == []
+    assert hashlib.sha256(read_at(m.path("vm"), 0, len(base))).digest() == hashlib.sha256(expect_vm).digest()
+    # and it notices a leaked object and a lost one
+    holder = next(p for p in cluster.peers if p.proc is not None and p.object_files(tree["vm"]["data_vid"]))
+    own = tree["vm"]["data_vid"]
+    leak = os.path.join(holder.store, "obj", f"{own:06x}", f"{(own << 32) | 999:016x}")
+    with open(leak, "wb") as f:
+        f.write(b"nobody points at me")
+    res = vdifs(*check, check=False)
+    report = json.loads(res.stdout)
+    assert res.returncode == 1 and [u["oid"] for u in report["unreferenced"]] == [f"{(own << 32) | 999:016x}"]
+    os.unlink(leak)
+    copy_up = f"{(own << 32) | 1:016x}"  # the object vm copied up: its map points at it
+    for p in cluster.peers:
+        path = os.path.join(p.store, "obj", f"{own:06x}", copy_up)
+        if os.path.exists(path):
+            os.unlink(path)
+    report = json.loads(vdifs(*check, check=False).stdout)
+    assert report["lost"] == [{"oid": copy_up}]
+    assert "LOST: 1 objects" in vdifs(*check[:-1], check=False).stdout
