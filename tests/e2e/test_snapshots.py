@@ -406,3 +406,21 @@ def test_export_diff_and_import_diff_carry_snapshots_between_vdis(mount, tmp_pat
     vdi(mount, "rollback", "dst@s2")
     vdi(mount, "import-diff", nxt, "dst")
     assert sha(mount.path("dst")) == sha(snap_path(mount, "src", "s3"))
+
+
+def test_resizing_a_vdi_leaves_its_snapshots_alone(mount):
+    run("truncate", "-s", "12M", mount.path("r"))
+    data = os.urandom(12 * MiB)
+    write_at(mount.path("r"), 0, data, fsync=True)
+    vdi(mount, "snapshot", "r", "full")
+    digest = sha(snap_path(mount, "r", "full"))
+    vdi(mount, "resize", "r", "6M")  # drops object 2, zeroes the tail of object 1
+    assert read_at(mount.path("r"), 0, 6 * MiB) == data[:6 * MiB]
+    vdi(mount, "resize", "r", "16M")
+    assert read_at(mount.path("r"), 6 * MiB, 10 * MiB) == bytes(10 * MiB)  # growing reads zeros
+    assert os.stat(snap_path(mount, "r", "full")).st_size == 12 * MiB
+    assert sha(snap_path(mount, "r", "full")) == digest  # the shrink freed nothing it needs
+    frozen = data_vid(mount, "r", "full")
+    assert {i for v, i in objects(mount) if v == frozen} == {0, 1, 2}
+    vdi(mount, "rollback", "r@full")
+    assert os.stat(mount.path("r")).st_size == 12 * MiB and sha(mount.path("r")) == digest
