@@ -424,3 +424,28 @@ def test_resizing_a_vdi_leaves_its_snapshots_alone(mount):
     assert {i for v, i in objects(mount) if v == frozen} == {0, 1, 2}
     vdi(mount, "rollback", "r@full")
     assert os.stat(mount.path("r")).st_size == 12 * MiB and sha(mount.path("r")) == digest
+
+
+def test_fifty_clones_of_a_template_copy_nothing(mount):
+    import trio
+
+    from vdifs.control import client
+
+    run("truncate", "-s", "32M", mount.path("template"))
+    image = os.urandom(16 * MiB)
+    write_at(mount.path("template"), 0, image, fsync=True)
+    vdi(mount, "snapshot", "template", "golden")
+    before = objects(mount)
+    sock = os.path.join(mount.store, "control.sock")
+
+    async def clone_all():
+        for i in range(50):
+            await client.call(sock, "vdi.clone", {"name": "template", "snapshot": "golden", "new": f"vm{i:02d}"})
+
+    trio.run(clone_all)
+    assert objects(mount) == before  # no data object was copied
+    for i in (0, 17, 49):
+        assert read_at(mount.path(f"vm{i:02d}"), 0, 16 * MiB) == image
+    write_at(mount.path("vm17"), 0, b"mine", fsync=True)
+    assert len(objects(mount)) == len(before) + 1 and read_at(mount.path("vm18"), 0, 4) == image[:4]
+    assert len(tree(mount)) == 51
