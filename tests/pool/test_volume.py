@@ -257,3 +257,45 @@ async def test_map_load_does_not_trust_listings(store_dir, nursery):
     again = await Volume.load(cat.pool, vol.record, cat.persist_meta, reconcile=False)
     assert again.map.get(3) == rec.vid  # not a hole that a write would replace
     assert await again.read(3 * OBJ, 9) == b"allocated"
+
+
+async def test_a_snapshot_cut_waits_for_a_write_in_flight(store_dir, nursery):
+    """A write allocating an object is in flight when the cut begins: the cut
+    waits for it, so neither the snapshot nor the VDI's new map misses the
+    allocation (without the wait, both copies of the map would lack it and
+    the write would be gone after a restart)."""
+    from trio.testing import wait_all_tasks_blocked
+
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("v", 4 * OBJ)
+    vol = await cat.open(rec.vid, writable=True)
+    real_create = cat.pool.create
+    entered, release = trio.Event(), trio.Event()
+
+    async def held_create(oid, *args, **kwargs):
+        if oid >> 56 == ObjectKind.DATA and not entered.is_set():
+            entered.set()
+            await release.wait()
+        return await real_create(oid, *args, **kwargs)
+
+    cat.pool.create = held_create
+    nursery.start_soon(vol.write, OBJ + 4096, b"w" * 4096)  # allocates object 1
+    await entered.wait()
+    cut = trio.Event()
+
+    async def snapshot():
+        await cat.snapshot("v", "s")
+        cut.set()
+
+    nursery.start_soon(snapshot)
+    await wait_all_tasks_blocked(0.05)
+    assert not cut.is_set()  # the cut waits for the write in flight
+    release.set()
+    await cut.wait()
+    s = cat.current.get("v").snapshots["s"]
+    assert await (await cat.snapshot_volume(s.vid)).read(OBJ + 4096, 4096) == b"w" * 4096
+    await vol.flush()
+    again = make_catalog(store_dir)  # what a restart loads
+    await again.directory.refresh()
+    live = await again.volume(rec.vid)
+    assert live.data_vid != s.vid and await live.read(OBJ + 4096, 4096) == b"w" * 4096

@@ -219,18 +219,27 @@ class Volume:
         if self.fenced:
             raise PoolError(f"vid {self.vid}: {self.fenced}")
 
-    @asynccontextmanager
-    async def _changing(self) -> AsyncIterator[None]:
-        """Admit one change (write, truncate) unless a snapshot is being cut."""
+    async def _admit_change(self) -> None:
+        """Count one change (write, truncate, flatten copy) in, unless a
+        snapshot is being cut: then wait for the cut. `_change_done` counts it out."""
         while self._cutting is not None:
             await self._cutting.wait()
         self._changes += 1
+
+    def _change_done(self) -> None:
+        self._changes -= 1
+        if not self._changes and self._quiet is not None:
+            self._quiet.set()
+
+    @asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        """`_admit_change`/`_change_done` around a block (the rare changes;
+        `write`, the hot path, calls them directly)."""
+        await self._admit_change()
         try:
             yield
         finally:
-            self._changes -= 1
-            if not self._changes and self._quiet is not None:
-                self._quiet.set()
+            self._change_done()
 
     @asynccontextmanager
     async def quiesced(self) -> AsyncIterator[None]:
@@ -253,8 +262,11 @@ class Volume:
 
     async def write(self, offset: int, data: bytes) -> int:
         self._check_writable()
-        async with self._changing():
+        await self._admit_change()
+        try:
             return await self._write(offset, data)
+        finally:
+            self._change_done()
 
     async def _write(self, offset: int, data: bytes) -> int:
         end = offset + len(data)
