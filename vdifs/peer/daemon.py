@@ -803,8 +803,8 @@ class PeerDaemon:
                 for p in self.cmap.up_peers():
                     if p.peer_id == self.peer_id:
                         continue
-                    try:
-                        info = await self.rpc.call(p.address, "peer.info", {}, timeout=5)
+                    try:  # ping: the epoch and nothing else (peer.info would stat the store)
+                        info = await self.rpc.call(p.address, "peer.ping", {}, timeout=5)
                     except VdifsError:
                         behind.append(p.peer_id)
                         continue
