@@ -112,7 +112,7 @@ def run_scenario(tmp_path, seed: int) -> None:
                 where = served(up, live.vid)
                 return (where.keys() == {data_oid(live.vid, i) for i in range(24)}
                         and all(ids == set(placement(new, oid, COPIES)) for oid, ids in where.items())
-                        and not any(d.store._handoff_epochs() for d in up))
+                        and not any(d.store._labels(d.store.handoff_root) for d in up))
 
             with trio.move_on_after(600) as scope:
                 while not settled():
@@ -122,7 +122,7 @@ def run_scenario(tmp_path, seed: int) -> None:
                      for oid, ids in where.items() if ids != set(placement(new, oid, COPIES))}
             assert not scope.cancelled_caught, (
                 f"recovery did not settle (seed {seed}, {net.lost} messages lost): {len(where)} objects, "
-                f"misplaced {wrong}, handoff left on {[d.peer_id for d in up if d.store._handoff_epochs()]}, "
+                f"misplaced {wrong}, handoff left on {[d.peer_id for d in up if d.store._labels(d.store.handoff_root)]}, "
                 f"states {[vars(d.recovery.state) for d in up]}")
             assert net.lost > 20  # the loss really happened
             for oid in content:

@@ -743,9 +743,6 @@ class ObjectStore:
         be served again, stale, when placement hands the object back later."""
         await self._take_out(oids, os.path.join(self.handoff_root, f"{epoch:012d}"))
 
-    def _handoff_epochs(self) -> list[str]:
-        return self._labels(self.handoff_root)
-
     async def list_handoff(self, vid: int) -> list[int]:
         return await self._io.run(self._list_tree, self.handoff_root, vid)
 
@@ -773,7 +770,7 @@ class ObjectStore:
 
     async def drop_handoff(self, upto_epoch: int) -> int:
         """Delete the copies handed off at epochs <= `upto_epoch`; how many dirs."""
-        gone = [e for e in self._handoff_epochs() if int(e) <= upto_epoch]
+        gone = [e for e in self._labels(self.handoff_root) if int(e) <= upto_epoch]
         for e in gone:
             await trio.to_thread.run_sync(shutil.rmtree, os.path.join(self.handoff_root, e))
         return len(gone)
