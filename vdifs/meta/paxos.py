@@ -251,8 +251,13 @@ class Proposer:
 
 
 #: Writer tokens remembered in the value, so that a writer whose replies were
-#: lost can still tell that its write won even after others wrote on top.
-RECENT_WRITERS = 32
+#: lost can still tell that its write won even after others wrote on top. It
+#: must outlast the writes others make while one writer is stalled: with 32,
+#: a mount whose first directory CAS went through but stalled for 3 s while
+#: another mount created 50 VDIs saw its token pushed out, was told "lost",
+#: retried and got EEXIST for the VDI it had just created. 256 tokens is
+#: about 4.6 KiB per value; a window is still a bound, not a proof.
+RECENT_WRITERS = 256
 
 
 class PaxosRegister:
