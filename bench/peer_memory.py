@@ -6,7 +6,6 @@ peak RSS (VmHWM). Run from the repository with the venv's python, as root
 or not; uses a temporary directory.
 """
 
-import os
 import socket
 import subprocess
 import sys

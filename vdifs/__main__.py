@@ -1,3 +1,3 @@
-from vdifs.cli import main
+from vdifs.cli.main import main
 
 raise SystemExit(main())

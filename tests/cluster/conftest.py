@@ -80,7 +80,8 @@ class PeerProc:
             for d in os.listdir(root):
                 if vid is not None and int(d, 16) != vid:
                     continue
-                out |= {f for f in os.listdir(os.path.join(root, d)) if f.startswith(kind)}
+                out |= {f for f in os.listdir(os.path.join(root, d))
+                        if f.startswith(kind) and not f.endswith(".part")}  # not an install in flight
         return out
 
     @property
@@ -114,7 +115,7 @@ class Cluster:
         first = self.add_peer()
         for _ in range(n - 1):
             self.add_peer("--join", first.address)
-        wait_for(lambda: all(f"will join at format time" in first.log_text().split(p.peer_id, 1)[-1]
+        wait_for(lambda: all("will join at format time" in first.log_text().split(p.peer_id, 1)[-1]
                              for p in self.peers[1:]) if n > 1 else True, 20, "pending joins")
         vdifs("cluster", "format", "--copies", str(copies), "--secret-file", self.secret, first.address)
 

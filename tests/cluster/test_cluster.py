@@ -4,7 +4,6 @@ import threading
 import pytest
 
 from vdifs.model.cluster import ClusterMap
-from vdifs.model.ids import data_oid
 from vdifs.model.placement import placement
 from tests.e2e.conftest import OBJ, FioVerify, need, read_at, run, write_at
 

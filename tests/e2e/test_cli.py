@@ -1,12 +1,10 @@
 import json
 import os
-import sys
-import time
 
 import pytest
 
 from vdifs import __version__
-from vdifs.cli import _process_alive
+from vdifs.cli.main import _process_alive
 
 from .conftest import OBJ, run, vdifs, write_at
 

@@ -11,6 +11,8 @@ import threading
 
 import pytest
 
+from vdifs.model.ids import ObjectKind, unpack_oid
+
 from .conftest import OBJ, FioVerify, need, read_at, run, vdifs, write_at
 
 MiB = 1 << 20
@@ -45,9 +47,11 @@ def objects(mount) -> set[tuple[int, int]]:
     root = os.path.join(mount.store, "obj")
     for d in os.listdir(root):
         for f in os.listdir(os.path.join(root, d)):
-            oid = int(f, 16)
-            if oid >> 56 == 0 and not f.endswith(".part"):
-                out.add(((oid >> 32) & 0xFFFFFF, oid & 0xFFFFFFFF))
+            if f.endswith(".part"):
+                continue
+            kind, vid, index = unpack_oid(int(f, 16))
+            if kind == ObjectKind.DATA:
+                out.add((vid, index))
     return out
 
 
@@ -429,7 +433,7 @@ def test_resizing_a_vdi_leaves_its_snapshots_alone(mount):
 def test_fifty_clones_of_a_template_copy_nothing(mount):
     import trio
 
-    from vdifs.control import client
+    from vdifs.control import caller
 
     run("truncate", "-s", "32M", mount.path("template"))
     image = os.urandom(16 * MiB)
@@ -440,7 +444,7 @@ def test_fifty_clones_of_a_template_copy_nothing(mount):
 
     async def clone_all():
         for i in range(50):
-            await client.call(sock, "vdi.clone", {"name": "template", "snapshot": "golden", "new": f"vm{i:02d}"})
+            await caller.call(sock, "vdi.clone", {"name": "template", "snapshot": "golden", "new": f"vm{i:02d}"})
 
     trio.run(clone_all)
     assert objects(mount) == before  # no data object was copied

@@ -4,9 +4,9 @@ import pytest
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.pool import LocalPool
-from vdifs.meta.directory import DirectoryService
+from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.register import FileRegister
-from vdifs.peer.store import ObjectStore
+from vdifs.store.objects import ObjectStore
 
 
 def make_catalog(root: str) -> Catalog:

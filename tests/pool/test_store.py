@@ -4,7 +4,7 @@ import pytest
 
 from vdifs.errors import ObjectNotFound
 from vdifs.model.ids import ObjectKind, data_oid, map_oid
-from vdifs.peer.store import ObjectStore
+from vdifs.store.objects import ObjectStore
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ async def test_delete_list_and_sync(store):
 
 
 async def test_many_objects_beyond_fd_cache(store, monkeypatch):
-    monkeypatch.setattr("vdifs.peer.store.MAX_OPEN_FILES", 4)
+    monkeypatch.setattr("vdifs.store.objects.MAX_OPEN_FILES", 4)
     oids = [data_oid(9, i) for i in range(20)]
     for i, oid in enumerate(oids):
         await store.create(oid, 0, bytes([i]) * 3, 8)
@@ -81,7 +81,7 @@ async def test_a_rotten_block_is_detected_not_served(store):
     if not store.checksums:
         pytest.skip("the file system under the test store has no user xattrs")
     from vdifs.errors import ChecksumError
-    from vdifs.peer.checksums import BLOCK
+    from vdifs.store.checksums import BLOCK
 
     oid = data_oid(3, 1)
     data = os.urandom(4 << 20)
@@ -144,7 +144,7 @@ async def test_a_dirty_table_is_rebuilt_from_the_data_after_a_crash(store):
         pytest.skip("the file system under the test store has no user xattrs")
     """Writes since the last sync leave the stored table DIRTY: after a crash it
     may lag the data, so it is rebuilt from the data rather than trusted."""
-    from vdifs.peer import checksums
+    from vdifs.store import checksums
 
     oid = data_oid(5, 0)
     await store.create(oid, 0, b"a" * 100, 1 << 20)
@@ -192,7 +192,7 @@ async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, m
 
     import trio
 
-    from vdifs.peer import store as store_module
+    from vdifs.store import objects as store_module
 
     oid = data_oid(7, 0)
     await store.create(oid, 0, b"data", 4096)

@@ -16,7 +16,7 @@ from vdifs.errors import VdifsError
 from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
 from vdifs.meta.credentials import Credentials
 from vdifs.model.cluster import ClusterMap, PeerInfo, choose_meta
-from vdifs.model.ids import data_oid
+from vdifs.model.ids import data_oid, vid_of
 from vdifs.model.placement import placement
 from vdifs.peer.daemon import PeerDaemon
 from vdifs.wire.rpc import PeerUnavailable, RemoteError, Session
@@ -103,7 +103,7 @@ async def connected_pool(daemons, net, nursery, creds) -> RemotePool:
 
 
 def holders(daemons, oid):
-    return {d.peer_id for d in daemons if oid in d.store._list_objects((oid >> 32) & 0xFFFFFF, None)}
+    return {d.peer_id for d in daemons if oid in d.store._list_objects(vid_of(oid), None)}
 
 
 async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):

@@ -173,7 +173,7 @@ def check_fencing(world: World) -> None:
 def test_takeover_after_pause_fences_the_old_holder(seed):
     world, a, b = run_world(seed)
     check_fencing(world)
-    gens = [g for _, g in world.taken]
+    [g for _, g in world.taken]
     holders = [n for n, _ in world.taken]
     assert "A" in holders and "B" in holders  # A held it first, B took over during the pause
     b_gen = max(g for n, g in world.taken if n == "B")

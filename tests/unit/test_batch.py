@@ -4,7 +4,7 @@ import pytest
 import trio
 import trio.testing
 
-from vdifs.peer.batch import BatchRunner
+from vdifs.store.batch import BatchRunner
 
 
 async def test_results_errors_and_batching():

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vdifs.peer import checksums
-from vdifs.peer.checksums import BLOCK, CLEAN, DIRTY
+from vdifs.store import checksums
+from vdifs.store.checksums import BLOCK, CLEAN, DIRTY
 
 
 @given(st.integers(0, 4 << 20), st.integers(1, 1 << 20))

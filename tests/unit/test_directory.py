@@ -56,7 +56,7 @@ def test_max_size_is_allowed():
 
 
 def _snapshot(d: Directory, name: str, snap: str) -> int:
-    new = d.reserve(f"snapshot {name}@{snap}", d.get(name).dvid)
+    new = d.reserve(f"snapshot {name}@{snap}", d.get(name).data_vid)
     d.snapshot(name, snap, new, d.get(name).size)
     return new
 
@@ -64,10 +64,10 @@ def _snapshot(d: Directory, name: str, snap: str) -> int:
 def test_a_snapshot_freezes_the_data_vid_and_the_vdi_goes_on_under_a_new_one():
     d = Directory()
     a = d.create("a", 100)
-    assert a.dvid == a.vid == 1 and a.lineage == 1
+    assert a.data_vid == a.vid == 1 and a.family == 1
     new = _snapshot(d, "a", "s1")
     rec = d.get("a")
-    assert rec.vid == 1 and rec.dvid == new == 2 and rec.snapshots["s1"].vid == 1 and not d.reserved
+    assert rec.vid == 1 and rec.data_vid == new == 2 and rec.snapshots["s1"].vid == 1 and not d.reserved
     assert d.find_snapshot(1) == ("a", "s1", rec.snapshots["s1"])
     _snapshot(d, "a", "s2")
     assert sorted(d.live_maps(1)) == [(1, 100), (2, 100), (3, 100)]
@@ -88,8 +88,8 @@ def test_clones_share_the_family_and_deleting_keeps_what_they_read():
     with pytest.raises(Exception, match="being copied"):
         d.delete_snapshot("gold", "base")  # a clone is being made from it
     clone = d.clone_snapshot("gold", "base", "vm1", cvid)
-    assert clone.lineage == d.get("gold").lineage and clone.parent_vid == frozen and clone.size == 50
-    assert clone.copies == 2 and clone.dvid == cvid
+    assert clone.family == d.get("gold").family and clone.parent_vid == frozen and clone.size == 50
+    assert clone.copies == 2 and clone.data_vid == cvid
     with pytest.raises(Exception, match="snapshot"):
         d.delete("gold")  # it has snapshots: refused unless asked
     assert d.get("gold").snapshots
@@ -109,7 +109,7 @@ def test_rollback_and_released_reservations_leave_objects_to_purge():
     _snapshot(d, "a", "s")
     d.get("a").size = 20
     new = d.reserve("rollback", 1)
-    assert d.rollback("a", "s", new) == 2 and d.get("a").dvid == new and d.get("a").size == 10
+    assert d.rollback("a", "s", new) == 2 and d.get("a").data_vid == new and d.get("a").size == 10
     assert 2 in d.deleting
     spare = d.reserve("clone", 1)
     d.release(spare)
@@ -117,3 +117,16 @@ def test_rollback_and_released_reservations_leave_objects_to_purge():
     with pytest.raises(InvalidArgument):
         d.clone_snapshot("a", "s", "b", spare)  # no longer reserved
     assert "b" not in d.vdis
+
+
+def test_records_encode_with_the_stored_keys_and_order():
+    """The stored field names and their order are part of the on-disk format."""
+    d = Directory()
+    d.create("gold", 100, copies=2, now=1.0)
+    new = d.reserve("snapshot gold@s1", d.get("gold").data_vid)
+    d.snapshot("gold", "s1", new, 100, now=2.0)
+    raw = d.get("gold").to_dict()
+    assert list(raw) == ["vid", "size", "ctime", "mtime", "copies", "object_order", "shared", "mode", "uid",
+                         "gid", "atime", "data_vid", "family", "parent_vid", "snapshots"]
+    assert raw["data_vid"] == new and raw["family"] == 1
+    assert Directory.decode(d.encode()) == d

@@ -1,6 +1,6 @@
 """The directory service never builds a CAS on a peeked (maybe unchosen) value."""
 
-from vdifs.meta.directory import DirectoryService
+from vdifs.meta.directory_service import DirectoryService
 from vdifs.model.directory import Directory
 
 

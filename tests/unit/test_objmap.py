@@ -78,3 +78,15 @@ def test_chunk_bytes_match_what_load_chunk_reads():
     copy.load_chunk(0, raw)
     copy.load_chunk(1, m.chunk_bytes(1, 16))
     assert list(copy.entries()) == list(m.entries()) and copy.allocated == 4
+
+
+@given(st.integers(0, 1 << 45), st.sampled_from([1 << 20, 4 << 20]))
+def test_map_chunks_cover_every_entry_once(size, object_size):
+    from vdifs.model.extents import objects_for_size
+    from vdifs.model.objmap import CHUNK_BYTES, ENTRY_BYTES, map_chunks
+
+    chunks = map_chunks(size, object_size)
+    assert [c for c, _ in chunks] == list(range(len(chunks)))
+    assert all(0 < n <= CHUNK_BYTES for _, n in chunks)
+    assert all(n == CHUNK_BYTES for _, n in chunks[:-1])
+    assert sum(n for _, n in chunks) == objects_for_size(size, object_size) * ENTRY_BYTES

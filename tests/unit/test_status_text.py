@@ -1,4 +1,4 @@
-from vdifs.cluster_cli import _status_text
+from vdifs.cli.cluster import _status_text
 
 
 def peer(pid, state, recovery, reachable=True):

@@ -10,7 +10,7 @@ Snapshots, clones and rollbacks copy a map to a freshly reserved data vid
 first and name it in the directory second (see `model.directory`); a
 crash between leaves a reservation, which is purged. Objects of deleted
 snapshots are freed by a family collection: load every live map of the
-lineage, free what none of them points at.
+family, free what none of them points at.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import trio
 from vdifs.client.pool import ObjectPool
 from vdifs.client.volume import Volume, load_map
 from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
-from vdifs.meta.directory import DirectoryService
+from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.lease import Lease, LeaseBusy, LeaseManager
 from vdifs.model.directory import Directory, SnapshotRecord, VdiRecord
 from vdifs.model.extents import objects_for_size
@@ -72,7 +72,7 @@ class Catalog:
         self._volumes: OrderedDict[int, Volume] = OrderedDict()
         self._load_locks: dict[int, trio.Lock] = {}
         self._snapshots: OrderedDict[int, Volume] = OrderedDict()  # read-only, by data vid
-        # ("vid", data vid): free all its objects; ("family", lineage): free what no map points at
+        # ("vid", data vid): free all its objects; ("family", family vid): free what no map points at
         self._purge_send, self._purge_recv = trio.open_memory_channel[tuple[str, int]](math.inf)
         self._purging: set[tuple[str, int]] = set()
         self.purges_done = 0
@@ -207,7 +207,7 @@ class Catalog:
         which lease guards the VDI's own objects."""
         for vid, copies in self.current.copies_by_data_vid().items():
             self.pool.register_vdi(vid, copies)
-        self.pool.register_vdi(rec.dvid, rec.copies, lease_vid=rec.vid)
+        self.pool.register_vdi(rec.data_vid, rec.copies, lease_vid=rec.vid)
 
     def _evict_idle(self) -> None:
         if len(self._volumes) <= IDLE_VOLUMES:
@@ -281,7 +281,7 @@ class Catalog:
             if vol.unlinked:
                 self._volumes.pop(vol.vid, None)
                 self._schedule_purge(vol.data_vid)
-                self._schedule_collect(vol.record.lineage)
+                self._schedule_collect(vol.record.family)
             elif vol.dirty and not vol.fenced:
                 await vol.flush(times=True)
 
@@ -347,7 +347,7 @@ class Catalog:
 
         def apply(d: Directory) -> None:
             found = d.by_vid(rec.vid)
-            if found is not None and found[1].dvid == vol.data_vid:
+            if found is not None and found[1].data_vid == vol.data_vid:
                 # Only what the volume owns: snapshots and the data vid change
                 # through the directory (another mount may have changed them).
                 size = max(rec.size, found[1].size) if rec.shared else rec.size  # several writers: grows only
@@ -356,9 +356,9 @@ class Catalog:
 
         await self.directory.update(apply)
         found = self.current.by_vid(rec.vid)
-        if found is not None and found[1].dvid != vol.data_vid:
+        if found is not None and found[1].data_vid != vol.data_vid:
             log.warning("vid %d: not stored: the VDI moved to data vid %d elsewhere (rolled back?) while "
-                        "this mount had it open under data vid %d", rec.vid, found[1].dvid, vol.data_vid)
+                        "this mount had it open under data vid %d", rec.vid, found[1].data_vid, vol.data_vid)
 
     # -- VDI operations ----------------------------------------------------------
 
@@ -376,13 +376,13 @@ class Catalog:
     async def delete(self, name: str, *, with_snapshots: bool = False) -> int:
         await self._refuse_if_leased_elsewhere(name)
         rec = self.current.get(name)
-        dvid = await self.directory.update(lambda d: d.delete(name, with_snapshots=with_snapshots))
+        data_vid = await self.directory.update(lambda d: d.delete(name, with_snapshots=with_snapshots))
         log.info("deleted VDI %r (vid %d%s); freeing its objects", name, rec.vid,
                  f" and {len(rec.snapshots)} snapshots" if rec.snapshots else "")
         for s in rec.snapshots.values():
             self._snapshots.pop(s.vid, None)
-        self._tombstoned(dvid)
-        self._schedule_collect(rec.lineage)
+        self._tombstoned(data_vid)
+        self._schedule_collect(rec.family)
         return rec.vid
 
     async def rename(self, old: str, new: str, *, replace_target: bool = True) -> None:
@@ -396,7 +396,7 @@ class Catalog:
             log.info("rename replaced the old VDI %r (data vid %d); freeing its objects", new, replaced)
             self._tombstoned(replaced)
             if victim is not None:
-                self._schedule_collect(victim.lineage)
+                self._schedule_collect(victim.family)
 
     async def resize(self, name: str, size: int) -> VdiRecord:
         rec = self.current.get(name)
@@ -576,7 +576,7 @@ class Catalog:
             await vol.reload(replace(after))
             self._register(after)
         self._schedule_purge(old)
-        self._schedule_collect(after.lineage)
+        self._schedule_collect(after.family)
         log.info("rolled VDI %r back to snapshot %r (%s); freeing its data vid %d", name, snap,
                  format_size(s.size), old)
         return after
@@ -618,7 +618,7 @@ class Catalog:
                     d.get(self._name_of_in(d, rec.vid)).parent_vid = 0
                 await self.directory.update(detach)
                 vol.record.parent_vid = 0
-        self._schedule_collect(rec.lineage)
+        self._schedule_collect(rec.family)
         log.info("flattened VDI %r: %d objects copied%s", name, copied,
                  "" if not still else "; its snapshots still share objects with the parent")
         return copied
@@ -672,12 +672,12 @@ class Catalog:
         d = self.current
         rec = d.get(name)
         maps: dict[int, ObjectMap] = {}
-        for data_vid, _size in d.live_maps(rec.lineage):
+        for data_vid, _size in d.live_maps(rec.family):
             found = d.find_snapshot(data_vid)
             if found is not None:
                 maps[data_vid] = (await self.snapshot_volume(data_vid)).map
             else:
-                owner = next(r for r in d.vdis.values() if r.dvid == data_vid)
+                owner = next(r for r in d.vdis.values() if r.data_vid == data_vid)
                 maps[data_vid] = await self._stored_map(owner.vid)
         refs: dict[tuple[int, int], int] = {}
         for m in maps.values():
@@ -687,7 +687,7 @@ class Catalog:
         rows = []
         for label, data_vid, size in ([(f"{name}@{sn}", s.vid, s.size) for sn, s in
                                        sorted(rec.snapshots.items(), key=lambda kv: kv[1].ctime)]
-                                      + [(name, rec.dvid, rec.size)]):
+                                      + [(name, rec.data_vid, rec.size)]):
             entries = [(e, i) for i, e in maps[data_vid].entries() if is_allocated(e)]
             exclusive = sum(1 for key in entries if refs[key] == 1)
             rows.append({"name": label, "size": size, "allocated": len(entries) * rec.object_size,
@@ -698,7 +698,7 @@ class Catalog:
     async def delete_snapshot(self, name: str, snap: str) -> int:
         data_vid = await self.directory.update(lambda d: d.delete_snapshot(name, snap))
         self._snapshots.pop(data_vid, None)
-        family = self.current.get(name).lineage
+        family = self.current.get(name).family
         log.info("deleted snapshot %s@%s (data vid %d); freeing what no other map shares", name, snap, data_vid)
         self._schedule_collect(family)
         return data_vid
@@ -712,8 +712,8 @@ class Catalog:
             if rec.parent_vid:
                 found = d.find_snapshot(rec.parent_vid)
                 parent = f"{found[0]}@{found[1]}" if found else f"(deleted snapshot, data vid {rec.parent_vid})"
-            out.append({"name": name, "vid": rec.vid, "data_vid": rec.dvid, "size": rec.size,
-                        "family": rec.lineage, "parent": parent,
+            out.append({"name": name, "vid": rec.vid, "data_vid": rec.data_vid, "size": rec.size,
+                        "family": rec.family, "parent": parent,
                         "snapshots": [{"name": sn, "data_vid": s.vid, "size": s.size, "ctime": s.ctime,
                                        "id": s.id}
                                       for sn, s in sorted(rec.snapshots.items(), key=lambda kv: kv[1].ctime)]})
@@ -801,7 +801,7 @@ class Catalog:
             self.pool.register_vdi(vid, copies)
         referenced: dict[int, set[int]] = {v: set() for v in retired}
         for data_vid, size in d.live_maps(family):
-            objmap = await load_map(self.pool, data_vid, size, self._object_size_of(d, data_vid))
+            objmap = await load_map(self.pool, data_vid, size, d.object_size_of(data_vid))
             for index, entry in objmap.entries():
                 if entry in referenced:
                     referenced[entry].add(index)
@@ -820,13 +820,3 @@ class Catalog:
                 await self.directory.update(functools.partial(Directory.finish_retired, vid=vid))
                 log.info("retired data vid %d: nothing points at it any more; forgotten", vid)
         log.info("family %d: freed %d objects no map points at", family, freed)
-
-    @staticmethod
-    def _object_size_of(d: Directory, data_vid: int) -> int:
-        for rec in d.vdis.values():
-            if rec.dvid == data_vid:
-                return rec.object_size
-            for s in rec.snapshots.values():
-                if s.vid == data_vid:
-                    return s.object_size
-        raise VdiNotFound(f"no map with data vid {data_vid}")

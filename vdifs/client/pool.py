@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vdifs.errors import ChecksumError, PoolError
-from vdifs.peer.store import ObjectStore
+from vdifs.store.objects import ObjectStore
 
 log = logging.getLogger("vdifs.pool")
 

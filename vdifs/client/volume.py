@@ -36,8 +36,8 @@ from vdifs.model.directory import VdiRecord, check_size
 from vdifs.model.extents import Extent, objects_for_size, split_extents
 from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid, map_oid, unpack_oid
 from vdifs.model.objmap import (
-    CHUNK_BYTES, CHUNK_ENTRIES, NON_EXISTENT, PAGE_BYTES, PENDING_DELETE, ObjectMap,
-    is_allocated, page_location,
+    CHUNK_ENTRIES, NON_EXISTENT, PAGE_BYTES, PENDING_DELETE, ObjectMap,
+    is_allocated, map_chunks, page_location,
 )
 from vdifs.model.zeros import is_zero, zeros
 
@@ -57,9 +57,7 @@ async def load_map(pool: ObjectPool, data_vid: int, size: int, object_size: int)
     allocated objects look like holes (a later write would replace them). A
     read says "not found" only when every replica did."""
     objmap = ObjectMap()
-    entries = objects_for_size(size, object_size)
-    for chunk in range(objects_for_size(entries, CHUNK_ENTRIES)):
-        want = min(CHUNK_BYTES, (entries - chunk * CHUNK_ENTRIES) * 4)
+    for chunk, want in map_chunks(size, object_size):
         try:
             raw = await pool.read(map_oid(data_vid, chunk), 0, want)
         except ObjectNotFound:
@@ -72,7 +70,7 @@ class Volume:
     def __init__(self, pool: ObjectPool, record: VdiRecord, persist_meta: PersistMeta) -> None:
         self.pool = pool
         self.vid = record.vid  # the VDI's identity (lease, inode)
-        self.data_vid = record.dvid  # where its own objects and map live
+        self.data_vid = record.data_vid  # where its own objects and map live
         self.record = record  # our copy; size/mtime here may be ahead of the directory
         self.object_size = record.object_size
         self.map = ObjectMap()
@@ -102,7 +100,7 @@ class Volume:
     async def load(cls, pool: ObjectPool, record: VdiRecord, persist_meta: PersistMeta,
                    *, reconcile: bool = True) -> Volume:
         vol = cls(pool, record, persist_meta)
-        vol.map = await load_map(pool, record.dvid, record.size, vol.object_size)
+        vol.map = await load_map(pool, record.data_vid, record.size, vol.object_size)
         if reconcile:
             await vol.reconcile()
         return vol
@@ -110,7 +108,7 @@ class Volume:
     async def reload(self, record: VdiRecord) -> None:
         """Start over from the stored map of the record's data vid (after a
         rollback replaced it); call with nothing in flight and nothing dirty."""
-        self.map = await load_map(self.pool, record.dvid, record.size, self.object_size)
+        self.map = await load_map(self.pool, record.data_vid, record.size, self.object_size)
         self.switch_data_vid(record)
 
     async def reconcile(self) -> None:
@@ -520,10 +518,8 @@ class Volume:
         """Store this volume's map (as it is in memory) as the map of
         `data_vid`, durably: a snapshot's or clone's starting point. Call
         quiesced and flushed, so no entry is mid-change."""
-        entries = objects_for_size(self.record.size, self.object_size)
         written = []
-        for chunk in range(objects_for_size(entries, CHUNK_ENTRIES)):
-            length = min(CHUNK_BYTES, (entries - chunk * CHUNK_ENTRIES) * 4)
+        for chunk, length in map_chunks(self.record.size, self.object_size):
             raw = self.map.chunk_bytes(chunk, length)
             if is_zero(raw):
                 continue  # a missing map object reads as holes
@@ -536,7 +532,7 @@ class Volume:
         """Go on under the record's (new) data vid after a snapshot or rollback
         was stored; the map in memory is already the new map's content."""
         self.record = record
-        self.data_vid = record.dvid
+        self.data_vid = record.data_vid
 
     # -- flush / truncate ------------------------------------------------------
 

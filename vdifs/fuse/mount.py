@@ -22,17 +22,17 @@ import trio
 from vdifs.client.catalog import Catalog
 from vdifs.client.pool import LocalPool
 from vdifs.client.remote import RemotePool
-from vdifs.control.client import CONTROL_SOCKET
+from vdifs.control.caller import CONTROL_SOCKET
 from vdifs.control.server import ControlServer
 from vdifs.errors import VdifsError
 from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
 from vdifs.meta.consensus import DIRECTORY_KEY
 from vdifs.meta.credentials import default_secret_file, read_credentials
-from vdifs.meta.directory import DirectoryService
+from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.lease import DEFAULT_TERM, LeaseManager
 from vdifs.meta.register import FileRegister
 from vdifs.model.directory import Directory
-from vdifs.peer.store import ObjectStore
+from vdifs.store.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Mount:
             old = old_by_vid.get(rec.vid)
             if old is not None and old != rec:  # size, times or mode changed elsewhere
                 # A new data vid with the old one deleted is a rollback: the content changed.
-                content = old.dvid != rec.dvid and old.dvid in after.deleting
+                content = old.data_vid != rec.data_vid and old.data_vid in after.deleting
                 try:
                     pyfuse3.invalidate_inode(rec.vid + 1, attr_only=not content)
                 except OSError:

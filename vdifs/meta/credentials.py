@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 
 from vdifs.errors import VdifsError
-from vdifs.meta.atomic import atomic_write
+from vdifs.fsutil import atomic_write
 
 
 @dataclass(frozen=True)

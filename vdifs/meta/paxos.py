@@ -32,7 +32,7 @@ import msgpack
 import trio
 
 from vdifs.errors import ConflictError, VdifsError
-from vdifs.meta.atomic import atomic_write
+from vdifs.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import msgpack
 import trio
 
-from vdifs.meta.atomic import atomic_write
+from vdifs.fsutil import atomic_write
 
 
 class Register(Protocol):

@@ -12,7 +12,7 @@ snapshot freezes the current data vid as the snapshot and gives the VDI a
 new data vid whose map starts as a copy of the frozen one: entries keep
 pointing at the frozen objects until a write copies them up. A clone is a
 new VDI whose map starts as a copy of a snapshot's. So an object (v, i) is
-referenced only by maps of the same lineage (`family`), and only through
+referenced only by maps of the same family, and only through
 their entry i. A deleted snapshot's vid is `retired`: its objects stay
 until no live map of the family points at them. A vid being prepared (its
 map copied before the directory names it) is `reserved`.
@@ -73,8 +73,10 @@ class VdiRecord:
     uid: int = 0
     gid: int = 0
     atime: float = 0.0
-    data_vid: int = 0  # where its own objects and map live; 0: the vid itself
-    family: int = 0  # lineage shared with its snapshots and clones; 0: the vid itself
+    #: As stored (key "data_vid"): where its own objects and map live; 0: the vid itself.
+    stored_data_vid: int = 0
+    #: As stored (key "family"): shared with its snapshots and clones; 0: the vid itself.
+    stored_family: int = 0
     parent_vid: int = 0  # a clone: the snapshot's data vid it started from
     snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)
 
@@ -83,23 +85,37 @@ class VdiRecord:
         return 1 << self.object_order
 
     @property
-    def dvid(self) -> int:
-        return self.data_vid or self.vid
+    def data_vid(self) -> int:
+        """The vid its current objects and map are stored under."""
+        return self.stored_data_vid or self.vid
+
+    @data_vid.setter
+    def data_vid(self, value: int) -> None:
+        self.stored_data_vid = value
 
     @property
-    def lineage(self) -> int:
-        return self.family or self.vid
+    def family(self) -> int:
+        """The family (the first VDI's vid) of every VDI and snapshot that may
+        share its objects: collection looks at the maps of one family."""
+        return self.stored_family or self.vid
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {_STORED_KEYS.get(k, k): v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VdiRecord:
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {_FIELDS_OF_KEYS.get(k, k): v for k, v in d.items()}
         rec = cls(**{k: v for k, v in d.items() if k in known})
         rec.snapshots = {n: SnapshotRecord.from_dict(s) if isinstance(s, dict) else s
                          for n, s in rec.snapshots.items()}
         return rec
+
+
+#: Fields whose stored key differs from the attribute (the attribute name is
+#: taken by the resolved property).
+_STORED_KEYS = {"stored_data_vid": "data_vid", "stored_family": "family"}
+_FIELDS_OF_KEYS = {v: k for k, v in _STORED_KEYS.items()}
 
 
 def check_size(size: int) -> None:
@@ -141,7 +157,7 @@ class Directory:
         used = set(self.deleting) | set(self.retired) | set(self.reserved)
         for r in self.vdis.values():
             used.add(r.vid)
-            used.add(r.dvid)
+            used.add(r.data_vid)
             used.update(s.vid for s in r.snapshots.values())
         return used
 
@@ -165,10 +181,21 @@ class Directory:
         the VDIs' own maps and their snapshots'."""
         out = []
         for rec in self.vdis.values():
-            if rec.lineage == family:
-                out.append((rec.dvid, rec.size))
+            if rec.family == family:
+                out.append((rec.data_vid, rec.size))
                 out.extend((s.vid, s.size) for s in rec.snapshots.values())
         return out
+
+    def object_size_of(self, data_vid: int) -> int:
+        """The object size of the map stored under `data_vid` (a VDI's or a
+        snapshot's)."""
+        for rec in self.vdis.values():
+            if rec.data_vid == data_vid:
+                return rec.object_size
+            for s in rec.snapshots.values():
+                if s.vid == data_vid:
+                    return s.object_size
+        raise VdiNotFound(f"no map with data vid {data_vid}")
 
     def retired_of(self, family: int) -> list[int]:
         return sorted(v for v, (f, _) in self.retired.items() if f == family)
@@ -179,7 +206,7 @@ class Directory:
         retired snapshots whose objects clones still read."""
         out = []
         for name, rec in sorted(self.vdis.items()):
-            out.append((name, rec.dvid, rec.copies))
+            out.append((name, rec.data_vid, rec.copies))
             out.extend((f"{name}@{sn}", s.vid, s.copies) for sn, s in sorted(rec.snapshots.items()))
         out.extend((f"(deleted snapshot {v})", v, copies) for v, (_, copies) in sorted(self.retired.items()))
         return out
@@ -230,10 +257,10 @@ class Directory:
         for snap in list(rec.snapshots):
             self._check_no_reservation_from(rec.snapshots[snap].vid, f"{name}@{snap}")
         for s in rec.snapshots.values():
-            self.retired[s.vid] = [rec.lineage, s.copies]
+            self.retired[s.vid] = [rec.family, s.copies]
         del self.vdis[name]
-        self.deleting.add(rec.dvid)
-        return rec.dvid
+        self.deleting.add(rec.data_vid)
+        return rec.data_vid
 
     # -- snapshots and clones (each a reserve, a map copy, then one of these) -----
 
@@ -269,11 +296,11 @@ class Directory:
             raise VdiExists(f"VDI {name!r} already has a snapshot {snap!r}")
         check_size(size)
         self._take_reservation(new_data_vid)
-        s = SnapshotRecord(vid=rec.dvid, size=size, ctime=time.time() if now is None else now,
+        s = SnapshotRecord(vid=rec.data_vid, size=size, ctime=time.time() if now is None else now,
                            copies=rec.copies, object_order=rec.object_order, id=snapshot_id)
         rec.snapshots[snap] = s
         rec.data_vid = new_data_vid
-        rec.family = rec.lineage
+        rec.stored_family = rec.family  # pinned before the data vid moves on
         rec.size = size
         return s
 
@@ -289,7 +316,7 @@ class Directory:
         now = time.time() if now is None else now
         rec = VdiRecord(vid=new_vid, size=s.size, ctime=now, mtime=now, atime=now,
                         copies=s.copies if copies is None else copies, object_order=s.object_order,
-                        mode=src.mode, uid=src.uid, gid=src.gid, family=src.lineage, parent_vid=s.vid)
+                        mode=src.mode, uid=src.uid, gid=src.gid, stored_family=src.family, parent_vid=s.vid)
         self.vdis[new_name] = rec
         return rec
 
@@ -299,7 +326,7 @@ class Directory:
         rec = self.get(name)
         s = self.snapshot_of(name, snap)
         self._take_reservation(new_data_vid)
-        old = rec.dvid
+        old = rec.data_vid
         rec.data_vid = new_data_vid
         rec.size = s.size
         self.deleting.add(old)
@@ -311,7 +338,7 @@ class Directory:
         s = self.snapshot_of(name, snap)
         self._check_no_reservation_from(s.vid, f"{name}@{snap}")
         del rec.snapshots[snap]
-        self.retired[s.vid] = [rec.lineage, s.copies]
+        self.retired[s.vid] = [rec.family, s.copies]
         return s.vid
 
     def finish_retired(self, vid: int) -> None:

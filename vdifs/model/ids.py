@@ -3,14 +3,13 @@
 An object id is 64 bits: kind (8) | vid (24) | index (32). The kind keeps
 data, object-map and system objects of one VDI apart; the vid names the VDI;
 the index is the object's position inside the VDI (for map objects: the
-map chunk number). Ids are plain ints on the hot path; `ObjectId` is the
-readable form for everything else.
+map chunk number). Ids are plain ints everywhere; logs print them as 16 hex
+digits.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 OBJECT_ORDER = 22
 OBJECT_SIZE = 1 << OBJECT_ORDER  # 4 MiB, the default and (for now) only object size
@@ -24,25 +23,6 @@ class ObjectKind(enum.IntEnum):
     DATA = 0
     MAP = 1
     SYSTEM = 2
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectId:
-    kind: ObjectKind
-    vid: int
-    index: int
-
-    @property
-    def value(self) -> int:
-        return pack_oid(self.kind, self.vid, self.index)
-
-    @classmethod
-    def from_int(cls, oid: int) -> ObjectId:
-        kind, vid, index = unpack_oid(oid)
-        return cls(ObjectKind(kind), vid, index)
-
-    def __str__(self) -> str:
-        return f"{self.kind.name.lower()}:{self.vid:06x}:{self.index:08x}"
 
 
 def pack_oid(kind: int, vid: int, index: int) -> int:
@@ -61,13 +41,14 @@ def unpack_oid(oid: int) -> tuple[int, int, int]:
     return oid >> 56, (oid >> 32) & MAX_VID, oid & MAX_INDEX
 
 
+def vid_of(oid: int) -> int:
+    """The vid of an object id (the hot-path form of `unpack_oid(oid)[1]`)."""
+    return (oid >> 32) & MAX_VID
+
+
 def data_oid(vid: int, index: int) -> int:
     return pack_oid(ObjectKind.DATA, vid, index)
 
 
 def map_oid(vid: int, chunk: int) -> int:
     return pack_oid(ObjectKind.MAP, vid, chunk)
-
-
-def oid_hex(oid: int) -> str:
-    return f"{oid:016x}"

@@ -32,6 +32,14 @@ _SWAP = sys.byteorder != "little"
 assert array("I").itemsize == ENTRY_BYTES
 
 
+def map_chunks(size: int, object_size: int) -> list[tuple[int, int]]:
+    """(chunk, bytes stored) of every map object a VDI of `size` bytes needs:
+    whole chunks, then the part of the last one its entries cover."""
+    entries = -(-size // object_size)
+    return [(chunk, min(CHUNK_BYTES, (entries - chunk * CHUNK_ENTRIES) * ENTRY_BYTES))
+            for chunk in range(-(-entries // CHUNK_ENTRIES))]
+
+
 def is_allocated(entry: int) -> bool:
     return entry != NON_EXISTENT and entry != PENDING_DELETE
 

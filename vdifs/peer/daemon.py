@@ -25,16 +25,16 @@ import msgpack
 import trio
 
 from vdifs.errors import ChecksumError, NoSpace, ObjectNotFound, VdifsError
-from vdifs.meta.atomic import atomic_write
+from vdifs.fsutil import atomic_write, lock_store
 from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, read_credentials
 from vdifs.meta.paxos import Acceptor, FileAcceptorStorage
 from vdifs.model.cluster import DOWN, UP, ClusterMap, PeerInfo, choose_meta
-from vdifs.model.ids import OBJECT_SIZE
+from vdifs.model.ids import OBJECT_SIZE, vid_of
 from vdifs.peer.health import FailureDetector
 from vdifs.peer.journal import ChangeJournal
 from vdifs.peer.recovery import Recovery
-from vdifs.peer.store import ObjectStore, lock_store
+from vdifs.store.objects import ObjectStore
 from vdifs.wire import objlist
 from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, RpcPool, RpcServer, Session, split_address
 
@@ -634,7 +634,7 @@ class PeerDaemon:
         gen = args.get("gen")
         if gen is None:
             return  # embedded-style or shared VDI: no lease
-        vid = args.get("lvid", (oid >> 32) & 0xFFFFFF)  # the lease's vid, if not the object's
+        vid = args.get("lvid", vid_of(oid))  # the lease's vid, if not the object's
         if not isinstance(vid, int) or not isinstance(gen, int):
             raise ValueError("gen and lvid must be integers")
         if gen < self.fences.get(vid, 0):

@@ -27,7 +27,7 @@ import struct
 
 import trio
 
-from vdifs.meta.atomic import atomic_write, fsync_dir
+from vdifs.fsutil import atomic_write, fsync_dir
 
 KEEP_EPOCHS = 256
 _ID = struct.Struct(">Q")

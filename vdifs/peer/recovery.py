@@ -23,6 +23,7 @@ from vdifs.errors import PoolError, VdifsError
 from vdifs.meta.consensus import DIRECTORY_KEY
 from vdifs.model.cluster import UP
 from vdifs.model.directory import Directory
+from vdifs.model.ids import vid_of
 from vdifs.model.placement import placement
 from vdifs.wire import objlist
 
@@ -127,7 +128,7 @@ class Recovery:
             log.info("epoch %d: recovery done, %d objects copied", epoch, self.state.done)
             # A VDI deleted while we copied: its purge may have missed our copies.
             still = await self._live_vdis()
-            dead = [oid for oid in todo if (oid >> 32) & 0xFFFFFF not in still]
+            dead = [oid for oid in todo if vid_of(oid) not in still]
             for oid in dead:
                 await d.store.delete(oid)
             if dead:

@@ -15,8 +15,9 @@ from typing import Any
 
 import trio
 
-from vdifs import __version__, cluster_cli, diff_cli
-from vdifs.control import client
+from vdifs import __version__
+from vdifs.cli import cluster as cluster_cli, diff as diff_cli
+from vdifs.control import caller
 from vdifs.errors import VdifsError
 from vdifs.model.sizes import format_size, parse_size
 
@@ -197,7 +198,7 @@ def setup_logging(level: str, stream: Any = None, filename: str | None = None) -
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from vdifs.fuse.mount import Mount, check_mountpoint
-    from vdifs.peer.store import lock_store
+    from vdifs.fsutil import lock_store
 
     store = os.path.abspath(args.store)
     mountpoint = os.path.abspath(args.mountpoint)
@@ -260,9 +261,9 @@ def _process_alive(pid: int) -> bool:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
-    path = client.socket_for_mount(mountpoint)
-    status = trio.run(client.call, path, "status")
-    trio.run(lambda: client.call(path, "flush", timeout=args.timeout))
+    path = caller.socket_for_mount(mountpoint)
+    status = trio.run(caller.call, path, "status")
+    trio.run(lambda: caller.call(path, "flush", timeout=args.timeout))
     res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if res.returncode != 0:
         raise CliError(f"could not unmount {mountpoint}: {res.stderr.strip() or 'fusermount3 failed'}")
@@ -282,8 +283,8 @@ def _control_path(args: argparse.Namespace) -> str:
     from vdifs.fuse.mount import default_store
 
     if args.mount:
-        return client.socket_for_mount(os.path.abspath(args.mount))
-    return client.socket_for_store(os.path.abspath(args.store or default_store()))
+        return caller.socket_for_mount(os.path.abspath(args.mount))
+    return caller.socket_for_store(os.path.abspath(args.store or default_store()))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -315,7 +316,7 @@ def _with_progress(path: str, op: str, params: dict[str, Any], job: str) -> Any:
                 while True:
                     await trio.sleep(0.5)
                     try:
-                        state = (await client.call(path, "vdi.jobs", timeout=10)).get(job)
+                        state = (await caller.call(path, "vdi.jobs", timeout=10)).get(job)
                     except (VdifsError, trio.TooSlowError):
                         continue
                     if state and show:
@@ -324,7 +325,7 @@ def _with_progress(path: str, op: str, params: dict[str, Any], job: str) -> Any:
 
             if show:
                 nursery.start_soon(watch)
-            result["value"] = await client.call(path, op, params, timeout=7 * 24 * 3600)
+            result["value"] = await caller.call(path, op, params, timeout=7 * 24 * 3600)
             nursery.cancel_scope.cancel()
         if show:
             print(file=sys.stderr)
@@ -360,7 +361,7 @@ def cmd_vdi(args: argparse.Namespace) -> int:
     action = args.vdi_command
 
     def call(op: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-        return trio.run(lambda: client.call(path, op, params, timeout=timeout))
+        return trio.run(lambda: caller.call(path, op, params, timeout=timeout))
 
     if action == "list":
         vdis = call("vdi.list")

@@ -1,8 +1,13 @@
-"""Crash-safe replacement of small metadata files (blocking; run in a thread)."""
+"""Small blocking file-system helpers shared by every layer: crash-safe
+replacement of metadata files and the store lock (run in a worker thread)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+from typing import IO
+
+from vdifs.errors import StoreBusy
 
 
 def fsync_dir(path: str) -> None:
@@ -31,3 +36,21 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(directory)
+
+
+def lock_store(store: str) -> IO[str]:
+    """Take the store's lock for this process, or say who holds it."""
+    os.makedirs(store, mode=0o700, exist_ok=True)
+    f = open(os.path.join(store, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise StoreBusy(f"store {store} is in use by another vdifs process (pid {holder})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

@@ -135,7 +135,7 @@ async def _first(pool: RpcPool, addresses: list[str], op: str, args: dict[str, A
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
-    from vdifs.cli import setup_logging
+    from vdifs.cli.main import setup_logging
     from vdifs.peer.daemon import PeerDaemon
 
     setup_logging(args.log_level, sys.stderr)
@@ -278,7 +278,7 @@ def _rate_eta(r: dict[str, Any]) -> str:
 
 
 def _status_text(info: dict[str, Any]) -> str:
-    from vdifs.cli import _table
+    from vdifs.cli.main import _table
 
     peers = info["peers"]
     up = [p for p in peers if p["state"] == "up"]
@@ -307,7 +307,7 @@ def _status_text(info: dict[str, Any]) -> str:
 
 
 def _info_table(info: dict[str, Any]) -> str:
-    from vdifs.cli import _table
+    from vdifs.cli.main import _table
 
     head = (f"cluster {info['cluster']}  epoch {info['epoch']}  copies {info['copies']} "
             f"(min {info['min_copies']})\n"
@@ -420,17 +420,14 @@ async def _referenced(pool: RpcPool, directory: Any, present: dict[int, tuple[st
                       up: dict[str, Any]) -> set[tuple[int, int]]:
     """(data vid, index) of every object some live map (VDI or snapshot)
     points at, from the map objects themselves."""
-    from vdifs.model.extents import objects_for_size
-    from vdifs.model.objmap import CHUNK_ENTRIES, ObjectMap, is_allocated
+    from vdifs.model.objmap import ObjectMap, is_allocated, map_chunks
 
     refs: set[tuple[int, int]] = set()
-    sizes = {vid: size for family in {r.lineage for r in directory.vdis.values()}
+    sizes = {vid: size for family in {r.family for r in directory.vdis.values()}
              for vid, size in directory.live_maps(family)}
-    object_sizes = {vid: 1 << order for vid, order in _object_orders(directory).items()}
     for data_vid, size in sizes.items():
         objmap = ObjectMap()
-        entries = objects_for_size(size, object_sizes[data_vid])
-        for chunk in range(objects_for_size(entries, CHUNK_ENTRIES)):
+        for chunk, length in map_chunks(size, directory.object_size_of(data_vid)):
             oid = map_oid(data_vid, chunk)
             holders = present.get(data_vid, ("", {}))[1].get(oid, set())
             for pid in sorted(holders):
@@ -438,22 +435,14 @@ async def _referenced(pool: RpcPool, directory: Any, present: dict[int, tuple[st
                     raw = await pool.call(up[pid].address, "obj.fetch", {"oid": oid}, timeout=120)
                 except VdifsError:
                     continue
-                objmap.load_chunk(chunk, raw[:min(len(raw), (entries - chunk * CHUNK_ENTRIES) * 4)])
+                objmap.load_chunk(chunk, raw[:length])
                 break
         refs.update((e, i) for i, e in objmap.entries() if is_allocated(e))
     return refs
 
 
-def _object_orders(directory: Any) -> dict[int, int]:
-    out = {}
-    for rec in directory.vdis.values():
-        out[rec.dvid] = rec.object_order
-        out.update((s.vid, s.object_order) for s in rec.snapshots.values())
-    return out
-
-
 def _check_text(report: dict[str, Any]) -> str:
-    from vdifs.cli import _table
+    from vdifs.cli.main import _table
 
     head = (f"checked {report['objects']} objects of {report['vdis']} VDIs at epoch {report['epoch']}: "
             f"{len(report['problems'])} with missing or differing replicas")

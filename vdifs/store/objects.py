@@ -22,47 +22,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import shutil
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
-from typing import IO
 
 import trio
 
-from vdifs.errors import ChecksumError, NoSpace, ObjectExists, ObjectNotFound, PoolError, StoreBusy
-from vdifs.meta.atomic import fsync_dir
-from vdifs.model.ids import unpack_oid
-from vdifs.peer import checksums
-from vdifs.peer.batch import BatchRunner
-from vdifs.peer.checksums import BLOCK, CLEAN, DIRTY, XATTR
+from vdifs.errors import ChecksumError, NoSpace, ObjectExists, ObjectNotFound, PoolError
+from vdifs.fsutil import fsync_dir
+from vdifs.model.ids import unpack_oid, vid_of
+from vdifs.store import checksums, files
+from vdifs.store.batch import BatchRunner
+from vdifs.store.checksums import BLOCK, CLEAN, DIRTY, XATTR
 
 log = logging.getLogger("vdifs.store")
 
 MAX_OPEN_FILES = 512
 PART = ".part"  # suffix of an object being installed (never 16 hex digits: never listed)
 SYNC_PARALLELISM = 8
-
-
-def lock_store(store: str) -> IO[str]:
-    """Take the store's lock for this process, or say who holds it."""
-    os.makedirs(store, mode=0o700, exist_ok=True)
-    f = open(os.path.join(store, "lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise StoreBusy(f"store {store} is in use by another vdifs process (pid {holder})") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
 
 
 class _Handle:
@@ -85,107 +65,6 @@ class _Handle:
         self.writes = 0
         self.inflight = 0
         self.lock = trio.Lock()  # one write (or create, or sync's marking) at a time
-
-
-def _pread_full(fd: int, offset: int, length: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) < length:  # sparse tail or short file: the rest reads as zeros
-        more = [data]
-        got = len(data)
-        while got < length:
-            chunk = os.pread(fd, length - got, offset + got)
-            if not chunk:
-                more.append(bytes(length - got))
-                break
-            more.append(chunk)
-            got += len(chunk)
-        data = b"".join(more)
-    return data
-
-
-def _pread_all(fd: int) -> bytes:
-    return _pread_full(fd, 0, os.fstat(fd).st_size)
-
-
-def _pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _read_nowait(fd: int, offset: int, length: int) -> bytearray | None:
-    """The bytes if the page cache has all of them, else None; never blocks."""
-    buf = bytearray(length)
-    try:
-        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return None
-    return buf if n == length else None
-
-
-def _load_table(fd: int) -> tuple[list[int], bool]:
-    """(table, clean_on_disk) of an open object. A missing, unreadable or DIRTY
-    table is rebuilt from the data (see `checksums`)."""
-    size = os.fstat(fd).st_size
-    try:
-        table, state = checksums.decode(os.getxattr(fd, XATTR), checksums.blocks_of(size))
-        if state == CLEAN:
-            return table, True
-    except (OSError, checksums.BadTable):
-        pass
-    return checksums.table_of(_pread_all(fd), size), False
-
-
-def _open_object(path: str) -> tuple[int, list[int], bool]:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        table, clean = _load_table(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, table, clean
-
-
-def _write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
-                      table: list[int], mark_dirty: bytes | None) -> list[int]:
-    """Write `data` and return the CRCs of the blocks it touched. The old
-    contents of partly written blocks are verified first: a write must not
-    bless rotten bytes around it with a fresh checksum."""
-    start, end = checksums.covering(offset, len(data))
-    buf = bytearray(end - start)
-    head, tail = offset - start, offset + len(data)
-    if head or tail < end:
-        for b0, b1 in {(start, start + BLOCK), (end - BLOCK, end)}:
-            if (b0 < offset) or (b1 > tail):
-                old = _pread_full(fd, b0, BLOCK)
-                bad = checksums.first_mismatch(table, b0 // BLOCK, old)
-                if bad is not None:
-                    raise ChecksumError(f"block {bad} does not match its checksum")
-                buf[b0 - start:b1 - start] = old
-    buf[head:head + len(data)] = data
-    if mark_dirty is not None:  # only after the checks: a DIRTY table is rebuilt from the data
-        os.setxattr(fd, XATTR, mark_dirty)
-        # Durable before the data changes: the file system may write an
-        # overwritten block back before it commits the xattr, and a power
-        # loss between the two would leave a CLEAN table that no longer
-        # matches (false corruption). The file has no other dirty data (its
-        # table was CLEAN), so this is one journal commit per object per sync.
-        os.fsync(fd)
-    _pwrite_full(fd, offset, data)
-    return checksums.crcs_of(buf)
-
-
-def _same_file(a: int, b: int) -> bool:
-    sa, sb = os.fstat(a), os.fstat(b)  # metadata of open files: never waits for the disk
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-def _os_error(e: OSError, what: str) -> Exception:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"store is full while {what}")
-    return PoolError(f"{what}: {e.strerror}")
 
 
 class ObjectStore:
@@ -226,7 +105,7 @@ class ObjectStore:
         return os.path.join(self.obj_root, f"{vid:06x}")
 
     def path(self, oid: int) -> str:
-        return os.path.join(self.obj_root, f"{(oid >> 32) & 0xFFFFFF:06x}", f"{oid:016x}")
+        return os.path.join(self.obj_root, f"{vid_of(oid):06x}", f"{oid:016x}")
 
     # -- descriptor cache (trio thread only) -------------------------------
 
@@ -236,13 +115,13 @@ class ObjectStore:
             moves = self._moves
             try:
                 if self.checksums:
-                    fd, table, clean = await self._io.run(_open_object, self.path(oid))
+                    fd, table, clean = await self._io.run(files.open_object, self.path(oid))
                 else:
                     fd, table, clean = await self._io.run(os.open, self.path(oid), os.O_RDWR | os.O_CLOEXEC), [], False
             except FileNotFoundError:
                 raise ObjectNotFound(f"object {oid:016x} does not exist") from None
             except OSError as e:
-                raise _os_error(e, f"opening object {oid:016x}") from None
+                raise files.os_error(e, f"opening object {oid:016x}") from None
             if self._moving or self._moves != moves:
                 # Files were moved while we opened: ours may be one that left
                 # the path. Open again once the moves are done.
@@ -324,14 +203,14 @@ class ObjectStore:
                 return data
             return data[offset - start:offset - start + length]
         except OSError as e:
-            raise _os_error(e, f"reading object {oid:016x}") from None
+            raise files.os_error(e, f"reading object {oid:016x}") from None
         finally:
             self._release(h)
 
     async def _pread(self, h: _Handle, offset: int, length: int) -> bytearray | bytes:
         if self._nowait:
             try:
-                data = _read_nowait(h.fd, offset, length)
+                data = files.read_nowait(h.fd, offset, length)
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
                     raise
@@ -340,7 +219,7 @@ class ObjectStore:
             if data is not None:
                 self.nowait_reads += 1
                 return data
-        return await self._io.run(_pread_full, h.fd, offset, length)
+        return await self._io.run(files.pread_full, h.fd, offset, length)
 
     def _verify(self, oid: int, h: _Handle, start: int, data: bytes | bytearray) -> None:
         bad = checksums.first_mismatch(h.table, start // BLOCK, data)
@@ -355,12 +234,12 @@ class ObjectStore:
         h = await self._acquire(oid)
         try:
             writes, busy = h.writes, h.inflight
-            data = await self._io.run(_pread_all, h.fd)
+            data = await self._io.run(files.pread_all, h.fd)
             if self.checksums and not busy and not h.inflight and h.writes == writes:
                 self._verify(oid, h, 0, data)
             return data
         except OSError as e:
-            raise _os_error(e, f"reading object {oid:016x}") from None
+            raise files.os_error(e, f"reading object {oid:016x}") from None
         finally:
             self._release(h)
 
@@ -372,14 +251,14 @@ class ObjectStore:
         h = await self._acquire(oid)
         try:
             if not self.checksums:
-                await self._io.run(_pwrite_full, h.fd, offset, data)
+                await self._io.run(files.pwrite_full, h.fd, offset, data)
                 return
             async with h.lock:  # the table follows the data in the order the writes happened
                 mark = checksums.encode(h.table, DIRTY) if h.clean_on_disk else None
                 h.writes += 1
                 h.inflight += 1
                 try:
-                    crcs = await self._io.run(_write_block_crcs, h.fd, offset, data, h.table, mark)
+                    crcs = await self._io.run(files.write_block_crcs, h.fd, offset, data, h.table, mark)
                 except ChecksumError:
                     raise  # nothing written; the rotten replica keeps its table (never rebuilt from rot)
                 except BaseException:
@@ -396,7 +275,7 @@ class ObjectStore:
             self.checksum_errors += 1
             raise ChecksumError(f"object {oid:016x}: {e}") from None
         except OSError as e:
-            raise _os_error(e, f"writing object {oid:016x}") from None
+            raise files.os_error(e, f"writing object {oid:016x}") from None
         finally:
             self._release(h)
 
@@ -425,7 +304,7 @@ class ObjectStore:
                 os.setxattr(fd, XATTR, checksums.encode(table, DIRTY))
             os.ftruncate(fd, 0)
             os.ftruncate(fd, size)
-            _pwrite_full(fd, offset, data)
+            files.pwrite_full(fd, offset, data)
         except BaseException:
             os.close(fd)
             raise
@@ -452,7 +331,7 @@ class ObjectStore:
                 except OSError as e:
                     if old is not None:
                         self._forget(oid)  # half replaced: rebuild the table on the next open
-                    raise _os_error(e, f"creating object {oid:016x}") from None
+                    raise files.os_error(e, f"creating object {oid:016x}") from None
                 finally:
                     if old is not None:
                         old.inflight -= 1
@@ -463,7 +342,7 @@ class ObjectStore:
                 # handle of that inode stays the one handle (one lock, one table).
                 # One of another inode (moved away meanwhile) is dropped.
                 h = self._handles.get(oid)
-                if h is not None and not h.doomed and _same_file(h.fd, fd):
+                if h is not None and not h.doomed and files.same_file(h.fd, fd):
                     os.close(fd)
                     h.table, h.clean_on_disk = table, False
                 else:
@@ -482,7 +361,7 @@ class ObjectStore:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _pwrite_full(fd, 0, data)
+            files.pwrite_full(fd, 0, data)
             table = checksums.table_of(data, len(data)) if self.checksums else []
             if self.checksums:
                 os.setxattr(fd, XATTR, checksums.encode(table, CLEAN))
@@ -507,7 +386,7 @@ class ObjectStore:
             async with self._moving_files([oid]):
                 fd, table = await self._io.run(self._install, oid, data)
         except OSError as e:
-            raise _os_error(e, f"installing object {oid:016x}") from None
+            raise files.os_error(e, f"installing object {oid:016x}") from None
         self._forget(oid)
         self._handles[oid] = _Handle(fd, table, self.checksums)
         self._evict()
@@ -521,7 +400,7 @@ class ObjectStore:
         except FileNotFoundError:
             return
         except OSError as e:
-            raise _os_error(e, f"deleting object {oid:016x}") from None
+            raise files.os_error(e, f"deleting object {oid:016x}") from None
         self._dirty_dirs.add(os.path.dirname(path))
 
     def _remove_vid_handoff(self, vid: int) -> None:
@@ -538,7 +417,7 @@ class ObjectStore:
             return
         except OSError as e:
             if e.errno != errno.ENOTEMPTY:
-                raise _os_error(e, f"removing directory of vid {vid}") from None
+                raise files.os_error(e, f"removing directory of vid {vid}") from None
             return
         self._dirty_dirs.discard(self.vid_dir(vid))
         self._dirty_dirs.add(self.obj_root)
@@ -603,7 +482,7 @@ class ObjectStore:
                     if h is not None and not h.doomed:
                         await self._mark_clean(h, writes)
                 except OSError as e:
-                    failed.append(_os_error(e, f"syncing object {oid:016x}"))
+                    failed.append(files.os_error(e, f"syncing object {oid:016x}"))
                 finally:
                     if h is not None:
                         self._release(h)
@@ -615,7 +494,7 @@ class ObjectStore:
                 except FileNotFoundError:
                     pass
                 except OSError as e:
-                    failed.append(_os_error(e, f"syncing directory {path}"))
+                    failed.append(files.os_error(e, f"syncing directory {path}"))
 
         async with trio.open_nursery() as nursery:
             for oid in oids:
@@ -749,11 +628,11 @@ class ObjectStore:
     def _read_handoff(self, oid: int) -> bytes | None:
         for path in self._copies(self.handoff_root, oid):
             try:
-                fd, table, clean = _open_object(path)
+                fd, table, clean = files.open_object(path)
             except FileNotFoundError:
                 continue
             try:
-                data = _pread_all(fd)
+                data = files.pread_all(fd)
             finally:
                 os.close(fd)
             if self.checksums and clean and checksums.first_mismatch(table, 0, data) is not None:

@@ -1,0 +1,1 @@
+"""The `vdifs` command line: one module per command group."""

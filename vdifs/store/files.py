@@ -1,0 +1,115 @@
+"""Blocking helpers on open object files, run in worker threads (or, where
+they never wait, on the event loop). Short reads and writes are completed
+here so callers see whole buffers."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from vdifs.errors import ChecksumError, NoSpace, PoolError
+from vdifs.store import checksums
+from vdifs.store.checksums import BLOCK, CLEAN, XATTR
+
+
+def pread_full(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) < length:  # sparse tail or short file: the rest reads as zeros
+        more = [data]
+        got = len(data)
+        while got < length:
+            chunk = os.pread(fd, length - got, offset + got)
+            if not chunk:
+                more.append(bytes(length - got))
+                break
+            more.append(chunk)
+            got += len(chunk)
+        data = b"".join(more)
+    return data
+
+
+def pread_all(fd: int) -> bytes:
+    return pread_full(fd, 0, os.fstat(fd).st_size)
+
+
+def pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def read_nowait(fd: int, offset: int, length: int) -> bytearray | None:
+    """The bytes if the page cache has all of them, else None; never blocks."""
+    buf = bytearray(length)
+    try:
+        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    return buf if n == length else None
+
+
+def load_table(fd: int) -> tuple[list[int], bool]:
+    """(table, clean_on_disk) of an open object. A missing, unreadable or DIRTY
+    table is rebuilt from the data (see `checksums`)."""
+    size = os.fstat(fd).st_size
+    try:
+        table, state = checksums.decode(os.getxattr(fd, XATTR), checksums.blocks_of(size))
+        if state == CLEAN:
+            return table, True
+    except (OSError, checksums.BadTable):
+        pass
+    return checksums.table_of(pread_all(fd), size), False
+
+
+def open_object(path: str) -> tuple[int, list[int], bool]:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        table, clean = load_table(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, table, clean
+
+
+def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
+                      table: list[int], mark_dirty: bytes | None) -> list[int]:
+    """Write `data` and return the CRCs of the blocks it touched. The old
+    contents of partly written blocks are verified first: a write must not
+    bless rotten bytes around it with a fresh checksum."""
+    start, end = checksums.covering(offset, len(data))
+    buf = bytearray(end - start)
+    head, tail = offset - start, offset + len(data)
+    if head or tail < end:
+        for b0, b1 in {(start, start + BLOCK), (end - BLOCK, end)}:
+            if (b0 < offset) or (b1 > tail):
+                old = pread_full(fd, b0, BLOCK)
+                bad = checksums.first_mismatch(table, b0 // BLOCK, old)
+                if bad is not None:
+                    raise ChecksumError(f"block {bad} does not match its checksum")
+                buf[b0 - start:b1 - start] = old
+    buf[head:head + len(data)] = data
+    if mark_dirty is not None:  # only after the checks: a DIRTY table is rebuilt from the data
+        os.setxattr(fd, XATTR, mark_dirty)
+        # Durable before the data changes: the file system may write an
+        # overwritten block back before it commits the xattr, and a power
+        # loss between the two would leave a CLEAN table that no longer
+        # matches (false corruption). The file has no other dirty data (its
+        # table was CLEAN), so this is one journal commit per object per sync.
+        os.fsync(fd)
+    pwrite_full(fd, offset, data)
+    return checksums.crcs_of(buf)
+
+
+def same_file(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)  # metadata of open files: never waits for the disk
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def os_error(e: OSError, what: str) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"store is full while {what}")
+    return PoolError(f"{what}: {e.strerror}")
+
+
