@@ -44,7 +44,7 @@ soak: install
 	VDIFS_SOAK_CYCLES=10 $(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m soak tests
 
 test-unit: venv
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/unit tests/pool
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/unit tests/pool tests/sim
 
 bench: install
 	bench/run.sh

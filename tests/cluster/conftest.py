@@ -18,8 +18,6 @@ import pytest
 
 from tests.e2e.conftest import MountProc, run
 
-pytestmark = pytest.mark.fuse
-
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -11,8 +11,6 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.fuse
-
 OBJ = 4 << 20
 
 
