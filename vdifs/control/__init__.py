@@ -1,1 +1,2 @@
-"""The local control channel: `vdifs vdi ...` talking to a running mount."""
+"""The local control channel: `vdifs vdi ...` (caller) talking to a running
+mount (server) over a unix socket."""

@@ -1,1 +1,3 @@
-"""Framing and request/reply codecs shared by the control channel and peers."""
+"""What crosses a socket: frames, the authenticated RPC of peers and mounts,
+paged object lists, and checked access to request arguments. Shared by the
+peer, the mount and the control channel."""
