@@ -131,7 +131,8 @@ def add_credentials(parser: argparse.ArgumentParser, default: Any, secret_defaul
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
-    from vdifs.peer.daemon import PeerDaemon
+    """Run a storage peer until it is stopped."""
+    from vdifs.peer.daemon import PeerDaemon  # only this command needs the peer's code
 
     setup_logging(args.log_level, sys.stderr)
     daemon = PeerDaemon(args.store, args.listen, join=args.join, zone=args.zone, weight=args.weight,
@@ -142,6 +143,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
+    """One `cluster` action; exit status 1 when `check` leaves problems."""
     action = args.cluster_command
     if action == "format":
         if args.cluster is not None:
@@ -193,6 +195,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def _format(args: argparse.Namespace) -> int:
+    """Format a cluster; the secret file is written only once the peers accepted it."""
     if os.path.exists(args.secret_file) and not args.force:
         raise VdifsError(f"{args.secret_file} exists (a cluster was formatted with it); "
                          "use --force or another --secret-file", code=errno.EEXIST)
@@ -222,6 +225,7 @@ def _format(args: argparse.Namespace) -> int:
 
 
 async def cluster_info(pool: RpcPool, addresses: list[str]) -> dict[str, Any]:
+    """The cluster map with each peer's space and recovery state, asked of every peer at once."""
     cmap = ClusterMap.from_dict(await first_answer(pool, addresses, "cluster.map"))
     peers: list[dict[str, Any]] = []
 
@@ -259,6 +263,7 @@ def rate_eta(r: dict[str, Any]) -> str:
 
 
 def status_text(info: dict[str, Any]) -> str:
+    """`cluster status` for people: peers up and down, what is left to recover."""
     peers = info["peers"]
     up = [p for p in peers if p["state"] == "up"]
     down = [p for p in peers if p["state"] != "up"]
@@ -286,6 +291,7 @@ def status_text(info: dict[str, Any]) -> str:
 
 
 def info_table(info: dict[str, Any]) -> str:
+    """`cluster info` for people: settings, capacity, and a row per peer."""
     head = (f"cluster {info['cluster']}  epoch {info['epoch']}  copies {info['copies']} "
             f"(min {info['min_copies']})\n"
             f"capacity {format_size(info['capacity'])}, available {format_size(info['available'])} "
@@ -298,6 +304,7 @@ def info_table(info: dict[str, Any]) -> str:
 
 
 async def join(pool: RpcPool, addresses: list[str], peer_addr: str, creds: Credentials) -> ClusterMap:
+    """Add the peer at `peer_addr` to the map, then hand it the credentials and the map."""
     newcomer = RpcClient(peer_addr, None, pool.nursery)
     try:
         hello = await newcomer.call("peer.hello", timeout=HELLO_TIMEOUT)

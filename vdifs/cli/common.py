@@ -21,6 +21,7 @@ import trio
 
 from vdifs.control import caller
 from vdifs.errors import VdifsError
+from vdifs.fuse.mount import default_store
 from vdifs.model.sizes import format_size, parse_size
 from vdifs.wire.rpc import RpcPool
 
@@ -197,8 +198,6 @@ def control_socket(mount: str | None, store: str | None, mounts_file: str = MOUN
     """The control socket to talk to: the mount named by -m, the store named
     by --store, else the one running vdifs mount, else (none running) the
     default store's, as before mounts were looked for."""
-    from vdifs.fuse.mount import default_store
-
     if mount and store:
         raise CliError("give either -m/--mount or --store, not both")
     if mount:

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    """Mount in the foreground, or fork a mount process and return once it
+    mounted (or say why it could not)."""
     store = os.path.abspath(args.store)
     mountpoint = os.path.abspath(args.mountpoint)
     check_mountpoint(mountpoint)
@@ -85,6 +87,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                   secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term,
                   io_wait=args.io_wait)
     lock = lock_store(store)
+    logfile = args.log_file or os.path.join(store, "mount.log")
     if args.foreground:
         setup_logging(args.log_level, sys.stderr)
         trio.run(mount.run)
@@ -101,10 +104,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             verdict = r.read().decode(errors="replace").strip()
         if verdict == "ok":
             return 0
-        raise CliError(verdict or f"the mount process failed before mounting; see {args.log_file or os.path.join(store, 'mount.log')}")
+        raise CliError(verdict or f"the mount process failed before mounting; see {logfile}")
     os.close(read_fd)
     os.setsid()
-    logfile = args.log_file or os.path.join(store, "mount.log")
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -135,6 +137,8 @@ def process_alive(pid: int) -> bool:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    """Flush, unmount, and wait until the mount process is gone, so that a
+    service manager stopping the mount knows the store is free."""
     mountpoint = os.path.abspath(args.mountpoint)
     path = caller.socket_for_mount(mountpoint)
     status = trio.run(caller.call, path, "status")
