@@ -4,9 +4,10 @@ import os
 import pytest
 
 from vdifs import __version__
-from vdifs.cli.main import _process_alive
+from vdifs.cli.common import running_mounts
+from vdifs.cli.main import process_alive
 
-from .conftest import OBJ, run, vdifs, write_at
+from .conftest import OBJ, MountProc, run, vdifs, write_at
 
 
 def vdi(mount, *args, check=True):
@@ -86,7 +87,7 @@ def test_background_mount_and_umount(tmp_path):
         write_at(os.path.join(mp, "bg"), 0, b"background")
         vdifs("umount", mp)
         assert not os.path.ismount(mp)
-        assert not _process_alive(pid)  # exited (a zombie until its new parent reaps it)
+        assert not process_alive(pid)  # exited (a zombie until its new parent reaps it)
         vdifs("mount", mp, "--store", store)
         with open(os.path.join(mp, "bg"), "rb") as f:
             assert f.read(10) == b"background"
@@ -95,3 +96,56 @@ def test_background_mount_and_umount(tmp_path):
         if os.path.ismount(mp):
             run("fusermount3", "-u", "-z", mp, check=False)
     assert "mounted" in open(os.path.join(store, "mount.log")).read()
+
+
+def test_mount_or_store_before_or_after_the_action(mount):
+    vdifs("vdi", "create", "--store", mount.store, "a", "1M")
+    for where in (["-m", mount.mp], ["--mount", mount.mp], ["--store", mount.store]):
+        after = vdifs("vdi", "list", *where).stdout
+        before = vdifs("vdi", *where, "list").stdout
+        assert after == before and after.splitlines()[1].split()[0] == "a"
+    listed = json.loads(vdifs("vdi", "list", "--store", mount.store, "--json").stdout)
+    assert [v["name"] for v in listed] == ["a"]
+    listed = json.loads(vdifs("vdi", "--store", mount.store, "list", "--json").stdout)
+    assert [v["name"] for v in listed] == ["a"]
+    one_line_error(vdifs("vdi", "-m", mount.mp, "list", "--store", mount.store, check=False), "not both")
+
+
+def own_mount(tmp_path, name):
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("FUSE tests need root and /dev/fuse")
+    m = MountProc(str(tmp_path / name), str(tmp_path / f"store-{name}"), str(tmp_path / f"{name}.log"))
+    m.start()
+    return m
+
+
+def test_the_one_running_mount_is_found(tmp_path):
+    m = own_mount(tmp_path, "my vdis")  # a space: /proc/mounts writes it as \040
+    try:
+        others = [mp for mp in running_mounts() if mp != m.mp]
+        if others:
+            pytest.skip(f"other vdifs mounts are running: {others}")
+        res = vdifs("vdi", "create", "found", "1M", check=False)
+        if "mounts are running" in res.stderr:
+            pytest.skip("another vdifs mount came up meanwhile")
+        assert res.returncode == 0, res.stderr
+        assert os.listdir(m.mp) == ["found"]
+        assert "found" in vdifs("vdi", "list").stdout
+    finally:
+        m.stop()
+
+
+def test_several_mounts_need_a_choice(tmp_path):
+    a = own_mount(tmp_path, "a")
+    try:
+        b = own_mount(tmp_path, "b b")
+        try:
+            res = vdifs("vdi", "list", check=False)
+            one_line_error(res, "pick one with -m")
+            assert a.mp in res.stderr and b.mp in res.stderr
+            vdifs("vdi", "create", "-m", b.mp, "x", "1M")  # naming one works
+            assert os.listdir(b.mp) == ["x"] and os.listdir(a.mp) == []
+        finally:
+            b.stop()
+    finally:
+        a.stop()

@@ -1,3 +1,4 @@
+import errno
 import io
 
 import pytest
@@ -89,3 +90,7 @@ def test_trailing_bytes_out_of_order_and_oversized_records_are_refused():
         decode(encode([], header(to="x@y")))
     with pytest.raises(DiffFormatError, match="both"):
         decode(encode([], header(from_id=None)))
+
+
+def test_a_bad_stream_is_ebadmsg():
+    assert DiffFormatError("x").errno == errno.EBADMSG

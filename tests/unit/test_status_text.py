@@ -1,4 +1,4 @@
-from vdifs.cli.cluster import _status_text
+from vdifs.cli.cluster import status_text
 
 
 def peer(pid, state, recovery, reachable=True):
@@ -13,7 +13,7 @@ def test_status_shows_progress_rate_and_eta():
         peer("ccc", "up", {"stopped": "stopped: only 20 MiB free, the reserve is 24 MiB"}),
         peer("dddd", "down", {}, reachable=False),
     ]}
-    text = _status_text(info)
+    text = status_text(info)
     assert "epoch 7  peers 3 up, 1 down" in text
     assert "degraded: 75 object replicas still to recover" in text  # a's 75 (c's pass stopped at 0/0)
     line = next(ln for ln in text.splitlines() if ln.startswith("a "))

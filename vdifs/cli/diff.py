@@ -15,12 +15,14 @@ snapshot, which restores its exact bytes.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from vdifs.cli.common import MAP_TIMEOUT, RESIZE_TIMEOUT, Progress, format_bytes
 from vdifs.errors import VdifsError
 from vdifs.model.diffstream import MAX_DATA, DiffHeader, DiffReader, DiffWriter
 from vdifs.model.sizes import format_size
@@ -28,10 +30,31 @@ from vdifs.model.zeros import is_zero
 
 Call = Callable[..., Any]
 ZERO_CHUNK = bytes(1 << 20)
+DIFF_TIMEOUT = 600.0  # seconds for comparing, or rolling back, a whole VDI's map
+
+
+def add_parsers(actions: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
+    """The `vdi export-diff` and `vdi import-diff` actions."""
+    ex = actions.add_parser("export-diff", parents=parents,
+                            help="write a snapshot, or what changed since an older one, as a stream",
+                            description="Write NAME@SNAP (whole, or only what changed since snapshot FROM) to "
+                                        "FILE or stdout ('-') in the vdifs diff format (docs/diff-format.md): "
+                                        "checksummed, in bounded memory, so any size streams through a pipe.")
+    ex.add_argument("target", metavar="NAME@SNAP")
+    ex.add_argument("file", metavar="FILE|-")
+    ex.add_argument("--from", dest="since", metavar="FROM", help="an older snapshot of the same VDI")
+    im = actions.add_parser("import-diff", parents=parents,
+                            help="apply a diff stream to a VDI (a new one for a full stream)",
+                            description="Read a stream from FILE or stdin ('-'). A full stream creates NAME; an "
+                                        "incremental one applies to NAME, which must have the stream's base "
+                                        "snapshot and be unchanged since. Either way NAME@SNAP is created. A "
+                                        "corrupt or truncated stream changes nothing.")
+    im.add_argument("file", metavar="FILE|-")
+    im.add_argument("name", metavar="NAME")
 
 
 class DiffError(VdifsError):
-    pass
+    """A stream that does not fit the VDI it is exported from or imported into."""
 
 
 def snapshot_id(s: dict[str, Any]) -> str:
@@ -46,27 +69,6 @@ def _snapshots(tree: list[dict[str, Any]], name: str) -> tuple[dict[str, Any], d
     return vdi, {s["name"]: s for s in vdi["snapshots"]}
 
 
-class _Progress:
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done = label, total, 0
-        self.show = sys.stderr.isatty()
-        self._last = 0.0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.show and (now - self._last > 0.2 or self.done >= self.total):
-            self._last = now
-            frac = 1.0 if not self.total else min(1.0, self.done / self.total)
-            bar = "#" * int(frac * 24) + "." * (24 - int(frac * 24))
-            print(f"\r{self.label}: [{bar}] {frac:4.0%} {format_size(self.done)} of {format_size(self.total)}",
-                  end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.show:
-            print(file=sys.stderr)
-
-
 def export_diff(call: Call, mountpoint: str, target: str, since: str | None, dest: str) -> str:
     name, _, snap = target.partition("@")
     if not snap:
@@ -76,7 +78,7 @@ def export_diff(call: Call, mountpoint: str, target: str, since: str | None, des
         raise DiffError(f"VDI {name!r} has no snapshot {snap!r}")
     if since is not None and since not in snaps:
         raise DiffError(f"VDI {name!r} has no snapshot {since!r} to start from")
-    d = call("vdi.diff", {"name": name, "snapshot": snap, "from": since}, timeout=600)
+    d = call("vdi.diff", {"name": name, "snapshot": snap, "from": since}, timeout=DIFF_TIMEOUT)
     header = DiffHeader(name=name, size=d["size"], object_size=d["object_size"], to=snap,
                         to_id=snapshot_id(snaps[snap]), created=time.time(), from_=since,
                         from_id=None if since is None else snapshot_id(snaps[since]))
@@ -87,7 +89,8 @@ def export_diff(call: Call, mountpoint: str, target: str, since: str | None, des
     else:
         tmp = f"{dest}.part"
         out = open(tmp, "wb")
-    progress = _Progress(f"export {target}", sum(n for _, n, kind in d["extents"] if kind == "data"))
+    progress = Progress(f"export {target}", sum(n for _, n, kind in d["extents"] if kind == "data"),
+                        amount=format_bytes)
     try:
         fd = os.open(os.path.join(mountpoint, ".snapshots", f"{name}@{snap}"), os.O_RDONLY)
         try:
@@ -164,7 +167,7 @@ def import_diff(call: Call, mountpoint: str, source: str, name: str) -> str:
                                 f"(id {snapshot_id(base)}, the diff wants {h.from_id})")
             if h.to in snaps:
                 raise DiffError(f"VDI {name!r} already has a snapshot {h.to!r}")
-            since = call("vdi.diff", {"name": name, "from": h.from_}, timeout=600)
+            since = call("vdi.diff", {"name": name, "from": h.from_}, timeout=DIFF_TIMEOUT)
             base_size = base["size"]
             if since["extents"] or vdi["size"] != base_size:
                 raise DiffError(f"VDI {name!r} changed since snapshot {h.from_!r}: roll it back first "
@@ -174,12 +177,12 @@ def import_diff(call: Call, mountpoint: str, source: str, name: str) -> str:
             call("vdi.create", {"name": name, "size": h.size})
         try:
             if not created and h.size != base_size:
-                call("vdi.resize", {"name": name, "size": h.size}, timeout=3600)
+                call("vdi.resize", {"name": name, "size": h.size}, timeout=RESIZE_TIMEOUT)
             data = _apply(reader, os.path.join(mountpoint, name), fresh=created)
-            call("vdi.snapshot", {"name": name, "snapshot": h.to, "id": h.to_id}, timeout=300)
+            call("vdi.snapshot", {"name": name, "snapshot": h.to, "id": h.to_id}, timeout=MAP_TIMEOUT)
         except BaseException as e:
             undo = (lambda: call("vdi.delete", {"name": name})) if created else \
-                (lambda: call("vdi.rollback", {"name": name, "snapshot": h.from_}, timeout=600))
+                (lambda: call("vdi.rollback", {"name": name, "snapshot": h.from_}, timeout=DIFF_TIMEOUT))
             try:
                 undo()
             except VdifsError as again:

@@ -1,4 +1,7 @@
-"""Control client: one request, one reply, with a timeout on every wait."""
+"""The command line's side of a mount's control socket: find the socket of
+a mount or store, and send it one request for one reply, with a timeout on
+every wait. (The mount's side is vdifs.control.server; vdifs.client is the
+mount's VDI engine, not this.)"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from vdifs.wire.frames import ConnectionClosed, FrameStream, ProtocolError, chec
 
 CONTROL_SOCKET = "control.sock"
 XATTR_CONTROL = "user.vdifs.control"
+DEFAULT_TIMEOUT = 30.0  # seconds to wait for an answer to a quick request
 
 
 class NotMounted(VdifsError):
@@ -30,10 +34,12 @@ def socket_for_mount(mountpoint: str) -> str:
 
 
 def socket_for_store(store: str) -> str:
+    """The control socket a mount of `store` listens on."""
     return os.path.join(store, CONTROL_SOCKET)
 
 
-async def call(path: str, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0) -> Any:
+async def call(path: str, op: str, args: dict[str, Any] | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """Send `op` to the mount at socket `path`; its result, or its error raised."""
     with trio.fail_after(timeout):
         try:
             stream = await trio.open_unix_socket(path)

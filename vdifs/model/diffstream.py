@@ -20,6 +20,7 @@ what to undo. Memory stays bounded by one data record.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import struct
 from collections.abc import Iterator
@@ -44,7 +45,7 @@ _LEN = struct.Struct(">I")
 class DiffFormatError(VdifsError):
     """The stream is not a valid vdifs diff (corrupt, truncated, misordered)."""
 
-    errno = 74  # EBADMSG
+    errno = errno.EBADMSG
 
 
 @dataclass
