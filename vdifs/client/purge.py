@@ -65,11 +65,12 @@ class Purger:
             self._send.send_nowait(job)
 
     async def resume(self, *, shared: bool) -> None:
-        """At mount start: release reservations an interrupted snapshot, clone or
-        rollback left, and queue the deletes and collections the directory
-        says are unfinished. Alone on the pool (not `shared`), also queue
-        vids that have objects but no record (a crash between a reservation's
-        release and its purge, or a reservation whose release was lost)."""
+        """At mount start: release the reservations an interrupted snapshot,
+        clone or rollback left (in a shared pool only those older than
+        RESERVATION_TTL: another mount may be using a young one); a released
+        vid is tombstoned, so queue every tombstone and every family with
+        deleted snapshots. Alone on the pool (not `shared`), also free vids
+        that have objects but no record at all."""
         d = self.directory.current
         stale = [v for v, r in d.reserved.items()
                  if not shared or time.time() - float(r.get("at", 0)) > RESERVATION_TTL]
