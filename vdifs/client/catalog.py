@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import trio
 
-from vdifs.client.pool import ObjectPool
+from vdifs.client.pool import ObjectPool, register_data_vids
 from vdifs.client.purge import Purger
 from vdifs.client.volume import Volume
 from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
@@ -54,11 +54,11 @@ class Catalog:
         self._volumes: OrderedDict[int, Volume] = OrderedDict()
         self._load_locks: dict[int, trio.Lock] = {}
         self._snapshots: OrderedDict[int, Volume] = OrderedDict()  # read-only, by data vid
-        self.copies_override: int | None = None  # `vdifs mount --copies`
+        self._copies_override: int | None = None  # `vdifs mount --copies`
 
     @property
     def default_copies(self) -> int:
-        return self.copies_override or self.pool.default_copies
+        return self._copies_override or self.pool.default_copies
 
     def check_copies(self, copies: int, *, what: str = "copies") -> int:
         """`copies` if this pool can keep that many copies, else InvalidArgument."""
@@ -68,7 +68,7 @@ class Catalog:
 
     def override_copies(self, copies: int) -> None:
         """`vdifs mount --copies`: the copies of VDIs created without a count."""
-        self.copies_override = self.check_copies(copies, what=f"--copies {copies}:")
+        self._copies_override = self.check_copies(copies, what=f"--copies {copies}:")
 
     # -- life cycle ------------------------------------------------------------
 
@@ -162,7 +162,7 @@ class Catalog:
                 found = self.current.by_vid(vid)
                 if found is None:
                     raise VdiNotFound(f"no VDI with vid {vid}")
-                self.register(found[1])
+                self.register_with_pool(found[1])
                 vol = await Volume.load(self.pool, replace(found[1]), self.persist_meta,
                                         reconcile=not self.shared)
                 self._evict_idle()  # before inserting: the caller has not pinned it yet
@@ -174,11 +174,10 @@ class Catalog:
         """The volume of a vid if it is loaded (no I/O, no loading)."""
         return self._volumes.get(vid)
 
-    def register(self, rec: VdiRecord) -> None:
+    def register_with_pool(self, rec: VdiRecord) -> None:
         """Tell the pool the copies of every data vid a map may point at, and
         which lease guards the VDI's own objects."""
-        for vid, copies in self.current.copies_by_data_vid().items():
-            self.pool.register_vdi(vid, copies)
+        register_data_vids(self.pool, self.current)
         self.pool.register_vdi(rec.data_vid, rec.copies, lease_vid=rec.vid)
 
     def _evict_idle(self) -> None:
@@ -339,7 +338,7 @@ class Catalog:
         copies = self.check_copies(self.default_copies if copies is None else copies)
         rec = await self.directory.update(
             lambda d: d.create(name, size, copies=copies, mode=mode, uid=uid, gid=gid, shared=shared))
-        self.register(rec)
+        self.register_with_pool(rec)
         log.info("created VDI %r (vid %d, %s)", name, rec.vid, format_size(size))
         return rec
 
@@ -432,8 +431,7 @@ class Catalog:
         rec = VdiRecord(vid=data_vid, size=s.size, ctime=s.ctime, mtime=s.ctime, atime=s.ctime,
                         copies=s.copies, object_order=s.object_order, mode=self.current.get(name).mode & 0o7555,
                         uid=self.current.get(name).uid, gid=self.current.get(name).gid)
-        for vid, copies in self.current.copies_by_data_vid().items():
-            self.pool.register_vdi(vid, copies)
+        register_data_vids(self.pool, self.current)
         vol = await Volume.load(self.pool, rec, self.persist_meta, reconcile=False)
         vol.read_only = True
         self._snapshots[data_vid] = vol

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from vdifs.model.directory import Directory
+
 
 @dataclass(frozen=True)
 class PoolSpace:
@@ -71,3 +73,10 @@ class ObjectPool(Protocol):
         """Counters for `status`: how the pool's I/O was carried out."""
 
     async def aclose(self) -> None: ...
+
+
+def register_data_vids(pool: ObjectPool, directory: Directory) -> None:
+    """Tell the pool the copies of every data vid a map may point at (a
+    clone's ancestors may keep fewer or more copies than the clone)."""
+    for vid, copies in directory.copies_by_data_vid().items():
+        pool.register_vdi(vid, copies)

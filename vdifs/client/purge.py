@@ -22,7 +22,7 @@ import time
 
 import trio
 
-from vdifs.client.pool import ObjectPool
+from vdifs.client.pool import ObjectPool, register_data_vids
 from vdifs.client.volume import load_map
 from vdifs.meta.directory_service import DirectoryService
 from vdifs.model.directory import Directory
@@ -143,8 +143,7 @@ class Purger:
         retired = d.retired_of(family)
         if not retired:
             return
-        for vid, copies in d.copies_by_data_vid().items():
-            self.pool.register_vdi(vid, copies)
+        register_data_vids(self.pool, d)
         referenced: dict[int, set[int]] = {v: set() for v in retired}
         for data_vid, size in d.live_maps(family):
             objmap = await load_map(self.pool, data_vid, size, d.object_size_of(data_vid))

@@ -91,7 +91,7 @@ class Snapshots:
                     await self._release(new)
                     raise
                 vol.switch_data_vid(replace(after, mtime=vol.record.mtime, atime=vol.record.atime))
-                self.catalog.register(after)
+                self.catalog.register_with_pool(after)
         log.info("snapshot %s@%s: data vid %d frozen (%s); the VDI goes on under data vid %d",
                  name, snap, s.vid, format_size(s.size), new)
         return s
@@ -113,7 +113,7 @@ class Snapshots:
         except BaseException:
             await self._release(new)
             raise
-        self.catalog.register(rec)
+        self.catalog.register_with_pool(rec)
         log.info("cloned %s@%s as VDI %r (vid %d, %d objects shared)", name, snap, new_name, rec.vid,
                  src.map.allocated)
         return rec
@@ -138,7 +138,7 @@ class Snapshots:
                 raise
             after = self.catalog.current.get(self.catalog.name_of(rec.vid))
             await vol.reload(replace(after))
-            self.catalog.register(after)
+            self.catalog.register_with_pool(after)
         self.catalog.purger.purge_vid(old)
         self.catalog.purger.collect_family(after.family)
         log.info("rolled VDI %r back to snapshot %r (%s); freeing its data vid %d", name, snap,
