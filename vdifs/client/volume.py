@@ -17,7 +17,8 @@ Durability order on flush: data objects are synced, then dirty map pages
 are written and synced, then the directory record (size, mtime) is
 updated. A crash at any point leaves either the old or the new state of
 every acknowledged-and-flushed write; `reconcile()` at load time cleans
-what an interrupted allocation or free left behind.
+what an interrupted allocation or free left behind. The whole write path,
+its tasks and what a crash at each step leaves: docs/developer-notes/volume.md.
 """
 
 from __future__ import annotations
