@@ -3,7 +3,7 @@ import os
 import pytest
 
 from vdifs.client.catalog import Catalog
-from vdifs.client.pool import LocalPool
+from vdifs.client.local import LocalPool
 from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.register import FileRegister
 from vdifs.store.objects import ObjectStore

@@ -192,13 +192,13 @@ async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, m
 
     import trio
 
-    from vdifs.store import files
+    from vdifs.store import files as store_files
 
     oid = data_oid(7, 0)
     await store.create(oid, 0, b"data", 4096)
     store.close()  # no cached handle: the read must open
     opened, release = threading.Event(), threading.Event()
-    real = files.open_object
+    real = store_files.open_object
 
     def slow_open(path):
         result = real(path)
@@ -206,7 +206,7 @@ async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, m
         release.wait(10)
         return result
 
-    monkeypatch.setattr(files, "open_object", slow_open)
+    monkeypatch.setattr(store_files, "open_object", slow_open)
     outcome = []
 
     async def reader():
@@ -218,7 +218,7 @@ async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, m
     async with trio.open_nursery() as n:
         n.start_soon(reader)
         await trio.to_thread.run_sync(opened.wait, 10)
-        monkeypatch.setattr(files, "open_object", real)
+        monkeypatch.setattr(store_files, "open_object", real)
         await store.hand_off([oid], epoch=2)
         release.set()
     assert outcome == ["gone"]

@@ -5,6 +5,7 @@ import random
 import pytest
 import trio
 
+from vdifs.client.snapshots import Snapshots
 from vdifs.errors import TooLarge, VdiNotFound
 from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid
 from vdifs.model.objmap import PENDING_DELETE
@@ -77,7 +78,7 @@ async def test_limits(store_dir, nursery):
         await vol.write(MAX_VDI_SIZE, b"x")
     with pytest.raises(TooLarge):
         await vol.truncate(MAX_VDI_SIZE + 1)
-    assert len(vol.map._pages) == 1  # the sparse map stays small
+    assert vol.map.page_count == 1  # the sparse map stays small
 
 
 async def test_concurrent_writers_on_one_object(store_dir, nursery):
@@ -127,7 +128,7 @@ async def test_reconcile_cleans_crash_leftovers(store_dir):
         # that stopped after PENDING_DELETE, an object past the size
         await cat.pool.create(data_oid(rec.vid, 2), 0, b"leak", OBJ)
         vol.map.set(1, PENDING_DELETE)
-        await vol._write_dirty_map()
+        await vol.flush()  # the PENDING_DELETE entry is stored
         await cat.pool.create(data_oid(rec.vid, 9), 0, b"beyond", OBJ)
         n.cancel_scope.cancel()
     async with trio.open_nursery() as n:
@@ -178,6 +179,33 @@ async def test_zeroing_in_small_writes_frees_the_object(store_dir, nursery):
     assert len(await data_objects(cat, rec.vid)) == 1
 
 
+async def test_zero_check_leaves_no_index_lock_behind(store_dir, nursery):
+    """Every path through a write drops the index lock it took, also a zero
+    check that gives up early because another write to the object is in flight."""
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("locks", 2 * OBJ)
+    vol = await cat.open(rec.vid)
+    await vol.write(OBJ, b"\1" * 4096)
+    real_write = cat.pool.write
+    in_flight, release = trio.Event(), trio.Event()
+
+    async def held_write(oid, offset, data):
+        if offset == 0:  # the overwrite at the object's start stays in flight
+            in_flight.set()
+            await release.wait()
+        return await real_write(oid, offset, data)
+
+    cat.pool.write = held_write
+    async with trio.open_nursery() as n:
+        n.start_soon(vol.write, OBJ, bytes(4096))
+        await in_flight.wait()
+        await vol.write(2 * OBJ - 4096, bytes(4096))  # ends at the object's end: a zero check
+        release.set()
+    cat.pool.write = real_write
+    assert vol.locked_indexes == set()
+    assert await vol.read(OBJ, 8192) == bytes(8192)
+
+
 async def test_zero_check_voided_by_concurrent_write(store_dir, nursery):
     cat = await open_catalog(store_dir, nursery)
     rec = await cat.create("race", OBJ)
@@ -213,7 +241,7 @@ async def test_volume_stays_pinned_while_resized(store_dir, nursery, monkeypatch
 
     async def free_and_load(self, index):
         await cat.volume(others[index % 4].vid)  # loads evict idle volumes
-        seen.append(cat._volumes.get(a.vid) is self)
+        seen.append(cat.loaded(a.vid) is self)
         await real_free(self, index)
 
     monkeypatch.setattr(type(vol), "free_object", free_and_load)
@@ -284,7 +312,7 @@ async def test_a_snapshot_cut_waits_for_a_write_in_flight(store_dir, nursery):
     cut = trio.Event()
 
     async def snapshot():
-        await cat.snapshot("v", "s")
+        await Snapshots(cat).snapshot("v", "s")
         cut.set()
 
     nursery.start_soon(snapshot)

@@ -48,14 +48,14 @@ def test_little_endian_on_disk():
 def test_sparse_memory_and_dirty_tracking():
     m = ObjectMap()
     m.set(5 * CHUNK_ENTRIES + 3, 2)  # far into a huge VDI: one page, not gigabytes
-    assert len(m._pages) == 1
+    assert m.page_count == 1
     assert m.take_dirty() == [(5 * CHUNK_ENTRIES + 3) // PAGE_ENTRIES]
     assert not m.dirty
     assert m.set(17, NON_EXISTENT) == NON_EXISTENT and not m.dirty  # clearing a hole is a no-op
     m.set(5 * CHUNK_ENTRIES + 3, NON_EXISTENT)
     m.take_dirty()
     m.drop_empty_pages()
-    assert m._pages == {} and m.allocated == 0
+    assert m.page_count == 0 and m.allocated == 0
 
 
 def test_short_chunk_loads():

@@ -1,22 +1,18 @@
 """The object-pool interface: everything the mount needs from storage.
 
 The mount (volumes, catalog, FUSE) only ever talks to an `ObjectPool`. The
-embedded single-node pool (`LocalPool`) runs a peer's `ObjectStore` in the
-mount's own process; the cluster puts remote, replicated peers behind the
-same interface.
+embedded single-node pool (`client.local.LocalPool`) runs an `ObjectStore`
+in the mount's own process; the cluster (`client.remote.RemotePool`) puts
+remote, replicated peers behind the same interface.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from vdifs.errors import ChecksumError, PoolError
-from vdifs.store.objects import ObjectStore
-
-log = logging.getLogger("vdifs.pool")
+from vdifs.model.directory import Directory
 
 
 @dataclass(frozen=True)
@@ -79,45 +75,8 @@ class ObjectPool(Protocol):
     async def aclose(self) -> None: ...
 
 
-class LocalPool:
-    """The embedded pool: one in-process store, one copy of every object."""
-
-    max_copies = 1
-    default_copies = 1
-
-    def __init__(self, store: ObjectStore) -> None:
-        self.store = store
-        self.write = store.write
-        self.create = store.create
-        self.delete = store.delete
-        self.sync = store.sync
-        self.list_vids = store.list_vids
-        self.list_objects = store.list_objects
-        self.finish_vid = store.remove_vid_dir
-
-    async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
-        try:
-            return await self.store.read(oid, offset, length)
-        except ChecksumError as e:
-            # One copy, and it rotted: an I/O error, never the bad bytes.
-            log.error("%s; there is no other copy to repair it from", e)
-            raise PoolError(str(e)) from None
-
-    def register_vdi(self, vid: int, copies: int, lease_vid: int | None = None) -> None:
-        pass  # one copy of everything
-
-    def set_generation(self, vid: int, generation: int | None) -> None:
-        pass  # one mount per store: no leases
-
-    async def fence(self, vid: int, generation: int) -> None:
-        pass
-
-    async def space(self) -> PoolSpace:
-        total, free = await self.store.space()
-        return PoolSpace(total, free, 1)
-
-    def io_stats(self) -> dict[str, int]:
-        return self.store.io_stats()
-
-    async def aclose(self) -> None:
-        self.store.close()
+def register_data_vids(pool: ObjectPool, directory: Directory) -> None:
+    """Tell the pool the copies of every data vid a map may point at (a
+    clone's ancestors may keep fewer or more copies than the clone)."""
+    for vid, copies in directory.copies_by_data_vid().items():
+        pool.register_vdi(vid, copies)

@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import secrets
+import socket
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
 
+from vdifs.client.catalog import Catalog
 from vdifs.client.pool import PoolSpace
 from vdifs.errors import ObjectExists, ObjectNotFound, PoolError, VdifsError
-from vdifs.meta.consensus import MetaClient
-from vdifs.meta.credentials import Credentials
+from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
+from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials
+from vdifs.meta.directory_service import DirectoryService
+from vdifs.meta.lease import DEFAULT_TERM, LeaseManager
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import unpack_oid
 from vdifs.model.placement import placement
@@ -150,10 +157,17 @@ class RemotePool:
         try:
             return await self.rpc.call(address, op, args, timeout=timeout)
         except RemoteError as e:
-            if e.errno == ESTALE_EPOCH and isinstance(e.result, dict) and "map" in e.result:
-                self._adopt(ClusterMap.from_dict(e.result["map"]))
-                raise _StaleMap() from None
+            stale = self._stale(e)
+            if stale is not None:
+                raise stale from None
             raise
+
+    def _stale(self, error: RemoteError) -> _StaleMap | None:
+        """A refusal for a stale epoch: adopt the newer map the peer sent with it."""
+        if error.errno == ESTALE_EPOCH and isinstance(error.result, dict) and "map" in error.result:
+            self._adopt(ClusterMap.from_dict(error.result["map"]))
+            return _StaleMap()
+        return None
 
     async def _with_fresh_map(self, fn: Callable[[ClusterMap], Awaitable[T]]) -> T:
         """Run an attempt against one map; on a stale-epoch refusal, again with the
@@ -214,11 +228,7 @@ class RemotePool:
             try:
                 results[i] = await call.finish(DATA_TIMEOUT)
             except RemoteError as e:
-                if e.errno == ESTALE_EPOCH and isinstance(e.result, dict) and "map" in e.result:
-                    self._adopt(ClusterMap.from_dict(e.result["map"]))
-                    errors.append(_StaleMap())
-                else:
-                    errors.append(e)
+                errors.append(self._stale(e) or e)
             except VdifsError as e:
                 errors.append(e)
         if errors:
@@ -352,3 +362,39 @@ class RemotePool:
 
     async def aclose(self) -> None:
         await self.rpc.aclose()
+
+
+@dataclass
+class ClusterAccess:
+    """What a mount needs to join a cluster: its seed addresses and secret
+    (read when this is made, so a missing secret fails before mounting),
+    the lease term, and how long a write waits for a replica's replacement."""
+
+    seeds: list[str]
+    creds: Credentials
+    lease_term: float = DEFAULT_TERM
+    io_wait: float = REPLICA_WAIT
+
+    @classmethod
+    def load(cls, seeds: list[str], secret_file: str | None = None, *, lease_term: float | None = None,
+             io_wait: float = REPLICA_WAIT) -> ClusterAccess:
+        return cls(list(seeds), read_credentials(secret_file or default_secret_file()),
+                   DEFAULT_TERM if lease_term is None else lease_term, io_wait)
+
+    async def open_catalog(self, nursery: trio.Nursery, mountpoint: str) -> Catalog:
+        """Connect to the cluster and return the catalog of its shared
+        directory, with leases held under a fresh node id (renewed by a task
+        in `nursery`)."""
+        node_id = f"mount-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        remote = RemotePool(self.seeds, self.creds, nursery, node_id, io_wait=self.io_wait)
+        cmap = await remote.connect()
+        log.info("cluster %s: epoch %d, %d peers up, copies %d", cmap.cluster_id, cmap.epoch,
+                 len(cmap.up_peers()), cmap.copies)
+        leases = LeaseManager(node_id, {"host": socket.gethostname(), "pid": os.getpid(),
+                                        "mountpoint": mountpoint},
+                              lambda vid: remote.meta.register(f"lock/{vid}"), remote.fence,
+                              term=self.lease_term)
+        catalog = Catalog(remote, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True,
+                          leases=leases)
+        nursery.start_soon(leases.run)
+        return catalog

@@ -17,7 +17,8 @@ Durability order on flush: data objects are synced, then dirty map pages
 are written and synced, then the directory record (size, mtime) is
 updated. A crash at any point leaves either the old or the new state of
 every acknowledged-and-flushed write; `reconcile()` at load time cleans
-what an interrupted allocation or free left behind.
+what an interrupted allocation or free left behind. The whole write path,
+its tasks and what a crash at each step leaves: docs/developer-notes/volume.md.
 """
 
 from __future__ import annotations
@@ -163,8 +164,15 @@ class Volume:
         return lock
 
     def _drop_index_lock(self, index: int, lock: trio.Lock) -> None:
+        """Forget an index's lock once nobody holds or awaits it (every
+        path that took `_index_lock` calls this, also on errors)."""
         if not lock.locked() and lock.statistics().tasks_waiting == 0:
             self._locks.pop(index, None)
+
+    @property
+    def locked_indexes(self) -> set[int]:
+        """Indexes that have a lock now (taken, awaited, or not yet dropped)."""
+        return set(self._locks)
 
     def touch(self) -> None:
         self.record.mtime = time.time()
@@ -311,9 +319,11 @@ class Volume:
                     await self._free_if_zero(index)
                 return
         lock = self._index_lock(index)
-        async with lock:
-            await self._write_extent_locked(e, data, whole)
-        self._drop_index_lock(index, lock)
+        try:
+            async with lock:
+                await self._write_extent_locked(e, data, whole)
+        finally:
+            self._drop_index_lock(index, lock)
 
     async def _free_if_zero(self, index: int) -> None:
         """Free an object that zero writes (FUSE splits them) made all zero.
@@ -324,18 +334,20 @@ class Volume:
         ever freed.
         """
         lock = self._index_lock(index)
-        async with lock:
-            if self.map.get(index) != self.data_vid or self._inflight.get(index):
-                return
-            self._zero_checks[index] = False
-            try:
-                content = await self.pool.read(data_oid(self.data_vid, index), 0, self.object_size)
-                voided = self._zero_checks[index] or bool(self._inflight.get(index))
-            finally:
-                del self._zero_checks[index]
-            if not voided and is_zero(content):
-                await self._free_locked(index)  # marks PENDING_DELETE before its first await
-        self._drop_index_lock(index, lock)
+        try:
+            async with lock:
+                if self.map.get(index) != self.data_vid or self._inflight.get(index):
+                    return
+                self._zero_checks[index] = False
+                try:
+                    content = await self.pool.read(data_oid(self.data_vid, index), 0, self.object_size)
+                    voided = self._zero_checks[index] or bool(self._inflight.get(index))
+                finally:
+                    del self._zero_checks[index]
+                if not voided and is_zero(content):
+                    await self._free_locked(index)  # marks PENDING_DELETE before its first await
+        finally:
+            self._drop_index_lock(index, lock)
 
     async def _write_extent_locked(self, e: Extent, data: bytes | memoryview, whole: bool) -> None:
         entry = self.map.get(e.index)
@@ -401,18 +413,20 @@ class Volume:
         self._check_writable()
         async with self._changing():
             lock = self._index_lock(index)
-            async with lock:
-                entry = self.map.get(index)
-                copied = is_allocated(entry) and entry != self.data_vid and entry not in own
-                if copied:
-                    body = await self.pool.read(data_oid(entry, index), 0, self.object_size)
-                    oid = data_oid(self.data_vid, index)
-                    await self.pool.create(oid, 0, body, self.object_size)
-                    self._dirty_data.add(oid)
-                    self.copied_up += 1
-                    self.map.set(index, self.data_vid)
-                    await self._write_map_page(index)
-            self._drop_index_lock(index, lock)
+            try:
+                async with lock:
+                    entry = self.map.get(index)
+                    copied = is_allocated(entry) and entry != self.data_vid and entry not in own
+                    if copied:
+                        body = await self.pool.read(data_oid(entry, index), 0, self.object_size)
+                        oid = data_oid(self.data_vid, index)
+                        await self.pool.create(oid, 0, body, self.object_size)
+                        self._dirty_data.add(oid)
+                        self.copied_up += 1
+                        self.map.set(index, self.data_vid)
+                        await self._write_map_page(index)
+            finally:
+                self._drop_index_lock(index, lock)
         return copied
 
     async def _free_locked(self, index: int) -> None:
@@ -430,10 +444,12 @@ class Volume:
 
     async def free_object(self, index: int) -> None:
         lock = self._index_lock(index)
-        async with lock:
-            if is_allocated(self.map.get(index)) or self.map.get(index) == PENDING_DELETE:
-                await self._free_locked(index)
-        self._drop_index_lock(index, lock)
+        try:
+            async with lock:
+                if is_allocated(self.map.get(index)) or self.map.get(index) == PENDING_DELETE:
+                    await self._free_locked(index)
+        finally:
+            self._drop_index_lock(index, lock)
 
     # -- object map persistence ----------------------------------------------
 

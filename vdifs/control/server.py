@@ -8,6 +8,7 @@ one-line message.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -19,8 +20,11 @@ import trio
 
 from vdifs import __version__
 from vdifs.client.catalog import Catalog
+from vdifs.client.reports import Reports
+from vdifs.client.snapshots import Snapshots
 from vdifs.errors import InvalidArgument, VdifsError
-from vdifs.wire.frames import ConnectionClosed, FrameStream, ProtocolError, check_request
+from vdifs.wire import args as arg
+from vdifs.wire.frames import DEFAULT_MAX_FRAME, ConnectionClosed, FrameStream, ProtocolError, check_request
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +33,37 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 Invalidate = Callable[[str, int, list[str]], None]
 
 
-def _arg(args: dict[str, Any], key: str, kind: type) -> Any:
-    value = args.get(key)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InvalidArgument(f"argument {key!r} must be {kind.__name__}")
-    return value
+#: Strings and integers are taken as long or as large as a frame can carry
+#: them; what they name is checked where they are used.
+_ANY_INT = (-(1 << 63), (1 << 64) - 1)
+
+
+def _text(args: dict[str, Any], key: str, *, optional: bool = False) -> Any:
+    """A string argument; `optional`: absent or nil is None."""
+    if optional:
+        return arg.text(args, key, max_len=DEFAULT_MAX_FRAME, default=None)
+    return arg.text(args, key, max_len=DEFAULT_MAX_FRAME)
+
+
+def _int(args: dict[str, Any], key: str, *, optional: bool = False) -> Any:
+    """An integer argument; `optional`: absent or nil is None."""
+    lo, hi = _ANY_INT
+    if optional:
+        return arg.integer(args, key, lo, hi, default=None)
+    return arg.integer(args, key, lo, hi)
+
+
+def _flag(args: dict[str, Any], key: str) -> bool:
+    """A flag: any true value sets it, as it always has (older callers may send 1 or nil)."""
+    return bool(args.get(key))
 
 
 class ControlServer:
     def __init__(self, catalog: Catalog, path: str, status: dict[str, Any],
                  invalidate: Invalidate | None = None) -> None:
         self.catalog = catalog
+        self.snapshots = Snapshots(catalog)
+        self.reports = Reports(catalog)
         self.path = path
         self.status_info = status
         self.invalidate = invalidate or (lambda event, vid, names: None)
@@ -110,7 +134,7 @@ class ControlServer:
                     reply = [rid, e.errno, str(e)]
                 except Exception as e:
                     log.exception("control: %s failed", op)
-                    reply = [rid, 5, f"internal error: {e}"]
+                    reply = [rid, errno.EIO, f"internal error: {e}"]
                 await frames.send(reply)
         except ProtocolError as e:
             log.warning("control: dropped a connection: %s", e)
@@ -137,7 +161,7 @@ class ControlServer:
     async def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         space = await self.catalog.pool.space()
         return {**self.status_info, "version": __version__, "pid": os.getpid(),
-                "vdis": len(self.catalog.current.vdis), "deleting": self.catalog.pending_purges,
+                "vdis": len(self.catalog.current.vdis), "deleting": self.catalog.purger.pending,
                 "total": space.total, "free": space.free, "copies": space.copies,
                 "io": self.catalog.pool.io_stats()}
 
@@ -148,90 +172,85 @@ class ControlServer:
         return [await self._summary(name) for name, _ in self.catalog.listing()]
 
     async def op_info(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._summary(_arg(args, "name", str))
+        return await self._summary(_text(args, "name"))
 
     async def op_create(self, args: dict[str, Any]) -> dict[str, Any]:
-        name, size = _arg(args, "name", str), _arg(args, "size", int)
-        copies = args.get("copies")
-        if copies is not None:
-            copies = _arg(args, "copies", int)
-        await self.catalog.create(name, size, copies=copies, mode=0o644, shared=bool(args.get("shared")))
+        name, size = _text(args, "name"), _int(args, "size")
+        copies = _int(args, "copies", optional=True)
+        await self.catalog.create(name, size, copies=copies, mode=0o644, shared=_flag(args, "shared"))
         return await self._summary(name)
 
     async def op_delete(self, args: dict[str, Any]) -> None:
-        name = _arg(args, "name", str)
+        name = _text(args, "name")
         snaps = [f"{name}@{s}" for s in self.catalog.current.get(name).snapshots]
-        vid = await self.catalog.delete(name, with_snapshots=bool(args.get("snapshots")))
+        vid = await self.catalog.delete(name, with_snapshots=_flag(args, "snapshots"))
         self.invalidate("delete", vid, [name])
         self.invalidate("snapshot-delete", 0, snaps)
 
     async def op_resize(self, args: dict[str, Any]) -> dict[str, Any]:
-        name, size = _arg(args, "name", str), _arg(args, "size", int)
+        name, size = _text(args, "name"), _int(args, "size")
         rec = await self.catalog.resize(name, size)
         self.invalidate("resize", rec.vid, [])
         return await self._summary(name)
 
     async def op_rename(self, args: dict[str, Any]) -> None:
-        old, new = _arg(args, "old", str), _arg(args, "new", str)
+        old, new = _text(args, "old"), _text(args, "new")
         vid = self.catalog.lookup(old).vid
         await self.catalog.rename(old, new)
         self.invalidate("rename", vid, [old, new])
 
     async def op_snapshot(self, args: dict[str, Any]) -> dict[str, Any]:
-        name, snap = _arg(args, "name", str), _arg(args, "snapshot", str)
-        ident = None if args.get("id") is None else _arg(args, "id", str)
-        s = await self.catalog.snapshot(name, snap, ident)
+        name, snap = _text(args, "name"), _text(args, "snapshot")
+        ident = _text(args, "id", optional=True)
+        s = await self.snapshots.snapshot(name, snap, ident)
         self.invalidate("snapshot", 0, [f"{name}@{snap}"])
         return {"name": name, "snapshot": snap, "data_vid": s.vid, "size": s.size, "ctime": s.ctime, "id": s.id}
 
     async def op_snapshot_delete(self, args: dict[str, Any]) -> None:
-        name, snap = _arg(args, "name", str), _arg(args, "snapshot", str)
-        await self.catalog.delete_snapshot(name, snap)
+        name, snap = _text(args, "name"), _text(args, "snapshot")
+        await self.snapshots.delete_snapshot(name, snap)
         self.invalidate("snapshot-delete", 0, [f"{name}@{snap}"])
 
     async def op_clone(self, args: dict[str, Any]) -> dict[str, Any]:
-        name, snap, new = _arg(args, "name", str), _arg(args, "snapshot", str), _arg(args, "new", str)
-        copies = args.get("copies")
-        if copies is not None:
-            copies = _arg(args, "copies", int)
-        await self.catalog.clone(name, snap, new, copies=copies)
+        name, snap, new = _text(args, "name"), _text(args, "snapshot"), _text(args, "new")
+        copies = _int(args, "copies", optional=True)
+        await self.snapshots.clone(name, snap, new, copies=copies)
         self.invalidate("clone", 0, [new])
         return await self._summary(new)
 
     async def op_rollback(self, args: dict[str, Any]) -> dict[str, Any]:
-        name, snap = _arg(args, "name", str), _arg(args, "snapshot", str)
-        rec = await self.catalog.rollback(name, snap)
+        name, snap = _text(args, "name"), _text(args, "snapshot")
+        rec = await self.snapshots.rollback(name, snap)
         self.invalidate("rollback", rec.vid, [])
         return await self._summary(name)
 
     async def op_flatten(self, args: dict[str, Any]) -> dict[str, Any]:
-        name = _arg(args, "name", str)
-        rate = args.get("rate")
-        copied = await self.catalog.flatten(name, **({} if rate is None else {"rate": _arg(args, "rate", int)}))
+        name = _text(args, "name")
+        rate = _int(args, "rate", optional=True)
+        copied = await self.snapshots.flatten(name, **({} if rate is None else {"rate": rate}))
         return {**await self._summary(name), "copied": copied}
 
     async def op_diff(self, args: dict[str, Any]) -> dict[str, Any]:
-        name = _arg(args, "name", str)
-        snap = None if args.get("snapshot") is None else _arg(args, "snapshot", str)
-        since = None if args.get("from") is None else _arg(args, "from", str)
-        return await self.catalog.diff(name, snap, since)
+        name = _text(args, "name")
+        snap, since = _text(args, "snapshot", optional=True), _text(args, "from", optional=True)
+        return await self.reports.diff(name, snap, since)
 
     async def op_du(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self.catalog.usage(_arg(args, "name", str))
+        return await self.reports.usage(_text(args, "name"))
 
     async def op_jobs(self, args: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.catalog.jobs)
+        return dict(self.snapshots.jobs)
 
     async def op_tree(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.catalog.family_tree()
+        return self.reports.family_tree()
 
     async def op_lock_info(self, args: dict[str, Any]) -> dict[str, Any]:
-        name = _arg(args, "name", str)
+        name = _text(args, "name")
         lease = await self.catalog.lock_info(name)
         return {"name": name, "holder": lease.holder, "generation": lease.generation,
                 "since": lease.since, "renewed": lease.renewed, "beat": lease.beat}
 
     async def op_break_lock(self, args: dict[str, Any]) -> dict[str, Any]:
-        name = _arg(args, "name", str)
+        name = _text(args, "name")
         before = await self.catalog.break_lock(name)
         return {"name": name, "holder": before.holder, "generation": before.generation + 1}

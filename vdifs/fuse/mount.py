@@ -11,28 +11,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets
 import signal
-import socket
 from typing import IO
 
 import pyfuse3
 import trio
 
 from vdifs.client.catalog import Catalog
-from vdifs.client.pool import LocalPool
-from vdifs.client.remote import RemotePool
+from vdifs.client.local import open_embedded
+from vdifs.client.remote import ClusterAccess
 from vdifs.control.caller import CONTROL_SOCKET
 from vdifs.control.server import ControlServer
 from vdifs.errors import VdifsError
 from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
-from vdifs.meta.consensus import DIRECTORY_KEY
-from vdifs.meta.credentials import default_secret_file, read_credentials
-from vdifs.meta.directory_service import DirectoryService
-from vdifs.meta.lease import DEFAULT_TERM, LeaseManager
-from vdifs.meta.register import FileRegister
 from vdifs.model.directory import Directory
-from vdifs.store.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -66,46 +58,25 @@ class Mount:
 
     def __init__(self, mountpoint: str, store: str, *, allow_other: bool = False,
                  cluster: list[str] | None = None, secret_file: str | None = None,
-                 copies: int | None = None, lease_term: float = DEFAULT_TERM, io_wait: float = 60.0) -> None:
+                 copies: int | None = None, lease_term: float | None = None, io_wait: float = 60.0) -> None:
+        """`lease_term`: None is the default term of leases."""
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
         self.cluster = cluster
-        self.creds = read_credentials(secret_file or default_secret_file()) if cluster else None
+        self.access = (ClusterAccess.load(cluster, secret_file, lease_term=lease_term, io_wait=io_wait)
+                       if cluster else None)
         self.copies = copies
-        self.lease_term = lease_term
-        self.io_wait = io_wait
         self.control_path = os.path.join(self.store_path, CONTROL_SOCKET)
         self.catalog: Catalog | None = None
 
-    async def _open_backend(self, nursery: trio.Nursery) -> Catalog:
-        if self.cluster:
-            assert self.creds is not None
-            node_id = f"mount-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-            remote = RemotePool(self.cluster, self.creds, nursery, node_id, io_wait=self.io_wait)
-            cmap = await remote.connect()
-            log.info("cluster %s: epoch %d, %d peers up, copies %d", cmap.cluster_id, cmap.epoch,
-                     len(cmap.up_peers()), cmap.copies)
-            leases = LeaseManager(node_id, {"host": socket.gethostname(), "pid": os.getpid(),
-                                            "mountpoint": self.mountpoint},
-                                  lambda vid: remote.meta.register(f"lock/{vid}"), remote.fence,
-                                  term=self.lease_term)
-            catalog = Catalog(remote, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True,
-                              leases=leases)
-            nursery.start_soon(leases.run)
+    async def _open_catalog(self, nursery: trio.Nursery) -> Catalog:
+        if self.access is not None:
+            catalog = await self.access.open_catalog(nursery, self.mountpoint)
         else:
-            store = ObjectStore(self.store_path)
-            await trio.to_thread.run_sync(store.open)
-            nursery.start_soon(store.keep_checksums_durable)
-            await trio.to_thread.run_sync(lambda: os.makedirs(os.path.join(self.store_path, "meta"),
-                                                              mode=0o700, exist_ok=True))
-            register = FileRegister(os.path.join(self.store_path, "meta", "directory"))
-            catalog = Catalog(LocalPool(store), DirectoryService(register))
+            catalog = await open_embedded(self.store_path, nursery)
         if self.copies is not None:
-            if not 1 <= self.copies <= catalog.pool.max_copies:
-                raise VdifsError(f"--copies {self.copies}: this pool has room for 1 to "
-                                 f"{catalog.pool.max_copies} copies", code=errno.EINVAL)
-            catalog.copies_override = self.copies
+            catalog.override_copies(self.copies)
         return catalog
 
     def invalidate(self, event: str, vid: int, names: list[str]) -> None:
@@ -143,7 +114,7 @@ class Mount:
 
     async def run(self, ready: IO[bytes] | None = None) -> None:
         async with trio.open_nursery() as nursery:
-            self.catalog = catalog = await self._open_backend(nursery)
+            self.catalog = catalog = await self._open_catalog(nursery)
             await catalog.start(nursery)
             ops = VdifsOperations(catalog, control_path=self.control_path, store_path=self.store_path)
             control = ControlServer(catalog, self.control_path,

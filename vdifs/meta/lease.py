@@ -40,10 +40,6 @@ class LeaseBusy(VdifsError):
     errno = errno.EBUSY
 
 
-class LeaseLost(VdifsError):
-    errno = errno.EIO
-
-
 @dataclass
 class Lease:
     holder: dict[str, Any] | None = None  # {"mount", "host", "pid", "mountpoint"}
@@ -186,12 +182,6 @@ class LeaseManager:
     def holds(self, vid: int) -> bool:
         held = self.held.get(vid)
         return held is not None and held.lost is None
-
-    def check(self, vid: int) -> None:
-        """Raise if we held this lease and lost it."""
-        held = self.held.get(vid)
-        if held is not None and held.lost is not None:
-            raise LeaseLost(f"lease lost: {held.lost}")
 
     def _lose(self, vid: int, held: Held, why: str) -> None:
         if held.lost is None:

@@ -140,6 +140,11 @@ class ObjectMap:
     def dirty(self) -> bool:
         return bool(self._dirty)
 
+    @property
+    def page_count(self) -> int:
+        """Pages held in memory (the map's memory is proportional to it)."""
+        return len(self._pages)
+
     def entries(self, start: int = 0) -> Iterator[tuple[int, int]]:
         """(index, entry) of every non-zero entry at or after `start`, in order."""
         for pno in sorted(self._pages):
