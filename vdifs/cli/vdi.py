@@ -13,7 +13,7 @@ import trio
 from vdifs.cli import diff
 from vdifs.cli.common import (MAP_TIMEOUT, RESIZE_TIMEOUT, CliError, Parser, Progress, control_socket, format_time,
                                size_arg, table)
-from vdifs.client.catalog import FLATTEN_RATE
+from vdifs.client.snapshots import FLATTEN_RATE
 from vdifs.control import caller
 from vdifs.errors import VdifsError
 from vdifs.model.sizes import format_size

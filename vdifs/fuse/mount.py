@@ -19,7 +19,7 @@ import trio
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.local import open_embedded
-from vdifs.client.remote import ClusterAccess
+from vdifs.client.remote import REPLICA_WAIT, ClusterAccess
 from vdifs.control.caller import CONTROL_SOCKET
 from vdifs.control.server import ControlServer
 from vdifs.errors import VdifsError
@@ -58,7 +58,7 @@ class Mount:
 
     def __init__(self, mountpoint: str, store: str, *, allow_other: bool = False,
                  cluster: list[str] | None = None, secret_file: str | None = None,
-                 copies: int | None = None, lease_term: float | None = None, io_wait: float = 60.0) -> None:
+                 copies: int | None = None, lease_term: float | None = None, io_wait: float = REPLICA_WAIT) -> None:
         """`lease_term`: None is the default term of leases."""
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
