@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -25,10 +24,7 @@ from vdifs.meta.credentials import Credentials, read_credentials
 from vdifs.model.cluster import UP, ClusterMap, PeerInfo
 from vdifs.peer.journal import ChangeJournal
 from vdifs.store.objects import ObjectStore
-from vdifs.wire.rpc import RpcPool
-
-if TYPE_CHECKING:
-    from vdifs.wire.rpc import RpcServer
+from vdifs.wire.rpc import RpcPool, RpcServer
 
 log = logging.getLogger("vdifs.peer")
 

@@ -194,6 +194,8 @@ class RpcServer:
                 except VdifsError as e:
                     reply = [rid, e.errno, str(e)]
                 except Exception as e:
+                    # Handlers check their arguments (vdifs.wire.args: InvalidArgument,
+                    # EINVAL), so anything else that escapes is a bug: say so loudly.
                     log.exception("%s: %s from %s failed", self.name, op, session.remote)
                     reply = [rid, errno.EIO, f"internal error in {op}: {e}"]
             try:
