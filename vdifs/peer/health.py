@@ -87,7 +87,7 @@ class FailureDetector:
         for helper in helpers[:2]:
             try:
                 if await self.peer.rpc.call(helper.address, "peer.probe",
-                                              {"address": cmap.peers[suspect].address}, timeout=3 * PING_TIMEOUT):
+                                            {"address": cmap.peers[suspect].address}, timeout=3 * PING_TIMEOUT):
                     log.info("peer %s answers %s but not us: keeping it up", suspect, helper.peer_id)
                     return True
             except VdifsError:

@@ -1,22 +1,20 @@
 """Recovery: get back to `copies` replicas, in the background and on demand.
 
-On demand: a read or write of an object this peer should hold but lacks
-(placement gave it to us in a new epoch and the background pass has not
-reached it yet) or holds rotten copies it from another peer first
-(`recovering_first`). One lock per object being recovered, so concurrent
-requests for it fetch it once.
+Background, after every epoch change: for every live VDI (the directory
+says which, and with how many copies: objects of deleted vids are never
+recovered), each peer lists the objects the up peers hold and copies to
+itself those that placement now gives it and it lacks. Throttled (bytes per
+second), it stops before eating into a reserve of free space, and starts
+over when the map changes under it. Objects a peer no longer owns are
+handed off: moved out of service (so a stale copy is never served when
+placement gives the object back later) but kept as a source until every up
+peer has finished recovering the epoch, then dropped.
 
-Background: after every epoch change,
-
-each peer, for every live VDI (the directory says which, and with how many
-copies: objects of deleted vids are never recovered), lists the objects
-the up peers hold and copies to itself those that placement now gives it
-and it lacks. Throttled (bytes per second), it stops before eating into a
-reserve of free space, and starts over when the map changes under it.
-Objects a peer no longer owns are handed off: moved out of service (so a
-stale copy is never served when placement gives the object back later) but
-kept as a source until every up peer has finished recovering the epoch, then
-dropped.
+On demand (`recovering_first`): a read or write of an object this peer
+should hold but lacks (placement gave it to us and the background pass has
+not reached it yet), or holds rotten, first copies it from another peer.
+Both ways go through `recover`, one lock per object being recovered, so an
+object is fetched once however many want it.
 """
 
 from __future__ import annotations
