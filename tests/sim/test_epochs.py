@@ -9,10 +9,9 @@ import copy
 import errno
 
 import pytest
-import trio
 
 from vdifs.client.remote import RemotePool
-from vdifs.errors import VdifsError
+from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
 from vdifs.meta.credentials import Credentials
 from vdifs.model.cluster import ClusterMap, PeerInfo, choose_meta
@@ -42,7 +41,7 @@ class MemoryNet:
                 net.calls.append((address, op, args.get("epoch", -1)))
                 if address in net.down or owner in net.down:
                     raise PeerUnavailable(f"{address} unreachable")
-                handler = net.daemons[address]._handlers()[op]
+                handler = net.daemons[address].ops[op].handler
                 try:
                     return await handler(args, Session(owner, True))
                 except RemoteError:
@@ -77,33 +76,33 @@ async def make_cluster(tmp_path, n: int, net: MemoryNet):
     daemons = []
     for i in range(n):
         d = PeerDaemon(str(tmp_path / f"p{i}"), f"10.0.0.{i}:7000")  # addresses are only names here
-        d._load_local_state()
-        d.creds = creds
-        d.rpc = net.pool_for(d.listen)
-        d.meta = MetaClient(d.peer_id, d.rpc, [])
-        net.daemons[d.listen] = d
+        d.load()
+        d.state.creds = creds
+        d.state.rpc = net.pool_for(d.state.listen)
+        d.state.meta = MetaClient(d.state.peer_id, d.state.rpc, [])
+        net.daemons[d.state.listen] = d
         daemons.append(d)
     first = daemons[:3]
-    peers = {d.peer_id: PeerInfo(d.peer_id, d.listen) for d in first}
+    peers = {d.state.peer_id: PeerInfo(d.state.peer_id, d.state.listen) for d in first}
     cmap = ClusterMap(creds.cluster_id, epoch=1, copies=2, min_copies=1, peers=peers,
                       meta=choose_meta(list(peers)))
     for d in first:
-        await d.adopt_map(cmap)
-    assert await first[0].meta.register(CLUSTER_KEY).cas(0, cmap.encode())
+        await d.state.adopt_map(cmap)
+    assert await first[0].state.meta.register(CLUSTER_KEY).cas(0, cmap.encode())
     return creds, daemons
 
 
 async def connected_pool(daemons, net, nursery, creds) -> RemotePool:
     """A mount's RemotePool talking over the in-memory network."""
-    pool = RemotePool([daemons[0].listen], creds, nursery, "mount-1")
+    pool = RemotePool([daemons[0].state.listen], creds, nursery, "mount-1")
     pool.rpc = net.pool_for("mount")
     pool.meta = MetaClient("mount-1", pool.rpc, [])
     await pool.connect()
     return pool
 
 
-def holders(daemons, oid):
-    return {d.peer_id for d in daemons if oid in d.store._list_objects(vid_of(oid), None)}
+async def holders(daemons, oid):
+    return {d.state.peer_id for d in daemons if oid in await d.state.store.list_objects(vid_of(oid))}
 
 
 async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
@@ -115,22 +114,27 @@ async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
     before = [data_oid(5, i) for i in range(40)]
     for oid in before:
         await pool.create(oid, 0, b"epoch1", 64)
-        assert holders(daemons, oid) == set(placement(pool.map, oid, 2))
+        assert await holders(daemons, oid) == set(placement(pool.map, oid, 2))
 
     # p3 joins through p0 while p1 is partitioned away: epoch 2, p1 misses the notify
-    net.down.add(daemons[1].listen)
-    newcomer = daemons[3]
-    new_map = ClusterMap.from_dict(await daemons[0].h_add_peer(
+    p1 = daemons[1].state
+    net.down.add(p1.listen)
+    newcomer = daemons[3].state
+    new_map = ClusterMap.from_dict(await daemons[0].membership.h_add_peer(
         {"peer": PeerInfo(newcomer.peer_id, newcomer.listen).to_dict()}, Session("admin", True)))
     await newcomer.adopt_map(new_map)
-    assert new_map.epoch == 2 and daemons[2].cmap.epoch == 2 and daemons[1].cmap.epoch == 1
+    assert new_map.epoch == 2 and daemons[2].state.cmap.epoch == 2 and p1.cmap.epoch == 1
     net.down.clear()
 
-    # p1 never heard of epoch 2; a request carrying epoch 2 makes it refresh from the register
-    assert daemons[1].cmap.epoch == 1
-    assert await pool.rpc.call(daemons[1].listen, "obj.vids", {"epoch": 2}) is not None
-    await daemons[1]._check_epoch({"epoch": 2})
-    assert daemons[1].cmap.epoch == 2
+    # p1 never heard of epoch 2; a read (its handler checks the epoch) carrying
+    # epoch 2 makes it adopt the newer map from the register before it answers
+    held = [oid for oid in before if p1.peer_id in await holders(daemons, oid)][0]
+    events = []
+    p1.on_map_change(lambda: events.append(("adopted", p1.cmap.epoch)))
+    assert await pool.rpc.call(p1.listen, "obj.read", {"oid": held, "offset": 0, "length": 6,
+                                                      "epoch": 2}) == b"epoch1"
+    events.append(("answered", p1.cmap.epoch))
+    assert events == [("adopted", 2), ("answered", 2)]
 
     # the mount still has epoch 1: peers with epoch 2 refuse, the mount adopts their map and retries
     moved = [oid for oid in (data_oid(5, 100 + i) for i in range(200))
@@ -147,10 +151,10 @@ async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
     assert {a for a, e in creates if e == 1} == old_targets
     # ... and only the new replicas got the retry with the new one
     assert {a for a, e in creates if e == 2} == new_targets
-    assert holders(daemons, moved[0]) == set(placement(new_map, moved[0], 2))
+    assert await holders(daemons, moved[0]) == set(placement(new_map, moved[0], 2))
 
     # reads fail over when the first replica is unreachable
-    oid = next(o for o in before if set(placement(new_map, o, 2)) == holders(daemons, o))
+    oid = [o for o in before if set(placement(new_map, o, 2)) == await holders(daemons, o)][0]
     first = placement(pool.map, oid, 2)[0]
     net.down.add(pool.map.peers[first].address)
     assert await pool.read(oid, 0, 6) == b"epoch1"
@@ -160,7 +164,7 @@ async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
 async def test_older_epoch_is_refused_with_the_newer_map(tmp_path, nursery):
     net = MemoryNet()
     creds, daemons = await make_cluster(tmp_path, 3, net)
-    d = daemons[0]
+    d = daemons[0].data
     with pytest.raises(RemoteError) as e:
         await d.h_read({"oid": data_oid(1, 0), "offset": 0, "length": 1, "epoch": 0}, Session("m", True))
     assert e.value.errno == errno.ESTALE
@@ -184,16 +188,16 @@ async def test_object_lists_come_in_pages(tmp_path, nursery, monkeypatch):
 async def test_peer_refuses_writes_outside_one_object(tmp_path, nursery):
     net = MemoryNet()
     creds, daemons = await make_cluster(tmp_path, 3, net)
-    d = daemons[0]
+    d = daemons[0].data
     oid = data_oid(4, 0)
     s = Session("m", True)
     await d.h_create({"oid": oid, "offset": 0, "data": b"ok", "size": 4 << 20, "epoch": 1}, s)
     for bad in ({"oid": oid, "offset": (4 << 20) - 1, "data": b"xx", "epoch": 1},
                 {"oid": oid, "offset": 0, "data": "text", "epoch": 1},
                 {"oid": -1, "offset": 0, "data": b"x", "epoch": 1}):
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises(InvalidArgument):
             await d.h_write(bad, s)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         await d.h_create({"oid": oid, "offset": 0, "data": b"x", "size": 8 << 20, "epoch": 1}, s)
     assert await d.store.read(oid, 0, 4) == b"ok\0\0"  # nothing changed
 
@@ -210,20 +214,20 @@ async def test_a_restarted_peer_still_marked_up_leaves_and_comes_back_with_the_d
     oids = [data_oid(3, i) for i in range(4)]
     for oid in oids:
         await pool.create(oid, 0, b"before", 64)
-    returning = daemons[2]
+    returning = daemons[2].state
     returning.up_epoch = 1
     # A write that failed on it while it was stopped waits for the epoch without
     # it (2) and lands on another peer then (recorded ahead of time here).
-    daemons[0].journal.record(2, oids[0])
-    await daemons[0].store.write(oids[0], 0, b"after!")
-    returning._catching_up = trio.Event()  # as run() does at start
+    daemons[0].state.journal.record(2, oids[0])
+    await daemons[0].state.store.write(oids[0], 0, b"after!")
+    returning.shut_gate()  # as run() does at start
     assert returning.clean_start
-    await returning.rejoin()
+    await daemons[2].membership.rejoin()
     assert returning.cmap.epoch == 3  # down, then up again
-    assert returning._catching_up is None  # the gate is open
-    held = returning.store._list_objects(3, None)
+    assert not returning.catching_up  # the gate is open
+    held = await returning.store.list_objects(3)
     assert oids[0] not in held and set(oids[1:]) <= set(held)  # only the changed one set aside
-    assert returning.store._list_tree(returning.store.stale_root, 3) == [oids[0]]
+    assert await returning.store.list_stale(3) == [oids[0]]
 
 
 async def test_recovery_behind_by_an_epoch_catches_up_instead_of_taking_back_its_stale_copy(tmp_path, nursery):
@@ -236,17 +240,17 @@ async def test_recovery_behind_by_an_epoch_catches_up_instead_of_taking_back_its
     oid = data_oid(5, 0)
     s = Session("m", True)
     for d in daemons[:2]:
-        await d.h_create({"oid": oid, "offset": 0, "data": b"current", "size": 64, "epoch": 1}, s)
+        await d.data.h_create({"oid": oid, "offset": 0, "data": b"current", "size": 64, "epoch": 1}, s)
     behind = daemons[2]
-    await behind.h_create({"oid": oid, "offset": 0, "data": b"stale!!", "size": 64, "epoch": 1}, s)
-    await behind.store.set_aside_stale([oid], "epoch-1")
+    await behind.data.h_create({"oid": oid, "offset": 0, "data": b"stale!!", "size": 64, "epoch": 1}, s)
+    await behind.state.store.set_aside_stale([oid], "epoch-1")
     # The map moves to epoch 2 (chosen by consensus); only the sources hear of it.
-    newer = daemons[0].cmap.with_changes(copies=3)
-    assert await daemons[0].meta.register(CLUSTER_KEY).cas(1, newer.encode())
+    newer = daemons[0].state.cmap.with_changes(copies=3)
+    assert await daemons[0].state.meta.register(CLUSTER_KEY).cas(1, newer.encode())
     for d in daemons[:2]:
-        await d.adopt_map(newer)
-    assert behind.cmap.epoch == 1
-    assert await behind.recover(oid)
-    assert await behind.store.read(oid, 0, 7) == b"current"
-    assert behind.cmap.epoch == 2
+        await d.state.adopt_map(newer)
+    assert behind.state.cmap.epoch == 1
+    assert await behind.recovery.recover(oid)
+    assert await behind.state.store.read(oid, 0, 7) == b"current"
+    assert behind.state.cmap.epoch == 2
     assert [op for a, op, e in net.calls if op == "obj.fetch" and e == 1]  # it was refused first

@@ -8,14 +8,16 @@ import struct
 import pytest
 import trio
 
-from vdifs.errors import InvalidArgument
-from vdifs.wire.rpc import PeerUnavailable, RemoteError, RpcClient, RpcServer
+from vdifs.errors import InvalidArgument, VdifsError
+from vdifs.wire.rpc import PeerUnavailable, RemoteError, RpcClient, RpcPool, RpcServer
 
 SECRET = b"s" * 32
 
 
 async def start_server(nursery, secret=SECRET, cluster="c1"):
     async def echo(args, session):
+        if "x" not in args:  # handlers check their arguments themselves
+            raise InvalidArgument("missing argument 'x'")
         return {"echo": args["x"], "auth": session.authenticated}
 
     async def slow(args, session):
@@ -28,7 +30,11 @@ async def start_server(nursery, secret=SECRET, cluster="c1"):
     async def crash(args, session):
         raise RuntimeError("bug")
 
-    server = RpcServer("test", {"echo": echo, "slow": slow, "bad": bad, "crash": crash, "open": echo},
+    async def lookup_bug(args, session):
+        return {}["missing"]  # a bug, not a bad argument
+
+    server = RpcServer("test", {"echo": echo, "slow": slow, "bad": bad, "crash": crash, "open": echo,
+                                "lookup_bug": lookup_bug},
                        secret=lambda: secret, cluster_id=lambda: cluster, peer_id="p1",
                        open_ops=frozenset({"open"}))
     listeners = await nursery.start(server.serve, "127.0.0.1", 0)
@@ -54,6 +60,9 @@ async def test_calls_multiplex_and_errors(nursery):
     assert e.value.errno == errno.EINVAL and "no good" in str(e.value)
     with pytest.raises(RemoteError) as e:
         await client.call("crash")
+    assert e.value.errno == errno.EIO
+    with pytest.raises(RemoteError) as e:  # a KeyError inside a handler is a bug, not EINVAL
+        await client.call("lookup_bug")
     assert e.value.errno == errno.EIO
     with pytest.raises(RemoteError) as e:
         await client.call("nope")
@@ -133,3 +142,14 @@ async def test_wrong_types_after_authentication(nursery):
     other = RpcClient(addr, SECRET, nursery)
     assert await other.call("echo", {"x": 3}) == {"echo": 3, "auth": True}
     assert await client.call("echo", {"x": 4}) == {"echo": 4, "auth": True}  # reconnects
+
+
+async def test_pool_reset_takes_new_credentials(nursery):
+    server, addr = await start_server(nursery)
+    pool = RpcPool(b"w" * 32, nursery)
+    with pytest.raises(VdifsError) as e:  # a wrong secret
+        await pool.call(addr, "echo", {"x": 1})
+    assert e.value.errno == errno.EACCES
+    pool.reset(SECRET)  # the next connection authenticates with the new secret
+    assert await pool.call(addr, "echo", {"x": 1}) == {"echo": 1, "auth": True}
+    await pool.aclose()

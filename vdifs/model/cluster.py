@@ -74,6 +74,15 @@ class ClusterMap:
         new.epoch = self.epoch + 1
         return new
 
+    def with_peer_state(self, peer_id: str, state: str) -> ClusterMap | None:
+        """The next map with `peer_id` marked `state` (UP or DOWN); None when
+        that changes nothing (no such peer, or it is in that state already),
+        so a map change built on it proposes nothing."""
+        p = self.peers.get(peer_id)
+        if p is None or p.state == state:
+            return None
+        return self.with_changes(peers={**self.peers, peer_id: dataclasses.replace(p, state=state)})
+
 
 def choose_meta(peers: list[str], wanted: int = MAX_META) -> list[str]:
     """An odd number of meta peers (1, 3 or 5), so a majority is well defined."""

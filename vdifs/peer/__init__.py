@@ -1,2 +1,5 @@
-"""The storage peer: an object store on local disk (served over TCP in a cluster,
-embedded in the mount process otherwise)."""
+"""The storage peer: serves one object store to the cluster over TCP.
+
+`daemon` wires the parts and runs their tasks: `state` (identity, map,
+gate), `membership`, `dataplane`, `recovery`, `health`, `journal`. See
+docs/developer-notes/peer.md."""

@@ -10,15 +10,16 @@ peer that is alive but finds itself marked down announces itself up.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any
 
 import trio
 
 from vdifs.errors import VdifsError
 from vdifs.model.cluster import DOWN, UP, ClusterMap
-
-if TYPE_CHECKING:
-    from vdifs.peer.daemon import PeerDaemon
+from vdifs.peer.membership import Membership, peer_state_change
+from vdifs.peer.state import PeerState
+from vdifs.wire import args as arg
+from vdifs.wire.rpc import Session
 
 log = logging.getLogger("vdifs.peer.health")
 
@@ -26,40 +27,42 @@ PING_TIMEOUT = 1.0
 
 
 class FailureDetector:
-    def __init__(self, daemon: PeerDaemon, *, interval: float = 1.0, suspect_after: float = 4.0) -> None:
-        self.daemon = daemon
+    def __init__(self, peer: PeerState, membership: Membership, *, interval: float = 1.0,
+                 suspect_after: float = 4.0) -> None:
+        self.peer = peer
+        self.membership = membership
         self.interval = interval
         self.suspect_after = suspect_after
         self.last_seen: dict[str, float] = {}
 
     async def _ping(self, address: str) -> bool:
-        assert self.daemon.rpc is not None
+        assert self.peer.rpc is not None
         try:
-            await self.daemon.rpc.call(address, "peer.ping", timeout=PING_TIMEOUT)
+            await self.peer.rpc.call(address, "peer.ping", timeout=PING_TIMEOUT)
             return True
         except VdifsError as e:
             log.info("ping %s failed: %s", address, e)
             return False
 
-    async def probe(self, address: str) -> bool:
+    async def h_probe(self, args: dict[str, Any], s: Session) -> bool:
         """Can this peer reach `address`? (Asked by others as the indirect probe.)"""
-        return await self._ping(address)
+        return await self._ping(arg.text(args, "address"))
 
     async def run(self) -> None:
         while True:
             await trio.sleep(self.interval)
-            cmap = self.daemon.cmap
-            if cmap is None or self.daemon.rpc is None:
+            cmap = self.peer.cmap
+            if cmap is None or self.peer.rpc is None:
                 continue
-            me = cmap.peers.get(self.daemon.peer_id)
+            me = cmap.peers.get(self.peer.peer_id)
             if me is not None and me.state != UP:
                 log.warning("peer %s: the map says we are down, but we are here: rejoining", me.peer_id)
                 try:
-                    await self.daemon.rejoin()
+                    await self.membership.rejoin()
                 except VdifsError as e:
                     log.warning("rejoin failed: %s", e)
                 continue
-            others = [p for p in cmap.up_peers() if p.peer_id != self.daemon.peer_id]
+            others = [p for p in cmap.up_peers() if p.peer_id != self.peer.peer_id]
             now = trio.current_time()
 
             async def check(peer_id: str, address: str) -> None:
@@ -79,12 +82,12 @@ class FailureDetector:
                 await self._mark_down(p.peer_id)
 
     async def _reached_indirectly(self, cmap: ClusterMap, suspect: str) -> bool:
-        assert self.daemon.rpc is not None
-        helpers = [p for p in cmap.up_peers() if p.peer_id not in (suspect, self.daemon.peer_id)]
+        assert self.peer.rpc is not None
+        helpers = [p for p in cmap.up_peers() if p.peer_id not in (suspect, self.peer.peer_id)]
         for helper in helpers[:2]:
             try:
-                if await self.daemon.rpc.call(helper.address, "peer.probe",
-                                              {"address": cmap.peers[suspect].address}, timeout=3 * PING_TIMEOUT):
+                if await self.peer.rpc.call(helper.address, "peer.probe",
+                                            {"address": cmap.peers[suspect].address}, timeout=3 * PING_TIMEOUT):
                     log.info("peer %s answers %s but not us: keeping it up", suspect, helper.peer_id)
                     return True
             except VdifsError:
@@ -92,16 +95,8 @@ class FailureDetector:
         return False
 
     async def _mark_down(self, peer_id: str) -> None:
-        def fn(m: ClusterMap) -> ClusterMap | None:
-            p = m.peers.get(peer_id)
-            if p is None or p.state != UP:
-                return None
-            peers = {k: v for k, v in m.peers.items()}
-            peers[peer_id] = type(p)(**{**p.to_dict(), "state": DOWN})
-            return m.with_changes(peers=peers)
-
         try:
-            new = await self.daemon.change_map(fn)
+            new = await self.membership.change_map(peer_state_change(peer_id, DOWN))
         except VdifsError as e:
             log.warning("could not mark peer %s down: %s", peer_id, e)
             return

@@ -1,36 +1,44 @@
-"""Background recovery: after every epoch change, get back to `copies` replicas.
+"""Recovery: get back to `copies` replicas, in the background and on demand.
 
-Each peer, for every live VDI (the directory says which, and with how many
-copies: objects of deleted vids are never recovered), lists the objects
-the up peers hold and copies to itself those that placement now gives it
-and it lacks. Throttled (bytes per second), it stops before eating into a
-reserve of free space, and starts over when the map changes under it.
-Objects a peer no longer owns are handed off: moved out of service (so a
-stale copy is never served when placement gives the object back later) but
-kept as a source until every up peer has finished recovering the epoch, then
-dropped.
+Background, after every epoch change: for every live VDI (the directory
+says which, and with how many copies: objects of deleted vids are never
+recovered), each peer lists the objects the up peers hold and copies to
+itself those that placement now gives it and it lacks. Throttled (bytes per
+second), it stops before eating into a reserve of free space, and starts
+over when the map changes under it. Objects a peer no longer owns are
+handed off: moved out of service (so a stale copy is never served when
+placement gives the object back later) but kept as a source until every up
+peer has finished recovering the epoch, then dropped.
+
+On demand (`recovering_first`): a read or write of an object this peer
+should hold but lacks (placement gave it to us and the background pass has
+not reached it yet), or holds rotten, first copies it from another peer.
+Both ways go through `recover`, one lock per object being recovered, so an
+object is fetched once however many want it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import trio
 
-from vdifs.errors import PoolError, VdifsError
+from vdifs.errors import ChecksumError, NoSpace, ObjectNotFound, PoolError, VdifsError
 from vdifs.meta.consensus import DIRECTORY_KEY
 from vdifs.model.cluster import UP
 from vdifs.model.directory import Directory
 from vdifs.model.ids import vid_of
 from vdifs.model.placement import placement
+from vdifs.peer.state import PeerState
 from vdifs.wire import objlist
-
-if TYPE_CHECKING:
-    from vdifs.peer.daemon import PeerDaemon
+from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError
 
 log = logging.getLogger("vdifs.peer.recovery")
+T = TypeVar("T")
 HANDOFF_POLL = 3.0  # seconds between asking the peers whether they finished an epoch
 
 
@@ -46,12 +54,15 @@ class RecoveryState:
 
 
 class Recovery:
-    def __init__(self, daemon: PeerDaemon, *, rate: float = 100e6, reserve: int = 1 << 30) -> None:
-        self.daemon = daemon
+    def __init__(self, peer: PeerState, *, rate: float = 100e6, reserve: int = 1 << 30) -> None:
+        self.peer = peer
         self.rate = rate  # bytes per second
         self.reserve = reserve  # free bytes the store keeps
         self.state = RecoveryState()
         self.wakeup = trio.Event()
+        self.recovered = 0  # objects copied from other peers
+        self._recovering: dict[int, trio.Lock] = {}
+        peer.on_map_change(self.epoch_changed)
 
     def epoch_changed(self) -> None:
         self.wakeup.set()
@@ -60,7 +71,7 @@ class Recovery:
         while True:
             await self.wakeup.wait()
             self.wakeup = trio.Event()
-            cmap = self.daemon.cmap
+            cmap = self.peer.cmap
             if cmap is None:
                 continue
             try:
@@ -74,7 +85,7 @@ class Recovery:
                 self.state.running = False
 
     async def _pass(self, epoch: int) -> None:
-        d = self.daemon
+        d = self.peer
         assert d.meta is not None and d.rpc is not None
         cmap = d.cmap
         assert cmap is not None
@@ -115,10 +126,10 @@ class Recovery:
                 log.error("recovery %s (%d of %d objects copied)", self.state.stopped, self.state.done,
                           self.state.total)
                 return
-            before = d.recovered
-            if await d.recover(oid):
+            before = self.recovered
+            if await self.recover(oid):
                 self.state.done += 1
-                if d.recovered > before:
+                if self.recovered > before:
                     self.state.bytes += 4 << 20
             # throttle: never faster than `rate` on average
             ahead = self.state.bytes / self.rate - (trio.current_time() - started)
@@ -137,16 +148,15 @@ class Recovery:
             # Some could not be fetched (peers unreachable for now): try again.
             raise PoolError(f"{self.state.total - self.state.done} of {self.state.total} objects "
                             "could not be fetched yet")
-        if self.state.done == self.state.total:
-            await d.store.drop_stale()  # everything we should hold is current now
-            self.state.running = False  # what the other peers wait to see
-            await self._drop_handoff_when_cluster_done(epoch)
+        await d.store.drop_stale()  # everything we should hold is current now
+        self.state.running = False  # what the other peers wait to see
+        await self._drop_handoff_when_cluster_done(epoch)
 
     async def _drop_handoff_when_cluster_done(self, epoch: int) -> None:
         """Copies we handed off are kept until every up peer says it finished
         recovering `epoch` (each may still need to copy them); then dropped.
         Gives up when the map moves on: the next pass waits for the next epoch."""
-        d = self.daemon
+        d = self.peer
         assert d.rpc is not None
         while d.cmap is not None and d.cmap.epoch == epoch:
             try:
@@ -172,12 +182,12 @@ class Recovery:
     async def _live_vdis(self) -> dict[int, int]:
         """data vid -> copies of everything the directory keeps: VDIs, their
         snapshots, and retired snapshots clones still read (not the deleted)."""
-        assert self.daemon.meta is not None
-        _version, raw = await self.daemon.meta.register(DIRECTORY_KEY).get()
+        assert self.peer.meta is not None
+        _version, raw = await self.peer.meta.register(DIRECTORY_KEY).get()
         return Directory.decode(raw).copies_by_data_vid()
 
     async def _cluster_objects(self, vid: int) -> set[int]:
-        d = self.daemon
+        d = self.peer
         assert d.rpc is not None and d.cmap is not None
         found: set[int] = set(await d.store.list_stale(vid))  # maybe the only copy left
         rpc, epoch = d.rpc, d.cmap.epoch
@@ -197,3 +207,121 @@ class Recovery:
                 # finished); if it died, the map will say so and this pass restarts.
                 raise PoolError(f"cannot list vid {vid} on peer {p.peer_id}: {e}") from None
         return found
+
+    # -- on demand -------------------------------------------------------------------
+
+    async def recover(self, oid: int, *, stale_ok: bool = True) -> bool:
+        """Copy an object we should hold but lack from any up peer that has it.
+
+        Used before serving a read or write of an object this peer took over
+        in a new epoch and has not recovered yet, and to replace a rotten
+        replica. True if we hold it now."""
+        lock = self._recovering.setdefault(oid, trio.Lock())
+        try:
+            async with lock:
+                return await self._recover_locked(oid, stale_ok)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._recovering.pop(oid, None)  # one lock per object being recovered, not ever
+
+    async def _recover_locked(self, oid: int, stale_ok: bool) -> bool:
+        if await self.peer.store.exists(oid):
+            return True
+        for _ in range(3):
+            found, all_said_missing, stale_epoch = await self._fetch_from_others(oid)
+            if found:
+                return True
+            if not stale_epoch:
+                break
+            # A source was at a newer epoch than our request: catch up and ask again.
+            await self.peer.refresh_map()
+        # Our own old copy only when every peer said it has none: a peer that
+        # failed otherwise (newer epoch, timeout) may hold the current one.
+        if stale_ok and all_said_missing and await self.peer.store.take_stale(oid):
+            log.warning("object %016x: no other peer has it; took back our own copy from before "
+                        "we were marked down", oid)
+            return True
+        return False
+
+    async def _fetch_from_others(self, oid: int) -> tuple[bool, bool, bool]:
+        """Fetch and install a copy: (installed, every peer said it has none,
+        some peer refused our epoch as stale). Served copies first; a copy
+        handed off at an epoch change only when no peer serves the object."""
+        d = self.peer
+        assert d.rpc is not None and d.cmap is not None
+        all_said_missing, stale_epoch = True, False
+        for handoff in (False, True):
+            for p in d.cmap.up_peers():
+                if p.peer_id == d.peer_id:
+                    continue
+                try:
+                    data = await d.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff,
+                                                                     "epoch": d.cmap.epoch}, timeout=30)
+                except VdifsError as e:
+                    if getattr(e, "errno", None) != errno.ENOENT:
+                        all_said_missing = False
+                        stale_epoch |= isinstance(e, RemoteError) and e.errno == ESTALE_EPOCH
+                    continue
+                _total, free = await d.store.space()
+                if free < self.reserve + len(data):
+                    raise NoSpace(f"object {oid:016x}: not recovered here, only {free >> 20} MiB free and "
+                                  f"the recovery reserve is {self.reserve >> 20} MiB")
+                await d.store.install(oid, data)  # durable and whole before it counts as a replica
+                self.recovered += 1
+                log.info("recovered object %016x from peer %s%s", oid, p.peer_id,
+                         " (a handed-off copy)" if handoff else "")
+                return True, False, False
+        return False, all_said_missing, stale_epoch
+
+    async def recovering_first(self, oid: int, op: Callable[[], Awaitable[T]], *,
+                               admitted: int | None = None) -> T:
+        """Run `op` on an object; if we lack it (we took it over in a new epoch
+        and recovery has not reached it yet), recover it first and run `op`
+        again. Trying first keeps the common case at one store call.
+
+        `admitted`: the epoch a change was admitted at. Its recovery gives up
+        (stale epoch: the writer retries on the new map) once our map moves
+        past it: recovery copies wait for the source's older-epoch changes to
+        land, so an older-epoch change waiting on a recovery could end up
+        waiting on itself through the other replicas (the soak test caught
+        every peer stalled until the 30 s timeout)."""
+        try:
+            return await op()
+        except ObjectNotFound:
+            if not await self._recover_within(oid, admitted):
+                raise
+        except ChecksumError as e:
+            await self._repair_rotten(oid, e)
+        return await op()
+
+    async def _recover_within(self, oid: int, epoch: int | None) -> bool:
+        if epoch is None:
+            return await self.recover(oid)
+        found = False
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                async def watch() -> None:
+                    while self.peer.need_map().epoch == epoch:
+                        await self.peer.map_moved.wait()
+                    scope.cancel()
+
+                nursery.start_soon(watch)
+                found = await self.recover(oid)
+                nursery.cancel_scope.cancel()
+        if scope.cancelled_caught:
+            cmap = self.peer.need_map()
+            raise RemoteError(ESTALE_EPOCH, {"message": f"the map moved to epoch {cmap.epoch} while object "
+                                                        f"{oid:016x} was being recovered for a change of "
+                                                        f"epoch {epoch}", "map": cmap.to_dict()})
+        return found
+
+    async def _repair_rotten(self, oid: int, error: ChecksumError) -> None:
+        """Our replica failed its checksums: set it aside and fetch a good copy
+        (the other peers verify theirs before sending). Raises if none exists."""
+        dest = await self.peer.store.set_aside(oid)
+        log.error("object %016x: our replica is corrupt (%s); moved to %s, fetching a good copy",
+                  oid, error, dest)
+        if not await self.recover(oid, stale_ok=False):
+            raise ChecksumError(f"object {oid:016x}: our replica is corrupt and no other peer "
+                                f"has a good copy") from None
+        log.warning("object %016x: repaired from another peer", oid)

@@ -193,10 +193,9 @@ class RpcServer:
                     reply = [rid, e.errno, e.result]
                 except VdifsError as e:
                     reply = [rid, e.errno, str(e)]
-                except (KeyError, TypeError, ValueError) as e:
-                    log.info("%s: bad arguments for %s from %s: %r", self.name, op, session.remote, e)
-                    reply = [rid, errno.EINVAL, f"bad arguments for {op}: {e!r}"]
                 except Exception as e:
+                    # Handlers check their arguments (vdifs.wire.args: InvalidArgument,
+                    # EINVAL), so anything else that escapes is a bug: say so loudly.
                     log.exception("%s: %s from %s failed", self.name, op, session.remote)
                     reply = [rid, errno.EIO, f"internal error in {op}: {e}"]
             try:
@@ -379,6 +378,13 @@ class RpcPool:
         self.nursery = nursery
         self.cluster_id = cluster_id
         self._clients: dict[str, RpcClient] = {}
+
+    def reset(self, secret: bytes | None) -> None:
+        """New credentials: connections made from now on authenticate with
+        `secret`. Cached connections are forgotten (each closes when its peer
+        hangs up or its reader ends), so no later call rides an old session."""
+        self.secret = secret
+        self._clients.clear()
 
     def get(self, address: str) -> RpcClient:
         client = self._clients.get(address)

@@ -1,0 +1,104 @@
+"""The peer's op table tells the truth about its handlers.
+
+Each entry declares whether the op is open before authentication, whether
+its handler checks the sender's epoch, and whether it waits at the gate
+while the peer sorts out stale objects. The handlers make those checks
+themselves (no wrapper on the hot path), so this test holds every flag to
+what the handler does: a stale epoch is refused exactly by the ops that
+say they check it, and a shut gate holds exactly the ops that say they
+wait at it.
+"""
+
+import errno
+
+import trio
+
+from vdifs.errors import InvalidArgument, VdifsError
+from vdifs.model.cluster import PeerInfo
+from vdifs.model.ids import data_oid
+from vdifs.peer.daemon import EPOCH, EPOCH_IF_SENT, NO_EPOCH
+from vdifs.wire.rpc import RemoteError, Session
+
+from .test_epochs import MemoryNet, make_cluster
+
+OID = data_oid(3, 0)
+
+
+def valid_args(daemons) -> dict[str, dict]:
+    """A well-formed request for every op (without its epoch)."""
+    me, other = daemons[0].state, daemons[1].state
+    return {
+        "peer.hello": {},
+        "peer.register_pending": {"peer": PeerInfo("newcomer", "10.0.0.9:7000").to_dict()},
+        "peer.info": {},
+        "peer.ping": {},
+        "peer.probe": {"address": other.listen},
+        "cluster.format": {"cluster_id": "c", "secret": b"s" * 32, "copies": 1, "min_copies": 1},
+        "cluster.adopt": {"cluster_id": "c", "secret": b"s" * 32, "map": me.cmap.to_dict()},
+        "cluster.map": {},
+        "cluster.notify": {"map": me.cmap.to_dict()},
+        "cluster.add_peer": {"peer": me.cmap.peers[other.peer_id].to_dict()},  # already in: no change
+        "cluster.remove_peer": {"peer": "nobody"},
+        "cluster.set": {"copies": None, "min_copies": None},
+        "cluster.replace_meta": {"old": "nobody", "new": "nobody"},
+        "paxos.prepare": {"key": "k", "ballot": [1, "t"]},
+        "paxos.accept": {"key": "k", "ballot": [1, "t"], "value": b"v"},
+        "paxos.peek": {"key": "k"},
+        "paxos.keys": {},
+        "paxos.install": {"key": "k2", "ballot": [1, "t"], "value": None},
+        "obj.read": {"oid": OID, "offset": 0, "length": 1},
+        "obj.write": {"oid": OID, "offset": 0, "data": b"w"},
+        "obj.create": {"oid": data_oid(3, 1), "offset": 0, "data": b"c", "size": 8},
+        "obj.delete": {"oid": data_oid(3, 2)},
+        "obj.fetch": {"oid": OID},
+        "obj.sync": {"oids": [OID]},
+        "obj.list": {"vid": 3},
+        "obj.vids": {},
+        "obj.finish_vid": {"vid": 99},
+        "obj.digest": {"oids": [OID]},
+        "obj.pull": {"oid": OID, "source": other.listen},
+        "obj.changed_after": {"since": 0},
+        "lease.fence": {"vid": 77, "gen": 1},
+    }
+
+
+async def outcome(handler, args, wait: float = 1.0) -> str:
+    """'blocked', 'stale', 'invalid', or 'answered' (a result or another error)."""
+    with trio.move_on_after(wait):
+        try:
+            await handler(args, Session("test", True))
+        except RemoteError as e:
+            return "stale" if e.errno == errno.ESTALE else "answered"
+        except InvalidArgument:
+            return "invalid"
+        except VdifsError:
+            return "answered"
+        return "answered"
+    return "blocked"
+
+
+async def test_every_flag_matches_what_its_handler_does(tmp_path, nursery):
+    net = MemoryNet()
+    _creds, daemons = await make_cluster(tmp_path, 3, net)
+    d = daemons[0]
+    for peer in daemons:
+        await peer.data.h_create({"oid": OID, "offset": 0, "data": b"x", "size": 8, "epoch": 1},
+                                 Session("test", True))
+    samples = valid_args(daemons)
+    assert samples.keys() == d.ops.keys()  # every op is covered
+    assert d.open_ops() == {"peer.hello", "peer.register_pending", "cluster.format", "cluster.adopt"}
+
+    for name, op in d.ops.items():
+        assert op.epoch in (NO_EPOCH, EPOCH, EPOCH_IF_SENT), name
+        # an older epoch (the map is at 1): refused exactly where the epoch is checked
+        got = await outcome(op.handler, {**samples[name], "epoch": 0})
+        assert got == ("stale" if op.epoch != NO_EPOCH else "answered"), (name, got)
+        # no epoch at all: missing only where it is required
+        got = await outcome(op.handler, dict(samples[name]))
+        assert got == ("invalid" if op.epoch == EPOCH else "answered"), (name, got)
+
+    d.state.shut_gate()
+    for name, op in d.ops.items():
+        got = await outcome(op.handler, {**samples[name], "epoch": 1}, wait=0.5)
+        assert (got == "blocked") == op.gate, (name, got)
+    d.state.open_gate()

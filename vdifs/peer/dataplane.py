@@ -1,0 +1,249 @@
+"""The data plane: the `obj.*` requests and the lease fences that guard writes.
+
+Every request is checked in one place, at the top of its handler (types and
+ranges, with `vdifs.wire.args`); then a change passes the gate, the epoch
+check and the fence before it touches the store. Reads and writes are the
+hot path: no locks, tasks or cancel scopes per request, and an object this
+peer lacks or holds rotten is recovered only when the store says so.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+from typing import Any
+
+import msgpack
+import trio
+
+from vdifs.errors import ChecksumError, InvalidArgument, ObjectNotFound, VdifsError
+from vdifs.fsutil import atomic_write
+from vdifs.model.ids import OBJECT_SIZE, vid_of
+from vdifs.peer.recovery import Recovery
+from vdifs.peer.state import PeerState
+from vdifs.wire import args as arg
+from vdifs.wire import objlist
+from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, Session
+
+log = logging.getLogger("vdifs.peer")
+
+#: offsets, lengths and sizes: within one object (plus slack), as always accepted
+SPAN = 1 << 23
+#: epochs, vids, kinds and lease generations: any integer msgpack carries (today's
+#: range; tighter bounds are the strict-validation issue's to set)
+ANY_INT = -(1 << 63)
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class DataPlane:
+    def __init__(self, peer: PeerState, recovery: Recovery) -> None:
+        self.peer = peer
+        self.store = peer.store
+        self.recovery = recovery
+        self.fences: dict[int, int] = {}  # vid -> lowest lease generation still allowed to write
+        self._fence_lock = trio.Lock()
+        self._changing: dict[int, int] = {}  # epoch -> object changes admitted at it and still running
+        self._landed: trio.Event | None = None  # set when an epoch's last change lands, if anyone waits
+
+    def load_fences(self) -> None:
+        """Read the durable fences (blocking I/O)."""
+        path = os.path.join(self.peer.meta_dir, "fences")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                self.fences = {int(k): int(v) for k, v in msgpack.unpackb(f.read(), strict_map_key=False).items()}
+
+    # -- checks every change passes -------------------------------------------------------
+
+    async def check_epoch(self, epoch: int) -> None:
+        """Refuse an older epoch (with our map); adopt the newer map first if
+        the sender is ahead of us."""
+        cmap = self.peer.need_map()
+        if epoch < cmap.epoch:
+            raise RemoteError(ESTALE_EPOCH, {"message": f"stale epoch {epoch} < {cmap.epoch}",
+                                             "map": cmap.to_dict()})
+        if epoch > cmap.epoch:
+            await self.peer.refresh_map()
+
+    def check_fence(self, oid: int, gen: int | None, lvid: int | None) -> None:
+        if gen is None:
+            return  # embedded-style or shared VDI: no lease
+        vid = vid_of(oid) if lvid is None else lvid  # the lease's vid, if not the object's
+        if gen < self.fences.get(vid, 0):
+            raise VdifsError(f"vid {vid} is fenced at lease generation {self.fences[vid]}; "
+                             f"a write of generation {gen} is refused", code=errno.EPERM)
+
+    async def _mutation(self, args: dict[str, Any], oid: int) -> None:
+        """What every change of an object passes first: the gate, the epoch and
+        the lease fence; then it is journaled."""
+        epoch = arg.integer(args, "epoch", ANY_INT)
+        gen = arg.integer(args, "gen", ANY_INT, default=None)
+        lvid = arg.integer(args, "lvid", ANY_INT, default=None)
+        await self.peer.caught_up()
+        await self.check_epoch(epoch)
+        self.check_fence(oid, gen, lvid)
+        assert self.peer.cmap is not None
+        self.peer.journal.record(self.peer.cmap.epoch, oid)  # before the change: a returning peer must learn of it
+
+    @staticmethod
+    def _placed_data(args: dict[str, Any]) -> tuple[int, int, bytes | bytearray]:
+        """(oid, offset, data) of a write, with the data inside one object."""
+        oid = arg.integer(args, "oid")
+        offset = arg.integer(args, "offset", 0, SPAN)
+        data = arg.blob(args, "data")
+        if offset + len(data) > OBJECT_SIZE:
+            raise InvalidArgument(f"offset {offset} + {len(data)} bytes runs past the {OBJECT_SIZE} byte object")
+        return oid, offset, data
+
+    # Every change is counted while it runs, under the epoch it was admitted
+    # at: a peer recovering at a newer epoch copies an object from us only
+    # after the changes admitted under older epochs have landed (else its
+    # copy could miss a write its writer saw succeed here). On the hot path:
+    # a dict update per change, and an Event only while someone waits.
+
+    def _admit(self) -> int:
+        assert self.peer.cmap is not None
+        epoch = self.peer.cmap.epoch
+        self._changing[epoch] = self._changing.get(epoch, 0) + 1
+        return epoch
+
+    def _land(self, epoch: int) -> None:
+        left = self._changing[epoch] - 1
+        if left:
+            self._changing[epoch] = left
+            return
+        del self._changing[epoch]
+        if self._landed is not None:
+            self._landed.set()
+            self._landed = None
+
+    async def _older_changes_landed(self, epoch: int) -> None:
+        while any(e < epoch for e in self._changing):
+            if self._landed is None:
+                self._landed = trio.Event()
+            await self._landed.wait()
+
+    # -- request handlers --------------------------------------------------------------------
+
+    async def h_read(self, args: dict[str, Any], s: Session) -> bytes | bytearray:
+        oid = arg.integer(args, "oid")
+        offset, length = arg.integer(args, "offset", 0, SPAN), arg.integer(args, "length", 0, SPAN)
+        epoch = arg.integer(args, "epoch", ANY_INT)
+        await self.peer.caught_up()
+        await self.check_epoch(epoch)
+        return await self.recovery.recovering_first(oid, lambda: self.store.read(oid, offset, length))
+
+    async def h_write(self, args: dict[str, Any], s: Session) -> None:
+        oid, offset, data = self._placed_data(args)
+        await self._mutation(args, oid)
+        epoch = self._admit()
+        try:
+            await self.recovery.recovering_first(oid, lambda: self.store.write(oid, offset, data), admitted=epoch)
+        finally:
+            self._land(epoch)
+
+    async def h_create(self, args: dict[str, Any], s: Session) -> None:
+        oid, offset, data = self._placed_data(args)
+        size = arg.integer(args, "size", 0, SPAN)
+        if not offset + len(data) <= size <= OBJECT_SIZE:
+            raise InvalidArgument(f"object size {size} must hold the data and be at most {OBJECT_SIZE}")
+        exclusive = arg.flag(args, "exclusive")
+        await self._mutation(args, oid)
+        epoch = self._admit()
+        try:
+            await self.store.create(oid, offset, data, size, exclusive=exclusive)
+        finally:
+            self._land(epoch)
+
+    async def h_delete(self, args: dict[str, Any], s: Session) -> None:
+        oid = arg.integer(args, "oid")
+        await self._mutation(args, oid)
+        epoch = self._admit()
+        try:
+            await self.store.delete(oid)
+        finally:
+            self._land(epoch)
+
+    async def h_sync(self, args: dict[str, Any], s: Session) -> None:
+        oids = arg.int_list(args, "oids", max_items=1 << 40)  # no limit but the frame's
+        await self.store.sync(oids)
+
+    async def h_list(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        """One page of a vid's object ids, after `after`: a 4 TiB VDI has a million
+        objects, more than one frame holds, so lists come in pages."""
+        vid = arg.integer(args, "vid", ANY_INT)
+        kind = arg.integer(args, "kind", ANY_INT, default=None)
+        handoff = arg.flag(args, "handoff")
+        after = arg.integer(args, "after", ANY_INT, default=None)
+        limit = arg.integer(args, "limit", ANY_INT, default=None)
+        oids = await self.store.list_objects(vid, kind)
+        if handoff:  # recovery: what was handed off here is still to be copied
+            oids = sorted(set(oids).union(await self.store.list_handoff(vid)))
+        return objlist.page(oids, after, limit)
+
+    async def h_vids(self, args: dict[str, Any], s: Session) -> list[int]:
+        return await self.store.list_vids()
+
+    async def h_finish_vid(self, args: dict[str, Any], s: Session) -> None:
+        vid = arg.integer(args, "vid", ANY_INT)
+        await self.store.remove_vid_dir(vid)
+        await self.store.sync([])
+
+    async def h_fence(self, args: dict[str, Any], s: Session) -> int:
+        """From now on refuse writes to vid from generations below gen (durable first)."""
+        vid, gen = arg.integer(args, "vid", ANY_INT), arg.integer(args, "gen", ANY_INT)
+        async with self._fence_lock:
+            if gen > self.fences.get(vid, 0):
+                fences = {**self.fences, vid: gen}
+                await trio.to_thread.run_sync(atomic_write, os.path.join(self.peer.meta_dir, "fences"),
+                                              msgpack.packb(fences))
+                self.fences = fences
+                log.info("vid %d fenced at lease generation %d", vid, gen)
+            return self.fences[vid]
+
+    async def h_fetch(self, args: dict[str, Any], s: Session) -> bytes:
+        """A whole object, for a peer that recovers it; with `handoff`, also a
+        copy this peer handed off (when no peer serves the object any more)."""
+        oid = arg.integer(args, "oid")
+        handoff = arg.flag(args, "handoff")
+        epoch = arg.integer(args, "epoch", ANY_INT, default=None)
+        await self.peer.caught_up()  # never hand out a copy that may be stale
+        if epoch is not None:  # recovery at that epoch: older writes must have landed first
+            await self.check_epoch(epoch)
+            await self._older_changes_landed(epoch)
+        try:
+            return await self.store.read_all(oid)
+        except ObjectNotFound:
+            if not handoff:
+                raise
+        return await self.store.read_handoff(oid)
+
+    async def h_digest(self, args: dict[str, Any], s: Session) -> dict[str, str | None]:
+        """sha256 of whole objects (for `cluster check`), keyed by the oid in hex
+        (frames only carry string keys); None for a missing one."""
+        oids = arg.int_list(args, "oids", max_items=1024)
+        out: dict[str, str | None] = {}
+        for oid in oids:
+            try:
+                data = await self.store.read_all(oid)
+            except ObjectNotFound:
+                out[f"{oid:016x}"] = None
+                continue
+            except ChecksumError as e:
+                out[f"{oid:016x}"] = f"corrupt: {e}"  # never equal to a good replica's digest
+                continue
+            out[f"{oid:016x}"] = await trio.to_thread.run_sync(_sha256_hex, data)
+        return out
+
+    async def h_pull(self, args: dict[str, Any], s: Session) -> int:
+        """Replace our copy of an object with the one `source` holds (repair)."""
+        oid, source = arg.integer(args, "oid"), arg.text(args, "source")
+        assert self.peer.rpc is not None
+        data = await self.peer.rpc.call(source, "obj.fetch", {"oid": oid}, timeout=60)
+        await self.store.install(oid, data)  # durable and whole before we say so
+        log.warning("object %016x replaced by the copy on %s (repair)", oid, source)
+        return len(data)
