@@ -18,17 +18,16 @@ from vdifs.cli.common import (LOG_LEVELS, PEER_TIMEOUT, CliError, Parser, first_
                               run_with_pool, setup_logging, size_arg, table)
 from vdifs.errors import VdifsError
 from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials, write_credentials
+from vdifs.model.cluster import DEFAULT_COPIES as FORMAT_COPIES
+from vdifs.model.cluster import DEFAULT_WEIGHT as PEER_WEIGHT
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.sizes import format_size
+from vdifs.peer.recovery import DEFAULT_RATE as RECOVERY_RATE
+from vdifs.peer.recovery import DEFAULT_RESERVE as RECOVERY_RESERVE
 from vdifs.wire.rpc import RpcClient, RpcPool
 
 T = TypeVar("T")
 
-# Defaults of `vdifs peer`: the same as PeerDaemon's, which vdifs.peer does not name yet.
-PEER_WEIGHT = 1.0
-RECOVERY_RATE = 100e6  # bytes per second
-RECOVERY_RESERVE = 1 << 30  # bytes of free space recovery leaves alone
-FORMAT_COPIES = 3  # replicas per object of a new cluster
 
 STATUS_REFRESH = 1.0  # seconds between `status --watch` refreshes
 PEER_INFO_TIMEOUT = 5.0  # a peer that does not answer this fast is shown unreachable

@@ -19,12 +19,17 @@ DOWN = "down"
 MAX_META = 5
 
 
+DEFAULT_WEIGHT = 1.0  # a peer's relative share of the data
+DEFAULT_COPIES = 3  # replicas per object of a new cluster
+DEFAULT_MIN_COPIES = 2  # up replicas a write needs
+
+
 @dataclass
 class PeerInfo:
     peer_id: str
     address: str  # host:port
     zone: str = ""
-    weight: float = 1.0
+    weight: float = DEFAULT_WEIGHT
     state: str = UP
 
     def to_dict(self) -> dict[str, Any]:
@@ -35,8 +40,8 @@ class PeerInfo:
 class ClusterMap:
     cluster_id: str
     epoch: int = 1
-    copies: int = 3
-    min_copies: int = 2
+    copies: int = DEFAULT_COPIES
+    min_copies: int = DEFAULT_MIN_COPIES
     peers: dict[str, PeerInfo] = field(default_factory=dict)
     meta: list[str] = field(default_factory=list)  # peer ids that run the consensus acceptors
     #: the placement ring, built once per map; maps are never changed in place

@@ -29,7 +29,8 @@ from vdifs.meta.consensus import MetaClient
 from vdifs.peer.dataplane import DataPlane
 from vdifs.peer.health import FailureDetector
 from vdifs.peer.membership import Membership
-from vdifs.peer.recovery import Recovery
+from vdifs.model.cluster import DEFAULT_WEIGHT
+from vdifs.peer.recovery import DEFAULT_RATE, DEFAULT_RESERVE, Recovery
 from vdifs.peer.state import PeerState
 from vdifs.wire.rpc import Handler, RpcPool, RpcServer, Session, split_address
 
@@ -57,8 +58,8 @@ class Op:
 
 class PeerDaemon:
     def __init__(self, store_dir: str, listen: str, *, join: str | None = None, zone: str = "",
-                 weight: float = 1.0, secret_file: str | None = None, recovery_rate: float = 100e6,
-                 recovery_reserve: int = 1 << 30) -> None:
+                 weight: float = DEFAULT_WEIGHT, secret_file: str | None = None,
+                 recovery_rate: float = DEFAULT_RATE, recovery_reserve: int = DEFAULT_RESERVE) -> None:
         self.join = join
         self.state = PeerState(store_dir, listen, zone=zone, weight=weight, secret_file=secret_file)
         self.membership = Membership(self.state)

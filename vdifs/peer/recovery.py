@@ -40,6 +40,8 @@ from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError
 log = logging.getLogger("vdifs.peer.recovery")
 T = TypeVar("T")
 HANDOFF_POLL = 3.0  # seconds between asking the peers whether they finished an epoch
+DEFAULT_RATE = 100e6  # bytes per second a pass copies at most
+DEFAULT_RESERVE = 1 << 30  # bytes of free space recovery leaves alone
 
 
 @dataclass
@@ -54,7 +56,8 @@ class RecoveryState:
 
 
 class Recovery:
-    def __init__(self, peer: PeerState, *, rate: float = 100e6, reserve: int = 1 << 30) -> None:
+    def __init__(self, peer: PeerState, *, rate: float = DEFAULT_RATE,
+                 reserve: int = DEFAULT_RESERVE) -> None:
         self.peer = peer
         self.rate = rate  # bytes per second
         self.reserve = reserve  # free bytes the store keeps
