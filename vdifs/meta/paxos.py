@@ -1,6 +1,6 @@
 """CASPaxos (Rystsov 2018): leaderless replicated registers with compare-and-set.
 
-Every register (the cluster map, the directory, later the per-VDI locks) is
+Every register (the cluster map, the directory, the per-VDI leases `lock/<vid>`) is
 changed by running a function on its current value through two phases on a
 majority of the acceptors (the meta peers):
 

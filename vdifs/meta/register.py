@@ -1,7 +1,8 @@
 """Registers: one versioned value with compare-and-set.
 
-`Register` is the interface the directory (and later the cluster map and
-leases) is written against. `FileRegister` keeps the value in a local file,
+`Register` is the interface the directory service and the leases are
+written against (the cluster map is read and changed through `MetaClient`
+directly). `FileRegister` keeps the value in a local file,
 which is what the embedded single-node pool uses; the cluster puts a
 CASPaxos register behind the same interface.
 """

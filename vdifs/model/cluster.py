@@ -2,8 +2,10 @@
 
 Every change (a peer joins, leaves, is marked down, a setting changes)
 produces a new map with epoch + 1. The map lives in the `cluster` consensus
-register; every peer and mount keeps its latest copy and learns newer ones
-from any message that carries an epoch.
+register. A peer keeps its newest copy on disk and re-reads the register
+when a request carries a newer epoch or `cluster.notify` arrives; a mount
+adopts the map that a stale-epoch refusal carries, or re-reads the register
+while it waits for a replica to be replaced.
 """
 
 from __future__ import annotations

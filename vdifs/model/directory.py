@@ -1,7 +1,7 @@
 """The directory ("super object"): every VDI's name and record.
 
-The directory is one value kept in a register (a local file now, a CASPaxos
-register in a cluster). It is small, so every change rewrites it whole:
+The directory is one value kept in a register (a local file in the embedded
+pool, a CASPaxos register in a cluster). It is small, so every change rewrites it whole:
 callers read it, apply one of the pure operations below to a copy, and
 compare-and-set it back. The operations check everything first and only
 then change the copy, so a refused operation changes nothing.

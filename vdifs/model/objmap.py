@@ -1,8 +1,9 @@
 """The object map: for every object index of a VDI, where its data is.
 
 Entries are u32: NON_EXISTENT (0) is a hole that reads as zeros without any
-I/O; a vid means the data lives in object (vid, index) (the VDI itself, or an
-ancestor once clones exist); PENDING_DELETE marks an object that is being
+I/O; a vid means the data lives in object (vid, index) (the VDI's current
+data vid, or an older data vid of its family whose object it still shares
+with a snapshot); PENDING_DELETE marks an object that is being
 freed, so a crash half-way through freeing it is finished on the next mount.
 
 On disk the map is stored little-endian in map objects of 4 MiB (1 Mi
