@@ -63,7 +63,7 @@ async def test_many_objects_beyond_fd_cache(store, monkeypatch):
     oids = [data_oid(9, i) for i in range(20)]
     for i, oid in enumerate(oids):
         await store.create(oid, 0, bytes([i]) * 3, 8)
-    assert len(store._handles) <= 4
+    assert len(store.cached_objects()) <= 4
     for i, oid in enumerate(oids):
         assert await store.read(oid, 0, 3) == bytes([i]) * 3
 
@@ -222,4 +222,4 @@ async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, m
         await store.hand_off([oid], epoch=2)
         release.set()
     assert outcome == ["gone"]
-    assert oid not in store._handles
+    assert oid not in store.cached_objects()

@@ -546,6 +546,10 @@ class ObjectStore:
         st = await trio.to_thread.run_sync(os.statvfs, self.root)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
+    def cached_objects(self) -> frozenset[int]:
+        """Ids of the objects whose file descriptors are cached now."""
+        return frozenset(self._handles)
+
     def io_stats(self) -> dict[str, int]:
         return {"nowait_reads": self.nowait_reads, "checksum_errors": self.checksum_errors,
                 "thread_calls": self._io.calls,
