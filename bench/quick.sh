@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# bench/quick.sh [TREE...]: a quick A/B of the embedded pool between source
+# trees (default: this one). For each tree in turn: mount a fresh embedded
+# pool with that tree's code, fill a 1 GiB VDI sequentially (1 MiB, qd 8),
+# then 4 KiB random writes and reads at qd 16, a 64 KiB 70/30 mix at qd 8 and
+# a sequential read, RUNTIME seconds each (default 10), O_DIRECT, libaio.
+# Trees alternate ROUNDS times (default 2) so drift of this shared machine
+# hits both; compare medians. Not the issue's benchmark (bench/run.sh and
+# bench/cluster.sh are): a tool for deciding whether a change pays.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+TOP=$(dirname "$HERE")
+PY=${PY:-$TOP/.venv/bin/python}
+RT=${RUNTIME:-10}
+ROUNDS=${ROUNDS:-2}
+WORK=${WORK:-/tmp/vdifs-quick}
+trees=("$@"); [[ ${#trees[@]} -gt 0 ]] || trees=("$TOP")
+mpid=
+cleanup() { fusermount3 -u "$WORK/mnt" 2>/dev/null || true; [[ -n $mpid ]] && kill "$mpid" 2>/dev/null || true; }
+trap cleanup EXIT
+COMMON=(--ioengine=libaio --direct=1 --randseed=20261121 --randrepeat=1 --fallocate=none
+        --group_reporting --output-format=json --size=1G)
+one() {  # one TREE ROUND
+    rm -rf "$WORK"; mkdir -p "$WORK/mnt"
+    PYTHONPATH=$1 "$PY" -m vdifs mount "$WORK/mnt" --store "$WORK/store" --foreground --log-level warning \
+        2>"$WORK.mount.log" & mpid=$!
+    for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
+    local f=$WORK/mnt/q.img line="$(basename "$1") r$2"
+    for j in "seqwrite --rw=write --bs=1M --iodepth=8" "randwrite --rw=randwrite --bs=4k --iodepth=16" \
+             "randread --rw=randread --bs=4k --iodepth=16" "randrw70 --rw=randrw --rwmixread=70 --bs=64k --iodepth=8" \
+             "seqread --rw=read --bs=1M --iodepth=8"; do
+        set -- $j; name=$1; shift
+        timed=(); [[ $name == seq* ]] || timed=(--runtime="$RT" --time_based)
+        fio --name="$name" --filename="$f" "${COMMON[@]}" "${timed[@]}" "$@" > "$WORK.$name.json"
+        line+=$(python3 - "$WORK.$name.json" "$name" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+r, w = j["read"], j["write"]
+if sys.argv[2].startswith("seq"):
+    print(f"  {sys.argv[2]} {(r['bw_bytes'] + w['bw_bytes']) / 1e6:7.0f} MB/s", end="")
+else:
+    print(f"  {sys.argv[2]} {r['iops'] + w['iops']:7.0f} IOPS", end="")
+PY
+)
+    done
+    echo "$line"
+    fusermount3 -u "$WORK/mnt"; wait "$mpid" || true; mpid=
+}
+for r in $(seq "$ROUNDS"); do for t in "${trees[@]}"; do one "$t" "$r"; done; done
