@@ -49,3 +49,18 @@ def test_table_roundtrip(table, state):
 def test_bad_tables_are_refused(raw):
     with pytest.raises(checksums.BadTable):
         checksums.decode(raw, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=3 * BLOCK + 7))
+def test_tables_are_the_zlib_crc32_ones_stored_tables_always_held(content):
+    """The CRC comes from ISA-L now; tables must be the zlib CRC-32 values every
+    existing store holds (no format change)."""
+    import zlib
+
+    def zlib_block(chunk: bytes) -> int:
+        return zlib.crc32(chunk + bytes(BLOCK - len(chunk)))
+
+    expected = [zlib_block(content[i:i + BLOCK]) for i in range(0, len(content), BLOCK)]
+    assert checksums.crcs_of(content) == expected
+    assert checksums.ZERO_CRC == zlib.crc32(bytes(BLOCK))
