@@ -217,3 +217,48 @@ def test_unlinked_open_file_stays_readable(mount):
         assert not os.path.exists(p)
     wait_for(lambda: not mount.data_objects())  # purged once the last handle closed
     assert os.listdir(mount.mp) == []
+
+
+def _fuse_stats(mount) -> dict:
+    import trio
+
+    from vdifs.control import caller
+
+    return trio.run(caller.call, os.path.join(mount.store, "control.sock"), "status")["fuse"]
+
+
+def test_o_direct_opens_are_served_uncached_and_stay_coherent(mount):
+    """An O_DIRECT open is served with FOPEN_DIRECT_IO: its writes reach the
+    mount without the kernel's security.capability lookup before each one
+    (which serialises writes), and a buffered handle that cached the old bytes
+    reads the new ones afterwards."""
+    import mmap
+
+    p = mount.path("direct")
+    old = os.urandom(64 << 10)
+    with open(p, "wb") as f:
+        f.truncate(8 << 20)
+    write_at(p, 0, old, fsync=True)
+    cached = os.open(p, os.O_RDONLY)
+    try:
+        assert os.pread(cached, len(old), 0) == old  # now in the page cache
+        before = _fuse_stats(mount)
+        buf = mmap.mmap(-1, 4096)
+        fd = os.open(p, os.O_RDWR | os.O_DIRECT)
+        try:
+            for i in range(16):
+                buf[:] = bytes([i + 1]) * 4096
+                assert os.pwritev(fd, [buf], i * 4096) == 4096
+        finally:
+            os.close(fd)
+        after = _fuse_stats(mount)
+        assert after["direct_opens"] == before["direct_opens"] + 1
+        assert after["foreign_getxattrs"] - before["foreign_getxattrs"] < 4  # not one per write
+        expected = b"".join(bytes([i + 1]) * 4096 for i in range(16))
+        assert os.pread(cached, len(expected), 0) == expected  # the stale cached pages were dropped
+        assert os.pread(cached, len(old) - len(expected), len(expected)) == old[len(expected):]
+    finally:
+        os.close(cached)
+    # buffered writes still work, and go the cached way
+    write_at(p, 1 << 20, b"b" * 4096, fsync=True)
+    assert read_at(p, 1 << 20, 4096) == b"b" * 4096

@@ -223,3 +223,54 @@ async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, m
         release.set()
     assert outcome == ["gone"]
     assert oid not in store.cached_objects()
+
+
+async def test_small_writes_run_inline_and_keep_their_checksums(store, monkeypatch):
+    """A small write to an object whose blocks are cached runs on the event loop
+    (no thread hop); one whose read-around is not cached, a large one, and one
+    that must first mark the table DIRTY go through a worker thread. Either way
+    the bytes and the checksum table are right."""
+    from vdifs.store import objects as store_objects
+
+    oid = data_oid(7, 1)
+    payload = os.urandom(4 << 20)
+    await store.create(oid, 0, payload, 4 << 20)
+    await store.sync([oid])  # the table is CLEAN on disk now
+    hops = store.io_stats()["thread_calls"]
+    await store.write(oid, 100, b"a" * 10)  # must mark DIRTY first (an fsync): a thread
+    assert store.io_stats()["inline_writes"] == 0
+    assert store.io_stats()["thread_calls"] == hops + 1
+    await store.write(oid, 20000, b"b" * 4096)  # now inline
+    await store.write(oid, 40000, b"c" * 3)
+    assert store.io_stats()["inline_writes"] == 2
+    assert store.io_stats()["thread_calls"] == hops + 1
+    await store.write(oid, 1 << 20, os.urandom(128 << 10))  # larger than INLINE_WRITE_MAX: a thread
+    assert store.io_stats()["inline_writes"] == 2
+
+    # a read-around that is not in the page cache: the write goes to a thread
+    fd = os.open(store.path(oid), os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    calls = store.io_stats()["thread_calls"]
+    await store.write(oid, 3 << 20, b"d" * 100)
+    assert store.io_stats()["inline_writes"] == 2 and store.io_stats()["thread_calls"] == calls + 1
+
+    # a slow inline write sends the next ones through threads for a while
+    # (the block at 3 MiB is cached again: the threaded write read it)
+    monkeypatch.setattr(store_objects, "INLINE_GUARD", 0.0)
+    await store.write(oid, (3 << 20) + 200, b"e" * 10)
+    assert store.io_stats()["inline_writes"] == 3
+    await store.write(oid, (3 << 20) + 300, b"f" * 10)
+    assert store.io_stats()["inline_writes"] == 3
+
+    expected = bytearray(payload)
+    for off, data in [(100, b"a" * 10), (20000, b"b" * 4096), (40000, b"c" * 3), (3 << 20, b"d" * 100),
+                      ((3 << 20) + 200, b"e" * 10), ((3 << 20) + 300, b"f" * 10)]:
+        expected[off:off + len(data)] = data
+    expected[1 << 20:(1 << 20) + (128 << 10)] = await store.read(oid, 1 << 20, 128 << 10)
+    assert await store.read(oid, 0, 4 << 20) == expected  # verified against the table
+    store.close()  # reopen: the table rebuilt from the data agrees with the bytes
+    assert await store.read(oid, 0, 4 << 20) == expected

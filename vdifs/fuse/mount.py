@@ -119,7 +119,7 @@ class Mount:
             ops = VdifsOperations(catalog, control_path=self.control_path, store_path=self.store_path)
             control = ControlServer(catalog, self.control_path,
                                     {"mountpoint": self.mountpoint, "store": self.store_path,
-                                     "cluster": ",".join(self.cluster or [])},
+                                     "cluster": ",".join(self.cluster or []), "fuse": ops.stats},
                                     self.invalidate)
             await nursery.start(control.serve)
             try:

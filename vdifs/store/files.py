@@ -73,18 +73,31 @@ def open_object(path: str) -> tuple[int, list[int], bool]:
     return fd, table, clean
 
 
+class NotCached(Exception):
+    """A block a write must read around is not in the page cache."""
+
+
 def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
-                      table: list[int], mark_dirty: bytes | None) -> list[int]:
+                     table: list[int], mark_dirty: bytes | None, *, nowait: bool = False) -> list[int]:
     """Write `data` and return the CRCs of the blocks it touched. The old
     contents of partly written blocks are verified first: a write must not
-    bless rotten bytes around it with a fresh checksum."""
+    bless rotten bytes around it with a fresh checksum.
+
+    `nowait`: read around only from the page cache, raising NotCached
+    (before anything is written) when a block is not there."""
     start, end = checksums.covering(offset, len(data))
     buf = bytearray(end - start)
     head, tail = offset - start, offset + len(data)
     if head or tail < end:
         for b0, b1 in {(start, start + BLOCK), (end - BLOCK, end)}:
             if (b0 < offset) or (b1 > tail):
-                old = pread_full(fd, b0, BLOCK)
+                if nowait:
+                    cached = read_nowait(fd, b0, BLOCK)
+                    if cached is None:
+                        raise NotCached()
+                    old: bytes | bytearray = cached
+                else:
+                    old = pread_full(fd, b0, BLOCK)
                 bad = checksums.first_mismatch(table, b0 // BLOCK, old)
                 if bad is not None:
                     raise ChecksumError(f"block {bad} does not match its checksum")
