@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# bench/quick.sh [TREE...]: a quick A/B of the embedded pool between source
-# trees (default: this one). For each tree in turn: mount a fresh embedded
-# pool with that tree's code, fill a 1 GiB VDI sequentially (1 MiB, qd 8),
+# bench/quick.sh [TREE...]: a quick A/B of the embedded pool (or, with
+# CLUSTER=1, of three peers on 127.0.0.1 and a cluster mount, copies 3)
+# between source trees (default: this one). For each tree in turn: mount a
+# fresh pool with that tree's code, fill a 1 GiB VDI sequentially (1 MiB, qd 8),
 # then 4 KiB random writes and reads at qd 16, a 64 KiB 70/30 mix at qd 8 and
 # a sequential read, RUNTIME seconds each (default 10), O_DIRECT, libaio.
 # Trees alternate ROUNDS times (default 2) so drift of this shared machine
@@ -16,14 +17,36 @@ ROUNDS=${ROUNDS:-2}
 WORK=${WORK:-/tmp/vdifs-quick}
 trees=("$@"); [[ ${#trees[@]} -gt 0 ]] || trees=("$TOP")
 mpid=
-cleanup() { fusermount3 -u "$WORK/mnt" 2>/dev/null || true; [[ -n $mpid ]] && kill "$mpid" 2>/dev/null || true; }
+ppids=()
+cleanup() {
+    fusermount3 -u "$WORK/mnt" 2>/dev/null || true
+    for p in $mpid "${ppids[@]}"; do kill "$p" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 COMMON=(--ioengine=libaio --direct=1 --randseed=20261121 --randrepeat=1 --fallocate=none
         --group_reporting --output-format=json --size=1G)
 one() {  # one TREE ROUND
     rm -rf "$WORK"; mkdir -p "$WORK/mnt"
+    local where=()
+    if [[ ${CLUSTER:-0} == 1 ]]; then
+        local addrs=() a join
+        for i in 1 2 3; do
+            a="127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+            addrs+=("$a"); join=(); [[ $i -gt 1 ]] && join=(--join "${addrs[0]}")
+            PYTHONPATH=$1 "$PY" -m vdifs peer --store "$WORK/p$i" --listen "$a" "${join[@]}" --log-level warning \
+                2>"$WORK.peer$i.log" & ppids+=($!)
+            sleep 0.5
+        done
+        for _ in $(seq 60); do
+            PYTHONPATH=$1 "$PY" -m vdifs cluster format --copies 3 --secret-file "$WORK/secret" "${addrs[0]}" \
+                >/dev/null 2>&1 && break
+            sleep 0.5
+        done
+        where=(--cluster "$(IFS=,; echo "${addrs[*]}")" --secret-file "$WORK/secret")
+    fi
     PYTHONPATH=$1 "$PY" -m vdifs mount "$WORK/mnt" --store "$WORK/store" --foreground --log-level warning \
-        2>"$WORK.mount.log" & mpid=$!
+        "${where[@]}" 2>"$WORK.mount.log" & mpid=$!
+    echo "$mpid ${ppids[*]}" > "$WORK.pids"
     for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
     local f=$WORK/mnt/q.img line="$(basename "$1") r$2"
     for j in "seqwrite --rw=write --bs=1M --iodepth=8" "randwrite --rw=randwrite --bs=4k --iodepth=16" \
@@ -45,5 +68,6 @@ PY
     done
     echo "$line"
     fusermount3 -u "$WORK/mnt"; wait "$mpid" || true; mpid=
+    for p in "${ppids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; ppids=()
 }
 for r in $(seq "$ROUNDS"); do for t in "${trees[@]}"; do one "$t" "$r"; done; done
