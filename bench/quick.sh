@@ -33,18 +33,18 @@ one() {  # one TREE ROUND
         for i in 1 2 3; do
             a="127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
             addrs+=("$a"); join=(); [[ $i -gt 1 ]] && join=(--join "${addrs[0]}")
-            PYTHONPATH=$1 "$PY" -m vdifs peer --store "$WORK/p$i" --listen "$a" "${join[@]}" --log-level warning \
+            env -C "$1" PYTHONPATH="$1" "$PY" -m vdifs peer --store "$WORK/p$i" --listen "$a" "${join[@]}" --log-level warning \
                 2>"$WORK.peer$i.log" & ppids+=($!)
             sleep 0.5
         done
         for _ in $(seq 60); do
-            PYTHONPATH=$1 "$PY" -m vdifs cluster format --copies 3 --secret-file "$WORK/secret" "${addrs[0]}" \
+            env -C "$1" PYTHONPATH="$1" "$PY" -m vdifs cluster format --copies 3 --secret-file "$WORK/secret" "${addrs[0]}" \
                 >/dev/null 2>&1 && break
             sleep 0.5
         done
         where=(--cluster "$(IFS=,; echo "${addrs[*]}")" --secret-file "$WORK/secret")
     fi
-    PYTHONPATH=$1 "$PY" -m vdifs mount "$WORK/mnt" --store "$WORK/store" --foreground --log-level warning \
+    env -C "$1" PYTHONPATH="$1" "$PY" -m vdifs mount "$WORK/mnt" --store "$WORK/store" --foreground --log-level warning \
         "${where[@]}" 2>"$WORK.mount.log" & mpid=$!
     echo "$mpid ${ppids[*]}" > "$WORK.pids"
     for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
