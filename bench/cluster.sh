@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # bench/cluster.sh [OUTDIR]: issue 3's comparison, one run, loopback only.
 #   gluster : ../shared/bench/gluster/setup.sh (replica 3, 4 MB shards) at /mnt/gluster
-#   netfs   : bench/netfs_ceiling.py, the fastest a pyfuse3 file system whose
+#   netfs   : ../shared/bench/lean-netfs.py (or NETFS=bench/netfs_ceiling.py), the fastest a pyfuse3 file system whose
 #             data lives in three other Python processes (loopback TCP,
 #             reads from one, writes to all three) can be: the bound for
 #             this architecture on this machine
 #   vdifs   : three `vdifs peer` processes on 127.0.0.1 and one mount, copies=3
-# All through the jobs of ../shared/bench/fio-suite.sh (O_DIRECT); netfs serves
-# one file, so it runs them through bench/fio-jobs.sh.
+# All through bench/fio-jobs.sh: the jobs of ../shared/bench/fio-suite.sh (O_DIRECT,
+# same options and seed) on one pre-sized file per target, plus flush32.
 # Guest RAM is touched once first: on this VM the first write into a page of
 # RAM is ~7x slower than later ones, which otherwise favours whoever runs last.
 # Records the peak RSS of each vdifs process. Needs root.
@@ -41,21 +41,32 @@ echo "warming ${avail} MiB of guest RAM"
 dd if=/dev/zero of=/dev/shm/vdifs-warm bs=1M count="$avail" status=none; rm -f /dev/shm/vdifs-warm
 
 bash "$SHARED/bench/gluster/setup.sh" > "$OUT/gluster-setup.log" 2>&1
-echo "== GlusterFS replica 3"
-bash "$SHARED/bench/fio-suite.sh" /mnt/gluster "$OUT/gluster"
+echo "== GlusterFS replica 3 (effective settings in gluster-settings.txt)"
+gluster --mode=script volume info vdis > "$OUT/gluster-settings.txt" 2>&1 || true
+gluster --mode=script volume get vdis all 2>/dev/null \
+    | grep -E 'strict-o-direct|shard|eager-lock|remote-dio|quorum|io-thread|client-io-threads|write-behind|read-ahead|io-cache|quick-read|open-behind|stat-prefetch|event-threads' \
+    >> "$OUT/gluster-settings.txt" || true
+cat "$OUT/gluster-settings.txt"
+rm -f /mnt/gluster/fio.img
+"$HERE/fio-jobs.sh" /mnt/gluster/fio.img "$OUT/gluster"
+rm -f /mnt/gluster/fio.img
 
 PY=${PY:-$TOP/.venv/bin/python}
-echo "== netfs ceiling (pyfuse3 + 3 data processes over loopback)"
+# The lean probe of ../shared/bench/lean-netfs.py (fixed binary frames, no lock,
+# scope or task per request: the techniques vdifs now uses on its data path);
+# NETFS=bench/netfs_ceiling.py measures the older, plainer probe instead.
+NETFS=${NETFS:-$SHARED/bench/lean-netfs.py}
+echo "== netfs ceiling ($(basename "$NETFS"): pyfuse3 + 3 data processes over loopback)"
 mkdir -p "$WORK/netfs"
 nports=()
 for i in 1 2 3; do
     p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    nports+=("$p"); "$PY" "$HERE/netfs_ceiling.py" serve "$p" 2048 & pids+=($!)
+    nports+=("$p"); "$PY" "$NETFS" serve "$p" 2048 & pids+=($!)
 done
 for p in "${nports[@]}"; do  # until every server listens
     for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $p))" 2>/dev/null && break; sleep 0.1; done
 done
-"$PY" "$HERE/netfs_ceiling.py" mount "$WORK/netfs" 2048 "$(IFS=,; echo "${nports[*]}")" & pids+=($!)
+"$PY" "$NETFS" mount "$WORK/netfs" 2048 "$(IFS=,; echo "${nports[*]}")" & pids+=($!)
 for _ in $(seq 100); do mountpoint -q "$WORK/netfs" && break; sleep 0.1; done
 mountpoint -q "$WORK/netfs" || { echo "netfs ceiling did not mount" >&2; exit 1; }
 "$HERE/fio-jobs.sh" "$WORK/netfs/disk" "$OUT/netfs"
@@ -81,6 +92,6 @@ done
     --secret-file "$WORK/secret" --foreground --log-level warning 2>"$OUT/mount.log" &
 mpid=$!; pids+=($mpid); peak_rss $mpid "$OUT/mount-peak-rss-kib"
 for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
-bash "$SHARED/bench/fio-suite.sh" "$WORK/mnt" "$OUT/vdifs"
+"$HERE/fio-jobs.sh" "$WORK/mnt/fio.img" "$OUT/vdifs"
 for f in "$OUT"/*-peak-rss-kib; do echo "$(basename "$f" -peak-rss-kib): peak RSS $(( $(cat "$f") / 1024 )) MiB"; done | tee -a "$OUT/README"
 python3 "$HERE/compare_cluster.py" "$OUT" | tee "$OUT/table.md"

@@ -5,7 +5,7 @@ import os
 import sys
 
 out = sys.argv[1]
-JOBS = ["seqwrite", "seqread", "randwrite", "randread", "randrw70", "verify"]
+JOBS = ["seqwrite", "seqread", "randwrite", "randread", "randrw70", "flush32", "verify"]
 TARGETS = ["tmpfs", "memfs", "vdifs"]
 
 
@@ -19,7 +19,7 @@ def metric(target, job):
     side = "read" if job in ("seqread", "randread") else "write"
     if job == "randrw70":
         return (j["read"]["iops"] + j["write"]["iops"], "IOPS")
-    if job.startswith("rand"):
+    if job.startswith("rand") or job == "flush32":
         return (j[side]["iops"], "IOPS")
     return (j[side]["bw_bytes"] / 1e6, "MB/s")
 

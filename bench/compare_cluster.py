@@ -6,7 +6,7 @@ import os
 import sys
 
 out = sys.argv[1]
-JOBS = ["seqwrite", "seqread", "randwrite", "randread", "randrw70"]
+JOBS = ["seqwrite", "seqread", "randwrite", "randread", "randrw70", "flush32"]
 
 
 def metric(target, job):
@@ -17,7 +17,7 @@ def metric(target, job):
     if job == "randrw70":
         return j["read"]["iops"] + j["write"]["iops"], "IOPS"
     side = "read" if job in ("seqread", "randread") else "write"
-    if job.startswith("rand"):
+    if job.startswith("rand") or job == "flush32":
         return j[side]["iops"], "IOPS"
     return j[side]["bw_bytes"] / 1e6, "MB/s"
 

@@ -5,7 +5,12 @@
 # with libaio), run against one existing or new FILE instead of a directory,
 # so that the pyfuse3 ceiling probe (which serves exactly one file) can be
 # measured with the same jobs as everything else. verify uses the first
-# 256 MiB of FILE. Writes OUTDIR/<job>.json and OUTDIR/summary.txt.
+# 256 MiB of FILE. FILE is pre-sized (truncated to FIO_SIZE, sparse) before the
+# first job, so no job grows it: the kernel serialises O_DIRECT writes that
+# extend a file, which skewed seqwrite between targets. One job more than the
+# shared suite: flush32, 4 KiB random writes with an fsync after every 32, as
+# a guest that flushes its disk cache does. Writes OUTDIR/<job>.json and
+# OUTDIR/summary.txt.
 set -euo pipefail
 FILE=${1:?usage: fio-jobs.sh FILE OUTDIR}
 OUT=${2:?usage: fio-jobs.sh FILE OUTDIR}
@@ -17,6 +22,7 @@ mkdir -p "$OUT"
 COMMON=(--ioengine=libaio --direct=1 --randseed="$SEED" --randrepeat=1 --fallocate=none
         --group_reporting --lat_percentiles=1 --output-format=json --filename="$FILE")
 : > "$OUT/summary.txt"
+[[ -e $FILE ]] || truncate -s "$SIZE" "$FILE"
 job() {  # job NAME fio-args...
     local name=$1; shift
     timeout 300 fio --name="$name" "${COMMON[@]}" --output="$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1 || true
@@ -27,5 +33,6 @@ job seqread   --size="$SIZE" --rw=read  --bs=1M --iodepth=8 --runtime="$SEQCAP"
 job randwrite --size="$SIZE" --rw=randwrite --bs=4k --iodepth=16 --runtime="$RT" --time_based
 job randread  --size="$SIZE" --rw=randread  --bs=4k --iodepth=16 --runtime="$RT" --time_based
 job randrw70  --size="$SIZE" --rw=randrw --rwmixread=70 --bs=64k --iodepth=8 --runtime="$RT" --time_based
+job flush32   --size="$SIZE" --rw=randwrite --bs=4k --iodepth=16 --fsync=32 --runtime="$RT" --time_based
 job verify    --size=256M --rw=randwrite --bs=64k --iodepth=8 --verify=crc32c --do_verify=1 \
               --verify_fatal=1 --verify_state_save=0
