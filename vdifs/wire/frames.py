@@ -12,6 +12,7 @@ is closed, nothing else.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
@@ -61,6 +62,14 @@ class FrameStream:
         self._send_lock = trio.Lock()
         self._queue: list[Blob] = []  # frames waiting for the sender that holds the lock
         self._send_error: BaseException | None = None
+        # A TCP or unix socket's fd, for sends that need no lock and no await.
+        sock = getattr(stream, "socket", None)
+        self._fd = sock.fileno() if isinstance(stream, trio.SocketStream) and sock is not None else None
+
+    @property
+    def busy(self) -> bool:
+        """A send is under way (a new one waits behind it)."""
+        return self._send_lock.locked() or bool(self._queue)
 
     async def _fill(self, out: bytearray, *, at_boundary: bool) -> None:
         """Fill `out` completely from the buffered bytes and the stream."""
@@ -114,6 +123,15 @@ class FrameStream:
         empty. A failed send closes the stream, so the reader ends too and
         the connection's owner fails what is in flight and reconnects."""
         mine = encode_frame(obj, self.max_frame, blob)
+        if self._fd is not None and not self._send_lock.locked() and not self._queue \
+                and self._send_error is None:
+            # Nobody is sending: hand the frame to the kernel now, without the
+            # lock, the scope and the scheduling passes of the path below
+            # (tens of us per frame here). What the socket buffer cannot take
+            # now goes that way; nothing can have queued meanwhile (no await).
+            mine = self._send_now(mine)
+            if not mine:
+                return
         self._queue.extend(mine)
         try:
             await self._send_lock.acquire()
@@ -146,6 +164,24 @@ class FrameStream:
                 raise trio.BrokenResourceError(f"send failed: {self._send_error!r}") from self._send_error
         finally:
             self._send_lock.release()
+
+    def _send_now(self, parts: list[Blob]) -> list[Blob]:
+        """Write what the socket takes without waiting; the rest, unsent. An
+        error is left for the locked path to meet and report."""
+        assert self._fd is not None
+        views = [memoryview(p).cast("B") for p in parts]
+        try:
+            sent = os.writev(self._fd, views[:IOV_BATCH])
+        except OSError:  # EAGAIN: full; anything else: the locked path reports it
+            return parts
+        while sent and views:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+        return list(views)
 
     def _unqueue(self, mine: list[Blob]) -> None:
         for i in range(len(self._queue) - len(mine) + 1):

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import hmac
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -234,11 +235,14 @@ class RpcClient:
         self.remote_peer: str | None = None
         self.remote_cluster: str | None = None
         self._frames: FrameStream | None = None
-        self._pending: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._pending: dict[int, PendingCall] = {}
         self._next_id = 1
         self._connect_lock = trio.Lock()
 
     async def _connect(self) -> FrameStream:
+        frames = self._frames
+        if frames is not None:  # the common case: no lock to take
+            return frames
         async with self._connect_lock:
             if self._frames is not None:
                 return self._frames
@@ -261,6 +265,7 @@ class RpcClient:
             frames.max_frame = MAX_FRAME
             self._frames = frames
             self.nursery.start_soon(self._reader, frames)
+            self.nursery.start_soon(self._watchdog, frames)
             return frames
 
     async def _handshake(self, frames: FrameStream) -> None:
@@ -291,22 +296,31 @@ class RpcClient:
                 rid, status, result = check_reply(msg)
                 if blob is not None:
                     result = blob
-                slot = self._pending.pop(rid, None)
-                if slot is not None:
-                    slot[1].extend((status, result))
-                    slot[0].set()
+                call = self._pending.pop(rid, None)
+                if call is not None:
+                    call.done(status, result)
         except (ProtocolError, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             if self._pending:
                 log.info("connection to %s lost: %s", self.address, e or type(e).__name__)
         finally:
             if self._frames is frames:
                 self._frames = None
-            for event, box in self._pending.values():
-                box.extend((-1, "connection lost"))
-                event.set()
+            for call in self._pending.values():
+                call.done(LOST, "connection lost")
             self._pending.clear()
             with trio.CancelScope(shield=True):
                 await frames.aclose()
+
+    async def _watchdog(self, frames: FrameStream) -> None:
+        """Fail the calls whose time is up, for the whole connection at once:
+        one sweep every WATCHDOG_INTERVAL instead of a cancel scope per call
+        (12-23 us each here, on every request). Ends with the connection."""
+        while self._frames is frames:
+            await trio.sleep(WATCHDOG_INTERVAL)
+            now = trio.current_time()
+            late = [rid for rid, call in self._pending.items() if call.deadline <= now]
+            for rid in late:
+                self._pending.pop(rid).done(TIMED_OUT, "no answer in time")
 
     async def start(self, op: str, args: dict[str, Any] | None = None) -> PendingCall:
         """Send a request; `finish` waits for its reply. Lets a caller have
@@ -315,7 +329,7 @@ class RpcClient:
         rid = self._next_id
         self._next_id += 1
         call = PendingCall(self, rid, op)
-        self._pending[rid] = (call.event, call.box)
+        self._pending[rid] = call
         args = dict(args or {})
         data = args.pop("data", None)
         blob = data if isinstance(data, (bytes, bytearray, memoryview)) else None
@@ -332,11 +346,19 @@ class RpcClient:
         return call
 
     async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0) -> Any:
-        with trio.move_on_after(timeout) as scope:
-            call = await self.start(op, args)
-        if scope.cancelled_caught:
-            raise PeerUnavailable(f"{self.address} did not take {op} within {timeout:.0f} s")
+        frames = self._frames
+        if frames is not None and not frames.busy:
+            call = await self.start(op, args)  # nothing to wait behind: no scope needed
+        else:  # connecting, or queued behind a send a slow receiver holds up
+            with trio.move_on_after(timeout) as scope:
+                call = await self.start(op, args)
+            if scope.cancelled_caught:
+                raise PeerUnavailable(f"{self.address} did not take {op} within {timeout:.0f} s")
         return await call.finish(timeout)
+
+    def forget(self, rid: int) -> None:
+        """A call's caller no longer waits for its reply."""
+        self._pending.pop(rid, None)
 
     async def aclose(self) -> None:
         if self._frames is not None:
@@ -344,26 +366,43 @@ class RpcClient:
             self._frames = None
 
 
+LOST = -1  # PendingCall status: the connection ended before the reply
+TIMED_OUT = -2  # PendingCall status: the watchdog gave up on the reply
+WATCHDOG_INTERVAL = 0.25  # seconds: how late past its timeout a call may fail
+
+
 class PendingCall:
-    """A request in flight; `finish` waits (with a timeout) for the reply."""
+    """A request in flight; `finish` waits for the reply, until the
+    connection's watchdog gives up on it once its timeout has passed."""
+
+    __slots__ = ("client", "rid", "op", "event", "status", "result", "deadline", "timeout")
 
     def __init__(self, client: RpcClient, rid: int, op: str) -> None:
         self.client = client
         self.rid = rid
         self.op = op
         self.event = trio.Event()
-        self.box: list[Any] = []
+        self.status: int | None = None
+        self.result: Any = None
+        self.deadline = math.inf  # set by finish()
+        self.timeout = 0.0
+
+    def done(self, status: int, result: Any) -> None:
+        self.status, self.result = status, result
+        self.event.set()
 
     async def finish(self, timeout: float) -> Any:
-        try:
-            with trio.fail_after(timeout):
+        if self.status is None:
+            self.timeout = timeout
+            self.deadline = trio.current_time() + timeout
+            try:
                 await self.event.wait()
-        except trio.TooSlowError:
-            raise PeerUnavailable(f"{self.client.address} did not answer {self.op} within {timeout:.0f} s") from None
-        finally:
-            self.client._pending.pop(self.rid, None)
-        status, result = self.box
-        if status == -1:
+            finally:
+                self.client.forget(self.rid)  # cancelled: nobody waits for it any more
+        status, result = self.status, self.result
+        if status == TIMED_OUT:
+            raise PeerUnavailable(f"{self.client.address} did not answer {self.op} within {self.timeout:.0f} s")
+        if status == LOST:
             raise PeerUnavailable(f"connection to {self.client.address} lost during {self.op}")
         if status:
             raise RemoteError(status, result)
