@@ -216,3 +216,19 @@ async def test_a_frame_being_sent_goes_out_whole_even_if_its_sender_is_cancelled
     assert cancelled_at is not None
     await client.aclose()
     await server.aclose()
+
+
+async def test_a_closed_stream_never_writes_to_a_socket_that_reused_its_number():
+    """After a close the fd number may belong to a new socket: a late send on
+    the old stream must fail, not write there."""
+    client, server = await _socket_pair()
+    sender = FrameStream(client)
+    await client.aclose()
+    other_client, other_server = await _socket_pair()  # likely takes the freed numbers
+    with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+        await sender.send(["late"], b"x" * 100)
+    with trio.move_on_after(0.2):
+        assert await other_server.receive_some(1024) == b""  # nothing arrived there
+        raise AssertionError("bytes reached the other socket")
+    for s in (server, other_client, other_server):
+        await s.aclose()

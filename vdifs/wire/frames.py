@@ -62,9 +62,10 @@ class FrameStream:
         self._send_lock = trio.Lock()
         self._queue: list[Blob] = []  # frames waiting for the sender that holds the lock
         self._send_error: BaseException | None = None
-        # A TCP or unix socket's fd, for sends that need no lock and no await.
-        sock = getattr(stream, "socket", None)
-        self._fd = sock.fileno() if isinstance(stream, trio.SocketStream) and sock is not None else None
+        # The socket of a TCP or unix stream, for sends that need no lock and no
+        # await. Its fd is asked for at every send: after a close it is -1,
+        # where a number kept from before could name another socket by now.
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     @property
     def busy(self) -> bool:
@@ -123,13 +124,13 @@ class FrameStream:
         empty. A failed send closes the stream, so the reader ends too and
         the connection's owner fails what is in flight and reconnects."""
         mine = encode_frame(obj, self.max_frame, blob)
-        if self._fd is not None and not self._send_lock.locked() and not self._queue \
-                and self._send_error is None:
+        fd = self._sock.fileno() if self._sock is not None else -1
+        if fd >= 0 and not self._send_lock.locked() and not self._queue and self._send_error is None:
             # Nobody is sending: hand the frame to the kernel now, without the
             # lock, the scope and the scheduling passes of the path below
             # (tens of us per frame here). What the socket buffer cannot take
             # now goes that way; nothing can have queued meanwhile (no await).
-            mine = self._send_now(mine)
+            mine = self._send_now(fd, mine)
             if not mine:
                 return
         self._queue.extend(mine)
@@ -165,13 +166,13 @@ class FrameStream:
         finally:
             self._send_lock.release()
 
-    def _send_now(self, parts: list[Blob]) -> list[Blob]:
+    @staticmethod
+    def _send_now(fd: int, parts: list[Blob]) -> list[Blob]:
         """Write what the socket takes without waiting; the rest, unsent. An
         error is left for the locked path to meet and report."""
-        assert self._fd is not None
         views = [memoryview(p).cast("B") for p in parts]
         try:
-            sent = os.writev(self._fd, views[:IOV_BATCH])
+            sent = os.writev(fd, views[:IOV_BATCH])
         except OSError:  # EAGAIN: full; anything else: the locked path reports it
             return parts
         while sent and views:
