@@ -274,3 +274,26 @@ async def test_small_writes_run_inline_and_keep_their_checksums(store, monkeypat
     assert await store.read(oid, 0, 4 << 20) == expected  # verified against the table
     store.close()  # reopen: the table rebuilt from the data agrees with the bytes
     assert await store.read(oid, 0, 4 << 20) == expected
+
+
+async def test_read_now_and_write_now_act_only_when_nothing_must_wait(store):
+    from vdifs.errors import ChecksumError
+
+    oid = data_oid(7, 2)
+    payload = os.urandom(1 << 20)
+    await store.create(oid, 0, payload, 4 << 20)
+    await store.write(oid, 0, payload[:10])  # the table is DIRTY now: writes may go inline
+    assert store.read_now(oid, 100, 5000) == payload[100:5100]  # cached handle, cached pages
+    assert store.write_now(oid, 20000, b"w" * 4096)
+    assert await store.read(oid, 20000, 4096) == b"w" * 4096
+    assert store.write_now(oid, 0, b"x" * (128 << 10)) is False  # too big to go inline
+    store.close()  # no cached handle: neither can act, and nothing changed
+    assert store.read_now(oid, 0, 10) is None and store.write_now(oid, 0, b"y") is False
+    assert await store.read(oid, 0, 10) == payload[:10]
+    # a rotten block is never served by read_now: read raises, so the repair runs
+    with open(store.path(oid), "r+b") as f:
+        f.seek(30000)
+        f.write(b"\xff")
+    assert store.read_now(oid, 16384, 100) is None
+    with pytest.raises(ChecksumError):
+        await store.read(oid, 16384, 100)

@@ -135,12 +135,34 @@ async def _send_concurrently(monkeypatch, sizes) -> int:
     return calls
 
 
-async def test_small_frames_from_concurrent_senders_share_sendmsg_calls(monkeypatch):
-    """Frames queued behind a busy sender ride along in its next sendmsg (the
-    first frame is too big for the socket buffers, so its sender is busy while
-    the others queue; a frame sent while nobody is busy goes out at once)."""
-    calls = await _send_concurrently(monkeypatch, lambda i: (12 << 20) if i == 0 else 1 + i % 100)
-    assert 0 < calls < 100
+async def test_small_frames_queued_behind_a_busy_sender_share_sendmsg_calls(monkeypatch):
+    """Frames queued behind a busy sender ride along in its next sendmsg: a
+    frame too big for the socket buffers keeps its sender busy (nobody reads
+    yet) while 99 small ones queue; then they go out in a few calls."""
+    client, server = await _socket_pair()
+    sender, receiver = FrameStream(client, 1 << 25), FrameStream(server, 1 << 25)
+    buffers_per_call: list[int] = []
+    real = type(client.socket).sendmsg
+
+    async def counting(sock, buffers, *args, **kwargs):
+        buffers_per_call.append(len(buffers))
+        return await real(sock, buffers, *args, **kwargs)
+
+    monkeypatch.setattr(type(client.socket), "sendmsg", counting)
+    async with trio.open_nursery() as n:
+        n.start_soon(sender.send, [0, "x", {}], b"b" * (24 << 20))
+        await trio.testing.wait_all_tasks_blocked()  # blocked: the buffers are full
+        for i in range(1, 100):
+            n.start_soon(sender.send, [i, "x", {}], bytes([i]) * i)
+        await trio.testing.wait_all_tasks_blocked()  # all queued behind it
+        got = {}
+        for _ in range(100):
+            msg, blob = await receiver.receive_frame()
+            got[msg[0]] = len(blob)
+    assert got == {0: 24 << 20, **{i: i for i in range(1, 100)}}
+    assert max(buffers_per_call) >= 2 * 50  # one call carried at least 50 of the small frames
+    await client.aclose()
+    await server.aclose()
 
 
 async def test_a_frame_sent_while_nobody_sends_needs_no_sendmsg(monkeypatch):

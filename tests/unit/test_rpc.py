@@ -153,3 +153,36 @@ async def test_pool_reset_takes_new_credentials(nursery):
     pool.reset(SECRET)  # the next connection authenticates with the new secret
     assert await pool.call(addr, "echo", {"x": 1}) == {"echo": 1, "auth": True}
     await pool.aclose()
+
+
+async def test_a_fast_handler_answers_in_the_reader_or_hands_over(nursery):
+    """A fast handler's answer is the reply (no task, no handler call); NOT_NOW
+    hands the request to the handler; its errors are replies like the handler's."""
+    from vdifs.wire.rpc import NOT_NOW
+
+    slow_calls = []
+
+    async def handler(args, session):
+        slow_calls.append(args["x"])
+        return ("slow", args["x"])
+
+    def fast(args, session):
+        if args["x"] == "bad":
+            raise InvalidArgument("bad x")
+        if args["x"] == "bug":
+            raise RuntimeError("a bug")
+        return NOT_NOW if args["x"] == "later" else ("fast", args["x"], session.authenticated)
+
+    server = RpcServer("test", {"op": handler}, secret=lambda: SECRET, cluster_id=lambda: "c1", peer_id="p1",
+                       fast={"op": fast})
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    client = RpcClient(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}", SECRET, nursery)
+    assert await client.call("op", {"x": "now"}) == ["fast", "now", True]
+    assert await client.call("op", {"x": "later"}) == ["slow", "later"]
+    with pytest.raises(RemoteError) as e:
+        await client.call("op", {"x": "bad"})
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(RemoteError) as e:
+        await client.call("op", {"x": "bug"})
+    assert e.value.errno == errno.EIO
+    assert slow_calls == ["later"] and server.fast_answers == 3

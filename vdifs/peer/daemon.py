@@ -32,7 +32,7 @@ from vdifs.peer.membership import Membership
 from vdifs.model.cluster import DEFAULT_WEIGHT
 from vdifs.peer.recovery import DEFAULT_RATE, DEFAULT_RESERVE, Recovery
 from vdifs.peer.state import PeerState
-from vdifs.wire.rpc import Handler, RpcPool, RpcServer, Session, split_address
+from vdifs.wire.rpc import FastHandler, Handler, RpcPool, RpcServer, Session, split_address
 
 log = logging.getLogger("vdifs.peer")
 
@@ -54,6 +54,7 @@ class Op:
     open: bool = False  # allowed before authentication (a peer of no cluster yet)
     epoch: str = NO_EPOCH  # NO_EPOCH, EPOCH or EPOCH_IF_SENT
     gate: bool = False  # waits at the gate (caught_up) while the peer sorts out stale objects
+    fast: FastHandler | None = None  # tried first, in the connection's reader (see RpcServer)
 
 
 class PeerDaemon:
@@ -90,8 +91,8 @@ class PeerDaemon:
             "paxos.peek": Op(m.h_peek),
             "paxos.keys": Op(m.h_keys),
             "paxos.install": Op(m.h_install),
-            "obj.read": Op(d.h_read, epoch=EPOCH, gate=True),
-            "obj.write": Op(d.h_write, epoch=EPOCH, gate=True),
+            "obj.read": Op(d.h_read, epoch=EPOCH, gate=True, fast=d.read_now),
+            "obj.write": Op(d.h_write, epoch=EPOCH, gate=True, fast=d.write_now),
             "obj.create": Op(d.h_create, epoch=EPOCH, gate=True),
             "obj.delete": Op(d.h_delete, epoch=EPOCH, gate=True),
             "obj.fetch": Op(d.h_fetch, epoch=EPOCH_IF_SENT, gate=True),
@@ -127,7 +128,8 @@ class PeerDaemon:
             server = st.server = RpcServer(f"peer {st.peer_id}", self.handlers(),
                                            secret=lambda: st.creds.secret if st.creds else None,
                                            cluster_id=lambda: st.creds.cluster_id if st.creds else None,
-                                           peer_id=st.peer_id, open_ops=self.open_ops())
+                                           peer_id=st.peer_id, open_ops=self.open_ops(),
+                                           fast={n: op.fast for n, op in self.ops.items() if op.fast})
             if st.cmap is not None:
                 # Until the map says what became of us while we were stopped (we
                 # may have been marked down, and writes gone around us), no data

@@ -283,6 +283,48 @@ class ObjectStore:
         finally:
             self._release(h)
 
+    def _cached_handle(self, oid: int) -> _Handle | None:
+        """The open handle of an object, if one is cached and usable without
+        waiting (no move of files under way)."""
+        h = self._handles.get(oid)
+        if h is None or h.doomed or self._moving:
+            return None
+        self._handles.move_to_end(oid)
+        return h
+
+    def read_now(self, oid: int, offset: int, length: int) -> bytes | bytearray | None:
+        """`read`, when it needs no wait: the object's handle is cached, the
+        bytes are in the page cache and no write is in flight; else None (and
+        nothing happened). Blocks that fail their checksums give None too:
+        `read` then raises, so the caller's repair runs."""
+        h = self._cached_handle(oid)
+        if h is None or h.inflight or not self._nowait:
+            return None
+        start, end = checksums.covering(offset, length) if self.checksums else (offset, offset + length)
+        try:
+            data = files.read_nowait(h.fd, start, end - start)
+        except OSError:
+            return None  # `read` meets it again and reports it
+        if data is None:
+            return None
+        if self.checksums and checksums.first_mismatch(h.table, start // BLOCK, data) is not None:
+            return None
+        self.nowait_reads += 1
+        if start == offset and end - start == length:
+            return data
+        return data[offset - start:offset - start + length]
+
+    def write_now(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """`write`, when it needs no wait (see `_write_inline`); False when
+        nothing was written and `write` must do it."""
+        h = self._cached_handle(oid)
+        if h is None or len(data) > INLINE_WRITE_MAX:
+            return False
+        try:
+            return self._write_inline(oid, h, offset, data)
+        except (ChecksumError, OSError):
+            return False  # nothing written, or the handle dropped: `write` meets it and reports it
+
     @staticmethod
     def _take_crcs(h: _Handle, offset: int, crcs: list[int]) -> None:
         first = offset // BLOCK
