@@ -175,13 +175,7 @@ class FrameStream:
             sent = os.writev(fd, views[:IOV_BATCH])
         except OSError:  # EAGAIN: full; anything else: the locked path reports it
             return parts
-        while sent and views:
-            if sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+        _drop_sent(views, sent)
         return list(views)
 
     def _unqueue(self, mine: list[Blob]) -> None:
@@ -202,16 +196,21 @@ class FrameStream:
                 sent = await sock.sendmsg(views[:IOV_BATCH])
             except OSError as e:  # as SocketStream.send_all reports it
                 raise trio.BrokenResourceError(f"socket connection broken: {e}") from e
-            while sent and views:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            _drop_sent(views, sent)
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def _drop_sent(views: list[memoryview], sent: int) -> None:
+    """Remove the first `sent` bytes from a list of buffers, in place."""
+    while sent and views:
+        if sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
 
 
 def check_request(msg: Any) -> tuple[int, str, dict[str, Any]]:

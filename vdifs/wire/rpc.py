@@ -203,19 +203,24 @@ class RpcServer:
         """The reply of a fast handler, or None when it could not answer now."""
         try:
             result = fast(args, session)
-        except RemoteError as e:
-            reply = [rid, e.errno, e.result]
-        except VdifsError as e:
-            reply = [rid, e.errno, str(e)]
         except Exception as e:
-            log.exception("%s: %s from %s failed", self.name, op, session.remote)
-            reply = [rid, errno.EIO, f"internal error in {op}: {e}"]
+            reply = self._error_reply(rid, op, session, e)
         else:
             if result is NOT_NOW:
                 return None
             reply = [rid, 0, result]
         self.fast_answers += 1
         return reply
+
+    def _error_reply(self, rid: int, op: str, session: Session, e: Exception) -> list[Any]:
+        if isinstance(e, RemoteError):
+            return [rid, e.errno, e.result]
+        if isinstance(e, VdifsError):
+            return [rid, e.errno, str(e)]
+        # Handlers check their arguments (vdifs.wire.args: InvalidArgument,
+        # EINVAL), so anything else that escapes is a bug: say so loudly.
+        log.exception("%s: %s from %s failed", self.name, op, session.remote, exc_info=e)
+        return [rid, errno.EIO, f"internal error in {op}: {e}"]
 
     @staticmethod
     async def _send_reply(frames: FrameStream, reply: list[Any]) -> None:
@@ -239,15 +244,8 @@ class RpcServer:
             else:
                 try:
                     reply = [rid, 0, await handler(args, session)]
-                except RemoteError as e:
-                    reply = [rid, e.errno, e.result]
-                except VdifsError as e:
-                    reply = [rid, e.errno, str(e)]
                 except Exception as e:
-                    # Handlers check their arguments (vdifs.wire.args: InvalidArgument,
-                    # EINVAL), so anything else that escapes is a bug: say so loudly.
-                    log.exception("%s: %s from %s failed", self.name, op, session.remote)
-                    reply = [rid, errno.EIO, f"internal error in {op}: {e}"]
+                    reply = self._error_reply(rid, op, session, e)
             await self._send_reply(frames, reply)
         finally:
             limit.release()
