@@ -186,3 +186,17 @@ async def test_a_fast_handler_answers_in_the_reader_or_hands_over(nursery):
         await client.call("op", {"x": "bug"})
     assert e.value.errno == errno.EIO
     assert slow_calls == ["later"] and server.fast_answers == 3
+
+
+async def test_closing_a_client_ends_its_reader_and_watchdog_at_once(nursery):
+    """A short-lived caller (the CLI) must not wait for the next watchdog sweep."""
+    import trio.testing
+
+    _server, addr = await start_server(nursery)
+    async with trio.open_nursery() as n:
+        client = RpcClient(addr, SECRET, n)
+        assert await client.call("echo", {"x": 1}) == {"echo": 1, "auth": True}
+        assert len(n.child_tasks) == 2  # the reader and the watchdog
+        await client.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not n.child_tasks
