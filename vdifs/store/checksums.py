@@ -76,11 +76,11 @@ def table_of(data: Buffer, size: int) -> list[int]:
     return table + [ZERO_CRC] * (blocks_of(size) - len(table))
 
 
-def first_mismatch(table: Sequence[int], first_block: int, buf: Buffer) -> int | None:
+def first_mismatch(table: list[int], first_block: int, buf: Buffer) -> int | None:
     """Index of the first block of `buf` (starting at `first_block`) whose CRC is
     not the table's, or None. Blocks past the table's end read as zeros."""
     crcs = crcs_of(buf)
-    expected = list(table[first_block:first_block + len(crcs)])
+    expected = table[first_block:first_block + len(crcs)]  # a slice: a copy, extended below if short
     if len(expected) < len(crcs):
         expected += [ZERO_CRC] * (len(crcs) - len(expected))
     if crcs == expected:
