@@ -47,6 +47,25 @@ def test_format_info_and_replicated_io(cluster):
     # statfs: the pool's capacity divided by copies
     st = os.statvfs(m.mp)
     assert abs(st.f_blocks * st.f_frsize - info["capacity"]) < 1 << 30
+    # small O_DIRECT overwrites and reads of allocated objects are answered by
+    # the peers at once (their fast path), and the bytes are right
+    import mmap
+
+    def answered() -> int:
+        return sum(p["answered_at_once"] for p in cluster.info()["peers"])
+
+    before = answered()
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(m.path("fio.img"), os.O_RDWR | os.O_DIRECT)
+    try:
+        for i in range(16):
+            buf[:] = bytes([i + 1]) * 4096
+            assert os.pwritev(fd, [buf], i * (1 << 20)) == 4096
+        for i in range(16):
+            assert os.preadv(fd, [buf], i * (1 << 20)) == 4096 and buf[:] == bytes([i + 1]) * 4096
+    finally:
+        os.close(fd)
+    assert answered() - before >= 16 * 3  # 16 writes to 3 replicas, 16 reads from one
 
 
 def test_two_mounts_share_one_namespace(cluster):

@@ -201,4 +201,5 @@ class PeerDaemon:
                              "bytes": r.bytes, "stopped": r.stopped, "recovered_total": self.recovery.recovered,
                              "elapsed": trio.current_time() - r.started if r.running else 0.0},
                 "epoch": st.epoch(), "total": total, "free": free,
-                "vids": len(await st.store.list_vids()), "meta": bool(st.cmap and st.peer_id in st.cmap.meta)}
+                "vids": len(await st.store.list_vids()), "meta": bool(st.cmap and st.peer_id in st.cmap.meta),
+                "answered_at_once": st.server.fast_answers if st.server is not None else 0}
