@@ -184,10 +184,12 @@ async def test_install_replaces_whole_and_leaves_nothing_half_written(store):
     again.close()
 
 
-async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, monkeypatch):
+@pytest.mark.parametrize("move", ["hand_off", "delete"])
+async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, monkeypatch, move):
     """A read opens the object in a worker thread; before the open returns, the
-    object is handed off (renamed away). The descriptor it got is of the moved
-    file: it must not be cached and used, the read must find the object gone."""
+    object is handed off (renamed away) or deleted. The descriptor it got is of
+    a file that left the path: it must not be cached and used (a deleted
+    object's bytes served, writes into it lost), the read must find it gone."""
     import threading
 
     import trio
@@ -219,7 +221,10 @@ async def test_an_open_that_overlaps_a_move_never_caches_the_moved_file(store, m
         n.start_soon(reader)
         await trio.to_thread.run_sync(opened.wait, 10)
         monkeypatch.setattr(store_files, "open_object", real)
-        await store.hand_off([oid], epoch=2)
+        if move == "hand_off":
+            await store.hand_off([oid], epoch=2)
+        else:
+            await store.delete(oid)
         release.set()
     assert outcome == ["gone"]
     assert oid not in store.cached_objects()

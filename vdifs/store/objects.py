@@ -484,15 +484,18 @@ class ObjectStore:
         self._evict()
 
     async def delete(self, oid: int) -> None:
-        """Remove an object; deleting a missing object is not an error."""
-        self._forget(oid)
+        """Remove an object; deleting a missing object is not an error. Like a
+        rename, the unlink runs inside `_moving_files`: an open that overlaps
+        it is redone afterwards, so no handle to the unlinked file is cached
+        (reads of it would be served, writes to it lost)."""
         path = self.path(oid)
-        try:
-            await self._io.run(os.unlink, path)
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            raise files.os_error(e, f"deleting object {oid:016x}") from None
+        async with self._moving_files([oid]):
+            try:
+                await self._io.run(os.unlink, path)
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise files.os_error(e, f"deleting object {oid:016x}") from None
         self._dirty_dirs.add(os.path.dirname(path))
 
     def _remove_vid_handoff(self, vid: int) -> None:
