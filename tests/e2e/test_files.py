@@ -224,41 +224,64 @@ def _fuse_stats(mount) -> dict:
 
     from vdifs.control import caller
 
-    return trio.run(caller.call, os.path.join(mount.store, "control.sock"), "status")["fuse"]
+    return trio.run(caller.call, caller.socket_for_mount(mount.mp), "status")["fuse"]
 
 
-def test_o_direct_opens_are_served_uncached_and_stay_coherent(mount):
-    """An O_DIRECT open is served with FOPEN_DIRECT_IO: its writes reach the
-    mount without the kernel's security.capability lookup before each one
-    (which serialises writes), and a buffered handle that cached the old bytes
-    reads the new ones afterwards."""
+def test_synchronous_writes_are_synced_on_every_kind_of_handle(mount):
+    """O_DSYNC opens and RWF_DSYNC writes (a guest's FUA through QEMU) are
+    durable when they return: on the cached path the kernel sends an fsync
+    after each; on an uncached (shared VDI) handle the mount syncs itself.
+    An O_DIRECT open must stay on the cached path for that (an uncached one
+    would drop them: this test caught it). Buffered handles see direct writes."""
     import mmap
 
-    p = mount.path("direct")
+    p = mount.path("dsync")
     old = os.urandom(64 << 10)
     with open(p, "wb") as f:
         f.truncate(8 << 20)
     write_at(p, 0, old, fsync=True)
+    buf = mmap.mmap(-1, 4096)
     cached = os.open(p, os.O_RDONLY)
     try:
         assert os.pread(cached, len(old), 0) == old  # now in the page cache
-        before = _fuse_stats(mount)
-        buf = mmap.mmap(-1, 4096)
+        start = _fuse_stats(mount)["syncs"]
         fd = os.open(p, os.O_RDWR | os.O_DIRECT)
         try:
-            for i in range(16):
+            for i in range(4):  # plain O_DIRECT writes: no sync asked for
                 buf[:] = bytes([i + 1]) * 4096
                 assert os.pwritev(fd, [buf], i * 4096) == 4096
+            assert _fuse_stats(mount)["syncs"] == start
+            for i in range(4, 8):  # RWF_DSYNC: one sync each
+                buf[:] = bytes([i + 1]) * 4096
+                assert os.pwritev(fd, [buf], i * 4096, os.RWF_DSYNC) == 4096
+            assert _fuse_stats(mount)["syncs"] >= start + 4
         finally:
             os.close(fd)
-        after = _fuse_stats(mount)
-        assert after["direct_opens"] == before["direct_opens"] + 1
-        assert after["foreign_getxattrs"] - before["foreign_getxattrs"] < 4  # not one per write
-        expected = b"".join(bytes([i + 1]) * 4096 for i in range(16))
+        expected = b"".join(bytes([i + 1]) * 4096 for i in range(8))
         assert os.pread(cached, len(expected), 0) == expected  # the stale cached pages were dropped
-        assert os.pread(cached, len(old) - len(expected), len(expected)) == old[len(expected):]
     finally:
         os.close(cached)
-    # buffered writes still work, and go the cached way
-    write_at(p, 1 << 20, b"b" * 4096, fsync=True)
-    assert read_at(p, 1 << 20, 4096) == b"b" * 4096
+    before = _fuse_stats(mount)["syncs"]
+    fd = os.open(p, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+    try:
+        for i in range(4):
+            assert os.pwritev(fd, [buf], (16 + i) * 4096) == 4096
+    finally:
+        os.close(fd)
+    assert _fuse_stats(mount)["syncs"] >= before + 4
+
+    # a shared VDI is served uncached: the mount syncs its O_DSYNC writes itself
+    shared = mount.path("shared-dsync")
+    with open(shared, "wb") as f:
+        f.truncate(8 << 20)
+    os.setxattr(shared, "user.vdifs.shared", b"1")
+    before = _fuse_stats(mount)["syncs"]
+    fd = os.open(shared, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+    try:
+        for i in range(4):
+            buf[:] = bytes([i + 9]) * 4096
+            assert os.pwritev(fd, [buf], i * 4096) == 4096
+    finally:
+        os.close(fd)
+    assert _fuse_stats(mount)["syncs"] == before + 4
+    assert read_at(shared, 0, 4 * 4096) == b"".join(bytes([i + 9]) * 4096 for i in range(4))

@@ -106,10 +106,12 @@ class VdifsOperations(pyfuse3.Operations):
         self._dir_handles: dict[int, list[tuple[str, int]]] = {}  # (name, inode)
         self._snapshot_handles: set[int] = set()  # file handles on snapshots (read-only, not counted)
         self._mounted_at = time.time_ns()
-        #: Counters shown by `status` (the control socket): opens served
-        #: uncached (FOPEN_DIRECT_IO) and attribute lookups outside user.vdifs.*
-        #: (the kernel asks for security.capability before cached-path writes).
-        self.stats = {"direct_opens": 0, "foreign_getxattrs": 0}
+        #: Counters shown by `status` (the control socket): fsync requests and
+        #: writes synced because their handle is O_DSYNC, and attribute lookups
+        #: outside user.vdifs.* (the kernel asks for security.capability before
+        #: every write on the cached path).
+        self.stats = {"syncs": 0, "foreign_getxattrs": 0}
+        self._dsync: set[int] = set()  # uncached handles opened O_DSYNC/O_SYNC: every write is synced
 
     # -- attributes --------------------------------------------------------------
 
@@ -274,17 +276,16 @@ class VdifsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         vol = await self.catalog.open(vid, writable=writable)
-        # An O_DIRECT open (QEMU's cache=none) is served uncached: the kernel
-        # then sends its writes without the security.capability GETXATTR
-        # round trip it makes, under the inode lock, before every write on
-        # the cached path, so writes are no longer serialised by it (and it
-        # still invalidates other handles' cached pages after each write).
-        direct = vol.record.shared or bool(flags & os.O_DIRECT)
-        if direct:
-            self.stats["direct_opens"] += 1
+        # Shared VDIs are served uncached (other mounts write them too). Not
+        # O_DIRECT opens in general: on an uncached handle the kernel does not
+        # sync O_DSYNC/O_SYNC or RWF_DSYNC writes (FUA, which QEMU 9 issues
+        # as RWF_DSYNC) through fsync, and pyfuse3 does not show us a write's
+        # flags; the cached path does sync them (design change 18).
+        fh = self._new_handle(vol, writable)
+        if vol.record.shared and writable and flags & os.O_DSYNC:
+            self._dsync.add(fh)
         # With other mounts on the same pool, cached pages may be stale: drop them on open.
-        return pyfuse3.FileInfo(fh=self._new_handle(vol, writable), keep_cache=not self.catalog.shared,
-                                direct_io=direct)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not self.catalog.shared, direct_io=vol.record.shared)
 
     @fuse_errors
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -319,7 +320,12 @@ class VdifsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._handles[fh].write(off, buf)
+        vol = self._handles[fh]
+        n = await vol.write(off, buf)
+        if fh in self._dsync:  # the kernel will not ask for it on an uncached handle
+            self.stats["syncs"] += 1
+            await vol.flush()
+        return n
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
@@ -327,11 +333,13 @@ class VdifsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
+        self.stats["syncs"] += 1
         await self._handles[fh].flush()
 
     @fuse_errors
     async def release(self, fh: int) -> None:
         vol = self._handles.pop(fh)
+        self._dsync.discard(fh)
         if fh in self._snapshot_handles:
             self._snapshot_handles.discard(fh)
             return
