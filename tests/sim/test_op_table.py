@@ -102,3 +102,46 @@ async def test_every_flag_matches_what_its_handler_does(tmp_path, nursery):
         got = await outcome(op.handler, {**samples[name], "epoch": 1}, wait=0.5)
         assert (got == "blocked") == op.gate, (name, got)
     d.state.open_gate()
+
+
+async def test_the_fast_forms_make_the_same_checks_or_hand_over(tmp_path, nursery):
+    """An op's fast form (run in the connection's reader) answers only when its
+    handler would answer at once: with the gate shut, an older or newer epoch,
+    or an object it does not hold open, it hands over (NOT_NOW) and changes
+    nothing; a fenced writer is refused as by the handler; otherwise its answer
+    is the handler's."""
+    from vdifs.wire.rpc import NOT_NOW
+
+    net = MemoryNet()
+    _creds, daemons = await make_cluster(tmp_path, 3, net)
+    d = daemons[0]
+    s = Session("test", True)
+    await d.data.h_create({"oid": OID, "offset": 0, "data": b"x" * 8, "size": 1 << 20, "epoch": 1}, s)
+    await d.data.h_write({"oid": OID, "offset": 100, "data": b"y", "epoch": 1}, s)  # table DIRTY: inline ok
+    fast = {name: op.fast for name, op in d.ops.items() if op.fast is not None}
+    assert set(fast) == {"obj.read", "obj.write"}
+    read = {"oid": OID, "offset": 0, "length": 8}
+    write = {"oid": OID, "offset": 4, "data": b"z"}
+
+    for epoch in (0, 2):  # stale: the handler refuses; newer: it refreshes the map first
+        assert fast["obj.read"]({**read, "epoch": epoch}, s) is NOT_NOW
+        assert fast["obj.write"]({**write, "epoch": epoch}, s) is NOT_NOW
+    assert await d.data.h_read({**read, "epoch": 1}, s) == b"x" * 8  # no fast write landed
+    d.state.shut_gate()
+    assert fast["obj.read"]({**read, "epoch": 1}, s) is NOT_NOW
+    assert fast["obj.write"]({**write, "epoch": 1}, s) is NOT_NOW
+    d.state.open_gate()
+    assert fast["obj.read"]({"oid": data_oid(3, 5), "offset": 0, "length": 8, "epoch": 1}, s) is NOT_NOW
+
+    assert fast["obj.read"]({**read, "epoch": 1}, s) == b"x" * 8
+    assert fast["obj.write"]({**write, "epoch": 1, "gen": 3}, s) is None
+    assert await d.data.h_read({**read, "epoch": 1}, s) == b"xxxxzxxx"
+    await d.data.h_fence({"vid": 3, "gen": 5}, s)
+    for args in ({**write, "epoch": 1, "gen": 4}, {**write, "epoch": 1, "gen": 4, "lvid": 3}):
+        try:
+            fast["obj.write"](args, s)
+        except VdifsError as e:
+            assert e.errno == errno.EPERM
+        else:
+            raise AssertionError("a fenced generation wrote through the fast path")
+    assert await d.data.h_read({**read, "epoch": 1}, s) == b"xxxxzxxx"

@@ -23,6 +23,7 @@ from vdifs.fsutil import atomic_write
 from vdifs.model.ids import OBJECT_SIZE, vid_of
 from vdifs.peer.recovery import Recovery
 from vdifs.peer.state import PeerState
+from vdifs.store.objects import INLINE_WRITE_MAX
 from vdifs.wire import args as arg
 from vdifs.wire import objlist
 from vdifs.wire.rpc import ESTALE_EPOCH, NOT_NOW, RemoteError, Session
@@ -157,6 +158,8 @@ class DataPlane:
         """A write that lands at once needs no admission count: nothing can
         wait for it to land."""
         oid, offset, data = self._placed_data(args)
+        if len(data) > INLINE_WRITE_MAX:
+            return NOT_NOW  # never inline: spare the checks the handler makes again
         epoch = arg.integer(args, "epoch", ANY_INT)
         gen = arg.integer(args, "gen", ANY_INT, default=None)
         lvid = arg.integer(args, "lvid", ANY_INT, default=None)

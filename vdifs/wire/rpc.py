@@ -80,6 +80,7 @@ class Session:
         self.authenticated = authenticated
 
 
+FAST_YIELD = 16  # the reader lets other tasks run after this many answers without a wait
 #: What a fast handler returns when it cannot answer without waiting.
 NOT_NOW: Any = type("NotNow", (), {"__repr__": lambda self: "NOT_NOW"})()
 FastHandler = Callable[[dict[str, Any], Session], Any]
@@ -189,6 +190,8 @@ class RpcServer:
                         reply = self._answer_now(fast, session, rid, op, args)
                         if reply is not None:
                             await self._send_reply(frames, reply)
+                            if not self.fast_answers % FAST_YIELD:  # a flood of them must
+                                await trio.lowlevel.checkpoint()   # not starve other tasks
                             continue
                     await limit.acquire()  # backpressure: stop reading while full
                     nursery.start_soon(self._dispatch, frames, session, rid, op, args, limit)
