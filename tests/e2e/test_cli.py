@@ -109,6 +109,10 @@ def test_mount_or_store_before_or_after_the_action(mount):
     listed = json.loads(vdifs("vdi", "--store", mount.store, "list", "--json").stdout)
     assert [v["name"] for v in listed] == ["a"]
     one_line_error(vdifs("vdi", "-m", mount.mp, "list", "--store", mount.store, check=False), "not both")
+    # the option after the action is really used (not the one running mount found by itself)
+    for where in (["--store", mount.store + "-elsewhere"], ["-m", "/nonexistent-mount"]):
+        res = vdifs("vdi", "list", *where, check=False)
+        assert res.returncode != 0 and "a" not in res.stdout.split(), where
 
 
 def own_mount(tmp_path, name):
