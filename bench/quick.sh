@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# bench/quick.sh [TREE...]: a quick A/B of the embedded pool (or, with
-# CLUSTER=1, of three peers on 127.0.0.1 and a cluster mount, copies 3)
-# between source trees (default: this one). For each tree in turn: mount a
+# bench/quick.sh [TREE[::MOUNT-OPTIONS]...]: a quick A/B of the embedded pool
+# (or, with CLUSTER=1, of three peers on 127.0.0.1 and a cluster mount,
+# copies 3) between source trees (default: this one), or one tree with
+# different mount options ("$PWD::--write-behind 0"). For each in turn: mount a
 # fresh pool with that tree's code, fill a 1 GiB VDI sequentially (1 MiB, qd 8),
-# then 4 KiB random writes and reads at qd 16, a 64 KiB 70/30 mix at qd 8 and
-# a sequential read, RUNTIME seconds each (default 10), O_DIRECT, libaio.
+# then 4 KiB random writes and reads at qd 16, a 64 KiB 70/30 mix at qd 8, 4 KiB
+# random writes with an fsync every 32 (flush32, as a guest flushes) and a
+# sequential read, RUNTIME seconds each (default 10), O_DIRECT, libaio.
 # Trees alternate ROUNDS times (default 2) so drift of this shared machine
 # hits both; compare medians. Not the issue's benchmark (bench/run.sh and
 # bench/cluster.sh are): a tool for deciding whether a change pays.
@@ -25,7 +27,9 @@ cleanup() {
 trap cleanup EXIT
 COMMON=(--ioengine=libaio --direct=1 --randseed=20261121 --randrepeat=1 --fallocate=none
         --group_reporting --output-format=json --size=1G)
-one() {  # one TREE ROUND
+one() {  # one TREE[::OPTS] ROUND
+    local opts=()
+    if [[ $1 == *::* ]]; then read -r -a opts <<< "${1#*::}"; set -- "${1%%::*}" "$2" "${1#*::}"; fi
     rm -rf "$WORK"; mkdir -p "$WORK/mnt"
     local where=()
     if [[ ${CLUSTER:-0} == 1 ]]; then
@@ -45,13 +49,13 @@ one() {  # one TREE ROUND
         where=(--cluster "$(IFS=,; echo "${addrs[*]}")" --secret-file "$WORK/secret")
     fi
     env -C "$1" PYTHONPATH="$1" "$PY" -m vdifs mount "$WORK/mnt" --store "$WORK/store" --foreground --log-level warning \
-        "${where[@]}" 2>"$WORK.mount.log" & mpid=$!
+        "${where[@]}" "${opts[@]}" 2>"$WORK.mount.log" & mpid=$!
     echo "$mpid ${ppids[*]}" > "$WORK.pids"
     for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
-    local f=$WORK/mnt/q.img line="$(basename "$1") r$2"
+    local f=$WORK/mnt/q.img line="$(basename "$1")${3:+ [$3]} r$2"
     for j in "seqwrite --rw=write --bs=1M --iodepth=8" "randwrite --rw=randwrite --bs=4k --iodepth=16" \
              "randread --rw=randread --bs=4k --iodepth=16" "randrw70 --rw=randrw --rwmixread=70 --bs=64k --iodepth=8" \
-             "seqread --rw=read --bs=1M --iodepth=8"; do
+             "flush32 --rw=randwrite --bs=4k --iodepth=16 --fsync=32" "seqread --rw=read --bs=1M --iodepth=8"; do
         set -- $j; name=$1; shift
         timed=(); [[ $name == seq* ]] || timed=(--runtime="$RT" --time_based)
         fio --name="$name" --filename="$f" "${COMMON[@]}" "${timed[@]}" "$@" > "$WORK.$name.json"

@@ -44,8 +44,9 @@ def test_fio_verify_survives_a_peer_kill(cluster):
 
     cluster.format(4, copies=3)
     m = cluster.mount("a")
-    # 64 MiB at 8 MB/s: the write phase spans the kill, the detection and the new epoch
-    with FioVerify(m.path("fio.img"), 64, rate="8m") as fio:
+    # 64 MiB at 8 MB/s: the write phase spans the kill, the detection and the new epoch;
+    # an fsync every 16 writes, so the writes go through the write-behind window
+    with FioVerify(m.path("fio.img"), 64, rate="8m", fsync=16) as fio:
         time.sleep(1.5)
         victim = cluster.peers[2]
         kill(victim)

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -113,13 +112,16 @@ def test_paused_holder_is_fenced_after_takeover(two):
         assert hb.write(0, 0x22, 1 << 20, sync=True) == "ok"
     finally:
         os.kill(a.proc.pid, signal.SIGCONT)
-    # the old holder resumes: every write fails and changes nothing
-    for i in range(5):
-        assert h.write(i * 4096, 0x33, 4096) == f"err {errno.EIO}"
-        time.sleep(0.2)
+    # The old holder resumes. It has sent an fsync, so its writes go behind:
+    # the first may still be taken into the window, but its write-back is
+    # refused, every later write and every fsync fails, and nothing lands.
+    results = [h.write((2 << 20) + i * 4096, 0x33, 4096, sync=bool(i % 2)) for i in range(6)]
+    assert results[0] in ("ok", f"err {errno.EIO}")
+    assert results[1:] == [f"err {errno.EIO}"] * 5, results
     hb.close()
-    out = run("qemu-io", "-r", "-f", "raw", "-c", f"read -P 0x22 0 {1 << 20}", b.path("vm")).stdout
-    assert "verification failed" not in out
+    out = run("qemu-io", "-r", "-f", "raw", "-c", f"read -P 0x22 0 {1 << 20}",
+              "-c", f"read -P 0 {2 << 20} {6 * 4096}", b.path("vm")).stdout
+    assert "verification failed" not in out and out.count("read ") == 2, out
     log = open(a.log).read()
     assert "lease lost" in log or "fenced at lease generation" in log
 
@@ -142,7 +144,7 @@ def test_break_lock_fences_a_live_holder(two):
     assert h.write(0, 0x55, 4096, sync=True) == "ok"
     out = vdifs("vdi", "--mount", b.mp, "break-lock", "vm").stdout
     assert "broke the lock" in out and a.mp in out
-    assert h.write(0, 0x66, 4096) == f"err {errno.EIO}"
+    assert h.write(0, 0x66, 4096, sync=True) == f"err {errno.EIO}"  # the write or its fsync
     assert open_errno(b.path("vm"), os.O_RDWR) == 0
     assert read_at(b.path("vm"), 0, 4096) == b"\x55" * 4096
 
@@ -174,7 +176,7 @@ def test_the_holder_snapshots_while_writing_and_fencing_follows_the_new_data_vid
     assert read_at(b.path("vm2"), 0, 4096) == b"\x55" * 4096
     # break the lock: the old holder's writes to the new data vid are refused by every peer
     vdifs("vdi", "--mount", b.mp, "break-lock", "vm")
-    assert h.write(8192, 0x77, 4096) == f"err {errno.EIO}"
+    assert h.write(8192, 0x77, 4096, sync=True) == f"err {errno.EIO}"
     assert open_errno(b.path("vm"), os.O_RDWR) == 0
     assert read_at(b.path("vm"), 0, 4096) == b"\x66" * 4096
     assert read_at(b.path("vm"), 8192, 4096) == bytes(4096)

@@ -36,7 +36,9 @@ class FioVerify:
     and then reading every block back against its crc32c, in the background.
     A context manager: fio is killed if the test leaves before it finished."""
 
-    def __init__(self, path: str, size_mb: int, rate: str | None = None) -> None:
+    def __init__(self, path: str, size_mb: int, rate: str | None = None, fsync: int | None = None) -> None:
+        """`fsync`: an fsync every that many writes, as a guest flushes
+        (after the first, the mount acknowledges writes from its window)."""
         need("fio")
         self.size = size_mb << 20
         argv = ["fio", "--name=verify", f"--filename={path}", f"--size={size_mb}M", "--rw=randwrite",
@@ -44,6 +46,8 @@ class FioVerify:
                 "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"]
         if rate:
             argv.append(f"--rate={rate}")
+        if fsync:
+            argv.append(f"--fsync={fsync}")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def __enter__(self) -> FioVerify:
@@ -163,3 +167,12 @@ def read_at(path: str, offset: int, length: int) -> bytes:
         return os.pread(fd, length, offset)
     finally:
         os.close(fd)
+
+
+def fuse_stats(mount: MountProc) -> dict:
+    """The FUSE counters of a running mount (`status` over its control socket)."""
+    import trio
+
+    from vdifs.control import caller
+
+    return trio.run(caller.call, caller.socket_for_mount(mount.mp), "status")["fuse"]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import OBJ, read_at, write_at
+from .conftest import OBJ, fuse_stats, read_at, write_at
 
 GiB = 1 << 30
 
@@ -219,14 +219,6 @@ def test_unlinked_open_file_stays_readable(mount):
     assert os.listdir(mount.mp) == []
 
 
-def _fuse_stats(mount) -> dict:
-    import trio
-
-    from vdifs.control import caller
-
-    return trio.run(caller.call, caller.socket_for_mount(mount.mp), "status")["fuse"]
-
-
 def test_synchronous_writes_are_synced_on_every_kind_of_handle(mount):
     """O_DSYNC opens and RWF_DSYNC writes (a guest's FUA through QEMU) are
     durable when they return: on the cached path the kernel sends an fsync
@@ -244,38 +236,38 @@ def test_synchronous_writes_are_synced_on_every_kind_of_handle(mount):
     cached = os.open(p, os.O_RDONLY)
     try:
         assert os.pread(cached, len(old), 0) == old  # now in the page cache
-        start = _fuse_stats(mount)["syncs"]
+        start = fuse_stats(mount)["syncs"]
         fd = os.open(p, os.O_RDWR | os.O_DIRECT)
         try:
             for i in range(4):  # plain O_DIRECT writes: no sync asked for
                 buf[:] = bytes([i + 1]) * 4096
                 assert os.pwritev(fd, [buf], i * 4096) == 4096
-            assert _fuse_stats(mount)["syncs"] == start
+            assert fuse_stats(mount)["syncs"] == start
             for i in range(4, 8):  # RWF_DSYNC: one sync each
                 buf[:] = bytes([i + 1]) * 4096
                 assert os.pwritev(fd, [buf], i * 4096, os.RWF_DSYNC) == 4096
-            assert _fuse_stats(mount)["syncs"] >= start + 4
+            assert fuse_stats(mount)["syncs"] >= start + 4
         finally:
             os.close(fd)
         expected = b"".join(bytes([i + 1]) * 4096 for i in range(8))
         assert os.pread(cached, len(expected), 0) == expected  # the stale cached pages were dropped
     finally:
         os.close(cached)
-    before = _fuse_stats(mount)["syncs"]
+    before = fuse_stats(mount)["syncs"]
     fd = os.open(p, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
     try:
         for i in range(4):
             assert os.pwritev(fd, [buf], (16 + i) * 4096) == 4096
     finally:
         os.close(fd)
-    assert _fuse_stats(mount)["syncs"] >= before + 4
+    assert fuse_stats(mount)["syncs"] >= before + 4
 
     # a shared VDI is served uncached: the mount syncs its O_DSYNC writes itself
     shared = mount.path("shared-dsync")
     with open(shared, "wb") as f:
         f.truncate(8 << 20)
     os.setxattr(shared, "user.vdifs.shared", b"1")
-    before = _fuse_stats(mount)["syncs"]
+    before = fuse_stats(mount)["syncs"]
     fd = os.open(shared, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
     try:
         for i in range(4):
@@ -283,5 +275,5 @@ def test_synchronous_writes_are_synced_on_every_kind_of_handle(mount):
             assert os.pwritev(fd, [buf], i * 4096) == 4096
     finally:
         os.close(fd)
-    assert _fuse_stats(mount)["syncs"] == before + 4
+    assert fuse_stats(mount)["syncs"] == before + 4
     assert read_at(shared, 0, 4 * 4096) == b"".join(bytes([i + 9]) * 4096 for i in range(4))

@@ -70,7 +70,8 @@ def wait_until(pred, timeout: float = 30.0) -> None:
 class SequentialWriter(threading.Thread):
     """Writes 4 KiB blocks with O_DIRECT, one at a time, round-robin over
     `slots` slots from `base`, block k holding k; `acked` counts the writes
-    that returned. One write in flight at a time, so the state of the region
+    that returned (acknowledged from the write-behind window: the handle
+    sends an fsync first). One write in flight at a time, so the state of the region
     at any instant is "the first K writes" for some K."""
 
     def __init__(self, path: str, base: int, slots: int) -> None:
@@ -83,6 +84,7 @@ class SequentialWriter(threading.Thread):
         buf = mmap.mmap(-1, 4096)
         fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
         try:
+            os.fsync(fd)  # as a guest's first flush: from now on the mount writes behind
             k = 0
             while not self.stop.is_set():
                 buf.seek(0)
@@ -106,7 +108,7 @@ def test_a_snapshot_taken_while_fio_writes_is_the_data_as_of_the_cut(mount):
     run("truncate", "-s", "64M", mount.path("vm"))
     base, slots = 48 * MiB, 512  # the writer's 2 MiB region, after fio's 32 MiB
     writer = SequentialWriter(mount.path("vm"), base, slots)
-    with FioVerify(mount.path("vm"), 32, rate="8m") as fio:
+    with FioVerify(mount.path("vm"), 32, rate="8m", fsync=16) as fio:
         writer.start()
         wait_until(lambda: writer.acked > 2 * slots)
         before = writer.acked

@@ -16,7 +16,8 @@ import trio
 from vdifs import __version__
 from vdifs.cli import cluster, vdi
 from vdifs.cli.cluster import cluster_addresses
-from vdifs.cli.common import LOG_LEVELS, CliError, Parser, setup_logging
+from vdifs.cli.common import LOG_LEVELS, CliError, Parser, setup_logging, size_arg
+from vdifs.client.catalog import WRITE_BEHIND
 from vdifs.client.remote import REPLICA_WAIT
 from vdifs.control import caller
 from vdifs.errors import VdifsError
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"before it fails with EIO (default {REPLICA_WAIT:g})")
     m.add_argument("--lease-term", type=float, default=DEFAULT_TERM, metavar="SECONDS",
                    help=f"a writer that stops renewing loses its VDI lease after this long (default {DEFAULT_TERM:g})")
+    m.add_argument("--write-behind", type=size_arg, default=WRITE_BEHIND, metavar="SIZE",
+                   help="once a file handle has sent an fsync (as QEMU with cache=none does), acknowledge its "
+                        "writes from a window of up to SIZE per VDI that is written back in the background; "
+                        "fsync returns when all of it is durable, a kill -9 loses only what no fsync covered "
+                        f"(default {WRITE_BEHIND >> 20}M; 0: every write goes through)")
 
     u = sub.add_parser("umount", help="flush and unmount a vdifs mount",
                        description="Flush everything to the pool, unmount, and wait for the mount process to exit.")
@@ -85,7 +91,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cluster = cluster_addresses(args.cluster) if (args.cluster or os.environ.get("VDIFS_CLUSTER")) else None
     mount = Mount(mountpoint, store, allow_other=args.allow_other, cluster=cluster,
                   secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term,
-                  io_wait=args.io_wait)
+                  io_wait=args.io_wait, write_behind=args.write_behind)
     lock = lock_store(store)
     logfile = args.log_file or os.path.join(store, "mount.log")
     if args.foreground:

@@ -21,7 +21,7 @@ import trio
 
 from vdifs.client.pool import ObjectPool, register_data_vids
 from vdifs.client.purge import Purger
-from vdifs.client.volume import Volume
+from vdifs.client.volume import Spawn, Volume
 from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
 from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.lease import Lease, LeaseBusy, LeaseManager
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Closed volumes (and snapshots) kept loaded (their maps answer getattr without I/O).
 IDLE_VOLUMES = 256
+#: Default write-behind window of each VDI (`vdifs mount --write-behind`).
+WRITE_BEHIND = 16 << 20
 
 
 class Catalog:
@@ -55,6 +57,8 @@ class Catalog:
         self._load_locks: dict[int, trio.Lock] = {}
         self._snapshots: OrderedDict[int, Volume] = OrderedDict()  # read-only, by data vid
         self._copies_override: int | None = None  # `vdifs mount --copies`
+        self.write_behind = WRITE_BEHIND  # window bytes per VDI; 0: every write goes through
+        self._spawn: Spawn | None = None  # the mount's nursery, once started: drains windows
 
     @property
     def default_copies(self) -> int:
@@ -75,6 +79,7 @@ class Catalog:
     async def start(self, nursery: trio.Nursery) -> None:
         """Read the directory, start the purger and resume interrupted deletes."""
         await self.directory.refresh()
+        self._spawn = nursery.start_soon
         nursery.start_soon(self.purger.run)
         await self.purger.resume(shared=self.shared)
         d = self.current
@@ -165,6 +170,8 @@ class Catalog:
                 self.register_with_pool(found[1])
                 vol = await Volume.load(self.pool, replace(found[1]), self.persist_meta,
                                         reconcile=not self.shared)
+                if self._spawn is not None and self.write_behind:
+                    vol.enable_write_behind(self._spawn, self.write_behind)
                 self._evict_idle()  # before inserting: the caller has not pinned it yet
                 self._volumes[vid] = vol
         self._load_locks.pop(vid, None)
@@ -269,7 +276,7 @@ class Catalog:
     def _lease_lost(self, vid: int, why: str) -> None:
         vol = self._volumes.get(vid)
         if vol is not None:
-            vol.fenced = f"lease lost: {why}"
+            vol.fence(f"lease lost: {why}")
 
     async def release_all_leases(self) -> None:
         """At unmount: give back every lease, whoever still has the file open."""
@@ -389,6 +396,8 @@ class Catalog:
         vol = await self.volume(vid)
         if vol.writers:
             raise LeaseBusy("the shared flag can only change while nobody writes (open for writing here)")
+        if vol.window:
+            await vol.flush()  # a close whose flush failed left writes behind
         if shared and (self.current.get(self.name_of(vid)).snapshots
                        or any(e != vol.data_vid for _, e in vol.map.entries())):
             raise InvalidArgument("a VDI with snapshots, or sharing objects with a snapshot (a clone), "

@@ -40,6 +40,7 @@ from vdifs.model.objmap import (
     CHUNK_ENTRIES, NON_EXISTENT, PAGE_BYTES, PENDING_DELETE, ObjectMap,
     is_allocated, map_chunks, page_location,
 )
+from vdifs.model.window import WriteWindow, lay_over
 from vdifs.model.zeros import is_zero, zeros
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 FREE_PARALLELISM = 16
 
 PersistMeta = Callable[["Volume"], Awaitable[None]]
+#: Starts a background task (a nursery's `start_soon`): the write-behind drainer.
+Spawn = Callable[[Callable[[], Awaitable[None]]], None]
 
 
 async def load_map(pool: ObjectPool, data_vid: int, size: int, object_size: int) -> ObjectMap:
@@ -94,6 +97,17 @@ class Volume:
         self._changes = 0  # writes and truncates running
         self._cutting: trio.Event | None = None  # set when a snapshot cut lets changes go on
         self._quiet: trio.Event | None = None  # set when the last running change ends
+        # Write-behind (off until `enable_write_behind`): see "Write-behind" in the developer notes.
+        self.window = WriteWindow(self.object_size)
+        self.window_limit = 0
+        self._spawn: Spawn | None = None
+        self._draining = False  # the drainer task runs
+        self._rounds_started = 0
+        self._rounds_done = 0
+        self._drain_failures = 0  # objects a round could not write (ever; flushes compare)
+        self._drain_error: BaseException | None = None  # stops the drainer until the next flush
+        self._window_moved: trio.Event | None = None  # set when a round ends or the window is dropped
+        self.behind_writes = 0  # writes acknowledged from the window
 
     # -- loading -----------------------------------------------------------
 
@@ -186,6 +200,28 @@ class Volume:
         length = min(length, self.size - offset)
         if length <= 0:
             return b""
+        if self.window:
+            # Taken before the pool is read: a write drained meanwhile is still laid over.
+            layers = self.window.layers(offset, length)
+            if layers:
+                return await self._read_under_window(offset, length, layers)
+        return await self._read_pool(offset, length)
+
+    async def _read_under_window(self, offset: int, length: int, layers: list[tuple[int, bytes | memoryview]]
+                                 ) -> bytearray:
+        """The pool's bytes with the window's writes over them, oldest first;
+        no pool read when one write covers the whole range."""
+        for k in range(len(layers) - 1, -1, -1):
+            start, data = layers[k]
+            if start <= offset and offset + length <= start + len(data):
+                buf = bytearray(data[offset - start:offset - start + length])
+                lay_over(buf, offset, layers[k + 1:])
+                return buf
+        buf = bytearray(await self._read_pool(offset, length))
+        lay_over(buf, offset, layers)
+        return buf
+
+    async def _read_pool(self, offset: int, length: int) -> bytes | bytearray:
         extents = split_extents(offset, length, self.object_size)
         if len(extents) == 1:
             return await self._read_extent(extents[0])
@@ -266,20 +302,35 @@ class Volume:
             self._cutting = None
             gate.set()
 
-    async def write(self, offset: int, data: bytes) -> int:
+    async def write(self, offset: int, data: bytes, *, behind: bool = False) -> int:
+        """Write `data` at `offset`. With `behind` (the caller has shown it
+        flushes) and write-behind on, the write is acknowledged once it is in
+        the window; otherwise once the pool has it."""
         self._check_writable()
+        if self.window or (behind and self.accepts_behind):
+            return await self._write_windowed(offset, data, behind)
         await self._admit_change()
         try:
             return await self._write(offset, data)
         finally:
             self._change_done()
 
-    async def _write(self, offset: int, data: bytes) -> int:
-        end = offset + len(data)
+    @staticmethod
+    def _check_range(offset: int, end: int) -> None:
         if offset < 0:
             raise InvalidArgument("negative offset")
         if end > MAX_VDI_SIZE:
             raise TooLarge(f"write ends at {end}, past the 16 PiB limit of a VDI")
+
+    def _grown_to(self, end: int) -> None:
+        if end > self.record.size:
+            self.record.size = end
+            self.size_dirty = True
+        self.touch()
+
+    async def _write(self, offset: int, data: bytes) -> int:
+        end = offset + len(data)
+        self._check_range(offset, end)
         extents = split_extents(offset, len(data), self.object_size)
         view = memoryview(data)
         if len(extents) == 1:
@@ -288,11 +339,138 @@ class Volume:
             async with trio.open_nursery() as nursery:
                 for e in extents:
                     nursery.start_soon(self._write_extent, e, view[e.buf_offset:e.buf_offset + e.length])
-        if end > self.record.size:
-            self.record.size = end
-            self.size_dirty = True
-        self.touch()
+        self._grown_to(end)
         return len(data)
+
+    # -- write-behind --------------------------------------------------------
+
+    def enable_write_behind(self, spawn: Spawn, limit: int) -> None:
+        """Let writes marked `behind` be acknowledged from a window of up to
+        `limit` bytes that a task started with `spawn` drains."""
+        self._spawn = spawn
+        self.window_limit = limit
+
+    @property
+    def accepts_behind(self) -> bool:
+        """Write-behind is on and allowed: never for a shared VDI, whose
+        other writers must see each write in the pool when it is acknowledged."""
+        return self._spawn is not None and self.window_limit > 0 and not self.record.shared
+
+    async def _write_windowed(self, offset: int, data: bytes, behind: bool) -> int:
+        """A write through the window: acknowledged at once if `behind`; else
+        (a write-through handle while the window holds writes, which must
+        not overtake them) once the round that takes it has written it."""
+        end = offset + len(data)
+        self._check_range(offset, end)
+        self._raise_if_drain_failed()  # a write-back failed: EIO until a flush gets it written
+        await self._admit_change()
+        try:
+            while self.window.bytes and self.window.bytes + len(data) > self.window_limit:
+                self._raise_if_drain_failed()
+                self._kick()
+                await self._window_event().wait()
+                self._check_writable()  # the lease may have been lost meanwhile
+            failures = self._drain_failures
+            self.window.put(offset, data if isinstance(data, bytes) else bytes(data))
+            target = self._rounds_started + 1  # the round that takes it
+            self._grown_to(end)
+            self._kick()
+            if behind:
+                self.behind_writes += 1
+            else:
+                await self._wait_rounds(target, failures)
+            return len(data)
+        finally:
+            self._change_done()
+
+    def _window_event(self) -> trio.Event:
+        if self._window_moved is None:
+            self._window_moved = trio.Event()
+        return self._window_moved
+
+    def _notify_window(self) -> None:
+        if self._window_moved is not None:
+            self._window_moved.set()
+            self._window_moved = None
+
+    def _raise_if_drain_failed(self) -> None:
+        if self._drain_error is not None:
+            raise PoolError(f"vid {self.vid}: acknowledged writes could not be written back "
+                            f"({self._drain_error}); a flush retries them")
+
+    def _kick(self) -> None:
+        """Start the drainer unless it runs (or a failure stopped it until the next flush)."""
+        if not self._draining and self._drain_error is None and self._spawn is not None:
+            self._draining = True
+            self._spawn(self._drain)
+
+    async def _wait_rounds(self, target: int, failures: int) -> None:
+        """Until round `target` has ended; PoolError if any object failed
+        since `failures` was read (maybe not ours: a flush errs on the safe side)."""
+        while self._rounds_done < target and self._drain_failures == failures:
+            await self._window_event().wait()
+        if self._drain_failures != failures:
+            raise PoolError(f"vid {self.vid}: acknowledged writes could not be written back"
+                            + (f" ({self._drain_error})" if self._drain_error else ""))
+
+    async def _drain_window(self) -> None:
+        """Write back everything the window held when called (retrying what
+        a failed round put back); PoolError if some of it could not be."""
+        failures = self._drain_failures
+        self._drain_error = None
+        target = self._rounds_started + (1 if self.window.has_pending else 0)
+        self._kick()
+        await self._wait_rounds(target, failures)
+
+    async def _drain(self) -> None:
+        """The drainer: rounds until nothing is pending. One round takes every
+        pending object and writes each (a task per object) before the next
+        round starts; what arrives meanwhile waits for the next, so writes
+        to one object reach the pool in order, batched."""
+        try:
+            while self.window.has_pending and self._drain_error is None:
+                batch = self.window.take()
+                self._rounds_started += 1
+                try:
+                    if len(batch) == 1:
+                        [(index, runs)] = batch.items()
+                        await self._write_back(index, runs)
+                    else:
+                        async with trio.open_nursery() as nursery:
+                            for index, runs in batch.items():
+                                nursery.start_soon(self._write_back, index, runs)
+                finally:
+                    self._rounds_done += 1
+                    self._notify_window()
+        finally:
+            self._draining = False
+
+    async def _write_back(self, index: int, runs: list[tuple[int, bytes | memoryview]]) -> None:
+        try:
+            for offset, data in runs:
+                await self._write_extent(Extent(index, offset, len(data), 0), data)
+        except Exception as e:
+            self.window.restore(index)
+            self._drain_failures += 1
+            self._drain_error = e
+            log.warning("vid %d: could not write back object %d from the write-behind window (%s); "
+                        "the next flush fails and retries it", self.vid, index, e)
+            return
+        except BaseException:
+            self.window.restore(index)
+            raise
+        self.window.done(index)
+
+    def fence(self, why: str) -> None:
+        """The lease is lost: refuse writes and flushes from now on, and drop
+        the window (its writes must never land after the next holder's)."""
+        self.fenced = why
+        dropped = self.window.drop()
+        if dropped:
+            self._drain_failures += 1
+            log.warning("vid %d: %s; %d bytes acknowledged but not yet written back are dropped "
+                        "(the next flush fails)", self.vid, why, dropped)
+        self._notify_window()
 
     async def _write_extent(self, e: Extent, data: bytes | memoryview) -> None:
         whole = e.length == self.object_size
@@ -555,7 +733,7 @@ class Volume:
     @property
     def dirty(self) -> bool:
         return bool(self._dirty_data or self._unsynced_chunks or self.map.dirty or self.size_dirty
-                    or self.times_dirty)
+                    or self.times_dirty or self.window)
 
     async def flush(self, *, times: bool = False) -> None:
         """Make every write acknowledged so far durable, with its map and size.
@@ -566,6 +744,8 @@ class Volume:
         """
         if self.fenced:
             raise PoolError(f"vid {self.vid}: {self.fenced}; nothing more is written")
+        if self.window:
+            await self._drain_window()
         async with self._flush_lock:
             data, self._dirty_data = self._dirty_data, set()
             try:
@@ -596,6 +776,8 @@ class Volume:
     async def _truncate(self, size: int) -> None:
         old = self.record.size
         if size < old:
+            if self.window:
+                await self._drain_window()  # nothing may land past the new size after it
             keep = objects_for_size(size, self.object_size)
             tail = size % self.object_size
             if tail and is_allocated(self.map.get(keep - 1)):

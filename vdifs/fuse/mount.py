@@ -17,7 +17,7 @@ from typing import IO
 import pyfuse3
 import trio
 
-from vdifs.client.catalog import Catalog
+from vdifs.client.catalog import WRITE_BEHIND, Catalog
 from vdifs.client.local import open_embedded
 from vdifs.client.remote import REPLICA_WAIT, ClusterAccess
 from vdifs.control.caller import CONTROL_SOCKET
@@ -58,8 +58,10 @@ class Mount:
 
     def __init__(self, mountpoint: str, store: str, *, allow_other: bool = False,
                  cluster: list[str] | None = None, secret_file: str | None = None,
-                 copies: int | None = None, lease_term: float | None = None, io_wait: float = REPLICA_WAIT) -> None:
-        """`lease_term`: None is the default term of leases."""
+                 copies: int | None = None, lease_term: float | None = None, io_wait: float = REPLICA_WAIT,
+                 write_behind: int = WRITE_BEHIND) -> None:
+        """`lease_term`: None is the default term of leases; `write_behind`:
+        the window of each VDI in bytes (0: off)."""
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
@@ -67,6 +69,7 @@ class Mount:
         self.access = (ClusterAccess.load(cluster, secret_file, lease_term=lease_term, io_wait=io_wait)
                        if cluster else None)
         self.copies = copies
+        self.write_behind = write_behind
         self.control_path = os.path.join(self.store_path, CONTROL_SOCKET)
         self.catalog: Catalog | None = None
 
@@ -77,6 +80,7 @@ class Mount:
             catalog = await open_embedded(self.store_path, nursery)
         if self.copies is not None:
             catalog.override_copies(self.copies)
+        catalog.write_behind = self.write_behind
         return catalog
 
     def invalidate(self, event: str, vid: int, names: list[str]) -> None:

@@ -110,8 +110,12 @@ class VdifsOperations(pyfuse3.Operations):
         #: writes synced because their handle is O_DSYNC, and attribute lookups
         #: outside user.vdifs.* (the kernel asks for security.capability before
         #: every write on the cached path).
-        self.stats = {"syncs": 0, "foreign_getxattrs": 0}
+        self.stats = {"syncs": 0, "foreign_getxattrs": 0, "behind_writes": 0}
         self._dsync: set[int] = set()  # uncached handles opened O_DSYNC/O_SYNC: every write is synced
+        self._synchronous: set[int] = set()  # handles opened O_DSYNC/O_SYNC: never write-behind
+        #: Handles that have sent an fsync: proof their client flushes, so
+        #: their writes may be acknowledged from the VDI's write-behind window.
+        self._behind: set[int] = set()
 
     # -- attributes --------------------------------------------------------------
 
@@ -282,8 +286,10 @@ class VdifsOperations(pyfuse3.Operations):
         # as RWF_DSYNC) through fsync, and pyfuse3 does not show us a write's
         # flags; the cached path does sync them (design change 18).
         fh = self._new_handle(vol, writable)
-        if vol.record.shared and writable and flags & os.O_DSYNC:
-            self._dsync.add(fh)
+        if writable and flags & os.O_DSYNC:  # O_SYNC includes the O_DSYNC bit
+            self._synchronous.add(fh)
+            if vol.record.shared:
+                self._dsync.add(fh)
         # With other mounts on the same pool, cached pages may be stale: drop them on open.
         return pyfuse3.FileInfo(fh=fh, keep_cache=not self.catalog.shared, direct_io=vol.record.shared)
 
@@ -299,8 +305,10 @@ class VdifsOperations(pyfuse3.Operations):
         rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
                                         uid=ctx.uid, gid=ctx.gid)
         vol = await self.catalog.open(rec.vid, writable=True)
-        return (pyfuse3.FileInfo(fh=self._new_handle(vol, True), keep_cache=not self.catalog.shared),
-                await self._attrs(rec.vid))
+        fh = self._new_handle(vol, True)
+        if flags & os.O_DSYNC:
+            self._synchronous.add(fh)
+        return (pyfuse3.FileInfo(fh=fh, keep_cache=not self.catalog.shared), await self._attrs(rec.vid))
 
     @fuse_errors
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
@@ -321,7 +329,9 @@ class VdifsOperations(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         vol = self._handles[fh]
-        n = await vol.write(off, buf)
+        behind = fh in self._behind and vol.accepts_behind
+        n = await vol.write(off, buf, behind=behind)
+        self.stats["behind_writes"] += behind
         if fh in self._dsync:  # the kernel will not ask for it on an uncached handle
             self.stats["syncs"] += 1
             await vol.flush()
@@ -335,11 +345,15 @@ class VdifsOperations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         self.stats["syncs"] += 1
         await self._handles[fh].flush()
+        if fh in self._writable and fh not in self._synchronous:
+            self._behind.add(fh)  # write-behind from now on (the contract: docs/architecture.md)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
         vol = self._handles.pop(fh)
         self._dsync.discard(fh)
+        self._synchronous.discard(fh)
+        self._behind.discard(fh)
         if fh in self._snapshot_handles:
             self._snapshot_handles.discard(fh)
             return
