@@ -64,6 +64,7 @@ class LocalPool:
         return self.store.io_stats()
 
     async def aclose(self) -> None:
+        await self.store.close_cleanly()
         self.store.close()
 
 

@@ -155,6 +155,7 @@ class PeerDaemon:
                     self.recovery.epoch_changed()  # catch up (after a crash, rejoining does this)
                 task_status.started(bound)
             with trio.CancelScope(shield=True):
+                await st.store.close_cleanly()  # checksum tables stored CLEAN: trusted at the next start
                 await st.journal.close_cleanly()  # only on an orderly stop: a crash skips this
         finally:
             st.store.close()

@@ -55,9 +55,12 @@ class _Handle:
     changed only under `lock`, after the data). `clean_on_disk`: the stored
     table is marked CLEAN, so the first write after it must mark it DIRTY
     first. `writes` counts writes started and `inflight` those not finished:
-    a read that overlaps one cannot be verified against the table."""
+    a read that overlaps one cannot be verified against the table.
+    `synced_writes`: `writes` as of the last completed sync (so the table
+    may be marked CLEAN without another sync if it still equals `writes`)."""
 
-    __slots__ = ("fd", "refs", "doomed", "table", "clean_on_disk", "writes", "inflight", "lock")
+    __slots__ = ("fd", "refs", "doomed", "table", "clean_on_disk", "writes", "inflight", "lock",
+                 "synced_writes")
 
     def __init__(self, fd: int, table: list[int], clean_on_disk: bool) -> None:
         self.fd = fd
@@ -67,6 +70,7 @@ class _Handle:
         self.clean_on_disk = clean_on_disk
         self.writes = 0
         self.inflight = 0
+        self.synced_writes = -1  # never synced by this process
         self.lock = trio.Lock()  # one write (or create, or sync's marking) at a time
 
 
@@ -529,16 +533,41 @@ class ObjectStore:
             h.clean_on_disk = True
 
     async def sync_dirty(self) -> int:
-        """Sync every open object whose stored table is DIRTY, so its checksums
-        are trusted after a crash too."""
-        dirty = [oid for oid, h in self._handles.items() if self.checksums and not h.clean_on_disk]
-        if dirty:
-            await self.sync(dirty)
+        """Store CLEAN the table of every open object whose stored table is
+        DIRTY, syncing those written since their last sync first, so their
+        checksums are trusted after a crash too. Returns how many.
+
+        Only this marks tables CLEAN, not every `sync`: a CLEAN table makes
+        the next write to the object mark it DIRTY and fsync that first, and
+        a guest that flushes every few writes would pay that fsync on nearly
+        every write (design change 22)."""
+        if not self.checksums:
+            return 0
+        dirty = [(oid, h) for oid, h in self._handles.items() if not h.clean_on_disk and not h.doomed]
+        unsynced = [oid for oid, h in dirty if h.synced_writes != h.writes or h.inflight]
+        if unsynced:
+            await self.sync(unsynced)
+        for _, h in dirty:
+            if h.synced_writes == h.writes:
+                h.refs += 1
+                try:
+                    await self._mark_clean(h, h.writes)
+                finally:
+                    self._release(h)
         return len(dirty)
+
+    async def close_cleanly(self) -> None:
+        """At an orderly stop: `sync_dirty`, so the next start trusts every
+        table (a failure only leaves tables to rebuild: logged, not raised)."""
+        try:
+            await self.sync_dirty()
+        except (PoolError, NoSpace) as e:
+            log.warning("store %s: could not store checksum tables clean at stop: %s", self.root, e)
 
     async def keep_checksums_durable(self, interval: float = 30.0) -> None:
         """Run by the store's owner: `sync_dirty` every `interval` seconds, so a
-        crash leaves few tables to rebuild from (unverified) data."""
+        crash leaves few tables to rebuild from (unverified) data: those of
+        objects written in the last interval or two."""
         while True:
             await trio.sleep(interval)
             try:
@@ -572,10 +601,11 @@ class ObjectStore:
                     h.refs += 1
                 try:
                     target = h.fd if h is not None else self.path(oid)
-                    writes = h.writes if h is not None else 0
+                    # A write still in flight now may land after the sync: then it covers less.
+                    covered = h.writes if h is not None and not h.inflight else None
                     await trio.to_thread.run_sync(self._sync_one, target)  # parallel: commits coalesce
-                    if h is not None and not h.doomed:
-                        await self._mark_clean(h, writes)
+                    if h is not None and covered is not None:
+                        h.synced_writes = max(h.synced_writes, covered)  # CLEAN later: sync_dirty
                 except OSError as e:
                     failed.append(files.os_error(e, f"syncing object {oid:016x}"))
                 finally:
