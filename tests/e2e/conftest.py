@@ -133,8 +133,20 @@ class MountProc:
             out += [f for f in os.listdir(os.path.join(root, d)) if f.startswith("00")]
         return out
 
+    def call(self, op: str, args: dict | None = None):
+        """One request to this mount's control socket (found as the CLI finds it)."""
+        import trio
+
+        from vdifs.control import caller
+
+        return trio.run(lambda: caller.call(caller.socket_for_mount(self.mp), op, args))
+
+    def info(self, name: str) -> dict:
+        """`vdifs vdi info NAME --json`: vid, allocated, copies, shared, ..."""
+        return self.call("vdi.info", {"name": name})
+
     def vid(self, name: str) -> int:
-        return int(os.getxattr(self.path(name), "user.vdifs.vid"))
+        return self.info(name)["vid"]
 
 
 @pytest.fixture
@@ -171,8 +183,4 @@ def read_at(path: str, offset: int, length: int) -> bytes:
 
 def fuse_stats(mount: MountProc) -> dict:
     """The FUSE counters of a running mount (`status` over its control socket)."""
-    import trio
-
-    from vdifs.control import caller
-
-    return trio.run(caller.call, caller.socket_for_mount(mount.mp), "status")["fuse"]
+    return mount.call("status")["fuse"]

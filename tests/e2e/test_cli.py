@@ -82,7 +82,7 @@ def test_background_mount_and_umount(tmp_path):
     vdifs("mount", mp, "--store", store)  # returns once the mount is up
     try:
         assert os.path.ismount(mp)
-        pid = int(os.getxattr(mp, "user.vdifs.pid"))
+        pid = MountProc(mp, store, "").call("status")["pid"]
         vdifs("vdi", "--mount", mp, "create", "bg", "1M")
         write_at(os.path.join(mp, "bg"), 0, b"background")
         vdifs("umount", mp)

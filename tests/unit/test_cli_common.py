@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from vdifs.cli.common import (CliError, MountEntry, Progress, bar, control_socket, parse_mounts,
-                              progress_text, table, unescape_mount_field, vdifs_mountpoints)
-from vdifs.control.caller import NotMounted, socket_for_store
+from vdifs.cli.common import CliError, Progress, bar, control_socket, progress_text, table, vdifs_mountpoints
+from vdifs.control.caller import NotMounted, socket_for_mount, socket_for_store
+from vdifs.control.mounts import MountEntry, fsname_option, parse_mounts, unescape_mount_field
 from vdifs.fuse.mount import default_store
 
 MOUNTS = """\
@@ -46,6 +46,11 @@ def test_control_socket_discovery(tmp_path):
     mounts.write_text(f"vdifs {one} fuse.vdifs rw 0 0\n")
     with pytest.raises(NotMounted, match=str(one)):  # the one mount is the one asked (here: not really vdifs)
         control_socket(None, None, str(mounts))
+    store = tmp_path / "my store, with\\odd chars"
+    escaped = str(store).replace("\\", "\\134").replace(" ", "\\040")  # as the kernel writes it
+    mounts.write_text(f"vdifs:{escaped} {one} fuse.vdifs rw 0 0\n")
+    assert control_socket(None, None, str(mounts)) == socket_for_store(str(store))  # the store in the source
+    assert socket_for_mount(str(one), str(mounts)) == socket_for_store(str(store))
     mounts.write_text("/dev/sda1 / ext4 rw 0 0\n")
     assert control_socket(None, None, str(mounts)) == socket_for_store(default_store())
     assert control_socket(None, None, str(tmp_path / "missing")) == socket_for_store(default_store())
@@ -100,3 +105,11 @@ def test_progress_without_total_counts():
 
 def test_table():
     assert table([["a", "1"], ["bbb", ""]], ["NAME", "N"]) == "NAME  N\na     1\nbbb"
+
+
+def test_fsname_option_escapes_what_libfuse_splits_on():
+    assert fsname_option("/var/lib/vdifs") == "fsname=vdifs:/var/lib/vdifs"
+    assert fsname_option("/a,b\\c") == "fsname=vdifs:/a\\,b\\\\c"
+    assert MountEntry("vdifs:/s", "/m", "fuse.vdifs").store == "/s"
+    assert MountEntry("vdifs", "/m", "fuse.vdifs").store is None
+    assert MountEntry("vdifs:/s", "/m", "fuse.sshfs").store is None

@@ -14,12 +14,12 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import trio
 
 from vdifs.control import caller
+from vdifs.control.mounts import MOUNTS_FILE, parse_mounts, read_mounts, vdifs_mounts
 from vdifs.errors import VdifsError
 from vdifs.fuse.mount import default_store
 from vdifs.model.sizes import format_size, parse_size
@@ -27,8 +27,6 @@ from vdifs.wire.rpc import RpcPool
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ["debug", "info", "warning", "error"]
-MOUNTS_FILE = "/proc/mounts"
-FSTYPE = "fuse.vdifs"  # what /proc/mounts says of a vdifs mount
 
 
 # How long to wait for a mount's answer (seconds), by the work a request does
@@ -156,42 +154,15 @@ def setup_logging(level: str, stream: Any = None, filename: str | None = None) -
 # -- finding the mount ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    source: str
-    mountpoint: str
-    fstype: str
-
-
-def unescape_mount_field(field: str) -> str:
-    r"""The kernel writes space, tab, newline and backslash in /proc/mounts
-    fields as octal escapes (`\040`); undo them."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mounts(text: str) -> list[MountEntry]:
-    """The entries of a /proc/mounts text (lines it cannot read are skipped)."""
-    entries = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 3:
-            entries.append(MountEntry(*(unescape_mount_field(f) for f in fields[:3])))
-    return entries
-
-
 def vdifs_mountpoints(text: str) -> list[str]:
     """Mount points of the vdifs mounts in a /proc/mounts text."""
-    return [e.mountpoint for e in parse_mounts(text) if e.fstype == FSTYPE]
+    return [e.mountpoint for e in vdifs_mounts(parse_mounts(text))]
 
 
 def running_mounts(path: str = MOUNTS_FILE) -> list[str]:
     """Mount points of the vdifs mounts of this machine (none when
     /proc/mounts cannot be read)."""
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return vdifs_mountpoints(f.read())
-    except OSError:
-        return []
+    return [e.mountpoint for e in vdifs_mounts(read_mounts(path))]
 
 
 def control_socket(mount: str | None, store: str | None, mounts_file: str = MOUNTS_FILE) -> str:
@@ -201,12 +172,12 @@ def control_socket(mount: str | None, store: str | None, mounts_file: str = MOUN
     if mount and store:
         raise CliError("give either -m/--mount or --store, not both")
     if mount:
-        return caller.socket_for_mount(os.path.abspath(mount))
+        return caller.socket_for_mount(os.path.abspath(mount), mounts_file)
     if store:
         return caller.socket_for_store(os.path.abspath(store))
     mounts = running_mounts(mounts_file)
     if len(mounts) == 1:
-        return caller.socket_for_mount(mounts[0])
+        return caller.socket_for_mount(mounts[0], mounts_file)
     if mounts:
         raise CliError(f"{len(mounts)} vdifs mounts are running ({', '.join(mounts)}): "
                        "pick one with -m MOUNTPOINT")

@@ -11,11 +11,11 @@ from typing import Any
 
 import trio
 
+from vdifs.control.mounts import MOUNTS_FILE, read_mounts
 from vdifs.errors import VdifsError, error_from_wire
 from vdifs.wire.frames import ConnectionClosed, FrameStream, ProtocolError, check_reply
 
 CONTROL_SOCKET = "control.sock"
-XATTR_CONTROL = "user.vdifs.control"
 DEFAULT_TIMEOUT = 30.0  # seconds to wait for an answer to a quick request
 
 
@@ -23,14 +23,18 @@ class NotMounted(VdifsError):
     errno = errno.ENOTCONN
 
 
-def socket_for_mount(mountpoint: str) -> str:
-    """The control socket of the vdifs mount at `mountpoint`."""
+def socket_for_mount(mountpoint: str, mounts_file: str = MOUNTS_FILE) -> str:
+    """The control socket of the vdifs mount at `mountpoint`: the one of
+    the store its mount source names (mount table: `mounts_file`)."""
     if not os.path.isdir(mountpoint):
         raise NotMounted(f"{mountpoint} is not a directory")
-    try:
-        return os.getxattr(mountpoint, XATTR_CONTROL).decode()
-    except OSError:
-        raise NotMounted(f"{mountpoint} is not a vdifs mount") from None
+    wanted = os.path.realpath(mountpoint)
+    for entry in reversed(read_mounts(mounts_file)):  # the last mount over a path is the visible one
+        if entry.mountpoint in (mountpoint, wanted):
+            if entry.store is None:
+                break
+            return socket_for_store(entry.store)
+    raise NotMounted(f"{mountpoint} is not a vdifs mount")
 
 
 def socket_for_store(store: str) -> str:

@@ -21,6 +21,7 @@ from vdifs.client.catalog import WRITE_BEHIND, Catalog
 from vdifs.client.local import open_embedded
 from vdifs.client.remote import REPLICA_WAIT, ClusterAccess
 from vdifs.control.caller import CONTROL_SOCKET
+from vdifs.control.mounts import fsname_option
 from vdifs.control.server import ControlServer
 from vdifs.errors import VdifsError
 from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
@@ -44,8 +45,10 @@ def check_mountpoint(mountpoint: str) -> None:
     os.makedirs(mountpoint, exist_ok=True)
 
 
-def fuse_options(allow_other: bool) -> set[str]:
-    opts = set(pyfuse3.default_options) | {"fsname=vdifs", "subtype=vdifs"}
+def fuse_options(allow_other: bool, store: str) -> set[str]:
+    """The FUSE mount options; the mount source names the store (`vdifs:STORE`),
+    which is how the command line finds a mount's control socket."""
+    opts = set(pyfuse3.default_options) | {fsname_option(store), "subtype=vdifs"}
     if allow_other:
         opts.add("allow_other")
     return opts
@@ -127,7 +130,7 @@ class Mount:
                                     self.invalidate)
             await nursery.start(control.serve)
             try:
-                pyfuse3.init(ops, self.mountpoint, fuse_options(self.allow_other))
+                pyfuse3.init(ops, self.mountpoint, fuse_options(self.allow_other, self.store_path))
             except RuntimeError as e:
                 raise VdifsError(f"could not mount {self.mountpoint}: {e}") from None
             try:
