@@ -327,3 +327,33 @@ async def test_a_snapshot_cut_waits_for_a_write_in_flight(store_dir, nursery):
     await again.directory.refresh()
     live = await again.volume(rec.vid)
     assert live.data_vid != s.vid and await live.read(OBJ + 4096, 4096) == b"w" * 4096
+
+
+async def test_reads_from_the_page_cache_take_no_await_and_still_verify(store_dir, nursery):
+    """A read inside one object whose bytes are cached is answered by the
+    store at once (`read_now`, verified); a rotten block is never served:
+    the read falls back to the path that reports it."""
+    from trio.testing import assert_no_checkpoints
+
+    from vdifs.errors import PoolError
+
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("v", 2 * OBJ)
+    vol = await cat.open(rec.vid)
+    data = os.urandom(64 << 10)
+    await vol.write(OBJ + 4096, data)
+    store = cat.pool.store
+    before = store.nowait_reads
+    with assert_no_checkpoints():
+        coro = vol.read(OBJ + 8192, 4096)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            got = done.value
+    assert got == data[4096:8192] and store.nowait_reads == before + 1
+    path = store.path(data_oid(rec.vid, 1))
+    with open(path, "r+b") as f:  # rot under the cached checksum table
+        f.seek(OBJ // 2)
+        f.write(b"\xff" * 8)
+    with pytest.raises(PoolError):
+        await vol.read(OBJ // 2 + OBJ, 16)

@@ -44,6 +44,10 @@ class ObjectPool(Protocol):
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         """`length` bytes at `offset` (zeros past what was written); ObjectNotFound if absent."""
 
+    def read_now(self, oid: int, offset: int, length: int) -> bytes | bytearray | None:
+        """`read`, if it can be answered without waiting (no await at all);
+        else None, and `read` must be used."""
+
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write into an existing object; ObjectNotFound if it does not exist."""
 

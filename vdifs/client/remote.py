@@ -248,6 +248,9 @@ class RemotePool:
 
     # -- the ObjectPool interface ----------------------------------------------------------
 
+    def read_now(self, oid: int, offset: int, length: int) -> None:
+        return None  # a read from a peer always waits for its answer
+
     async def read(self, oid: int, offset: int, length: int) -> bytes:
         async def attempt(cmap: ClusterMap) -> bytes:
             targets = self._targets(oid, cmap)

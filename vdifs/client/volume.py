@@ -205,6 +205,13 @@ class Volume:
             layers = self.window.layers(offset, length)
             if layers:
                 return await self._read_under_window(offset, length, layers)
+        index, inner = divmod(offset, self.object_size)
+        if inner + length <= self.object_size:  # one object: maybe answered with no await at all
+            entry = self.map.get(index)
+            if is_allocated(entry):
+                data = self.pool.read_now(data_oid(entry, index), inner, length)
+                if data is not None:
+                    return data
         return await self._read_pool(offset, length)
 
     async def _read_under_window(self, offset: int, length: int, layers: list[tuple[int, bytes | memoryview]]
