@@ -343,6 +343,14 @@ async def test_reads_from_the_page_cache_take_no_await_and_still_verify(store_di
     data = os.urandom(64 << 10)
     await vol.write(OBJ + 4096, data)
     store = cat.pool.store
+    awaited = []
+    real_read = cat.pool.read
+
+    async def read(*args):
+        awaited.append(args)
+        return await real_read(*args)
+
+    cat.pool.read = read  # counts the reads that take the awaiting path
     before = store.nowait_reads
     with assert_no_checkpoints():
         coro = vol.read(OBJ + 8192, 4096)
@@ -351,6 +359,9 @@ async def test_reads_from_the_page_cache_take_no_await_and_still_verify(store_di
         except StopIteration as done:
             got = done.value
     assert got == data[4096:8192] and store.nowait_reads == before + 1
+    assert awaited == []  # answered by read_now, not through pool.read
+    assert await vol.read(OBJ - 100, 4300) == bytes(4196) + data[:104]  # two objects: the awaiting path
+    assert len(awaited) == 1
     path = store.path(data_oid(rec.vid, 1))
     with open(path, "r+b") as f:  # rot under the cached checksum table
         f.seek(OBJ // 2)

@@ -233,3 +233,35 @@ async def test_shared_vdis_never_write_behind(store_dir, nursery):
     await vol.write(0, b"through", behind=True)
     assert not vol.window and vol.behind_writes == 0
     assert len(await cat.pool.list_objects(vol.data_vid, ObjectKind.DATA)) == 1
+
+
+async def test_after_a_fence_and_a_new_lease_write_behind_works_again(store_dir, nursery, monkeypatch):
+    """A write-back refused (as peers refuse a fenced generation), then the
+    lease lost: the window is dropped with its failure. Once the VDI's lease
+    is taken again, a flushing handle's writes go behind and land, instead
+    of failing with EIO forever (the failure of the dropped window must not
+    outlive it)."""
+    cat, vol = await open_volume(store_dir, nursery)
+    real_write = cat.pool.write
+    refusing = True
+
+    async def write(oid, *args, **kwargs):
+        if refusing and oid >> 56 == ObjectKind.DATA:
+            raise PoolError("injected: fenced at a newer generation")
+        return await real_write(oid, *args, **kwargs)
+
+    await vol.write(0, b"first", behind=True)
+    await vol.flush()
+    monkeypatch.setattr(cat.pool, "write", write)
+    await vol.write(0, b"lost!", behind=True)
+    with pytest.raises(PoolError):
+        await vol.flush()  # the write-back was refused
+    vol.fence("lease lost: test")
+    assert not vol.window
+    refusing = False
+    vol.fenced = None  # what Catalog.open does when it takes the lease again
+    await vol.flush()
+    await vol.write(0, b"again", behind=True)
+    assert vol.behind_writes == 3
+    await vol.flush()
+    assert await stored(store_dir, vol.vid, 0, 5) == b"again"

@@ -473,6 +473,7 @@ class Volume:
         the window (its writes must never land after the next holder's)."""
         self.fenced = why
         dropped = self.window.drop()
+        self._drain_error = None  # its failure goes with it: nothing is left to retry
         if dropped:
             self._drain_failures += 1
             log.warning("vid %d: %s; %d bytes acknowledged but not yet written back are dropped "
