@@ -123,7 +123,7 @@ class Mount:
         async with trio.open_nursery() as nursery:
             self.catalog = catalog = await self._open_catalog(nursery)
             await catalog.start(nursery)
-            ops = VdifsOperations(catalog, control_path=self.control_path, store_path=self.store_path)
+            ops = VdifsOperations(catalog)
             control = ControlServer(catalog, self.control_path,
                                     {"mountpoint": self.mountpoint, "store": self.store_path,
                                      "cluster": ",".join(self.cluster or []), "fuse": ops.stats},

@@ -95,11 +95,9 @@ class VdifsOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, catalog: Catalog, *, control_path: str, store_path: str) -> None:
+    def __init__(self, catalog: Catalog) -> None:
         super().__init__()
         self.catalog = catalog
-        self.control_path = control_path
-        self.store_path = store_path
         self._handles: dict[int, Volume] = {}
         self._writable: set[int] = set()  # file handles opened for writing
         self._next_fh = 1
