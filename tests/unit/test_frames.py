@@ -254,3 +254,57 @@ async def test_a_closed_stream_never_writes_to_a_socket_that_reused_its_number()
         raise AssertionError("bytes reached the other socket")
     for s in (server, other_client, other_server):
         await s.aclose()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(values, st.one_of(st.none(), st.binary(min_size=1, max_size=64),
+                                            st.integers(100_000, 400_000))),
+                min_size=1, max_size=6),
+       st.lists(st.integers(1, 70_000), min_size=1, max_size=20))
+def test_frames_cut_anywhere_by_the_network_arrive_whole(frames, cuts):
+    """The receive buffer over a real socket: frames arrive in pieces cut at
+    any byte (headers, messages and blobs split, several frames in one
+    piece), and blobs big enough to be read straight into their own buffer."""
+    blobs = [os.urandom(b) if isinstance(b, int) else b for _, b in frames]
+    wire = b"".join(b"".join(bytes(p) for p in encode_frame(m, 1 << 20, blob))
+                    for (m, _), blob in zip(frames, blobs))
+
+    async def main():
+        client, server = await _socket_pair()
+        receiver = FrameStream(server, 1 << 20)
+
+        async def send_in_pieces():
+            pos, i = 0, 0
+            while pos < len(wire):
+                step = cuts[i % len(cuts)]
+                await client.send_all(wire[pos:pos + step])
+                await trio.sleep(0)  # let the receiver take what has come so far
+                pos, i = pos + step, i + 1
+
+        async with trio.open_nursery() as n:
+            n.start_soon(send_in_pieces)
+            for (m, _), blob in zip(frames, blobs):
+                got, got_blob = await receiver.receive_frame()
+                assert got == m
+                assert (None if got_blob is None else bytes(got_blob)) == blob
+        await client.aclose()
+        with pytest.raises(ConnectionClosed):
+            await receiver.receive_frame()
+        await server.aclose()
+
+    trio.run(main)
+
+
+async def test_frames_sent_together_are_all_buffered_and_taken_without_a_read():
+    client, server = await _socket_pair()
+    sender, receiver = FrameStream(client), FrameStream(server)
+    await sender.send_encoded([p for i in range(5) for p in encode_frame([i], 1 << 20, b"x" * i or None)])
+    assert await receiver.receive() == [0]
+    await trio.sleep(0.05)
+    assert receiver.frame_buffered()
+    for i in range(1, 5):
+        msg, blob = await receiver.receive_frame()
+        assert msg == [i] and bytes(blob) == b"x" * i
+    assert not receiver.frame_buffered()
+    await client.aclose()
+    await server.aclose()

@@ -200,3 +200,26 @@ async def test_closing_a_client_ends_its_reader_and_watchdog_at_once(nursery):
         await client.aclose()
         await trio.testing.wait_all_tasks_blocked()
         assert not n.child_tasks
+
+
+async def test_fast_replies_to_a_burst_of_requests_leave_together(nursery, monkeypatch):
+    """Requests that arrive together are answered together: the server sends
+    the fast replies of one burst in a few system calls, not one per reply."""
+    server = RpcServer("test", {}, secret=lambda: SECRET, cluster_id=lambda: "c1", peer_id="p1",
+                       fast={"op": lambda args, session: args["x"] * 2})
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    client = RpcClient(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}", SECRET, nursery)
+    assert await client.call("op", {"x": 0}) == 0  # connected
+    writes = 0
+    real_writev = os.writev
+
+    def counting(fd, buffers):
+        nonlocal writes
+        writes += 1
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", counting)
+    calls = [await client.start("op", {"x": i}) for i in range(32)]  # 32 sends, no wait between
+    sent = writes
+    assert [await c.finish(10) for c in calls] == [2 * i for i in range(32)]
+    assert sent == 32 and writes - sent <= 4  # replies: one send per 16 at most, not 32

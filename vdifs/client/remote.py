@@ -41,6 +41,7 @@ DATA_TIMEOUT = 30.0
 STALE_RETRIES = 5
 #: How long a write waits for the cluster to replace an unreachable replica.
 REPLICA_WAIT = 60.0
+PLACEMENTS_KEPT = 1 << 16  # objects whose replicas are remembered (about 10 MiB)
 
 
 class _StaleMap(Exception):
@@ -69,6 +70,8 @@ class RemotePool:
         self.vid_copies: dict[int, int] = {}
         self.vid_generation: dict[int, int] = {}
         self.vid_lease: dict[int, int] = {}  # data vid -> the vid whose lease guards it
+        self._placed: dict[tuple[int, int], list[str]] = {}  # (oid, copies) -> replica addresses
+        self._placed_epoch = -1  # the epoch of the map those were placed in
 
     # -- the map -----------------------------------------------------------------------
 
@@ -140,11 +143,20 @@ class RemotePool:
         await self._everywhere("lease.fence", {"vid": vid, "gen": generation})
 
     def _targets(self, oid: int, cmap: ClusterMap) -> list[str]:
+        """The addresses of an object's replicas in `cmap`, remembered per
+        epoch: hashing the ring on every request cost 5% of a read."""
         vid = unpack_oid(oid)[1]
         copies = self.vid_copies.get(vid)
         if copies is None:  # e.g. a deleted VDI being purged: every peer may hold it
             return [p.address for p in cmap.up_peers()]
-        return [cmap.peers[p].address for p in placement(cmap, oid, copies)]
+        if self._placed_epoch != cmap.epoch or len(self._placed) >= PLACEMENTS_KEPT:
+            self._placed.clear()
+            self._placed_epoch = cmap.epoch
+        key = (oid, copies)
+        targets = self._placed.get(key)
+        if targets is None:
+            targets = self._placed[key] = [cmap.peers[p].address for p in placement(cmap, oid, copies)]
+        return list(targets)
 
     # -- calls ---------------------------------------------------------------------------
 

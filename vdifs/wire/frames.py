@@ -23,6 +23,9 @@ HEADER = struct.Struct(">II")
 DEFAULT_MAX_FRAME = 1 << 20
 SEND_TIMEOUT = 60.0  # seconds a receiver may leave a frame unread before the stream is given up
 IOV_BATCH = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
+RECEIVE_BUFFER = 256 << 10  # bytes per stream's receive buffer (grown for a bigger frame, then shrunk)
+UNWAITED_FRAMES = 64  # frames returned without a wait before a checkpoint lets others run
+DIRECT_BLOB = 128 << 10  # blobs this big are read straight into their own buffer
 Blob = bytes | bytearray | memoryview
 
 
@@ -58,7 +61,9 @@ class FrameStream:
     def __init__(self, stream: trio.abc.Stream, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.stream = stream
         self.max_frame = max_frame
-        self._buf = bytearray()
+        self._rbuf = bytearray(RECEIVE_BUFFER)
+        self._rstart = self._rend = 0
+        self._unwaited = 0  # frames returned since the last wait
         self._send_lock = trio.Lock()
         self._queue: list[Blob] = []  # frames waiting for the sender that holds the lock
         self._send_error: BaseException | None = None
@@ -72,40 +77,119 @@ class FrameStream:
         """A send is under way (a new one waits behind it)."""
         return self._send_lock.locked() or bool(self._queue)
 
-    async def _fill(self, out: bytearray, *, at_boundary: bool) -> None:
-        """Fill `out` completely from the buffered bytes and the stream."""
-        n = len(out)
-        pos = min(n, len(self._buf))
-        out[:pos] = self._buf[:pos]
-        del self._buf[:pos]
-        while pos < n:
-            chunk = await self.stream.receive_some(max(65536, n - pos))
-            if not chunk:
-                if at_boundary and pos == 0:
-                    raise ConnectionClosed()
-                raise ProtocolError("connection closed in the middle of a frame")
-            take = min(len(chunk), n - pos)
-            out[pos:pos + take] = chunk[:take] if take < len(chunk) else chunk
-            if take < len(chunk):
-                self._buf += chunk[take:]  # the start of the next frame
-            pos += take
+    # Receiving. Bytes land in one buffer per stream (`_rbuf[_rstart:_rend]`)
+    # and every complete frame is parsed from it without an await: a burst
+    # of frames costs one read system call, and a frame already buffered
+    # costs no scheduling pass at all. On a socket the buffer is filled
+    # with a non-blocking readv of its fd, and only a read that finds
+    # nothing waits (`wait_readable`); other streams use `receive_some`.
+    # A large blob is read straight into its own buffer, not copied out.
+
+    def frame_buffered(self) -> bool:
+        """A whole frame is buffered: `receive_frame` returns it at once."""
+        avail = self._rend - self._rstart
+        if avail < HEADER.size:
+            return False
+        total, _ = HEADER.unpack_from(self._rbuf, self._rstart)
+        return avail >= 4 + total
 
     async def receive_frame(self) -> tuple[Any, bytearray | None]:
         """The next (message, blob); blob is None when the frame has none."""
-        head = bytearray(HEADER.size)
-        await self._fill(head, at_boundary=True)
-        total, meta_len = HEADER.unpack(head)
+        self._unwaited += 1
+        if self._unwaited > UNWAITED_FRAMES:  # a flood must not starve the other tasks
+            self._unwaited = 0
+            await trio.lowlevel.checkpoint()
+        while self._rend - self._rstart < HEADER.size:
+            await self._receive_more(HEADER.size)
+        total, meta_len = HEADER.unpack_from(self._rbuf, self._rstart)
         if total > self.max_frame:
             raise ProtocolError(f"frame length {total} exceeds the {self.max_frame} byte limit")
         if total < 4 or meta_len > total - 4:
             raise ProtocolError(f"frame header {total}/{meta_len} is inconsistent")
-        meta = bytearray(meta_len)
-        await self._fill(meta, at_boundary=False)
-        blob = None
-        if total - 4 - meta_len:
-            blob = bytearray(total - 4 - meta_len)
-            await self._fill(blob, at_boundary=False)
-        return decode_payload(meta), blob
+        blob_len = total - 4 - meta_len
+        if blob_len >= DIRECT_BLOB and self._sock is not None:
+            while self._rend - self._rstart < HEADER.size + meta_len:
+                await self._receive_more(HEADER.size + meta_len)
+            start = self._rstart + HEADER.size
+            msg = decode_payload(memoryview(self._rbuf)[start:start + meta_len])
+            self._consume(HEADER.size + meta_len)
+            return msg, await self._receive_blob(blob_len)
+        while self._rend - self._rstart < 4 + total:
+            await self._receive_more(4 + total)
+        view = memoryview(self._rbuf)
+        start = self._rstart + HEADER.size
+        try:
+            msg = decode_payload(view[start:start + meta_len])
+            blob = bytearray(view[start + meta_len:self._rstart + 4 + total]) if blob_len else None
+        finally:
+            view.release()
+        self._consume(4 + total)
+        return msg, blob
+
+    def _consume(self, n: int) -> None:
+        self._rstart += n
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+            if len(self._rbuf) > RECEIVE_BUFFER:  # a big frame grew it: give the memory back
+                self._rbuf = bytearray(RECEIVE_BUFFER)
+
+    async def _receive_blob(self, n: int) -> bytearray:
+        """A blob of n bytes: what is buffered, then the rest read into it directly."""
+        blob = bytearray(n)
+        have = min(n, self._rend - self._rstart)
+        blob[:have] = memoryview(self._rbuf)[self._rstart:self._rstart + have]
+        self._consume(have)
+        view = memoryview(blob)
+        try:
+            while have < n:
+                got = await self._read_into(view[have:])
+                if not got:
+                    raise ProtocolError("connection closed in the middle of a frame")
+                have += got
+        finally:
+            view.release()
+        return blob
+
+    async def _receive_more(self, need: int) -> None:
+        """Read more bytes into the buffer, which must end up able to hold
+        `need` bytes from `_rstart`."""
+        if self._rstart + need > len(self._rbuf):  # make room: move the partial frame to the front
+            kept = self._rend - self._rstart
+            if need > len(self._rbuf):
+                grown = bytearray(max(need, RECEIVE_BUFFER))
+                grown[:kept] = memoryview(self._rbuf)[self._rstart:self._rend]
+                self._rbuf = grown
+            else:
+                self._rbuf[:kept] = self._rbuf[self._rstart:self._rend]
+            self._rstart, self._rend = 0, kept
+        view = memoryview(self._rbuf)
+        try:
+            got = await self._read_into(view[self._rend:])
+        finally:
+            view.release()
+        if not got:
+            if self._rend == self._rstart:
+                raise ConnectionClosed()
+            raise ProtocolError("connection closed in the middle of a frame")
+        self._rend += got
+
+    async def _read_into(self, view: memoryview) -> int:
+        """Read at least one byte into `view` (0: end of stream)."""
+        if self._sock is None:
+            chunk = await self.stream.receive_some(len(view))
+            view[:len(chunk)] = chunk
+            return len(chunk)
+        while True:
+            fd = self._sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the stream was closed")
+            try:
+                return os.readv(fd, [view])
+            except BlockingIOError:
+                self._unwaited = 0
+                await trio.lowlevel.wait_readable(fd)
+            except OSError as e:
+                raise trio.BrokenResourceError(f"socket connection broken: {e}") from e
 
     async def receive(self) -> Any:
         """The next message of a frame that must not carry a blob."""
@@ -123,7 +207,11 @@ class FrameStream:
         queued so far, and the tasks whose frames it carried find the queue
         empty. A failed send closes the stream, so the reader ends too and
         the connection's owner fails what is in flight and reconnects."""
-        mine = encode_frame(obj, self.max_frame, blob)
+        await self.send_encoded(encode_frame(obj, self.max_frame, blob))
+
+    async def send_encoded(self, mine: list[Blob]) -> None:
+        """Send frames already encoded (`encode_frame`), in order: several
+        frames given at once go out in one system call."""
         fd = self._sock.fileno() if self._sock is not None else -1
         if fd >= 0 and not self._send_lock.locked() and not self._queue and self._send_error is None:
             # Nobody is sending: hand the frame to the kernel now, without the

@@ -30,7 +30,9 @@ import trio
 
 from vdifs.errors import PoolError, VdifsError
 from vdifs.model.ids import OBJECT_SIZE
-from vdifs.wire.frames import ConnectionClosed, FrameStream, ProtocolError, check_reply, check_request
+from vdifs.wire.frames import (
+    Blob, ConnectionClosed, FrameStream, ProtocolError, check_reply, check_request, encode_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +180,13 @@ class RpcServer:
     async def _serve_requests(self, frames: FrameStream, session: Session) -> None:
         limit = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
         ended: Exception | None = None
+        replies: list[Blob] = []  # fast replies not sent yet: they leave together
         async with trio.open_nursery() as nursery:
             try:
                 while True:
+                    if replies and not frames.frame_buffered():  # no more requests at hand
+                        await self._send_encoded(frames, replies)
+                        replies = []
                     msg, blob = await frames.receive_frame()
                     rid, op, args = check_request(msg)
                     if blob is not None:
@@ -189,10 +195,15 @@ class RpcServer:
                     if fast is not None and (session.authenticated or op in self.open_ops):
                         reply = self._answer_now(fast, session, rid, op, args)
                         if reply is not None:
-                            await self._send_reply(frames, reply)
+                            replies.extend(_encode_reply(reply))
                             if not self.fast_answers % FAST_YIELD:  # a flood of them must
-                                await trio.lowlevel.checkpoint()   # not starve other tasks
+                                await self._send_encoded(frames, replies)  # not starve other tasks
+                                replies = []
+                                await trio.lowlevel.checkpoint()
                             continue
+                    if replies:
+                        await self._send_encoded(frames, replies)
+                        replies = []
                     await limit.acquire()  # backpressure: stop reading while full
                     nursery.start_soon(self._dispatch, frames, session, rid, op, args, limit)
             except (ProtocolError, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
@@ -226,15 +237,11 @@ class RpcServer:
         return [rid, errno.EIO, f"internal error in {op}: {e}"]
 
     @staticmethod
-    async def _send_reply(frames: FrameStream, reply: list[Any]) -> None:
+    async def _send_encoded(frames: FrameStream, parts: list[Blob]) -> None:
         try:
-            result = reply[2]
-            if isinstance(result, (bytes, bytearray, memoryview)) and reply[1] == 0:
-                await frames.send([reply[0], 0, None], blob=result)
-            else:
-                await frames.send(reply)
+            await frames.send_encoded(parts)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            pass  # the reader meets the broken connection and ends it
 
     async def _dispatch(self, frames: FrameStream, session: Session, rid: int, op: str,
                         args: dict[str, Any], limit: trio.Semaphore) -> None:
@@ -249,9 +256,17 @@ class RpcServer:
                     reply = [rid, 0, await handler(args, session)]
                 except Exception as e:
                     reply = self._error_reply(rid, op, session, e)
-            await self._send_reply(frames, reply)
+            await self._send_encoded(frames, _encode_reply(reply))
         finally:
             limit.release()
+
+
+def _encode_reply(reply: list[Any]) -> list[Blob]:
+    """A reply's frame; data a handler returns rides as the frame's blob."""
+    result = reply[2]
+    if isinstance(result, (bytes, bytearray, memoryview)) and reply[1] == 0:
+        return encode_frame([reply[0], 0, None], MAX_FRAME, result)
+    return encode_frame(reply, MAX_FRAME)
 
 
 def _remote_name(stream: trio.abc.Stream) -> str:
@@ -420,15 +435,19 @@ WATCHDOG_INTERVAL = 0.25  # seconds: how late past its timeout a call may fail
 
 class PendingCall:
     """A request in flight; `finish` waits for the reply, until the
-    connection's watchdog gives up on it once its timeout has passed."""
+    connection's watchdog gives up on it once its timeout has passed.
 
-    __slots__ = ("client", "rid", "op", "event", "status", "result", "deadline", "timeout")
+    The waiting task is parked and woken directly (`wait_task_rescheduled`,
+    `reschedule`): no Event per call. A cancelled waiter just leaves; a
+    reply that comes after that is dropped."""
+
+    __slots__ = ("client", "rid", "op", "task", "status", "result", "deadline", "timeout")
 
     def __init__(self, client: RpcClient, rid: int, op: str) -> None:
         self.client = client
         self.rid = rid
         self.op = op
-        self.event = trio.Event()
+        self.task: trio.lowlevel.Task | None = None  # parked in finish(), waiting for done()
         self.status: int | None = None
         self.result: Any = None
         self.deadline = math.inf  # set by finish()
@@ -436,14 +455,21 @@ class PendingCall:
 
     def done(self, status: int, result: Any) -> None:
         self.status, self.result = status, result
-        self.event.set()
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def _abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def finish(self, timeout: float) -> Any:
         if self.status is None:
             self.timeout = timeout
             self.deadline = trio.current_time() + timeout
+            self.task = trio.lowlevel.current_task()
             try:
-                await self.event.wait()
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
             finally:
                 self.client.forget(self.rid)  # cancelled: nobody waits for it any more
         status, result = self.status, self.result
