@@ -347,3 +347,26 @@ async def test_a_sync_leaves_the_table_dirty_so_writes_after_a_flush_need_no_mar
     _flip(store.path(oid), 8192 + 10)
     with pytest.raises(ChecksumError):
         await store.read(oid, 8192, 16)
+
+
+async def test_a_whole_object_is_written_in_pieces_and_lands_whole(store, monkeypatch):
+    """Big writes reach the file in pieces of at most WRITE_PIECE (so the page
+    cache keeps small folios that later small writes stay cheap in), every
+    byte in place, short writes completed."""
+    from vdifs.store import files
+
+    sizes = []
+    real = os.pwrite
+
+    def short_pwrite(fd, data, offset):
+        sizes.append(len(data))
+        return real(fd, memoryview(data)[:max(1, len(data) - 7)], offset)  # the kernel may write less
+
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    data = os.urandom(4 << 20)
+    oid = data_oid(9, 0)
+    await store.create(oid, 0, data, 4 << 20)
+    await store.write(oid, 5000, data[:300000])
+    monkeypatch.undo()
+    assert max(sizes) <= files.WRITE_PIECE and len(sizes) > 64
+    assert await store.read(oid, 0, 4 << 20) == data[:5000] + data[:300000] + data[305000:]

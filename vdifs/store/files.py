@@ -32,10 +32,18 @@ def pread_all(fd: int) -> bytes:
     return pread_full(fd, 0, os.fstat(fd).st_size)
 
 
+#: The most one pwrite writes. One large write makes the page cache hold
+#: the range as one large folio (kernels from 6.x on ext4), and every later
+#: small write into it then walks all of the folio's block heads: a 4 KiB
+#: overwrite cost 6.6 us in an object written whole, 1.8 us in one written
+#: in 64 KiB pieces, and writing it whole was no faster (bench: docs/benchmarks.md).
+WRITE_PIECE = 64 << 10
+
+
 def pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = os.pwrite(fd, view[:WRITE_PIECE], offset)
         view = view[n:]
         offset += n
 
