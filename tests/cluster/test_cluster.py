@@ -143,6 +143,25 @@ def test_peer_stops_cleanly_on_sigterm(cluster):
     assert "SIGTERM" in cluster.peers[0].log_text()
 
 
+def test_peer_threads_run_with_the_chosen_cpu_policy(cluster):
+    """Every thread of a peer, its worker threads too, is SCHED_BATCH by
+    default (design change 25); --cpu-policy normal keeps the default policy."""
+    cluster.format(1, copies=1)
+    m = cluster.mount("a")
+    with open(m.path("disk"), "wb") as f:  # creates: the store's worker threads start
+        f.write(b"x" * (1 << 20))
+    batch = cluster.peers[0]
+    normal = cluster.add_peer("--cpu-policy", "normal")
+
+    def policies(peer) -> set[int]:
+        tasks = os.listdir(f"/proc/{peer.proc.pid}/task")
+        return {os.sched_getscheduler(int(t)) for t in tasks}
+
+    assert len(os.listdir(f"/proc/{batch.proc.pid}/task")) > 1
+    assert policies(batch) == {os.SCHED_BATCH}
+    assert policies(normal) == {os.SCHED_OTHER}
+
+
 def test_bad_traffic_is_refused_while_fio_runs(cluster):
     import socket
     import struct

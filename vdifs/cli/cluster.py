@@ -22,6 +22,7 @@ from vdifs.model.cluster import DEFAULT_COPIES as FORMAT_COPIES
 from vdifs.model.cluster import DEFAULT_WEIGHT as PEER_WEIGHT
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.sizes import format_size
+from vdifs.peer.cpu import CPU_POLICIES, set_cpu_policy
 from vdifs.peer.recovery import DEFAULT_RATE as RECOVERY_RATE
 from vdifs.peer.recovery import DEFAULT_RESERVE as RECOVERY_RESERVE
 from vdifs.wire.rpc import RpcClient, RpcPool
@@ -65,6 +66,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         f"(default {RECOVERY_RATE / 1e6:g} MB/s)")
     p.add_argument("--recovery-reserve", type=size_arg, default=RECOVERY_RESERVE, metavar="SIZE",
                    help=f"free space recovery never uses (default {format_size(RECOVERY_RESERVE)})")
+    p.add_argument("--cpu-policy", default="batch", choices=sorted(CPU_POLICIES),
+                   help="Linux scheduling policy of the peer's threads (default: batch: a peer woken "
+                        "by a request does not preempt the mount or guest that sent it; see "
+                        "docs/architecture.md, design change 25)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log verbosity (default: info)")
 
     secret_default = default_secret_file()
@@ -134,6 +139,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     from vdifs.peer.daemon import PeerDaemon  # only this command needs the peer's code
 
     setup_logging(args.log_level, sys.stderr)
+    set_cpu_policy(args.cpu_policy)  # before trio starts threads: they inherit it
     daemon = PeerDaemon(args.store, args.listen, join=args.join, zone=args.zone, weight=args.weight,
                         secret_file=args.secret_file, recovery_rate=args.recovery_rate * 1e6,
                         recovery_reserve=args.recovery_reserve)
