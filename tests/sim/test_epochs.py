@@ -157,8 +157,18 @@ async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
     oid = [o for o in before if set(placement(new_map, o, 2)) == await holders(daemons, o)][0]
     first = placement(pool.map, oid, 2)[0]
     net.down.add(pool.map.peers[first].address)
+    net.calls.clear()
     assert await pool.read(oid, 0, 6) == b"epoch1"
+    reads = [a for a, op, _ in net.calls if op == "obj.read"]
+    assert reads == [pool.map.peers[p].address for p in placement(pool.map, oid, 2)]  # each once, in order
     net.down.clear()
+
+    # a read the mount sends with an old epoch is refused; it adopts the newer map and reads there
+    pool.cmap = pool_map_before
+    net.calls.clear()
+    assert await pool.read(moved[0], 0, 6) == b"epoch2"
+    assert pool.map.epoch == 2
+    assert [e for a, op, e in net.calls if op == "obj.read"][-1] == 2
 
 
 async def test_older_epoch_is_refused_with_the_newer_map(tmp_path, nursery):

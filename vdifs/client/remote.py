@@ -264,11 +264,46 @@ class RemotePool:
         return None  # a read from a peer always waits for its answer
 
     async def read(self, oid: int, offset: int, length: int) -> bytes:
+        # The common case first, without the retry machinery around it: the
+        # first replica of our map answers. Anything else (a refusal, an
+        # unreachable peer) goes the full way below, which fails over, adopts
+        # newer maps and waits for replacements.
+        cmap = self.map
+        targets = self._targets(oid, cmap)
+        if not targets:
+            return await self._read_all_ways(oid, offset, length, tried=None)
+        first = targets[0]
+        try:
+            data: bytes = await self.rpc.call(
+                first, "obj.read", {"oid": oid, "offset": offset, "length": length, "epoch": cmap.epoch},
+                timeout=DATA_TIMEOUT)
+            return data
+        except RemoteError as e:
+            if self._stale(e) is not None:  # adopted the newer map: place again
+                return await self._read_all_ways(oid, offset, length, tried=None)
+            if e.errno != errno.ENOENT:
+                log.info("read of %016x failed on %s (%s); trying the next replica", oid, first, e)
+            error: Exception = e
+        except PeerUnavailable as e:
+            log.info("read of %016x failed on %s (%s); trying the next replica", oid, first, e)
+            error = e
+        return await self._read_all_ways(oid, offset, length, tried=(first, cmap.epoch, error))
+
+    async def _read_all_ways(self, oid: int, offset: int, length: int,
+                             tried: tuple[str, int, Exception] | None) -> bytes:
+        """A read that failed over: every replica in turn, on the newest map.
+        `tried`: the replica already asked at that epoch, and what it said
+        (not asked again while the map is the same)."""
         async def attempt(cmap: ClusterMap) -> bytes:
             targets = self._targets(oid, cmap)
             not_found = 0
             last: Exception | None = None
             for address in targets:
+                if tried is not None and (address, cmap.epoch) == tried[:2]:
+                    last = tried[2]
+                    if isinstance(last, RemoteError) and last.errno == errno.ENOENT:
+                        not_found += 1
+                    continue
                 try:
                     data: bytes = await self._call(address, "obj.read",
                                                    {"oid": oid, "offset": offset, "length": length}, cmap.epoch)

@@ -212,6 +212,7 @@ class Volume:
                 data = self.pool.read_now(data_oid(entry, index), inner, length)
                 if data is not None:
                     return data
+            return await self._read_extent(Extent(index, inner, length, 0))
         return await self._read_pool(offset, length)
 
     async def _read_under_window(self, offset: int, length: int, layers: list[tuple[int, bytes | memoryview]]
