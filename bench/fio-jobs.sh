@@ -25,6 +25,7 @@ COMMON=(--ioengine=libaio --direct=1 --randseed="$SEED" --randrepeat=1 --falloca
 [[ -e $FILE ]] || truncate -s "$SIZE" "$FILE"
 job() {  # job NAME fio-args...
     local name=$1; shift
+    sync  # no job pays for the writeback of an earlier job's or target's dirty pages
     timeout 300 fio --name="$name" "${COMMON[@]}" --output="$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1 || true
     python3 "$(dirname "$0")/summarize.py" "$name" "$OUT/$name.json" | tee -a "$OUT/summary.txt"
 }
