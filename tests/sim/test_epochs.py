@@ -7,7 +7,6 @@ map changes, partitions and requests is exactly the one written here.
 
 import copy
 import errno
-import os
 
 import pytest
 
@@ -265,19 +264,3 @@ async def test_recovery_behind_by_an_epoch_catches_up_instead_of_taking_back_its
     assert await behind.state.store.read(oid, 0, 7) == b"current"
     assert behind.state.cmap.epoch == 2
     assert [op for a, op, e in net.calls if op == "obj.fetch" and e == 1]  # it was refused first
-
-
-async def test_reads_of_one_object_are_spread_over_its_replicas(tmp_path, nursery):
-    """A sequential reader keeps every replica busy: the object's MiB picks the replica."""
-    net = MemoryNet()
-    creds, daemons = await make_cluster(tmp_path, 3, net)
-    pool = await connected_pool(daemons, net, nursery, creds)
-    pool.register_vdi(5, 2)
-    oid = data_oid(5, 0)
-    data = os.urandom(4 << 20)
-    await pool.create(oid, 0, data, 4 << 20)
-    net.calls.clear()
-    for mib in range(4):
-        assert await pool.read(oid, mib << 20, 4096) == data[mib << 20:(mib << 20) + 4096]
-    replicas = [pool.map.peers[p].address for p in placement(pool.map, oid, 2)]
-    assert [a for a, op, _ in net.calls if op == "obj.read"] == [replicas[0], replicas[1]] * 2

@@ -1,7 +1,6 @@
 """The replicated object pool: objects on the peers that placement names.
 
-Reads go to one replica (the object's MiB picks which, so a sequential
-reader uses them all) and fail over to the others on error or timeout;
+Reads go to the first replica that answers (failover on error or timeout);
 writes, creates and deletes go to every replica in parallel and succeed only
 when all of them did; `sync` asks each replica involved to make its objects
 durable. Every data request carries our map's epoch: a peer with a newer map
@@ -42,7 +41,6 @@ DATA_TIMEOUT = 30.0
 STALE_RETRIES = 5
 #: How long a write waits for the cluster to replace an unreachable replica.
 REPLICA_WAIT = 60.0
-READ_SPREAD_SHIFT = 20  # reads of one object go to its replicas in turn, by MiB
 PLACEMENTS_KEPT = 1 << 16  # objects whose replicas are remembered (about 10 MiB)
 
 
@@ -274,10 +272,7 @@ class RemotePool:
         targets = self._targets(oid, cmap)
         if not targets:
             return await self._read_all_ways(oid, offset, length, tried=None)
-        # Every replica holds every acknowledged write: spread the reads of
-        # one object over them by MiB, so a sequential reader keeps all the
-        # replicas busy instead of queueing behind the first.
-        first = targets[(offset >> READ_SPREAD_SHIFT) % len(targets)]
+        first = targets[0]
         try:
             data: bytes = await self.rpc.call(
                 first, "obj.read", {"oid": oid, "offset": offset, "length": length, "epoch": cmap.epoch},
