@@ -109,8 +109,9 @@ class VdifsOperations(pyfuse3.Operations):
         #: (after the first ENOSYS the kernel sends none); writes acknowledged
         #: from a write-behind window.
         self.stats = {"syncs": 0, "getxattrs": 0, "behind_writes": 0}
-        self._dsync: set[int] = set()  # uncached handles opened O_DSYNC/O_SYNC: every write is synced
-        self._synchronous: set[int] = set()  # handles opened O_DSYNC/O_SYNC: never write-behind
+        #: Handles opened O_DSYNC/O_SYNC: never write-behind; on a shared VDI's
+        #: uncached handle every write is also synced here (the kernel does not ask).
+        self._synchronous: set[int] = set()
         #: Handles that have sent an fsync: proof their client flushes, so
         #: their writes may be acknowledged from the VDI's write-behind window.
         self._behind: set[int] = set()
@@ -286,8 +287,6 @@ class VdifsOperations(pyfuse3.Operations):
         fh = self._new_handle(vol, writable)
         if writable and flags & os.O_DSYNC:  # O_SYNC includes the O_DSYNC bit
             self._synchronous.add(fh)
-            if vol.record.shared:
-                self._dsync.add(fh)
         # With other mounts on the same pool, cached pages may be stale: drop them on open.
         return pyfuse3.FileInfo(fh=fh, keep_cache=not self.catalog.shared, direct_io=vol.record.shared)
 
@@ -327,10 +326,10 @@ class VdifsOperations(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         vol = self._handles[fh]
-        behind = fh in self._behind and vol.accepts_behind
-        n = await vol.write(off, buf, behind=behind)
-        self.stats["behind_writes"] += behind
-        if fh in self._dsync:  # the kernel will not ask for it on an uncached handle
+        before = vol.behind_writes
+        n = await vol.write(off, buf, behind=fh in self._behind)  # the volume decides whether it may
+        self.stats["behind_writes"] += vol.behind_writes - before
+        if vol.record.shared and fh in self._synchronous:  # uncached: the kernel will not ask for it
             self.stats["syncs"] += 1
             await vol.flush()
         return n
@@ -349,7 +348,6 @@ class VdifsOperations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         vol = self._handles.pop(fh)
-        self._dsync.discard(fh)
         self._synchronous.discard(fh)
         self._behind.discard(fh)
         if fh in self._snapshot_handles:
