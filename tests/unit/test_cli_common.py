@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from vdifs.cli.common import CliError, Progress, bar, control_socket, progress_text, table, vdifs_mountpoints
+from vdifs.cli.common import CliError, Progress, bar, control_socket, progress_text, table
 from vdifs.control.caller import NotMounted, socket_for_mount, socket_for_store
-from vdifs.control.mounts import MountEntry, fsname_option, parse_mounts, unescape_mount_field
+from vdifs.control.mounts import MountEntry, fsname_option, parse_mounts, unescape_mount_field, vdifs_mounts
 from vdifs.fuse.mount import default_store
 
 MOUNTS = """\
@@ -29,9 +29,9 @@ def test_parse_mounts_unescapes_octal_fields():
     assert unescape_mount_field("plain\\") == "plain\\"
 
 
-def test_vdifs_mountpoints_only_fuse_vdifs():
-    assert vdifs_mountpoints(MOUNTS) == ["/srv/vdis", "/mnt/my vdis\ttab\\back"]
-    assert vdifs_mountpoints("") == []
+def test_vdifs_mounts_only_fuse_vdifs():
+    assert [e.mountpoint for e in vdifs_mounts(parse_mounts(MOUNTS))] == ["/srv/vdis", "/mnt/my vdis\ttab\\back"]
+    assert vdifs_mounts(parse_mounts("")) == []
 
 
 def test_control_socket_discovery(tmp_path):

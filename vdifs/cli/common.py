@@ -19,7 +19,7 @@ from typing import IO, Any, TypeVar
 import trio
 
 from vdifs.control import caller
-from vdifs.control.mounts import MOUNTS_FILE, parse_mounts, read_mounts, vdifs_mounts
+from vdifs.control.mounts import MOUNTS_FILE, read_mounts, vdifs_mounts
 from vdifs.errors import VdifsError
 from vdifs.fuse.mount import default_store
 from vdifs.model.sizes import format_size, parse_size
@@ -152,11 +152,6 @@ def setup_logging(level: str, stream: Any = None, filename: str | None = None) -
 
 
 # -- finding the mount ------------------------------------------------------------------
-
-
-def vdifs_mountpoints(text: str) -> list[str]:
-    """Mount points of the vdifs mounts in a /proc/mounts text."""
-    return [e.mountpoint for e in vdifs_mounts(parse_mounts(text))]
 
 
 def running_mounts(path: str = MOUNTS_FILE) -> list[str]:

@@ -38,9 +38,7 @@ def coalesce(entries: Iterable[Entry]) -> list[Entry]:
     runs: list[Entry] = []
     for start, end in spans:
         buf = bytearray(end - start)
-        for off, data in entries:
-            if start <= off and off + len(data) <= end:
-                buf[off - start:off - start + len(data)] = data
+        lay_over(buf, start, entries)  # only the entries inside this span touch it
         runs.append((start, bytes(buf)))
     return runs
 
