@@ -53,6 +53,23 @@ async def stored(store_dir, vid, offset, length):
     return bytes(await (await again.volume(vid)).read(offset, length))
 
 
+
+class RefusedWrites:
+    """The pool refuses writes to data objects while `on`, as a failing
+    disk or a peer that fenced our lease generation does."""
+
+    def __init__(self, cat, monkeypatch, why: str) -> None:
+        self.on = True
+        real_write = cat.pool.write
+
+        async def write(oid, *args, **kwargs):
+            if self.on and oid >> 56 == ObjectKind.DATA:
+                raise PoolError(f"injected: {why}")
+            return await real_write(oid, *args, **kwargs)
+
+        monkeypatch.setattr(cat.pool, "write", write)
+
+
 async def test_reads_see_the_window_and_overlapping_writes_keep_the_last(store_dir, nursery):
     held = HeldDrainer()
     cat, vol = await open_volume(store_dir, nursery, held=held)
@@ -141,23 +158,17 @@ async def test_a_failed_write_back_fails_the_flush_and_the_next_flush_retries(st
     window, the flush reports EIO (as a disk reports a write error at its
     cache flush), and a later flush writes it."""
     cat, vol = await open_volume(store_dir, nursery)
-    real_write = cat.pool.write
-    failing = True
-
-    async def write(oid, *args, **kwargs):
-        if failing and oid >> 56 == ObjectKind.DATA:
-            raise PoolError("injected: the disk refused the write")
-        return await real_write(oid, *args, **kwargs)
-
     await vol.write(0, b"first", behind=True)
     await vol.flush()  # allocated and written: later writes are overwrites
-    monkeypatch.setattr(cat.pool, "write", write)
+    refused = RefusedWrites(cat, monkeypatch, "the disk refused the write")
     await vol.write(0, b"again", behind=True)
     with pytest.raises(PoolError):
         await vol.flush()
     assert vol.window and await vol.read(0, 5) == b"again"
-    failing = False
+    assert await stored(store_dir, vol.vid, 0, 5) == b"first"
+    refused.on = False
     await vol.flush()
+    assert not vol.window and await stored(store_dir, vol.vid, 0, 5) == b"again"
     assert not vol.window
     assert await stored(store_dir, vol.vid, 0, 5) == b"again"
 
@@ -242,23 +253,15 @@ async def test_after_a_fence_and_a_new_lease_write_behind_works_again(store_dir,
     of failing with EIO forever (the failure of the dropped window must not
     outlive it)."""
     cat, vol = await open_volume(store_dir, nursery)
-    real_write = cat.pool.write
-    refusing = True
-
-    async def write(oid, *args, **kwargs):
-        if refusing and oid >> 56 == ObjectKind.DATA:
-            raise PoolError("injected: fenced at a newer generation")
-        return await real_write(oid, *args, **kwargs)
-
     await vol.write(0, b"first", behind=True)
     await vol.flush()
-    monkeypatch.setattr(cat.pool, "write", write)
+    refused = RefusedWrites(cat, monkeypatch, "fenced at a newer generation")
     await vol.write(0, b"lost!", behind=True)
     with pytest.raises(PoolError):
         await vol.flush()  # the write-back was refused
     vol.fence("lease lost: test")
     assert not vol.window
-    refusing = False
+    refused.on = False
     vol.fenced = None  # what Catalog.open does when it takes the lease again
     await vol.flush()
     await vol.write(0, b"again", behind=True)
