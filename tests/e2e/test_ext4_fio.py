@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from .conftest import need, run
+from .conftest import fuse_stats, need, run
 
 
 @pytest.fixture
@@ -70,3 +70,24 @@ def test_fio_verify_crc32c(mount, direct):
               "--randseed=42", "--output-format=json")
     job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["read"]["io_bytes"] == 64 << 20
+
+
+def test_reads_in_flight_cost_no_attribute_round_trips(mount):
+    """A VDI's attributes stay cached for long (design change 27). Each time
+    they expire while O_DIRECT reads are in flight, the kernel asks for them
+    before every read and throws every answer away (a read completed while
+    it was on its way): one GETATTR per read until an answer lands alone.
+    fio reads for three times the 1 s names are cached; the mount must have
+    been asked for attributes a handful of times, not once per read."""
+    need("fio")
+    p = mount.path("reads.img")
+    with open(p, "wb") as f:
+        f.truncate(64 << 20)
+    common = ["--ioengine=libaio", "--direct=1", f"--filename={p}", "--size=64M", "--output-format=json"]
+    run("fio", "--name=fill", "--rw=write", "--bs=1M", "--iodepth=8", *common)
+    before = fuse_stats(mount)["getattrs"]
+    res = run("fio", "--name=rr", "--rw=randread", "--bs=4k", "--iodepth=16", "--runtime=3", "--time_based",
+              *common)
+    job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["total_ios"] > 1000
+    assert fuse_stats(mount)["getattrs"] - before <= 10

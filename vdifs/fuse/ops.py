@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 SNAPSHOTS = MAX_VID + 2  # the .snapshots directory
 SNAPSHOT_BASE = 1 << 32  # a snapshot's inode: this + its data vid
-ATTR_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0  # names, directories, and VDIs that other mounts write (shared)
+#: A VDI's or snapshot's attributes (design change 27). Every time they expire
+#: while a client has O_DIRECT I/O in flight, each read asks for them again
+#: (GETATTR) and each answer is thrown away by the kernel because a read
+#: completed meanwhile: a storm of one GETATTR per read until one answer
+#: happens to land alone. What changes them is either seen by the kernel (this
+#: mount's writes and truncates) or invalidated explicitly (resizes and
+#: rollbacks through the control socket, another mount's changes).
+FILE_ATTR_TIMEOUT = 3600.0
 XATTR_PREFIX = b"user.vdifs."
 SETTABLE_XATTRS = (b"copies", b"shared")  # set only: the mount answers no getxattr (design change 24)
 READ_ONLY_XATTRS = (b"vid", b"allocated", b"object_size", b"control", b"store", b"pid")  # once readable
@@ -106,9 +114,10 @@ class VdifsOperations(pyfuse3.Operations):
         self._mounted_at = time.time_ns()
         #: Counters shown by `status` (the control socket): fsync requests and
         #: writes synced because their handle is O_DSYNC; getxattr requests
-        #: (after the first ENOSYS the kernel sends none); writes acknowledged
-        #: from a write-behind window.
-        self.stats = {"syncs": 0, "getxattrs": 0, "behind_writes": 0}
+        #: (after the first ENOSYS the kernel sends none); getattr requests (a
+        #: storm of them is what FILE_ATTR_TIMEOUT prevents); writes
+        #: acknowledged from a write-behind window.
+        self.stats = {"syncs": 0, "getxattrs": 0, "getattrs": 0, "behind_writes": 0}
         #: Handles opened O_DSYNC/O_SYNC: never write-behind; on a shared VDI's
         #: uncached handle every write is also synced here (the kernel does not ask).
         self._synchronous: set[int] = set()
@@ -143,7 +152,8 @@ class VdifsOperations(pyfuse3.Operations):
         e.st_atime_ns = int(rec.atime * 1e9)
         e.st_mtime_ns = int(rec.mtime * 1e9)
         e.st_ctime_ns = int(max(rec.ctime, rec.mtime) * 1e9)
-        e.attr_timeout = e.entry_timeout = ATTR_TIMEOUT
+        e.entry_timeout = ATTR_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT if rec.shared else FILE_ATTR_TIMEOUT
         return e
 
     async def _snapshot_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
@@ -158,11 +168,13 @@ class VdifsOperations(pyfuse3.Operations):
         e.st_blocks = vol.allocated_bytes // 512
         e.st_blksize = 4096
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = int(rec.ctime * 1e9)
-        e.attr_timeout = e.entry_timeout = ATTR_TIMEOUT
+        e.entry_timeout = ATTR_TIMEOUT
+        e.attr_timeout = FILE_ATTR_TIMEOUT
         return e
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        self.stats["getattrs"] += 1
         if inode in (ROOT, SNAPSHOTS):
             return self._root_attrs(inode)
         if is_snapshot(inode):
