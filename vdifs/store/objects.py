@@ -12,7 +12,8 @@ Concurrency: every call that can block runs in a worker thread, batched
 (`BatchRunner`) so one thread hop serves all requests queued meanwhile.
 Reads first try `preadv(RWF_NOWAIT)` on the event loop: the kernel answers
 from the page cache or says EAGAIN, it never waits, so only reads that need
-the disk pay for a thread. Open file
+the disk pay for a thread (`read_now`, the fast path of the embedded mount
+and of a peer, does it in native code: `verified`). Open file
 descriptors are cached; the cache is only touched from the trio thread, and
 a descriptor is closed only when no operation is using it (reference count),
 so a worker thread never sees its fd closed or reused under it.
@@ -38,6 +39,7 @@ from vdifs.model.ids import unpack_oid, vid_of
 from vdifs.store import checksums, files
 from vdifs.store.batch import BatchRunner
 from vdifs.store.checksums import BLOCK, CLEAN, DIRTY, XATTR
+from vdifs.store.verified import read_verified
 
 log = logging.getLogger("vdifs.store")
 
@@ -311,19 +313,10 @@ class ObjectStore:
         h = self._cached_handle(oid)
         if h is None or h.inflight or not self._nowait:
             return None
-        start, end = checksums.covering(offset, length) if self.checksums else (offset, offset + length)
-        try:
-            data = files.read_nowait(h.fd, start, end - start)
-        except OSError:
-            return None  # `read` meets it again and reports it
-        if data is None:
-            return None
-        if self.checksums and checksums.first_mismatch(h.table, start // BLOCK, data) is not None:
-            return None
-        self.nowait_reads += 1
-        if start == offset and end - start == length:
-            return data
-        return data[offset - start:offset - start + length]
+        data = read_verified(h.fd, offset, length, h.table if self.checksums else None)
+        if data is not None:  # else `read` meets whatever it was again and reports it
+            self.nowait_reads += 1
+        return data
 
     def write_now(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """`write`, when it needs no wait (see `_write_inline`); False when
