@@ -18,6 +18,10 @@ RT=${RUNTIME:-10}
 ROUNDS=${ROUNDS:-2}
 WORK=${WORK:-/tmp/vdifs-quick}
 trees=("$@"); [[ ${#trees[@]} -gt 0 ]] || trees=("$TOP")
+for t in "${trees[@]}"; do  # a worktree has no compiled module yet: build it in place, as pip -e does
+    t=${t%%::*}
+    [[ -f $t/setup.py ]] && (cd "$t" && "$PY" setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "quick.sh: $t: native module not built" >&2)
+done
 mpid=
 ppids=()
 cleanup() {
