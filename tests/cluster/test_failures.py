@@ -153,6 +153,38 @@ def test_deleted_while_a_peer_is_down_stays_deleted(cluster):
     assert held_before > 0
 
 
+def test_freed_while_a_peer_is_down_stays_freed(cluster):
+    """Objects freed inside a live VDI (a shrink) while one of their holders
+    was down are never served again. The returning peer sets its copies
+    aside, and no other peer has them, which is also what a last copy
+    looks like: only the VDI's map may decide that a copy is taken back."""
+    obj = 4 << 20
+    cluster.format(5, copies=3)
+    m = cluster.mount("a")
+    data = os.urandom(16 * obj)
+    with open(m.path("shrunk"), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    vid = m.vid("shrunk")
+    victim = max(cluster.peers[1:], key=lambda p: len(p.object_files(vid)))
+    assert len(victim.object_files(vid)) >= 4
+    kill(victim)
+    wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
+    os.truncate(m.path("shrunk"), obj)  # frees objects 1-15
+    others = [p for p in cluster.peers if p is not victim]
+    first = f"{(vid << 32):016x}"  # the data object of index 0
+    wait_for(lambda: set().union(*(p.object_files(vid) for p in others)) <= {first}, 30, "freed on the live peers")
+    victim.start()
+    wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back")
+    wait_for(lambda: not os.path.exists(os.path.join(victim.store, "stale")), 60, "stale copies dropped")
+    wait_for(lambda: sum(len(p.object_files(vid)) for p in cluster.peers) == 3, 60, "three copies of object 0")
+    for p in cluster.peers:
+        assert p.object_files(vid) <= {first}, f"peer {p.peer_id} serves freed objects"
+    with open(m.path("shrunk"), "rb") as f:
+        assert f.read() == data[:obj]
+
+
 def _map(peer):
     from vdifs.model.cluster import ClusterMap
 

@@ -370,3 +370,22 @@ async def test_a_whole_object_is_written_in_pieces_and_lands_whole(store, monkey
     monkeypatch.undo()
     assert max(sizes) <= files.WRITE_PIECE and len(sizes) > 64
     assert await store.read(oid, 0, 4 << 20) == data[:5000] + data[:300000] + data[305000:]
+
+
+async def test_delete_removes_the_copies_set_aside_too(store):
+    """A free that reaches a peer removes its stale and handed-off copies of
+    the object as well, so recovery can never take one back afterwards
+    (a returning peer is up when the free is sent)."""
+    oid = data_oid(4, 2)
+    await store.create(oid, 0, b"old", 4 << 20)
+    await store.set_aside_stale([oid], "000000000007")
+    await store.create(oid, 0, b"new", 4 << 20)  # recovered meanwhile
+    await store.hand_off([oid], epoch=9)
+    await store.create(oid, 0, b"now", 4 << 20)
+    await store.delete(oid)
+    assert not await store.exists(oid)
+    assert await store.list_stale(4) == []
+    assert not await store.take_stale(oid)
+    assert await store.list_handoff(4) == []
+    for root in (store.stale_root, store.handoff_root):
+        assert not any(files for _, _, files in os.walk(root))

@@ -130,3 +130,22 @@ def test_records_encode_with_the_stored_keys_and_order():
                          "gid", "atime", "data_vid", "family", "parent_vid", "snapshots"]
     assert raw["data_vid"] == new and raw["family"] == 1
     assert Directory.decode(d.encode()) == d
+
+
+def test_the_maps_that_may_point_at_a_data_vid_are_its_familys_live_maps():
+    d = Directory()
+    d.create("gold", 50, copies=2)
+    d.create("other", 10)
+    _snapshot(d, "gold", "base")
+    frozen = d.get("gold").snapshots["base"].vid
+    osize = d.get("gold").object_size
+    clone = d.clone_snapshot("gold", "base", "vm1", d.reserve("clone", frozen))
+    family = {(d.get("gold").data_vid, 50, osize), (frozen, 50, osize), (clone.data_vid, 50, osize)}
+    assert set(d.maps_that_may_point_at(frozen)) == family  # a snapshot's objects
+    assert set(d.maps_that_may_point_at(clone.data_vid)) == family
+    assert d.maps_that_may_point_at(d.get("other").data_vid) == [(d.get("other").data_vid, 10, osize)]
+    gold = d.get("gold").data_vid
+    d.delete("gold", with_snapshots=True)
+    assert d.maps_that_may_point_at(frozen) == [(clone.data_vid, 50, osize)]  # retired: the clone still reads it
+    assert d.maps_that_may_point_at(gold) == []  # deleted: nothing points at its objects
+    assert d.maps_that_may_point_at(999) == []

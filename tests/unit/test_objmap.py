@@ -2,7 +2,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vdifs.model.objmap import (
-    CHUNK_ENTRIES, NON_EXISTENT, PAGE_BYTES, PAGE_ENTRIES, PENDING_DELETE, ObjectMap, page_location,
+    CHUNK_ENTRIES, NON_EXISTENT, PAGE_BYTES, PAGE_ENTRIES, PENDING_DELETE, ObjectMap, decode_entry, entry_location,
+    page_location,
 )
 
 entries = st.dictionaries(st.integers(0, 3 * CHUNK_ENTRIES), st.sampled_from([0, 7, 9, PENDING_DELETE]),
@@ -90,3 +91,19 @@ def test_map_chunks_cover_every_entry_once(size, object_size):
     assert all(0 < n <= CHUNK_BYTES for _, n in chunks)
     assert all(n == CHUNK_BYTES for _, n in chunks[:-1])
     assert sum(n for _, n in chunks) == objects_for_size(size, object_size) * ENTRY_BYTES
+
+
+@given(entries)
+def test_one_entry_reads_back_from_where_the_chunks_store_it(values):
+    """What a peer reads of one entry (`entry_location`, `decode_entry`) is
+    what the map stores; past a short chunk's end an entry is a hole."""
+    m = ObjectMap()
+    for i, v in values.items():
+        m.set(i, v)
+    for i, v in values.items():
+        chunk, offset = entry_location(i)
+        page_chunk, page_offset = page_location(i // PAGE_ENTRIES)
+        assert chunk == page_chunk
+        raw = m.page_bytes(i // PAGE_ENTRIES)[offset - page_offset:offset - page_offset + 4]
+        assert decode_entry(raw) == m.get(i)
+    assert decode_entry(b"") == decode_entry(b"\x01\x02") == NON_EXISTENT

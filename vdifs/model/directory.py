@@ -186,6 +186,24 @@ class Directory:
                 out.extend((s.vid, s.size) for s in rec.snapshots.values())
         return out
 
+    def maps_that_may_point_at(self, data_vid: int) -> list[tuple[int, int, int]]:
+        """(map's data vid, size, object size) of every live map that may
+        point at an object stored under `data_vid`: the live maps of its
+        family (the module docstring says why no other map can). Empty when
+        the directory keeps nothing under `data_vid` (deleted or unknown)."""
+        family = self.retired[data_vid][0] if data_vid in self.retired else None
+        for rec in self.vdis.values():
+            if rec.data_vid == data_vid or any(s.vid == data_vid for s in rec.snapshots.values()):
+                family = rec.family
+        if family is None:
+            return []
+        out = []
+        for rec in self.vdis.values():
+            if rec.family == family:
+                out.append((rec.data_vid, rec.size, rec.object_size))
+                out.extend((s.vid, s.size, s.object_size) for s in rec.snapshots.values())
+        return out
+
     def object_size_of(self, data_vid: int) -> int:
         """The object size of the map stored under `data_vid` (a VDI's or a
         snapshot's)."""

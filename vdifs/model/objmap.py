@@ -45,6 +45,18 @@ def is_allocated(entry: int) -> bool:
     return entry != NON_EXISTENT and entry != PENDING_DELETE
 
 
+def entry_location(index: int) -> tuple[int, int]:
+    """(map chunk number, byte offset inside that map object) of entry `index`."""
+    chunk, inner = divmod(index, CHUNK_ENTRIES)
+    return chunk, inner * ENTRY_BYTES
+
+
+def decode_entry(raw: bytes | bytearray) -> int:
+    """One stored entry; a map object too short to hold it (never written
+    that far) reads as a hole."""
+    return int.from_bytes(raw, "little") if len(raw) == ENTRY_BYTES else NON_EXISTENT
+
+
 def page_location(page: int) -> tuple[int, int]:
     """(map chunk number, byte offset inside that map object) of a page."""
     chunk, inner = divmod(page, PAGES_PER_CHUNK)

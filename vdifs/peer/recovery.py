@@ -15,6 +15,11 @@ should hold but lacks (placement gave it to us and the background pass has
 not reached it yet), or holds rotten, first copies it from another peer.
 Both ways go through `recover`, one lock per object being recovered, so an
 object is fetched once however many want it.
+
+A copy that no up peer serves - handed off at an epoch change, or our own
+set aside as stale when we came back - is brought back only if a live map
+still points at the object (`references`): an object freed while a holder
+was away looks exactly like a last copy, and must stay freed.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from vdifs.errors import ChecksumError, NoSpace, ObjectNotFound, PoolError, Vdif
 from vdifs.meta.consensus import DIRECTORY_KEY
 from vdifs.model.cluster import UP
 from vdifs.model.directory import Directory
-from vdifs.model.ids import vid_of
+from vdifs.model.ids import ObjectKind, unpack_oid, vid_of
 from vdifs.model.placement import placement
+from vdifs.peer.references import still_referenced
 from vdifs.peer.state import PeerState
 from vdifs.wire import objlist
 from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError
 
 log = logging.getLogger("vdifs.peer.recovery")
+HELD, FREED, MISSING = "held", "freed", "missing"  # what recovering an object came to
 T = TypeVar("T")
 HANDOFF_POLL = 3.0  # seconds between asking the peers whether they finished an epoch
 DEFAULT_RATE = 100e6  # bytes per second a pass copies at most
@@ -113,6 +120,9 @@ class Recovery:
             # the object's lock, so one created meanwhile is not copied twice.
             todo.extend(oid for oid in sorted(await self._cluster_objects(vid))
                         if oid not in held and d.peer_id in placement(cmap, oid, copies))
+        # Map objects first: whether a data object nobody serves comes back
+        # depends on its map (`references`), which may itself need recovering.
+        todo.sort(key=lambda oid: unpack_oid(oid)[0] != ObjectKind.MAP)
         self.state = RecoveryState(epoch=epoch, running=True, total=len(todo))
         if todo:
             log.info("epoch %d: recovering %d objects to this peer", epoch, len(todo))
@@ -130,7 +140,7 @@ class Recovery:
                           self.state.total)
                 return
             before = self.recovered
-            if await self.recover(oid):
+            if await self._recover(oid, True) != MISSING:  # held now, or freed: nothing to hold
                 self.state.done += 1
                 if self.recovered > before:
                     self.state.bytes += 4 << 20
@@ -219,6 +229,11 @@ class Recovery:
         Used before serving a read or write of an object this peer took over
         in a new epoch and has not recovered yet, and to replace a rotten
         replica. True if we hold it now."""
+        return await self._recover(oid, stale_ok) == HELD
+
+    async def _recover(self, oid: int, stale_ok: bool) -> str:
+        """HELD, FREED (no peer has it and no live map points at it) or
+        MISSING (not now: some copy may exist that we could not reach)."""
         lock = self._recovering.setdefault(oid, trio.Lock())
         try:
             async with lock:
@@ -227,53 +242,64 @@ class Recovery:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._recovering.pop(oid, None)  # one lock per object being recovered, not ever
 
-    async def _recover_locked(self, oid: int, stale_ok: bool) -> bool:
+    async def _recover_locked(self, oid: int, stale_ok: bool) -> str:
         if await self.peer.store.exists(oid):
-            return True
+            return HELD
         for _ in range(3):
-            found, all_said_missing, stale_epoch = await self._fetch_from_others(oid)
+            found, all_said_missing, stale_epoch = await self._fetch_from_others(oid, handoff=False)
             if found:
-                return True
+                return HELD
             if not stale_epoch:
                 break
             # A source was at a newer epoch than our request: catch up and ask again.
             await self.peer.refresh_map()
-        # Our own old copy only when every peer said it has none: a peer that
-        # failed otherwise (newer epoch, timeout) may hold the current one.
+        if not all_said_missing:
+            return MISSING  # a peer that failed otherwise (newer epoch, timeout) may hold the current one
+        # No up peer serves it. A copy handed off at an epoch change, or our
+        # own from before we were marked down, may be the last one left, or
+        # a copy of an object freed meanwhile: only the maps can tell.
+        referenced = await still_referenced(self.peer, oid)
+        if referenced is not True:
+            if referenced is False:
+                log.info("object %016x: no peer serves it and no map points at it: freed, not recovered", oid)
+                return FREED
+            return MISSING
+        found, all_said_missing, _ = await self._fetch_from_others(oid, handoff=True)
+        if found:
+            return HELD
         if stale_ok and all_said_missing and await self.peer.store.take_stale(oid):
             log.warning("object %016x: no other peer has it; took back our own copy from before "
                         "we were marked down", oid)
-            return True
-        return False
+            return HELD
+        return MISSING
 
-    async def _fetch_from_others(self, oid: int) -> tuple[bool, bool, bool]:
+    async def _fetch_from_others(self, oid: int, *, handoff: bool) -> tuple[bool, bool, bool]:
         """Fetch and install a copy: (installed, every peer said it has none,
-        some peer refused our epoch as stale). Served copies first; a copy
-        handed off at an epoch change only when no peer serves the object."""
+        some peer refused our epoch as stale). `handoff`: ask for the copies
+        peers handed off at an epoch change instead of those they serve."""
         d = self.peer
         assert d.rpc is not None and d.cmap is not None
         all_said_missing, stale_epoch = True, False
-        for handoff in (False, True):
-            for p in d.cmap.up_peers():
-                if p.peer_id == d.peer_id:
-                    continue
-                try:
-                    data = await d.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff,
-                                                                     "epoch": d.cmap.epoch}, timeout=30)
-                except VdifsError as e:
-                    if getattr(e, "errno", None) != errno.ENOENT:
-                        all_said_missing = False
-                        stale_epoch |= isinstance(e, RemoteError) and e.errno == ESTALE_EPOCH
-                    continue
-                _total, free = await d.store.space()
-                if free < self.reserve + len(data):
-                    raise NoSpace(f"object {oid:016x}: not recovered here, only {free >> 20} MiB free and "
-                                  f"the recovery reserve is {self.reserve >> 20} MiB")
-                await d.store.install(oid, data)  # durable and whole before it counts as a replica
-                self.recovered += 1
-                log.info("recovered object %016x from peer %s%s", oid, p.peer_id,
-                         " (a handed-off copy)" if handoff else "")
-                return True, False, False
+        for p in d.cmap.up_peers():
+            if p.peer_id == d.peer_id:
+                continue
+            try:
+                data = await d.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff,
+                                                                 "epoch": d.cmap.epoch}, timeout=30)
+            except VdifsError as e:
+                if getattr(e, "errno", None) != errno.ENOENT:
+                    all_said_missing = False
+                    stale_epoch |= isinstance(e, RemoteError) and e.errno == ESTALE_EPOCH
+                continue
+            _total, free = await d.store.space()
+            if free < self.reserve + len(data):
+                raise NoSpace(f"object {oid:016x}: not recovered here, only {free >> 20} MiB free and "
+                              f"the recovery reserve is {self.reserve >> 20} MiB")
+            await d.store.install(oid, data)  # durable and whole before it counts as a replica
+            self.recovered += 1
+            log.info("recovered object %016x from peer %s%s", oid, p.peer_id,
+                     " (a handed-off copy)" if handoff else "")
+            return True, False, False
         return False, all_said_missing, stale_epoch
 
     async def recovering_first(self, oid: int, op: Callable[[], Awaitable[T]], *,

@@ -500,12 +500,26 @@ class ObjectStore:
         path = self.path(oid)
         async with self._moving_files([oid]):
             try:
-                await self._io.run(os.unlink, path)
-            except FileNotFoundError:
-                return
+                if not await self._io.run(self._unlink_all_copies, oid):
+                    return
             except OSError as e:
                 raise files.os_error(e, f"deleting object {oid:016x}") from None
         self._dirty_dirs.add(os.path.dirname(path))
+
+    def _unlink_all_copies(self, oid: int) -> bool:
+        """Unlink our set-aside copies of an object (stale, handed off), then
+        the one we serve: True if we served one. Set-aside copies first, so
+        a `take_stale` racing with a delete ends with no copy either way:
+        it finds none, or renames one into place before it is unlinked."""
+        for root in (self.stale_root, self.handoff_root):
+            for copy in self._copies(root, oid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(copy)
+        try:
+            os.unlink(self.path(oid))
+        except FileNotFoundError:
+            return False
+        return True
 
     def _remove_vid_handoff(self, vid: int) -> None:
         for e in self._labels(self.handoff_root):
@@ -814,7 +828,10 @@ class ObjectStore:
         if not copies:
             return False
         os.makedirs(os.path.dirname(self.path(oid)), exist_ok=True)
-        os.rename(copies[0], self.path(oid))
+        try:
+            os.rename(copies[0], self.path(oid))
+        except FileNotFoundError:
+            return False  # a delete of the object unlinked it meanwhile
         return True
 
     async def take_stale(self, oid: int) -> bool:
