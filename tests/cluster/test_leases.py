@@ -243,3 +243,29 @@ def test_stopping_the_holders_mount_releases_the_lease(cluster):
         assert read_at(b.path("vm"), 0, 4096) == b"\x77" * 4096
     finally:
         h.proc.kill()
+
+
+def test_a_writable_open_right_after_the_holders_last_close_waits_instead_of_failing(two):
+    """Live migration's hand-over: the destination opens for writing the
+    moment the source's close() returns, before the kernel's asynchronous
+    FUSE release has given the lease back. The source marks the lease as
+    closing in the synchronous part of its last close (flush), and an open
+    that meets such a lease waits for it (bounded) instead of EBUSY."""
+    cluster, a, b, holders = two
+    for i in range(12):
+        src, dst = (a, b) if i % 2 == 0 else (b, a)
+        fd = os.open(src.path("vm"), os.O_RDWR)
+        os.pwrite(fd, bytes([i]) * 4096, i * 4096)
+        os.fsync(fd)
+        os.close(fd)
+        fd = os.open(dst.path("vm"), os.O_RDWR)  # at once: no EBUSY
+        try:
+            assert os.pread(fd, 4096, i * 4096) == bytes([i]) * 4096
+        finally:
+            os.close(fd)
+    # a holder that keeps its file open still makes a writable open fail
+    h = Holder(a.path("vm"))
+    holders.append(h)
+    assert h.write(0, 0x33, 4096, sync=True) == "ok"
+    assert open_errno(b.path("vm"), os.O_RDWR) == errno.EBUSY
+    h.close()

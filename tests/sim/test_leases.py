@@ -211,3 +211,67 @@ def test_lease_world_is_deterministic():
     w2, _, _ = run_world(11)
     assert w1.taken == w2.taken
     assert [p.accepted for p in w1.peers] == [p.accepted for p in w2.peers]
+
+
+class MemRegister:
+    """A linearizable register in memory (the protocol of meta.register)."""
+
+    def __init__(self) -> None:
+        self.version, self.value = 0, b""
+
+    async def get(self) -> tuple[int, bytes]:
+        await trio.sleep(0.001)
+        return self.version, self.value
+
+    async def cas(self, version: int, value: bytes) -> bool:
+        await trio.sleep(0.001)
+        if version != self.version:
+            return False
+        self.version, self.value = version + 1, value
+        return True
+
+
+def two_managers() -> tuple[LeaseManager, LeaseManager]:
+    reg = MemRegister()
+
+    async def fence(vid: int, gen: int) -> None:
+        pass
+
+    return tuple(LeaseManager(name, {"host": "h", "pid": 1, "mountpoint": name}, lambda vid: reg, fence,
+                              term=TERM) for name in ("A", "B"))  # type: ignore[return-value]
+
+
+async def test_an_open_waits_for_a_closing_holder_and_not_for_a_writing_one(autojump_clock):
+    from vdifs.meta.lease import CLOSING_WAIT
+
+    a, b = two_managers()
+    await a.acquire(VID)
+    start = trio.current_time()
+    with pytest.raises(LeaseBusy):  # held and written: EBUSY at once
+        await b.acquire(VID)
+    assert trio.current_time() - start < 0.1
+    await a.mark_closing(VID, True)  # the last writable handle's flush
+
+    async def release_later() -> None:
+        await trio.sleep(1.0)  # the kernel's release, sent after close() returned
+        await a.release(VID)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release_later)
+        start = trio.current_time()
+        gen = await b.acquire(VID)
+    assert 1.0 <= trio.current_time() - start < 2.0 and gen == 2 and b.holds(VID)
+    # a closing holder that never releases (its file stays open through a dup): EBUSY after the wait
+    await b.mark_closing(VID, True)
+    start = trio.current_time()
+    with pytest.raises(LeaseBusy):
+        await a.acquire(VID)
+    assert CLOSING_WAIT <= trio.current_time() - start < CLOSING_WAIT + 1
+    # a new writer on the holder's side takes the mark back: EBUSY at once again
+    await b.acquire(VID)
+    assert b.closing(VID)
+    await b.mark_closing(VID, False)
+    start = trio.current_time()
+    with pytest.raises(LeaseBusy):
+        await a.acquire(VID)
+    assert trio.current_time() - start < 0.1

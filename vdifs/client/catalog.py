@@ -220,6 +220,8 @@ class Catalog:
                 raise
             self.pool.set_generation(vid, generation)
             took = not had
+            if self.leases.closing(vid):  # our last writer was closing; now there is a new one
+                await self.leases.mark_closing(vid, False)
         try:
             if self.shared:
                 idle = self._volumes.get(vid)
@@ -236,6 +238,17 @@ class Catalog:
         vol.handles += 1
         vol.writers += writable
         return vol
+
+    async def writer_closing(self, vol: Volume) -> None:
+        """The synchronous part of a writable handle's close (FUSE flush): if
+        it is this mount's last writer of the VDI, mark the lease closing, so
+        that a writable open elsewhere waits for our release (sent later by
+        the kernel) instead of failing with EBUSY (`meta.lease`)."""
+        if vol.writers == 1 and self.leases is not None and self.leases.holds(vol.vid):
+            try:
+                await self.leases.mark_closing(vol.vid, True)
+            except VdifsError as e:
+                log.info("vid %d: could not mark the lease closing (%s)", vol.vid, e)
 
     def _drop_lease_user(self, vid: int) -> None:
         left = self._lease_users.get(vid, 0) - 1

@@ -348,7 +348,12 @@ class VdifsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        await self._handles[fh].flush()
+        """Sent on every close() of a file descriptor, before close returns
+        (the release comes later, asynchronously)."""
+        vol = self._handles[fh]
+        await vol.flush()
+        if fh in self._writable:
+            await self.catalog.writer_closing(vol)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

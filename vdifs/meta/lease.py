@@ -14,6 +14,13 @@ every third of the term. Nobody compares clocks across hosts:
   wrong its own idea of time is: its writes fail with EIO.
 - A holder that cannot renew for a whole term stops writing on its own
   too (belt and braces; the fence is what makes it safe).
+- A holder whose last writable handle is closing says so in the lease
+  (`closing`), in the synchronous part of the close; the release itself
+  comes later, when the kernel sends it. A writable open elsewhere that
+  meets a closing lease waits for it (up to CLOSING_WAIT) instead of
+  failing: live migration opens the disk on the destination the moment
+  close() returns on the source. A lease that is held and not closing is
+  still EBUSY at once.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -34,6 +41,7 @@ from vdifs.meta.register import Register
 log = logging.getLogger(__name__)
 
 DEFAULT_TERM = 15.0
+CLOSING_WAIT = 5.0  # seconds a writable open waits for a closing holder's release
 
 
 class LeaseBusy(VdifsError):
@@ -47,13 +55,17 @@ class Lease:
     since: float = 0.0  # wall clock when taken: for people, never for expiry
     renewed: float = 0.0  # wall clock of the last renewal: for people
     beat: int = 0
+    closing: bool = False  # the holder's last writable handle is being closed
 
     def encode(self) -> bytes:
         return msgpack.packb(asdict(self))
 
     @classmethod
     def decode(cls, raw: bytes) -> Lease:
-        return cls(**msgpack.unpackb(raw)) if raw else cls()
+        if not raw:
+            return cls()
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in msgpack.unpackb(raw).items() if k in known})
 
     def describe(self) -> str:
         if self.holder is None:
@@ -68,6 +80,7 @@ class Held:
     generation: int
     last_ok: float  # trio clock of the last successful renewal (or the take)
     lost: str | None = None
+    closing: bool = False  # as we last wrote it in the register
 
 
 @dataclass
@@ -118,6 +131,8 @@ class LeaseManager:
             reg = self.register_for(vid)
             version, raw = await reg.get()
             lease = Lease.decode(raw)
+            if lease.holder is not None and lease.closing and not self.is_ours(lease):
+                version, lease = await self._wait_for_closing(reg, version, lease)
             now = self.clock()
             if lease.holder is not None and not self.is_ours(lease):
                 watch = self._watching.get(vid)
@@ -139,6 +154,41 @@ class LeaseManager:
             log.info("vid %d: lease taken, generation %d", vid, new.generation)
             return new.generation
 
+    async def _wait_for_closing(self, reg: Register, version: int, lease: Lease) -> tuple[int, Lease]:
+        """Wait (up to CLOSING_WAIT) while the holder is closing its last
+        writable handle: until the lease is free or not closing any more."""
+        deadline = self.clock() + CLOSING_WAIT
+        pause = 0.01
+        while lease.holder is not None and lease.closing and self.clock() < deadline:
+            await trio.sleep(pause)
+            pause = min(pause * 2, 0.2)
+            version, raw = await reg.get()
+            lease = Lease.decode(raw)
+        return version, lease
+
+    def closing(self, vid: int) -> bool:
+        """Whether we said in the register that our last writer is closing."""
+        held = self.held.get(vid)
+        return held is not None and held.closing
+
+    async def mark_closing(self, vid: int, closing: bool) -> None:
+        """Say in our lease whether our last writable handle is closing (see
+        the module docstring). Nothing if we do not hold it or said so already."""
+        async with self._lock(vid):
+            held = self.held.get(vid)
+            if held is None or held.lost is not None or held.closing == closing:
+                return
+            reg = self.register_for(vid)
+            for _ in range(10):
+                version, raw = await reg.get()
+                lease = Lease.decode(raw)
+                if not self.is_ours(lease) or lease.generation != held.generation:
+                    return  # taken over or broken: renewal will find out and say so
+                lease.closing = closing
+                if await reg.cas(version, lease.encode()):
+                    held.closing = closing
+                    return
+
     async def release(self, vid: int, unused: Callable[[], bool] = lambda: True) -> None:
         """Give the lease back, if `unused()` still says nobody needs it once we
         hold the per-VDI lock (a writable open may have come in meanwhile)."""
@@ -155,7 +205,7 @@ class LeaseManager:
                     lease = Lease.decode(raw)
                     if not self.is_ours(lease) or lease.generation != held.generation:
                         return  # someone broke it meanwhile
-                    lease.holder = None
+                    lease.holder, lease.closing = None, False
                     if await reg.cas(version, lease.encode()):
                         log.info("vid %d: lease released (generation %d)", vid, held.generation)
                         return
