@@ -5,7 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 MOUNTPOINT ?= /mnt/vdis
-APT_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-venv libisal-dev qemu-utils fio e2fsprogs attr util-linux
+APT_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-venv libisal-dev qemu-utils fio e2fsprogs attr util-linux \
+	qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv install mount umount test soak test-unit bench clean
