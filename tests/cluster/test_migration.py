@@ -22,6 +22,8 @@ HOPS = 4  # a -> b -> a -> b -> a
 
 
 def disk(form: str, path: str) -> list[str]:
+    """`drive`: plain -drive; `blockdev`: as libvirt attaches a disk; `libvirt`:
+    that, and libvirt's flow (-S, deferred incoming, `cont` after the migration)."""
     if form == "drive":
         return ["-drive", f"file={path},format=raw,if=virtio,cache=none"]
     return ["-blockdev", f"driver=file,filename={path},node-name=f0,cache.direct=on,aio=native,auto-read-only=on",
@@ -38,7 +40,7 @@ def migrate_status(g: Guest) -> str:
     return g.qmp.cmd("query-migrate").get("status", "")
 
 
-@pytest.mark.parametrize("form", ["drive", "blockdev"])
+@pytest.mark.parametrize("form", ["drive", "blockdev", "libvirt"])
 def test_a_guest_migrates_back_and_forth_and_keeps_writing(cluster, tmp_path, form):
     cluster.format(3, copies=3)
     mounts = [cluster.mount("a"), cluster.mount("b")]
@@ -50,13 +52,19 @@ def test_a_guest_migrates_back_and_forth_and_keeps_writing(cluster, tmp_path, fo
     try:
         wait_for(lambda: src.last_written() >= 100, 60, "the guest writes")
         for hop in range(1, HOPS + 1):
-            port = free_port()
+            uri = f"tcp:127.0.0.1:{free_port()}"
+            libvirt = form == "libvirt"
             dst = Guest(str(tmp_path), f"g{hop}", disk(form, mounts[hop % 2].path("vm")), "counter",
-                        extra=["-incoming", f"tcp:127.0.0.1:{port}"])
+                        extra=["-S", "-incoming", "defer"] if libvirt else ["-incoming", uri])
             guests.append(dst)
-            src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            if libvirt:
+                dst.qmp.cmd("migrate-incoming", uri=uri)
+            src.qmp.cmd("migrate", uri=uri)
             wait_for(lambda: migrate_status(src) in ("completed", "failed", "cancelled"), 120, "migration ends")
             assert migrate_status(src) == "completed", src.qmp.cmd("query-migrate")
+            if libvirt:  # libvirt resumes the guest once the source reports completion
+                wait_for(lambda: dst.qmp.cmd("query-status")["status"] != "inmigrate", 30, "incoming done")
+                dst.qmp.cmd("cont")
             wait_for(lambda: dst.proc.poll() is not None or dst.qmp.cmd("query-status")["status"] == "running",
                      30, "destination running")
             with open(dst.stderr) as f:
