@@ -178,16 +178,11 @@ class LeaseManager:
             held = self.held.get(vid)
             if held is None or held.lost is not None or held.closing == closing:
                 return
-            reg = self.register_for(vid)
-            for _ in range(10):
-                version, raw = await reg.get()
-                lease = Lease.decode(raw)
-                if not self.is_ours(lease) or lease.generation != held.generation:
-                    return  # taken over or broken: renewal will find out and say so
+            def mark(lease: Lease) -> None:
                 lease.closing = closing
-                if await reg.cas(version, lease.encode()):
-                    held.closing = closing
-                    return
+
+            if await self._change_own(vid, held, mark):  # else taken over or broken: renewal says so
+                held.closing = closing
 
     async def release(self, vid: int, unused: Callable[[], bool] = lambda: True) -> None:
         """Give the lease back, if `unused()` still says nobody needs it once we
@@ -199,19 +194,29 @@ class LeaseManager:
             try:
                 if held.lost is not None:
                     return
-                reg = self.register_for(vid)
-                for _ in range(10):
-                    version, raw = await reg.get()
-                    lease = Lease.decode(raw)
-                    if not self.is_ours(lease) or lease.generation != held.generation:
-                        return  # someone broke it meanwhile
+
+                def free(lease: Lease) -> None:
                     lease.holder, lease.closing = None, False
-                    if await reg.cas(version, lease.encode()):
-                        log.info("vid %d: lease released (generation %d)", vid, held.generation)
-                        return
+
+                if await self._change_own(vid, held, free):  # else someone broke it meanwhile
+                    log.info("vid %d: lease released (generation %d)", vid, held.generation)
             finally:
                 # Forgotten only now: until the register says free, it is ours.
                 self.held.pop(vid, None)
+
+    async def _change_own(self, vid: int, held: Held, change: Callable[[Lease], None]) -> bool:
+        """Apply `change` to our lease in the register (compare-and-set, a few
+        tries); False if the lease is no longer the one we hold."""
+        reg = self.register_for(vid)
+        for _ in range(10):
+            version, raw = await reg.get()
+            lease = Lease.decode(raw)
+            if not self.is_ours(lease) or lease.generation != held.generation:
+                return False
+            change(lease)
+            if await reg.cas(version, lease.encode()):
+                return True
+        return False
 
     async def break_lock(self, vid: int) -> Lease:
         """Free a lease whatever its holder says, fencing the holder off."""
