@@ -389,3 +389,38 @@ async def test_delete_removes_the_copies_set_aside_too(store):
     assert await store.list_handoff(4) == []
     for root in (store.stale_root, store.handoff_root):
         assert not any(files for _, _, files in os.walk(root))
+
+
+@pytest.fixture
+def tmpfs_store(tmp_path):
+    """A store on a tmpfs: a file system that cannot read RWF_NOWAIT."""
+    import subprocess
+
+    root = tmp_path / "tmpfs"
+    root.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(root)]).returncode != 0:
+        pytest.fail("cannot mount a tmpfs (the suite runs as root)")
+    s = ObjectStore(str(root))
+    try:
+        s.open()
+        yield s
+        s.close()
+    finally:
+        subprocess.run(["umount", "-l", str(root)])
+
+
+async def test_a_file_system_without_nowait_reads_takes_the_threads(tmpfs_store):
+    """tmpfs answers RWF_NOWAIT with EOPNOTSUPP: small writes (whose
+    read-around is NOWAIT on the event loop) and reads go through worker
+    threads instead of failing (a store on tmpfs once failed every write)."""
+    store = tmpfs_store
+    oid = data_oid(3, 0)
+    want = bytearray(os.urandom(4 << 20))
+    await store.create(oid, 0, want, 4 << 20)
+    for i in range(8):
+        piece = bytes([i + 1]) * 3000
+        offset = i * 70001 + 123  # never block-aligned: every write reads around
+        await store.write(oid, offset, piece)
+        want[offset:offset + len(piece)] = piece
+    assert await store.read(oid, 0, 4 << 20) == want
+    assert await store.read(oid, 70001 + 100, 50) == want[70001 + 100:70001 + 150]

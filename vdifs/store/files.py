@@ -48,13 +48,22 @@ def pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> N
         offset += n
 
 
+class NoWaitUnsupported(Exception):
+    """The file system cannot read NOWAIT (tmpfs, for one): use threads."""
+
+
 def read_nowait(fd: int, offset: int, length: int) -> bytearray | None:
-    """The bytes if the page cache has all of them, else None; never blocks."""
+    """The bytes if the page cache has all of them, else None; never blocks.
+    NoWaitUnsupported where the file system cannot tell."""
     buf = bytearray(length)
     try:
         n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
     except BlockingIOError:
         return None
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP:
+            raise NoWaitUnsupported() from None
+        raise
     return buf if n == length else None
 
 

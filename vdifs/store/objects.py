@@ -229,9 +229,7 @@ class ObjectStore:
         if self._nowait:
             try:
                 data = files.read_nowait(h.fd, offset, length)
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
+            except files.NoWaitUnsupported:
                 self._nowait = False  # this file system cannot: always use threads
                 data = None
             if data is not None:
@@ -349,7 +347,7 @@ class ObjectStore:
         INLINE_BACKOFF, so a throttled disk stalls the loop once, not on
         every write. Runs with no await: atomic for the other tasks, so it
         needs no handle lock, only that no locked write is under way."""
-        if h.lock.locked() or (self.checksums and h.clean_on_disk):
+        if h.lock.locked() or not self._nowait or (self.checksums and h.clean_on_disk):
             return False
         now = time.monotonic()
         if now < self._inline_paused_until:
@@ -363,6 +361,9 @@ class ObjectStore:
             else:
                 files.pwrite_full(h.fd, offset, data)
         except files.NotCached:
+            return False
+        except files.NoWaitUnsupported:  # raised by the read-around, before anything was written
+            self._nowait = False  # this file system cannot: always use threads
             return False
         except ChecksumError:
             raise
