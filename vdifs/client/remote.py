@@ -23,7 +23,7 @@ import trio
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.pool import PoolSpace
-from vdifs.errors import ObjectExists, ObjectNotFound, PoolError, VdifsError
+from vdifs.errors import NoSpace, ObjectExists, ObjectNotFound, PoolError, VdifsError
 from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials
 from vdifs.meta.directory_service import DirectoryService
@@ -255,6 +255,9 @@ class RemotePool:
             existing = [e for e in errors if isinstance(e, RemoteError) and e.errno == errno.EEXIST]
             if existing and len(existing) == len(errors):
                 raise ObjectExists(str(existing[0]))
+            full = [e for e in errors if isinstance(e, RemoteError) and e.errno in (errno.ENOSPC, errno.EDQUOT)]
+            if full:  # the writer sees ENOSPC (QEMU pauses the VM), not an I/O error
+                raise NoSpace(f"{op}: the pool is full on {len(full)} of {len(targets)} replicas: {full[0]}")
             raise PoolError(f"{op} failed on {len(errors)} of {len(targets)} replicas: {errors[0]}")
         return results
 
