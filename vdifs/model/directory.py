@@ -197,12 +197,7 @@ class Directory:
                 family = rec.family
         if family is None:
             return []
-        out = []
-        for rec in self.vdis.values():
-            if rec.family == family:
-                out.append((rec.data_vid, rec.size, rec.object_size))
-                out.extend((s.vid, s.size, s.object_size) for s in rec.snapshots.values())
-        return out
+        return [(vid, size, self.object_size_of(vid)) for vid, size in self.live_maps(family)]
 
     def object_size_of(self, data_vid: int) -> int:
         """The object size of the map stored under `data_vid` (a VDI's or a

@@ -20,31 +20,20 @@ the tests hold the native one to. Measured in one process over 200 cached
 
 from __future__ import annotations
 
-import os
-
-from isal.isal_zlib import crc32
-
-from vdifs.store import checksums
-from vdifs.store.checksums import BLOCK, ZERO_CRC
+from vdifs.store import checksums, files
+from vdifs.store.checksums import BLOCK
 
 
 def read_verified_py(fd: int, offset: int, length: int, table: list[int] | None) -> bytes | bytearray | None:
     if offset < 0 or length <= 0:
         return None
     start, end = checksums.covering(offset, length) if table is not None else (offset, offset + length)
-    buf = bytearray(end - start)
     try:
-        if os.preadv(fd, [buf], start, os.RWF_NOWAIT) != len(buf):
-            return None
-    except OSError:
+        buf = files.read_nowait(fd, start, end - start)
+    except (OSError, files.NoWaitUnsupported):
         return None
-    if table is not None:
-        first = start // BLOCK
-        view = memoryview(buf)
-        for i in range(0, len(buf), BLOCK):
-            k = first + i // BLOCK
-            if crc32(view[i:i + BLOCK]) != (table[k] if k < len(table) else ZERO_CRC):
-                return None
+    if buf is None or (table is not None and checksums.first_mismatch(table, start // BLOCK, buf) is not None):
+        return None
     if start == offset and end - start == length:
         return buf
     return buf[offset - start:offset - start + length]
