@@ -62,6 +62,7 @@ class PeerProc:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a test may have paused it
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)

@@ -65,6 +65,9 @@ class MemoryNet:
             def get(self, address):
                 raise NotImplementedError
 
+            async def drop(self, address):
+                pass  # no connections to close: a call to a down address fails at once
+
             async def aclose(self):
                 pass
 

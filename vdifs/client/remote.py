@@ -41,6 +41,9 @@ DATA_TIMEOUT = 30.0
 STALE_RETRIES = 5
 #: How long a write waits for the cluster to replace an unreachable replica.
 REPLICA_WAIT = 60.0
+#: How often the mount reads the cluster map: a write stuck on a hung replica
+#: continues once the map that marks it down is seen, so this is part of the pause.
+MAP_POLL_SECONDS = 1.0
 PLACEMENTS_KEPT = 1 << 16  # objects whose replicas are remembered (about 10 MiB)
 
 
@@ -101,15 +104,31 @@ class RemotePool:
             return False
         if self.cmap is not None:
             log.info("cluster map epoch %d -> %d", self.cmap.epoch, cmap.epoch)
+            self._drop_departed(self.cmap, cmap)
         self.cmap = cmap
         self.meta.set_meta(cmap.meta_addresses())
         return True
+
+    def _drop_departed(self, old: ClusterMap, new: ClusterMap) -> None:
+        """Close our connections to the peers `new` no longer counts as up.
+
+        A peer that hangs (SIGSTOP, a dead link) keeps its TCP connection
+        open: the requests in flight to it, and a send stuck behind its full
+        socket buffer, would wait out their timeouts (30 s) although the
+        cluster has already replaced it. Closing the connection fails them
+        at once (PeerUnavailable), and the caller retries on this map."""
+        still_up = {p.address for p in new.up_peers()}
+        for p in old.up_peers():
+            if p.address not in still_up:
+                log.warning("peer %s at %s is no longer up in epoch %d: its requests in flight go to the "
+                            "new placement", p.peer_id, p.address, new.epoch)
+                self.nursery.start_soon(self.rpc.drop, p.address)
 
     async def _watch_map(self) -> None:
         async def adopt(cmap: ClusterMap) -> None:
             self._adopt(cmap)
 
-        await self.meta.follow_map(adopt, lambda: self.cmap.epoch if self.cmap else 0)
+        await self.meta.follow_map(adopt, lambda: self.cmap.epoch if self.cmap else 0, interval=MAP_POLL_SECONDS)
 
     @property
     def max_copies(self) -> int:
@@ -363,6 +382,9 @@ class RemotePool:
             async with trio.open_nursery() as nursery:
                 for address, group in by_peer.items():
                     nursery.start_soon(one, address, group)
+            down = [e for e in errors if isinstance(e, PeerUnavailable)]
+            if down:  # sync again on the map that replaces it
+                raise _ReplicaDown(cmap.epoch, down[0])
             if errors:
                 raise PoolError(f"sync failed on {len(errors)} peers: {errors[0]}")
 

@@ -512,6 +512,13 @@ class RpcPool:
     async def start(self, address: str, op: str, args: dict[str, Any] | None = None) -> PendingCall:
         return await self.get(address).start(op, args)
 
+    async def drop(self, address: str) -> None:
+        """Close the connection to `address`: what is in flight on it fails
+        now with PeerUnavailable; the next call reconnects."""
+        client = self._clients.get(address)
+        if client is not None:
+            await client.aclose()
+
     async def aclose(self) -> None:
         for c in self._clients.values():
             await c.aclose()
