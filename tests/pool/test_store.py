@@ -424,3 +424,38 @@ async def test_a_file_system_without_nowait_reads_takes_the_threads(tmpfs_store)
         want[offset:offset + len(piece)] = piece
     assert await store.read(oid, 0, 4 << 20) == want
     assert await store.read(oid, 70001 + 100, 50) == want[70001 + 100:70001 + 150]
+
+
+async def test_data_stops_at_the_reserve_and_maps_go_on(tmpfs_store):
+    """On a 64 MiB file system with an 8 MiB reserve, VDI data fills up to
+    the reserve and is then refused (NoSpace, nothing written), while an
+    object map can still be created and written: a full pool can still
+    record what was written and close files."""
+    from vdifs.errors import NoSpace
+    from vdifs.model.ids import map_oid
+    from vdifs.store.reserve import SpaceReserve
+
+    store = tmpfs_store
+    store.reserve = SpaceReserve(store.obj_root, 8 << 20)
+    chunk = os.urandom(4 << 20)
+    stored = 0
+    with pytest.raises(NoSpace, match="reserve"):
+        for i in range(20):
+            await store.create(data_oid(5, i), 0, chunk, 4 << 20)
+            stored += 1
+    assert 12 <= stored <= 14  # 56 MiB above the reserve, less metadata
+    assert store.space_refusals == 1
+    assert not os.path.exists(store.path(data_oid(5, stored)))  # the refused create left nothing
+    total, available = await store.space()
+    assert total == 64 << 20 and available < 4 << 20
+    with pytest.raises(NoSpace):  # an overwrite is data too
+        await store.write(data_oid(5, 0), 0, chunk[:1 << 20] * 4)
+    assert await store.read(data_oid(5, 0), 0, 4 << 20) == chunk
+    table = os.urandom(64 << 10)
+    await store.create(map_oid(5, 0), 0, table, 4 << 20)  # into the reserve
+    await store.write(map_oid(5, 0), 1 << 20, table)
+    assert await store.read(map_oid(5, 0), 1 << 20, 64 << 10) == table
+    await store.delete(data_oid(5, 0))  # freeing space lets data in again
+    await store.delete(data_oid(5, 1))
+    store.reserve._measured_at = -1e9  # measure now, not within the next second
+    await store.create(data_oid(5, 99), 0, chunk, 4 << 20)

@@ -66,6 +66,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         f"(default {RECOVERY_RATE / 1e6:g} MB/s)")
     p.add_argument("--recovery-reserve", type=size_arg, default=RECOVERY_RESERVE, metavar="SIZE",
                    help=f"free space recovery never uses (default {format_size(RECOVERY_RESERVE)})")
+    p.add_argument("--reserve", type=size_arg, default=None, metavar="SIZE",
+                   help="free space VDI data never takes, kept for object maps, consensus and journals, "
+                        "so a full pool still closes files and deletes VDIs (default: 2%% of the store's "
+                        "file system, 1 MiB to 1 GiB)")
     p.add_argument("--cpu-policy", default="batch", choices=sorted(CPU_POLICIES),
                    help="Linux scheduling policy of the peer's threads (default: batch: a peer woken "
                         "by a request does not preempt the mount or guest that sent it; see "
@@ -142,7 +146,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     set_cpu_policy(args.cpu_policy)  # before trio starts threads: they inherit it
     daemon = PeerDaemon(args.store, args.listen, join=args.join, zone=args.zone, weight=args.weight,
                         secret_file=args.secret_file, recovery_rate=args.recovery_rate * 1e6,
-                        recovery_reserve=args.recovery_reserve)
+                        recovery_reserve=args.recovery_reserve, reserve=args.reserve)
     trio.run(daemon.run)
     return 0
 

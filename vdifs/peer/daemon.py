@@ -60,9 +60,11 @@ class Op:
 class PeerDaemon:
     def __init__(self, store_dir: str, listen: str, *, join: str | None = None, zone: str = "",
                  weight: float = DEFAULT_WEIGHT, secret_file: str | None = None,
-                 recovery_rate: float = DEFAULT_RATE, recovery_reserve: int = DEFAULT_RESERVE) -> None:
+                 recovery_rate: float = DEFAULT_RATE, recovery_reserve: int = DEFAULT_RESERVE,
+                 reserve: int | None = None) -> None:
         self.join = join
-        self.state = PeerState(store_dir, listen, zone=zone, weight=weight, secret_file=secret_file)
+        self.state = PeerState(store_dir, listen, zone=zone, weight=weight, secret_file=secret_file,
+                               reserve=reserve)
         self.membership = Membership(self.state)
         self.recovery = Recovery(self.state, rate=recovery_rate, reserve=recovery_reserve)
         self.data = DataPlane(self.state, self.recovery)
@@ -202,5 +204,7 @@ class PeerDaemon:
                              "bytes": r.bytes, "stopped": r.stopped, "recovered_total": self.recovery.recovered,
                              "elapsed": trio.current_time() - r.started if r.running else 0.0},
                 "epoch": st.epoch(), "total": total, "free": free,
+                "reserve": st.store.reserve.reserve if st.store.reserve is not None else 0,
+                "refused_for_space": st.store.space_refusals,
                 "vids": len(await st.store.list_vids()), "meta": bool(st.cmap and st.peer_id in st.cmap.meta),
                 "answered_at_once": st.server.fast_answers if st.server is not None else 0}

@@ -31,14 +31,14 @@ log = logging.getLogger("vdifs.peer")
 
 class PeerState:
     def __init__(self, store_dir: str, listen: str, *, zone: str = "", weight: float = 1.0,
-                 secret_file: str | None = None) -> None:
+                 secret_file: str | None = None, reserve: int | None = None) -> None:
         self.root = os.path.abspath(store_dir)
         self.listen = listen
         self.zone = zone
         self.weight = weight
         self.secret_file = secret_file
         self.peer_id = ""
-        self.store = ObjectStore(self.root)
+        self.store = ObjectStore(self.root, reserve)
         self.meta_dir = os.path.join(self.root, "meta")
         self.journal = ChangeJournal(self.root)
         self.creds: Credentials | None = None

@@ -39,6 +39,7 @@ from vdifs.model.ids import unpack_oid, vid_of
 from vdifs.store import checksums, files
 from vdifs.store.batch import BatchRunner
 from vdifs.store.checksums import BLOCK, CLEAN, DIRTY, XATTR
+from vdifs.store.reserve import SpaceReserve
 from vdifs.store.verified import read_verified
 
 log = logging.getLogger("vdifs.store")
@@ -84,8 +85,13 @@ class _Handle:
 
 
 class ObjectStore:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, reserve: int | None = None) -> None:
+        """`reserve`: bytes of the file system that data writes leave free
+        (None: the default for its size, see `store.reserve`)."""
         self.root = os.path.abspath(root)
+        self._reserve_setting = reserve
+        self.reserve: SpaceReserve | None = None  # set by open()
+        self.space_refusals = 0  # data writes refused for the reserve
         self.obj_root = os.path.join(self.root, "obj")
         self._handles: OrderedDict[int, _Handle] = OrderedDict()
         self._dirty_dirs: set[str] = set()
@@ -102,6 +108,7 @@ class ObjectStore:
 
     def open(self) -> None:
         os.makedirs(self.obj_root, exist_ok=True)
+        self.reserve = SpaceReserve(self.obj_root, self._reserve_setting)
         for name in os.listdir(self.obj_root):  # installs a crash interrupted
             d = os.path.join(self.obj_root, name)
             for leftover in os.listdir(d) if os.path.isdir(d) else []:
@@ -262,8 +269,17 @@ class ObjectStore:
     async def exists(self, oid: int) -> bool:
         return await self._io.run(os.path.exists, self.path(oid))
 
+    def _admit_data(self, oid: int, nbytes: int) -> None:
+        """NoSpace for a write of VDI data that would dip into the reserve.
+        Maps and system objects may: they record what data went where."""
+        if oid >> 56 == 0 and self.reserve is not None and not self.reserve.admit(nbytes):
+            self.space_refusals += 1
+            raise NoSpace(f"store {self.root} is at its reserve ({self.reserve.reserve >> 20} MiB left for "
+                          f"metadata): object {oid:016x} not written")
+
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write into an existing object; ObjectNotFound if it does not exist."""
+        self._admit_data(oid, len(data))
         h = await self._acquire(oid)
         try:
             if len(data) <= INLINE_WRITE_MAX and self._write_inline(oid, h, offset, data):
@@ -322,6 +338,8 @@ class ObjectStore:
         h = self._cached_handle(oid)
         if h is None or len(data) > INLINE_WRITE_MAX:
             return False
+        if oid >> 56 == 0 and self.reserve is not None and not self.reserve.admit(len(data)):
+            return False  # `write` refuses it and says why
         try:
             return self._write_inline(oid, h, offset, data)
         except (ChecksumError, OSError):
@@ -418,6 +436,7 @@ class ObjectStore:
 
         `exclusive`: fail with ObjectExists instead of replacing (shared VDIs,
         where another mount may have created it a moment ago)."""
+        self._admit_data(oid, len(data))
         old = self._handles.get(oid)
         if old is not None:
             old.refs += 1
@@ -687,9 +706,11 @@ class ObjectStore:
         return await trio.to_thread.run_sync(self._list_objects, vid, kind)
 
     async def space(self) -> tuple[int, int]:
-        """(total, available) bytes of the file system holding the store."""
+        """(total, available) bytes of the file system holding the store,
+        available being what VDI data may still take (the reserve left out)."""
         st = await trio.to_thread.run_sync(os.statvfs, self.root)
-        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        reserve = self.reserve.reserve if self.reserve is not None else 0
+        return st.f_blocks * st.f_frsize, max(0, st.f_bavail * st.f_frsize - reserve)
 
     def cached_objects(self) -> frozenset[int]:
         """Ids of the objects whose file descriptors are cached now."""
