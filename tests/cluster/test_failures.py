@@ -550,6 +550,7 @@ def test_snapshots_and_clones_are_recovered_and_checked_like_vdis(cluster):
     vid; recovering only the VDI's first vid would lose the copies-up)."""
     import hashlib
     import json
+    import time
 
     from tests.e2e.conftest import read_at, write_at
 
@@ -600,7 +601,29 @@ def test_snapshots_and_clones_are_recovered_and_checked_like_vdis(cluster):
     res = vdifs(*check, check=False)
     report = json.loads(res.stdout)
     assert res.returncode == 1 and [u["oid"] for u in report["unreferenced"]] == [f"{(own << 32) | 999:016x}"]
-    os.unlink(leak)
+    # and a stray vid nobody knows, with one old object and one just written
+    stray_dir = os.path.join(holder.store, "obj", f"{0x777:06x}")
+    os.makedirs(stray_dir)
+    stray_old, stray_young = (os.path.join(stray_dir, f"{(0x777 << 32) | i:016x}") for i in (1, 2))
+    for path in (stray_old, stray_young):
+        with open(path, "wb") as f:
+            f.write(b"left behind")
+    two_hours_ago = time.time() - 7200
+    os.utime(stray_old, (two_hours_ago, two_hours_ago))
+    repair = (*check, "--repair")
+    report = json.loads(vdifs(*repair, check=False).stdout)  # the planted leak is young: kept
+    assert report["stray_vids"] == [0x777] and report["collected"] == 1 and report["kept_young"] == 2
+    assert os.path.exists(leak) and os.path.exists(stray_young) and not os.path.exists(stray_old)
+    for path in (leak, stray_young):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    res = vdifs(*repair, check=False)
+    report = json.loads(res.stdout)
+    assert res.returncode == 0 and report["collected"] == 2 and report["kept_young"] == 0, res.stdout
+    assert not os.path.exists(leak) and not os.path.exists(stray_dir)
+    report = json.loads(vdifs(*check).stdout)
+    assert report["unreferenced"] == [] and report["stray_vids"] == []
+    # what the VDI's map points at was never touched
+    assert hashlib.sha256(read_at(m.path("vm"), 0, len(base))).digest() == hashlib.sha256(expect_vm).digest()
     copy_up = f"{(own << 32) | 1:016x}"  # the object vm copied up: its map points at it
     for p in cluster.peers:
         path = os.path.join(p.store, "obj", f"{own:06x}", copy_up)

@@ -50,6 +50,7 @@ def valid_args(daemons) -> dict[str, dict]:
         "obj.write": {"oid": OID, "offset": 0, "data": b"w"},
         "obj.create": {"oid": data_oid(3, 1), "offset": 0, "data": b"c", "size": 8},
         "obj.delete": {"oid": data_oid(3, 2)},
+        "obj.collect": {"oid": data_oid(3, 3), "older_than": 3600},
         "obj.fetch": {"oid": OID},
         "obj.sync": {"oids": [OID]},
         "obj.list": {"vid": 3},

@@ -21,6 +21,9 @@ from vdifs.wire.rpc import RpcPool
 LIST_TIMEOUT = 60.0  # seconds for a page of a peer's object list
 OBJECT_TIMEOUT = 120.0  # seconds for digests of, fetching or pulling objects
 DIGEST_BATCH = 256  # objects per obj.digest request
+#: Seconds an object nobody points at must have been left unchanged before
+#: --repair removes it: a writer creates an object before a map names it.
+LEAK_GRACE = 3600
 
 
 def add_parser(actions: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
@@ -31,15 +34,27 @@ def add_parser(actions: argparse._SubParsersAction, parents: list[argparse.Argum
                                         "and that every object is referenced by a map and every referenced "
                                         "one exists. Exit status 1 if problems remain.")
     ck.add_argument("--repair", action="store_true",
-                    help="replace missing or differing replicas with the majority's copy")
+                    help="replace missing or differing replicas with the majority's copy, and remove "
+                         "leaked objects (no map points at them, or their vid is unknown) that have not "
+                         "changed for --grace seconds")
+    ck.add_argument("--grace", type=int, default=LEAK_GRACE, metavar="SECONDS",
+                    help=f"how long a leaked object must have been left alone before --repair removes it "
+                         f"(default {LEAK_GRACE})")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-async def check(pool: RpcPool, addresses: list[str], creds: Credentials, repair: bool) -> dict[str, Any]:
+async def check(pool: RpcPool, addresses: list[str], creds: Credentials, repair: bool,
+                grace: int = LEAK_GRACE) -> dict[str, Any]:
     """Every object of every VDI: on the peers placement names, identical
     everywhere (sha256 of each replica); with `repair`, replace the missing
     and differing replicas with the majority's copy. Then whether every
-    object is referenced by a map and every referenced object exists."""
+    object is referenced by a map and every referenced object exists; with
+    `repair`, remove the leaked ones left alone for `grace` seconds.
+
+    Leaks are judged from what was read after the objects were listed (the
+    maps; the directory again for stray vids), so an object a writer made
+    meanwhile either is named there or is younger than the listing; the
+    peer checks the age again when it deletes (`obj.collect`)."""
     cmap = ClusterMap.from_dict(await first_answer(pool, addresses, "cluster.map"))
     meta = MetaClient("check", pool, cmap.meta_addresses())
     _version, raw = await meta.register(DIRECTORY_KEY).get()
@@ -86,34 +101,69 @@ async def check(pool: RpcPool, addresses: list[str], creds: Credentials, repair:
                                  "source": next((pid for pid, d in ds.items() if d == good), None),
                                  "repaired": False})
     progress.close()
+    refs = await referenced(pool, directory, present, up)
+
+    def leaked(oid: int) -> bool:
+        kind, vid, index = unpack_oid(oid)
+        return kind == ObjectKind.DATA and (vid, index) not in refs
+
     if repair:
         for prob in problems:
-            if prob["source"] is None:
-                continue
+            if prob["source"] is None or leaked(int(prob["oid"], 16)):
+                continue  # a leak is removed below, not copied to more peers
             source = up[prob["source"]].address
             for pid in prob["missing"] + prob["differing"]:
                 await pool.call(up[pid].address, "obj.pull", {"oid": int(prob["oid"], 16), "source": source,
                                                             "epoch": cmap.epoch}, timeout=OBJECT_TIMEOUT)
             prob["repaired"] = True
-    left = [p for p in problems if not p["repaired"]]
-    refs = await referenced(pool, directory, present, up)
-    unreferenced, lost = [], []
+    left = [p for p in problems if not p["repaired"] and not leaked(int(p["oid"], 16))]
+    unreferenced: list[dict[str, Any]] = []
+    lost: list[dict[str, Any]] = []
     for data_vid, (label, holders) in present.items():
         for oid in sorted(holders):
-            kind, _, index = unpack_oid(oid)
-            if kind == ObjectKind.DATA and (data_vid, index) not in refs:
-                unreferenced.append({"vdi": label, "oid": f"{oid:016x}"})
+            if leaked(oid):
+                unreferenced.append({"vdi": label, "oid": f"{oid:016x}", "collected": False})
     for vid, index in sorted(refs):
         if vid not in present or data_oid(vid, index) not in present[vid][1]:
             lost.append({"oid": f"{data_oid(vid, index):016x}"})
-    keep = {vid for _, vid, _ in directory.data_vids()} | directory.deleting | set(directory.reserved)
-    stray: set[int] = set()
-    for p in up.values():
-        vids = await pool.call(p.address, "obj.vids", {"epoch": cmap.epoch}, timeout=LIST_TIMEOUT)
-        stray |= {int(v) for v in vids} - keep
+    holding: dict[int, set[str]] = {}  # vid -> peers with objects of it
+    for pid, p in up.items():
+        for v in await pool.call(p.address, "obj.vids", {"epoch": cmap.epoch}, timeout=LIST_TIMEOUT):
+            holding.setdefault(int(v), set()).add(pid)
+    _version, raw = await meta.register(DIRECTORY_KEY).get()  # after the listing: see above
+    in_use = Directory.decode(raw).vids_in_use() | directory.vids_in_use()
+    stray = sorted(set(holding) - in_use)
+    collected = kept = 0
+    if repair:
+        for leak in unreferenced:
+            oid = int(leak["oid"], 16)
+            done = [await collect(pool, up[pid].address, oid, grace, cmap.epoch)
+                    for pid in sorted(present[unpack_oid(oid)[1]][1][oid])]
+            leak["collected"] = all(done)
+            collected, kept = collected + sum(done), kept + done.count(False)
+        for vid in stray:
+            for pid in sorted(holding[vid]):
+                async def call(args: dict[str, Any], address: str = up[pid].address) -> dict[str, Any]:
+                    reply: dict[str, Any] = await pool.call(address, "obj.list", {**args, "epoch": cmap.epoch},
+                                                            timeout=LIST_TIMEOUT)
+                    return reply
+
+                for oid in await objlist.list_all(call, vid):
+                    ok = await collect(pool, up[pid].address, oid, grace, cmap.epoch)
+                    collected, kept = collected + ok, kept + (not ok)
+    leaks_left = [u for u in unreferenced if not u.get("collected")]
     return {"epoch": cmap.epoch, "vdis": len(directory.vdis), "objects": checked,
-            "problems": problems, "problems_left": len(left) + len(lost) + len(unreferenced) + len(stray),
-            "unreferenced": unreferenced, "lost": lost, "stray_vids": sorted(stray)}
+            "problems": problems,
+            "problems_left": len(left) + len(lost) + len(leaks_left) + (len(stray) if kept or not repair else 0),
+            "unreferenced": unreferenced, "lost": lost, "stray_vids": stray,
+            "collected": collected, "kept_young": kept, "grace": grace}
+
+
+async def collect(pool: RpcPool, address: str, oid: int, grace: int, epoch: int) -> bool:
+    """Ask one peer to remove a leaked object older than `grace` seconds."""
+    done: bool = await pool.call(address, "obj.collect", {"oid": oid, "older_than": grace, "epoch": epoch},
+                                 timeout=OBJECT_TIMEOUT)
+    return done
 
 
 async def referenced(pool: RpcPool, directory: Directory, present: dict[int, tuple[str, dict[int, set[str]]]],
@@ -160,6 +210,9 @@ def check_text(report: dict[str, Any]) -> str:
                    + ", ".join(f"{p['vdi']}:{p['oid']}" for p in report["unreferenced"][:20]))
     if report["stray_vids"]:
         out.append(f"objects of vids the directory does not know: {report['stray_vids'][:20]}")
+    if report.get("collected") or report.get("kept_young"):
+        out.append(f"removed {report['collected']} leaked object replicas; kept {report['kept_young']} "
+                   f"changed within the last {report['grace']} s (run again later)")
     if not (report["lost"] or report["unreferenced"] or report["stray_vids"]):
         out.append("every object is referenced by a map, and every referenced object exists")
     return "\n".join(out)

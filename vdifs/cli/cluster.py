@@ -168,7 +168,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         info = run(lambda pool: cluster_info(pool, addresses))
         print(json.dumps(info, indent=2) if args.json else info_table(info))
     elif action == "check":
-        report = run(lambda pool: check.check(pool, addresses, creds, args.repair))
+        report = run(lambda pool: check.check(pool, addresses, creds, args.repair, args.grace))
         print(json.dumps(report, indent=2) if args.json else check.check_text(report))
         return 1 if report["problems_left"] else 0
     elif action == "status":

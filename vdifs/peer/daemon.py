@@ -97,6 +97,7 @@ class PeerDaemon:
             "obj.write": Op(d.h_write, epoch=EPOCH, gate=True, fast=d.write_now),
             "obj.create": Op(d.h_create, epoch=EPOCH, gate=True),
             "obj.delete": Op(d.h_delete, epoch=EPOCH, gate=True),
+            "obj.collect": Op(d.h_collect, epoch=EPOCH, gate=True),
             "obj.fetch": Op(d.h_fetch, epoch=EPOCH_IF_SENT, gate=True),
             "obj.sync": Op(d.h_sync),
             "obj.list": Op(d.h_list),

@@ -201,6 +201,18 @@ class DataPlane:
         finally:
             self._land(epoch)
 
+    async def h_collect(self, args: dict[str, Any], s: Session) -> bool:
+        """Delete a leaked object unless it changed in the last `older_than`
+        seconds (`cluster check --repair`); True if it was deleted."""
+        oid = arg.integer(args, "oid")
+        older_than = arg.integer(args, "older_than", 0, 1 << 32)  # seconds
+        await self._mutation(args, oid)
+        epoch = self._admit()
+        try:
+            return await self.store.collect(oid, older_than)
+        finally:
+            self._land(epoch)
+
     async def h_sync(self, args: dict[str, Any], s: Session) -> None:
         oids = arg.int_list(args, "oids", max_items=1 << 40)  # no limit but the frame's
         await self.store.sync(oids)

@@ -526,6 +526,41 @@ class ObjectStore:
                 raise files.os_error(e, f"deleting object {oid:016x}") from None
         self._dirty_dirs.add(os.path.dirname(path))
 
+    async def collect(self, oid: int, older_than: float) -> bool:
+        """Delete a leaked object (one no map points at, says the caller)
+        unless it changed within the last `older_than` seconds; True if it
+        was deleted. Its vid's folder goes too once empty (a stray vid).
+
+        A writer that starts using such an object creates it first (a map
+        gains an entry only after its object was written), which makes it
+        young. The age is checked under the cached handle's lock, if there
+        is one: a create waiting for it runs after the unlink, opens the
+        path anew and makes a new file, so no acknowledged write lands in
+        the unlinked one."""
+        h = self._handles.get(oid)
+        if h is not None:
+            h.refs += 1
+        try:
+            async with h.lock if h is not None else contextlib.nullcontext(), self._moving_files([oid]):
+                try:
+                    changed = os.stat(self.path(oid)).st_mtime
+                except FileNotFoundError:
+                    return False
+                if time.time() - changed < older_than:
+                    return False
+                try:
+                    gone = await self._io.run(self._unlink_all_copies, oid)
+                except OSError as e:
+                    raise files.os_error(e, f"deleting object {oid:016x}") from None
+        finally:
+            if h is not None:
+                self._release(h)
+        vid_dir = os.path.dirname(self.path(oid))
+        with contextlib.suppress(OSError):  # not empty: others are still there
+            os.rmdir(vid_dir)
+        self._dirty_dirs.add(vid_dir if os.path.isdir(vid_dir) else self.obj_root)
+        return gone
+
     def _unlink_all_copies(self, oid: int) -> bool:
         """Unlink our set-aside copies of an object (stale, handed off), then
         the one we serve: True if we served one. Set-aside copies first, so
