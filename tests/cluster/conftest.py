@@ -110,13 +110,14 @@ class Cluster:
         p.start(*extra)
         return p
 
-    def format(self, n: int, copies: int = 3) -> None:
+    def format(self, n: int, copies: int = 3, min_copies: int | None = None) -> None:
         first = self.add_peer()
         for _ in range(n - 1):
             self.add_peer("--join", first.address)
         wait_for(lambda: all("will join at format time" in first.log_text().split(p.peer_id, 1)[-1]
                              for p in self.peers[1:]) if n > 1 else True, 20, "pending joins")
-        vdifs("cluster", "format", "--copies", str(copies), "--secret-file", self.secret, first.address)
+        extra = ("--min-copies", str(min_copies)) if min_copies else ()
+        vdifs("cluster", "format", "--copies", str(copies), *extra, "--secret-file", self.secret, first.address)
 
     def info(self) -> dict:
         return json.loads(vdifs("cluster", "info", "--json", "--cluster", self.addresses,

@@ -128,6 +128,42 @@ def test_below_min_copies_writes_fail_reads_work(cluster):
     assert "did not replace it within 4 s" in open(m.log).read()
 
 
+def test_the_min_copies_gate_refuses_writes_the_map_allows(cluster):
+    """4 peers, copies 3, min_copies 3: with two peers down (one of them a
+    consensus peer, so the map can still change) only 2 replicas are up.
+    Placement would accept the write on those 2; the gate makes it wait
+    --io-wait and fail with EIO instead. Reads work; the data is unchanged."""
+    import errno as _errno
+
+    from tests.e2e.conftest import read_at
+
+    from vdifs.model.cluster import ClusterMap
+
+    cluster.format(4, copies=3, min_copies=3)
+    m = cluster.mount("a", "--io-wait", "4")
+    write_durably(m.path("vm"), b"\x5a" * (4 << 20))
+    with open(os.path.join(cluster.peers[0].store, "meta", "cluster_map"), "rb") as f:
+        meta = set(ClusterMap.decode(f.read()).meta)
+    victims = [next(p for p in cluster.peers if p.peer_id in meta),
+               next(p for p in cluster.peers if p.peer_id not in meta)]
+    for v in victims:
+        kill(v)
+    wait_for(lambda: all(states(cluster)[1][v.address] == "down" for v in victims), 40, "both marked down")
+    assert read_at(m.path("vm"), 0, 4096) == b"\x5a" * 4096
+    fd = os.open(m.path("vm"), os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"\x11" * 4096, 0)
+        assert e.value.errno == _errno.EIO
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert read_at(m.path("vm"), 0, 4096) == b"\x5a" * 4096
+    assert "only 2 replicas are up, 3 are needed" in open(m.log).read()
+
+
 def test_deleted_while_a_peer_is_down_stays_deleted(cluster):
     from .conftest import vdifs
 
