@@ -197,7 +197,7 @@ class DataPlane:
         await self._mutation(args, oid)
         epoch = self._admit()
         try:
-            await self.store.delete(oid)
+            await self.recovery.deleting(oid, lambda: self.store.delete(oid))
         finally:
             self._land(epoch)
 

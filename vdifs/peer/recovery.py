@@ -45,6 +45,10 @@ from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError
 
 log = logging.getLogger("vdifs.peer.recovery")
 HELD, FREED, MISSING = "held", "freed", "missing"  # what recovering an object came to
+#: Seconds a delete is remembered: an object deleted here that recently is
+#: not recovered (another replica may not have processed its delete yet).
+FREED_MEMORY = 60.0
+FREED_KEPT = 1 << 16  # deletes remembered at most
 T = TypeVar("T")
 HANDOFF_POLL = 3.0  # seconds between asking the peers whether they finished an epoch
 DEFAULT_RATE = 100e6  # bytes per second a pass copies at most
@@ -72,6 +76,7 @@ class Recovery:
         self.wakeup = trio.Event()
         self.recovered = 0  # objects copied from other peers
         self._recovering: dict[int, trio.Lock] = {}
+        self._deleted: dict[int, float] = {}  # oid -> when a delete of it last ran here
         peer.on_map_change(self.epoch_changed)
 
     def epoch_changed(self) -> None:
@@ -231,6 +236,27 @@ class Recovery:
         replica. True if we hold it now."""
         return await self._recover(oid, stale_ok) == HELD
 
+    async def deleting(self, oid: int, delete: Callable[[], Awaitable[None]]) -> None:
+        """Run a delete of `oid` under the object's recovery lock, and remember
+        it. A recovery racing with a free would otherwise bring the object
+        back: it installs a copy fetched from a replica whose delete came
+        later, after ours had found nothing to delete."""
+        lock = self._recovering.setdefault(oid, trio.Lock())
+        try:
+            async with lock:
+                await delete()
+                now = trio.current_time()
+                if len(self._deleted) >= FREED_KEPT:
+                    self._deleted = {o: t for o, t in self._deleted.items() if now - t < FREED_MEMORY}
+                self._deleted[oid] = now
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._recovering.pop(oid, None)
+
+    def _recently_deleted(self, oid: int) -> bool:
+        when = self._deleted.get(oid)
+        return when is not None and trio.current_time() - when < FREED_MEMORY
+
     async def _recover(self, oid: int, stale_ok: bool) -> str:
         """HELD, FREED (no peer has it and no live map points at it) or
         MISSING (not now: some copy may exist that we could not reach)."""
@@ -245,6 +271,10 @@ class Recovery:
     async def _recover_locked(self, oid: int, stale_ok: bool) -> str:
         if await self.peer.store.exists(oid):
             return HELD
+        if self._recently_deleted(oid):
+            log.info("object %016x: deleted here %.0f s ago: freed, not recovered", oid,
+                     trio.current_time() - self._deleted[oid])
+            return FREED
         for _ in range(3):
             found, all_said_missing, stale_epoch = await self._fetch_from_others(oid, handoff=False)
             if found:
