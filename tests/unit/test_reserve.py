@@ -56,3 +56,14 @@ def test_measures_again_before_refusing_what_overwrites_may_have_left():
     fs.free = 30 * MiB  # something was deleted
     clock.now += 2 * RECHECK
     assert r.admit(MiB)
+
+
+def test_a_write_given_back_is_not_counted():
+    """The inline path admits, then falls back to the task path, which
+    admits again: the first count must be given back, or near the line the
+    store would refuse writes that fit."""
+    fs, clock = FakeFs(100 * MiB, 20 * MiB), Clock()
+    r = SpaceReserve("/x", 8 * MiB, statvfs=fs.statvfs, clock=clock)
+    assert r.admit(4 * MiB)
+    r.give_back(4 * MiB)
+    assert r.free == 20 * MiB and r.available == 12 * MiB

@@ -209,7 +209,7 @@ class DataPlane:
         await self._mutation(args, oid)
         epoch = self._admit()
         try:
-            return await self.store.collect(oid, older_than)
+            return await self.recovery.deleting(oid, lambda: self.store.collect(oid, older_than))
         finally:
             self._land(epoch)
 

@@ -24,9 +24,10 @@ was away looks exactly like a last copy, and must stay freed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -236,22 +237,32 @@ class Recovery:
         replica. True if we hold it now."""
         return await self._recover(oid, stale_ok) == HELD
 
-    async def deleting(self, oid: int, delete: Callable[[], Awaitable[None]]) -> None:
-        """Run a delete of `oid` under the object's recovery lock, and remember
-        it. A recovery racing with a free would otherwise bring the object
-        back: it installs a copy fetched from a replica whose delete came
-        later, after ours had found nothing to delete."""
+    @contextlib.asynccontextmanager
+    async def _object_lock(self, oid: int) -> AsyncIterator[None]:
+        """The lock of one object's recovery (and of deletes of it), kept
+        only while someone holds or waits for it."""
         lock = self._recovering.setdefault(oid, trio.Lock())
         try:
             async with lock:
-                await delete()
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._recovering.pop(oid, None)  # one lock per object being recovered, not ever
+
+    async def deleting(self, oid: int, delete: Callable[[], Awaitable[T]]) -> T:
+        """Run a delete of `oid` under the object's recovery lock, and remember
+        it unless `delete` returns False (it deleted nothing on purpose). A
+        recovery racing with a free would otherwise bring the object back:
+        it installs a copy fetched from a replica whose delete came later,
+        after ours had found nothing to delete."""
+        async with self._object_lock(oid):
+            result = await delete()
+            if result is not False:
                 now = trio.current_time()
                 if len(self._deleted) >= FREED_KEPT:
                     self._deleted = {o: t for o, t in self._deleted.items() if now - t < FREED_MEMORY}
                 self._deleted[oid] = now
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                self._recovering.pop(oid, None)
+            return result
 
     def _recently_deleted(self, oid: int) -> bool:
         when = self._deleted.get(oid)
@@ -260,13 +271,8 @@ class Recovery:
     async def _recover(self, oid: int, stale_ok: bool) -> str:
         """HELD, FREED (no peer has it and no live map points at it) or
         MISSING (not now: some copy may exist that we could not reach)."""
-        lock = self._recovering.setdefault(oid, trio.Lock())
-        try:
-            async with lock:
-                return await self._recover_locked(oid, stale_ok)
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                self._recovering.pop(oid, None)  # one lock per object being recovered, not ever
+        async with self._object_lock(oid):
+            return await self._recover_locked(oid, stale_ok)
 
     async def _recover_locked(self, oid: int, stale_ok: bool) -> str:
         if await self.peer.store.exists(oid):

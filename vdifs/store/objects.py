@@ -35,7 +35,7 @@ import trio
 
 from vdifs.errors import ChecksumError, NoSpace, ObjectExists, ObjectNotFound, PoolError
 from vdifs.fsutil import fsync_dir
-from vdifs.model.ids import unpack_oid, vid_of
+from vdifs.model.ids import ObjectKind, unpack_oid, vid_of
 from vdifs.store import checksums, files
 from vdifs.store.batch import BatchRunner
 from vdifs.store.checksums import BLOCK, CLEAN, DIRTY, XATTR
@@ -269,12 +269,18 @@ class ObjectStore:
     async def exists(self, oid: int) -> bool:
         return await self._io.run(os.path.exists, self.path(oid))
 
+    def _data_fits(self, oid: int, nbytes: int) -> bool:
+        """A write of VDI data must leave the reserve free (counted if it
+        does); maps and system objects may use it: they record what data
+        went where."""
+        return oid >> 56 != ObjectKind.DATA or self.reserve is None or self.reserve.admit(nbytes)
+
     def _admit_data(self, oid: int, nbytes: int) -> None:
-        """NoSpace for a write of VDI data that would dip into the reserve.
-        Maps and system objects may: they record what data went where."""
-        if oid >> 56 == 0 and self.reserve is not None and not self.reserve.admit(nbytes):
+        """NoSpace for a write of VDI data that would dip into the reserve."""
+        if not self._data_fits(oid, nbytes):
             self.space_refusals += 1
-            raise NoSpace(f"store {self.root} is at its reserve ({self.reserve.reserve >> 20} MiB left for "
+            reserve = self.reserve.reserve if self.reserve is not None else 0
+            raise NoSpace(f"store {self.root} is at its reserve ({reserve >> 20} MiB left for "
                           f"metadata): object {oid:016x} not written")
 
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -338,12 +344,16 @@ class ObjectStore:
         h = self._cached_handle(oid)
         if h is None or len(data) > INLINE_WRITE_MAX:
             return False
-        if oid >> 56 == 0 and self.reserve is not None and not self.reserve.admit(len(data)):
+        if not self._data_fits(oid, len(data)):
             return False  # `write` refuses it and says why
         try:
-            return self._write_inline(oid, h, offset, data)
+            if self._write_inline(oid, h, offset, data):
+                return True
         except (ChecksumError, OSError):
-            return False  # nothing written, or the handle dropped: `write` meets it and reports it
+            pass  # nothing written, or the handle dropped: `write` meets it and reports it
+        if oid >> 56 == ObjectKind.DATA and self.reserve is not None:
+            self.reserve.give_back(len(data))  # `write` counts it again (no await since: no measure between)
+        return False
 
     @staticmethod
     def _take_crcs(h: _Handle, offset: int, crcs: list[int]) -> None:
@@ -543,23 +553,30 @@ class ObjectStore:
         try:
             async with h.lock if h is not None else contextlib.nullcontext(), self._moving_files([oid]):
                 try:
-                    changed = os.stat(self.path(oid)).st_mtime
-                except FileNotFoundError:
-                    return False
-                if time.time() - changed < older_than:
-                    return False
-                try:
-                    gone = await self._io.run(self._unlink_all_copies, oid)
+                    gone, dir_left = await self._io.run(self._unlink_if_old, oid, older_than)
                 except OSError as e:
                     raise files.os_error(e, f"deleting object {oid:016x}") from None
         finally:
             if h is not None:
                 self._release(h)
-        vid_dir = os.path.dirname(self.path(oid))
-        with contextlib.suppress(OSError):  # not empty: others are still there
-            os.rmdir(vid_dir)
-        self._dirty_dirs.add(vid_dir if os.path.isdir(vid_dir) else self.obj_root)
+        if gone:
+            self._dirty_dirs.add(os.path.dirname(self.path(oid)) if dir_left else self.obj_root)
         return gone
+
+    def _unlink_if_old(self, oid: int, older_than: float) -> tuple[bool, bool]:
+        """(deleted, its vid's folder still there): `collect`'s blocking part."""
+        path = self.path(oid)
+        try:
+            if time.time() - os.stat(path).st_mtime < older_than:
+                return False, True
+        except FileNotFoundError:
+            return False, True
+        gone = self._unlink_all_copies(oid)
+        try:
+            os.rmdir(os.path.dirname(path))
+        except OSError:  # not empty: others are still there
+            return gone, True
+        return gone, False
 
     def _unlink_all_copies(self, oid: int) -> bool:
         """Unlink our set-aside copies of an object (stale, handed off), then

