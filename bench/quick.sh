@@ -3,7 +3,8 @@
 # (or, with CLUSTER=1, of three peers on 127.0.0.1 and a cluster mount,
 # copies 3) between source trees (default: this one), or one tree with
 # different mount options ("$PWD::--write-behind 0"). For each in turn: mount a
-# fresh pool with that tree's code, fill a 1 GiB VDI sequentially (1 MiB, qd 8),
+# fresh pool with that tree's code, fill a 1 GiB VDI sequentially (1 MiB, qd 8;
+# the file pre-sized first, so every object is created and nothing grows it),
 # then 4 KiB random writes and reads at qd 16, a 64 KiB 70/30 mix at qd 8, 4 KiB
 # random writes with an fsync every 32 at qd 16 and at qd 1 (flush32,
 # flush32q1: as a guest flushes) and a sequential read, RUNTIME seconds each (default 10), O_DIRECT, libaio.
@@ -57,6 +58,7 @@ one() {  # one TREE[::OPTS] ROUND
     echo "$mpid ${ppids[*]}" > "$WORK.pids"
     for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
     local f=$WORK/mnt/q.img line="$(basename "$1")${3:+ [$3]} r$2"
+    truncate -s 1G "$f"
     for j in "seqwrite --rw=write --bs=1M --iodepth=8" "randwrite --rw=randwrite --bs=4k --iodepth=16" \
              "randread --rw=randread --bs=4k --iodepth=16" "randrw70 --rw=randrw --rwmixread=70 --bs=64k --iodepth=8" \
              "flush32 --rw=randwrite --bs=4k --iodepth=16 --fsync=32" \

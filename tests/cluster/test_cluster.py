@@ -4,6 +4,7 @@ import threading
 import pytest
 
 from vdifs.model.cluster import ClusterMap
+from vdifs.model.ids import unpack_oid
 from vdifs.model.placement import placement
 from tests.e2e.conftest import OBJ, FioVerify, need, read_at, run, write_at
 
@@ -227,3 +228,49 @@ def test_cluster_cli_errors_are_one_line(cluster, tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr and "no peer answered" in res.stderr
     res = vdifs("cluster", "info", "--secret-file", str(tmp_path / "missing"), "--cluster", p.address, check=False)
     assert res.returncode == 1 and "no secret file" in res.stderr
+
+
+def test_large_writes_are_cached_only_where_reads_go(cluster):
+    """Sequential 1 MiB writes land in the page cache of each object's first
+    replica (which serves its reads) and past it on the others; the data
+    reads back whole, from the mount and from every replica's file."""
+    import hashlib
+    import mmap
+
+    from vdifs.store import files
+
+    cluster.format(3, copies=3)
+    m = cluster.mount("a")
+    mib, size = 1 << 20, 16 << 20
+    data = os.urandom(size)
+    with open(m.path("seq.img"), "wb") as f:
+        f.truncate(size)
+    buf = mmap.mmap(-1, mib)
+    fd = os.open(m.path("seq.img"), os.O_WRONLY | os.O_DIRECT)
+    try:
+        for off in range(0, size, mib):
+            buf[:] = data[off:off + mib]
+            assert os.pwritev(fd, [buf], off) == mib
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    vid = m.vid("seq.img")
+    cmap = local_map(cluster.peers[0])
+    by_id = {p.peer_id: p for p in cluster.peers}
+    names = cluster.peers[0].object_files(vid)
+    assert len(names) == size // OBJ
+    for name in sorted(names):
+        oid = int(name, 16)
+        first = placement(cmap, oid, 1)[0]
+        chunk = data[unpack_oid(oid)[2] * OBJ:][:OBJ]
+        for pid in placement(cmap, oid, 3):
+            path = os.path.join(by_id[pid].store, "obj", f"{vid:06x}", name)
+            ofd = os.open(path, os.O_RDONLY)
+            try:
+                cached = files.read_nowait(ofd, 0, OBJ) is not None
+                assert cached == (pid == first), (name, pid, first)
+                assert os.pread(ofd, OBJ, 0) == chunk, (name, pid)
+            finally:
+                os.close(ofd)
+    with open(m.path("seq.img"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()

@@ -206,6 +206,6 @@ class PeerDaemon:
                              "elapsed": trio.current_time() - r.started if r.running else 0.0},
                 "epoch": st.epoch(), "total": total, "free": free,
                 "reserve": st.store.reserve.reserve if st.store.reserve is not None else 0,
-                "refused_for_space": st.store.space_refusals,
+                "refused_for_space": st.store.space_refusals, "direct_writes": st.store.direct_writes,
                 "vids": len(await st.store.list_vids()), "meta": bool(st.cmap and st.peer_id in st.cmap.meta),
                 "answered_at_once": st.server.fast_answers if st.server is not None else 0}

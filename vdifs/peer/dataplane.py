@@ -21,8 +21,10 @@ import trio
 from vdifs.errors import ChecksumError, InvalidArgument, ObjectNotFound, VdifsError
 from vdifs.fsutil import atomic_write
 from vdifs.model.ids import OBJECT_SIZE, vid_of
+from vdifs.model.placement import placement
 from vdifs.peer.recovery import Recovery
 from vdifs.peer.state import PeerState
+from vdifs.store.files import DIRECT_MIN
 from vdifs.store.objects import INLINE_WRITE_MAX
 from vdifs.wire import args as arg
 from vdifs.wire import objlist
@@ -32,6 +34,8 @@ log = logging.getLogger("vdifs.peer")
 
 #: offsets, lengths and sizes: within one object (plus slack), as always accepted
 SPAN = 1 << 23
+#: how many objects' "do we serve its reads" answers are remembered per epoch
+READERS_KEPT = 1 << 16
 #: epochs, vids, kinds and lease generations: any integer msgpack carries (today's
 #: range; tighter bounds are the strict-validation issue's to set)
 ANY_INT = -(1 << 63)
@@ -50,6 +54,8 @@ class DataPlane:
         self._fence_lock = trio.Lock()
         self._changing: dict[int, int] = {}  # epoch -> object changes admitted at it and still running
         self._landed: trio.Event | None = None  # set when an epoch's last change lands, if anyone waits
+        self._reads_here: dict[int, bool] = {}  # oid -> whether mounts read it from us, at _reads_epoch
+        self._reads_epoch = -1
 
     def load_fences(self) -> None:
         """Read the durable fences (blocking I/O)."""
@@ -170,12 +176,32 @@ class DataPlane:
         self.peer.journal.record(cmap.epoch, oid)  # before the change, as in _mutation
         return None if self.store.write_now(oid, offset, data) else NOT_NOW
 
+    def _cache(self, oid: int, nbytes: int) -> bool:
+        """Whether a write should stay in our page cache: small ones always;
+        large ones only where mounts read the object, its first replica. The
+        other replicas write them past the cache (`files.DIRECT_MIN`): the
+        kernel's fresh page per 4 KiB was most of a sequential write's CPU, for
+        data no one reads from there."""
+        if nbytes < DIRECT_MIN:
+            return True
+        cmap = self.peer.need_map()
+        if cmap.epoch != self._reads_epoch or len(self._reads_here) >= READERS_KEPT:
+            self._reads_here.clear()
+            self._reads_epoch = cmap.epoch
+        here = self._reads_here.get(oid)
+        if here is None:
+            first = placement(cmap, oid, 1)  # the first replica does not depend on the copies
+            here = self._reads_here[oid] = first == [self.peer.peer_id]
+        return here
+
     async def h_write(self, args: dict[str, Any], s: Session) -> None:
         oid, offset, data = self._placed_data(args)
         await self._mutation(args, oid)
+        cache = self._cache(oid, len(data))
         epoch = self._admit()
         try:
-            await self.recovery.recovering_first(oid, lambda: self.store.write(oid, offset, data), admitted=epoch)
+            await self.recovery.recovering_first(oid, lambda: self.store.write(oid, offset, data, cache),
+                                                 admitted=epoch)
         finally:
             self._land(epoch)
 
@@ -186,9 +212,10 @@ class DataPlane:
             raise InvalidArgument(f"object size {size} must hold the data and be at most {OBJECT_SIZE}")
         exclusive = arg.flag(args, "exclusive")
         await self._mutation(args, oid)
+        cache = self._cache(oid, len(data))
         epoch = self._admit()
         try:
-            await self.store.create(oid, offset, data, size, exclusive=exclusive)
+            await self.store.create(oid, offset, data, size, exclusive=exclusive, cache=cache)
         finally:
             self._land(epoch)
 

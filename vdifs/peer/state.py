@@ -38,7 +38,7 @@ class PeerState:
         self.weight = weight
         self.secret_file = secret_file
         self.peer_id = ""
-        self.store = ObjectStore(self.root, reserve)
+        self.store = ObjectStore(self.root, reserve, direct=True)
         self.meta_dir = os.path.join(self.root, "meta")
         self.journal = ChangeJournal(self.root)
         self.creds: Credentials | None = None

@@ -5,11 +5,90 @@ here so callers see whole buffers."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import threading
 
 from vdifs.errors import ChecksumError, NoSpace, PoolError
 from vdifs.store import checksums
 from vdifs.store.checksums import BLOCK, CLEAN, XATTR
+
+
+#: Writes of at least this many bytes, aligned to `DIRECT_ALIGN`, may go past
+#: the page cache (O_DIRECT): a buffered write of new data costs the kernel a
+#: fresh page-cache page per 4 KiB (allocation, charge, copy, writeback),
+#: 1.5-2 ms of CPU per MiB on the machine measured against 0.15 ms direct.
+DIRECT_MIN = 256 << 10
+DIRECT_ALIGN = 4096
+
+
+class _AlignedBuffer(threading.local):
+    """Per worker thread, one page-aligned buffer that direct writes copy
+    through (received data lies anywhere in memory; O_DIRECT needs aligned
+    memory). Kept, so its pages stay mapped."""
+    buf: mmap.mmap | None = None
+
+    def get(self, n: int) -> mmap.mmap:
+        if self.buf is None or len(self.buf) < n:
+            self.buf = mmap.mmap(-1, max(n, 1 << 20))
+        return self.buf
+
+
+_aligned = _AlignedBuffer()
+
+
+def direct_works(folder: str) -> bool:
+    """Whether files in `folder` take O_DIRECT writes (tmpfs before Linux 6.6
+    refuses the open, some file systems the transfer)."""
+    probe = os.path.join(folder, ".direct-probe")
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    dfd = _open_direct(fd)
+    try:
+        if dfd is None:
+            return False
+        os.ftruncate(fd, DIRECT_ALIGN)
+        _pwrite_direct(dfd, fd, 0, b"\xa5" * DIRECT_ALIGN)
+        return os.pread(fd, DIRECT_ALIGN, 0) == b"\xa5" * DIRECT_ALIGN
+    except OSError:
+        return False
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+        os.close(fd)
+        os.unlink(probe)
+
+
+def direct_ok(offset: int, length: int) -> bool:
+    return length >= DIRECT_MIN and not (offset | length) % DIRECT_ALIGN
+
+
+def _open_direct(fd: int) -> int | None:
+    """Another descriptor of fd's inode, for writing with O_DIRECT (its own
+    file status flags: reads through fd stay cached); None where it cannot
+    be had (no /proc, a file system that refuses O_DIRECT)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _pwrite_direct(dfd: int, fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+    """Write aligned `data` at `offset` through dfd, fd's O_DIRECT twin."""
+    n = len(data)
+    view = memoryview(_aligned.get(n))
+    try:
+        view[:n] = data
+        done = 0
+        while done < n:
+            if done % DIRECT_ALIGN:  # a short write left the rest unaligned: finish it cached
+                pwrite_full(fd, offset + done, view[done:n])
+                return
+            done += os.pwrite(dfd, view[done:n], offset + done)
+    finally:
+        view.release()
 
 
 def pread_full(fd: int, offset: int, length: int) -> bytes:
@@ -40,7 +119,17 @@ def pread_all(fd: int) -> bytes:
 WRITE_PIECE = 64 << 10
 
 
-def pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+def pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview, direct: bool = False) -> None:
+    """Write all of `data` at `offset`; `direct`: past the page cache if it is
+    large and aligned enough (`direct_ok`)."""
+    if direct and direct_ok(offset, len(data)):
+        dfd = _open_direct(fd)
+        if dfd is not None:
+            try:
+                _pwrite_direct(dfd, fd, offset, data)
+            finally:
+                os.close(dfd)
+            return
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view[:WRITE_PIECE], offset)
@@ -95,7 +184,8 @@ class NotCached(Exception):
 
 
 def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
-                     table: list[int], mark_dirty: bytes | None, *, nowait: bool = False) -> list[int]:
+                     table: list[int], mark_dirty: bytes | None, *, nowait: bool = False,
+                     direct: bool = False) -> list[int]:
     """Write `data` and return the CRCs of the blocks it touched. The old
     contents of partly written blocks are verified first: a write must not
     bless rotten bytes around it with a fresh checksum.
@@ -103,9 +193,10 @@ def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
     `nowait`: read around only from the page cache, raising NotCached
     (before anything is written) when a block is not there."""
     start, end = checksums.covering(offset, len(data))
-    buf = bytearray(end - start)
     head, tail = offset - start, offset + len(data)
+    buf: bytes | bytearray | memoryview = data  # whole blocks: their CRCs are the data's
     if head or tail < end:
+        buf = bytearray(end - start)
         for b0, b1 in {(start, start + BLOCK), (end - BLOCK, end)}:
             if (b0 < offset) or (b1 > tail):
                 if nowait:
@@ -119,7 +210,7 @@ def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
                 if bad is not None:
                     raise ChecksumError(f"block {bad} does not match its checksum")
                 buf[b0 - start:b1 - start] = old
-    buf[head:head + len(data)] = data
+        buf[head:head + len(data)] = data
     if mark_dirty is not None:  # only after the checks: a DIRTY table is rebuilt from the data
         os.setxattr(fd, XATTR, mark_dirty)
         # Durable before the data changes: the file system may write an
@@ -128,7 +219,7 @@ def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
         # matches (false corruption). The file has no other dirty data (its
         # table was CLEAN), so this is one journal commit per object per sync.
         os.fsync(fd)
-    pwrite_full(fd, offset, data)
+    pwrite_full(fd, offset, data, direct)
     return checksums.crcs_of(buf)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import resource
@@ -85,9 +86,11 @@ class _Handle:
 
 
 class ObjectStore:
-    def __init__(self, root: str, reserve: int | None = None) -> None:
+    def __init__(self, root: str, reserve: int | None = None, direct: bool = False) -> None:
         """`reserve`: bytes of the file system that data writes leave free
-        (None: the default for its size, see `store.reserve`)."""
+        (None: the default for its size, see `store.reserve`). `direct`: writes
+        made with `cache=False` go past the page cache when they are large and
+        aligned (`files.DIRECT_MIN`) and the file system can."""
         self.root = os.path.abspath(root)
         self._reserve_setting = reserve
         self.reserve: SpaceReserve | None = None  # set by open()
@@ -100,6 +103,8 @@ class ObjectStore:
         self.nowait_reads = 0
         self.inline_writes = 0
         self._inline_paused_until = 0.0
+        self.direct = direct  # False after open() on a file system without O_DIRECT
+        self.direct_writes = 0
         self.checksums = True  # False on a file system without user xattrs
         self.checksum_errors = 0
         self._moving = 0  # renames of object files in progress
@@ -123,6 +128,10 @@ class ObjectStore:
             self.checksums = False
             log.warning("store %s: the file system has no user extended attributes: "
                         "replicas are stored without checksums", self.root)
+        if self.direct and not files.direct_works(self.root):
+            self.direct = False
+            log.info("store %s: the file system cannot do O_DIRECT: large transfers stay in the page cache",
+                     self.root)
 
     # -- paths -------------------------------------------------------------
 
@@ -283,22 +292,25 @@ class ObjectStore:
             raise NoSpace(f"store {self.root} is at its reserve ({reserve >> 20} MiB left for "
                           f"metadata): object {oid:016x} not written")
 
-    async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write into an existing object; ObjectNotFound if it does not exist."""
+    async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview, cache: bool = True) -> None:
+        """Write into an existing object; ObjectNotFound if it does not exist.
+        `cache=False`: no one is expected to read the data from here soon."""
+        direct = self._direct(offset, data, cache)
         self._admit_data(oid, len(data))
         h = await self._acquire(oid)
         try:
             if len(data) <= INLINE_WRITE_MAX and self._write_inline(oid, h, offset, data):
                 return
             if not self.checksums:
-                await self._io.run(files.pwrite_full, h.fd, offset, data)
+                await self._io.run(files.pwrite_full, h.fd, offset, data, direct)
                 return
             async with h.lock:  # the table follows the data in the order the writes happened
                 mark = checksums.encode(h.table, DIRTY) if h.clean_on_disk else None
                 h.writes += 1
                 h.inflight += 1
                 try:
-                    crcs = await self._io.run(files.write_block_crcs, h.fd, offset, data, h.table, mark)
+                    crcs = await self._io.run(
+                        functools.partial(files.write_block_crcs, direct=direct), h.fd, offset, data, h.table, mark)
                 except ChecksumError:
                     raise  # nothing written; the rotten replica keeps its table (never rebuilt from rot)
                 except BaseException:
@@ -315,6 +327,13 @@ class ObjectStore:
             raise files.os_error(e, f"writing object {oid:016x}") from None
         finally:
             self._release(h)
+
+    def _direct(self, offset: int, data: bytes | bytearray | memoryview, cache: bool) -> bool:
+        """Whether a write goes past the page cache (counted if so)."""
+        if cache or not self.direct or not files.direct_ok(offset, len(data)):
+            return False
+        self.direct_writes += 1
+        return True
 
     def _cached_handle(self, oid: int) -> _Handle | None:
         """The open handle of an object, if one is cached and usable without
@@ -410,7 +429,7 @@ class ObjectStore:
         return True
 
     def _create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
-                exclusive: bool) -> tuple[int, bool, list[int]]:
+                exclusive: bool, direct: bool) -> tuple[int, bool, list[int]]:
         path = self.path(oid)
         made_dir = False
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
@@ -426,26 +445,29 @@ class ObjectStore:
                 # The new table, marked DIRTY, before any byte changes: a crash
                 # anywhere below leaves a table that is rebuilt, never trusted.
                 start, end = checksums.covering(offset, len(data))
-                region = bytearray(end - start)
-                region[offset - start:offset - start + len(data)] = data
+                if start == offset and end == offset + len(data) <= size:  # whole blocks: no copy
+                    crcs = checksums.crcs_of(data)
+                else:
+                    region = bytearray(end - start)
+                    region[offset - start:offset - start + len(data)] = data
+                    crcs = checksums.crcs_of(memoryview(region)[:max(0, min(end, size) - start)])
                 table = [checksums.ZERO_CRC] * checksums.blocks_of(size)
-                crcs = checksums.crcs_of(region[:max(0, min(end, size) - start)])
                 table[start // BLOCK:start // BLOCK + len(crcs)] = crcs
                 os.setxattr(fd, XATTR, checksums.encode(table, DIRTY))
             os.ftruncate(fd, 0)
             os.ftruncate(fd, size)
-            files.pwrite_full(fd, offset, data)
+            files.pwrite_full(fd, offset, data, direct)
         except BaseException:
             os.close(fd)
             raise
         return fd, made_dir, table
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
-                     exclusive: bool = False) -> None:
+                     exclusive: bool = False, cache: bool = True) -> None:
         """Create or replace an object: `size` bytes, zero except `data` at `offset`.
 
         `exclusive`: fail with ObjectExists instead of replacing (shared VDIs,
-        where another mount may have created it a moment ago)."""
+        where another mount may have created it a moment ago). `cache`: as in `write`."""
         self._admit_data(oid, len(data))
         old = self._handles.get(oid)
         if old is not None:
@@ -456,7 +478,8 @@ class ObjectStore:
                     old.writes += 1
                     old.inflight += 1  # reads meanwhile cannot be verified
                 try:
-                    fd, made_dir, table = await self._io.run(self._create, oid, offset, data, size, exclusive)
+                    fd, made_dir, table = await self._io.run(self._create, oid, offset, data, size, exclusive,
+                                                           self._direct(offset, data, cache))
                 except FileExistsError:
                     raise ObjectExists(f"object {oid:016x} exists") from None
                 except OSError as e:
@@ -770,7 +793,7 @@ class ObjectStore:
 
     def io_stats(self) -> dict[str, int]:
         return {"nowait_reads": self.nowait_reads, "inline_writes": self.inline_writes,
-                "checksum_errors": self.checksum_errors,
+                "checksum_errors": self.checksum_errors, "direct_writes": self.direct_writes,
                 "thread_calls": self._io.calls,
                 "thread_hops": self._io.hops, "open_files": len(self._handles)}
 
