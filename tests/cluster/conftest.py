@@ -110,10 +110,11 @@ class Cluster:
         p.start(*extra)
         return p
 
-    def format(self, n: int, copies: int = 3, min_copies: int | None = None) -> None:
-        first = self.add_peer()
+    def format(self, n: int, copies: int = 3, min_copies: int | None = None,
+               peer_options: tuple[str, ...] = ()) -> None:
+        first = self.add_peer(*peer_options)
         for _ in range(n - 1):
-            self.add_peer("--join", first.address)
+            self.add_peer("--join", first.address, *peer_options)
         wait_for(lambda: all("will join at format time" in first.log_text().split(p.peer_id, 1)[-1]
                              for p in self.peers[1:]) if n > 1 else True, 20, "pending joins")
         extra = ("--min-copies", str(min_copies)) if min_copies else ()

@@ -230,16 +230,19 @@ def test_cluster_cli_errors_are_one_line(cluster, tmp_path):
     assert res.returncode == 1 and "no secret file" in res.stderr
 
 
-def test_large_writes_are_cached_only_where_reads_go(cluster):
-    """Sequential 1 MiB writes land in the page cache of each object's first
-    replica (which serves its reads) and past it on the others; the data
-    reads back whole, from the mount and from every replica's file."""
+@pytest.mark.parametrize("uncached", [False, True])
+def test_large_writes_are_cached_only_where_reads_go(cluster, uncached):
+    """With --uncached-replica-writes, sequential 1 MiB writes land in the
+    page cache of each object's first replica (which serves its reads) and
+    past it on the others; without it, on every replica (random writes that
+    follow find their blocks there). The data reads back whole, from the
+    mount and from every replica's file."""
     import hashlib
     import mmap
 
     from vdifs.store import files
 
-    cluster.format(3, copies=3)
+    cluster.format(3, copies=3, peer_options=("--uncached-replica-writes",) if uncached else ())
     m = cluster.mount("a")
     mib, size = 1 << 20, 16 << 20
     data = os.urandom(size)
@@ -268,7 +271,7 @@ def test_large_writes_are_cached_only_where_reads_go(cluster):
             ofd = os.open(path, os.O_RDONLY)
             try:
                 cached = files.read_nowait(ofd, 0, OBJ) is not None
-                assert cached == (pid == first), (name, pid, first)
+                assert cached == (pid == first or not uncached), (name, pid, first)
                 assert os.pread(ofd, OBJ, 0) == chunk, (name, pid)
             finally:
                 os.close(ofd)

@@ -70,6 +70,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="free space VDI data never takes, kept for object maps, consensus and journals, "
                         "so a full pool still closes files and deletes VDIs (default: 2%% of the store's "
                         "file system, 1 MiB to 1 GiB)")
+    p.add_argument("--uncached-replica-writes", action="store_true",
+                   help="write large data (256 KiB or more) past the page cache on every replica but an "
+                        "object's first (the one mounts read from): sequential writes need far less CPU, "
+                        "but random writes soon after are slower (see docs/architecture.md, design change 34)")
     p.add_argument("--cpu-policy", default="batch", choices=sorted(CPU_POLICIES),
                    help="Linux scheduling policy of the peer's threads (default: batch: a peer woken "
                         "by a request does not preempt the mount or guest that sent it; see "
@@ -146,7 +150,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
     set_cpu_policy(args.cpu_policy)  # before trio starts threads: they inherit it
     daemon = PeerDaemon(args.store, args.listen, join=args.join, zone=args.zone, weight=args.weight,
                         secret_file=args.secret_file, recovery_rate=args.recovery_rate * 1e6,
-                        recovery_reserve=args.recovery_reserve, reserve=args.reserve)
+                        recovery_reserve=args.recovery_reserve, reserve=args.reserve,
+                        uncached_replica_writes=args.uncached_replica_writes)
     trio.run(daemon.run)
     return 0
 

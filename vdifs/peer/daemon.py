@@ -61,10 +61,10 @@ class PeerDaemon:
     def __init__(self, store_dir: str, listen: str, *, join: str | None = None, zone: str = "",
                  weight: float = DEFAULT_WEIGHT, secret_file: str | None = None,
                  recovery_rate: float = DEFAULT_RATE, recovery_reserve: int = DEFAULT_RESERVE,
-                 reserve: int | None = None) -> None:
+                 reserve: int | None = None, uncached_replica_writes: bool = False) -> None:
         self.join = join
         self.state = PeerState(store_dir, listen, zone=zone, weight=weight, secret_file=secret_file,
-                               reserve=reserve)
+                               reserve=reserve, direct=uncached_replica_writes)
         self.membership = Membership(self.state)
         self.recovery = Recovery(self.state, rate=recovery_rate, reserve=recovery_reserve)
         self.data = DataPlane(self.state, self.recovery)

@@ -181,8 +181,10 @@ class DataPlane:
         large ones only where mounts read the object, its first replica. The
         other replicas write them past the cache (`files.DIRECT_MIN`): the
         kernel's fresh page per 4 KiB was most of a sequential write's CPU, for
-        data no one reads from there."""
-        if nbytes < DIRECT_MIN:
+        data no one reads from there. Only with `--uncached-replica-writes`:
+        the replicas that skip the cache must read blocks back from disk for
+        the random writes that follow."""
+        if nbytes < DIRECT_MIN or not self.store.direct:
             return True
         cmap = self.peer.need_map()
         if cmap.epoch != self._reads_epoch or len(self._reads_here) >= READERS_KEPT:

@@ -31,14 +31,16 @@ log = logging.getLogger("vdifs.peer")
 
 class PeerState:
     def __init__(self, store_dir: str, listen: str, *, zone: str = "", weight: float = 1.0,
-                 secret_file: str | None = None, reserve: int | None = None) -> None:
+                 secret_file: str | None = None, reserve: int | None = None, direct: bool = False) -> None:
+        """`direct`: large writes of replicas that serve no reads go past the
+        page cache (`vdifs peer --uncached-replica-writes`)."""
         self.root = os.path.abspath(store_dir)
         self.listen = listen
         self.zone = zone
         self.weight = weight
         self.secret_file = secret_file
         self.peer_id = ""
-        self.store = ObjectStore(self.root, reserve, direct=True)
+        self.store = ObjectStore(self.root, reserve, direct=direct)
         self.meta_dir = os.path.join(self.root, "meta")
         self.journal = ChangeJournal(self.root)
         self.creds: Credentials | None = None
