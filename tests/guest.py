@@ -7,11 +7,18 @@ The initramfs is built once per kernel and cached (GUEST_CACHE). Workloads:
 - `counter`: write "vdifs NNNNNNNN" to sector N % 20000 of /dev/vda with
   O_DIRECT, N = 1, 2, ... forever, printing "wrote N" to the serial console
   every 50 writes and "ERR N" when a write fails.
+- `fill`: write MiB i of /dev/vda (O_DIRECT) with "block NNNNNNNN" and
+  zeros, i = 0 .. vdifs.blocks - 1, printing "filled i" after each and
+  "ERR i" on a failure (then stopping), "done N" at the end, then power off.
+
+The cached initramfs is named by the kernel and a hash of /init, so a
+changed workload is never run from an old image.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +51,21 @@ if [ "$w" = counter ]; then
         [ $((i % 50)) = 0 ] && echo "wrote $i" > /dev/ttyS0
     done
 fi
+if [ "$w" = fill ]; then
+    n=$(sed -n 's/.*vdifs.blocks=\([0-9]*\).*/\1/p' /proc/cmdline)
+    i=0
+    while [ $i -lt $n ]; do
+        if ! printf 'block %08d\n' $i | dd of=/dev/vda bs=1M seek=$i count=1 conv=sync,notrunc oflag=direct \
+                2>/tmp/dd.err; then
+            cat /tmp/dd.err > /dev/ttyS0
+            echo "ERR $i" > /dev/ttyS0
+            break
+        fi
+        echo "filled $i" > /dev/ttyS0
+        i=$((i + 1))
+    done
+    echo "done $i" > /dev/ttyS0
+fi
 poweroff -f
 """
 
@@ -60,7 +82,9 @@ def kernel() -> tuple[str, str]:
 def initramfs() -> str:
     """Build (once, cached) and return the guest's initramfs."""
     vmlinuz, moddir = kernel()
-    out = os.path.join(GUEST_CACHE, os.path.basename(moddir) + ".cpio.gz")
+    init = INIT.replace("MODULES", " ".join(MODULES))
+    tag = hashlib.sha256(init.encode()).hexdigest()[:12]
+    out = os.path.join(GUEST_CACHE, f"{os.path.basename(moddir)}-{tag}.cpio.gz")
     if os.path.exists(out):
         return out
     os.makedirs(GUEST_CACHE, exist_ok=True)
@@ -80,7 +104,7 @@ def initramfs() -> str:
             with open(dst, "wb") as f:
                 subprocess.run([tool, "-dc", src[0]], stdout=f, check=True)
     with open(os.path.join(root, "init"), "w") as f:
-        f.write(INIT.replace("MODULES", " ".join(MODULES)))
+        f.write(init)
     os.chmod(os.path.join(root, "init"), 0o755)
     tmp = out + ".tmp"
     subprocess.run(f"cd {root} && find . | cpio -o -H newc --quiet | gzip -1 > {tmp}", shell=True, check=True)
@@ -138,14 +162,14 @@ class Guest:
     """One QEMU process running the test guest; killed by pid on stop()."""
 
     def __init__(self, workdir: str, name: str, disk_args: list[str], workload: str,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, cmdline: str = "") -> None:
         self.qmp_path = os.path.join(workdir, f"{name}.qmp")
         self.serial = os.path.join(workdir, f"{name}.serial")
         self.stderr = os.path.join(workdir, f"{name}.stderr")
         vmlinuz, _ = kernel()
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "192", "-smp", "1",
                 "-kernel", vmlinuz, "-initrd", initramfs(),
-                "-append", f"console=ttyS0 quiet panic=-1 vdifs.workload={workload}",
+                "-append", f"console=ttyS0 quiet panic=-1 vdifs.workload={workload} {cmdline}".strip(),
                 "-display", "none", "-no-reboot", "-serial", f"file:{self.serial}",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *disk_args, *(extra or [])]
         with open(self.stderr, "w") as err:

@@ -743,3 +743,52 @@ def mmap_aligned(n: int):
     m = mmap.mmap(-1, n)  # page-aligned, as O_DIRECT wants
     m.write(os.urandom(n))
     return m
+
+
+@pytest.mark.parametrize("form", ["drive", "blockdev"])
+def test_a_guest_that_fills_the_pool_pauses_and_resumes_when_space_is_freed(cluster, small_stores, tmp_path, form):
+    """A real QEMU guest writes its disk until the pool is full: QEMU pauses
+    it (the write failed with ENOSPC, its default werror=enospc), QMP says
+    io-error / nospace, every peer lives. Another VDI is deleted to make room
+    (deletes work on a full pool); `cont` resumes the guest, which finishes,
+    and every block it wrote reads back."""
+    from tests.guest import Guest
+
+    from .test_migration import disk
+
+    cluster.format(3, copies=3)
+    m = cluster.mount("a")
+    with open(m.path("ballast"), "wb") as f:
+        f.write(os.urandom(40 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    blocks = 72  # more than fits beside the ballast, less than fits without it
+    with open(m.path("vm"), "wb") as f:
+        f.truncate(blocks << 20)
+    g = Guest(str(tmp_path), "fill", disk(form, m.path("vm")), "fill", cmdline=f"vdifs.blocks={blocks}")
+    try:
+        wait_for(lambda: g.qmp.cmd("query-status")["status"] != "running" or "done" in g.console(), 180,
+                 "the guest paused on a full pool")
+        status = g.qmp.cmd("query-status")
+        assert status["status"] == "io-error" and not status["running"], (status, g.console()[-2000:])
+        assert [b.get("io-status") for b in g.qmp.cmd("query-block") if b.get("inserted")] == ["nospace"]
+        filled = g.console().count("filled ")
+        assert 10 < filled < blocks and not g.errors(), g.console()[-2000:]
+        assert all(p.proc.poll() is None for p in cluster.peers)
+
+        ballast = m.vid("ballast")
+        os.unlink(m.path("ballast"))
+        wait_for(lambda: not any(p.object_files(ballast) for p in cluster.peers), 60, "the ballast's objects freed")
+        g.qmp.cmd("cont")
+        wait_for(lambda: f"done {blocks}" in g.console() or g.errors()
+                 or g.qmp.cmd("query-status")["status"] == "io-error", 180, "the guest finished")
+        assert not g.errors() and f"done {blocks}" in g.console(), g.console()[-2000:]
+        g.proc.wait(60)  # it powers off
+    finally:
+        g.stop()
+    fd = os.open(m.path("vm"), os.O_RDONLY)
+    try:
+        for i in range(blocks):
+            assert os.pread(fd, 16, i << 20) == b"block %08d\n\0" % i, i
+    finally:
+        os.close(fd)

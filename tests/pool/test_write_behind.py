@@ -10,7 +10,7 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from vdifs.client.snapshots import Snapshots
-from vdifs.errors import PoolError
+from vdifs.errors import NoSpace, PoolError
 from vdifs.model.ids import ObjectKind
 
 from .conftest import make_catalog
@@ -58,13 +58,13 @@ class RefusedWrites:
     """The pool refuses writes to data objects while `on`, as a failing
     disk or a peer that fenced our lease generation does."""
 
-    def __init__(self, cat, monkeypatch, why: str) -> None:
+    def __init__(self, cat, monkeypatch, why: str, error: type[Exception] = PoolError) -> None:
         self.on = True
         real_write = cat.pool.write
 
         async def write(oid, *args, **kwargs):
             if self.on and oid >> 56 == ObjectKind.DATA:
-                raise PoolError(f"injected: {why}")
+                raise error(f"injected: {why}")
             return await real_write(oid, *args, **kwargs)
 
         monkeypatch.setattr(cat.pool, "write", write)
@@ -171,6 +171,28 @@ async def test_a_failed_write_back_fails_the_flush_and_the_next_flush_retries(st
     assert not vol.window and await stored(store_dir, vol.vid, 0, 5) == b"again"
     assert not vol.window
     assert await stored(store_dir, vol.vid, 0, 5) == b"again"
+
+
+async def test_a_full_pool_fails_later_writes_with_enospc_until_there_is_room(store_dir, nursery, monkeypatch):
+    """A write-back refused for space: the writer's next write and the flush
+    see ENOSPC, not EIO (QEMU pauses the guest on ENOSPC). When QEMU resumes
+    the guest it sends the failed write again without a flush first: once
+    there is room, that write itself gets the window written back."""
+    cat, vol = await open_volume(store_dir, nursery)
+    await vol.write(0, b"first", behind=True)
+    await vol.flush()
+    full = RefusedWrites(cat, monkeypatch, "the pool is full", NoSpace)
+    await vol.write(0, b"again", behind=True)
+    await wait_all_tasks_blocked()  # the drainer tried and failed
+    with pytest.raises(NoSpace):
+        await vol.write(OBJ, b"more", behind=True)
+    with pytest.raises(NoSpace):
+        await vol.flush()
+    full.on = False  # room again (a VDI was deleted)
+    await vol.write(OBJ, b"more", behind=True)
+    await vol.flush()
+    assert not vol.window
+    assert await stored(store_dir, vol.vid, 0, 5) == b"again" and await stored(store_dir, vol.vid, OBJ, 4) == b"more"
 
 
 async def test_a_fenced_volume_drops_its_window_and_fails_the_flush(store_dir, nursery):

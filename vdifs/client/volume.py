@@ -32,7 +32,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from vdifs.client.pool import ObjectPool
-from vdifs.errors import InvalidArgument, ObjectExists, ObjectNotFound, PoolError, TooLarge, VdifsError
+from vdifs.errors import InvalidArgument, NoSpace, ObjectExists, ObjectNotFound, PoolError, TooLarge, VdifsError
 from vdifs.model.directory import VdiRecord, check_size
 from vdifs.model.extents import Extent, objects_for_size, split_extents
 from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid, map_oid, unpack_oid
@@ -370,6 +370,11 @@ class Volume:
         not overtake them) once the round that takes it has written it."""
         end = offset + len(data)
         self._check_range(offset, end)
+        if isinstance(self._drain_error, NoSpace):
+            # The pool was full. QEMU paused the guest on that ENOSPC and sends
+            # this write again on `cont`, with no flush first: try the window
+            # again now (room may have been made); ENOSPC again if not.
+            await self._drain_window()
         self._raise_if_drain_failed()  # a write-back failed: EIO until a flush gets it written
         await self._admit_change()
         try:
@@ -403,8 +408,14 @@ class Volume:
 
     def _raise_if_drain_failed(self) -> None:
         if self._drain_error is not None:
-            raise PoolError(f"vid {self.vid}: acknowledged writes could not be written back "
-                            f"({self._drain_error}); a flush retries them")
+            raise self._write_back_error(f"vid {self.vid}: acknowledged writes could not be written back "
+                                         f"({self._drain_error}); a flush retries them")
+
+    def _write_back_error(self, message: str) -> PoolError | NoSpace:
+        """What a failed write-back makes the writer see: ENOSPC stays ENOSPC
+        (QEMU pauses the guest on it, and resumes it when told), anything
+        else is an I/O error."""
+        return NoSpace(message) if isinstance(self._drain_error, NoSpace) else PoolError(message)
 
     def _kick(self) -> None:
         """Start the drainer unless it runs (or a failure stopped it until the next flush)."""
@@ -418,8 +429,8 @@ class Volume:
         while self._rounds_done < target and self._drain_failures == failures:
             await self._window_event().wait()
         if self._drain_failures != failures:
-            raise PoolError(f"vid {self.vid}: acknowledged writes could not be written back"
-                            + (f" ({self._drain_error})" if self._drain_error else ""))
+            raise self._write_back_error(f"vid {self.vid}: acknowledged writes could not be written back"
+                                         + (f" ({self._drain_error})" if self._drain_error else ""))
 
     async def _drain_window(self) -> None:
         """Write back everything the window held when called (retrying what
