@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 MOUNTPOINT ?= /mnt/vdis
-APT_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-venv libisal-dev qemu-utils fio e2fsprogs attr util-linux \
+APT_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-venv libisal-dev qemu-utils fio e2fsprogs attr util-linux iproute2 \
 	qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio
 PYTEST_ARGS ?=
 

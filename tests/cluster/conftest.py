@@ -17,6 +17,9 @@ import time
 import pytest
 
 from tests.e2e.conftest import MountProc, run
+from vdifs.model.cluster import ClusterMap
+from vdifs.model.placement import placement
+from tests.netns import Host, Net, available as netns_available
 
 
 def free_port() -> int:
@@ -37,23 +40,46 @@ def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:
         time.sleep(0.1)
 
 
+def peer_states(cluster: Cluster) -> dict[str, str]:
+    return {p["address"]: p["state"] for p in cluster.info()["peers"]}
+
+
+def current_map(peer: PeerProc) -> ClusterMap:
+    with open(os.path.join(peer.store, "meta", "cluster_map"), "rb") as f:
+        return ClusterMap.decode(f.read())
+
+
+def fully_replicated(peers: list[PeerProc], vid: int) -> bool:
+    """Every object of `vid` that any peer holds is on each peer placement names."""
+    cmap = current_map(peers[0])
+    by_id = {p.peer_id: p for p in peers}
+    objects = set().union(*(p.object_files(vid, kind="") for p in peers))
+    return bool(objects) and all(fname in by_id[pid].object_files(vid, kind="")
+                                 for fname in objects for pid in placement(cmap, int(fname, 16), 3))
+
+
 class PeerProc:
-    def __init__(self, root: str, name: str) -> None:
+    def __init__(self, root: str, name: str, host: Host | None = None) -> None:
+        """`host`: a network namespace of a test network to run in (else 127.0.0.1)."""
         self.name = name
         self.store = os.path.join(root, name)
         self.log = os.path.join(root, f"{name}.log")
-        self.address = f"127.0.0.1:{free_port()}"
+        self.host = host
+        self.address = f"{host.address}:7000" if host else f"127.0.0.1:{free_port()}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, *extra: str) -> None:
         logf = open(self.log, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vdifs", "peer", "--store", self.store,
+        prefix = self.host.prefix if self.host else []
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "vdifs", "peer", "--store", self.store,
                                       "--listen", self.address, *extra], stdout=logf, stderr=subprocess.STDOUT)
         wait_for(lambda: self._listening() or self.proc.poll() is not None, 20, f"{self.name} listening")
         if self.proc.poll() is not None:
             raise AssertionError(f"peer {self.name} exited: {open(self.log).read()}")
 
     def _listening(self) -> bool:
+        if self.host:  # not reachable from the test's own namespace: its log says
+            return os.path.exists(self.log) and f"on {self.address}" in self.log_text()
         host, port = self.address.rsplit(":", 1)
         with socket.socket() as s:
             return s.connect_ex((host, int(port))) == 0
@@ -94,18 +120,27 @@ class PeerProc:
 
 
 class Cluster:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, net: Net | None = None) -> None:
+        """`net`: run every peer, mount and command on a host of its own there."""
         self.root = root
+        self.net = net
+        self.admin = net.host("admin") if net else None  # where the test's commands run
         self.peers: list[PeerProc] = []
         self.mounts: list[MountProc] = []
         self.secret = os.path.join(root, "secret")
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        """A vdifs command, run where it can reach the peers."""
+        prefix = self.admin.prefix if self.admin else []
+        return run(*prefix, sys.executable, "-m", "vdifs", *args, check=check, timeout=timeout)
 
     @property
     def addresses(self) -> str:
         return ",".join(p.address for p in self.peers)
 
     def add_peer(self, *extra: str) -> PeerProc:
-        p = PeerProc(self.root, f"peer{len(self.peers)}")
+        name = f"peer{len(self.peers)}"
+        p = PeerProc(self.root, name, self.net.host(name) if self.net else None)
         self.peers.append(p)
         p.start(*extra)
         return p
@@ -118,15 +153,16 @@ class Cluster:
         wait_for(lambda: all("will join at format time" in first.log_text().split(p.peer_id, 1)[-1]
                              for p in self.peers[1:]) if n > 1 else True, 20, "pending joins")
         extra = ("--min-copies", str(min_copies)) if min_copies else ()
-        vdifs("cluster", "format", "--copies", str(copies), *extra, "--secret-file", self.secret, first.address)
+        self.cli("cluster", "format", "--copies", str(copies), *extra, "--secret-file", self.secret, first.address)
 
     def info(self) -> dict:
-        return json.loads(vdifs("cluster", "info", "--json", "--cluster", self.addresses,
-                                "--secret-file", self.secret).stdout)
+        return json.loads(self.cli("cluster", "info", "--json", "--cluster", self.addresses,
+                                   "--secret-file", self.secret).stdout)
 
     def mount(self, name: str, *extra: str) -> MountProc:
         m = ClusterMount(os.path.join(self.root, f"mnt-{name}"), os.path.join(self.root, f"ms-{name}"),
-                         os.path.join(self.root, f"mount-{name}.log"), self, extra)
+                         os.path.join(self.root, f"mount-{name}.log"), self, extra,
+                         self.net.host(f"m{name}") if self.net else None)
         self.mounts.append(m)
         m.start()
         return m
@@ -141,16 +177,19 @@ class Cluster:
 
 
 class ClusterMount(MountProc):
-    def __init__(self, mp: str, store: str, log: str, cluster: Cluster, extra: tuple[str, ...]) -> None:
+    def __init__(self, mp: str, store: str, log: str, cluster: Cluster, extra: tuple[str, ...],
+                 host: Host | None = None) -> None:
         super().__init__(mp, store, log)
         self.cluster = cluster
         self.extra = extra
+        self.host = host
 
     def start(self) -> None:
         os.makedirs(self.mp, exist_ok=True)
         logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vdifs", "mount", self.mp, "--store", self.store, "--foreground",
+            [*(self.host.prefix if self.host else []), sys.executable, "-m", "vdifs", "mount", self.mp,
+             "--store", self.store, "--foreground",
              "--cluster", self.cluster.addresses, "--secret-file", self.cluster.secret, *self.extra],
             stdout=logf, stderr=subprocess.STDOUT)
         wait_for(lambda: os.path.ismount(self.mp) or self.proc.poll() is not None, 30, "cluster mount")
@@ -167,3 +206,20 @@ def cluster(tmp_path):
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def net_cluster(tmp_path):
+    """A cluster on a private network of namespaces (tests.netns): links can be cut."""
+    why = netns_available()
+    if why or not os.path.exists("/dev/fuse"):
+        pytest.skip(why or "no /dev/fuse")
+    net = Net()
+    c = Cluster(str(tmp_path), net)
+    try:
+        yield c
+    finally:
+        try:
+            c.stop()
+        finally:
+            net.close()

@@ -547,39 +547,6 @@ def test_replace_meta_swaps_a_dead_consensus_peer(cluster):
         assert f.read() == b"x" * 4096
 
 
-@pytest.mark.soak
-def test_fio_verify_through_repeated_kills_and_restarts(cluster):
-    """fio writes and verifies (crc32c) while peers are killed and restarted,
-    one after the other, VDIFS_SOAK_CYCLES times (1 in the default run, `make
-    soak` runs 10): zero verify errors, and every replica current and in
-    place after."""
-    import random
-
-    from tests.e2e.conftest import FioVerify
-
-    from .conftest import vdifs
-
-    cycles = int(os.environ.get("VDIFS_SOAK_CYCLES", "1"))
-    cluster.format(5, copies=3)  # five meta peers: killing one at a time keeps a majority
-    m = cluster.mount("a")
-    size = 48 * cycles
-    rng = random.Random(cycles)
-    with FioVerify(m.path("soak.img"), size, rate="4m") as fio:
-        for _ in range(cycles):
-            victim = rng.choice(cluster.peers)
-            kill(victim)
-            wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
-            victim.start()
-            wait_for(lambda: states(cluster)[1][victim.address] == "up", 30, "victim back")
-        fio.finish(timeout=60 + 30 * size)  # everything written was read back and verified
-    check = ("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
-    try:
-        wait_for(lambda: vdifs(*check, check=False).returncode == 0, 120, "every replica current and in place")
-    except AssertionError:
-        status = vdifs("cluster", "status", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
-        raise AssertionError(vdifs(*check, check=False).stdout + status.stdout) from None
-
-
 def test_snapshots_and_clones_are_recovered_and_checked_like_vdis(cluster):
     """Recovery and `cluster check` cover every data vid: the VDI's current
     one, its snapshot's, and a clone's (a snapshot moves a VDI to a new data

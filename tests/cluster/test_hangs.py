@@ -8,10 +8,7 @@ import time
 
 import pytest
 
-from vdifs.model.cluster import ClusterMap
-from vdifs.model.placement import placement
-
-from .conftest import vdifs, wait_for
+from .conftest import current_map, fully_replicated, peer_states, vdifs, wait_for
 
 #: Failure detection (pings for 4 s, an indirect probe, the map change) plus the
 #: mount's map poll, with room for a loaded machine: the longest a write may
@@ -19,24 +16,6 @@ from .conftest import vdifs, wait_for
 #: the paused peer itself fails the test.
 PAUSE_BOUND_S = 12.0
 PAUSE_S = 20.0
-
-
-def peer_states(cluster) -> dict[str, str]:
-    return {p["address"]: p["state"] for p in cluster.info()["peers"]}
-
-
-def current_map(peer) -> ClusterMap:
-    with open(os.path.join(peer.store, "meta", "cluster_map"), "rb") as f:
-        return ClusterMap.decode(f.read())
-
-
-def fully_replicated(peers, vid: int) -> bool:
-    """Every object of `vid` that any peer holds is on each peer placement names."""
-    cmap = current_map(peers[0])
-    by_id = {p.peer_id: p for p in peers}
-    objects = set().union(*(p.object_files(vid, kind="") for p in peers))
-    return bool(objects) and all(fname in by_id[pid].object_files(vid, kind="")
-                                 for fname in objects for pid in placement(cmap, int(fname, 16), 3))
 
 
 @pytest.mark.parametrize("role", ["meta", "data"])

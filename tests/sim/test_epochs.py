@@ -9,7 +9,9 @@ import copy
 import errno
 
 import pytest
+import trio
 
+from vdifs.client.reach import LOST_AFTER, PROBE_INTERVAL, RoutedRpc
 from vdifs.client.remote import RemotePool
 from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
@@ -27,6 +29,7 @@ class MemoryNet:
     def __init__(self) -> None:
         self.daemons: dict[str, PeerDaemon] = {}
         self.down: set[str] = set()
+        self.cut: set[frozenset[str]] = set()  # pairs of owners/addresses with no link between them
         self.calls: list[tuple[str, str, int]] = []  # (address, op, epoch)
 
     def pool_for(self, owner: str):
@@ -39,7 +42,7 @@ class MemoryNet:
             async def call(self, address, op, args=None, *, timeout=30.0):
                 args = copy.deepcopy(args or {})
                 net.calls.append((address, op, args.get("epoch", -1)))
-                if address in net.down or owner in net.down:
+                if address in net.down or owner in net.down or frozenset((owner, address)) in net.cut:
                     raise PeerUnavailable(f"{address} unreachable")
                 handler = net.daemons[address].ops[op].handler
                 try:
@@ -67,6 +70,9 @@ class MemoryNet:
 
             async def drop(self, address):
                 pass  # no connections to close: a call to a down address fails at once
+
+            def drop_soon(self, address):
+                pass
 
             async def aclose(self):
                 pass
@@ -98,8 +104,9 @@ async def make_cluster(tmp_path, n: int, net: MemoryNet):
 async def connected_pool(daemons, net, nursery, creds) -> RemotePool:
     """A mount's RemotePool talking over the in-memory network."""
     pool = RemotePool([daemons[0].state.listen], creds, nursery, "mount-1")
-    pool.rpc = net.pool_for("mount")
-    pool.meta = MetaClient("mount-1", pool.rpc, [])
+    wire = net.pool_for("mount")
+    pool.rpc = RoutedRpc(wire, lambda: pool.cmap)
+    pool.meta = MetaClient("mount-1", wire, [])
     await pool.connect()
     return pool
 
@@ -267,3 +274,47 @@ async def test_recovery_behind_by_an_epoch_catches_up_instead_of_taking_back_its
     assert await behind.state.store.read(oid, 0, 7) == b"current"
     assert behind.state.cmap.epoch == 2
     assert [op for a, op, e in net.calls if op == "obj.fetch" and e == 1]  # it was refused first
+
+
+async def test_a_peer_cut_off_from_the_mount_only_is_reached_through_another(tmp_path, nursery, mock_clock):
+    """The mount loses its link to p1, which the peers still reach (the map
+    keeps it up). Writes and reads of objects p1 holds go through another
+    peer (peer.relay) once the mount's probes have cut p1 off; p1 gets its
+    replica. Healed, requests go to p1 directly again. A relay does not
+    forward what is not a data-path request, nor to an address not up in its map."""
+    mock_clock.autojump_threshold = 0.05  # not 0: the peers' file I/O runs in threads
+    net = MemoryNet()
+    creds, daemons = await make_cluster(tmp_path, 3, net)
+    pool = await connected_pool(daemons, net, nursery, creds)
+    pool.register_vdi(5, 2)
+    p1 = daemons[1].state
+    oids = [o for o in (data_oid(5, i) for i in range(40)) if p1.peer_id in placement(pool.map, o, 2)][:4]
+    net.cut.add(frozenset(("mount", p1.listen)))
+    started = trio.current_time()
+    for oid in oids:
+        await pool.create(oid, 0, b"relayed", 64)
+    assert trio.current_time() - started <= LOST_AFTER + 2 * PROBE_INTERVAL  # a bounded pause
+    assert p1.listen in pool.rpc.cut and pool.map.epoch == 1  # cut off from us, up for the cluster
+    for oid in oids:
+        assert await holders(daemons, oid) == set(placement(pool.map, oid, 2))
+        await pool.write(oid, 8, b"again")
+        assert await p1.store.read(oid, 0, 13) == b"relayed\0again"
+    assert sum(d.relay.relayed for d in daemons) >= 2 * len(oids)
+    net.calls.clear()
+    assert await pool.read(oids[0], 0, 7) == b"relayed"
+    assert all(a != p1.listen for a, op, _ in net.calls if op == "obj.read")  # reads go where we reach
+
+    relay = daemons[0]
+    with pytest.raises(InvalidArgument, match="cannot be relayed"):
+        await relay.relay.h_relay({"to": p1.listen, "op": "paxos.accept", "args": {}}, Session("m", True))
+    with pytest.raises(VdifsError) as e:
+        await relay.relay.h_relay({"to": "10.9.9.9:1", "op": "obj.sync", "args": {"oids": []}}, Session("m", True))
+    assert e.value.errno == errno.EHOSTUNREACH
+
+    net.cut.clear()
+    await trio.sleep(2 * PROBE_INTERVAL)
+    assert not pool.rpc.cut
+    net.calls.clear()
+    await pool.write(oids[0], 0, b"direct!")
+    assert ("mount", p1.listen) in {("mount", a) for a, op, _ in net.calls if op == "obj.write"}
+    assert all(op != "peer.relay" for _, op, _ in net.calls)

@@ -33,6 +33,7 @@ def valid_args(daemons) -> dict[str, dict]:
         "peer.info": {},
         "peer.ping": {},
         "peer.probe": {"address": other.listen},
+        "peer.relay": {"to": other.listen, "op": "peer.info", "args": {}},
         "cluster.format": {"cluster_id": "c", "secret": b"s" * 32, "copies": 1, "min_copies": 1},
         "cluster.adopt": {"cluster_id": "c", "secret": b"s" * 32, "map": me.cmap.to_dict()},
         "cluster.map": {},

@@ -249,7 +249,8 @@ async def cluster_info(pool: RpcPool, addresses: list[str]) -> dict[str, Any]:
         try:
             info = await pool.call(p.address, "peer.info", timeout=PEER_INFO_TIMEOUT)
             row.update(reachable=True, total=info["total"], free=info["free"], epoch=info["epoch"],
-                       recovery=info.get("recovery", {}), answered_at_once=info.get("answered_at_once", 0))
+                       recovery=info.get("recovery", {}), answered_at_once=info.get("answered_at_once", 0),
+                       relayed=info.get("relayed", 0))
         except VdifsError as e:
             row["error"] = str(e)
         peers.append(row)

@@ -23,6 +23,7 @@ import trio
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.pool import PoolSpace
+from vdifs.client.reach import RoutedRpc
 from vdifs.errors import NoSpace, ObjectExists, ObjectNotFound, PoolError, VdifsError
 from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials
@@ -67,8 +68,9 @@ class RemotePool:
         self.seeds = list(seeds)
         self.creds = creds
         self.nursery = nursery
-        self.rpc = RpcPool(creds.secret, nursery, cluster_id=creds.cluster_id)
-        self.meta = MetaClient(node_id, self.rpc, [])
+        wire = RpcPool(creds.secret, nursery, cluster_id=creds.cluster_id)
+        self.meta = MetaClient(node_id, wire, [])  # consensus needs a majority, never a relay
+        self.rpc = RoutedRpc(wire, lambda: self.cmap)  # the data path: around peers cut off from us
         self.cmap: ClusterMap | None = None
         self.vid_copies: dict[int, int] = {}
         self.vid_generation: dict[int, int] = {}
@@ -88,6 +90,7 @@ class RemotePool:
                 continue
             self._adopt(cmap)
             self.nursery.start_soon(self._watch_map)
+            self.nursery.start_soon(self.rpc.probe_forever)
             return cmap
         raise PoolError("no cluster peer answered: " + "; ".join(errors))
 
@@ -122,7 +125,7 @@ class RemotePool:
             if p.address not in still_up:
                 log.warning("peer %s at %s is no longer up in epoch %d: its requests in flight go to the "
                             "new placement", p.peer_id, p.address, new.epoch)
-                self.nursery.start_soon(self.rpc.drop, p.address)
+                self.rpc.drop_soon(p.address)
 
     async def _watch_map(self) -> None:
         async def adopt(cmap: ClusterMap) -> None:
@@ -207,6 +210,7 @@ class RemotePool:
         stale = 0
         deadline = trio.current_time() + self.io_wait
         while True:
+            routes = self.rpc.version
             try:
                 return await fn(self.map)
             except _StaleMap:
@@ -214,12 +218,18 @@ class RemotePool:
                 if stale >= STALE_RETRIES:
                     raise PoolError("the cluster map kept changing under this request") from None
             except _ReplicaDown as e:
-                if not await self._wait_for_epoch_after(e.epoch, deadline):
+                if not await self._wait_for_epoch_after(e.epoch, routes, deadline):
                     raise PoolError(f"a replica is unreachable and the cluster did not replace it "
                                     f"within {self.io_wait:.0f} s: {e.error}") from None
 
-    async def _wait_for_epoch_after(self, epoch: int, deadline: float) -> bool:
+    async def _wait_for_epoch_after(self, epoch: int, routes: int, deadline: float) -> bool:
+        """Wait for a map newer than `epoch`, or for a peer of it to be cut off
+        from us since the attempt (`routes`: then its requests go through a
+        relay, and the attempt is worth another try at once)."""
         while self.map.epoch <= epoch:
+            if self.rpc.version != routes:
+                log.info("continuing with requests relayed around %s", ", ".join(sorted(self.rpc.cut)) or "nobody")
+                return True
             if trio.current_time() >= deadline:
                 return False
             await trio.sleep(0.5)
@@ -292,7 +302,7 @@ class RemotePool:
         # newer maps and waits for replacements.
         cmap = self.map
         targets = self._targets(oid, cmap)
-        if not targets:
+        if not targets or (self.rpc.cut and targets[0] in self.rpc.cut):
             return await self._read_all_ways(oid, offset, length, tried=None)
         first = targets[0]
         try:
@@ -318,6 +328,8 @@ class RemotePool:
         (not asked again while the map is the same)."""
         async def attempt(cmap: ClusterMap) -> bytes:
             targets = self._targets(oid, cmap)
+            if self.rpc.cut:  # replicas cut off from us last: a relay costs a hop
+                targets.sort(key=lambda a: a in self.rpc.cut)
             not_found = 0
             last: Exception | None = None
             for address in targets:
@@ -433,7 +445,8 @@ class RemotePool:
         return PoolSpace(sum(i["total"] for i in infos) // copies, sum(i["free"] for i in infos) // copies, copies)
 
     def io_stats(self) -> dict[str, int]:
-        return {"epoch": self.map.epoch, "peers_up": len(self.map.up_peers())}
+        return {"epoch": self.map.epoch, "peers_up": len(self.map.up_peers()),
+                "peers_cut_off": len(self.rpc.cut), "relayed": self.rpc.relayed}
 
     async def aclose(self) -> None:
         await self.rpc.aclose()

@@ -9,7 +9,7 @@ is refused with this peer's map (ESTALE), a newer one makes this peer
 refresh its map before it answers.
 
 This module only wires the parts together and runs their tasks: `state`
-(identity, map, gate), `membership`, `dataplane`, `recovery`, `health`.
+(identity, map, gate), `membership`, `dataplane`, `recovery`, `health`, `relay`.
 The op table says, for every operation, which handler serves it and what
 that handler checks before it does anything (see `Op`).
 """
@@ -31,6 +31,7 @@ from vdifs.peer.health import FailureDetector
 from vdifs.peer.membership import Membership
 from vdifs.model.cluster import DEFAULT_WEIGHT
 from vdifs.peer.recovery import DEFAULT_RATE, DEFAULT_RESERVE, Recovery
+from vdifs.peer.relay import Relay
 from vdifs.peer.state import PeerState
 from vdifs.wire.rpc import FastHandler, Handler, RpcPool, RpcServer, Session, split_address
 
@@ -69,6 +70,7 @@ class PeerDaemon:
         self.recovery = Recovery(self.state, rate=recovery_rate, reserve=recovery_reserve)
         self.data = DataPlane(self.state, self.recovery)
         self.health = FailureDetector(self.state, self.membership)
+        self.relay = Relay(self.state)
         self.ops = self._op_table()
         self._lock_file: IO[str] | None = None
 
@@ -80,6 +82,7 @@ class PeerDaemon:
             "peer.info": Op(self.h_info),
             "peer.ping": Op(m.h_ping),
             "peer.probe": Op(self.health.h_probe),
+            "peer.relay": Op(self.relay.h_relay),
             "cluster.format": Op(m.h_format, open=True),
             "cluster.adopt": Op(m.h_adopt, open=True),
             "cluster.map": Op(m.h_map),
@@ -208,4 +211,5 @@ class PeerDaemon:
                 "reserve": st.store.reserve.reserve if st.store.reserve is not None else 0,
                 "refused_for_space": st.store.space_refusals, "direct_writes": st.store.direct_writes,
                 "vids": len(await st.store.list_vids()), "meta": bool(st.cmap and st.peer_id in st.cmap.meta),
-                "answered_at_once": st.server.fast_answers if st.server is not None else 0}
+                "answered_at_once": st.server.fast_answers if st.server is not None else 0,
+                "relayed": self.relay.relayed}

@@ -142,8 +142,16 @@ class PeerState:
             me = cmap.peers.get(self.peer_id)
             if me is not None and me.state == UP and self._catching_up is None:
                 await self.save_up_epoch(cmap.epoch)
-            old = self.epoch()
+            old_map, old = self.cmap, self.epoch()
             self.cmap = cmap
+            if old_map is not None and self.rpc is not None:
+                # A peer that hangs keeps its connection open: what we (or a
+                # mount through our relay) have in flight to it would wait out
+                # its timeout although it is replaced now. Fail it at once.
+                still_up = {p.address for p in cmap.up_peers()}
+                for p in old_map.up_peers():
+                    if p.address not in still_up:
+                        self.rpc.drop_soon(p.address)
             if self.meta is not None:
                 self.meta.set_meta(cmap.meta_addresses())
             log.info("cluster map epoch %d -> %d: %d peers (%d up), copies %d", old, cmap.epoch,

@@ -46,6 +46,11 @@ MAX_INFLIGHT_PER_CONNECTION = 64
 #: status of a reply that says "your cluster map is older than mine"
 ESTALE_EPOCH = errno.ESTALE
 
+#: What a mount may send to a peer it cannot reach through another peer
+#: (`peer.relay`): the data path's operations, never consensus or membership.
+RELAYED_OPS = frozenset({"obj.read", "obj.write", "obj.create", "obj.delete", "obj.sync", "obj.list",
+                         "obj.vids", "obj.finish_vid", "lease.fence", "peer.info"})
+
 
 class PeerUnavailable(PoolError):
     """The peer cannot be reached, or the connection broke mid-request."""
@@ -518,6 +523,11 @@ class RpcPool:
         client = self._clients.get(address)
         if client is not None:
             await client.aclose()
+
+    def drop_soon(self, address: str) -> None:
+        """`drop` from a function that cannot wait (a map change hook)."""
+        if address in self._clients:
+            self.nursery.start_soon(self.drop, address)
 
     async def aclose(self) -> None:
         for c in self._clients.values():
