@@ -759,3 +759,49 @@ def test_a_guest_that_fills_the_pool_pauses_and_resumes_when_space_is_freed(clus
             assert os.pread(fd, 16, i << 20) == b"block %08d\n\0" % i, i
     finally:
         os.close(fd)
+
+
+def test_the_background_leak_pass_removes_old_leaks_and_nothing_in_use(cluster):
+    """With a pass every 2 s (and the default grace of an hour): an object of
+    a live VDI that no map points at, left alone for two hours, and an old
+    object of a vid the directory does not know are removed by the peers
+    themselves; a leak written just now is kept; fio writing and verifying
+    a VDI all the while (objects created, maps growing) loses nothing."""
+    import hashlib
+    import json
+    import time
+
+    from tests.e2e.conftest import FioVerify, read_at
+
+    from .conftest import vdifs
+
+    cluster.format(3, copies=3, peer_options=("--leak-pass-interval", "2"))
+    m = cluster.mount("a")
+    base = os.urandom(12 << 20)
+    write_durably(m.path("vm"), base)
+    own = m.vid("vm")
+    holder = cluster.peers[1]
+    folder = os.path.join(holder.store, "obj", f"{own:06x}")
+    old_leak, young_leak = (os.path.join(folder, f"{(own << 32) | i:016x}") for i in (999, 998))
+    stray_dir = os.path.join(holder.store, "obj", f"{0x777:06x}")
+    os.makedirs(stray_dir)
+    stray = os.path.join(stray_dir, f"{(0x777 << 32) | 1:016x}")
+    two_hours_ago = time.time() - 7200
+    with FioVerify(m.path("fio.img"), 48, rate="4m", fsync=16) as fio:
+        for path in (old_leak, young_leak, stray):
+            with open(path, "wb") as f:
+                f.write(b"nobody points at me")
+        for path in (old_leak, stray):
+            os.utime(path, (two_hours_ago, two_hours_ago))
+        wait_for(lambda: not os.path.exists(old_leak) and not os.path.exists(stray_dir), 60,
+                 "the old leaks removed by the background pass")
+        fio.finish(timeout=300)
+    assert os.path.exists(young_leak)
+    info = cluster.info()["peers"]
+    assert sum(p["leaks_collected"] for p in info) == 2 and sum(p["leak_passes"] > 0 for p in info) == 1
+    assert hashlib.sha256(read_at(m.path("vm"), 0, len(base))).digest() == hashlib.sha256(base).digest()
+    report = json.loads(vdifs("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret,
+                              "--json", check=False).stdout)
+    assert [u["oid"] for u in report["unreferenced"]] == [f"{(own << 32) | 998:016x}"], report
+    assert report["lost"] == [] and report["stray_vids"] == []
+    assert [p["oid"] for p in report["problems"]] == [f"{(own << 32) | 998:016x}"]  # the leak has one replica

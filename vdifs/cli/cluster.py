@@ -25,6 +25,7 @@ from vdifs.model.sizes import format_size
 from vdifs.peer.cpu import CPU_POLICIES, set_cpu_policy
 from vdifs.peer.recovery import DEFAULT_RATE as RECOVERY_RATE
 from vdifs.peer.recovery import DEFAULT_RESERVE as RECOVERY_RESERVE
+from vdifs.peer.sweep import LEAK_GRACE, LEAK_GRACE_MIN, SWEEP_INTERVAL
 from vdifs.wire.rpc import RpcClient, RpcPool
 
 T = TypeVar("T")
@@ -70,6 +71,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="free space VDI data never takes, kept for object maps, consensus and journals, "
                         "so a full pool still closes files and deletes VDIs (default: 2%% of the store's "
                         "file system, 1 MiB to 1 GiB)")
+    p.add_argument("--leak-pass-interval", type=float, default=SWEEP_INTERVAL, metavar="SECONDS",
+                   help="how often the cluster looks for leaked objects (no map points at them, or their "
+                        "vid is unknown) and removes those left alone for --leak-grace; one peer at a time "
+                        f"does it (default {SWEEP_INTERVAL}; 0: never, only `cluster check --repair`)")
+    p.add_argument("--leak-grace", type=leak_grace_arg, default=LEAK_GRACE, metavar="SECONDS",
+                   help=f"how long a leaked object must have been left alone before it is removed "
+                        f"(default {LEAK_GRACE}, at least {LEAK_GRACE_MIN}: longer than a write may wait "
+                        f"for a replica, see `vdifs mount --io-wait`)")
     p.add_argument("--uncached-replica-writes", action="store_true",
                    help="write large data (256 KiB or more) past the page cache on every replica but an "
                         "object's first (the one mounts read from): sequential writes need far less CPU, "
@@ -142,6 +151,18 @@ def add_credentials(parser: argparse.ArgumentParser, default: Any, secret_defaul
                         help=f"cluster secret file (default: {secret_default})")
 
 
+def leak_grace_arg(text: str) -> int:
+    """--leak-grace: a writer's object is unnamed until its map page is
+    written, which can wait out an unreachable replica (--io-wait)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < LEAK_GRACE_MIN:
+        raise argparse.ArgumentTypeError(f"must be at least {LEAK_GRACE_MIN} seconds")
+    return value
+
+
 def cmd_peer(args: argparse.Namespace) -> int:
     """Run a storage peer until it is stopped."""
     from vdifs.peer.daemon import PeerDaemon  # only this command needs the peer's code
@@ -151,7 +172,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
     daemon = PeerDaemon(args.store, args.listen, join=args.join, zone=args.zone, weight=args.weight,
                         secret_file=args.secret_file, recovery_rate=args.recovery_rate * 1e6,
                         recovery_reserve=args.recovery_reserve, reserve=args.reserve,
-                        uncached_replica_writes=args.uncached_replica_writes)
+                        uncached_replica_writes=args.uncached_replica_writes,
+                        leak_pass_interval=args.leak_pass_interval, leak_grace=args.leak_grace)
     trio.run(daemon.run)
     return 0
 
@@ -250,7 +272,8 @@ async def cluster_info(pool: RpcPool, addresses: list[str]) -> dict[str, Any]:
             info = await pool.call(p.address, "peer.info", timeout=PEER_INFO_TIMEOUT)
             row.update(reachable=True, total=info["total"], free=info["free"], epoch=info["epoch"],
                        recovery=info.get("recovery", {}), answered_at_once=info.get("answered_at_once", 0),
-                       relayed=info.get("relayed", 0))
+                       relayed=info.get("relayed", 0), leak_passes=info.get("leak_passes", 0),
+                       leaks_collected=info.get("leaks_collected", 0))
         except VdifsError as e:
             row["error"] = str(e)
         peers.append(row)

@@ -9,7 +9,8 @@ is refused with this peer's map (ESTALE), a newer one makes this peer
 refresh its map before it answers.
 
 This module only wires the parts together and runs their tasks: `state`
-(identity, map, gate), `membership`, `dataplane`, `recovery`, `health`, `relay`.
+(identity, map, gate), `membership`, `dataplane`, `recovery`, `health`, `relay`,
+`sweep` (the background leak pass).
 The op table says, for every operation, which handler serves it and what
 that handler checks before it does anything (see `Op`).
 """
@@ -32,6 +33,7 @@ from vdifs.peer.membership import Membership
 from vdifs.model.cluster import DEFAULT_WEIGHT
 from vdifs.peer.recovery import DEFAULT_RATE, DEFAULT_RESERVE, Recovery
 from vdifs.peer.relay import Relay
+from vdifs.peer.sweep import LEAK_GRACE, SWEEP_INTERVAL, Sweeper
 from vdifs.peer.state import PeerState
 from vdifs.wire.rpc import FastHandler, Handler, RpcPool, RpcServer, Session, split_address
 
@@ -62,7 +64,8 @@ class PeerDaemon:
     def __init__(self, store_dir: str, listen: str, *, join: str | None = None, zone: str = "",
                  weight: float = DEFAULT_WEIGHT, secret_file: str | None = None,
                  recovery_rate: float = DEFAULT_RATE, recovery_reserve: int = DEFAULT_RESERVE,
-                 reserve: int | None = None, uncached_replica_writes: bool = False) -> None:
+                 reserve: int | None = None, uncached_replica_writes: bool = False,
+                 leak_pass_interval: float = SWEEP_INTERVAL, leak_grace: int = LEAK_GRACE) -> None:
         self.join = join
         self.state = PeerState(store_dir, listen, zone=zone, weight=weight, secret_file=secret_file,
                                reserve=reserve, direct=uncached_replica_writes)
@@ -71,6 +74,7 @@ class PeerDaemon:
         self.data = DataPlane(self.state, self.recovery)
         self.health = FailureDetector(self.state, self.membership)
         self.relay = Relay(self.state)
+        self.sweeper = Sweeper(self.state, interval=leak_pass_interval, grace=leak_grace)
         self.ops = self._op_table()
         self._lock_file: IO[str] | None = None
 
@@ -156,6 +160,7 @@ class PeerDaemon:
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self.health.run)
                 nursery.start_soon(self.recovery.run)
+                nursery.start_soon(self.sweeper.run)
                 nursery.start_soon(st.store.keep_checksums_durable)
                 if st.cmap is not None and st.clean_start:
                     self.recovery.epoch_changed()  # catch up (after a crash, rejoining does this)
@@ -212,4 +217,5 @@ class PeerDaemon:
                 "refused_for_space": st.store.space_refusals, "direct_writes": st.store.direct_writes,
                 "vids": len(await st.store.list_vids()), "meta": bool(st.cmap and st.peer_id in st.cmap.meta),
                 "answered_at_once": st.server.fast_answers if st.server is not None else 0,
-                "relayed": self.relay.relayed}
+                "relayed": self.relay.relayed,
+                "leak_passes": self.sweeper.passes, "leaks_collected": self.sweeper.collected}
