@@ -189,11 +189,13 @@ def test_deleted_while_a_peer_is_down_stays_deleted(cluster):
     assert held_before > 0
 
 
-def test_freed_while_a_peer_is_down_stays_freed(cluster):
-    """Objects freed inside a live VDI (a shrink) while one of their holders
-    was down are never served again. The returning peer sets its copies
-    aside, and no other peer has them, which is also what a last copy
-    looks like: only the VDI's map may decide that a copy is taken back."""
+@pytest.mark.parametrize("how", ["shrink", "zeros"])
+def test_freed_while_a_peer_is_down_stays_freed(cluster, how):
+    """Objects freed inside a live VDI (a shrink, or zeros written over them
+    whole) while one of their holders was down are never served again. The
+    returning peer sets its copies aside, and no other peer has them, which
+    is also what a last copy looks like: only the VDI's map may decide that
+    a copy is taken back."""
     obj = 4 << 20
     cluster.format(5, copies=3)
     m = cluster.mount("a")
@@ -207,7 +209,20 @@ def test_freed_while_a_peer_is_down_stays_freed(cluster):
     assert len(victim.object_files(vid)) >= 4
     kill(victim)
     wait_for(lambda: states(cluster)[1][victim.address] == "down", 30, "victim down")
-    os.truncate(m.path("shrunk"), obj)  # frees objects 1-15
+    if how == "shrink":
+        os.truncate(m.path("shrunk"), obj)  # frees objects 1-15
+        expect = data[:obj]
+    else:  # all-zero writes covering objects 1-15: zero detection frees them
+        zeros = mmap_aligned(obj)
+        zeros[:] = bytes(obj)
+        fd = os.open(m.path("shrunk"), os.O_WRONLY | os.O_DIRECT)
+        try:
+            for i in range(1, 16):
+                assert os.pwritev(fd, [zeros], i * obj) == obj
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        expect = data[:obj] + bytes(15 * obj)
     others = [p for p in cluster.peers if p is not victim]
     first = f"{(vid << 32):016x}"  # the data object of index 0
     wait_for(lambda: set().union(*(p.object_files(vid) for p in others)) <= {first}, 30, "freed on the live peers")
@@ -218,7 +233,7 @@ def test_freed_while_a_peer_is_down_stays_freed(cluster):
     for p in cluster.peers:
         assert p.object_files(vid) <= {first}, f"peer {p.peer_id} serves freed objects"
     with open(m.path("shrunk"), "rb") as f:
-        assert f.read() == data[:obj]
+        assert f.read() == expect
 
 
 def _map(peer):
