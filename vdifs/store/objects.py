@@ -662,7 +662,10 @@ class ObjectStore:
         if unsynced:
             await self.sync(unsynced)
         for _, h in dirty:
-            if h.synced_writes == h.writes:
+            # A handle dropped during the sync (a delete, a move) may have had
+            # its descriptor closed already: taking a reference now would
+            # close it a second time, maybe someone else's by then.
+            if h.synced_writes == h.writes and not h.doomed:
                 h.refs += 1
                 try:
                     await self._mark_clean(h, h.writes)
