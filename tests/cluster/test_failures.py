@@ -780,8 +780,10 @@ def test_the_background_leak_pass_removes_old_leaks_and_nothing_in_use(cluster):
     """With a pass every 2 s (and the default grace of an hour): an object of
     a live VDI that no map points at, left alone for two hours, and an old
     object of a vid the directory does not know are removed by the peers
-    themselves; a leak written just now is kept; fio writing and verifying
-    a VDI all the while (objects created, maps growing) loses nothing."""
+    themselves; a leak written just now is kept; an old one in the VDI fio
+    is writing is kept while fio holds it open (a writer's map may not be
+    stored yet), and removed once it is closed; fio writing and verifying
+    all the while (objects created, maps growing) loses nothing."""
     import hashlib
     import json
     import time
@@ -803,17 +805,24 @@ def test_the_background_leak_pass_removes_old_leaks_and_nothing_in_use(cluster):
     stray = os.path.join(stray_dir, f"{(0x777 << 32) | 1:016x}")
     two_hours_ago = time.time() - 7200
     with FioVerify(m.path("fio.img"), 48, rate="4m", fsync=16) as fio:
-        for path in (old_leak, young_leak, stray):
+        wait_for(lambda: os.path.exists(m.path("fio.img")), 10, "fio's file")
+        busy = m.vid("fio.img")
+        in_use = os.path.join(holder.store, "obj", f"{busy:06x}", f"{(busy << 32) | 999:016x}")
+        os.makedirs(os.path.dirname(in_use), exist_ok=True)
+        for path in (old_leak, young_leak, stray, in_use):
             with open(path, "wb") as f:
                 f.write(b"nobody points at me")
-        for path in (old_leak, stray):
+        for path in (old_leak, stray, in_use):
             os.utime(path, (two_hours_ago, two_hours_ago))
         wait_for(lambda: not os.path.exists(old_leak) and not os.path.exists(stray_dir), 60,
                  "the old leaks removed by the background pass")
+        time.sleep(4)  # two more passes
+        assert os.path.exists(in_use)  # fio holds its VDI's lease
         fio.finish(timeout=300)
+    wait_for(lambda: not os.path.exists(in_use), 60, "the leak of the closed VDI removed")
     assert os.path.exists(young_leak)
     info = cluster.info()["peers"]
-    assert sum(p["leaks_collected"] for p in info) == 2 and sum(p["leak_passes"] > 0 for p in info) == 1
+    assert sum(p["leaks_collected"] for p in info) == 3 and sum(p["leak_passes"] > 0 for p in info) == 1
     assert hashlib.sha256(read_at(m.path("vm"), 0, len(base))).digest() == hashlib.sha256(base).digest()
     report = json.loads(vdifs("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret,
                               "--json", check=False).stdout)

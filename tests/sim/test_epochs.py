@@ -7,6 +7,7 @@ map changes, partitions and requests is exactly the one written here.
 
 import copy
 import errno
+import math
 
 import pytest
 import trio
@@ -71,8 +72,11 @@ class MemoryNet:
             async def drop(self, address):
                 pass  # no connections to close: a call to a down address fails at once
 
-            def drop_soon(self, address):
+            def drop_soon(self, address, *, abort=False):
                 pass
+
+            def last_heard(self, address):
+                return -math.inf  # only the pings count here
 
             async def aclose(self):
                 pass

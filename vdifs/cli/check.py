@@ -109,7 +109,8 @@ async def check(pool: RpcPool, addresses: list[str], creds: Credentials, repair:
             "problems_left": len(left) + len(lost) + len(leaks_left) + stray_left + len(refs.unread),
             "unreferenced": leaks.unreferenced, "lost": lost, "stray_vids": leaks.stray_vids,
             "unread_maps": sorted(refs.unread),
-            "collected": leaks.collected, "kept_young": leaks.kept_young, "grace": grace}
+            "collected": leaks.collected, "kept_young": leaks.kept_young, "kept_in_use": leaks.kept_in_use,
+            "recovering": leaks.unsettled, "grace": grace}
 
 
 def check_text(report: dict[str, Any]) -> str:
@@ -139,6 +140,11 @@ def check_text(report: dict[str, Any]) -> str:
     if report.get("collected") or report.get("kept_young"):
         out.append(f"removed {report['collected']} leaked object replicas; kept {report['kept_young']} "
                    f"changed within the last {report['grace']} s (run again later)")
+    if report.get("kept_in_use"):
+        out.append(f"kept {report['kept_in_use']} leaked objects of VDIs open for writing or shared (a writer's "
+                   "map may not be stored yet): run again when they are closed")
+    if report.get("recovering"):
+        out.append("recovery is still running: no leak removed (run again when `cluster status` is clean)")
     if not (report["lost"] or report["unreferenced"] or report["stray_vids"] or report.get("unread_maps")):
         out.append("every object is referenced by a map, and every referenced object exists")
     return "\n".join(out)

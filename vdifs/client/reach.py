@@ -38,6 +38,7 @@ from vdifs.wire.rpc import RELAYED_OPS, PeerUnavailable, PendingCall, RemoteErro
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 1.0
+RELAY_TIMEOUT = 25  # seconds a relay waits for the target: less than the mount's DATA_TIMEOUT (30)
 PROBE_TIMEOUT = 1.0
 #: No answer to our pings for this long (while other peers answer): cut off.
 LOST_AFTER = 3.0
@@ -63,8 +64,12 @@ class RelayedCall:
 
 
 class RoutedRpc:
-    def __init__(self, rpc: RpcPool, current_map: Callable[[], ClusterMap | None]) -> None:
+    def __init__(self, rpc: RpcPool, current_map: Callable[[], ClusterMap | None],
+                 probes: RpcPool | None = None) -> None:
+        """`probes`: the pool the pings go through: connections of their own,
+        so a ping never waits behind data (a busy peer is not a silent one)."""
         self.rpc = rpc
+        self.probes = probes if probes is not None else rpc
         self._current_map = current_map
         self.cut: dict[str, float] = {}  # address -> when we cut it off
         self.version = 0  # changes whenever `cut` does
@@ -91,7 +96,8 @@ class RoutedRpc:
             return await self.rpc.start(address, op, args)
         inner = dict(args)
         data = inner.pop("data", None)
-        outer: dict[str, Any] = {"to": address, "op": op, "args": inner}
+        # the relay gives up on the target before we give up on the relay
+        outer: dict[str, Any] = {"to": address, "op": op, "args": inner, "timeout": RELAY_TIMEOUT}
         if data is not None:
             outer["data"] = data
         self.relayed += 1
@@ -103,11 +109,13 @@ class RoutedRpc:
             return await self.rpc.call(address, op, args, timeout=timeout)
         return await (await self.start(address, op, args or {})).finish(timeout)
 
-    def drop_soon(self, address: str) -> None:
-        self.rpc.drop_soon(address)
+    def drop_soon(self, address: str, *, abort: bool = False) -> None:
+        self.rpc.drop_soon(address, abort=abort)
 
     async def aclose(self) -> None:
         await self.rpc.aclose()
+        if self.probes is not self.rpc:
+            await self.probes.aclose()
 
     # -- probing -----------------------------------------------------------------------
 
@@ -131,7 +139,7 @@ class RoutedRpc:
 
         async def ping(address: str) -> None:
             try:
-                await self.rpc.call(address, "peer.ping", timeout=PROBE_TIMEOUT)
+                await self.probes.call(address, "peer.ping", timeout=PROBE_TIMEOUT)
             except VdifsError:
                 return
             self._last_answer[address] = trio.current_time()
@@ -140,14 +148,19 @@ class RoutedRpc:
             for a in up:
                 nursery.start_soon(ping, a)
         now = trio.current_time()
-        answering = {a for a, t in self._last_answer.items() if now - t < LOST_AFTER}
+        # a reply on the data connection is an answer too
+        answering = {a for a, t in self._last_answer.items()
+                     if now - max(t, self.rpc.last_heard(a)) < LOST_AFTER}
         for a in up:
             if a in answering and a in self.cut:
                 self._set_cut(a, False, "answers again: requests go to it directly")
             elif a not in answering and a not in self.cut and answering:
                 self._set_cut(a, True, f"has not answered this mount for {LOST_AFTER:.0f} s while other peers "
                                        "do: its requests go through another peer")
-                self.rpc.drop_soon(a)  # what waits on it fails now, and is retried through a relay
+                # What waits on it fails now and is retried through a relay; the
+                # reset makes sure no request still queued in our kernel reaches
+                # it later, behind the relayed ones.
+                self.rpc.drop_soon(a, abort=True)
 
     def _set_cut(self, address: str, cut: bool, why: str) -> None:
         if cut:

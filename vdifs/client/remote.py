@@ -28,7 +28,7 @@ from vdifs.errors import NoSpace, ObjectExists, ObjectNotFound, PoolError, Vdifs
 from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials
 from vdifs.meta.directory_service import DirectoryService
-from vdifs.meta.lease import DEFAULT_TERM, LeaseManager
+from vdifs.meta.lease import DEFAULT_TERM, LeaseManager, lease_key
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import unpack_oid
 from vdifs.model.placement import placement
@@ -70,7 +70,8 @@ class RemotePool:
         self.nursery = nursery
         wire = RpcPool(creds.secret, nursery, cluster_id=creds.cluster_id)
         self.meta = MetaClient(node_id, wire, [])  # consensus needs a majority, never a relay
-        self.rpc = RoutedRpc(wire, lambda: self.cmap)  # the data path: around peers cut off from us
+        # the data path, around peers cut off from us (pinged on connections of their own)
+        self.rpc = RoutedRpc(wire, lambda: self.cmap, RpcPool(creds.secret, nursery, cluster_id=creds.cluster_id))
         self.cmap: ClusterMap | None = None
         self.vid_copies: dict[int, int] = {}
         self.vid_generation: dict[int, int] = {}
@@ -227,11 +228,11 @@ class RemotePool:
         from us since the attempt (`routes`: then its requests go through a
         relay, and the attempt is worth another try at once)."""
         while self.map.epoch <= epoch:
+            if trio.current_time() >= deadline:  # first: a peer cut off and back, again and again
+                return False
             if self.rpc.version != routes:
                 log.info("continuing with requests relayed around %s", ", ".join(sorted(self.rpc.cut)) or "nobody")
                 return True
-            if trio.current_time() >= deadline:
-                return False
             await trio.sleep(0.5)
             try:
                 latest = await self.meta.read_map()
@@ -480,7 +481,7 @@ class ClusterAccess:
                  len(cmap.up_peers()), cmap.copies)
         leases = LeaseManager(node_id, {"host": socket.gethostname(), "pid": os.getpid(),
                                         "mountpoint": mountpoint},
-                              lambda vid: remote.meta.register(f"lock/{vid}"), remote.fence,
+                              lambda vid: remote.meta.register(lease_key(vid)), remote.fence,
                               term=self.lease_term)
         catalog = Catalog(remote, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True,
                           leases=leases)

@@ -44,6 +44,11 @@ DEFAULT_TERM = 15.0
 CLOSING_WAIT = 5.0  # seconds a writable open waits for a closing holder's release
 
 
+def lease_key(vid: int) -> str:
+    """The register of a VDI's lease."""
+    return f"lock/{vid}"
+
+
 class LeaseBusy(VdifsError):
     errno = errno.EBUSY
 

@@ -52,9 +52,12 @@ class Relay:
         if data is not None:
             inner["data"] = arg.blob(args, "data")
         cmap = self.peer.need_map()
+        epoch = inner.get("epoch")
+        if type(epoch) is int and epoch > cmap.epoch:  # the sender knows a newer map: take it first
+            await self.peer.refresh_map()
+            cmap = self.peer.need_map()
         target = next((p for p in cmap.up_peers() if p.address == to), None)
         if target is None or target.peer_id == self.peer.peer_id:
-            epoch = inner.get("epoch")
             if type(epoch) is int and epoch < cmap.epoch:
                 raise RemoteError(ESTALE_EPOCH, {"message": f"stale epoch {epoch} < {cmap.epoch}",
                                                  "map": cmap.to_dict()})

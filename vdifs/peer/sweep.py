@@ -9,12 +9,23 @@ runs the pass in the background (`Sweeper`: the first up consensus peer of
 the map, so one pass at a time in the cluster), and `vdifs cluster check
 --repair` runs the same steps on demand.
 
-Why this never removes an object a writer is about to name: a map gains an
-entry only after its object was written (allocation is a create), so such
-an object is young; the maps, and the directory a second time, are read
-after the objects were listed, so anything named since the listing is
-seen; and the peer checks the age again when it deletes (`obj.collect`,
-under the object's locks), so an object written after the listing is kept.
+Why this never removes an object a map names or a writer is about to name:
+
+- Unreferenced objects are judged only in families no mount may be writing
+  (no VDI of it holds a lease or is shared): a writer's map entries can
+  live in its memory alone for as long as it cannot store its map (a full
+  pool pausing the guest for hours, say), however old the object.
+- Only while every peer has finished recovering the current epoch (objects
+  handed off in a new epoch are in no listing until their new owners copied
+  them), and every request carries that epoch, so a map change during the
+  pass stops it.
+- Whole map objects are read, not just the part the directory's size
+  covers (a file grown since its last flush), and a map object that exists
+  but could not be read makes the pass judge no unreferenced object.
+- The maps, and the directory a second time, are read after the objects
+  were listed, so anything named since the listing is seen; and the peer
+  checks the age again when it deletes (`obj.collect`, under the object's
+  locks), so an object written after the listing is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
 from vdifs.model.cluster import ClusterMap, PeerInfo
 from vdifs.model.directory import Directory
 from vdifs.model.ids import ObjectKind, map_oid, unpack_oid
+from vdifs.meta.lease import Lease, lease_key
 from vdifs.model.objmap import ObjectMap, is_allocated, map_chunks
 from vdifs.peer.state import PeerState
 from vdifs.wire import objlist
@@ -67,7 +79,7 @@ async def list_holders(pool: RpcPool, cmap: ClusterMap, up: dict[str, PeerInfo],
 @dataclass
 class References:
     refs: set[tuple[int, int]] = field(default_factory=set)  # (data vid, index) some live map points at
-    unread: set[int] = field(default_factory=set)  # data vids with a map object no holder gave us
+    unread: set[int] = field(default_factory=set)  # data vids whose unreferenced objects are not judged
 
 
 async def referenced(pool: RpcPool, directory: Directory, present: Holdings,
@@ -81,15 +93,19 @@ async def referenced(pool: RpcPool, directory: Directory, present: Holdings,
              for vid, size in directory.live_maps(family)}
     for data_vid, size in sizes.items():
         objmap = ObjectMap()
-        for chunk, length in map_chunks(size, directory.object_size_of(data_vid)):
+        held = present.get(data_vid, ("", {}))[1]
+        chunks = {chunk for chunk, _length in map_chunks(size, directory.object_size_of(data_vid))}
+        # and the map objects past the size the directory has: a file grown since its last flush
+        chunks |= {unpack_oid(oid)[2] for oid in held if unpack_oid(oid)[0] == ObjectKind.MAP}
+        for chunk in sorted(chunks):
             oid = map_oid(data_vid, chunk)
-            holders = present.get(data_vid, ("", {}))[1].get(oid, set())
+            holders = held.get(oid, set())
             for pid in sorted(holders):
                 try:
                     raw = await pool.call(up[pid].address, "obj.fetch", {"oid": oid}, timeout=OBJECT_TIMEOUT)
                 except VdifsError:
                     continue
-                objmap.load_chunk(chunk, raw[:length])
+                objmap.load_chunk(chunk, raw)
                 break
             else:
                 if holders:
@@ -98,6 +114,42 @@ async def referenced(pool: RpcPool, directory: Directory, present: Holdings,
     if out.unread:  # a map may point into other vids of its family: judge none this time
         out.unread = {v for _name, v, _copies in directory.data_vids()}
     return out
+
+
+def family_of(directory: Directory) -> dict[int, int]:
+    """data vid -> its family, for every data vid the directory keeps."""
+    out = {v: family for v, (family, _copies) in directory.retired.items()}
+    for rec in directory.vdis.values():
+        out[rec.data_vid] = rec.family
+        out.update((s.vid, rec.family) for s in rec.snapshots.values())
+    return out
+
+
+async def families_in_use(meta: MetaClient, directory: Directory) -> set[int]:
+    """Families with a VDI a mount may be writing: its lease has a holder,
+    or it is shared (written without a lease)."""
+    busy = set()
+    for rec in directory.vdis.values():
+        if rec.shared:
+            busy.add(rec.family)
+            continue
+        _version, raw = await meta.register(lease_key(rec.vid)).get()
+        if Lease.decode(raw).holder is not None:
+            busy.add(rec.family)
+    return busy
+
+
+async def recovery_settled(pool: RpcPool, cmap: ClusterMap) -> bool:
+    """Whether every up peer has finished recovering `cmap`'s epoch: until
+    then, objects handed off at the epoch change may be in no listing."""
+    for p in cmap.up_peers():
+        try:
+            r = (await pool.call(p.address, "peer.info", {}, timeout=LIST_TIMEOUT))["recovery"]
+        except (VdifsError, KeyError, TypeError):
+            return False
+        if r["epoch"] != cmap.epoch or r["running"] or r["done"] != r["total"] or r["stopped"]:
+            return False
+    return True
 
 
 async def collect(pool: RpcPool, address: str, oid: int, grace: int, epoch: int) -> bool:
@@ -113,6 +165,8 @@ class Leaks:
     stray_vids: list[int] = field(default_factory=list)
     collected: int = 0
     kept_young: int = 0
+    kept_in_use: int = 0  # unreferenced, but a mount may be writing their VDI (see the module doc)
+    unsettled: bool = False  # recovery was still running: nothing collected
 
 
 async def find_and_collect(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, directory: Directory,
@@ -137,8 +191,16 @@ async def find_and_collect(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, di
     leaks.stray_vids = sorted(set(holding) - in_use)
     if not repair:
         return leaks
+    if not await recovery_settled(pool, cmap):
+        leaks.unsettled = True
+        return leaks
+    busy = await families_in_use(meta, directory)
+    families = family_of(directory)
     for leak in leaks.unreferenced:
         oid = int(leak["oid"], 16)
+        if families.get(unpack_oid(oid)[1]) in busy:
+            leaks.kept_in_use += 1
+            continue
         done = [await collect(pool, up[pid].address, oid, grace, cmap.epoch)
                 for pid in sorted(present[unpack_oid(oid)[1]][1][oid]) if pid in up]
         leak["collected"] = bool(done) and all(done)
@@ -155,6 +217,8 @@ async def find_and_collect(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, di
 
 async def leak_pass(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, grace: int) -> Leaks:
     """One pass over the whole cluster: list, read the maps, collect."""
+    if not await recovery_settled(pool, cmap):
+        return Leaks(unsettled=True)
     _version, raw = await meta.register(DIRECTORY_KEY).get()
     directory = Directory.decode(raw)
     up = {p.peer_id: p for p in cmap.up_peers()}
@@ -201,9 +265,13 @@ class Sweeper:
             except VdifsError as e:
                 log.warning("leak pass stopped: %s; trying again in %.0f s", e, self.interval)
                 continue
+            if leaks.unsettled:
+                log.info("leak pass skipped: recovery of epoch %d is still running somewhere", cmap.epoch)
+                continue
             self.passes += 1
             self.collected += leaks.collected
-            if leaks.collected or leaks.kept_young:
+            if leaks.collected or leaks.kept_young or leaks.kept_in_use:
                 log.info("leak pass: %d objects no map points at and %d vids the directory does not know; "
-                         "%d objects removed, %d kept (changed within %d s)", len(leaks.unreferenced),
-                         len(leaks.stray_vids), leaks.collected, leaks.kept_young, self.grace)
+                         "%d objects removed, %d kept (changed within %d s), %d kept (their VDI is open for "
+                         "writing or shared)", len(leaks.unreferenced), len(leaks.stray_vids), leaks.collected,
+                         leaks.kept_young, self.grace, leaks.kept_in_use)

@@ -13,6 +13,7 @@ is closed, nothing else.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from typing import Any
 
@@ -286,7 +287,14 @@ class FrameStream:
                 raise trio.BrokenResourceError(f"socket connection broken: {e}") from e
             _drop_sent(views, sent)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, abort: bool = False) -> None:
+        """Close the connection. `abort`: reset it (SO_LINGER 0): what the
+        kernel still holds unsent is discarded, never delivered later."""
+        if abort and self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
         await self.stream.aclose()
 
 

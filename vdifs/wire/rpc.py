@@ -18,6 +18,7 @@ replies. Anything malformed closes that connection with a logged reason.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import hmac
 import logging
@@ -301,6 +302,7 @@ class RpcClient:
         self._pending: dict[int, PendingCall] = {}
         self._next_id = 1
         self._connect_lock = trio.Lock()
+        self.last_heard = -math.inf  # trio time of the last frame received from the peer
 
     async def _connect(self) -> FrameStream:
         frames = self._frames
@@ -357,6 +359,7 @@ class RpcClient:
         try:
             while True:
                 msg, blob = await frames.receive_frame()
+                self.last_heard = trio.current_time()
                 rid, status, result = check_reply(msg)
                 if blob is not None:
                     result = blob
@@ -427,9 +430,10 @@ class RpcClient:
         """A call's caller no longer waits for its reply."""
         self._pending.pop(rid, None)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, abort: bool = False) -> None:
+        """Close the connection (`abort`: reset it, see FrameStream.aclose)."""
         if self._frames is not None:
-            await self._frames.aclose()
+            await self._frames.aclose(abort=abort)
             self._frames = None
 
 
@@ -517,17 +521,24 @@ class RpcPool:
     async def start(self, address: str, op: str, args: dict[str, Any] | None = None) -> PendingCall:
         return await self.get(address).start(op, args)
 
-    async def drop(self, address: str) -> None:
+    async def drop(self, address: str, *, abort: bool = False) -> None:
         """Close the connection to `address`: what is in flight on it fails
-        now with PeerUnavailable; the next call reconnects."""
+        now with PeerUnavailable; the next call reconnects. `abort`: reset
+        it, so requests the kernel still holds unsent never reach the peer
+        later (after a partition heals, behind newer requests sent another way)."""
         client = self._clients.get(address)
         if client is not None:
-            await client.aclose()
+            await client.aclose(abort=abort)
 
-    def drop_soon(self, address: str) -> None:
+    def drop_soon(self, address: str, *, abort: bool = False) -> None:
         """`drop` from a function that cannot wait (a map change hook)."""
         if address in self._clients:
-            self.nursery.start_soon(self.drop, address)
+            self.nursery.start_soon(functools.partial(self.drop, address, abort=abort))
+
+    def last_heard(self, address: str) -> float:
+        """When the peer at `address` last sent us anything (-inf: never)."""
+        client = self._clients.get(address)
+        return client.last_heard if client is not None else -math.inf
 
     async def aclose(self) -> None:
         for c in self._clients.values():
