@@ -322,3 +322,48 @@ async def test_a_peer_cut_off_from_the_mount_only_is_reached_through_another(tmp
     await pool.write(oids[0], 0, b"direct!")
     assert ("mount", p1.listen) in {("mount", a) for a, op, _ in net.calls if op == "obj.write"}
     assert all(op != "peer.relay" for _, op, _ in net.calls)
+
+
+async def test_a_write_to_a_replica_that_cannot_recover_yet_waits_instead_of_failing(tmp_path, nursery, mock_clock):
+    """A peer takes an object over at a new epoch and cannot reach any peer
+    that holds it: it answers EAGAIN ("not yet"), not ENOENT, and the mount
+    tries again until it can (within --io-wait) instead of failing the write
+    with "no such file" (seen in the soak test under partitions)."""
+    mock_clock.autojump_threshold = 0.05  # not 0: the peers' file I/O runs in threads
+    net = MemoryNet()
+    creds, daemons = await make_cluster(tmp_path, 4, net)
+    pool = await connected_pool(daemons, net, nursery, creds)
+    pool.register_vdi(5, 2)
+    before = pool.map
+    oids = [data_oid(5, i) for i in range(200)]
+    for oid in oids[:60]:
+        await pool.create(oid, 0, b"epoch1", 64)
+    newcomer = daemons[3].state
+    new_map = ClusterMap.from_dict(await daemons[0].membership.h_add_peer(
+        {"peer": PeerInfo(newcomer.peer_id, newcomer.listen).to_dict()}, Session("admin", True)))
+    await newcomer.adopt_map(new_map)
+    for d in daemons[:3]:
+        await d.state.adopt_map(new_map)
+    taken = [o for o in oids[:60] if newcomer.peer_id in placement(new_map, o, 2)
+             and not await newcomer.store.exists(o)]
+    assert taken
+    oid = taken[0]
+    holders_before = {before.peers[p].address for p in placement(before, oid, 2)}
+    for address in holders_before:  # the newcomer reaches neither holder
+        net.cut.add(frozenset((newcomer.listen, address)))
+    with pytest.raises(VdifsError) as e:
+        await daemons[3].data.h_write({"oid": oid, "offset": 0, "data": b"epoch2", "epoch": new_map.epoch},
+                                      Session("m", True))
+    assert e.value.errno == errno.EAGAIN
+
+    async def heal_later() -> None:
+        await trio.sleep(3)
+        net.cut.clear()
+
+    nursery.start_soon(heal_later)
+    started = trio.current_time()
+    await pool.write(oid, 0, b"epoch2")  # waits for the heal, then lands on both replicas
+    assert trio.current_time() - started >= 3
+    for d in daemons:
+        if d.state.peer_id in placement(new_map, oid, 2):
+            assert await d.state.store.read(oid, 0, 6) == b"epoch2"

@@ -52,6 +52,15 @@ class _StaleMap(Exception):
     pass
 
 
+class _NotYet(Exception):
+    """A replica cannot answer for an object yet (it is recovering it, or lacks
+    it while the others have it): try again shortly, within --io-wait."""
+
+
+#: seconds between tries of a request a replica could not answer yet
+NOT_YET_RETRY = 0.5
+
+
 class _ReplicaDown(Exception):
     """A replica did not answer: wait for the map that leaves it out."""
 
@@ -218,6 +227,11 @@ class RemotePool:
                 stale += 1
                 if stale >= STALE_RETRIES:
                     raise PoolError("the cluster map kept changing under this request") from None
+            except _NotYet as e:
+                if trio.current_time() >= deadline:
+                    raise PoolError(f"a replica could not take the request within {self.io_wait:.0f} s: "
+                                    f"{e}") from None
+                await trio.sleep(NOT_YET_RETRY)
             except _ReplicaDown as e:
                 if not await self._wait_for_epoch_after(e.epoch, routes, deadline):
                     raise PoolError(f"a replica is unreachable and the cluster did not replace it "
@@ -279,9 +293,16 @@ class RemotePool:
             down = [e for e in errors if isinstance(e, PeerUnavailable)]
             if down:
                 raise _ReplicaDown(epoch, down[0])
+            not_yet = [e for e in errors if isinstance(e, RemoteError) and e.errno == errno.EAGAIN]
+            if not_yet:
+                raise _NotYet(str(not_yet[0]))
             missing = [e for e in errors if isinstance(e, RemoteError) and e.errno == errno.ENOENT]
-            if missing and len(missing) == len(errors):
+            if missing and len(missing) == len(targets):
                 raise ObjectNotFound(str(missing[0]))
+            if missing and len(missing) == len(errors):
+                # Some replicas have it, one says it does not (it took the object over
+                # and its recovery has not seen the others' copies yet): again, shortly.
+                raise _NotYet(f"{op}: {len(missing)} of {len(targets)} replicas lack the object: {missing[0]}")
             existing = [e for e in errors if isinstance(e, RemoteError) and e.errno == errno.EEXIST]
             if existing and len(existing) == len(errors):
                 raise ObjectExists(str(existing[0]))
@@ -353,6 +374,8 @@ class RemotePool:
                 log.info("read of %016x failed on %s (%s); trying the next replica", oid, address, last)
             if not_found == len(targets):
                 raise ObjectNotFound(f"object {oid:016x} does not exist")
+            if isinstance(last, RemoteError) and last.errno == errno.EAGAIN:
+                raise _NotYet(str(last))  # a replica is still recovering it: again, shortly
             raise PoolError(f"no replica of object {oid:016x} could be read: {last}")
 
         return await self._with_fresh_map(attempt)

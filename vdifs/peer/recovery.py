@@ -353,16 +353,22 @@ class Recovery:
         try:
             return await op()
         except ObjectNotFound:
-            if not await self._recover_within(oid, admitted):
+            state = await self._recover_within(oid, admitted)
+            if state == MISSING:  # not "does not exist": a copy may be where we cannot reach now
+                raise VdifsError(f"object {oid:016x} is not recovered here yet: no peer we reach "
+                                 "could say whether it exists; try again", code=errno.EAGAIN) from None
+            if state != HELD:
                 raise
         except ChecksumError as e:
             await self._repair_rotten(oid, e)
         return await op()
 
-    async def _recover_within(self, oid: int, epoch: int | None) -> bool:
+    async def _recover_within(self, oid: int, epoch: int | None) -> str:
+        """HELD, FREED or MISSING, as `_recover`; with `epoch`, ESTALE once our
+        map moves past it."""
         if epoch is None:
-            return await self.recover(oid)
-        found = False
+            return await self._recover(oid, True)
+        found = MISSING
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 async def watch() -> None:
@@ -371,7 +377,7 @@ class Recovery:
                     scope.cancel()
 
                 nursery.start_soon(watch)
-                found = await self.recover(oid)
+                found = await self._recover(oid, True)
                 nursery.cancel_scope.cancel()
         if scope.cancelled_caught:
             cmap = self.peer.need_map()
