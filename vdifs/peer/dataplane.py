@@ -284,6 +284,7 @@ class DataPlane:
         copy this peer handed off (when no peer serves the object any more)."""
         oid = arg.integer(args, "oid")
         handoff = arg.flag(args, "handoff")
+        younger_than = arg.integer(args, "younger_than", 0, 1 << 32, default=None)  # seconds
         epoch = arg.integer(args, "epoch", ANY_INT, default=None)
         await self.peer.caught_up()  # never hand out a copy that may be stale
         if epoch is not None:  # recovery at that epoch: older writes must have landed first
@@ -294,7 +295,7 @@ class DataPlane:
         except ObjectNotFound:
             if not handoff:
                 raise
-        return await self.store.read_handoff(oid)
+        return await self.store.read_handoff(oid, younger_than)
 
     async def h_digest(self, args: dict[str, Any], s: Session) -> dict[str, str | None]:
         """sha256 of whole objects (for `cluster check`), keyed by the oid in hex

@@ -49,6 +49,9 @@ HELD, FREED, MISSING = "held", "freed", "missing"  # what recovering an object c
 #: Seconds a delete is remembered: an object deleted here that recently is
 #: not recovered (another replica may not have processed its delete yet).
 FREED_MEMORY = 60.0
+#: Seconds a handed-off copy that no map names yet is taken for a new object
+#: whose map entry is on its way (the entry may wait out --io-wait, 60 s).
+UNNAMED_GRACE = 300
 FREED_KEPT = 1 << 16  # deletes remembered at most
 T = TypeVar("T")
 HANDOFF_POLL = 3.0  # seconds between asking the peers whether they finished an epoch
@@ -296,10 +299,19 @@ class Recovery:
         # a copy of an object freed meanwhile: only the maps can tell.
         referenced = await still_referenced(self.peer, oid)
         if referenced is not True:
-            if referenced is False:
-                log.info("object %016x: no peer serves it and no map points at it: freed, not recovered", oid)
-                return FREED
-            return MISSING
+            if referenced is None:
+                return MISSING
+            # No map names it. A new object's map entry comes right after the
+            # object, but may wait out an unreachable replica meanwhile: a
+            # handed-off copy changed that recently may be such an object, and
+            # is recovered (if it is a leak after all, the leak pass removes it).
+            found, _, _ = await self._fetch_from_others(oid, handoff=True, younger_than=UNNAMED_GRACE)
+            if found:
+                log.warning("object %016x: no map points at it yet, but a copy handed off changed in the "
+                            "last %d s: recovered, not judged freed", oid, UNNAMED_GRACE)
+                return HELD
+            log.info("object %016x: no peer serves it and no map points at it: freed, not recovered", oid)
+            return FREED
         found, all_said_missing, _ = await self._fetch_from_others(oid, handoff=True)
         if found:
             return HELD
@@ -309,10 +321,12 @@ class Recovery:
             return HELD
         return MISSING
 
-    async def _fetch_from_others(self, oid: int, *, handoff: bool) -> tuple[bool, bool, bool]:
+    async def _fetch_from_others(self, oid: int, *, handoff: bool,
+                                 younger_than: int | None = None) -> tuple[bool, bool, bool]:
         """Fetch and install a copy: (installed, every peer said it has none,
         some peer refused our epoch as stale). `handoff`: ask for the copies
-        peers handed off at an epoch change instead of those they serve."""
+        peers handed off at an epoch change instead of those they serve
+        (`younger_than`: only one changed within that many seconds)."""
         d = self.peer
         assert d.rpc is not None and d.cmap is not None
         all_said_missing, stale_epoch = True, False
@@ -320,8 +334,10 @@ class Recovery:
             if p.peer_id == d.peer_id:
                 continue
             try:
-                data = await d.rpc.call(p.address, "obj.fetch", {"oid": oid, "handoff": handoff,
-                                                                 "epoch": d.cmap.epoch}, timeout=30)
+                args: dict[str, Any] = {"oid": oid, "handoff": handoff, "epoch": d.cmap.epoch}
+                if younger_than is not None:
+                    args["younger_than"] = younger_than
+                data = await d.rpc.call(p.address, "obj.fetch", args, timeout=30)
             except VdifsError as e:
                 if getattr(e, "errno", None) != errno.ENOENT:
                     all_said_missing = False

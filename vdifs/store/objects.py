@@ -874,13 +874,15 @@ class ObjectStore:
     async def list_handoff(self, vid: int) -> list[int]:
         return await self._io.run(self._list_tree, self.handoff_root, vid)
 
-    def _read_handoff(self, oid: int) -> bytes | None:
+    def _read_handoff(self, oid: int, younger_than: float | None) -> bytes | None:
         for path in self._copies(self.handoff_root, oid):
             try:
                 fd, table, clean = files.open_object(path)
             except FileNotFoundError:
                 continue
             try:
+                if younger_than is not None and time.time() - os.fstat(fd).st_mtime > younger_than:
+                    continue
                 data = files.pread_all(fd)
             finally:
                 os.close(fd)
@@ -889,9 +891,10 @@ class ObjectStore:
             return data
         return None
 
-    async def read_handoff(self, oid: int) -> bytes:
-        """The newest handed-off copy of an object (verified), for recovery."""
-        data = await self._io.run(self._read_handoff, oid)
+    async def read_handoff(self, oid: int, younger_than: float | None = None) -> bytes:
+        """The newest handed-off copy of an object (verified), for recovery;
+        only one changed within `younger_than` seconds if that is given."""
+        data = await self._io.run(self._read_handoff, oid, younger_than)
         if data is None:
             raise ObjectNotFound(f"object {oid:016x}: no handed-off copy here")
         return data
