@@ -45,7 +45,10 @@ from vdifs.wire import objlist
 from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError
 
 log = logging.getLogger("vdifs.peer.recovery")
-HELD, FREED, MISSING = "held", "freed", "missing"  # what recovering an object came to
+# What recovering an object came to: we hold it; it was freed; every peer said
+# it has no copy (a map object never written, say); or some peer could not be
+# asked, or a map not read (UNREACHED: it may exist where we cannot see it now).
+HELD, FREED, MISSING, UNREACHED = "held", "freed", "missing", "unreached"
 #: Seconds a delete is remembered: an object deleted here that recently is
 #: not recovered (another replica may not have processed its delete yet).
 FREED_MEMORY = 60.0
@@ -149,7 +152,7 @@ class Recovery:
                           self.state.total)
                 return
             before = self.recovered
-            if await self._recover(oid, True) != MISSING:  # held now, or freed: nothing to hold
+            if await self._recover(oid, True) not in (MISSING, UNREACHED):  # held now, or freed
                 self.state.done += 1
                 if self.recovered > before:
                     self.state.bytes += 4 << 20
@@ -272,8 +275,9 @@ class Recovery:
         return when is not None and trio.current_time() - when < FREED_MEMORY
 
     async def _recover(self, oid: int, stale_ok: bool) -> str:
-        """HELD, FREED (no peer has it and no live map points at it) or
-        MISSING (not now: some copy may exist that we could not reach)."""
+        """HELD, FREED (no peer has it and no live map points at it), MISSING
+        (every peer said it has none) or UNREACHED (not now: some copy may
+        exist that we could not reach)."""
         async with self._object_lock(oid):
             return await self._recover_locked(oid, stale_ok)
 
@@ -293,14 +297,14 @@ class Recovery:
             # A source was at a newer epoch than our request: catch up and ask again.
             await self.peer.refresh_map()
         if not all_said_missing:
-            return MISSING  # a peer that failed otherwise (newer epoch, timeout) may hold the current one
+            return UNREACHED  # a peer that failed otherwise (newer epoch, timeout) may hold the current one
         # No up peer serves it. A copy handed off at an epoch change, or our
         # own from before we were marked down, may be the last one left, or
         # a copy of an object freed meanwhile: only the maps can tell.
         referenced = await still_referenced(self.peer, oid)
         if referenced is not True:
             if referenced is None:
-                return MISSING
+                return UNREACHED
             # No map names it. A new object's map entry comes right after the
             # object, but may wait out an unreachable replica meanwhile: a
             # handed-off copy changed that recently may be such an object, and
@@ -319,7 +323,7 @@ class Recovery:
             log.warning("object %016x: no other peer has it; took back our own copy from before "
                         "we were marked down", oid)
             return HELD
-        return MISSING
+        return MISSING if all_said_missing else UNREACHED
 
     async def _fetch_from_others(self, oid: int, *, handoff: bool,
                                  younger_than: int | None = None) -> tuple[bool, bool, bool]:
@@ -370,7 +374,7 @@ class Recovery:
             return await op()
         except ObjectNotFound:
             state = await self._recover_within(oid, admitted)
-            if state == MISSING:  # not "does not exist": a copy may be where we cannot reach now
+            if state == UNREACHED:  # not "does not exist": a copy may be where we cannot reach now
                 raise VdifsError(f"object {oid:016x} is not recovered here yet: no peer we reach "
                                  "could say whether it exists; try again", code=errno.EAGAIN) from None
             if state != HELD:
@@ -380,11 +384,11 @@ class Recovery:
         return await op()
 
     async def _recover_within(self, oid: int, epoch: int | None) -> str:
-        """HELD, FREED or MISSING, as `_recover`; with `epoch`, ESTALE once our
+        """What `_recover` came to; with `epoch`, ESTALE once our
         map moves past it."""
         if epoch is None:
             return await self._recover(oid, True)
-        found = MISSING
+        found = UNREACHED
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 async def watch() -> None:
