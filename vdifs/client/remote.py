@@ -130,12 +130,10 @@ class RemotePool:
         socket buffer, would wait out their timeouts (30 s) although the
         cluster has already replaced it. Closing the connection fails them
         at once (PeerUnavailable), and the caller retries on this map."""
-        still_up = {p.address for p in new.up_peers()}
-        for p in old.up_peers():
-            if p.address not in still_up:
-                log.warning("peer %s at %s is no longer up in epoch %d: its requests in flight go to the "
-                            "new placement", p.peer_id, p.address, new.epoch)
-                self.rpc.drop_soon(p.address)
+        for p in old.no_longer_up(new):
+            log.warning("peer %s at %s is no longer up in epoch %d: its requests in flight go to the "
+                        "new placement", p.peer_id, p.address, new.epoch)
+            self.rpc.drop_soon(p.address)
 
     async def _watch_map(self) -> None:
         async def adopt(cmap: ClusterMap) -> None:

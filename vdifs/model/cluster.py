@@ -52,6 +52,12 @@ class ClusterMap:
     def up_peers(self) -> list[PeerInfo]:
         return [p for p in self.peers.values() if p.state == UP]
 
+    def no_longer_up(self, newer: ClusterMap) -> list[PeerInfo]:
+        """Our up peers that `newer` does not count as up at the same address
+        (their connections should be dropped: a hung peer keeps them open)."""
+        still_up = {p.address for p in newer.up_peers()}
+        return [p for p in self.up_peers() if p.address not in still_up]
+
     def meta_addresses(self) -> list[str]:
         return [self.peers[p].address for p in self.meta if p in self.peers]
 

@@ -35,14 +35,14 @@ import trio
 
 from vdifs.errors import ChecksumError, NoSpace, ObjectNotFound, PoolError, VdifsError
 from vdifs.meta.consensus import DIRECTORY_KEY
-from vdifs.model.cluster import UP
+from vdifs.model.cluster import UP, ClusterMap
 from vdifs.model.directory import Directory
 from vdifs.model.ids import ObjectKind, unpack_oid, vid_of
 from vdifs.model.placement import placement
 from vdifs.peer.references import still_referenced
 from vdifs.peer.state import PeerState
 from vdifs.wire import objlist
-from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError
+from vdifs.wire.rpc import ESTALE_EPOCH, RemoteError, RpcPool
 
 log = logging.getLogger("vdifs.peer.recovery")
 # What recovering an object came to: we hold it; it was freed; every peer said
@@ -71,6 +71,23 @@ class RecoveryState:
     bytes: int = 0
     stopped: str = ""  # why the last pass gave up, if it did
     started: float = 0.0  # trio clock at the start of the pass (for rate and ETA)
+
+
+async def recovery_settled(pool: RpcPool, cmap: ClusterMap, *, skip: str | None = None,
+                           timeout: float = 10.0) -> bool:
+    """Whether every up peer of `cmap` (but `skip`) says it finished
+    recovering that epoch: until then, objects handed off at the epoch
+    change may be needed, and are in no listing of served objects."""
+    for p in cmap.up_peers():
+        if p.peer_id == skip:
+            continue
+        try:
+            r = (await pool.call(p.address, "peer.info", {}, timeout=timeout))["recovery"]
+        except (VdifsError, KeyError, TypeError):
+            return False
+        if r["epoch"] != cmap.epoch or r["running"] or r["done"] != r["total"] or r["stopped"]:
+            return False
+    return True
 
 
 class Recovery:
@@ -184,18 +201,7 @@ class Recovery:
         d = self.peer
         assert d.rpc is not None
         while d.cmap is not None and d.cmap.epoch == epoch:
-            try:
-                done = True
-                for p in d.cmap.up_peers():
-                    if p.peer_id == d.peer_id:
-                        continue
-                    r = (await d.rpc.call(p.address, "peer.info", {}, timeout=10))["recovery"]
-                    if r["epoch"] != epoch or r["running"] or r["done"] != r["total"] or r["stopped"]:
-                        done = False
-                        break
-            except (VdifsError, KeyError, TypeError):
-                done = False
-            if done:
+            if await recovery_settled(d.rpc, d.cmap, skip=d.peer_id):
                 if await d.store.drop_handoff(epoch):
                     log.info("epoch %d: every peer finished recovery; dropped the objects handed off", epoch)
                 return

@@ -148,10 +148,8 @@ class PeerState:
                 # A peer that hangs keeps its connection open: what we (or a
                 # mount through our relay) have in flight to it would wait out
                 # its timeout although it is replaced now. Fail it at once.
-                still_up = {p.address for p in cmap.up_peers()}
-                for p in old_map.up_peers():
-                    if p.address not in still_up:
-                        self.rpc.drop_soon(p.address)
+                for p in old_map.no_longer_up(cmap):
+                    self.rpc.drop_soon(p.address)
             if self.meta is not None:
                 self.meta.set_meta(cmap.meta_addresses())
             log.info("cluster map epoch %d -> %d: %d peers (%d up), copies %d", old, cmap.epoch,

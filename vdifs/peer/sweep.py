@@ -43,6 +43,7 @@ from vdifs.model.directory import Directory
 from vdifs.model.ids import ObjectKind, map_oid, unpack_oid
 from vdifs.meta.lease import Lease, lease_key
 from vdifs.model.objmap import ObjectMap, is_allocated, map_chunks
+from vdifs.peer.recovery import recovery_settled
 from vdifs.peer.state import PeerState
 from vdifs.wire import objlist
 from vdifs.wire.rpc import RpcPool
@@ -139,19 +140,6 @@ async def families_in_use(meta: MetaClient, directory: Directory) -> set[int]:
     return busy
 
 
-async def recovery_settled(pool: RpcPool, cmap: ClusterMap) -> bool:
-    """Whether every up peer has finished recovering `cmap`'s epoch: until
-    then, objects handed off at the epoch change may be in no listing."""
-    for p in cmap.up_peers():
-        try:
-            r = (await pool.call(p.address, "peer.info", {}, timeout=LIST_TIMEOUT))["recovery"]
-        except (VdifsError, KeyError, TypeError):
-            return False
-        if r["epoch"] != cmap.epoch or r["running"] or r["done"] != r["total"] or r["stopped"]:
-            return False
-    return True
-
-
 async def collect(pool: RpcPool, address: str, oid: int, grace: int, epoch: int) -> bool:
     """Ask one peer to remove a leaked object older than `grace` seconds."""
     done: bool = await pool.call(address, "obj.collect", {"oid": oid, "older_than": grace, "epoch": epoch},
@@ -191,7 +179,7 @@ async def find_and_collect(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, di
     leaks.stray_vids = sorted(set(holding) - in_use)
     if not repair:
         return leaks
-    if not await recovery_settled(pool, cmap):
+    if not await recovery_settled(pool, cmap, timeout=LIST_TIMEOUT):
         leaks.unsettled = True
         return leaks
     busy = await families_in_use(meta, directory)
@@ -216,8 +204,10 @@ async def find_and_collect(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, di
 
 
 async def leak_pass(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, grace: int) -> Leaks:
-    """One pass over the whole cluster: list, read the maps, collect."""
-    if not await recovery_settled(pool, cmap):
+    """One pass over the whole cluster: list, read the maps, collect. Skipped
+    at once while recovery runs (listing the cluster would be wasted);
+    `find_and_collect` asks again after the listing, which took a while."""
+    if not await recovery_settled(pool, cmap, timeout=LIST_TIMEOUT):
         return Leaks(unsettled=True)
     _version, raw = await meta.register(DIRECTORY_KEY).get()
     directory = Directory.decode(raw)
