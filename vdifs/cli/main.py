@@ -16,6 +16,7 @@ import trio
 from vdifs import __version__
 from vdifs.cli import cluster, vdi
 from vdifs.cli.cluster import cluster_addresses
+from vdifs.cli.heap import keep_freed_buffers
 from vdifs.cli.common import LOG_LEVELS, CliError, Parser, setup_logging, size_arg
 from vdifs.client.catalog import WRITE_BEHIND
 from vdifs.client.remote import REPLICA_WAIT
@@ -93,6 +94,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                   secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term,
                   io_wait=args.io_wait, write_behind=args.write_behind)
     lock = lock_store(store)
+    keep_freed_buffers()
     logfile = args.log_file or os.path.join(store, "mount.log")
     if args.foreground:
         setup_logging(args.log_level, sys.stderr)
