@@ -131,6 +131,7 @@ async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
         await pool.create(oid, 0, b"epoch1", 64)
         assert await holders(daemons, oid) == set(placement(pool.map, oid, 2))
 
+    map1 = pool.map
     # p3 joins through p0 while p1 is partitioned away: epoch 2, p1 misses the notify
     p1 = daemons[1].state
     net.down.add(p1.listen)
@@ -140,6 +141,8 @@ async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
     await newcomer.adopt_map(new_map)
     assert new_map.epoch == 2 and daemons[2].state.cmap.epoch == 2 and p1.cmap.epoch == 1
     net.down.clear()
+    while pool.rpc.cut:  # the mount's pings cut p1 off meanwhile: until they reach it again
+        await trio.sleep(0.5)
 
     # p1 never heard of epoch 2; a read (its handler checks the epoch) carrying
     # epoch 2 makes it adopt the newer map from the register before it answers
@@ -151,7 +154,10 @@ async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
     events.append(("answered", p1.cmap.epoch))
     assert events == [("adopted", 2), ("answered", 2)]
 
-    # the mount still has epoch 1: peers with epoch 2 refuse, the mount adopts their map and retries
+    # the mount still has epoch 1 (its poll of the register may have seen epoch 2
+    # while the peers confirmed the notify through consensus: set it back): peers
+    # with epoch 2 refuse, the mount reads the newer map from the register and retries
+    pool.cmap = map1
     moved = [oid for oid in (data_oid(5, 100 + i) for i in range(200))
              if set(placement(new_map, oid, 2)) != set(placement(pool.map, oid, 2))]
     assert moved  # the join moved some placements

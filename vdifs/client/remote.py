@@ -49,7 +49,11 @@ PLACEMENTS_KEPT = 1 << 16  # objects whose replicas are remembered (about 10 MiB
 
 
 class _StaleMap(Exception):
-    pass
+    """A peer refused our epoch as stale, saying it knows `epoch`."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"a peer knows epoch {epoch}")
+        self.epoch = epoch
 
 
 class _NotYet(Exception):
@@ -87,6 +91,7 @@ class RemotePool:
         self.vid_lease: dict[int, int] = {}  # data vid -> the vid whose lease guards it
         self._placed: dict[tuple[int, int], list[str]] = {}  # (oid, copies) -> replica addresses
         self._placed_epoch = -1  # the epoch of the map those were placed in
+        self._map_read: trio.Event | None = None  # set when a consensus read of the map under way ends
 
     # -- the map -----------------------------------------------------------------------
 
@@ -169,8 +174,11 @@ class RemotePool:
         return {"gen": gen} if lease_vid == vid else {"gen": gen, "lvid": lease_vid}
 
     async def fence(self, vid: int, generation: int) -> None:
-        """Every peer in the map must take the fence: any of them may hold the VDI's objects."""
-        await self._everywhere("lease.fence", {"vid": vid, "gen": generation})
+        """Every peer in the map must take the fence: any of them may hold the VDI's objects.
+        The data vids this lease guards are fenced with it, so a peer checks a
+        write against its object's own vid, whatever lease vid it names."""
+        also = sorted(d for d, lease in self.vid_lease.items() if lease == vid)
+        await self._everywhere("lease.fence", {"vid": vid, "gen": generation, **({"also": also} if also else {})})
 
     def _targets(self, oid: int, cmap: ClusterMap) -> list[str]:
         """The addresses of an object's replicas in `cmap`, remembered per
@@ -205,11 +213,35 @@ class RemotePool:
             raise
 
     def _stale(self, error: RemoteError) -> _StaleMap | None:
-        """A refusal for a stale epoch: adopt the newer map the peer sent with it."""
-        if error.errno == ESTALE_EPOCH and isinstance(error.result, dict) and "map" in error.result:
-            self._adopt(ClusterMap.from_dict(error.result["map"]))
-            return _StaleMap()
+        """A refusal for a stale epoch, with the epoch the peer claims. Its map
+        is not adopted as sent: `_catch_up` reads the one consensus chose."""
+        if error.errno == ESTALE_EPOCH and isinstance(error.result, dict):
+            sent = error.result.get("map")
+            epoch = sent.get("epoch") if isinstance(sent, dict) else None
+            return _StaleMap(epoch if type(epoch) is int else self.map.epoch + 1)
         return None
+
+    async def _catch_up(self, claimed: int) -> None:
+        """A peer says a map newer than ours exists: adopt the map the cluster
+        register holds (never one a peer or client made up). Concurrent
+        callers share one read."""
+        while claimed > self.map.epoch:
+            reading = self._map_read
+            if reading is not None:
+                await reading.wait()
+                return
+            self._map_read = trio.Event()
+            try:
+                latest = await self.meta.read_map()
+            except VdifsError as e:
+                log.info("could not read the cluster map to confirm epoch %d: %s", claimed, e)
+                return
+            finally:
+                self._map_read.set()
+                self._map_read = None
+            if latest is not None:
+                self._adopt(latest)
+            return
 
     async def _with_fresh_map(self, fn: Callable[[ClusterMap], Awaitable[T]]) -> T:
         """Run an attempt against one map; on a stale-epoch refusal, again with the
@@ -221,10 +253,11 @@ class RemotePool:
             routes = self.rpc.version
             try:
                 return await fn(self.map)
-            except _StaleMap:
+            except _StaleMap as e:
                 stale += 1
                 if stale >= STALE_RETRIES:
                     raise PoolError("the cluster map kept changing under this request") from None
+                await self._catch_up(e.epoch)
             except _NotYet as e:
                 if trio.current_time() >= deadline:
                     raise PoolError(f"a replica could not take the request within {self.io_wait:.0f} s: "
@@ -286,8 +319,9 @@ class RemotePool:
             except VdifsError as e:
                 errors.append(e)
         if errors:
-            if any(isinstance(e, _StaleMap) for e in errors):
-                raise _StaleMap()
+            stale = [e for e in errors if isinstance(e, _StaleMap)]
+            if stale:
+                raise stale[0]
             down = [e for e in errors if isinstance(e, PeerUnavailable)]
             if down:
                 raise _ReplicaDown(epoch, down[0])
@@ -331,7 +365,9 @@ class RemotePool:
                 timeout=DATA_TIMEOUT)
             return data
         except RemoteError as e:
-            if self._stale(e) is not None:  # adopted the newer map: place again
+            stale = self._stale(e)
+            if stale is not None:  # a newer map exists: take it and place again
+                await self._catch_up(stale.epoch)
                 return await self._read_all_ways(oid, offset, length, tried=None)
             if e.errno != errno.ENOENT:
                 log.info("read of %016x failed on %s (%s); trying the next replica", oid, first, e)

@@ -20,7 +20,7 @@ import trio
 
 from vdifs.errors import ChecksumError, InvalidArgument, ObjectNotFound, VdifsError
 from vdifs.fsutil import atomic_write
-from vdifs.model.ids import OBJECT_SIZE, vid_of
+from vdifs.model.ids import MAX_VID, OBJECT_SIZE, vid_of
 from vdifs.model.placement import placement
 from vdifs.peer.recovery import Recovery
 from vdifs.peer.state import PeerState
@@ -36,9 +36,10 @@ log = logging.getLogger("vdifs.peer")
 SPAN = 1 << 23
 #: how many objects' "do we serve its reads" answers are remembered per epoch
 READERS_KEPT = 1 << 16
-#: epochs, vids, kinds and lease generations: any integer msgpack carries (today's
-#: range; tighter bounds are the strict-validation issue's to set)
-ANY_INT = -(1 << 63)
+#: the largest epoch or lease generation (both count up from 0 or 1 in a signed 64-bit range)
+COUNTER_MAX = (1 << 63) - 1
+#: data vids one lease.fence may name beside the lease's own
+FENCE_ALSO_MAX = 1024
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -75,26 +76,44 @@ class DataPlane:
                                              "map": cmap.to_dict()})
         if epoch > cmap.epoch:
             await self.peer.refresh_map()
+            if epoch > self.peer.need_map().epoch:  # no map consensus chose: a client's invention
+                raise InvalidArgument(f"epoch {epoch} is newer than the cluster's ({self.peer.need_map().epoch})")
 
     def check_fence(self, oid: int, gen: int | None, lvid: int | None) -> None:
+        """Refuse a write whose lease generation is below the fence of the
+        object's own vid, or of the lease's vid the client names (`lvid`):
+        naming a vid can only make the check stricter. Mounts fence a VDI's
+        data vids with its lease's vid (`lease.fence` "also")."""
         if gen is None:
             return  # embedded-style or shared VDI: no lease
-        vid = vid_of(oid) if lvid is None else lvid  # the lease's vid, if not the object's
-        if gen < self.fences.get(vid, 0):
-            raise VdifsError(f"vid {vid} is fenced at lease generation {self.fences[vid]}; "
+        vid = vid_of(oid)
+        floor = self.fences.get(vid, 0)
+        if lvid is not None and self.fences.get(lvid, 0) > floor:
+            vid, floor = lvid, self.fences[lvid]
+        if gen < floor:
+            raise VdifsError(f"vid {vid} is fenced at lease generation {floor}; "
                              f"a write of generation {gen} is refused", code=errno.EPERM)
 
     async def _mutation(self, args: dict[str, Any], oid: int) -> None:
         """What every change of an object passes first: the gate, the epoch and
         the lease fence; then it is journaled."""
-        epoch = arg.integer(args, "epoch", ANY_INT)
-        gen = arg.integer(args, "gen", ANY_INT, default=None)
-        lvid = arg.integer(args, "lvid", ANY_INT, default=None)
+        epoch = arg.integer(args, "epoch", 0, COUNTER_MAX)
+        gen = arg.integer(args, "gen", 0, COUNTER_MAX, default=None)
+        lvid = arg.integer(args, "lvid", 1, MAX_VID, default=None)
         await self.peer.caught_up()
         await self.check_epoch(epoch)
         self.check_fence(oid, gen, lvid)
         assert self.peer.cmap is not None
         self.peer.journal.record(self.peer.cmap.epoch, oid)  # before the change: a returning peer must learn of it
+
+    @staticmethod
+    def _placed_range(args: dict[str, Any]) -> tuple[int, int, int]:
+        """(oid, offset, length) of a read, inside one object: the reply must fit a frame."""
+        oid = arg.integer(args, "oid")
+        offset, length = arg.integer(args, "offset", 0, OBJECT_SIZE), arg.integer(args, "length", 0, OBJECT_SIZE)
+        if offset + length > OBJECT_SIZE:
+            raise InvalidArgument(f"offset {offset} + length {length} runs past the {OBJECT_SIZE} byte object")
+        return oid, offset, length
 
     @staticmethod
     def _placed_data(args: dict[str, Any]) -> tuple[int, int, bytes | bytearray]:
@@ -105,6 +124,11 @@ class DataPlane:
         if offset + len(data) > OBJECT_SIZE:
             raise InvalidArgument(f"offset {offset} + {len(data)} bytes runs past the {OBJECT_SIZE} byte object")
         return oid, offset, data
+
+    async def _epoch_if_sent(self, args: dict[str, Any]) -> None:
+        epoch = arg.integer(args, "epoch", 0, COUNTER_MAX, default=None)
+        if epoch is not None:
+            await self.check_epoch(epoch)
 
     # Every change is counted while it runs, under the epoch it was admitted
     # at: a peer recovering at a newer epoch copies an object from us only
@@ -137,9 +161,8 @@ class DataPlane:
     # -- request handlers --------------------------------------------------------------------
 
     async def h_read(self, args: dict[str, Any], s: Session) -> bytes | bytearray:
-        oid = arg.integer(args, "oid")
-        offset, length = arg.integer(args, "offset", 0, SPAN), arg.integer(args, "length", 0, SPAN)
-        epoch = arg.integer(args, "epoch", ANY_INT)
+        oid, offset, length = self._placed_range(args)
+        epoch = arg.integer(args, "epoch", 0, COUNTER_MAX)
         await self.peer.caught_up()
         await self.check_epoch(epoch)
         return await self.recovery.recovering_first(oid, lambda: self.store.read(oid, offset, length))
@@ -151,9 +174,8 @@ class DataPlane:
     # NOT_NOW, and the handlers above run as usual (they check again).
 
     def read_now(self, args: dict[str, Any], s: Session) -> Any:
-        oid = arg.integer(args, "oid")
-        offset, length = arg.integer(args, "offset", 0, SPAN), arg.integer(args, "length", 0, SPAN)
-        epoch = arg.integer(args, "epoch", ANY_INT)
+        oid, offset, length = self._placed_range(args)
+        epoch = arg.integer(args, "epoch", 0, COUNTER_MAX)
         cmap = self.peer.cmap
         if self.peer.catching_up or cmap is None or epoch != cmap.epoch:
             return NOT_NOW
@@ -166,9 +188,9 @@ class DataPlane:
         oid, offset, data = self._placed_data(args)
         if len(data) > INLINE_WRITE_MAX:
             return NOT_NOW  # never inline: spare the checks the handler makes again
-        epoch = arg.integer(args, "epoch", ANY_INT)
-        gen = arg.integer(args, "gen", ANY_INT, default=None)
-        lvid = arg.integer(args, "lvid", ANY_INT, default=None)
+        epoch = arg.integer(args, "epoch", 0, COUNTER_MAX)
+        gen = arg.integer(args, "gen", 0, COUNTER_MAX, default=None)
+        lvid = arg.integer(args, "lvid", 1, MAX_VID, default=None)
         cmap = self.peer.cmap
         if self.peer.catching_up or cmap is None or epoch != cmap.epoch:
             return NOT_NOW
@@ -249,11 +271,12 @@ class DataPlane:
     async def h_list(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         """One page of a vid's object ids, after `after`: a 4 TiB VDI has a million
         objects, more than one frame holds, so lists come in pages."""
-        vid = arg.integer(args, "vid", ANY_INT)
-        kind = arg.integer(args, "kind", ANY_INT, default=None)
+        vid = arg.integer(args, "vid", 1, MAX_VID)
+        kind = arg.integer(args, "kind", 0, 255, default=None)
         handoff = arg.flag(args, "handoff")
-        after = arg.integer(args, "after", ANY_INT, default=None)
-        limit = arg.integer(args, "limit", ANY_INT, default=None)
+        after = arg.integer(args, "after", default=None)
+        limit = arg.integer(args, "limit", 1, objlist.LIST_PAGE, default=None)
+        await self._epoch_if_sent(args)
         oids = await self.store.list_objects(vid, kind)
         if handoff:  # recovery: what was handed off here is still to be copied
             oids = sorted(set(oids).union(await self.store.list_handoff(vid)))
@@ -263,21 +286,27 @@ class DataPlane:
         return await self.store.list_vids()
 
     async def h_finish_vid(self, args: dict[str, Any], s: Session) -> None:
-        vid = arg.integer(args, "vid", ANY_INT)
+        vid = arg.integer(args, "vid", 1, MAX_VID)
+        await self._epoch_if_sent(args)
         await self.store.remove_vid_dir(vid)
         await self.store.sync([])
 
     async def h_fence(self, args: dict[str, Any], s: Session) -> int:
-        """From now on refuse writes to vid from generations below gen (durable first)."""
-        vid, gen = arg.integer(args, "vid", ANY_INT), arg.integer(args, "gen", ANY_INT)
+        """From now on refuse writes to vid, and to the data vids named in
+        `also` (those the lease guards), from generations below gen (durable
+        first). Answers vid's fence."""
+        vid, gen = arg.integer(args, "vid", 1, MAX_VID), arg.integer(args, "gen", 0, COUNTER_MAX)
+        also = arg.int_list(args, "also", 1, MAX_VID, max_items=FENCE_ALSO_MAX) if "also" in args else []
         async with self._fence_lock:
-            if gen > self.fences.get(vid, 0):
-                fences = {**self.fences, vid: gen}
+            raised = [v for v in [vid, *also] if gen > self.fences.get(v, 0)]
+            if raised:
+                fences = {**self.fences, **{v: gen for v in raised}}
                 await trio.to_thread.run_sync(atomic_write, os.path.join(self.peer.meta_dir, "fences"),
                                               msgpack.packb(fences))
                 self.fences = fences
-                log.info("vid %d fenced at lease generation %d", vid, gen)
-            return self.fences[vid]
+                log.info("vid %d fenced at lease generation %d%s", vid, gen,
+                         f" (with data vids {', '.join(map(str, also))})" if also else "")
+            return self.fences.get(vid, 0)
 
     async def h_fetch(self, args: dict[str, Any], s: Session) -> bytes:
         """A whole object, for a peer that recovers it; with `handoff`, also a
@@ -285,7 +314,7 @@ class DataPlane:
         oid = arg.integer(args, "oid")
         handoff = arg.flag(args, "handoff")
         younger_than = arg.integer(args, "younger_than", 0, 1 << 32, default=None)  # seconds
-        epoch = arg.integer(args, "epoch", ANY_INT, default=None)
+        epoch = arg.integer(args, "epoch", 0, COUNTER_MAX, default=None)
         await self.peer.caught_up()  # never hand out a copy that may be stale
         if epoch is not None:  # recovery at that epoch: older writes must have landed first
             await self.check_epoch(epoch)

@@ -28,6 +28,11 @@ from vdifs.wire.rpc import Session
 
 log = logging.getLogger("vdifs.peer")
 
+#: bytes of a register key (its acceptor file is named by the key's hex: 2 x 120 < NAME_MAX)
+KEY_MAX = 120
+BALLOT_MAX = (1 << 63) - 1
+PROPOSER_MAX = 256  # characters of a proposer id (a peer id, or a mount id that holds a host name)
+
 MapChange = Callable[[ClusterMap], "ClusterMap | None"]
 
 
@@ -53,9 +58,19 @@ def _credentials(args: dict[str, Any]) -> Credentials:
 
 def _ballot(args: dict[str, Any]) -> Ballot:
     b = args.get("ballot")
-    if not (isinstance(b, (list, tuple)) and len(b) == 2 and type(b[0]) is int and isinstance(b[1], str)):
-        raise InvalidArgument("ballot must be [counter, proposer id]")
+    if not (isinstance(b, (list, tuple)) and len(b) == 2 and type(b[0]) is int and isinstance(b[1], str)
+            and 0 <= b[0] <= BALLOT_MAX and len(b[1]) <= PROPOSER_MAX):
+        raise InvalidArgument(f"ballot must be [counter 0..{BALLOT_MAX}, proposer id of at most "
+                              f"{PROPOSER_MAX} characters]")
     return b[0], b[1]
+
+
+def _register_key(args: dict[str, Any]) -> str:
+    """A register's key: it names the acceptor's file (hex of its UTF-8), so it is short."""
+    key = arg.text(args, "key", max_len=KEY_MAX)
+    if len(key.encode()) > KEY_MAX:
+        raise InvalidArgument(f"key is longer than {KEY_MAX} bytes")
+    return key
 
 
 def add_peer_change(info: PeerInfo) -> MapChange:
@@ -314,7 +329,15 @@ class Membership:
         return self.peer.need_map().to_dict()
 
     async def h_notify(self, args: dict[str, Any], s: Session) -> bool:
-        return await self.peer.adopt_map(_cluster_map(args))
+        """A newer map was chosen, says the sender: adopt the map the cluster
+        register holds, never the one sent (any client could forge that)."""
+        claimed = _cluster_map(args)
+        before = self.peer.epoch()
+        if claimed.epoch > before:
+            if self.peer.cmap is None and self.peer.meta is not None:  # joining: whom to ask
+                self.peer.meta.set_meta(claimed.meta_addresses())  # they must prove the secret
+            await self.peer.refresh_map()
+        return self.peer.epoch() > before
 
     async def h_add_peer(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         info = _peer_info(args)
@@ -447,24 +470,24 @@ class Membership:
                              code=errno.EPERM)
 
     async def h_prepare(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
-        key, ballot = arg.text(args, "key"), _ballot(args)
+        key, ballot = _register_key(args), _ballot(args)
         self._check_acceptor()
         return await self.acceptor.prepare(key, ballot)
 
     async def h_accept(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
-        key, ballot = arg.text(args, "key"), _ballot(args)
+        key, ballot = _register_key(args), _ballot(args)
         value = bytes(arg.blob(args, "value"))  # a value sent as a blob arrives as a bytearray
         self._check_acceptor()
         return await self.acceptor.accept(key, ballot, value)
 
     async def h_peek(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
-        return await self.acceptor.peek(arg.text(args, "key"))
+        return await self.acceptor.peek(_register_key(args))
 
     async def h_keys(self, args: dict[str, Any], s: Session) -> list[str]:
         return await self.acceptor.storage.keys()
 
     async def h_install(self, args: dict[str, Any], s: Session) -> bool:
-        key, ballot = arg.text(args, "key"), _ballot(args)
+        key, ballot = _register_key(args), _ballot(args)
         if "value" not in args:
             raise InvalidArgument("missing argument 'value'")
         value = arg.blob(args, "value", default=None)  # None: the register was never written

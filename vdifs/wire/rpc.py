@@ -13,6 +13,11 @@ handshake is done frames are limited to 4 KiB; afterwards to one object
 plus headers. Requests `[id, op, args]` and replies `[id, status, result]`
 are multiplexed: many in flight per connection, one reader task routes the
 replies. Anything malformed closes that connection with a logged reason.
+
+Nothing a client sends can end the server: replies are bounded (error
+texts are cut to MAX_ERROR_TEXT; a result too big for a frame is answered
+EIO), a handler's bug is logged and answered EIO, and anything else that
+goes wrong on a connection ends that connection only.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ MAX_FRAME = OBJECT_SIZE + (1 << 16)
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 MAX_INFLIGHT_PER_CONNECTION = 64
+#: characters of an error text a reply carries at most (texts may quote what the client sent)
+MAX_ERROR_TEXT = 512
+#: characters of an operation name (longer ones are answered ENOSYS without being quoted whole)
+MAX_OP_NAME = 64
 
 #: status of a reply that says "your cluster map is older than mine"
 ESTALE_EPOCH = errno.ESTALE
@@ -152,6 +161,8 @@ class RpcServer:
             pass
         except trio.TooSlowError:
             self._refuse(remote, "no handshake within %.0f s" % HANDSHAKE_TIMEOUT)
+        except Exception:  # a bug of ours: it ends this connection, never the server
+            log.exception("%s: connection from %s ended by an internal error", self.name, remote)
         finally:
             self._unauthenticated.pop(stream, None)
             with trio.move_on_after(1) as cs:
@@ -201,7 +212,7 @@ class RpcServer:
                     if fast is not None and (session.authenticated or op in self.open_ops):
                         reply = self._answer_now(fast, session, rid, op, args)
                         if reply is not None:
-                            replies.extend(_encode_reply(reply))
+                            replies.extend(self._encode_reply(reply, op, session))
                             if not self.fast_answers % FAST_YIELD:  # a flood of them must
                                 await self._send_encoded(frames, replies)  # not starve other tasks
                                 replies = []
@@ -236,11 +247,20 @@ class RpcServer:
         if isinstance(e, RemoteError):
             return [rid, e.errno, e.result]
         if isinstance(e, VdifsError):
-            return [rid, e.errno, str(e)]
+            return [rid, e.errno, _short(str(e))]
         # Handlers check their arguments (vdifs.wire.args: InvalidArgument,
         # EINVAL), so anything else that escapes is a bug: say so loudly.
         log.exception("%s: %s from %s failed", self.name, op, session.remote, exc_info=e)
-        return [rid, errno.EIO, f"internal error in {op}: {e}"]
+        return [rid, errno.EIO, _short(f"internal error in {op}: {e}")]
+
+    def _encode_reply(self, reply: list[Any], op: str, session: Session) -> list[Blob]:
+        """A reply's frame; one whose result does not fit a frame becomes an
+        EIO (a handler must bound what it returns: this is its bug)."""
+        try:
+            return _encode_reply(reply)
+        except (ProtocolError, ValueError, TypeError, OverflowError) as e:  # too big, or not encodable
+            log.error("%s: the reply to %s from %s cannot be sent: %s", self.name, op, session.remote, e)
+            return _encode_reply([reply[0], errno.EIO, _short(f"internal error in {op}: reply not sendable: {e}")])
 
     @staticmethod
     async def _send_encoded(frames: FrameStream, parts: list[Blob]) -> None:
@@ -254,7 +274,7 @@ class RpcServer:
         try:
             handler = self.handlers.get(op)
             if handler is None:
-                reply = [rid, errno.ENOSYS, f"unknown operation {op!r}"]
+                reply = [rid, errno.ENOSYS, f"unknown operation {_short(op, MAX_OP_NAME)!r}"]
             elif not session.authenticated and op not in self.open_ops:
                 reply = [rid, errno.EACCES, f"{op} needs an authenticated connection"]
             else:
@@ -262,7 +282,7 @@ class RpcServer:
                     reply = [rid, 0, await handler(args, session)]
                 except Exception as e:
                     reply = self._error_reply(rid, op, session, e)
-            await self._send_encoded(frames, _encode_reply(reply))
+            await self._send_encoded(frames, self._encode_reply(reply, op, session))
         finally:
             limit.release()
 
@@ -273,6 +293,11 @@ def _encode_reply(reply: list[Any]) -> list[Blob]:
     if isinstance(result, (bytes, bytearray, memoryview)) and reply[1] == 0:
         return encode_frame([reply[0], 0, None], MAX_FRAME, result)
     return encode_frame(reply, MAX_FRAME)
+
+
+def _short(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """`text` cut to `limit` characters, saying so."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more)"
 
 
 def _remote_name(stream: trio.abc.Stream) -> str:
