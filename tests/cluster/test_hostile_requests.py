@@ -11,8 +11,14 @@ log must hold no traceback of a crash.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import os
+import socket
+import struct
+import time
 
+import msgpack
 import trio
 
 from tests.cluster.conftest import Cluster, current_map, wait_for
@@ -173,3 +179,104 @@ def test_a_forged_map_is_not_adopted(cluster):
     assert results == [None, b"z" * 4096]
     for i in range(3):
         assert_alive(cluster, i)
+# -- raw frames: a client that misbehaves below the RPC layer ------------------------------
+
+def _frame(obj: object, blob: bytes = b"") -> bytes:
+    meta = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">II", 4 + len(meta) + len(blob), len(meta)) + meta + blob
+
+
+def _read_frame(sock: socket.socket) -> object:
+    head = b""
+    while len(head) < 8:
+        head += sock.recv(8 - len(head))
+    total, meta_len = struct.unpack(">II", head)
+    body = b""
+    while len(body) < total - 4:
+        body += sock.recv(total - 4 - len(body))
+    return msgpack.unpackb(body[:meta_len], raw=False)
+
+
+def raw_session(address: str, secret: bytes) -> socket.socket:
+    """A connection past the handshake, as a plain blocking socket."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    hello = _read_frame(sock)
+    nonce = b"n" * 16
+    token = hmac.new(secret, b"vdifs-c" + hello["nonce"] + nonce, hashlib.sha256).digest()
+    sock.sendall(_frame({"proto": 1, "nonce": nonce, "mac": token}))
+    assert _read_frame(sock)["ok"]
+    return sock
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_unread_replies_do_not_grow_memory(cluster):
+    """2,000 reads of a whole object whose replies are never read, on six
+    connections: the peer stops reading requests it cannot answer instead of
+    holding gigabytes of replies (reproduced: 1.58 GiB, kept after close)."""
+    formatted(cluster, 1)
+    creds = read_credentials(cluster.secret)
+    peer = cluster.peers[0]
+    epoch = current_map(peer).epoch
+    oid = data_oid(7, 0)
+    assert call_all(cluster, 0, [("obj.create", {"oid": oid, "offset": 0, "data": b"r" * OBJECT_SIZE,
+                                                 "size": OBJECT_SIZE, "epoch": epoch})]) == [None]
+    socks = [raw_session(peer.address, creds.secret) for _ in range(6)]
+    peak = 0.0
+    try:
+        burst = b"".join(_frame([i, "obj.read", {"oid": oid, "offset": 0, "length": OBJECT_SIZE, "epoch": epoch}])
+                         for i in range(2000))
+        for s in socks:
+            s.setblocking(False)
+            try:
+                s.send(burst)  # as much as the peer takes; it must stop taking at some point
+            except BlockingIOError:
+                pass
+        for _ in range(30):
+            time.sleep(0.2)
+            peak = max(peak, rss_mib(peer.proc.pid))
+        assert_alive(cluster)  # other clients are still served meanwhile
+    finally:
+        for s in socks:
+            s.close()
+    assert peak < 150, f"peer RSS reached {peak:.0f} MiB"
+    time.sleep(1)
+    assert rss_mib(peer.proc.pid) < 150
+    assert_alive(cluster)
+
+
+def test_half_frames_are_closed_after_the_idle_timeout(cluster):
+    """Connections that stop in the middle of a frame are closed after the
+    peer's --idle-timeout; whole requests keep being answered."""
+    cluster.format(1, copies=1, peer_options=("--idle-timeout", "2"))
+    creds = read_credentials(cluster.secret)
+    peer = cluster.peers[0]
+    socks = [raw_session(peer.address, creds.secret) for _ in range(50)]
+    try:
+        for i, s in enumerate(socks):  # half a header, or a header and half the message
+            s.sendall(_frame([1, "peer.info", {}])[:5 if i % 2 else 11])
+        time.sleep(4)
+        for s in socks:
+            s.settimeout(5)
+            try:
+                got = s.recv(100)
+            except ConnectionResetError:  # closed with a reset: nothing it sent is kept
+                got = b""
+            assert got == b"", "a half-frame connection was left open"
+        whole = raw_session(peer.address, creds.secret)  # a connection that sends whole frames is served
+        whole.sendall(_frame([1, "peer.info", {}]))
+        whole.settimeout(10)
+        reply = _read_frame(whole)
+        whole.close()
+        assert reply[0] == 1 and reply[1] == 0 and reply[2]["peer"] == peer.peer_id
+    finally:
+        for s in socks:
+            s.close()
+    assert_alive(cluster)

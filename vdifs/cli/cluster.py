@@ -27,7 +27,7 @@ from vdifs.peer.cpu import CPU_POLICIES, set_cpu_policy
 from vdifs.peer.recovery import DEFAULT_RATE as RECOVERY_RATE
 from vdifs.peer.recovery import DEFAULT_RESERVE as RECOVERY_RESERVE
 from vdifs.peer.sweep import LEAK_GRACE, LEAK_GRACE_MIN, SWEEP_INTERVAL
-from vdifs.wire.rpc import RpcClient, RpcPool
+from vdifs.wire.rpc import IDLE_TIMEOUT, RpcClient, RpcPool
 
 T = TypeVar("T")
 
@@ -80,6 +80,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help=f"how long a leaked object must have been left alone before it is removed "
                         f"(default {LEAK_GRACE}, at least {LEAK_GRACE_MIN}: longer than a write may wait "
                         f"for a replica, see `vdifs mount --io-wait`)")
+    p.add_argument("--idle-timeout", type=idle_timeout_arg, default=IDLE_TIMEOUT, metavar="SECONDS",
+                   help="close a client connection that sent part of a request and then nothing for "
+                        f"this long (default {IDLE_TIMEOUT:.0f})")
     p.add_argument("--uncached-replica-writes", action="store_true",
                    help="write large data (256 KiB or more) past the page cache on every replica but an "
                         "object's first (the one mounts read from): sequential writes need far less CPU, "
@@ -152,6 +155,16 @@ def add_credentials(parser: argparse.ArgumentParser, default: Any, secret_defaul
                         help=f"cluster secret file (default: {secret_default})")
 
 
+def idle_timeout_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError("must be 1 to 86400 seconds")
+    return value
+
+
 def leak_grace_arg(text: str) -> int:
     """--leak-grace: a writer's object is unnamed until its map page is
     written, which can wait out an unreachable replica (--io-wait)."""
@@ -175,7 +188,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
                         secret_file=args.secret_file, recovery_rate=args.recovery_rate * 1e6,
                         recovery_reserve=args.recovery_reserve, reserve=args.reserve,
                         uncached_replica_writes=args.uncached_replica_writes,
-                        leak_pass_interval=args.leak_pass_interval, leak_grace=args.leak_grace)
+                        leak_pass_interval=args.leak_pass_interval, leak_grace=args.leak_grace,
+                        idle_timeout=args.idle_timeout)
     trio.run(daemon.run)
     return 0
 

@@ -25,7 +25,7 @@ M_MMAP_THRESHOLD = -3
 #: allocations up to this size come from the heap (glibc's largest allowed value on 64-bit)
 MMAP_THRESHOLD = 32 << 20
 #: free memory at the top of a heap beyond this is given back to the kernel
-TRIM_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 32 << 20
 
 
 def keep_freed_buffers() -> bool:

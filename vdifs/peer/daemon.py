@@ -35,7 +35,8 @@ from vdifs.peer.recovery import DEFAULT_RATE, DEFAULT_RESERVE, Recovery
 from vdifs.peer.relay import Relay
 from vdifs.peer.sweep import LEAK_GRACE, SWEEP_INTERVAL, Sweeper
 from vdifs.peer.state import PeerState
-from vdifs.wire.rpc import FastHandler, Handler, RpcPool, RpcServer, Session, split_address
+from vdifs.model.ids import OBJECT_SIZE
+from vdifs.wire.rpc import IDLE_TIMEOUT, FastHandler, Handler, RpcPool, RpcServer, Session, split_address
 
 log = logging.getLogger("vdifs.peer")
 
@@ -43,6 +44,20 @@ log = logging.getLogger("vdifs.peer")
 NO_EPOCH = "no"  # ignores it
 EPOCH = "always"  # requires it: older is refused (ESTALE with our map), newer makes us refresh first
 EPOCH_IF_SENT = "if sent"  # checks it only when the request carries one
+
+
+def reply_size(op: str, args: dict[str, Any]) -> int:
+    """How many bytes of object data a request's reply may carry (the RPC
+    server holds them against its memory limits); 0 for small replies."""
+    inner = args.get("args")
+    if op == "peer.relay" and isinstance(inner, dict) and isinstance(args.get("op"), str):
+        op, args = args["op"], inner
+    if op == "obj.read":
+        length = args.get("length")
+        return length if type(length) is int else 0
+    if op == "obj.fetch":
+        return OBJECT_SIZE
+    return 0
 
 
 @dataclass(frozen=True)
@@ -65,8 +80,10 @@ class PeerDaemon:
                  weight: float = DEFAULT_WEIGHT, secret_file: str | None = None,
                  recovery_rate: float = DEFAULT_RATE, recovery_reserve: int = DEFAULT_RESERVE,
                  reserve: int | None = None, uncached_replica_writes: bool = False,
-                 leak_pass_interval: float = SWEEP_INTERVAL, leak_grace: int = LEAK_GRACE) -> None:
+                 leak_pass_interval: float = SWEEP_INTERVAL, leak_grace: int = LEAK_GRACE,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.join = join
+        self.idle_timeout = idle_timeout
         self.state = PeerState(store_dir, listen, zone=zone, weight=weight, secret_file=secret_file,
                                reserve=reserve, direct=uncached_replica_writes)
         self.membership = Membership(self.state)
@@ -139,7 +156,8 @@ class PeerDaemon:
                                            secret=lambda: st.creds.secret if st.creds else None,
                                            cluster_id=lambda: st.creds.cluster_id if st.creds else None,
                                            peer_id=st.peer_id, open_ops=self.open_ops(),
-                                           fast={n: op.fast for n, op in self.ops.items() if op.fast})
+                                           fast={n: op.fast for n, op in self.ops.items() if op.fast},
+                                           reply_size=reply_size, idle_timeout=self.idle_timeout)
             if st.cmap is not None:
                 # Until the map says what became of us while we were stopped (we
                 # may have been marked down, and writes gone around us), no data

@@ -30,6 +30,12 @@ DIRECT_BLOB = 128 << 10  # blobs this big are read straight into their own buffe
 Blob = bytes | bytearray | memoryview
 
 
+def cut_text(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying so: error texts may quote
+    what a client sent, and a reply must stay small."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more)"
+
+
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame; drop the connection."""
 
@@ -64,6 +70,8 @@ class FrameStream:
         self.max_frame = max_frame
         self._rbuf = bytearray(RECEIVE_BUFFER)
         self._rstart = self._rend = 0
+        self._in_blob = False  # a large blob is being read into its own buffer
+        self.received = 0  # bytes read from the stream so far (an idle sweep watches it move)
         self._unwaited = 0  # frames returned since the last wait
         self._send_lock = trio.Lock()
         self._queue: list[Blob] = []  # frames waiting for the sender that holds the lock
@@ -72,6 +80,11 @@ class FrameStream:
         # await. Its fd is asked for at every send: after a close it is -1,
         # where a number kept from before could name another socket by now.
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+
+    @property
+    def broken(self) -> bool:
+        """A send failed: the stream is closed and nothing more goes out."""
+        return self._send_error is not None
 
     @property
     def busy(self) -> bool:
@@ -85,6 +98,11 @@ class FrameStream:
     # with a non-blocking readv of its fd, and only a read that finds
     # nothing waits (`wait_readable`); other streams use `receive_some`.
     # A large blob is read straight into its own buffer, not copied out.
+
+    @property
+    def mid_frame(self) -> bool:
+        """Part of a frame has arrived and the rest has not."""
+        return self._in_blob or self._rend > self._rstart
 
     def frame_buffered(self) -> bool:
         """A whole frame is buffered: `receive_frame` returns it at once."""
@@ -141,6 +159,7 @@ class FrameStream:
         blob[:have] = memoryview(self._rbuf)[self._rstart:self._rstart + have]
         self._consume(have)
         view = memoryview(blob)
+        self._in_blob = True
         try:
             while have < n:
                 got = await self._read_into(view[have:])
@@ -148,6 +167,7 @@ class FrameStream:
                     raise ProtocolError("connection closed in the middle of a frame")
                 have += got
         finally:
+            self._in_blob = False
             view.release()
         return blob
 
@@ -179,13 +199,16 @@ class FrameStream:
         if self._sock is None:
             chunk = await self.stream.receive_some(len(view))
             view[:len(chunk)] = chunk
+            self.received += len(chunk)
             return len(chunk)
         while True:
             fd = self._sock.fileno()
             if fd < 0:
                 raise trio.ClosedResourceError("the stream was closed")
             try:
-                return os.readv(fd, [view])
+                got = os.readv(fd, [view])
+                self.received += got
+                return got
             except BlockingIOError:
                 self._unwaited = 0
                 await trio.lowlevel.wait_readable(fd)
@@ -213,6 +236,8 @@ class FrameStream:
     async def send_encoded(self, mine: list[Blob]) -> None:
         """Send frames already encoded (`encode_frame`), in order: several
         frames given at once go out in one system call."""
+        if self._send_error is not None:  # nothing is queued on a dead stream (it would only pile up)
+            raise trio.BrokenResourceError(f"an earlier send failed: {self._send_error!r}")
         fd = self._sock.fileno() if self._sock is not None else -1
         if fd >= 0 and not self._send_lock.locked() and not self._queue and self._send_error is None:
             # Nobody is sending: hand the frame to the kernel now, without the
@@ -230,6 +255,7 @@ class FrameStream:
             raise
         try:
             if self._send_error is not None:
+                self._queue = []
                 raise trio.BrokenResourceError(f"an earlier send failed: {self._send_error!r}")
             if not self._queue:
                 return  # an earlier sender carried our frame
@@ -247,6 +273,7 @@ class FrameStream:
                 self._send_error = trio.BrokenResourceError(
                     f"the receiver took nothing for {SEND_TIMEOUT:.0f} s")
             if self._send_error is not None:
+                self._queue = []  # what other tasks queued meanwhile will never go out either
                 with trio.CancelScope(shield=True):
                     await self.stream.aclose()  # frames may be half-sent: the stream is unusable
                 if isinstance(self._send_error, trio.BrokenResourceError):

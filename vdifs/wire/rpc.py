@@ -17,7 +17,13 @@ replies. Anything malformed closes that connection with a logged reason.
 Nothing a client sends can end the server: replies are bounded (error
 texts are cut to MAX_ERROR_TEXT; a result too big for a frame is answered
 EIO), a handler's bug is logged and answered EIO, and anything else that
-goes wrong on a connection ends that connection only.
+goes wrong on a connection ends that connection only. Memory is bounded
+with backpressure: a server stops reading a connection while the data of
+its requests and replies in memory would pass HELD_BYTES_PER_CONNECTION, or
+all connections' would pass HELD_BYTES_TOTAL (a connection holding nothing
+may still send one request, so a client that never reads its replies
+cannot starve the others). A connection that stops in the middle of a frame
+for `idle_timeout` is closed.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import trio
 from vdifs.errors import PoolError, VdifsError
 from vdifs.model.ids import OBJECT_SIZE
 from vdifs.wire.frames import (
-    Blob, ConnectionClosed, FrameStream, ProtocolError, check_reply, check_request, encode_frame,
+    Blob, ConnectionClosed, FrameStream, ProtocolError, check_reply, check_request, cut_text, encode_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,13 @@ MAX_FRAME = OBJECT_SIZE + (1 << 16)
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 MAX_INFLIGHT_PER_CONNECTION = 64
+#: bytes of requests and replies one server holds in memory at a time (data
+#: received and not yet handled, answers not yet handed to the kernel) ...
+HELD_BYTES_TOTAL = 48 << 20
+#: ... and one connection (a connection that holds nothing may always send one more)
+HELD_BYTES_PER_CONNECTION = 16 << 20
+#: seconds a connection may stay in the middle of a frame without sending a byte
+IDLE_TIMEOUT = 60.0
 #: characters of an error text a reply carries at most (texts may quote what the client sent)
 MAX_ERROR_TEXT = 512
 #: characters of an operation name (longer ones are answered ENOSYS without being quoted whole)
@@ -101,18 +114,37 @@ FAST_YIELD = 16  # the reader lets other tasks run after this many answers witho
 #: What a fast handler returns when it cannot answer without waiting.
 NOT_NOW: Any = type("NotNow", (), {"__repr__": lambda self: "NOT_NOW"})()
 FastHandler = Callable[[dict[str, Any], Session], Any]
+#: per op, how many bytes its reply may carry (read lengths; 0 for small replies)
+ReplySize = Callable[[str, dict[str, Any]], int]
+
+
+class _Connection:
+    """What the server tracks of one connection: held bytes, and progress
+    for the idle sweep."""
+
+    __slots__ = ("frames", "remote", "held", "seen", "since")
+
+    def __init__(self, frames: FrameStream, remote: str) -> None:
+        self.frames = frames
+        self.remote = remote
+        self.held = 0  # bytes of this connection's requests and replies in memory
+        self.seen = 0  # frames.received at the last sweep
+        self.since = trio.current_time()  # when it last moved
 
 
 class RpcServer:
     def __init__(self, name: str, handlers: dict[str, Handler], *,
                  secret: Callable[[], bytes | None], cluster_id: Callable[[], str | None],
                  peer_id: str, open_ops: frozenset[str] = frozenset(),
-                 fast: dict[str, FastHandler] | None = None) -> None:
+                 fast: dict[str, FastHandler] | None = None, reply_size: ReplySize | None = None,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         """`fast`: per op, a plain function tried first, in the connection's
         reader, that answers at once or returns NOT_NOW (then the op's handler
         runs in a task of its own as usual). It saves the task, the
         semaphore and the scheduling passes of requests that need no wait,
-        such as reads from the page cache."""
+        such as reads from the page cache. `reply_size`: how many bytes a
+        request's reply may carry, counted against the held-bytes limits
+        from when it is read until its reply is sent."""
         self.name = name
         self.handlers = handlers
         self.fast = fast or {}
@@ -122,6 +154,13 @@ class RpcServer:
         self.peer_id = peer_id
         self.open_ops = open_ops
         self.refused = 0  # connections dropped for bad traffic or credentials
+        self.reply_size = reply_size or (lambda op, args: 0)
+        self.idle_timeout = idle_timeout
+        self.held = 0  # bytes held by all connections
+        self.held_waits = 0  # times a connection's reading paused for memory
+        self.idle_closed = 0  # connections closed in the middle of a frame
+        self._released = trio.Event()  # set (and replaced) whenever held bytes are given back
+        self._connections: set[_Connection] = set()
         self._unauthenticated: dict[trio.abc.Stream, Session] = {}
 
     async def close_unauthenticated(self, keep: Session | None = None) -> None:
@@ -136,9 +175,52 @@ class RpcServer:
 
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        # backlog None: the most the kernel allows (net.core.somaxconn), for many hypervisors at once
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=None)
         task_status.started(listeners)
-        await trio.serve_listeners(self.handle, listeners)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sweep_idle)
+            await trio.serve_listeners(self.handle, listeners)
+
+    async def _sweep_idle(self) -> None:
+        """Close connections that stopped in the middle of a frame: one sweep
+        a second for all of them, instead of a deadline on every receive."""
+        while True:
+            await trio.sleep(min(1.0, self.idle_timeout / 4))
+            now = trio.current_time()
+            for conn in list(self._connections):
+                frames = conn.frames
+                if frames.received != conn.seen or not frames.mid_frame:
+                    conn.seen, conn.since = frames.received, now
+                elif now - conn.since >= self.idle_timeout:
+                    self.idle_closed += 1
+                    self._connections.discard(conn)
+                    log.warning("%s: closing the connection from %s: it sent nothing for %.0f s in the middle "
+                                "of a frame", self.name, conn.remote, now - conn.since)
+                    with trio.CancelScope(shield=True):
+                        await frames.aclose(abort=True)
+
+    # -- held bytes --------------------------------------------------------------------
+
+    def _admit(self, conn: _Connection, cost: int) -> bool:
+        """Count `cost` held bytes for conn now if the limits allow (no await)."""
+        if conn.held and (conn.held + cost > HELD_BYTES_PER_CONNECTION or self.held + cost > HELD_BYTES_TOTAL):
+            return False
+        conn.held += cost
+        self.held += cost
+        return True
+
+    async def _wait_admit(self, conn: _Connection, cost: int) -> None:
+        self.held_waits += 1
+        while not self._admit(conn, cost):
+            await self._released.wait()
+
+    def _give_back(self, conn: _Connection, cost: int) -> None:
+        if cost:
+            conn.held -= cost
+            self.held -= cost
+            self._released.set()
+            self._released = trio.Event()
 
     def _refuse(self, remote: str, reason: str) -> None:
         self.refused += 1
@@ -154,7 +236,12 @@ class RpcServer:
             frames.max_frame = MAX_FRAME
             if not session.authenticated:
                 self._unauthenticated[stream] = session
-            await self._serve_requests(frames, session)
+            conn = _Connection(frames, remote)
+            self._connections.add(conn)
+            try:
+                await self._serve_requests(conn, session)
+            finally:
+                self._connections.discard(conn)
         except ProtocolError as e:
             self._refuse(remote, str(e))
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -194,40 +281,74 @@ class RpcServer:
         await frames.send({"ok": True, "mac": mac(secret, b"vdifs-s", hello["nonce"], nonce_s)})
         return Session(remote, authenticated=True)
 
-    async def _serve_requests(self, frames: FrameStream, session: Session) -> None:
+    async def _serve_requests(self, conn: _Connection, session: Session) -> None:
+        frames = conn.frames
         limit = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
         ended: Exception | None = None
         replies: list[Blob] = []  # fast replies not sent yet: they leave together
-        async with trio.open_nursery() as nursery:
-            try:
-                while True:
-                    if replies and not frames.frame_buffered():  # no more requests at hand
-                        await self._send_encoded(frames, replies)
-                        replies = []
-                    msg, blob = await frames.receive_frame()
-                    rid, op, args = check_request(msg)
-                    if blob is not None:
-                        args["data"] = blob  # object data rides outside msgpack
-                    fast = self.fast.get(op)
-                    if fast is not None and (session.authenticated or op in self.open_ops):
-                        reply = self._answer_now(fast, session, rid, op, args)
-                        if reply is not None:
-                            replies.extend(self._encode_reply(reply, op, session))
-                            if not self.fast_answers % FAST_YIELD:  # a flood of them must
-                                await self._send_encoded(frames, replies)  # not starve other tasks
+        replies_held = 0  # their held bytes
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    while True:
+                        if frames.broken:  # requests still buffered would be answered to no one
+                            raise trio.BrokenResourceError("a reply could not be sent")
+                        if replies and not frames.frame_buffered():  # no more requests at hand
+                            await self._send_encoded(frames, replies)
+                            replies = []
+                            self._give_back(conn, replies_held)
+                            replies_held = 0
+                        msg, blob = await frames.receive_frame()
+                        rid, op, args = check_request(msg)
+                        cost = self._held_cost(op, args, blob)
+                        if blob is not None:
+                            args["data"] = blob  # object data rides outside msgpack
+                        if not self._admit(conn, cost):
+                            if replies:  # what we hold may be what must leave first
+                                await self._send_encoded(frames, replies)
                                 replies = []
-                                await trio.lowlevel.checkpoint()
-                            continue
-                    if replies:
-                        await self._send_encoded(frames, replies)
-                        replies = []
-                    await limit.acquire()  # backpressure: stop reading while full
-                    nursery.start_soon(self._dispatch, frames, session, rid, op, args, limit)
-            except (ProtocolError, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                ended = e  # raised below, outside the nursery, so it is not wrapped in a group
-                nursery.cancel_scope.cancel()
+                                self._give_back(conn, replies_held)
+                                replies_held = 0
+                            await self._wait_admit(conn, cost)  # backpressure: stop reading
+                        fast = self.fast.get(op)
+                        if fast is not None and (session.authenticated or op in self.open_ops):
+                            reply = self._answer_now(fast, session, rid, op, args)
+                            if reply is not None:
+                                replies.extend(self._encode_reply(reply, op, session))
+                                replies_held += cost
+                                if not self.fast_answers % FAST_YIELD:  # a flood of them must
+                                    await self._send_encoded(frames, replies)  # not starve other tasks
+                                    replies = []
+                                    self._give_back(conn, replies_held)
+                                    replies_held = 0
+                                    await trio.lowlevel.checkpoint()
+                                continue
+                        if replies:
+                            await self._send_encoded(frames, replies)
+                            replies = []
+                            self._give_back(conn, replies_held)
+                            replies_held = 0
+                        try:
+                            await limit.acquire()  # backpressure: stop reading while full
+                        except BaseException:
+                            self._give_back(conn, cost)
+                            raise
+                        nursery.start_soon(self._dispatch, conn, session, rid, op, args, limit, cost)
+                except (ProtocolError, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    ended = e  # raised below, outside the nursery, so it is not wrapped in a group
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._give_back(conn, replies_held)
         if ended is not None:
             raise ended
+
+    def _held_cost(self, op: str, args: dict[str, Any], blob: bytearray | None) -> int:
+        """Bytes a request holds from when it is read until its reply is sent."""
+        try:
+            reply = self.reply_size(op, args)
+        except Exception:  # the handler will refuse what the estimate could not read
+            reply = 0
+        return (len(blob) if blob is not None else 0) + min(max(reply, 0), MAX_FRAME)
 
     def _answer_now(self, fast: FastHandler, session: Session, rid: int, op: str,
                     args: dict[str, Any]) -> list[Any] | None:
@@ -247,11 +368,11 @@ class RpcServer:
         if isinstance(e, RemoteError):
             return [rid, e.errno, e.result]
         if isinstance(e, VdifsError):
-            return [rid, e.errno, _short(str(e))]
+            return [rid, e.errno, cut_text(str(e), MAX_ERROR_TEXT)]
         # Handlers check their arguments (vdifs.wire.args: InvalidArgument,
         # EINVAL), so anything else that escapes is a bug: say so loudly.
         log.exception("%s: %s from %s failed", self.name, op, session.remote, exc_info=e)
-        return [rid, errno.EIO, _short(f"internal error in {op}: {e}")]
+        return [rid, errno.EIO, cut_text(f"internal error in {op}: {e}", MAX_ERROR_TEXT)]
 
     def _encode_reply(self, reply: list[Any], op: str, session: Session) -> list[Blob]:
         """A reply's frame; one whose result does not fit a frame becomes an
@@ -260,7 +381,8 @@ class RpcServer:
             return _encode_reply(reply)
         except (ProtocolError, ValueError, TypeError, OverflowError) as e:  # too big, or not encodable
             log.error("%s: the reply to %s from %s cannot be sent: %s", self.name, op, session.remote, e)
-            return _encode_reply([reply[0], errno.EIO, _short(f"internal error in {op}: reply not sendable: {e}")])
+            why = cut_text(f"internal error in {op}: reply not sendable: {e}", MAX_ERROR_TEXT)
+            return _encode_reply([reply[0], errno.EIO, why])
 
     @staticmethod
     async def _send_encoded(frames: FrameStream, parts: list[Blob]) -> None:
@@ -269,12 +391,13 @@ class RpcServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the reader meets the broken connection and ends it
 
-    async def _dispatch(self, frames: FrameStream, session: Session, rid: int, op: str,
-                        args: dict[str, Any], limit: trio.Semaphore) -> None:
+    async def _dispatch(self, conn: _Connection, session: Session, rid: int, op: str,
+                        args: dict[str, Any], limit: trio.Semaphore, cost: int) -> None:
+        frames = conn.frames
         try:
             handler = self.handlers.get(op)
             if handler is None:
-                reply = [rid, errno.ENOSYS, f"unknown operation {_short(op, MAX_OP_NAME)!r}"]
+                reply = [rid, errno.ENOSYS, f"unknown operation {cut_text(op, MAX_OP_NAME)!r}"]
             elif not session.authenticated and op not in self.open_ops:
                 reply = [rid, errno.EACCES, f"{op} needs an authenticated connection"]
             else:
@@ -285,6 +408,7 @@ class RpcServer:
             await self._send_encoded(frames, self._encode_reply(reply, op, session))
         finally:
             limit.release()
+            self._give_back(conn, cost)
 
 
 def _encode_reply(reply: list[Any]) -> list[Blob]:
@@ -293,11 +417,6 @@ def _encode_reply(reply: list[Any]) -> list[Blob]:
     if isinstance(result, (bytes, bytearray, memoryview)) and reply[1] == 0:
         return encode_frame([reply[0], 0, None], MAX_FRAME, result)
     return encode_frame(reply, MAX_FRAME)
-
-
-def _short(text: str, limit: int = MAX_ERROR_TEXT) -> str:
-    """`text` cut to `limit` characters, saying so."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more)"
 
 
 def _remote_name(stream: trio.abc.Stream) -> str:
