@@ -20,8 +20,11 @@ import time
 
 import msgpack
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.cluster.conftest import Cluster, current_map, wait_for
+from tests.e2e.conftest import FioVerify
 from vdifs.errors import VdifsError
 from vdifs.meta.credentials import read_credentials
 from vdifs.model.ids import OBJECT_SIZE, data_oid
@@ -280,3 +283,186 @@ def test_half_frames_are_closed_after_the_idle_timeout(cluster):
         for s in socks:
             s.close()
     assert_alive(cluster)
+
+
+# -- every op, every kind of wrong argument ------------------------------------------------
+
+HOSTILE_VID = 0xABCD  # objects and fences of a vid no VDI of the test uses
+#: values that are wrong for most arguments: types, ranges, sizes
+BAD_VALUES = [None, True, False, -1, 0, 1 << 63, (1 << 64) - 1, 1.5, float("inf"), float("nan"), "", "x" * 5000,
+              b"", b"\0" * 70000, [], [1, "a"], {}, {"a": 1}]
+
+
+def well_formed(cluster: Cluster, epoch: int) -> dict[str, dict]:
+    """A harmless, well-formed request for every op a peer serves."""
+    cmap = current_map(cluster.peers[0])
+    me = cmap.peers[cluster.peers[0].peer_id]
+    other = cluster.peers[1].address
+    oid = data_oid(HOSTILE_VID, 0)
+    return {
+        "peer.hello": {},
+        "peer.register_pending": {"peer": {**me.to_dict(), "peer_id": "newcomer", "address": "127.0.0.9:1"}},
+        "peer.info": {},
+        "peer.ping": {},
+        "peer.probe": {"address": other},
+        "peer.relay": {"to": other, "op": "peer.info", "args": {}},
+        "cluster.format": {"cluster_id": "c", "secret": b"s" * 32, "copies": 1, "min_copies": 1},
+        "cluster.adopt": {"cluster_id": "c", "secret": b"s" * 32, "map": cmap.to_dict()},
+        "cluster.map": {},
+        "cluster.notify": {"map": cmap.to_dict()},
+        "cluster.add_peer": {"peer": me.to_dict()},
+        "cluster.remove_peer": {"peer": "nobody"},
+        "cluster.set": {"copies": None, "min_copies": None},
+        "cluster.replace_meta": {"old": "nobody", "new": "nobody"},
+        "paxos.prepare": {"key": "hostile", "ballot": [1, "t"]},
+        "paxos.accept": {"key": "hostile", "ballot": [1, "t"], "value": b"v"},
+        "paxos.peek": {"key": "hostile"},
+        "paxos.keys": {},
+        "paxos.install": {"key": "hostile2", "ballot": [1, "t"], "value": None},
+        "obj.read": {"oid": oid, "offset": 0, "length": 1, "epoch": epoch},
+        "obj.write": {"oid": oid, "offset": 0, "data": b"w", "epoch": epoch},
+        "obj.create": {"oid": data_oid(HOSTILE_VID, 1), "offset": 0, "data": b"c", "size": 8, "epoch": epoch},
+        "obj.delete": {"oid": data_oid(HOSTILE_VID, 2), "epoch": epoch},
+        "obj.collect": {"oid": data_oid(HOSTILE_VID, 3), "older_than": 3600, "epoch": epoch},
+        "obj.fetch": {"oid": oid},
+        "obj.sync": {"oids": [oid]},
+        "obj.list": {"vid": HOSTILE_VID},
+        "obj.vids": {},
+        "obj.finish_vid": {"vid": HOSTILE_VID + 1},
+        "obj.digest": {"oids": [oid]},
+        "obj.pull": {"oid": data_oid(HOSTILE_VID, 4), "source": other},
+        "obj.changed_after": {"since": 0},
+        "lease.fence": {"vid": HOSTILE_VID, "gen": 3},
+    }
+
+
+def mutations(requests: dict[str, dict]) -> st.SearchStrategy[tuple[str, dict]]:
+    """One op's request with one key missing, one value wrong, or one key too
+    many; at the top level, or inside a map it carries (a peer, a map, a
+    relayed request)."""
+    def mutate(op: str, how: str, pick: int, deep: bool, value: object) -> tuple[str, dict]:
+        args = dict(requests[op])
+        target = args
+        inner = sorted(k for k, v in args.items() if isinstance(v, dict) and v)
+        if deep and inner:
+            key = inner[pick % len(inner)]
+            target = args[key] = dict(args[key])
+        keys = sorted(target)
+        if how == "missing" and keys:
+            del target[keys[pick % len(keys)]]
+        elif how == "wrong" and keys:
+            target[keys[pick % len(keys)]] = value
+        else:
+            target["unexpected"] = value
+        return op, args
+    return st.builds(mutate, st.sampled_from(sorted(requests)), st.sampled_from(["missing", "wrong", "extra"]),
+                     st.integers(0, 20), st.booleans(), st.sampled_from(BAD_VALUES))
+
+
+def test_every_op_answers_every_wrong_argument(cluster, tmp_path):
+    """Every op of a live peer, driven with missing keys, wrong types, values
+    out of range and extra keys while a mount runs fio verify: each call is
+    answered (never EIO, the code of an internal error, never a dropped
+    connection), nothing is logged as a crash, and fio's data verifies."""
+    from vdifs.peer.daemon import PeerDaemon
+
+    formatted(cluster)
+    epoch = current_map(cluster.peers[0]).epoch
+    requests = well_formed(cluster, epoch)
+    served = set(PeerDaemon(str(tmp_path / "probe"), "127.0.0.1:1").ops)
+    assert set(requests) == served, f"ops without a test request: {served - set(requests)}"
+    m = cluster.mount("a")
+    with FioVerify(m.path("vm.img"), 48) as fio:
+        answered: list[str] = []
+
+        @settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", 400)), deadline=None,
+                  derandomize=not os.environ.get("HOSTILE_EXAMPLES"),
+                  suppress_health_check=list(HealthCheck))
+        @given(mutations(requests))
+        def one(request: tuple[str, dict]) -> None:
+            op, args = request
+            result = call_all(cluster, 0, [(op, args)])[0]
+            shown = {k: (repr(v)[:40]) for k, v in args.items()}
+            assert not isinstance(result, VdifsError) or isinstance(result, RemoteError), \
+                f"{op} {shown}: the connection broke: {result}"
+            if isinstance(result, RemoteError):
+                assert result.errno != errno.EIO, f"{op} {shown}: internal error: {result}"
+                text = str(result)
+                assert "\n" not in text and len(text) <= ERROR_TEXT_MAX, f"{op} {shown}: {text[:300]}"
+            answered.append(op)
+
+        one()
+        assert set(answered) == served  # every op was driven
+        fio.finish(300)
+    for i in range(3):
+        assert_alive(cluster, i)
+    assert "Traceback" not in open(m.log).read()
+
+
+def control_requests() -> dict[str, dict]:
+    """A well-formed request for every op of a mount's control socket, all
+    aimed at the VDI 'victim' and its snapshot (never at the one fio writes)."""
+    return {
+        "status": {}, "flush": {}, "vdi.list": {}, "vdi.jobs": {}, "vdi.tree": {},
+        "vdi.info": {"name": "victim"},
+        "vdi.create": {"name": "victim2", "size": 1 << 20},
+        "vdi.delete": {"name": "victim2"},
+        "vdi.resize": {"name": "victim", "size": 2 << 20},
+        "vdi.rename": {"old": "victim2", "new": "victim3"},
+        "vdi.lock_info": {"name": "victim"},
+        "vdi.break_lock": {"name": "victim"},
+        "vdi.snapshot": {"name": "victim", "snapshot": "s2"},
+        "vdi.snapshot_delete": {"name": "victim", "snapshot": "s2"},
+        "vdi.clone": {"name": "victim", "snapshot": "s1", "new": "victim-clone"},
+        "vdi.rollback": {"name": "victim", "snapshot": "s1"},
+        "vdi.flatten": {"name": "victim-clone"},
+        "vdi.diff": {"name": "victim", "snapshot": "s1"},
+        "vdi.du": {"name": "victim"},
+    }
+
+
+def test_every_control_op_answers_every_wrong_argument(cluster):
+    """The same for a mount's control socket: every op with missing keys,
+    wrong types and extra keys is answered (never EIO), the mount logs no
+    crash, and a VDI written meanwhile verifies."""
+    from vdifs.control import caller
+    from vdifs.control.caller import CONTROL_SOCKET
+
+    formatted(cluster)
+    m = cluster.mount("a")
+    sock = os.path.join(m.store, CONTROL_SOCKET)
+    requests = control_requests()
+
+    def control(op: str, args: dict) -> object:
+        async def one() -> object:
+            try:
+                return await caller.call(sock, op, args, timeout=60)
+            except VdifsError as e:
+                return e
+        return trio.run(one)
+
+    for op, args in [("vdi.create", {"name": "victim", "size": 1 << 20}),
+                     ("vdi.snapshot", {"name": "victim", "snapshot": "s1"})]:
+        assert not isinstance(control(op, args), VdifsError)
+    with FioVerify(m.path("vm.img"), 32) as fio:
+        answered: list[str] = []
+
+        @settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", 300)), deadline=None,
+                  derandomize=not os.environ.get("HOSTILE_EXAMPLES"), suppress_health_check=list(HealthCheck))
+        @given(mutations(requests))
+        def one(request: tuple[str, dict]) -> None:
+            op, args = request
+            result = control(op, args)
+            shown = {k: (repr(v)[:40]) for k, v in args.items()}
+            if isinstance(result, VdifsError):
+                assert result.errno != errno.EIO, f"{op} {shown}: {result}"
+                text = str(result)
+                assert "\n" not in text and len(text) <= ERROR_TEXT_MAX, f"{op} {shown}: {text[:300]}"
+            answered.append(op)
+
+        one()
+        assert set(answered) == set(requests)
+        fio.finish(300)
+    assert m.proc is not None and m.proc.poll() is None
+    log = open(m.log).read()
+    assert "Traceback" not in log, log[-3000:]

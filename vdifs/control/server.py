@@ -24,7 +24,8 @@ from vdifs.client.reports import Reports
 from vdifs.client.snapshots import Snapshots
 from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.wire import args as arg
-from vdifs.wire.frames import DEFAULT_MAX_FRAME, ConnectionClosed, FrameStream, ProtocolError, check_request
+from vdifs.wire.frames import DEFAULT_MAX_FRAME, ConnectionClosed, FrameStream, ProtocolError, check_request, cut_text
+from vdifs.wire.rpc import MAX_ERROR_TEXT, MAX_OP_NAME
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,14 @@ class ControlServer:
                 handler = self.ops.get(op)
                 try:
                     if handler is None:
-                        raise InvalidArgument(f"unknown control operation {op!r}")
+                        raise InvalidArgument(f"unknown control operation {cut_text(op, MAX_OP_NAME)!r}")
                     result = await handler(args)
                     reply = [rid, 0, result]
                 except VdifsError as e:
-                    reply = [rid, e.errno, str(e)]
+                    reply = [rid, e.errno, cut_text(str(e), MAX_ERROR_TEXT)]
                 except Exception as e:
                     log.exception("control: %s failed", op)
-                    reply = [rid, errno.EIO, f"internal error: {e}"]
+                    reply = [rid, errno.EIO, cut_text(f"internal error: {e}", MAX_ERROR_TEXT)]
                 await frames.send(reply)
         except ProtocolError as e:
             log.warning("control: dropped a connection: %s", e)

@@ -11,10 +11,13 @@ while it waits for a replica to be replaced.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
+from vdifs.errors import InvalidArgument
 
 UP = "up"
 DOWN = "down"
@@ -24,6 +27,38 @@ MAX_META = 5
 DEFAULT_WEIGHT = 1.0  # a peer's relative share of the data
 DEFAULT_COPIES = 3  # replicas per object of a new cluster
 DEFAULT_MIN_COPIES = 2  # up replicas a write needs
+#: limits of what a map may hold: it arrives over the wire and every peer acts on it
+NAME_MAX = 64  # characters of a peer id, zone or cluster id
+ADDRESS_MAX = 300  # characters of host:port
+WEIGHT_MAX = 1e6
+COPIES_MAX = 16
+EPOCH_MAX = (1 << 63) - 1
+
+
+def _name(value: Any, what: str, *, empty: bool = False) -> str:
+    if not isinstance(value, str) or len(value) > NAME_MAX or (not value and not empty) \
+            or any(c.isspace() or not c.isprintable() for c in value):
+        raise InvalidArgument(f"{what} must be a string of {0 if empty else 1} to {NAME_MAX} printable "
+                              "characters without spaces")
+    return value
+
+
+def check_cluster_id(value: Any) -> str:
+    """A cluster id as a map carries it (InvalidArgument otherwise)."""
+    return _name(value, "cluster_id")
+
+
+def _address(value: Any) -> str:
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not host or len(value) > ADDRESS_MAX or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"peer address must be HOST:PORT, not {str(value)[:80]!r}")
+    return value
+
+
+def _count(value: Any, what: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise InvalidArgument(f"{what} must be an integer in {lo}..{hi}")
+    return value
 
 
 @dataclass
@@ -36,6 +71,26 @@ class PeerInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PeerInfo:
+        """A peer description as sent or stored, every field checked
+        (InvalidArgument): a map holds it, and every peer dials its address."""
+        if not isinstance(d, dict):
+            raise InvalidArgument("a peer must be a map")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise InvalidArgument(f"unknown peer fields {sorted(map(str, unknown))[:5]}")
+        if "peer_id" not in d or "address" not in d:
+            raise InvalidArgument("a peer needs peer_id and address")
+        weight = d.get("weight", DEFAULT_WEIGHT)
+        if type(weight) not in (int, float) or not (math.isfinite(weight) and 0 < weight <= WEIGHT_MAX):
+            raise InvalidArgument(f"peer weight must be a number in (0, {WEIGHT_MAX:g}]")
+        state = d.get("state", UP)
+        if state not in (UP, DOWN):
+            raise InvalidArgument(f"peer state must be {UP!r} or {DOWN!r}")
+        return cls(_name(d["peer_id"], "peer_id"), _address(d["address"]),
+                   _name(d.get("zone", ""), "zone", empty=True), float(weight), state)
 
 
 @dataclass
@@ -70,10 +125,23 @@ class ClusterMap:
                 "peers": {k: v.to_dict() for k, v in self.peers.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClusterMap:
-        return cls(cluster_id=d["cluster_id"], epoch=d["epoch"], copies=d["copies"],
-                   min_copies=d["min_copies"], meta=list(d["meta"]),
-                   peers={k: PeerInfo(**v) for k, v in d["peers"].items()})
+    def from_dict(cls, d: Any) -> ClusterMap:
+        """A map as sent or stored, every field checked (InvalidArgument)."""
+        if not isinstance(d, dict) or not isinstance(d.get("peers"), dict) or not isinstance(d.get("meta"), list):
+            raise InvalidArgument("a cluster map must be a map with peers (a map) and meta (a list)")
+        peers = {}
+        for k, v in d["peers"].items():
+            info = PeerInfo.from_dict(v)
+            if info.peer_id != k:
+                raise InvalidArgument(f"peer {str(k)[:80]!r} is filed under another id")
+            peers[k] = info
+        copies = _count(d.get("copies"), "copies", 1, COPIES_MAX)
+        meta = [_name(m, "meta peer id") for m in d["meta"]]
+        if len(meta) > MAX_META:
+            raise InvalidArgument(f"a map has at most {MAX_META} meta peers")
+        return cls(cluster_id=_name(d.get("cluster_id"), "cluster_id"),
+                   epoch=_count(d.get("epoch"), "epoch", 0, EPOCH_MAX), copies=copies,
+                   min_copies=_count(d.get("min_copies"), "min_copies", 1, copies), meta=meta, peers=peers)
 
     @classmethod
     def decode(cls, raw: bytes) -> ClusterMap:

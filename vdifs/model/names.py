@@ -7,13 +7,15 @@ are reserved for the file system itself.
 
 from __future__ import annotations
 
+from vdifs.errors import InvalidArgument
+
 MAX_NAME_BYTES = 255
 SNAPSHOT_DIR = ".snapshots"
 RESERVED_PREFIX = ".vdifs"
 
 
-class InvalidName(ValueError):
-    """A name that can never be a VDI name."""
+class InvalidName(InvalidArgument, ValueError):
+    """A name that can never be a VDI name (EINVAL wherever it is reported)."""
 
 
 class ReservedName(InvalidName):

@@ -20,7 +20,7 @@ from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.meta.consensus import CLUSTER_KEY
 from vdifs.meta.credentials import Credentials
 from vdifs.meta.paxos import Acceptor, Ballot, FileAcceptorStorage
-from vdifs.model.cluster import DOWN, UP, ClusterMap, PeerInfo, choose_meta
+from vdifs.model.cluster import COPIES_MAX, DOWN, UP, ClusterMap, PeerInfo, check_cluster_id, choose_meta
 from vdifs.peer.state import PeerState
 from vdifs.wire import args as arg
 from vdifs.wire import objlist
@@ -31,29 +31,25 @@ log = logging.getLogger("vdifs.peer")
 #: bytes of a register key (its acceptor file is named by the key's hex: 2 x 120 < NAME_MAX)
 KEY_MAX = 120
 BALLOT_MAX = (1 << 63) - 1
+SECRET_MIN, SECRET_MAX = 16, 128  # bytes of a cluster secret (format makes 32)
 PROPOSER_MAX = 256  # characters of a proposer id (a peer id, or a mount id that holds a host name)
 
 MapChange = Callable[[ClusterMap], "ClusterMap | None"]
 
 
 def _peer_info(args: dict[str, Any]) -> PeerInfo:
-    fields = arg.mapping(args, "peer")
-    try:
-        return PeerInfo(**fields)
-    except TypeError as e:  # a missing or unknown field
-        raise InvalidArgument(f"peer is not a peer description: {e}") from None
+    return PeerInfo.from_dict(arg.mapping(args, "peer"))
 
 
 def _cluster_map(args: dict[str, Any]) -> ClusterMap:
-    raw = arg.mapping(args, "map")
-    try:
-        return ClusterMap.from_dict(raw)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise InvalidArgument(f"map is not a cluster map: {e!r}") from None
+    return ClusterMap.from_dict(arg.mapping(args, "map"))
 
 
 def _credentials(args: dict[str, Any]) -> Credentials:
-    return Credentials(arg.text(args, "cluster_id"), arg.blob(args, "secret"))
+    secret = bytes(arg.blob(args, "secret", max_len=SECRET_MAX))
+    if len(secret) < SECRET_MIN:
+        raise InvalidArgument(f"secret must be at least {SECRET_MIN} bytes")
+    return Credentials(check_cluster_id(args.get("cluster_id")), secret)
 
 
 def _ballot(args: dict[str, Any]) -> Ballot:
@@ -68,8 +64,8 @@ def _ballot(args: dict[str, Any]) -> Ballot:
 def _register_key(args: dict[str, Any]) -> str:
     """A register's key: it names the acceptor's file (hex of its UTF-8), so it is short."""
     key = arg.text(args, "key", max_len=KEY_MAX)
-    if len(key.encode()) > KEY_MAX:
-        raise InvalidArgument(f"key is longer than {KEY_MAX} bytes")
+    if not 0 < len(key.encode("utf-8", "surrogatepass")) <= KEY_MAX:
+        raise InvalidArgument(f"key must be 1 to {KEY_MAX} bytes long")
     return key
 
 
@@ -283,7 +279,8 @@ class Membership:
 
     async def h_format(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         creds = _credentials(args)
-        copies, min_copies = arg.integer(args, "copies"), arg.integer(args, "min_copies")
+        copies = arg.integer(args, "copies", 1, COPIES_MAX)
+        min_copies = arg.integer(args, "min_copies", 1, copies)
         p = self.peer
         if p.creds is not None:
             raise VdifsError(f"peer {p.peer_id} already belongs to cluster {p.creds.cluster_id}",
@@ -371,8 +368,8 @@ class Membership:
 
     async def h_set(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         # absent, None or 0: keep the current value
-        want_copies = arg.integer(args, "copies", default=None)
-        want_min = arg.integer(args, "min_copies", default=None)
+        want_copies = arg.integer(args, "copies", 0, COPIES_MAX, default=None)
+        want_min = arg.integer(args, "min_copies", 0, COPIES_MAX, default=None)
         self.peer.need_map()
 
         def fn(m: ClusterMap) -> ClusterMap | None:
