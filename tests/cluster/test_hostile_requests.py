@@ -28,7 +28,8 @@ from tests.e2e.conftest import FioVerify
 from vdifs.errors import VdifsError
 from vdifs.meta.credentials import read_credentials
 from vdifs.model.ids import OBJECT_SIZE, data_oid
-from vdifs.wire.rpc import RemoteError, RpcClient
+from vdifs.wire.rpc import PROTO, RemoteError, RpcClient
+from vdifs.wire.seal import TAG, FrameSeal, session_key
 
 #: an error text longer than this would mean the reply echoes what the client sent
 ERROR_TEXT_MAX = 1024
@@ -184,9 +185,12 @@ def test_a_forged_map_is_not_adopted(cluster):
         assert_alive(cluster, i)
 # -- raw frames: a client that misbehaves below the RPC layer ------------------------------
 
-def _frame(obj: object, blob: bytes = b"") -> bytes:
+def _frame(obj: object, blob: bytes = b"", seal: FrameSeal | None = None) -> bytes:
+    """A frame as the wire carries it; with `seal`, tagged as after the handshake."""
     meta = msgpack.packb(obj, use_bin_type=True)
-    return struct.pack(">II", 4 + len(meta) + len(blob), len(meta)) + meta + blob
+    tag_len = TAG if seal is not None else 0
+    head = struct.pack(">II", 4 + len(meta) + len(blob) + tag_len, len(meta)) + meta
+    return head + blob + (seal.tag(head, blob or None) if seal is not None else b"")
 
 
 def _read_frame(sock: socket.socket) -> object:
@@ -200,16 +204,17 @@ def _read_frame(sock: socket.socket) -> object:
     return msgpack.unpackb(body[:meta_len], raw=False)
 
 
-def raw_session(address: str, secret: bytes) -> socket.socket:
-    """A connection past the handshake, as a plain blocking socket."""
+def raw_session(address: str, secret: bytes) -> tuple[socket.socket, FrameSeal]:
+    """A connection past the handshake, as a plain blocking socket, and the
+    seal its frames must carry from now on."""
     host, port = address.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=10)
     hello = _read_frame(sock)
     nonce = b"n" * 16
     token = hmac.new(secret, b"vdifs-c" + hello["nonce"] + nonce, hashlib.sha256).digest()
-    sock.sendall(_frame({"proto": 1, "nonce": nonce, "mac": token}))
+    sock.sendall(_frame({"proto": PROTO, "nonce": nonce, "mac": token}))
     assert _read_frame(sock)["ok"]
-    return sock
+    return sock, FrameSeal(session_key(secret, hello["nonce"], nonce), server=False)
 
 
 def rss_mib(pid: int) -> float:
@@ -231,12 +236,13 @@ def test_unread_replies_do_not_grow_memory(cluster):
     oid = data_oid(7, 0)
     assert call_all(cluster, 0, [("obj.create", {"oid": oid, "offset": 0, "data": b"r" * OBJECT_SIZE,
                                                  "size": OBJECT_SIZE, "epoch": epoch})]) == [None]
-    socks = [raw_session(peer.address, creds.secret) for _ in range(6)]
+    sessions = [raw_session(peer.address, creds.secret) for _ in range(6)]
+    socks = [s for s, _ in sessions]
     peak = 0.0
     try:
-        burst = b"".join(_frame([i, "obj.read", {"oid": oid, "offset": 0, "length": OBJECT_SIZE, "epoch": epoch}])
-                         for i in range(2000))
-        for s in socks:
+        for s, seal in sessions:
+            burst = b"".join(_frame([i, "obj.read", {"oid": oid, "offset": 0, "length": OBJECT_SIZE,
+                                                     "epoch": epoch}], seal=seal) for i in range(2000))
             s.setblocking(False)
             try:
                 s.send(burst)  # as much as the peer takes; it must stop taking at some point
@@ -261,7 +267,7 @@ def test_half_frames_are_closed_after_the_idle_timeout(cluster):
     cluster.format(1, copies=1, peer_options=("--idle-timeout", "2"))
     creds = read_credentials(cluster.secret)
     peer = cluster.peers[0]
-    socks = [raw_session(peer.address, creds.secret) for _ in range(50)]
+    socks = [raw_session(peer.address, creds.secret)[0] for _ in range(50)]
     try:
         for i, s in enumerate(socks):  # half a header, or a header and half the message
             s.sendall(_frame([1, "peer.info", {}])[:5 if i % 2 else 11])
@@ -273,8 +279,8 @@ def test_half_frames_are_closed_after_the_idle_timeout(cluster):
             except ConnectionResetError:  # closed with a reset: nothing it sent is kept
                 got = b""
             assert got == b"", "a half-frame connection was left open"
-        whole = raw_session(peer.address, creds.secret)  # a connection that sends whole frames is served
-        whole.sendall(_frame([1, "peer.info", {}]))
+        whole, seal = raw_session(peer.address, creds.secret)  # one that sends whole frames is served
+        whole.sendall(_frame([1, "peer.info", {}], seal=seal))
         whole.settimeout(10)
         reply = _read_frame(whole)
         whole.close()

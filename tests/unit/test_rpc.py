@@ -1,6 +1,7 @@
 """The RPC layer over real loopback TCP: auth, multiplexing, bad traffic."""
 
 import errno
+import functools
 import logging
 import os
 import struct
@@ -223,3 +224,76 @@ async def test_fast_replies_to_a_burst_of_requests_leave_together(nursery, monke
     sent = writes
     assert [await c.finish(10) for c in calls] == [2 * i for i in range(32)]
     assert sent == 32 and writes - sent <= 4  # replies: one send per 16 at most, not 32
+
+
+async def _tampering_relay(nursery, target: str, flips: dict[str, int]) -> str:
+    """A TCP relay in front of `target` that flips one byte of the first
+    connection's stream, at offset flips["up"] of what the client sends or
+    flips["down"] of what the server sends; later connections pass unchanged."""
+    host, port = target.rsplit(":", 1)
+    connections = [0]
+
+    async def pump(src, dst, flip_at: int | None) -> None:
+        seen = 0
+        try:
+            while True:
+                chunk = bytearray(await src.receive_some(1 << 16))
+                if not chunk:
+                    break
+                if flip_at is not None and seen <= flip_at < seen + len(chunk):
+                    chunk[flip_at - seen] ^= 0x01
+                seen += len(chunk)
+                await dst.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await dst.aclose()
+
+    async def handle(client) -> None:
+        first = connections[0] == 0
+        connections[0] += 1
+        server = await trio.open_tcp_stream(host, int(port))
+        async with trio.open_nursery() as n:
+            n.start_soon(pump, client, server, flips.get("up") if first else None)
+            n.start_soon(pump, server, client, flips.get("down") if first else None)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+async def test_a_byte_flipped_on_the_way_is_caught(nursery, caplog, direction):
+    """A relay between client and server flips one bit inside a data frame's
+    blob (a write on the way up, a read's reply on the way down): the
+    receiver drops the connection, the flipped data is neither stored nor
+    returned, and the next call works on a new connection."""
+    stored: list[bytes] = []
+
+    async def store(args, session):
+        stored.append(bytes(args["data"]))
+        return len(args["data"])
+
+    async def give(args, session):
+        return b"g" * 65536
+
+    server = RpcServer("test", {"store": store, "give": give}, secret=lambda: SECRET,
+                       cluster_id=lambda: "c1", peer_id="p1")
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    relay = await _tampering_relay(nursery, f"127.0.0.1:{listeners[0].socket.getsockname()[1]}",
+                                   {direction: 2000 + 30000})  # past the handshake, inside the blob
+    client = RpcClient(relay, SECRET, nursery)
+    data = b"w" * 65536
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(PeerUnavailable):
+            if direction == "up":
+                await client.call("store", {"data": data}, timeout=10)
+            else:
+                await client.call("give", {}, timeout=10)
+    assert stored == []  # nothing changed on the way was handed to a handler
+    assert await client.call("store", {"data": data}, timeout=10) == len(data)  # a new connection
+    assert stored == [data]
+    assert await client.call("give", {}, timeout=10) == b"g" * 65536
+    if direction == "up":
+        assert "integrity check" in caplog.text
+    await client.aclose()

@@ -20,6 +20,8 @@ from typing import Any
 import msgpack
 import trio
 
+from vdifs.wire.seal import TAG, FrameSeal
+
 HEADER = struct.Struct(">II")
 DEFAULT_MAX_FRAME = 1 << 20
 SEND_TIMEOUT = 60.0  # seconds a receiver may leave a frame unread before the stream is given up
@@ -71,6 +73,9 @@ class FrameStream:
         self._rbuf = bytearray(RECEIVE_BUFFER)
         self._rstart = self._rend = 0
         self._in_blob = False  # a large blob is being read into its own buffer
+        #: once set (after an authenticated handshake), every frame in both
+        #: directions carries a tag (`seal`) that the receiver checks first
+        self.seal: FrameSeal | None = None
         self.received = 0  # bytes read from the stream so far (an idle sweep watches it move)
         self._unwaited = 0  # frames returned since the last wait
         self._send_lock = trio.Lock()
@@ -121,29 +126,39 @@ class FrameStream:
         while self._rend - self._rstart < HEADER.size:
             await self._receive_more(HEADER.size)
         total, meta_len = HEADER.unpack_from(self._rbuf, self._rstart)
-        if total > self.max_frame:
+        seal = self.seal
+        tag_len = TAG if seal is not None else 0
+        if total > self.max_frame + tag_len:
             raise ProtocolError(f"frame length {total} exceeds the {self.max_frame} byte limit")
-        if total < 4 or meta_len > total - 4:
+        if total < 4 + tag_len or meta_len > total - 4 - tag_len:
             raise ProtocolError(f"frame header {total}/{meta_len} is inconsistent")
-        blob_len = total - 4 - meta_len
+        blob_len = total - 4 - meta_len - tag_len
         if blob_len >= DIRECT_BLOB and self._sock is not None:
             while self._rend - self._rstart < HEADER.size + meta_len:
                 await self._receive_more(HEADER.size + meta_len)
-            start = self._rstart + HEADER.size
-            msg = decode_payload(memoryview(self._rbuf)[start:start + meta_len])
+            head = bytes(self._rbuf[self._rstart:self._rstart + HEADER.size + meta_len])
             self._consume(HEADER.size + meta_len)
-            return msg, await self._receive_blob(blob_len)
+            blob = await self._receive_blob(blob_len + tag_len)
+            if seal is not None:
+                tag = bytes(blob[blob_len:])
+                del blob[blob_len:]
+                if not seal.check(head, tag, blob):
+                    raise ProtocolError("a frame failed its integrity check")
+            return decode_payload(memoryview(head)[HEADER.size:]), blob
         while self._rend - self._rstart < 4 + total:
             await self._receive_more(4 + total)
         view = memoryview(self._rbuf)
         start = self._rstart + HEADER.size
+        end = self._rstart + 4 + total - tag_len
         try:
+            if seal is not None and not seal.check(view[self._rstart:end], view[end:end + TAG]):
+                raise ProtocolError("a frame failed its integrity check")
             msg = decode_payload(view[start:start + meta_len])
-            blob = bytearray(view[start + meta_len:self._rstart + 4 + total]) if blob_len else None
+            small = bytearray(view[start + meta_len:end]) if blob_len else None
         finally:
             view.release()
         self._consume(4 + total)
-        return msg, blob
+        return msg, small
 
     def _consume(self, n: int) -> None:
         self._rstart += n
@@ -238,6 +253,8 @@ class FrameStream:
         frames given at once go out in one system call."""
         if self._send_error is not None:  # nothing is queued on a dead stream (it would only pile up)
             raise trio.BrokenResourceError(f"an earlier send failed: {self._send_error!r}")
+        if self.seal is not None:  # tagged in the order they will go out: nothing below reorders
+            mine = _sealed(self.seal, mine)
         fd = self._sock.fileno() if self._sock is not None else -1
         if fd >= 0 and not self._send_lock.locked() and not self._queue and self._send_error is None:
             # Nobody is sending: hand the frame to the kernel now, without the
@@ -295,6 +312,8 @@ class FrameStream:
         return list(views)
 
     def _unqueue(self, mine: list[Blob]) -> None:
+        if self.seal is not None:  # its sequence number is spent: it goes out all the same
+            return
         for i in range(len(self._queue) - len(mine) + 1):
             if all(a is b for a, b in zip(self._queue[i:i + len(mine)], mine)):
                 del self._queue[i:i + len(mine)]
@@ -323,6 +342,27 @@ class FrameStream:
             except OSError:
                 pass
         await self.stream.aclose()
+
+
+def _sealed(seal: FrameSeal, parts: list[Blob]) -> list[Blob]:
+    """Frames as `encode_frame` made them ([head] or [head, blob] each),
+    each with its length grown by the tag and the tag appended."""
+    out: list[Blob] = []
+    i = 0
+    while i < len(parts):
+        head = parts[i]
+        total, meta_len = HEADER.unpack_from(head)
+        blob = parts[i + 1] if total - 4 - meta_len else None
+        i += 2 if blob is not None else 1
+        sealed = HEADER.pack(total + TAG, meta_len) + bytes(head)[HEADER.size:]
+        if blob is not None and len(blob) < DIRECT_BLOB:  # small: one buffer, one call
+            sealed += blob
+            blob = None
+        out.append(sealed)
+        if blob is not None:
+            out.append(blob)
+        out.append(seal.tag(sealed, blob))
+    return out
 
 
 def _drop_sent(views: list[memoryview], sent: int) -> None:

@@ -2,15 +2,18 @@
 
 Handshake (every frame a msgpack frame, see `frames`):
 
-    server -> client  {"proto": 1, "nonce": Ns, "cluster": id | None, "peer": id}
-    client -> server  {"proto": 1, "nonce": Nc, "mac": HMAC(secret, "vdifs-c" Ns Nc) | None}
+    server -> client  {"proto": 2, "nonce": Ns, "cluster": id | None, "peer": id}
+    client -> server  {"proto": 2, "nonce": Nc, "mac": HMAC(secret, "vdifs-c" Ns Nc) | None}
     server -> client  {"ok": true, "mac": HMAC(secret, "vdifs-s" Nc Ns)}   or  {"ok": false, "error": "..."}
 
 Both sides prove they hold the cluster secret without sending it. A peer of
 no cluster yet (before `cluster format`) accepts clients without a MAC, but
 only for the operations it marks open (joining, formatting). Until the
 handshake is done frames are limited to 4 KiB; afterwards to one object
-plus headers. Requests `[id, op, args]` and replies `[id, status, result]`
+plus headers. After an authenticated handshake both ends derive a session
+key from the two nonces and every frame carries an integrity tag
+(`seal`): a frame changed on the way fails the check and ends the
+connection before anything acts on it. Requests `[id, op, args]` and replies `[id, status, result]`
 are multiplexed: many in flight per connection, one reader task routes the
 replies. Anything malformed closes that connection with a logged reason.
 
@@ -46,9 +49,11 @@ from vdifs.wire.frames import (
     Blob, ConnectionClosed, FrameStream, ProtocolError, check_reply, check_request, cut_text, encode_frame,
 )
 
+from vdifs.wire.seal import FrameSeal, session_key
+
 log = logging.getLogger(__name__)
 
-PROTO = 1
+PROTO = 2  # 2: frames after an authenticated handshake carry an integrity tag (`seal`)
 HANDSHAKE_MAX_FRAME = 4096
 MAX_FRAME = OBJECT_SIZE + (1 << 16)
 HANDSHAKE_TIMEOUT = 10.0
@@ -279,6 +284,7 @@ class RpcServer:
             self._refuse(remote, "authentication failed (wrong or missing cluster secret)")
             return None
         await frames.send({"ok": True, "mac": mac(secret, b"vdifs-s", hello["nonce"], nonce_s)})
+        frames.seal = FrameSeal(session_key(secret, nonce_s, hello["nonce"]), server=True)
         return Session(remote, authenticated=True)
 
     async def _serve_requests(self, conn: _Connection, session: Session) -> None:
@@ -498,6 +504,7 @@ class RpcClient:
             if not isinstance(answer.get("mac"), bytes) or not hmac.compare_digest(answer["mac"], expected):
                 raise VdifsError(f"{self.address} could not prove it knows the cluster secret",
                                  code=errno.EACCES)
+            frames.seal = FrameSeal(session_key(self.secret, hello["nonce"], nonce_c), server=False)
 
     async def _reader(self, frames: FrameStream, watch: trio.CancelScope) -> None:
         try:
