@@ -472,3 +472,51 @@ def test_every_control_op_answers_every_wrong_argument(cluster):
     assert m.proc is not None and m.proc.poll() is None
     log = open(m.log).read()
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_format_sends_no_secret_in_clear(cluster):
+    """`vdifs cluster format` through a relay that records every byte: the
+    secret it makes (written to the secret file afterwards) is nowhere in
+    the traffic, and the cluster works."""
+    import threading
+
+    first = cluster.add_peer()
+    cluster.add_peer("--join", first.address)
+    wait_for(lambda: "will join at format time" in first.log_text(), 20, "pending join")
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def relay() -> None:
+        client, _ = listener.accept()
+        host, port = first.address.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            while chunk := src.recv(1 << 16):
+                seen.append(chunk)
+                dst.sendall(chunk)
+            dst.shutdown(socket.SHUT_WR)
+        back = threading.Thread(target=pump, args=(upstream, client))
+        back.start()
+        pump(client, upstream)
+        back.join()
+        client.close()
+        upstream.close()
+
+    thread = threading.Thread(target=relay)
+    thread.start()
+    try:
+        cluster.cli("cluster", "format", "--copies", "2", "--secret-file", cluster.secret,
+                    f"127.0.0.1:{listener.getsockname()[1]}")
+    finally:
+        thread.join(30)
+        listener.close()
+    secret = read_credentials(cluster.secret).secret
+    traffic = b"".join(seen)
+    assert len(traffic) > 200 and secret not in traffic and secret.hex().encode() not in traffic
+    epoch = current_map(first).epoch
+    oid = data_oid(7, 0)
+    assert call_all(cluster, 0, [("obj.create", {"oid": oid, "offset": 0, "data": b"f" * 4096, "size": 4096,
+                                                 "epoch": epoch}),
+                                 ("obj.read", {"oid": oid, "offset": 0, "length": 4096, "epoch": epoch})]) \
+        == [None, b"f" * 4096]

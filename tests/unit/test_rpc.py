@@ -297,3 +297,45 @@ async def test_a_byte_flipped_on_the_way_is_caught(nursery, caplog, direction):
     if direction == "up":
         assert "integrity check" in caplog.text
     await client.aclose()
+
+
+async def test_before_a_cluster_exists_traffic_is_encrypted(nursery):
+    """A server of no cluster yet agrees on a key with each client (X25519)
+    and their frames are encrypted: a relay in between sees neither the
+    request's arguments nor the reply (as `cluster format` sends the new
+    secret to the peers waiting for it)."""
+    seen: list[bytes] = []
+
+    async def adopt(args, session):
+        return {"echo": args["secret"]}
+
+    server = RpcServer("test", {"cluster.adopt": adopt}, secret=lambda: None, cluster_id=lambda: None,
+                       peer_id="p1", open_ops=frozenset({"cluster.adopt"}))
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    target = ("127.0.0.1", listeners[0].socket.getsockname()[1])
+
+    async def handle(client) -> None:
+        upstream = await trio.open_tcp_stream(*target)
+
+        async def pump(src, dst) -> None:
+            try:
+                while chunk := await src.receive_some(1 << 16):
+                    seen.append(bytes(chunk))
+                    await dst.send_all(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                with trio.CancelScope(shield=True):
+                    await dst.aclose()
+        async with trio.open_nursery() as n:
+            n.start_soon(pump, client, upstream)
+            n.start_soon(pump, upstream, client)
+
+    relay = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    secret = os.urandom(32)
+    client = RpcClient(f"127.0.0.1:{relay[0].socket.getsockname()[1]}", None, nursery)
+    assert await client.call("cluster.adopt", {"secret": secret}) == {"echo": secret}
+    traffic = b"".join(seen)
+    assert traffic and secret not in traffic and secret.hex().encode() not in traffic
+    assert b"cluster.adopt" not in traffic  # the op name is inside the encrypted body too
+    await client.aclose()

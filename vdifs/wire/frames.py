@@ -133,6 +133,8 @@ class FrameStream:
         if total < 4 + tag_len or meta_len > total - 4 - tag_len:
             raise ProtocolError(f"frame header {total}/{meta_len} is inconsistent")
         blob_len = total - 4 - meta_len - tag_len
+        if seal is not None and seal.encrypt:
+            return await self._receive_encrypted(seal, total, meta_len, blob_len)
         if blob_len >= DIRECT_BLOB and self._sock is not None:
             while self._rend - self._rstart < HEADER.size + meta_len:
                 await self._receive_more(HEADER.size + meta_len)
@@ -159,6 +161,21 @@ class FrameStream:
             view.release()
         self._consume(4 + total)
         return msg, small
+
+    async def _receive_encrypted(self, seal: FrameSeal, total: int, meta_len: int,
+                                 blob_len: int) -> tuple[Any, bytearray | None]:
+        while self._rend - self._rstart < 4 + total:
+            await self._receive_more(4 + total)
+        view = memoryview(self._rbuf)
+        try:
+            body = seal.open_body(view[self._rstart:self._rstart + HEADER.size],
+                                  view[self._rstart + HEADER.size:self._rstart + 4 + total])
+        finally:
+            view.release()
+        if body is None:
+            raise ProtocolError("a frame failed its integrity check")
+        self._consume(4 + total)
+        return decode_payload(body[:meta_len]), bytearray(body[meta_len:]) if blob_len else None
 
     def _consume(self, n: int) -> None:
         self._rstart += n
@@ -354,6 +371,10 @@ def _sealed(seal: FrameSeal, parts: list[Blob]) -> list[Blob]:
         total, meta_len = HEADER.unpack_from(head)
         blob = parts[i + 1] if total - 4 - meta_len else None
         i += 2 if blob is not None else 1
+        if seal.encrypt:  # before a cluster exists: small frames, encrypted whole
+            header = HEADER.pack(total + TAG, meta_len)
+            out += [header, seal.seal_body(header, bytes(head)[HEADER.size:] + bytes(blob or b""))]
+            continue
         sealed = HEADER.pack(total + TAG, meta_len) + bytes(head)[HEADER.size:]
         if blob is not None and len(blob) < DIRECT_BLOB:  # small: one buffer, one call
             sealed += blob

@@ -13,7 +13,10 @@ handshake is done frames are limited to 4 KiB; afterwards to one object
 plus headers. After an authenticated handshake both ends derive a session
 key from the two nonces and every frame carries an integrity tag
 (`seal`): a frame changed on the way fails the check and ends the
-connection before anything acts on it. Requests `[id, op, args]` and replies `[id, status, result]`
+connection before anything acts on it. A peer of no cluster yet adds an
+X25519 public key (`kx`) to its hello, the client answers with its own,
+and their frames are encrypted with the agreed key: the secret that
+`cluster format` hands out never crosses the wire in clear. Requests `[id, op, args]` and replies `[id, status, result]`
 are multiplexed: many in flight per connection, one reader task routes the
 replies. Anything malformed closes that connection with a logged reason.
 
@@ -49,7 +52,7 @@ from vdifs.wire.frames import (
     Blob, ConnectionClosed, FrameStream, ProtocolError, check_reply, check_request, cut_text, encode_frame,
 )
 
-from vdifs.wire.seal import FrameSeal, session_key
+from vdifs.wire.seal import FrameSeal, KeyExchange, session_key
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +266,11 @@ class RpcServer:
 
     async def _handshake(self, frames: FrameStream, remote: str) -> Session | None:
         nonce_s = os.urandom(16)
+        # No cluster yet, so no secret to derive a key from: agree on one (see `seal`).
+        kx = KeyExchange() if self.secret() is None else None
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await frames.send({"proto": PROTO, "nonce": nonce_s, "cluster": self.cluster_id(),
-                               "peer": self.peer_id})
+                               "peer": self.peer_id, **({"kx": kx.public} if kx is not None else {})})
             hello = await frames.receive()
         if not isinstance(hello, dict) or not isinstance(hello.get("nonce"), bytes):
             raise ProtocolError("malformed handshake")
@@ -276,8 +281,17 @@ class RpcServer:
         secret = self.secret()
         given = hello.get("mac")
         if secret is None:
-            # No cluster yet: anyone may talk, but only the open operations.
+            # No cluster yet: anyone may talk, but only the open operations,
+            # and encrypted (they carry the new secret at format time).
+            theirs = hello.get("kx")
+            key = kx.key(theirs, nonce_s, hello["nonce"]) if kx is not None and isinstance(theirs, bytes) else None
+            if key is None:
+                await frames.send({"ok": False, "error": "this peer belongs to no cluster yet: the handshake "
+                                                         "must agree on a key (kx)"})
+                self._refuse(remote, "no key agreement before the format")
+                return None
             await frames.send({"ok": True, "mac": None})
+            frames.seal = FrameSeal(key, server=True, encrypt=True)
             return Session(remote, authenticated=False)
         if not isinstance(given, bytes) or not hmac.compare_digest(given, mac(secret, b"vdifs-c", nonce_s, hello["nonce"])):
             await frames.send({"ok": False, "error": "authentication failed: wrong or missing cluster secret"})
@@ -494,12 +508,20 @@ class RpcClient:
                              code=errno.EPERM)
         nonce_c = os.urandom(16)
         token = mac(self.secret, b"vdifs-c", hello["nonce"], nonce_c) if self.secret else None
-        await frames.send({"proto": PROTO, "nonce": nonce_c, "mac": token})
+        kx = KeyExchange() if hello.get("cluster") is None and isinstance(hello.get("kx"), bytes) else None
+        await frames.send({"proto": PROTO, "nonce": nonce_c, "mac": token,
+                           **({"kx": kx.public} if kx is not None else {})})
         answer = await frames.receive()
         if not isinstance(answer, dict) or not answer.get("ok"):
             error = answer.get("error") if isinstance(answer, dict) else "refused"
             raise VdifsError(f"{self.address} refused us: {error}", code=errno.EACCES)
-        if self.secret and hello.get("cluster") is not None:
+        if kx is not None and answer.get("mac") is None:  # a peer of no cluster yet: an agreed key
+            key = kx.key(hello["kx"], hello["nonce"], nonce_c)
+            if key is None:
+                raise ProtocolError("the peer's key agreement is malformed")
+            frames.seal = FrameSeal(key, server=False, encrypt=True)
+            return
+        if self.secret and (hello.get("cluster") is not None or answer.get("mac") is not None):
             expected = mac(self.secret, b"vdifs-s", nonce_c, hello["nonce"])
             if not isinstance(answer.get("mac"), bytes) or not hmac.compare_digest(answer["mac"], expected):
                 raise VdifsError(f"{self.address} could not prove it knows the cluster secret",

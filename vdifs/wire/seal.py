@@ -8,6 +8,13 @@ frame's sequence number in that direction, so a frame that was changed,
 dropped, replayed or reordered by anything between the two ends fails the
 check, and the receiver drops the connection before it acts on the frame.
 
+Before a cluster exists there is no secret to derive a key from, yet
+`cluster format` must hand the new secret to the waiting peers: such
+connections agree on a key by an ephemeral X25519 exchange in the
+handshake (`KeyExchange`) and their frames are encrypted as well as
+tagged (`encrypt=True`). That keeps the secret from anyone who only
+listens; nobody can be authenticated before a secret exists.
+
 Cost, measured here: 0.7 us for a 4 KiB frame, 29 us for 1 MiB (AES-NI and
 carry-less multiply through OpenSSL). A frame that lies in one buffer is
 tagged in one call; one whose blob is a buffer of its own goes through the
@@ -23,7 +30,9 @@ import struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 TAG = 16  # bytes at the end of every sealed frame
 TO_SERVER, TO_CLIENT = b"c->s", b"s->c"
@@ -37,10 +46,29 @@ def session_key(secret: bytes, server_nonce: bytes, client_nonce: bytes) -> byte
     return hmac.new(secret, b"vdifs-session" + server_nonce + client_nonce, hashlib.sha256).digest()
 
 
+class KeyExchange:
+    """One side of an ephemeral X25519 agreement: send `public`, then
+    derive the connection's key from the other side's."""
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def key(self, other: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes | None:
+        """The shared key, or None if `other` is not a usable public key."""
+        try:
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(other))
+        except ValueError:
+            return None
+        return hmac.new(shared, b"vdifs-kx" + server_nonce + client_nonce, hashlib.sha256).digest()
+
+
 class FrameSeal:
     """Tags outgoing frames and checks incoming ones, in order, for one connection."""
 
-    def __init__(self, key: bytes, *, server: bool) -> None:
+    def __init__(self, key: bytes, *, server: bool, encrypt: bool = False) -> None:
+        """`encrypt`: frame bodies are encrypted too (`seal_body`/`open_body`)."""
+        self.encrypt = encrypt
         self._aead = AESGCM(key)
         self._aes = algorithms.AES(key)
         self._out_label, self._in_label = (TO_CLIENT, TO_SERVER) if server else (TO_SERVER, TO_CLIENT)
@@ -75,3 +103,18 @@ class FrameSeal:
         except InvalidTag:
             return False
         return True
+
+    def seal_body(self, header: Buffer, body: Buffer) -> bytes:
+        """The next outgoing frame's body, encrypted, with its tag appended."""
+        nonce = _NONCE.pack(self._out_label, self._sent)
+        self._sent += 1
+        return self._aead.encrypt(nonce, bytes(body), header)
+
+    def open_body(self, header: Buffer, sealed: Buffer) -> bytes | None:
+        """The next incoming frame's body, or None if it was changed."""
+        nonce = _NONCE.pack(self._in_label, self._received)
+        self._received += 1
+        try:
+            return self._aead.decrypt(nonce, bytes(sealed), header)
+        except InvalidTag:
+            return None
