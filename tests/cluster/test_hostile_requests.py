@@ -365,6 +365,15 @@ def mutations(requests: dict[str, dict]) -> st.SearchStrategy[tuple[str, dict]]:
                      st.integers(0, 20), st.booleans(), st.sampled_from(BAD_VALUES))
 
 
+def assert_answered(op: str, args: dict, result: object) -> None:
+    """A result, or an error that is not an internal one (EIO) and whose text is one short line."""
+    if isinstance(result, VdifsError):
+        shown = {k: (repr(v)[:40]) for k, v in args.items()}
+        assert result.errno != errno.EIO, f"{op} {shown}: internal error: {result}"
+        text = str(result)
+        assert "\n" not in text and len(text) <= ERROR_TEXT_MAX, f"{op} {shown}: {text[:300]}"
+
+
 def test_every_op_answers_every_wrong_argument(cluster, tmp_path):
     """Every op of a live peer, driven with missing keys, wrong types, values
     out of range and extra keys while a mount runs fio verify: each call is
@@ -388,13 +397,9 @@ def test_every_op_answers_every_wrong_argument(cluster, tmp_path):
         def one(request: tuple[str, dict]) -> None:
             op, args = request
             result = call_all(cluster, 0, [(op, args)])[0]
-            shown = {k: (repr(v)[:40]) for k, v in args.items()}
             assert not isinstance(result, VdifsError) or isinstance(result, RemoteError), \
-                f"{op} {shown}: the connection broke: {result}"
-            if isinstance(result, RemoteError):
-                assert result.errno != errno.EIO, f"{op} {shown}: internal error: {result}"
-                text = str(result)
-                assert "\n" not in text and len(text) <= ERROR_TEXT_MAX, f"{op} {shown}: {text[:300]}"
+                f"{op}: the connection broke: {result}"
+            assert_answered(op, args, result)
             answered.append(op)
 
         one()
@@ -458,12 +463,7 @@ def test_every_control_op_answers_every_wrong_argument(cluster):
         @given(mutations(requests))
         def one(request: tuple[str, dict]) -> None:
             op, args = request
-            result = control(op, args)
-            shown = {k: (repr(v)[:40]) for k, v in args.items()}
-            if isinstance(result, VdifsError):
-                assert result.errno != errno.EIO, f"{op} {shown}: {result}"
-                text = str(result)
-                assert "\n" not in text and len(text) <= ERROR_TEXT_MAX, f"{op} {shown}: {text[:300]}"
+            assert_answered(op, args, control(op, args))
             answered.append(op)
 
         one()

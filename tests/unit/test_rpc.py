@@ -226,23 +226,25 @@ async def test_fast_replies_to_a_burst_of_requests_leave_together(nursery, monke
     assert sent == 32 and writes - sent <= 4  # replies: one send per 16 at most, not 32
 
 
-async def _tampering_relay(nursery, target: str, flips: dict[str, int]) -> str:
-    """A TCP relay in front of `target` that flips one byte of the first
+async def _relay(nursery, target: str, flips: dict[str, int] | None = None,
+                 seen: list[bytes] | None = None) -> str:
+    """A TCP relay in front of `target`. `flips`: flip one byte of the first
     connection's stream, at offset flips["up"] of what the client sends or
-    flips["down"] of what the server sends; later connections pass unchanged."""
+    flips["down"] of what the server sends (later connections pass
+    unchanged). `seen`: record every byte that passes."""
     host, port = target.rsplit(":", 1)
     connections = [0]
+    flips = flips or {}
 
     async def pump(src, dst, flip_at: int | None) -> None:
-        seen = 0
+        count = 0
         try:
-            while True:
-                chunk = bytearray(await src.receive_some(1 << 16))
-                if not chunk:
-                    break
-                if flip_at is not None and seen <= flip_at < seen + len(chunk):
-                    chunk[flip_at - seen] ^= 0x01
-                seen += len(chunk)
+            while chunk := bytearray(await src.receive_some(1 << 16)):
+                if flip_at is not None and count <= flip_at < count + len(chunk):
+                    chunk[flip_at - count] ^= 0x01
+                count += len(chunk)
+                if seen is not None:
+                    seen.append(bytes(chunk))
                 await dst.send_all(chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -280,7 +282,7 @@ async def test_a_byte_flipped_on_the_way_is_caught(nursery, caplog, direction):
     server = RpcServer("test", {"store": store, "give": give}, secret=lambda: SECRET,
                        cluster_id=lambda: "c1", peer_id="p1")
     listeners = await nursery.start(server.serve, "127.0.0.1", 0)
-    relay = await _tampering_relay(nursery, f"127.0.0.1:{listeners[0].socket.getsockname()[1]}",
+    relay = await _relay(nursery, f"127.0.0.1:{listeners[0].socket.getsockname()[1]}",
                                    {direction: 2000 + 30000})  # past the handshake, inside the blob
     client = RpcClient(relay, SECRET, nursery)
     data = b"w" * 65536
@@ -312,28 +314,9 @@ async def test_before_a_cluster_exists_traffic_is_encrypted(nursery):
     server = RpcServer("test", {"cluster.adopt": adopt}, secret=lambda: None, cluster_id=lambda: None,
                        peer_id="p1", open_ops=frozenset({"cluster.adopt"}))
     listeners = await nursery.start(server.serve, "127.0.0.1", 0)
-    target = ("127.0.0.1", listeners[0].socket.getsockname()[1])
-
-    async def handle(client) -> None:
-        upstream = await trio.open_tcp_stream(*target)
-
-        async def pump(src, dst) -> None:
-            try:
-                while chunk := await src.receive_some(1 << 16):
-                    seen.append(bytes(chunk))
-                    await dst.send_all(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                with trio.CancelScope(shield=True):
-                    await dst.aclose()
-        async with trio.open_nursery() as n:
-            n.start_soon(pump, client, upstream)
-            n.start_soon(pump, upstream, client)
-
-    relay = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    relay = await _relay(nursery, f"127.0.0.1:{listeners[0].socket.getsockname()[1]}", seen=seen)
     secret = os.urandom(32)
-    client = RpcClient(f"127.0.0.1:{relay[0].socket.getsockname()[1]}", None, nursery)
+    client = RpcClient(relay, None, nursery)
     assert await client.call("cluster.adopt", {"secret": secret}) == {"echo": secret}
     traffic = b"".join(seen)
     assert traffic and secret not in traffic and secret.hex().encode() not in traffic
