@@ -225,23 +225,22 @@ class RemotePool:
         """A peer says a map newer than ours exists: adopt the map the cluster
         register holds (never one a peer or client made up). Concurrent
         callers share one read."""
-        while claimed > self.map.epoch:
-            reading = self._map_read
-            if reading is not None:
-                await reading.wait()
-                return
-            self._map_read = trio.Event()
-            try:
-                latest = await self.meta.read_map()
-            except VdifsError as e:
-                log.info("could not read the cluster map to confirm epoch %d: %s", claimed, e)
-                return
-            finally:
-                self._map_read.set()
-                self._map_read = None
-            if latest is not None:
-                self._adopt(latest)
+        if claimed <= self.map.epoch:
             return
+        if self._map_read is not None:  # another caller is reading it
+            await self._map_read.wait()
+            return
+        self._map_read = reading = trio.Event()
+        try:
+            latest = await self.meta.read_map()
+        except VdifsError as e:
+            log.info("could not read the cluster map to confirm epoch %d: %s", claimed, e)
+            return
+        finally:
+            reading.set()
+            self._map_read = None
+        if latest is not None:
+            self._adopt(latest)
 
     async def _with_fresh_map(self, fn: Callable[[ClusterMap], Awaitable[T]]) -> T:
         """Run an attempt against one map; on a stale-epoch refusal, again with the

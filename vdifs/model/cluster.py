@@ -4,8 +4,10 @@ Every change (a peer joins, leaves, is marked down, a setting changes)
 produces a new map with epoch + 1. The map lives in the `cluster` consensus
 register. A peer keeps its newest copy on disk and re-reads the register
 when a request carries a newer epoch or `cluster.notify` arrives; a mount
-adopts the map that a stale-epoch refusal carries, or re-reads the register
-while it waits for a replica to be replaced.
+re-reads it when a stale-epoch refusal says a newer map exists, and while
+it waits for a replica to be replaced. Nobody adopts a map a peer or client
+sent: only the register's. Every map and peer description that arrives is
+checked field by field (`from_dict`).
 """
 
 from __future__ import annotations

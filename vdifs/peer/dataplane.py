@@ -76,8 +76,9 @@ class DataPlane:
                                              "map": cmap.to_dict()})
         if epoch > cmap.epoch:
             await self.peer.refresh_map()
-            if epoch > self.peer.need_map().epoch:  # no map consensus chose: a client's invention
-                raise InvalidArgument(f"epoch {epoch} is newer than the cluster's ({self.peer.need_map().epoch})")
+            chosen = self.peer.need_map().epoch
+            if epoch > chosen:  # no map consensus chose: a client's invention
+                raise InvalidArgument(f"epoch {epoch} is newer than the cluster's ({chosen})")
 
     def check_fence(self, oid: int, gen: int | None, lvid: int | None) -> None:
         """Refuse a write whose lease generation is below the fence of the

@@ -16,8 +16,9 @@ key from the two nonces and every frame carries an integrity tag
 connection before anything acts on it. A peer of no cluster yet adds an
 X25519 public key (`kx`) to its hello, the client answers with its own,
 and their frames are encrypted with the agreed key: the secret that
-`cluster format` hands out never crosses the wire in clear. Requests `[id, op, args]` and replies `[id, status, result]`
-are multiplexed: many in flight per connection, one reader task routes the
+`cluster format` hands out never crosses the wire in clear.
+
+Requests `[id, op, args]` and replies `[id, status, result]` are multiplexed: many in flight per connection, one reader task routes the
 replies. Anything malformed closes that connection with a logged reason.
 
 Nothing a client sends can end the server: replies are bounded (error
@@ -165,8 +166,6 @@ class RpcServer:
         self.reply_size = reply_size or (lambda op, args: 0)
         self.idle_timeout = idle_timeout
         self.held = 0  # bytes held by all connections
-        self.held_waits = 0  # times a connection's reading paused for memory
-        self.idle_closed = 0  # connections closed in the middle of a frame
         self._released = trio.Event()  # set (and replaced) whenever held bytes are given back
         self._connections: set[_Connection] = set()
         self._unauthenticated: dict[trio.abc.Stream, Session] = {}
@@ -201,7 +200,6 @@ class RpcServer:
                 if frames.received != conn.seen or not frames.mid_frame:
                     conn.seen, conn.since = frames.received, now
                 elif now - conn.since >= self.idle_timeout:
-                    self.idle_closed += 1
                     self._connections.discard(conn)
                     log.warning("%s: closing the connection from %s: it sent nothing for %.0f s in the middle "
                                 "of a frame", self.name, conn.remote, now - conn.since)
@@ -219,7 +217,6 @@ class RpcServer:
         return True
 
     async def _wait_admit(self, conn: _Connection, cost: int) -> None:
-        self.held_waits += 1
         while not self._admit(conn, cost):
             await self._released.wait()
 
@@ -307,6 +304,14 @@ class RpcServer:
         ended: Exception | None = None
         replies: list[Blob] = []  # fast replies not sent yet: they leave together
         replies_held = 0  # their held bytes
+
+        async def send_replies() -> None:
+            nonlocal replies, replies_held
+            await self._send_encoded(frames, replies)
+            replies = []
+            self._give_back(conn, replies_held)
+            replies_held = 0
+
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -314,10 +319,7 @@ class RpcServer:
                         if frames.broken:  # requests still buffered would be answered to no one
                             raise trio.BrokenResourceError("a reply could not be sent")
                         if replies and not frames.frame_buffered():  # no more requests at hand
-                            await self._send_encoded(frames, replies)
-                            replies = []
-                            self._give_back(conn, replies_held)
-                            replies_held = 0
+                            await send_replies()
                         msg, blob = await frames.receive_frame()
                         rid, op, args = check_request(msg)
                         cost = self._held_cost(op, args, blob)
@@ -325,10 +327,7 @@ class RpcServer:
                             args["data"] = blob  # object data rides outside msgpack
                         if not self._admit(conn, cost):
                             if replies:  # what we hold may be what must leave first
-                                await self._send_encoded(frames, replies)
-                                replies = []
-                                self._give_back(conn, replies_held)
-                                replies_held = 0
+                                await send_replies()
                             await self._wait_admit(conn, cost)  # backpressure: stop reading
                         fast = self.fast.get(op)
                         if fast is not None and (session.authenticated or op in self.open_ops):
@@ -337,17 +336,11 @@ class RpcServer:
                                 replies.extend(self._encode_reply(reply, op, session))
                                 replies_held += cost
                                 if not self.fast_answers % FAST_YIELD:  # a flood of them must
-                                    await self._send_encoded(frames, replies)  # not starve other tasks
-                                    replies = []
-                                    self._give_back(conn, replies_held)
-                                    replies_held = 0
+                                    await send_replies()  # not starve other tasks
                                     await trio.lowlevel.checkpoint()
                                 continue
                         if replies:
-                            await self._send_encoded(frames, replies)
-                            replies = []
-                            self._give_back(conn, replies_held)
-                            replies_held = 0
+                            await send_replies()
                         try:
                             await limit.acquire()  # backpressure: stop reading while full
                         except BaseException:
