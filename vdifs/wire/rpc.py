@@ -18,7 +18,8 @@ X25519 public key (`kx`) to its hello, the client answers with its own,
 and their frames are encrypted with the agreed key: the secret that
 `cluster format` hands out never crosses the wire in clear.
 
-Requests `[id, op, args]` and replies `[id, status, result]` are multiplexed: many in flight per connection, one reader task routes the
+Requests `[id, op, args]` and replies `[id, status, result]` are
+multiplexed: many in flight per connection, one reader task routes the
 replies. Anything malformed closes that connection with a logged reason.
 
 Nothing a client sends can end the server: replies are bounded (error
