@@ -275,3 +275,25 @@ async def test_an_open_waits_for_a_closing_holder_and_not_for_a_writing_one(auto
     with pytest.raises(LeaseBusy):
         await a.acquire(VID)
     assert trio.current_time() - start < 0.1
+
+
+
+@pytest.mark.parametrize("retaken_first", [True, False])
+async def test_a_renewal_that_waited_out_a_release_does_not_lose_the_next_lease(autojump_clock, retaken_first):
+    """A renewal picks the held lease, then waits for the VDI's lock while
+    the last writer releases it (and, maybe first, a new open takes it again
+    with a new generation). It must not judge what it finds by the released
+    lease: that reported our own new lease as "taken over" or "broken" and
+    fenced the new writer (EIO on its close; seen under load in CI)."""
+    a, _b = two_managers()
+    lost: list[str] = []
+    a.on_lost = lambda vid, why: lost.append(why)
+    first = await a.acquire(VID)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.release, VID)  # takes the lock first (the lock is fair: FIFO)
+        await trio.testing.wait_all_tasks_blocked()
+        for task in ((a.acquire, a.renew_once) if retaken_first else (a.renew_once, a.acquire)):
+            nursery.start_soon(task, VID)
+            await trio.testing.wait_all_tasks_blocked()
+    assert a.holds(VID) and a.held[VID].generation == first + 1
+    assert lost == []

@@ -212,14 +212,14 @@ class Catalog:
             assert self.leases is not None
             # Counted before acquiring: a release running meanwhile sees us and keeps it.
             self._lease_users[vid] = self._lease_users.get(vid, 0) + 1
-            had = self.leases.holds(vid)
+            had = self.leases.generation_held(vid)
             try:
                 generation = await self.leases.acquire(vid)  # serialised with release
             except BaseException:
                 self._drop_lease_user(vid)
                 raise
             self.pool.set_generation(vid, generation)
-            took = not had
+            took = generation != had  # a release may have run while we waited: then it is new
             if self.leases.closing(vid):  # our last writer was closing; now there is a new one
                 await self.leases.mark_closing(vid, False)
         try:

@@ -240,8 +240,12 @@ class LeaseManager:
             return lease
 
     def holds(self, vid: int) -> bool:
+        return self.generation_held(vid) is not None
+
+    def generation_held(self, vid: int) -> int | None:
+        """The generation of the lease we hold on `vid` and have not lost."""
         held = self.held.get(vid)
-        return held is not None and held.lost is None
+        return held.generation if held is not None and held.lost is None else None
 
     def _lose(self, vid: int, held: Held, why: str) -> None:
         if held.lost is None:
@@ -255,6 +259,8 @@ class LeaseManager:
             return
         started = self.clock()
         async with self._lock(vid):
+            if self.held.get(vid) is not held:  # released (and maybe retaken) while we waited
+                return
             reg = self.register_for(vid)
             try:
                 version, raw = await reg.get()
