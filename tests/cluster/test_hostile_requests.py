@@ -29,7 +29,7 @@ from vdifs.errors import VdifsError
 from vdifs.meta.credentials import read_credentials
 from vdifs.model.ids import OBJECT_SIZE, data_oid
 from vdifs.wire.rpc import PROTO, RemoteError, RpcClient
-from vdifs.wire.seal import TAG, FrameSeal, session_key
+from vdifs.wire.seal import TAG, FrameSeal, session_key, wrap_secret
 
 #: an error text longer than this would mean the reply echoes what the client sent
 ERROR_TEXT_MAX = 1024
@@ -305,6 +305,7 @@ def well_formed(cluster: Cluster, epoch: int) -> dict[str, dict]:
     me = cmap.peers[cluster.peers[0].peer_id]
     other = cluster.peers[1].address
     oid = data_oid(HOSTILE_VID, 0)
+    creds = read_credentials(cluster.secret)
     return {
         "peer.hello": {},
         "peer.register_pending": {"peer": {**me.to_dict(), "peer_id": "newcomer", "address": "127.0.0.9:1"}},
@@ -320,6 +321,8 @@ def well_formed(cluster: Cluster, epoch: int) -> dict[str, dict]:
         "cluster.remove_peer": {"peer": "nobody"},
         "cluster.set": {"copies": None, "min_copies": None},
         "cluster.replace_meta": {"old": "nobody", "new": "nobody"},
+        # the secret the peers already have: answered, nothing changes
+        "cluster.rotate_secret": {"wrapped": wrap_secret(creds.secret, creds.secret, creds.cluster_id.encode())},
         "paxos.prepare": {"key": "hostile", "ballot": [1, "t"]},
         "paxos.accept": {"key": "hostile", "ballot": [1, "t"], "value": b"v"},
         "paxos.peek": {"key": "hostile"},

@@ -18,6 +18,7 @@ from vdifs.model.cluster import PeerInfo
 from vdifs.model.ids import data_oid
 from vdifs.peer.daemon import EPOCH, EPOCH_IF_SENT, NO_EPOCH
 from vdifs.wire.rpc import RemoteError, Session
+from vdifs.wire.seal import wrap_secret
 
 from .test_epochs import MemoryNet, make_cluster
 
@@ -42,6 +43,9 @@ def valid_args(daemons) -> dict[str, dict]:
         "cluster.remove_peer": {"peer": "nobody"},
         "cluster.set": {"copies": None, "min_copies": None},
         "cluster.replace_meta": {"old": "nobody", "new": "nobody"},
+        # the secret it already has: a retry, nothing changes
+        "cluster.rotate_secret": {"wrapped": wrap_secret(me.creds.secret, me.creds.secret,
+                                                         me.creds.cluster_id.encode())},
         "paxos.prepare": {"key": "k", "ballot": [1, "t"]},
         "paxos.accept": {"key": "k", "ballot": [1, "t"], "value": b"v"},
         "paxos.peek": {"key": "k"},

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from vdifs.cli import check
+from vdifs.cli import access, check
 from vdifs.cli.common import (LOG_LEVELS, PEER_TIMEOUT, CliError, Parser, first_answer, progress_text,
                               run_with_pool, setup_logging, size_arg, table)
 from vdifs.cli.heap import keep_freed_buffers
@@ -140,6 +140,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                        description="Change the cluster's default copies and the copies needed to accept writes.")
     st.add_argument("--copies", type=int, metavar="N", help="default replicas per object")
     st.add_argument("--min-copies", type=int, metavar="M", help="replicas needed to accept writes")
+    access.add_parsers(cs, secret_only, with_cluster)
 
 
 def add_credentials(parser: argparse.ArgumentParser, default: Any, secret_default: str, *,
@@ -202,10 +203,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             raise CliError("format makes a new cluster from ADDR: --cluster does not apply")
         return _format(args)
     creds = read_credentials(args.secret_file)
+    if action == "credential":
+        return access.run(action, args, creds, None)
     addresses = cluster_addresses(args.cluster)
+    if action in access.ACTIONS:
+        return access.run(action, args, creds, addresses)
 
     def run(fn: Callable[[RpcPool], Awaitable[T]]) -> T:
-        return run_with_pool(fn, creds.secret, creds.cluster_id)
+        return run_with_pool(fn, creds.client_key(), creds.cluster_id)
 
     if action == "info":
         info = run(lambda pool: cluster_info(pool, addresses))
@@ -227,6 +232,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             time.sleep(STATUS_REFRESH)
             print()
     elif action == "join":
+        if not creds.is_cluster_secret:  # the newcomer gets the secret from us
+            raise VdifsError(f"joining a peer hands it the cluster secret: run with the secret file, not "
+                             f"with {creds.credential}", code=errno.EACCES)
         cmap = run(lambda pool: join(pool, addresses, args.peer, creds))
         print(f"added {args.peer}: epoch {cmap.epoch}, {len(cmap.peers)} peers")
     elif action == "leave":
@@ -272,7 +280,8 @@ def _format(args: argparse.Namespace) -> int:
     write_credentials(args.secret_file, creds)
     print(f"formatted cluster {cmap.cluster_id}: {len(cmap.peers)} peers, copies {cmap.copies}, "
           f"min_copies {cmap.min_copies}, meta peers {len(cmap.meta)}")
-    print(f"secret written to {args.secret_file} (copy it to every hypervisor and new peer)")
+    print(f"secret written to {args.secret_file}: keep it for administration and new peers; give each "
+          "hypervisor a mount credential ('vdifs cluster credential mount NAME -o FILE')")
     return 0
 
 

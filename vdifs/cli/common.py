@@ -23,7 +23,7 @@ from vdifs.control.mounts import MOUNTS_FILE, read_mounts, vdifs_mounts
 from vdifs.errors import VdifsError
 from vdifs.fuse.mount import default_store
 from vdifs.model.sizes import format_size, parse_size
-from vdifs.wire.rpc import RpcPool
+from vdifs.wire.rpc import ClientKey, RemoteError, RpcPool
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -190,7 +190,8 @@ T = TypeVar("T")
 PEER_TIMEOUT = 30.0  # seconds to wait for a peer's answer to an admin request
 
 
-def run_with_pool(fn: Callable[[RpcPool], Awaitable[T]], secret: bytes | None, cluster_id: str | None = None) -> T:
+def run_with_pool(fn: Callable[[RpcPool], Awaitable[T]], secret: bytes | ClientKey | None,
+                  cluster_id: str | None = None) -> T:
     """Run fn with a connection pool; its error comes out as itself (not
     wrapped in an exception group), so the CLI can print it as one line."""
     async def main() -> T:
@@ -218,6 +219,10 @@ async def first_answer(pool: RpcPool, addresses: list[str], op: str, args: dict[
     for a in addresses:
         try:
             return await pool.call(a, op, args, timeout=timeout)
+        except RemoteError as e:
+            if e.errno == errno.EACCES:  # refused to our credential: the others would refuse it too
+                raise
+            errors.append(f"{a}: {e}")
         except VdifsError as e:
             errors.append(f"{a}: {e}")
     raise VdifsError("no peer answered: " + "; ".join(errors), code=errno.EHOSTUNREACH)

@@ -33,7 +33,7 @@ from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import unpack_oid
 from vdifs.model.placement import placement
 from vdifs.wire import objlist
-from vdifs.wire.rpc import ESTALE_EPOCH, PeerUnavailable, RemoteError, RpcPool
+from vdifs.wire.rpc import ESTALE_EPOCH, PEER, PeerUnavailable, RemoteError, RpcPool
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ class RemotePool:
         self.seeds = list(seeds)
         self.creds = creds
         self.nursery = nursery
-        wire = RpcPool(creds.secret, nursery, cluster_id=creds.cluster_id)
+        wire = RpcPool(creds.client_key(), nursery, cluster_id=creds.cluster_id)
         self.meta = MetaClient(node_id, wire, [])  # consensus needs a majority, never a relay
         # the data path, around peers cut off from us (pinged on connections of their own)
-        self.rpc = RoutedRpc(wire, lambda: self.cmap, RpcPool(creds.secret, nursery, cluster_id=creds.cluster_id))
+        self.rpc = RoutedRpc(wire, lambda: self.cmap, RpcPool(creds.client_key(), nursery, cluster_id=creds.cluster_id))
         self.cmap: ClusterMap | None = None
         self.vid_copies: dict[int, int] = {}
         self.vid_generation: dict[int, int] = {}
@@ -523,8 +523,13 @@ class ClusterAccess:
     @classmethod
     def load(cls, seeds: list[str], secret_file: str | None = None, *, lease_term: float | None = None,
              io_wait: float = REPLICA_WAIT) -> ClusterAccess:
-        return cls(list(seeds), read_credentials(secret_file or default_secret_file()),
-                   DEFAULT_TERM if lease_term is None else lease_term, io_wait)
+        path = secret_file or default_secret_file()
+        creds = read_credentials(path)
+        if creds.role == PEER:
+            raise VdifsError(f"{path} holds the peer credential {creds.credential}, which cannot open VDIs; "
+                             "a mount needs a mount credential ('vdifs cluster credential mount NAME')",
+                             code=errno.EACCES)
+        return cls(list(seeds), creds, DEFAULT_TERM if lease_term is None else lease_term, io_wait)
 
     async def open_catalog(self, nursery: trio.Nursery, mountpoint: str) -> Catalog:
         """Connect to the cluster and return the catalog of its shared
@@ -535,8 +540,9 @@ class ClusterAccess:
         cmap = await remote.connect()
         log.info("cluster %s: epoch %d, %d peers up, copies %d", cmap.cluster_id, cmap.epoch,
                  len(cmap.up_peers()), cmap.copies)
+        # The credential goes into the lease: peers let only its holder change a live lease.
         leases = LeaseManager(node_id, {"host": socket.gethostname(), "pid": os.getpid(),
-                                        "mountpoint": mountpoint},
+                                        "mountpoint": mountpoint, "credential": self.creds.credential},
                               lambda vid: remote.meta.register(lease_key(vid)), remote.fence,
                               term=self.lease_term)
         catalog = Catalog(remote, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True,

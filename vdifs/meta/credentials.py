@@ -1,11 +1,23 @@
-"""Cluster credentials: the cluster id and the shared secret.
+"""Cluster credentials: the cluster id and a key.
 
-The secret is created by `vdifs cluster format` and written to a file
-(mode 0600) that mounts and admin commands read with --secret-file; peers
-keep their own copy in STORE/secret. Format, one `key=value` per line:
+`vdifs cluster format` creates the cluster secret and writes it to a file
+(mode 0600); peers keep their own copy in STORE/secret. Whoever holds the
+secret is an admin. `vdifs cluster credential ROLE NAME` derives the key of
+one credential from it (`wire.rpc.credential_key`): a mount credential for
+each hypervisor, an admin credential per operator, a peer credential for
+tools that do what peers do. Peers check a credential by deriving its key
+again, so nothing is distributed to them, and a holder of a credential can
+neither compute the secret nor another credential. The RPC server allows
+each role its operations (`peer.daemon`, Op.roles). Rotating the secret
+(`vdifs cluster rotate-secret`) invalidates every credential derived from
+the old one.
+
+Format, one `key=value` per line:
 
     cluster=4f0c...
-    secret=9a1b...   (64 hex digits: 32 random bytes)
+    secret=9a1b...   (64 hex digits: 32 random bytes; the secret, or the credential's key)
+    role=mount       (credential files only)
+    name=hv1
 """
 
 from __future__ import annotations
@@ -17,19 +29,50 @@ from dataclasses import dataclass
 
 from vdifs.errors import VdifsError
 from vdifs.fsutil import atomic_write
+from vdifs.wire.rpc import ADMIN, CLUSTER_SECRET, PEER, ROLES, ClientKey, credential_key, valid_credential
+
+#: seconds a peer still accepts the cluster secret (and its credentials) it had before a rotation
+ROTATION_GRACE = 120.0
+GRACE_MAX = 86400
 
 
 @dataclass(frozen=True)
 class Credentials:
     cluster_id: str
-    secret: bytes
+    secret: bytes  # the cluster secret, or (with a name) the credential's key
+    role: str = ADMIN
+    name: str = ""  # empty: `secret` is the cluster secret itself
 
     @classmethod
     def new(cls) -> Credentials:
         return cls(secrets.token_hex(8), secrets.token_bytes(32))
 
+    @property
+    def is_cluster_secret(self) -> bool:
+        return not self.name
+
+    @property
+    def credential(self) -> str:
+        return self.client_key().credential
+
+    def client_key(self) -> ClientKey:
+        return ClientKey(self.secret, self.role, self.name)
+
+    def derive(self, role: str, name: str) -> Credentials:
+        """The credential `role.name` of this cluster (only from the cluster secret)."""
+        if not self.is_cluster_secret:
+            raise VdifsError(f"credentials are derived from the cluster secret, not from {self.credential}",
+                             code=errno.EACCES)
+        if not valid_credential(role, name):
+            raise VdifsError(f"a credential is a role ({', '.join(ROLES)}) and a name of 1-64 letters, "
+                             "digits, '.', '_' or '-', starting with a letter or digit", code=errno.EINVAL)
+        return Credentials(self.cluster_id, credential_key(self.secret, role, name), role, name)
+
     def encode(self) -> bytes:
-        return f"cluster={self.cluster_id}\nsecret={self.secret.hex()}\n".encode()
+        lines = f"cluster={self.cluster_id}\nsecret={self.secret.hex()}\n"
+        if self.name:
+            lines += f"role={self.role}\nname={self.name}\n"
+        return lines.encode()
 
     @classmethod
     def decode(cls, raw: bytes, source: str = "secret file") -> Credentials:
@@ -39,10 +82,23 @@ class Credentials:
             if sep:
                 fields[key] = value
         try:
-            return cls(fields["cluster"], bytes.fromhex(fields["secret"]))
+            creds = cls(fields["cluster"], bytes.fromhex(fields["secret"]), fields.get("role", ADMIN),
+                        fields.get("name", ""))
         except (KeyError, ValueError):
             raise VdifsError(f"{source} is not a vdifs secret file (cluster=..., secret=...)",
                              code=errno.EINVAL) from None
+        if creds.name and not valid_credential(creds.role, creds.name):
+            raise VdifsError(f"{source}: {creds.role}.{creds.name} is not a valid credential", code=errno.EINVAL)
+        return creds
+
+
+def peer_key(creds: Credentials, peer_id: str) -> ClientKey:
+    """What a peer proves to the others: the peer credential of its id."""
+    return ClientKey.derived(creds.secret, PEER, peer_id)
+
+
+def describe(creds: Credentials) -> str:
+    return CLUSTER_SECRET if creds.is_cluster_secret else f"credential {creds.credential}"
 
 
 def default_secret_file() -> str:

@@ -55,7 +55,7 @@ class LeaseBusy(VdifsError):
 
 @dataclass
 class Lease:
-    holder: dict[str, Any] | None = None  # {"mount", "host", "pid", "mountpoint"}
+    holder: dict[str, Any] | None = None  # {"mount", "term", "host", "pid", "mountpoint", "credential"}
     generation: int = 0
     since: float = 0.0  # wall clock when taken: for people, never for expiry
     renewed: float = 0.0  # wall clock of the last renewal: for people
@@ -76,7 +76,8 @@ class Lease:
         if self.holder is None:
             return "free"
         h = self.holder
-        return (f"mount {h['mountpoint']} on {h['host']} (pid {h['pid']}) since "
+        who = f" ({h['credential']})" if isinstance(h.get("credential"), str) else ""
+        return (f"mount {h.get('mountpoint')} on {h.get('host')} (pid {h.get('pid')}){who} since "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}")
 
 
@@ -112,7 +113,8 @@ class LeaseManager:
     _locks: dict[int, trio.Lock] = field(default_factory=dict)
 
     def _me(self) -> dict[str, Any]:
-        return {"mount": self.mount_id, **self.identity}
+        # the term tells the acceptors how long we may go without renewing (`register_rules`)
+        return {"mount": self.mount_id, "term": self.term, **self.identity}
 
     def is_ours(self, lease: Lease) -> bool:
         return lease.holder is not None and lease.holder.get("mount") == self.mount_id

@@ -44,6 +44,11 @@ class ConsensusUnavailable(VdifsError):
     errno = errno.EAGAIN
 
 
+#: An acceptor that answers an accept with one of these refused the change
+#: itself (`register_rules`), not the ballot: retrying cannot help.
+REFUSALS = frozenset({errno.EACCES, errno.EBUSY, errno.EINVAL})
+
+
 # -- acceptor -------------------------------------------------------------------
 
 
@@ -132,11 +137,16 @@ class Acceptor:
             await self.storage.save(key, s)
             return {"ok": True, "accepted": list(s.accepted), "value": s.value}
 
-    async def accept(self, key: str, ballot: Ballot, value: bytes) -> dict[str, Any]:
+    async def accept(self, key: str, ballot: Ballot, value: bytes,
+                     check: Callable[[bytes | None], None] | None = None) -> dict[str, Any]:
+        """`check(current value)` raises if the sender may not make this
+        change (`register_rules`): nothing is stored then."""
         async with self._lock(key):
             s = await self.storage.load(key)
             if ballot < s.promise or ballot <= s.accepted:
                 return {"ok": False, "seen": list(max(s.promise, s.accepted))}
+            if check is not None:
+                check(s.value)
             s.promise, s.accepted, s.value = ballot, ballot, value
             await self.storage.save(key, s)
             return {"ok": True}
@@ -179,10 +189,12 @@ class Proposer:
     def majority(self) -> int:
         return len(self.acceptors) // 2 + 1
 
-    async def _broadcast(self, op: str, args: dict[str, Any], *, any_reply: bool = False) -> list[dict[str, Any]]:
+    async def _broadcast(self, op: str, args: dict[str, Any], *, any_reply: bool = False,
+                         refusals: list[VdifsError] | None = None) -> list[dict[str, Any]]:
         """Replies from the acceptors until a majority said ok or cannot (with
         `any_reply`: until a majority replied at all, or every one answered or
-        failed, so a read never ends empty-handed while one acceptor is alive)."""
+        failed, so a read never ends empty-handed while one acceptor is alive).
+        Acceptors that refused the change itself (`REFUSALS`) go to `refusals`."""
         replies: list[dict[str, Any]] = []
         done = trio.Event()
         answered = 0
@@ -191,6 +203,11 @@ class Proposer:
             nonlocal answered
             try:
                 reply = await self.send(acceptor, op, args)
+            except VdifsError as e:
+                if refusals is not None and e.errno in REFUSALS:
+                    refusals.append(e)
+                log.debug("%s to %s failed: %s", op, acceptor, e)
+                reply = None
             except Exception as e:  # lost, refused, timed out: no vote
                 log.debug("%s to %s failed: %s", op, acceptor, e)
                 reply = None
@@ -229,9 +246,13 @@ class Proposer:
                 if len(oks) >= self.majority:
                     best = max(oks, key=lambda r: tuple(r["accepted"]))
                     new = fn(best["value"])
-                    replies = await self._broadcast("accept", {"key": key, "ballot": list(ballot), "value": new})
+                    refusals: list[VdifsError] = []
+                    replies = await self._broadcast("accept", {"key": key, "ballot": list(ballot), "value": new},
+                                                    refusals=refusals)
                     if sum(1 for r in replies if r.get("ok")) >= self.majority:
                         return new
+                    if len(refusals) > len(self.acceptors) - self.majority:  # no majority will take it
+                        raise refusals[0]
                 self._next_ballot(replies)
                 # Back off with jitter so duelling proposers stop colliding.
                 await trio.sleep(self._random.uniform(0, min(0.5, 0.01 * 2 ** min(attempt, 6))))

@@ -36,9 +36,18 @@ from vdifs.peer.relay import Relay
 from vdifs.peer.sweep import LEAK_GRACE, SWEEP_INTERVAL, Sweeper
 from vdifs.peer.state import PeerState
 from vdifs.model.ids import OBJECT_SIZE
-from vdifs.wire.rpc import IDLE_TIMEOUT, FastHandler, Handler, RpcPool, RpcServer, Session, split_address
+from vdifs.wire.rpc import (
+    ADMIN, IDLE_TIMEOUT, MOUNT, PEER, ROLES, FastHandler, Handler, RpcPool, RpcServer, Session, split_address,
+)
 
 log = logging.getLogger("vdifs.peer")
+
+# Op.roles: who may send it. The admin role may send everything; mounts the
+# data path, the directory and leases; peers what they ask each other.
+ANY = frozenset(ROLES)
+CLIENTS = frozenset({ADMIN, MOUNT})
+ADMIN_PEER = frozenset({ADMIN, PEER})
+ADMIN_ONLY = frozenset({ADMIN})
 
 # Op.epoch: what a handler does with the sender's epoch
 NO_EPOCH = "no"  # ignores it
@@ -64,11 +73,12 @@ def reply_size(op: str, args: dict[str, Any]) -> int:
 class Op:
     """One operation a peer serves, and what its handler checks itself before
     it acts. The flags declare what the handlers do (a test holds them to
-    it); only `open` is enforced from here, by the RPC server. The epoch
+    it); `roles` and `open` are enforced from here, by the RPC server. The epoch
     check and the gate stay direct calls in the handlers: the hot path pays
     no wrapper."""
 
     handler: Handler
+    roles: frozenset[str]  # the credentials' roles that may send it (the RPC server refuses the others)
     open: bool = False  # allowed before authentication (a peer of no cluster yet)
     epoch: str = NO_EPOCH  # NO_EPOCH, EPOCH or EPOCH_IF_SENT
     gate: bool = False  # waits at the gate (caught_up) while the peer sorts out stale objects
@@ -98,39 +108,43 @@ class PeerDaemon:
     def _op_table(self) -> dict[str, Op]:
         m, d = self.membership, self.data
         return {
-            "peer.hello": Op(m.h_hello, open=True),
-            "peer.register_pending": Op(m.h_register_pending, open=True),
-            "peer.info": Op(self.h_info),
-            "peer.ping": Op(m.h_ping),
-            "peer.probe": Op(self.health.h_probe),
-            "peer.relay": Op(self.relay.h_relay),
-            "cluster.format": Op(m.h_format, open=True),
-            "cluster.adopt": Op(m.h_adopt, open=True),
-            "cluster.map": Op(m.h_map),
-            "cluster.notify": Op(m.h_notify),
-            "cluster.add_peer": Op(m.h_add_peer),
-            "cluster.remove_peer": Op(m.h_remove_peer),
-            "cluster.set": Op(m.h_set),
-            "cluster.replace_meta": Op(m.h_replace_meta),
-            "paxos.prepare": Op(m.h_prepare),
-            "paxos.accept": Op(m.h_accept),
-            "paxos.peek": Op(m.h_peek),
-            "paxos.keys": Op(m.h_keys),
-            "paxos.install": Op(m.h_install),
-            "obj.read": Op(d.h_read, epoch=EPOCH, gate=True, fast=d.read_now),
-            "obj.write": Op(d.h_write, epoch=EPOCH, gate=True, fast=d.write_now),
-            "obj.create": Op(d.h_create, epoch=EPOCH, gate=True),
-            "obj.delete": Op(d.h_delete, epoch=EPOCH, gate=True),
-            "obj.collect": Op(d.h_collect, epoch=EPOCH, gate=True),
-            "obj.fetch": Op(d.h_fetch, epoch=EPOCH_IF_SENT, gate=True),
-            "obj.sync": Op(d.h_sync),
-            "obj.list": Op(d.h_list, epoch=EPOCH_IF_SENT),
-            "obj.vids": Op(d.h_vids),
-            "obj.finish_vid": Op(d.h_finish_vid, epoch=EPOCH_IF_SENT),
-            "obj.digest": Op(d.h_digest),
-            "obj.pull": Op(d.h_pull),
-            "obj.changed_after": Op(m.h_changed_after),
-            "lease.fence": Op(d.h_fence),
+            # joining and formatting: checked by the handlers (only a peer of no cluster takes them)
+            "peer.hello": Op(m.h_hello, ANY, open=True),
+            "peer.register_pending": Op(m.h_register_pending, ANY, open=True),
+            "cluster.format": Op(m.h_format, ANY, open=True),
+            "cluster.adopt": Op(m.h_adopt, ANY, open=True),
+            "peer.info": Op(self.h_info, ANY),
+            "peer.ping": Op(m.h_ping, ANY),
+            "peer.probe": Op(self.health.h_probe, ANY),
+            "peer.relay": Op(self.relay.h_relay, CLIENTS),  # forwards only what a mount may send
+            "cluster.map": Op(m.h_map, ANY),
+            "cluster.notify": Op(m.h_notify, ANY),  # adopts only what consensus confirms
+            "cluster.add_peer": Op(m.h_add_peer, ADMIN_PEER),
+            "cluster.remove_peer": Op(m.h_remove_peer, ADMIN_ONLY),
+            "cluster.set": Op(m.h_set, ADMIN_ONLY),
+            "cluster.replace_meta": Op(m.h_replace_meta, ADMIN_ONLY),
+            "cluster.rotate_secret": Op(m.h_rotate_secret, ADMIN_ONLY),
+            # registers: which keys, and which changes, each role may make is the acceptor's
+            # check (`meta.register_rules`)
+            "paxos.prepare": Op(m.h_prepare, ANY),
+            "paxos.accept": Op(m.h_accept, ANY),
+            "paxos.peek": Op(m.h_peek, ANY),
+            "paxos.keys": Op(m.h_keys, ADMIN_PEER),
+            "paxos.install": Op(m.h_install, ADMIN_PEER),
+            "obj.read": Op(d.h_read, ANY, epoch=EPOCH, gate=True, fast=d.read_now),
+            "obj.write": Op(d.h_write, CLIENTS, epoch=EPOCH, gate=True, fast=d.write_now),
+            "obj.create": Op(d.h_create, CLIENTS, epoch=EPOCH, gate=True),
+            "obj.delete": Op(d.h_delete, CLIENTS, epoch=EPOCH, gate=True),
+            "obj.collect": Op(d.h_collect, ADMIN_PEER, epoch=EPOCH, gate=True),
+            "obj.fetch": Op(d.h_fetch, ADMIN_PEER, epoch=EPOCH_IF_SENT, gate=True),
+            "obj.sync": Op(d.h_sync, CLIENTS),
+            "obj.list": Op(d.h_list, ANY, epoch=EPOCH_IF_SENT),
+            "obj.vids": Op(d.h_vids, ANY),
+            "obj.finish_vid": Op(d.h_finish_vid, CLIENTS, epoch=EPOCH_IF_SENT),
+            "obj.digest": Op(d.h_digest, ADMIN_PEER),
+            "obj.pull": Op(d.h_pull, ADMIN_PEER),
+            "obj.changed_after": Op(m.h_changed_after, ADMIN_PEER),
+            "lease.fence": Op(d.h_fence, CLIENTS),
         }
 
     def handlers(self) -> dict[str, Handler]:
@@ -138,6 +152,9 @@ class PeerDaemon:
 
     def open_ops(self) -> frozenset[str]:
         return frozenset(name for name, op in self.ops.items() if op.open)
+
+    def role_ops(self) -> dict[str, frozenset[str]]:
+        return {role: frozenset(name for name, op in self.ops.items() if role in op.roles) for role in ROLES}
 
     def load(self) -> None:
         """Read the local state (blocking I/O)."""
@@ -155,7 +172,9 @@ class PeerDaemon:
             server = st.server = RpcServer(f"peer {st.peer_id}", self.handlers(),
                                            secret=lambda: st.creds.secret if st.creds else None,
                                            cluster_id=lambda: st.creds.cluster_id if st.creds else None,
+                                           old_secrets=st.old_secrets,
                                            peer_id=st.peer_id, open_ops=self.open_ops(),
+                                           role_ops=self.role_ops(),
                                            fast={n: op.fast for n, op in self.ops.items() if op.fast},
                                            reply_size=reply_size, idle_timeout=self.idle_timeout)
             if st.cmap is not None:
@@ -168,7 +187,9 @@ class PeerDaemon:
                 bound = listeners[0].socket.getsockname()[1]
                 if port == 0:
                     st.listen = f"{host}:{bound}"
-                st.rpc = RpcPool(st.creds.secret if st.creds else None, nursery)
+                st.rpc = RpcPool(st.client_key(), nursery)
+                st.relay_rpc = RpcPool(None, nursery)
+                st.reset_pools()
                 st.meta = MetaClient(st.peer_id, st.rpc, st.cmap.meta_addresses() if st.cmap else [])
                 log.info("peer %s serving store %s on %s (%s)", st.peer_id, st.root, st.listen,
                          f"cluster {st.creds.cluster_id}, epoch {st.cmap.epoch}" if st.cmap and st.creds

@@ -14,17 +14,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import trio
 
 from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.meta.consensus import CLUSTER_KEY
-from vdifs.meta.credentials import Credentials
+from vdifs.meta.credentials import GRACE_MAX, ROTATION_GRACE, Credentials
 from vdifs.meta.paxos import Acceptor, Ballot, FileAcceptorStorage
+from vdifs.meta.register_rules import LEASE_PREFIX, check_change
 from vdifs.model.cluster import COPIES_MAX, DOWN, UP, ClusterMap, PeerInfo, check_cluster_id, choose_meta
 from vdifs.peer.state import PeerState
 from vdifs.wire import args as arg
 from vdifs.wire import objlist
-from vdifs.wire.rpc import Session
+from vdifs.wire.rpc import ADMIN, Session, credential_key
+from vdifs.wire.seal import unwrap_secret
 
 log = logging.getLogger("vdifs.peer")
 
@@ -102,6 +105,7 @@ class Membership:
         self.peer = peer
         self.acceptor = Acceptor(FileAcceptorStorage(peer.path("meta/acceptor")))
         self.pending: dict[str, PeerInfo] = {}  # peers that registered here before the format
+        self._lease_versions: dict[str, tuple[int, float]] = {}  # lease key -> (version, since when held)
 
     # -- changing the map ---------------------------------------------------------------
 
@@ -308,10 +312,37 @@ class Membership:
         p = self.peer
         await p.save_creds(creds)
         assert p.rpc is not None
-        p.rpc.reset(creds.secret)  # future connections authenticate with the new secret
+        p.reset_pools()  # future connections authenticate with the new secret
         await p.adopt_map(cmap)
         if p.server is not None:
             await p.server.close_unauthenticated(keep=session)
+
+    async def h_rotate_secret(self, args: dict[str, Any], s: Session) -> bool:
+        """Take a new cluster secret, sent wrapped for the admin credential
+        that sends it (`cluster rotate-secret`). Every credential derived
+        from the old secret is refused for new connections after `grace`
+        seconds (ROTATION_GRACE unless given)."""
+        p = self.peer
+        creds = p.creds
+        assert creds is not None  # an authenticated session implies a cluster
+        wrapped = bytes(arg.blob(args, "wrapped", max_len=SECRET_MAX + 64))
+        grace = arg.integer(args, "grace", 0, GRACE_MAX, default=int(ROTATION_GRACE))
+        sender = creds.secret if not s.name else credential_key(creds.secret, s.role or "", s.name)
+        secret = unwrap_secret(sender, wrapped, creds.cluster_id.encode())
+        if secret is None:  # wrapped with a key derived from a secret the sender had before ours
+            for old in p.old_secrets():
+                secret = unwrap_secret(old if not s.name else credential_key(old, s.role or "", s.name),
+                                       wrapped, creds.cluster_id.encode())
+                if secret is not None:
+                    break
+        if secret is None or not SECRET_MIN <= len(secret) <= SECRET_MAX:
+            raise InvalidArgument("the new secret is not wrapped for this session's credential")
+        if secret == creds.secret:
+            return False  # a retry: already ours
+        await p.rotate_secret(secret, grace)
+        log.warning("peer %s: cluster secret rotated by %s from %s; the old one is accepted for %d s more",
+                    p.peer_id, s.credential, s.remote, grace)
+        return True
 
     async def h_adopt(self, args: dict[str, Any], s: Session) -> str:
         creds, cmap = _credentials(args), _cluster_map(args)
@@ -475,7 +506,31 @@ class Membership:
         key, ballot = _register_key(args), _ballot(args)
         value = bytes(arg.blob(args, "value"))  # a value sent as a blob arrives as a bytearray
         self._check_acceptor()
-        return await self.acceptor.accept(key, ballot, value)
+
+        def check(current: bytes | None) -> None:
+            check_change(s.role, s.credential, key, current, value, self._unchanged_for(key, current))
+
+        result = await self.acceptor.accept(key, ballot, value, None if s.role == ADMIN else check)
+        if result.get("ok") and key.startswith(LEASE_PREFIX):
+            self._unchanged_for(key, value)
+        return result
+
+    def _unchanged_for(self, key: str, value: bytes | None) -> float:
+        """How long this acceptor has held a lease register at `value`'s
+        version (0 for a version it had not seen; remembered in memory, so
+        after a restart every holder gets a full term again)."""
+        if not key.startswith(LEASE_PREFIX):
+            return 0.0
+        try:
+            version = msgpack.unpackb(value)["v"] if value is not None else 0
+        except Exception:
+            return 0.0
+        now = trio.current_time()
+        seen = self._lease_versions.get(key)
+        if seen is None or seen[0] != version:
+            self._lease_versions[key] = (version, now)
+            return 0.0
+        return now - seen[1]
 
     async def h_peek(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         return await self.acceptor.peek(_register_key(args))

@@ -8,9 +8,11 @@ forwards it (`peer.relay`), as Sheepdog's gateways forward every request.
 The target checks the request exactly as if it came directly (epoch, fence,
 gate), so a relayed write is no weaker than a direct one.
 
-Only the data-path operations a mount sends are relayed, and only to a peer
-that is up in this peer's map: a relay is not an open proxy to any address,
-and a relayed request cannot be relayed again.
+Only the data-path operations a mount sends are relayed, only those the
+sender's credential may send itself (the relay forwards them with the
+cluster secret), and only to a peer that is up in this peer's map: a relay
+is not an open proxy to any address, and a relayed request cannot be
+relayed again.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class Relay:
         timeout = arg.integer(args, "timeout", 1, int(RELAY_TIMEOUT_MAX), default=30)
         if op not in RELAYED_OPS:
             raise InvalidArgument(f"{op} cannot be relayed")
+        if op not in s.ops:  # we forward with more authority than the sender may have
+            raise VdifsError(f"{op} is refused to {s.credential} (role {s.role}), relayed or not", code=errno.EACCES)
         data = args.get("data")
         if data is not None:
             inner["data"] = arg.blob(args, "data")
@@ -63,10 +67,10 @@ class Relay:
                                                  "map": cmap.to_dict()})
             why = "is this peer" if target is not None else f"is not an up peer in epoch {cmap.epoch}"
             raise VdifsError(f"cannot relay {op} to {to}: it {why}", code=errno.EHOSTUNREACH)
-        assert self.peer.rpc is not None
+        assert self.peer.relay_rpc is not None
         self.relayed += 1
         try:
-            return await self.peer.rpc.call(to, op, inner, timeout=timeout)
+            return await self.peer.relay_rpc.call(to, op, inner, timeout=timeout)
         except PeerUnavailable as e:
             log.info("relaying %s from %s to peer %s: %s", op, s.remote, target.peer_id, e)
             raise VdifsError(f"relay {self.peer.peer_id} cannot reach {to} either: {e}",

@@ -20,11 +20,11 @@ import trio
 from vdifs.errors import VdifsError
 from vdifs.fsutil import atomic_write
 from vdifs.meta.consensus import MetaClient
-from vdifs.meta.credentials import Credentials, read_credentials
+from vdifs.meta.credentials import Credentials, peer_key, read_credentials
 from vdifs.model.cluster import UP, ClusterMap, PeerInfo
 from vdifs.peer.journal import ChangeJournal
 from vdifs.store.objects import ObjectStore
-from vdifs.wire.rpc import RpcPool, RpcServer
+from vdifs.wire.rpc import ClientKey, RpcPool, RpcServer
 
 log = logging.getLogger("vdifs.peer")
 
@@ -44,11 +44,15 @@ class PeerState:
         self.meta_dir = os.path.join(self.root, "meta")
         self.journal = ChangeJournal(self.root)
         self.creds: Credentials | None = None
+        self.rotated: tuple[bytes, float] | None = None  # (old secret, accepted until) after a rotation
         self.cmap: ClusterMap | None = None
         self.clean_start = True  # False after a crash: we may have missed writes
         self.up_epoch = 0  # the last epoch whose map had us up (we hold its data)
         # Connections, set when the daemon runs (tests set their own).
         self.rpc: RpcPool | None = None
+        # Forwards mounts' requests (peer.relay) with the cluster secret's authority:
+        # the relay only forwards what the sender's own role may send.
+        self.relay_rpc: RpcPool | None = None
         self.meta: MetaClient | None = None
         self.server: RpcServer | None = None
         self._map_lock = trio.Lock()
@@ -78,6 +82,10 @@ class PeerState:
                 self.creds = Credentials.decode(f.read(), self.path("secret"))
         if self.secret_file:
             given = read_credentials(self.secret_file)
+            if not given.is_cluster_secret:
+                raise VdifsError(f"{self.secret_file} holds the credential {given.credential}; a peer needs "
+                                 "the cluster secret itself (the file 'vdifs cluster format' wrote)",
+                                 code=errno.EINVAL)
             if self.creds is not None and given.cluster_id != self.creds.cluster_id:
                 raise VdifsError(f"store {self.root} belongs to cluster {self.creds.cluster_id}, "
                                  f"not to {given.cluster_id} of {self.secret_file}", code=errno.EPERM)
@@ -96,6 +104,32 @@ class PeerState:
         except (FileNotFoundError, ValueError):
             self.up_epoch = 0  # unknown: a returning peer then resyncs fully
         self.clean_start = self.journal.open(self.cmap.epoch if self.cmap else 0)
+
+    def old_secrets(self) -> list[bytes]:
+        """The secret before the last rotation, while it is still accepted."""
+        if self.rotated is None or trio.current_time() >= self.rotated[1]:
+            return []
+        return [self.rotated[0]]
+
+    async def rotate_secret(self, secret: bytes, grace: float) -> None:
+        """Make `secret` the cluster secret; the old one is still accepted for
+        `grace` seconds, while the other peers and the mounts move over."""
+        assert self.creds is not None
+        old = self.creds.secret
+        await self.save_creds(Credentials(self.creds.cluster_id, secret))
+        self.rotated = (old, trio.current_time() + grace)
+        self.reset_pools()
+
+    def client_key(self) -> ClientKey | None:
+        """What this peer proves when it calls another: its peer credential."""
+        return peer_key(self.creds, self.peer_id) if self.creds is not None else None
+
+    def reset_pools(self) -> None:
+        """New credentials: connections made from now on use them."""
+        if self.rpc is not None:
+            self.rpc.reset(self.client_key())
+        if self.relay_rpc is not None:
+            self.relay_rpc.reset(ClientKey(self.creds.secret) if self.creds is not None else None)
 
     async def save_creds(self, creds: Credentials) -> None:
         await trio.to_thread.run_sync(atomic_write, self.path("secret"), creds.encode())
@@ -150,6 +184,8 @@ class PeerState:
                 # its timeout although it is replaced now. Fail it at once.
                 for p in old_map.no_longer_up(cmap):
                     self.rpc.drop_soon(p.address)
+                    if self.relay_rpc is not None:
+                        self.relay_rpc.drop_soon(p.address)
             if self.meta is not None:
                 self.meta.set_meta(cmap.meta_addresses())
             log.info("cluster map epoch %d -> %d: %d peers (%d up), copies %d", old, cmap.epoch,

@@ -6,7 +6,12 @@ Handshake (every frame a msgpack frame, see `frames`):
     client -> server  {"proto": 2, "nonce": Nc, "mac": HMAC(secret, "vdifs-c" Ns Nc) | None}
     server -> client  {"ok": true, "mac": HMAC(secret, "vdifs-s" Nc Ns)}   or  {"ok": false, "error": "..."}
 
-Both sides prove they hold the cluster secret without sending it. A peer of
+Both sides prove they hold the cluster secret without sending it, or a
+credential derived from it: a client that adds `"as": [role, name]` to its
+hello proves `credential_key(secret, role, name)` instead (`ClientKey`),
+and its session may send only its role's operations (the server's
+`role_ops`); a client that names none proves the secret itself, which is
+the admin role. A peer of
 no cluster yet (before `cluster format`) accepts clients without a MAC, but
 only for the operations it marks open (joining, formatting). Until the
 handshake is done frames are limited to 4 KiB; afterwards to one object
@@ -43,7 +48,9 @@ import hmac
 import logging
 import math
 import os
+import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -102,6 +109,50 @@ def mac(secret: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
     return hmac.new(secret, label + a + b, hashlib.sha256).digest()
 
 
+# -- credentials --------------------------------------------------------------------
+
+ADMIN, MOUNT, PEER = "admin", "mount", "peer"
+ROLES = (ADMIN, MOUNT, PEER)
+#: how a session that proved the cluster secret itself is named in logs and errors
+CLUSTER_SECRET = "the cluster secret"
+CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def credential_key(secret: bytes, role: str, name: str) -> bytes:
+    """The key of credential `role.name`: derived from the cluster secret, so
+    a peer checks any credential without a keyring, and a holder of one
+    cannot compute the secret or another credential's key."""
+    return hmac.new(secret, b"vdifs-credential\0" + role.encode() + b"\0" + name.encode(),
+                    hashlib.sha256).digest()
+
+
+def valid_credential(role: Any, name: Any) -> bool:
+    return role in ROLES and isinstance(name, str) and CREDENTIAL_NAME.match(name) is not None
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """What a client proves in the handshake: the cluster secret itself
+    (no name: the admin role) or the credential `role.name`."""
+
+    key: bytes
+    role: str = ADMIN
+    name: str = ""
+
+    @property
+    def credential(self) -> str:
+        return f"{self.role}.{self.name}" if self.name else CLUSTER_SECRET
+
+    @classmethod
+    def derived(cls, secret: bytes, role: str, name: str) -> ClientKey:
+        return cls(credential_key(secret, role, name), role, name)
+
+
+def client_key(secret: bytes | ClientKey | None) -> ClientKey | None:
+    """Plain bytes are the cluster secret."""
+    return secret if secret is None or isinstance(secret, ClientKey) else ClientKey(secret)
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -112,12 +163,27 @@ def split_address(address: str) -> tuple[str, int]:
 Handler = Callable[[dict[str, Any], "Session"], Awaitable[Any]]
 
 
-class Session:
-    """What a handler knows about the connection it serves."""
+class _EveryOp(frozenset[str]):
+    """Contains every operation: a session made by hand (simulations)."""
 
-    def __init__(self, remote: str, authenticated: bool) -> None:
+    def __contains__(self, op: object) -> bool:
+        return True
+
+
+class Session:
+    """What a handler knows about the connection it serves: who is at the
+    other end (`credential`, `role`: None before authentication) and which
+    operations it may send (`ops`)."""
+
+    def __init__(self, remote: str, authenticated: bool, *, role: str | None = None, name: str = "",
+                 credential: str = "", ops: frozenset[str] | None = None) -> None:
         self.remote = remote
         self.authenticated = authenticated
+        self.name = name  # of the credential; empty: the cluster secret itself
+        self.role = role if role is not None or not authenticated else ADMIN
+        self.credential = credential
+        self.ops = ops if ops is not None else (_EveryOp() if authenticated else frozenset())
+        self.refused_ops: set[str] = set()  # logged once each
 
 
 FAST_YIELD = 16  # the reader lets other tasks run after this many answers without a wait
@@ -145,7 +211,9 @@ class _Connection:
 class RpcServer:
     def __init__(self, name: str, handlers: dict[str, Handler], *,
                  secret: Callable[[], bytes | None], cluster_id: Callable[[], str | None],
+                 old_secrets: Callable[[], list[bytes]] = lambda: [],
                  peer_id: str, open_ops: frozenset[str] = frozenset(),
+                 role_ops: dict[str, frozenset[str]] | None = None,
                  fast: dict[str, FastHandler] | None = None, reply_size: ReplySize | None = None,
                  idle_timeout: float = IDLE_TIMEOUT) -> None:
         """`fast`: per op, a plain function tried first, in the connection's
@@ -154,15 +222,21 @@ class RpcServer:
         semaphore and the scheduling passes of requests that need no wait,
         such as reads from the page cache. `reply_size`: how many bytes a
         request's reply may carry, counted against the held-bytes limits
-        from when it is read until its reply is sent."""
+        from when it is read until its reply is sent. `role_ops`: the
+        operations each role may send (None: every authenticated session
+        may send every operation); `open_ops` need no authentication."""
         self.name = name
         self.handlers = handlers
         self.fast = fast or {}
         self.fast_answers = 0
         self.secret = secret
+        self.old_secrets = old_secrets  # still accepted for a while after a rotation
         self.cluster_id = cluster_id
         self.peer_id = peer_id
         self.open_ops = open_ops
+        every = frozenset(handlers) | frozenset(self.fast) | open_ops
+        self.role_ops = {role: (role_ops.get(role, frozenset()) if role_ops is not None else every) | open_ops
+                         for role in ROLES}
         self.refused = 0  # connections dropped for bad traffic or credentials
         self.reply_size = reply_size or (lambda op, args: 0)
         self.idle_timeout = idle_timeout
@@ -290,14 +364,42 @@ class RpcServer:
                 return None
             await frames.send({"ok": True, "mac": None})
             frames.seal = FrameSeal(key, server=True, encrypt=True)
-            return Session(remote, authenticated=False)
-        if not isinstance(given, bytes) or not hmac.compare_digest(given, mac(secret, b"vdifs-c", nonce_s, hello["nonce"])):
-            await frames.send({"ok": False, "error": "authentication failed: wrong or missing cluster secret"})
-            self._refuse(remote, "authentication failed (wrong or missing cluster secret)")
+            return Session(remote, authenticated=False, ops=self.open_ops)
+        claimed = hello.get("as")
+        if claimed is not None and not (isinstance(claimed, list) and len(claimed) == 2
+                                        and valid_credential(*claimed)):
+            await frames.send({"ok": False, "error": "malformed credential: 'as' must be [role, name]"})
+            self._refuse(remote, "malformed credential")
             return None
-        await frames.send({"ok": True, "mac": mac(secret, b"vdifs-s", hello["nonce"], nonce_s)})
-        frames.seal = FrameSeal(session_key(secret, nonce_s, hello["nonce"]), server=True)
-        return Session(remote, authenticated=True)
+        proof = None
+        for candidate in [secret, *self.old_secrets()]:
+            tried = ClientKey(candidate) if claimed is None else ClientKey.derived(candidate, *claimed)
+            if isinstance(given, bytes) and hmac.compare_digest(given, mac(tried.key, b"vdifs-c", nonce_s,
+                                                                           hello["nonce"])):
+                proof = tried
+                break
+        if proof is None:
+            what = "cluster secret" if claimed is None else f"key for credential {claimed[0]}.{claimed[1]}"
+            await frames.send({"ok": False, "error": f"authentication failed: wrong or missing {what}"})
+            self._refuse(remote, f"authentication failed (wrong or missing {what})")
+            return None
+        await frames.send({"ok": True, "mac": mac(proof.key, b"vdifs-s", hello["nonce"], nonce_s)})
+        frames.seal = FrameSeal(session_key(proof.key, nonce_s, hello["nonce"]), server=True)
+        return Session(remote, authenticated=True, role=proof.role, name=proof.name,
+                       credential=proof.credential, ops=self.role_ops[proof.role])
+
+    def _refusal(self, op: str, session: Session) -> str:
+        """The error text of an operation outside the session's role (logged
+        once per connection and operation, naming the credential)."""
+        if not session.authenticated:
+            return f"{op} needs an authenticated connection"
+        roles = [r for r in ROLES if op in self.role_ops[r]]
+        why = (f"{op} is refused to {session.credential} (role {session.role}): "
+               f"it needs a credential of role {' or '.join(roles)}")
+        if op not in session.refused_ops:
+            session.refused_ops.add(op)
+            log.warning("%s: %s from %s", self.name, why, session.remote)
+        return why
 
     async def _serve_requests(self, conn: _Connection, session: Session) -> None:
         frames = conn.frames
@@ -331,7 +433,7 @@ class RpcServer:
                                 await send_replies()
                             await self._wait_admit(conn, cost)  # backpressure: stop reading
                         fast = self.fast.get(op)
-                        if fast is not None and (session.authenticated or op in self.open_ops):
+                        if fast is not None and op in session.ops:
                             reply = self._answer_now(fast, session, rid, op, args)
                             if reply is not None:
                                 replies.extend(self._encode_reply(reply, op, session))
@@ -412,8 +514,8 @@ class RpcServer:
             handler = self.handlers.get(op)
             if handler is None:
                 reply = [rid, errno.ENOSYS, f"unknown operation {cut_text(op, MAX_OP_NAME)!r}"]
-            elif not session.authenticated and op not in self.open_ops:
-                reply = [rid, errno.EACCES, f"{op} needs an authenticated connection"]
+            elif op not in session.ops:
+                reply = [rid, errno.EACCES, self._refusal(op, session)]
             else:
                 try:
                     reply = [rid, 0, await handler(args, session)]
@@ -448,10 +550,12 @@ class RpcClient:
     request in flight with PeerUnavailable; the next call reconnects.
     """
 
-    def __init__(self, address: str, secret: bytes | None, nursery: trio.Nursery, *,
+    def __init__(self, address: str, secret: bytes | ClientKey | None, nursery: trio.Nursery, *,
                  expect_cluster: str | None = None) -> None:
+        """`secret`: the cluster secret, a credential's key, or None (only
+        for a peer of no cluster yet)."""
         self.address = address
-        self.secret = secret
+        self.key = client_key(secret)
         self.nursery = nursery
         self.expect_cluster = expect_cluster
         self.remote_peer: str | None = None
@@ -501,9 +605,11 @@ class RpcClient:
             raise VdifsError(f"{self.address} belongs to another cluster ({self.remote_cluster})",
                              code=errno.EPERM)
         nonce_c = os.urandom(16)
-        token = mac(self.secret, b"vdifs-c", hello["nonce"], nonce_c) if self.secret else None
+        mine = self.key
+        token = mac(mine.key, b"vdifs-c", hello["nonce"], nonce_c) if mine else None
         kx = KeyExchange() if hello.get("cluster") is None and isinstance(hello.get("kx"), bytes) else None
         await frames.send({"proto": PROTO, "nonce": nonce_c, "mac": token,
+                           **({"as": [mine.role, mine.name]} if mine and mine.name else {}),
                            **({"kx": kx.public} if kx is not None else {})})
         answer = await frames.receive()
         if not isinstance(answer, dict) or not answer.get("ok"):
@@ -515,12 +621,12 @@ class RpcClient:
                 raise ProtocolError("the peer's key agreement is malformed")
             frames.seal = FrameSeal(key, server=False, encrypt=True)
             return
-        if self.secret and (hello.get("cluster") is not None or answer.get("mac") is not None):
-            expected = mac(self.secret, b"vdifs-s", nonce_c, hello["nonce"])
+        if mine and (hello.get("cluster") is not None or answer.get("mac") is not None):
+            expected = mac(mine.key, b"vdifs-s", nonce_c, hello["nonce"])
             if not isinstance(answer.get("mac"), bytes) or not hmac.compare_digest(answer["mac"], expected):
                 raise VdifsError(f"{self.address} could not prove it knows the cluster secret",
                                  code=errno.EACCES)
-            frames.seal = FrameSeal(session_key(self.secret, hello["nonce"], nonce_c), server=False)
+            frames.seal = FrameSeal(session_key(mine.key, hello["nonce"], nonce_c), server=False)
 
     async def _reader(self, frames: FrameStream, watch: trio.CancelScope) -> None:
         try:
@@ -661,23 +767,24 @@ class PendingCall:
 class RpcPool:
     """One RpcClient per address, created on first use."""
 
-    def __init__(self, secret: bytes | None, nursery: trio.Nursery, *, cluster_id: str | None = None) -> None:
-        self.secret = secret
+    def __init__(self, secret: bytes | ClientKey | None, nursery: trio.Nursery, *,
+                 cluster_id: str | None = None) -> None:
+        self.key = client_key(secret)
         self.nursery = nursery
         self.cluster_id = cluster_id
         self._clients: dict[str, RpcClient] = {}
 
-    def reset(self, secret: bytes | None) -> None:
+    def reset(self, secret: bytes | ClientKey | None) -> None:
         """New credentials: connections made from now on authenticate with
         `secret`. Cached connections are forgotten (each closes when its peer
         hangs up or its reader ends), so no later call rides an old session."""
-        self.secret = secret
+        self.key = client_key(secret)
         self._clients.clear()
 
     def get(self, address: str) -> RpcClient:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = RpcClient(address, self.secret, self.nursery,
+            client = self._clients[address] = RpcClient(address, self.key, self.nursery,
                                                         expect_cluster=self.cluster_id)
         return client
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -118,3 +119,26 @@ class FrameSeal:
             return self._aead.decrypt(nonce, bytes(sealed), header)
         except InvalidTag:
             return None
+
+
+def wrap_secret(key: bytes, secret: bytes, context: bytes) -> bytes:
+    """`secret` encrypted for whoever holds `key` (a credential's key): how
+    a new cluster secret travels to the peers (`cluster rotate-secret`) over
+    a connection whose frames are only tagged. `context` is authenticated
+    with it (the cluster id), so it cannot be replayed into another cluster."""
+    nonce = os.urandom(12)
+    return nonce + AESGCM(_wrap_key(key)).encrypt(nonce, secret, context)
+
+
+def unwrap_secret(key: bytes, wrapped: bytes, context: bytes) -> bytes | None:
+    """What `wrap_secret` wrapped, or None if it was not wrapped for `key` and `context`."""
+    if len(wrapped) < 12 + TAG:
+        return None
+    try:
+        return AESGCM(_wrap_key(key)).decrypt(wrapped[:12], wrapped[12:], context)
+    except InvalidTag:
+        return None
+
+
+def _wrap_key(key: bytes) -> bytes:
+    return hmac.new(key, b"vdifs-wrap", hashlib.sha256).digest()
