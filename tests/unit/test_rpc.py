@@ -322,3 +322,57 @@ async def test_before_a_cluster_exists_traffic_is_encrypted(nursery):
     assert traffic and secret not in traffic and secret.hex().encode() not in traffic
     assert b"cluster.adopt" not in traffic  # the op name is inside the encrypted body too
     await client.aclose()
+
+
+@pytest.mark.parametrize("who", ["client asks", "server demands"])
+async def test_an_authenticated_connection_can_be_encrypted(nursery, who):
+    """Encryption after an authenticated handshake, asked by the client
+    (`vdifs mount --encrypt`) or demanded by the server (`vdifs peer
+    --encrypt`): a relay sees neither the data (4 KiB and 1 MiB blobs, both
+    ways) nor the op names, and everything arrives whole."""
+    seen: list[bytes] = []
+
+    async def echo(args, session):
+        return args["data"]
+
+    server = RpcServer("test", {"obj.echo": echo}, secret=lambda: SECRET, cluster_id=lambda: "c1",
+                       peer_id="p1", encrypt=who == "server demands")
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    relay = await _relay(nursery, f"127.0.0.1:{listeners[0].socket.getsockname()[1]}", seen=seen)
+    client = RpcClient(relay, SECRET, nursery, encrypt=who == "client asks")
+    for size in (4096, 1 << 20):
+        data = os.urandom(32) * (size // 32)
+        assert await client.call("obj.echo", {"data": data}) == data
+        traffic = b"".join(seen)
+        assert data[:64] not in traffic and b"obj.echo" not in traffic
+    await client.aclose()
+
+
+async def test_a_server_that_demands_encryption_refuses_a_client_that_will_not(nursery, caplog):
+    """A client of before encryption (no "enc" in its hello whatever the
+    server says) is refused with a clear reason."""
+    server = RpcServer("test", {"op": lambda a, s: None}, secret=lambda: SECRET, cluster_id=lambda: "c1",
+                       peer_id="p1", encrypt=True)
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    client = RpcClient(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}", SECRET, nursery)
+    client.encrypt = False
+    original = client._handshake
+
+    async def deaf(frames):  # hides the server's demand from the client
+        receive = frames.receive
+
+        async def receive_without_enc():
+            msg = await receive()
+            if isinstance(msg, dict):
+                msg.pop("enc", None)
+            return msg
+        frames.receive = receive_without_enc
+        try:
+            await original(frames)
+        finally:
+            frames.receive = receive
+    client._handshake = deaf
+    with pytest.raises(VdifsError, match="requires encrypted connections"):
+        await client.call("op", {})
+    assert "did not ask for encryption" in caplog.text
+    await client.aclose()

@@ -91,6 +91,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="Linux scheduling policy of the peer's threads (default: batch: a peer woken "
                         "by a request does not preempt the mount or guest that sent it; see "
                         "docs/architecture.md, design change 25)")
+    p.add_argument("--encrypt", action="store_true",
+                   help="require every client (mounts, admins, other peers) to encrypt its connection, and "
+                        "encrypt our own (AES-GCM; connections are always authenticated and tamper-evident)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log verbosity (default: info)")
 
     secret_default = default_secret_file()
@@ -190,7 +193,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
                         recovery_reserve=args.recovery_reserve, reserve=args.reserve,
                         uncached_replica_writes=args.uncached_replica_writes,
                         leak_pass_interval=args.leak_pass_interval, leak_grace=args.leak_grace,
-                        idle_timeout=args.idle_timeout)
+                        idle_timeout=args.idle_timeout, encrypt=args.encrypt)
     trio.run(daemon.run)
     return 0
 

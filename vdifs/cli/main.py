@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cluster", metavar="ADDR[,ADDR...]",
                    help="mount a cluster's pool (peers to contact; also $VDIFS_CLUSTER) instead of the "
                         "embedded one; --store then only holds the lock, control socket and log")
-    m.add_argument("--secret-file", metavar="F", help="the cluster's secret file (with --cluster)")
+    m.add_argument("--secret-file", metavar="F",
+                   help="the cluster's secret file, or this hypervisor's mount credential (with --cluster)")
+    m.add_argument("--encrypt", action="store_true",
+                   help="encrypt the connections to the peers, data included (AES-GCM; they are always "
+                        "authenticated and tamper-evident; costs CPU: docs/benchmarks.md)")
     m.add_argument("--copies", type=int, metavar="N", help="default copies of VDIs created through this mount")
     m.add_argument("--io-wait", type=float, default=REPLICA_WAIT, metavar="SECONDS",
                    help="how long a write waits for the cluster to replace unreachable replicas "
@@ -92,7 +96,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cluster = cluster_addresses(args.cluster) if (args.cluster or os.environ.get("VDIFS_CLUSTER")) else None
     mount = Mount(mountpoint, store, allow_other=args.allow_other, cluster=cluster,
                   secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term,
-                  io_wait=args.io_wait, write_behind=args.write_behind)
+                  io_wait=args.io_wait, write_behind=args.write_behind, encrypt=args.encrypt)
     lock = lock_store(store)
     keep_freed_buffers()
     logfile = args.log_file or os.path.join(store, "mount.log")

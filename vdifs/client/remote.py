@@ -76,15 +76,16 @@ class _ReplicaDown(Exception):
 
 class RemotePool:
     def __init__(self, seeds: list[str], creds: Credentials, nursery: trio.Nursery, node_id: str, *,
-                 io_wait: float = REPLICA_WAIT) -> None:
+                 io_wait: float = REPLICA_WAIT, encrypt: bool = False) -> None:
         self.io_wait = io_wait
         self.seeds = list(seeds)
         self.creds = creds
         self.nursery = nursery
-        wire = RpcPool(creds.client_key(), nursery, cluster_id=creds.cluster_id)
+        wire = RpcPool(creds.client_key(), nursery, cluster_id=creds.cluster_id, encrypt=encrypt)
         self.meta = MetaClient(node_id, wire, [])  # consensus needs a majority, never a relay
         # the data path, around peers cut off from us (pinged on connections of their own)
-        self.rpc = RoutedRpc(wire, lambda: self.cmap, RpcPool(creds.client_key(), nursery, cluster_id=creds.cluster_id))
+        probes = RpcPool(creds.client_key(), nursery, cluster_id=creds.cluster_id, encrypt=encrypt)
+        self.rpc = RoutedRpc(wire, lambda: self.cmap, probes)
         self.cmap: ClusterMap | None = None
         self.vid_copies: dict[int, int] = {}
         self.vid_generation: dict[int, int] = {}
@@ -513,30 +514,32 @@ class RemotePool:
 class ClusterAccess:
     """What a mount needs to join a cluster: its seed addresses and secret
     (read when this is made, so a missing secret fails before mounting),
-    the lease term, and how long a write waits for a replica's replacement."""
+    the lease term, how long a write waits for a replica's replacement, and
+    whether its connections are encrypted."""
 
     seeds: list[str]
     creds: Credentials
     lease_term: float = DEFAULT_TERM
     io_wait: float = REPLICA_WAIT
+    encrypt: bool = False
 
     @classmethod
     def load(cls, seeds: list[str], secret_file: str | None = None, *, lease_term: float | None = None,
-             io_wait: float = REPLICA_WAIT) -> ClusterAccess:
+             io_wait: float = REPLICA_WAIT, encrypt: bool = False) -> ClusterAccess:
         path = secret_file or default_secret_file()
         creds = read_credentials(path)
         if creds.role == PEER:
             raise VdifsError(f"{path} holds the peer credential {creds.credential}, which cannot open VDIs; "
                              "a mount needs a mount credential ('vdifs cluster credential mount NAME')",
                              code=errno.EACCES)
-        return cls(list(seeds), creds, DEFAULT_TERM if lease_term is None else lease_term, io_wait)
+        return cls(list(seeds), creds, DEFAULT_TERM if lease_term is None else lease_term, io_wait, encrypt)
 
     async def open_catalog(self, nursery: trio.Nursery, mountpoint: str) -> Catalog:
         """Connect to the cluster and return the catalog of its shared
         directory, with leases held under a fresh node id (renewed by a task
         in `nursery`)."""
         node_id = f"mount-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        remote = RemotePool(self.seeds, self.creds, nursery, node_id, io_wait=self.io_wait)
+        remote = RemotePool(self.seeds, self.creds, nursery, node_id, io_wait=self.io_wait, encrypt=self.encrypt)
         cmap = await remote.connect()
         log.info("cluster %s: epoch %d, %d peers up, copies %d", cmap.cluster_id, cmap.epoch,
                  len(cmap.up_peers()), cmap.copies)

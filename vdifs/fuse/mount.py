@@ -62,14 +62,15 @@ class Mount:
     def __init__(self, mountpoint: str, store: str, *, allow_other: bool = False,
                  cluster: list[str] | None = None, secret_file: str | None = None,
                  copies: int | None = None, lease_term: float | None = None, io_wait: float = REPLICA_WAIT,
-                 write_behind: int = WRITE_BEHIND) -> None:
+                 write_behind: int = WRITE_BEHIND, encrypt: bool = False) -> None:
         """`lease_term`: None is the default term of leases; `write_behind`:
         the window of each VDI in bytes (0: off)."""
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
         self.cluster = cluster
-        self.access = (ClusterAccess.load(cluster, secret_file, lease_term=lease_term, io_wait=io_wait)
+        self.access = (ClusterAccess.load(cluster, secret_file, lease_term=lease_term, io_wait=io_wait,
+                                          encrypt=encrypt)
                        if cluster else None)
         self.copies = copies
         self.write_behind = write_behind

@@ -91,8 +91,9 @@ class PeerDaemon:
                  recovery_rate: float = DEFAULT_RATE, recovery_reserve: int = DEFAULT_RESERVE,
                  reserve: int | None = None, uncached_replica_writes: bool = False,
                  leak_pass_interval: float = SWEEP_INTERVAL, leak_grace: int = LEAK_GRACE,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, encrypt: bool = False) -> None:
         self.join = join
+        self.encrypt = encrypt
         self.idle_timeout = idle_timeout
         self.state = PeerState(store_dir, listen, zone=zone, weight=weight, secret_file=secret_file,
                                reserve=reserve, direct=uncached_replica_writes)
@@ -172,7 +173,7 @@ class PeerDaemon:
             server = st.server = RpcServer(f"peer {st.peer_id}", self.handlers(),
                                            secret=lambda: st.creds.secret if st.creds else None,
                                            cluster_id=lambda: st.creds.cluster_id if st.creds else None,
-                                           old_secrets=st.old_secrets,
+                                           old_secrets=st.old_secrets, encrypt=self.encrypt,
                                            peer_id=st.peer_id, open_ops=self.open_ops(),
                                            role_ops=self.role_ops(),
                                            fast={n: op.fast for n, op in self.ops.items() if op.fast},
@@ -187,8 +188,8 @@ class PeerDaemon:
                 bound = listeners[0].socket.getsockname()[1]
                 if port == 0:
                     st.listen = f"{host}:{bound}"
-                st.rpc = RpcPool(st.client_key(), nursery)
-                st.relay_rpc = RpcPool(None, nursery)
+                st.rpc = RpcPool(st.client_key(), nursery, encrypt=self.encrypt)
+                st.relay_rpc = RpcPool(None, nursery, encrypt=self.encrypt)
                 st.reset_pools()
                 st.meta = MetaClient(st.peer_id, st.rpc, st.cmap.meta_addresses() if st.cmap else [])
                 log.info("peer %s serving store %s on %s (%s)", st.peer_id, st.root, st.listen,

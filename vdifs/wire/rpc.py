@@ -18,7 +18,9 @@ handshake is done frames are limited to 4 KiB; afterwards to one object
 plus headers. After an authenticated handshake both ends derive a session
 key from the two nonces and every frame carries an integrity tag
 (`seal`): a frame changed on the way fails the check and ends the
-connection before anything acts on it. A peer of no cluster yet adds an
+connection before anything acts on it. A client that asks (`"enc"` in its
+hello), or a peer that demands it (`"enc"` in its own), makes the frames
+encrypted as well. A peer of no cluster yet adds an
 X25519 public key (`kx`) to its hello, the client answers with its own,
 and their frames are encrypted with the agreed key: the secret that
 `cluster format` hands out never crosses the wire in clear.
@@ -211,7 +213,7 @@ class _Connection:
 class RpcServer:
     def __init__(self, name: str, handlers: dict[str, Handler], *,
                  secret: Callable[[], bytes | None], cluster_id: Callable[[], str | None],
-                 old_secrets: Callable[[], list[bytes]] = lambda: [],
+                 old_secrets: Callable[[], list[bytes]] = lambda: [], encrypt: bool = False,
                  peer_id: str, open_ops: frozenset[str] = frozenset(),
                  role_ops: dict[str, frozenset[str]] | None = None,
                  fast: dict[str, FastHandler] | None = None, reply_size: ReplySize | None = None,
@@ -231,6 +233,7 @@ class RpcServer:
         self.fast_answers = 0
         self.secret = secret
         self.old_secrets = old_secrets  # still accepted for a while after a rotation
+        self.encrypt = encrypt  # every authenticated connection must be encrypted
         self.cluster_id = cluster_id
         self.peer_id = peer_id
         self.open_ops = open_ops
@@ -342,7 +345,8 @@ class RpcServer:
         kx = KeyExchange() if self.secret() is None else None
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await frames.send({"proto": PROTO, "nonce": nonce_s, "cluster": self.cluster_id(),
-                               "peer": self.peer_id, **({"kx": kx.public} if kx is not None else {})})
+                               "peer": self.peer_id, **({"kx": kx.public} if kx is not None else {}),
+                               **({"enc": True} if self.encrypt else {})})
             hello = await frames.receive()
         if not isinstance(hello, dict) or not isinstance(hello.get("nonce"), bytes):
             raise ProtocolError("malformed handshake")
@@ -383,8 +387,13 @@ class RpcServer:
             await frames.send({"ok": False, "error": f"authentication failed: wrong or missing {what}"})
             self._refuse(remote, f"authentication failed (wrong or missing {what})")
             return None
+        encrypted = hello.get("enc") is True
+        if self.encrypt and not encrypted:
+            await frames.send({"ok": False, "error": "this peer requires encrypted connections"})
+            self._refuse(remote, f"{proof.credential} did not ask for encryption")
+            return None
         await frames.send({"ok": True, "mac": mac(proof.key, b"vdifs-s", hello["nonce"], nonce_s)})
-        frames.seal = FrameSeal(session_key(proof.key, nonce_s, hello["nonce"]), server=True)
+        frames.seal = FrameSeal(session_key(proof.key, nonce_s, hello["nonce"]), server=True, encrypt=encrypted)
         return Session(remote, authenticated=True, role=proof.role, name=proof.name,
                        credential=proof.credential, ops=self.role_ops[proof.role])
 
@@ -551,11 +560,13 @@ class RpcClient:
     """
 
     def __init__(self, address: str, secret: bytes | ClientKey | None, nursery: trio.Nursery, *,
-                 expect_cluster: str | None = None) -> None:
+                 expect_cluster: str | None = None, encrypt: bool = False) -> None:
         """`secret`: the cluster secret, a credential's key, or None (only
-        for a peer of no cluster yet)."""
+        for a peer of no cluster yet). `encrypt`: ask for an encrypted
+        connection (a peer may also demand one)."""
         self.address = address
         self.key = client_key(secret)
+        self.encrypt = encrypt
         self.nursery = nursery
         self.expect_cluster = expect_cluster
         self.remote_peer: str | None = None
@@ -608,8 +619,10 @@ class RpcClient:
         mine = self.key
         token = mac(mine.key, b"vdifs-c", hello["nonce"], nonce_c) if mine else None
         kx = KeyExchange() if hello.get("cluster") is None and isinstance(hello.get("kx"), bytes) else None
+        encrypted = self.encrypt or hello.get("enc") is True
         await frames.send({"proto": PROTO, "nonce": nonce_c, "mac": token,
                            **({"as": [mine.role, mine.name]} if mine and mine.name else {}),
+                           **({"enc": True} if encrypted else {}),
                            **({"kx": kx.public} if kx is not None else {})})
         answer = await frames.receive()
         if not isinstance(answer, dict) or not answer.get("ok"):
@@ -626,7 +639,7 @@ class RpcClient:
             if not isinstance(answer.get("mac"), bytes) or not hmac.compare_digest(answer["mac"], expected):
                 raise VdifsError(f"{self.address} could not prove it knows the cluster secret",
                                  code=errno.EACCES)
-            frames.seal = FrameSeal(session_key(mine.key, hello["nonce"], nonce_c), server=False)
+            frames.seal = FrameSeal(session_key(mine.key, hello["nonce"], nonce_c), server=False, encrypt=encrypted)
 
     async def _reader(self, frames: FrameStream, watch: trio.CancelScope) -> None:
         try:
@@ -768,8 +781,9 @@ class RpcPool:
     """One RpcClient per address, created on first use."""
 
     def __init__(self, secret: bytes | ClientKey | None, nursery: trio.Nursery, *,
-                 cluster_id: str | None = None) -> None:
+                 cluster_id: str | None = None, encrypt: bool = False) -> None:
         self.key = client_key(secret)
+        self.encrypt = encrypt
         self.nursery = nursery
         self.cluster_id = cluster_id
         self._clients: dict[str, RpcClient] = {}
@@ -784,7 +798,7 @@ class RpcPool:
     def get(self, address: str) -> RpcClient:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = RpcClient(address, self.key, self.nursery,
+            client = self._clients[address] = RpcClient(address, self.key, self.nursery, encrypt=self.encrypt,
                                                         expect_cluster=self.cluster_id)
         return client
 
