@@ -13,12 +13,12 @@ from tests.cluster.conftest import Cluster, current_map, vdifs, wait_for
 from tests.cluster.test_leases import Holder, open_errno
 from tests.e2e.conftest import read_at
 from vdifs.errors import VdifsError
-from vdifs.meta.consensus import CLUSTER_KEY, DIRECTORY_KEY, MetaClient
+from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
 from vdifs.meta.credentials import Credentials, read_credentials
 from vdifs.meta.lease import lease_key
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import data_oid
-from vdifs.wire.rpc import RemoteError, RpcPool
+from vdifs.wire.rpc import RpcPool
 
 
 def issue(cluster: Cluster, role: str, name: str) -> str:

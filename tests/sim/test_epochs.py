@@ -95,7 +95,7 @@ async def make_cluster(tmp_path, n: int, net: MemoryNet):
         d = PeerDaemon(str(tmp_path / f"p{i}"), f"10.0.0.{i}:7000")  # addresses are only names here
         d.load()
         d.state.creds = creds
-        d.state.rpc = d.state.relay_rpc = net.pool_for(d.state.listen)
+        d.state.rpc = net.pool_for(d.state.listen)
         d.state.meta = MetaClient(d.state.peer_id, d.state.rpc, [])
         net.daemons[d.state.listen] = d
         daemons.append(d)

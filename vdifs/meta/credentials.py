@@ -7,7 +7,8 @@ one credential from it (`wire.rpc.credential_key`): a mount credential for
 each hypervisor, an admin credential per operator, a peer credential for
 tools that do what peers do. Peers check a credential by deriving its key
 again, so nothing is distributed to them, and a holder of a credential can
-neither compute the secret nor another credential. The RPC server allows
+neither compute the secret nor another credential. Peers themselves hold
+the secret (they need it to check credentials) and call each other with it. The RPC server allows
 each role its operations (`peer.daemon`, Op.roles). Rotating the secret
 (`vdifs cluster rotate-secret`) invalidates every credential derived from
 the old one.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 from vdifs.errors import VdifsError
 from vdifs.fsutil import atomic_write
-from vdifs.wire.rpc import ADMIN, CLUSTER_SECRET, PEER, ROLES, ClientKey, credential_key, valid_credential
+from vdifs.wire.rpc import ADMIN, CLUSTER_SECRET, ROLES, ClientKey, credential_key, valid_credential
 
 #: seconds a peer still accepts the cluster secret (and its credentials) it had before a rotation
 ROTATION_GRACE = 120.0
@@ -90,11 +91,6 @@ class Credentials:
         if creds.name and not valid_credential(creds.role, creds.name):
             raise VdifsError(f"{source}: {creds.role}.{creds.name} is not a valid credential", code=errno.EINVAL)
         return creds
-
-
-def peer_key(creds: Credentials, peer_id: str) -> ClientKey:
-    """What a peer proves to the others: the peer credential of its id."""
-    return ClientKey.derived(creds.secret, PEER, peer_id)
 
 
 def describe(creds: Credentials) -> str:

@@ -189,8 +189,6 @@ class PeerDaemon:
                 if port == 0:
                     st.listen = f"{host}:{bound}"
                 st.rpc = RpcPool(st.client_key(), nursery, encrypt=self.encrypt)
-                st.relay_rpc = RpcPool(None, nursery, encrypt=self.encrypt)
-                st.reset_pools()
                 st.meta = MetaClient(st.peer_id, st.rpc, st.cmap.meta_addresses() if st.cmap else [])
                 log.info("peer %s serving store %s on %s (%s)", st.peer_id, st.root, st.listen,
                          f"cluster {st.creds.cluster_id}, epoch {st.cmap.epoch}" if st.cmap and st.creds

@@ -67,10 +67,10 @@ class Relay:
                                                  "map": cmap.to_dict()})
             why = "is this peer" if target is not None else f"is not an up peer in epoch {cmap.epoch}"
             raise VdifsError(f"cannot relay {op} to {to}: it {why}", code=errno.EHOSTUNREACH)
-        assert self.peer.relay_rpc is not None
+        assert self.peer.rpc is not None
         self.relayed += 1
         try:
-            return await self.peer.relay_rpc.call(to, op, inner, timeout=timeout)
+            return await self.peer.rpc.call(to, op, inner, timeout=timeout)
         except PeerUnavailable as e:
             log.info("relaying %s from %s to peer %s: %s", op, s.remote, target.peer_id, e)
             raise VdifsError(f"relay {self.peer.peer_id} cannot reach {to} either: {e}",

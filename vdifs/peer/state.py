@@ -20,7 +20,7 @@ import trio
 from vdifs.errors import VdifsError
 from vdifs.fsutil import atomic_write
 from vdifs.meta.consensus import MetaClient
-from vdifs.meta.credentials import Credentials, peer_key, read_credentials
+from vdifs.meta.credentials import Credentials, read_credentials
 from vdifs.model.cluster import UP, ClusterMap, PeerInfo
 from vdifs.peer.journal import ChangeJournal
 from vdifs.store.objects import ObjectStore
@@ -50,9 +50,6 @@ class PeerState:
         self.up_epoch = 0  # the last epoch whose map had us up (we hold its data)
         # Connections, set when the daemon runs (tests set their own).
         self.rpc: RpcPool | None = None
-        # Forwards mounts' requests (peer.relay) with the cluster secret's authority:
-        # the relay only forwards what the sender's own role may send.
-        self.relay_rpc: RpcPool | None = None
         self.meta: MetaClient | None = None
         self.server: RpcServer | None = None
         self._map_lock = trio.Lock()
@@ -121,15 +118,16 @@ class PeerState:
         self.reset_pools()
 
     def client_key(self) -> ClientKey | None:
-        """What this peer proves when it calls another: its peer credential."""
-        return peer_key(self.creds, self.peer_id) if self.creds is not None else None
+        """What this peer proves when it calls another: the cluster secret,
+        which it holds anyway (to check every credential). Relayed requests
+        ride these connections too; the relay forwards only what the
+        sender's own role may send."""
+        return ClientKey(self.creds.secret) if self.creds is not None else None
 
     def reset_pools(self) -> None:
         """New credentials: connections made from now on use them."""
         if self.rpc is not None:
             self.rpc.reset(self.client_key())
-        if self.relay_rpc is not None:
-            self.relay_rpc.reset(ClientKey(self.creds.secret) if self.creds is not None else None)
 
     async def save_creds(self, creds: Credentials) -> None:
         await trio.to_thread.run_sync(atomic_write, self.path("secret"), creds.encode())
@@ -184,8 +182,6 @@ class PeerState:
                 # its timeout although it is replaced now. Fail it at once.
                 for p in old_map.no_longer_up(cmap):
                     self.rpc.drop_soon(p.address)
-                    if self.relay_rpc is not None:
-                        self.relay_rpc.drop_soon(p.address)
             if self.meta is not None:
                 self.meta.set_meta(cmap.meta_addresses())
             log.info("cluster map epoch %d -> %d: %d peers (%d up), copies %d", old, cmap.epoch,
