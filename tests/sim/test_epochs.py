@@ -19,7 +19,7 @@ from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
 from vdifs.meta.credentials import Credentials
 from vdifs.model.cluster import ClusterMap, PeerInfo, choose_meta
-from vdifs.model.ids import data_oid, vid_of
+from vdifs.model.ids import OBJECT_SIZE, data_oid, vid_of
 from vdifs.model.placement import placement
 from vdifs.peer.daemon import PeerDaemon
 from vdifs.wire.rpc import PeerUnavailable, RemoteError, Session
@@ -408,3 +408,26 @@ async def test_a_new_object_handed_off_before_its_map_entry_is_recovered_not_jud
                     os.utime(os.path.join(folder, name), (1, 1))  # changed long ago: a freed object's leftover
     assert not await other.recovery.recover(oid)
     assert not await other.state.store.exists(oid)
+
+
+async def test_large_reads_take_turns_over_the_replicas_and_small_ones_stay_on_the_first(tmp_path, nursery):
+    """A sequential stream of 1 MiB reads keeps every replica busy (each
+    answers the MiBs its turn picks, all the same bytes); 4 KiB reads go to
+    the first replica, whose cache holds what it served before."""
+    net = MemoryNet()
+    creds, daemons = await make_cluster(tmp_path, 3, net)
+    pool = await connected_pool(daemons, net, nursery, creds)
+    pool.register_vdi(6, 3)
+    oid = data_oid(6, 0)
+    data = bytes(range(256)) * (OBJECT_SIZE // 256)
+    await pool.create(oid, 0, data, OBJECT_SIZE)
+    replicas = [p.address for p in (pool.map.peers[i] for i in placement(pool.map, oid, 3))]
+    net.calls.clear()
+    for mib in range(OBJECT_SIZE >> 20):
+        assert await pool.read(oid, mib << 20, 1 << 20) == data[mib << 20:(mib + 1) << 20]
+    large = [a for a, op, _ in net.calls if op == "obj.read"]
+    assert large == [replicas[mib % 3] for mib in range(OBJECT_SIZE >> 20)]
+    net.calls.clear()
+    for off in range(0, 1 << 20, 256 << 10):
+        assert await pool.read(oid, off + 4096, 4096) == data[off + 4096:off + 8192]
+    assert {a for a, op, _ in net.calls if op == "obj.read"} == {replicas[0]}
