@@ -29,6 +29,12 @@ from vdifs.model.directory import Directory
 
 log = logging.getLogger(__name__)
 
+#: pyfuse3 worker tasks kept waiting for requests. With its default of one, a
+#: task was started for nearly every request of a queue and ended after it
+#: (about 15 us each way); 16 idle ones cost a cluster mount's 4 KiB requests
+#: 4-7% less CPU and gave 9-15% more IOPS (docs/benchmarks.md, design change 42).
+FUSE_WORKERS = 16
+
 
 def default_store() -> str:
     if os.geteuid() == 0:
@@ -145,7 +151,7 @@ class Mount:
                 if ready is not None:
                     ready.write(b"ok\n")
                     ready.close()
-                await pyfuse3.main()
+                await pyfuse3.main(min_tasks=FUSE_WORKERS)
             finally:
                 with trio.CancelScope(shield=True):
                     try:
