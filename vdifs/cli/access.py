@@ -95,33 +95,37 @@ def _rotate(args: argparse.Namespace, creds: Credentials, addresses: list[str]) 
     pending = args.secret_file + ".new"
     write_credentials(pending, new)  # first: whatever happens next, the new secret is not lost
 
-    async def go(pool: RpcPool) -> list[str]:
+    async def go(pool: RpcPool) -> None:
         cmap = ClusterMap.from_dict(await first_answer(pool, addresses, "cluster.map"))
         down = [p.address for p in cmap.peers.values() if p.state != UP]
         if down:
             raise VdifsError(f"every peer must be up to take the new secret; down: {', '.join(down)} "
                              "(bring them up, or remove them with 'vdifs cluster leave')", code=errno.EAGAIN)
-        failed: list[str] = []
         for p in sorted(cmap.peers.values(), key=lambda p: p.address):
             for attempt in range(ROTATE_TRIES):
                 try:
                     await pool.call(p.address, "cluster.rotate_secret", {"wrapped": wrapped, "grace": args.grace},
                                     timeout=PEER_TIMEOUT)
+                    taken.append(p.peer_id)
                     break
                 except VdifsError as e:
+                    if not taken and e.errno == errno.EACCES:
+                        raise  # refused to our credential before any peer changed
                     if attempt == ROTATE_TRIES - 1 or e.errno == errno.EACCES:
-                        if not failed and e.errno == errno.EACCES:
-                            raise  # refused to our credential before anything changed
-                        failed.append(f"{p.peer_id} ({p.address}): {e}")
+                        failed.append(f"peer {p.peer_id} ({p.address}) did not take the new secret: {e}")
                         break
                     await trio.sleep(1)
-        return failed
 
+    taken: list[str] = []
+    failed: list[str] = []
     try:
-        failed = run_with_pool(go, creds.client_key(), creds.cluster_id)
+        run_with_pool(go, creds.client_key(), creds.cluster_id)
     except BaseException:
-        os.unlink(pending)
-        raise
+        if not taken:  # no peer has it: the old secret stays the secret
+            os.unlink(pending)
+            raise
+        # Some peers hold the new secret now: it must not be lost, whatever went wrong.
+        failed.append(f"the rotation stopped after {len(taken)} peers took the new secret; the others did not")
     if os.path.exists(args.secret_file):
         os.replace(args.secret_file, args.secret_file + ".old")
     os.replace(pending, args.secret_file)
@@ -129,8 +133,8 @@ def _rotate(args: argparse.Namespace, creds: Credentials, addresses: list[str]) 
     print(f"peers accept the old secret and its credentials for {args.grace} s more: issue new "
           "credentials ('vdifs cluster credential') and install them on the hypervisors")
     for line in failed:
-        print(f"warning: peer {line}: it did not take the new secret; remove it ('vdifs cluster leave') "
-              "and add it again ('vdifs cluster join')")
+        print(f"warning: {line}; remove such a peer ('vdifs cluster leave') and add it again "
+              "('vdifs cluster join')")
     return 1 if failed else 0
 
 

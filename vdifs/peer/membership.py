@@ -26,7 +26,7 @@ from vdifs.model.cluster import COPIES_MAX, DOWN, UP, ClusterMap, PeerInfo, chec
 from vdifs.peer.state import PeerState
 from vdifs.wire import args as arg
 from vdifs.wire import objlist
-from vdifs.wire.rpc import ADMIN, Session, credential_key
+from vdifs.wire.rpc import ADMIN, Session
 from vdifs.wire.seal import unwrap_secret
 
 log = logging.getLogger("vdifs.peer")
@@ -327,14 +327,9 @@ class Membership:
         assert creds is not None  # an authenticated session implies a cluster
         wrapped = bytes(arg.blob(args, "wrapped", max_len=SECRET_MAX + 64))
         grace = arg.integer(args, "grace", 0, GRACE_MAX, default=int(ROTATION_GRACE))
-        sender = creds.secret if not s.name else credential_key(creds.secret, s.role or "", s.name)
-        secret = unwrap_secret(sender, wrapped, creds.cluster_id.encode())
-        if secret is None:  # wrapped with a key derived from a secret the sender had before ours
-            for old in p.old_secrets():
-                secret = unwrap_secret(old if not s.name else credential_key(old, s.role or "", s.name),
-                                       wrapped, creds.cluster_id.encode())
-                if secret is not None:
-                    break
+        # wrapped for the key the handshake proved (the current or, in a grace, the old secret's)
+        # (a session made by hand, in simulations, stands for the secret's holder)
+        secret = unwrap_secret(s.key if s.key is not None else creds.secret, wrapped, creds.cluster_id.encode())
         if secret is None or not SECRET_MIN <= len(secret) <= SECRET_MAX:
             raise InvalidArgument("the new secret is not wrapped for this session's credential")
         if secret == creds.secret:

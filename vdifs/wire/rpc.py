@@ -178,10 +178,11 @@ class Session:
     operations it may send (`ops`)."""
 
     def __init__(self, remote: str, authenticated: bool, *, role: str | None = None, name: str = "",
-                 credential: str = "", ops: frozenset[str] | None = None) -> None:
+                 credential: str = "", ops: frozenset[str] | None = None, key: bytes | None = None) -> None:
         self.remote = remote
         self.authenticated = authenticated
         self.name = name  # of the credential; empty: the cluster secret itself
+        self.key = key  # the key the client proved (the secret, or its credential's)
         self.role = role if role is not None or not authenticated else ADMIN
         self.credential = credential
         self.ops = ops if ops is not None else (_EveryOp() if authenticated else frozenset())
@@ -395,7 +396,7 @@ class RpcServer:
         await frames.send({"ok": True, "mac": mac(proof.key, b"vdifs-s", hello["nonce"], nonce_s)})
         frames.seal = FrameSeal(session_key(proof.key, nonce_s, hello["nonce"]), server=True, encrypt=encrypted)
         return Session(remote, authenticated=True, role=proof.role, name=proof.name,
-                       credential=proof.credential, ops=self.role_ops[proof.role])
+                       credential=proof.credential, ops=self.role_ops[proof.role], key=proof.key)
 
     def _refusal(self, op: str, session: Session) -> str:
         """The error text of an operation outside the session's role (logged
