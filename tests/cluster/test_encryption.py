@@ -7,8 +7,45 @@ from __future__ import annotations
 import hashlib
 import os
 
+import trio
+
 from tests.cluster.conftest import vdifs, wait_for
 from tests.e2e.conftest import FioVerify, read_at
+from vdifs.errors import VdifsError
+from vdifs.meta.credentials import read_credentials
+from vdifs.wire.rpc import RpcClient
+
+
+def ask_without_encryption(address: str, secret: bytes) -> object:
+    """peer.info from a client that hides the peer's demand for encryption
+    from itself (as a client of before encryption would): the answer, or the error."""
+    async def main() -> object:
+        async with trio.open_nursery() as nursery:
+            client = RpcClient(address, secret, nursery)
+            handshake = client._handshake
+
+            async def deaf(frames):
+                receive = frames.receive
+
+                async def without_enc():
+                    msg = await receive()
+                    if isinstance(msg, dict):
+                        msg.pop("enc", None)
+                    return msg
+                frames.receive = without_enc
+                try:
+                    await handshake(frames)
+                finally:
+                    frames.receive = receive
+            client._handshake = deaf
+            try:
+                return await client.call("peer.info", {}, timeout=10)
+            except VdifsError as e:
+                return e
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    return trio.run(main)
 
 
 def test_peers_that_demand_encryption_serve_mounts_admins_and_each_other(cluster):
@@ -30,3 +67,7 @@ def test_peers_that_demand_encryption_serve_mounts_admins_and_each_other(cluster
     assert "of 2 VDIs" in check and "0 with missing or differing replicas" in check, check
     for p in cluster.peers:
         assert "did not ask for encryption" not in p.log_text()
+    # the demand is real: a client that does not encrypt is turned away
+    refused = ask_without_encryption(cluster.peers[0].address, read_credentials(cluster.secret).secret)
+    assert isinstance(refused, VdifsError) and "requires encrypted connections" in str(refused), refused
+    assert "did not ask for encryption" in cluster.peers[0].log_text()
