@@ -23,7 +23,7 @@ deps:
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml vdifs/store/_verified.pyx
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -7,8 +7,9 @@ import pytest
 
 from vdifs.cli.common import CliError, Progress, bar, control_socket, progress_text, table
 from vdifs.control.caller import NotMounted, socket_for_mount, socket_for_store
-from vdifs.control.mounts import MountEntry, fsname_option, parse_mounts, unescape_mount_field, vdifs_mounts
+from vdifs.control.mounts import MountEntry, parse_mounts, unescape_mount_field, vdifs_mounts
 from vdifs.fuse.mount import default_store
+from vdifs.fuse.session import fusermount_options
 
 MOUNTS = """\
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
@@ -107,9 +108,10 @@ def test_table():
     assert table([["a", "1"], ["bbb", ""]], ["NAME", "N"]) == "NAME  N\na     1\nbbb"
 
 
-def test_fsname_option_escapes_what_libfuse_splits_on():
-    assert fsname_option("/var/lib/vdifs") == "fsname=vdifs:/var/lib/vdifs"
-    assert fsname_option("/a,b\\c") == "fsname=vdifs:/a\\,b\\\\c"
+def test_fusermount_options_escape_what_fusermount3_splits_on():
+    assert fusermount_options("vdifs:/var/lib/vdifs", ["allow_other"]) == \
+        "fsname=vdifs:/var/lib/vdifs,subtype=vdifs,allow_other"
+    assert fusermount_options("vdifs:/a,b\\c", []) == "fsname=vdifs:/a\\,b\\\\c,subtype=vdifs"
     assert MountEntry("vdifs:/s", "/m", "fuse.vdifs").store == "/s"
     assert MountEntry("vdifs", "/m", "fuse.vdifs").store is None
     assert MountEntry("vdifs:/s", "/m", "fuse.sshfs").store is None

@@ -194,24 +194,39 @@ class Volume:
 
     # -- read ----------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
+        """`read`, when it needs no wait: within one object, nothing of it in
+        the window, and the pool answers at once (`read_now`) or it is a hole
+        of a VDI no other mount writes; else None, and nothing happened."""
         if offset < 0 or length < 0:
-            raise InvalidArgument("negative offset or length")
+            return None
         length = min(length, self.size - offset)
         if length <= 0:
             return b""
+        if self.window and self.window.layers(offset, length):
+            return None
+        index, inner = divmod(offset, self.object_size)
+        if inner + length > self.object_size:
+            return None
+        entry = self.map.get(index)
+        if is_allocated(entry):
+            return self.pool.read_now(data_oid(entry, index), inner, length)
+        return None if self.record.shared else zeros(length)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        if offset < 0 or length < 0:
+            raise InvalidArgument("negative offset or length")
+        data = self.read_now(offset, length)
+        if data is not None:
+            return data
+        length = min(length, self.size - offset)
         if self.window:
             # Taken before the pool is read: a write drained meanwhile is still laid over.
             layers = self.window.layers(offset, length)
             if layers:
                 return await self._read_under_window(offset, length, layers)
         index, inner = divmod(offset, self.object_size)
-        if inner + length <= self.object_size:  # one object: maybe answered with no await at all
-            entry = self.map.get(index)
-            if is_allocated(entry):
-                data = self.pool.read_now(data_oid(entry, index), inner, length)
-                if data is not None:
-                    return data
+        if inner + length <= self.object_size:
             return await self._read_extent(Extent(index, inner, length, 0))
         return await self._read_pool(offset, length)
 

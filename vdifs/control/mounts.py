@@ -8,7 +8,6 @@ of the mount point; the mount answers no getxattr now: design change 24.)
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -58,10 +57,3 @@ def read_mounts(path: str = MOUNTS_FILE) -> list[MountEntry]:
 
 def vdifs_mounts(entries: list[MountEntry]) -> list[MountEntry]:
     return [e for e in entries if e.fstype == FSTYPE]
-
-
-def fsname_option(store: str) -> str:
-    """The `fsname=` FUSE option that puts the store into the mount source
-    (libfuse splits options at commas and unescapes backslashes)."""
-    source = SOURCE_PREFIX + os.path.abspath(store)
-    return "fsname=" + source.replace("\\", "\\\\").replace(",", "\\,")

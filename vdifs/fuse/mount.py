@@ -14,27 +14,20 @@ import os
 import signal
 from typing import IO
 
-import pyfuse3
 import trio
 
 from vdifs.client.catalog import WRITE_BEHIND, Catalog
 from vdifs.client.local import open_embedded
 from vdifs.client.remote import REPLICA_WAIT, ClusterAccess
 from vdifs.control.caller import CONTROL_SOCKET
-from vdifs.control.mounts import fsname_option
+from vdifs.control.mounts import SOURCE_PREFIX
 from vdifs.control.server import ControlServer
 from vdifs.errors import VdifsError
+from vdifs.fuse import session
 from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
 from vdifs.model.directory import Directory
 
 log = logging.getLogger(__name__)
-
-#: pyfuse3 worker tasks kept waiting for requests. With its default of one, a
-#: task was started for nearly every request of a queue and ended after it
-#: (about 15 us each way); 16 idle ones cost a cluster mount's 4 KiB requests
-#: 4-7% less CPU and gave 9-15% more IOPS (docs/benchmarks.md, design change 42).
-FUSE_WORKERS = 16
-
 
 def default_store() -> str:
     if os.geteuid() == 0:
@@ -51,13 +44,9 @@ def check_mountpoint(mountpoint: str) -> None:
     os.makedirs(mountpoint, exist_ok=True)
 
 
-def fuse_options(allow_other: bool, store: str) -> set[str]:
-    """The FUSE mount options; the mount source names the store (`vdifs:STORE`),
-    which is how the command line finds a mount's control socket."""
-    opts = set(pyfuse3.default_options) | {fsname_option(store), "subtype=vdifs"}
-    if allow_other:
-        opts.add("allow_other")
-    return opts
+def fuse_options(allow_other: bool) -> list[str]:
+    """The FUSE mount options: the kernel checks permissions from the modes."""
+    return ["default_permissions"] + (["allow_other"] if allow_other else [])
 
 
 class Mount:
@@ -82,6 +71,7 @@ class Mount:
         self.write_behind = write_behind
         self.control_path = os.path.join(self.store_path, CONTROL_SOCKET)
         self.catalog: Catalog | None = None
+        self.session: session.Session | None = None
 
     async def _open_catalog(self, nursery: trio.Nursery) -> Catalog:
         if self.access is not None:
@@ -93,38 +83,41 @@ class Mount:
         catalog.write_behind = self.write_behind
         return catalog
 
+    def _forget_name(self, parent: int, name: str) -> None:
+        if self.session is not None:
+            self.session.invalidate_entry(parent, name.encode())
+
+    def _forget_inode(self, ino: int, *, attr_only: bool = False) -> None:
+        if self.session is not None:
+            try:
+                self.session.invalidate_inode(ino, attr_only=attr_only)
+            except OSError:
+                pass  # the kernel never saw this inode
+
     def invalidate(self, event: str, vid: int, names: list[str]) -> None:
         """Drop what the kernel cached after a change made outside FUSE."""
         for name in names:
-            parent = SNAPSHOTS if "@" in name else ROOT
-            pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
-        if not vid:
-            return
-        try:
-            pyfuse3.invalidate_inode(vid + 1)
-        except OSError:
-            pass  # the kernel never saw this inode
+            self._forget_name(SNAPSHOTS if "@" in name else ROOT, name)
+        if vid:
+            self._forget_inode(vid + 1)
 
     def directory_changed(self, before: Directory, after: Directory) -> None:
         """Another mount changed the namespace: forget stale names and sizes."""
         for name, rec in before.vdis.items():
             now = after.vdis.get(name)
             if now is None or now.vid != rec.vid:
-                pyfuse3.invalidate_entry_async(ROOT, name.encode(), ignore_enoent=True)
+                self._forget_name(ROOT, name)
         old_by_vid = {r.vid: r for r in before.vdis.values()}
         for rec in after.vdis.values():
             old = old_by_vid.get(rec.vid)
             if old is not None and old != rec:  # size, times or mode changed elsewhere
                 # A new data vid with the old one deleted is a rollback: the content changed.
                 content = old.data_vid != rec.data_vid and old.data_vid in after.deleting
-                try:
-                    pyfuse3.invalidate_inode(rec.vid + 1, attr_only=not content)
-                except OSError:
-                    pass
+                self._forget_inode(rec.vid + 1, attr_only=not content)
         for name, rec in before.vdis.items():
             gone = set(rec.snapshots) - set(after.vdis[name].snapshots if name in after.vdis else {})
             for snap in gone:
-                pyfuse3.invalidate_entry_async(SNAPSHOTS, f"{name}@{snap}".encode(), ignore_enoent=True)
+                self._forget_name(SNAPSHOTS, f"{name}@{snap}")
 
     async def run(self, ready: IO[bytes] | None = None) -> None:
         async with trio.open_nursery() as nursery:
@@ -136,10 +129,8 @@ class Mount:
                                      "cluster": ",".join(self.cluster or []), "fuse": ops.stats},
                                     self.invalidate)
             await nursery.start(control.serve)
-            try:
-                pyfuse3.init(ops, self.mountpoint, fuse_options(self.allow_other, self.store_path))
-            except RuntimeError as e:
-                raise VdifsError(f"could not mount {self.mountpoint}: {e}") from None
+            fd = session.mount(self.mountpoint, SOURCE_PREFIX + self.store_path, fuse_options(self.allow_other))
+            self.session = fuse = session.Session(fd, ops)
             try:
                 nursery.start_soon(self._signals)
                 if catalog.shared:
@@ -151,14 +142,16 @@ class Mount:
                 if ready is not None:
                     ready.write(b"ok\n")
                     ready.close()
-                await pyfuse3.main(min_tasks=FUSE_WORKERS)
+                await fuse.serve()
             finally:
                 with trio.CancelScope(shield=True):
                     try:
                         await catalog.flush_all()
                     finally:
                         await catalog.release_all_leases()
-                pyfuse3.close(unmount=True)
+                self.session = None
+                session.unmount(self.mountpoint)
+                os.close(fd)
                 log.info("unmounted %s", self.mountpoint)
             nursery.cancel_scope.cancel()
         await catalog.pool.aclose()
@@ -169,5 +162,6 @@ class Mount:
             async for signum in signals:
                 log.info("%s: flushing and unmounting", signal.Signals(signum).name)
                 await self.catalog.flush_all()
-                pyfuse3.terminate()
+                if self.session is not None:
+                    self.session.stop()
                 return

@@ -1,4 +1,4 @@
-"""pyfuse3 operations: the file-system calls mapped onto the catalog.
+"""FUSE operations: the file-system calls mapped onto the catalog.
 
 Inodes: 1 is the root; a VDI's inode is its vid + 1, so it is stable across
 mounts and renames. `.snapshots` (a directory that `ls` of the root does not
@@ -19,17 +19,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import pyfuse3
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.volume import Volume
 from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
+from vdifs.fuse import abi
 from vdifs.model.ids import MAX_VID
 from vdifs.model.names import MAX_NAME_BYTES, SNAPSHOT_DIR, InvalidName, ReservedName, validate_name
 
 log = logging.getLogger(__name__)
 
-ROOT = pyfuse3.ROOT_INODE
+ROOT = abi.ROOT_INODE
 SNAPSHOTS = MAX_VID + 2  # the .snapshots directory
 SNAPSHOT_BASE = 1 << 32  # a snapshot's inode: this + its data vid
 ATTR_TIMEOUT = 1.0  # names, directories, and VDIs that other mounts write (shared)
@@ -53,15 +53,15 @@ def fuse_errors(fn: F) -> F:
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except abi.FUSEError:
             raise
         except VdifsError as e:
             if e.errno not in (errno.ENOENT, errno.EEXIST):
                 log.info("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno) from None
+            raise abi.FUSEError(e.errno) from None
         except Exception:
             log.exception("%s failed unexpectedly", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise abi.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -69,7 +69,7 @@ def fuse_errors(fn: F) -> F:
 def vid_of(inode: int) -> int:
     vid = inode - 1
     if not 1 <= vid <= MAX_VID:
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        raise abi.FUSEError(errno.ENOENT)
     return vid
 
 
@@ -77,34 +77,30 @@ def is_snapshot(inode: int) -> bool:
     return inode > SNAPSHOT_BASE
 
 
-def read_only() -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(errno.EROFS)
+def read_only() -> abi.FUSEError:
+    return abi.FUSEError(errno.EROFS)
 
 
 def parse_name(raw: bytes, *, for_create: bool) -> str:
     """Turn a FUSE name into a VDI name; lookups of impossible names are ENOENT."""
     if len(raw) > MAX_NAME_BYTES:
-        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        raise abi.FUSEError(errno.ENAMETOOLONG)
     try:
         return validate_name(raw)
     except ReservedName as e:
         if not for_create:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise abi.FUSEError(errno.ENOENT) from None
         log.info("refused name %r: %s", raw, e)
-        raise pyfuse3.FUSEError(errno.EPERM) from None
+        raise abi.FUSEError(errno.EPERM) from None
     except InvalidName as e:
         if not for_create:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise abi.FUSEError(errno.ENOENT) from None
         log.info("refused name %r: %s", raw, e)
-        raise pyfuse3.FUSEError(errno.EINVAL) from None
+        raise abi.FUSEError(errno.EINVAL) from None
 
 
-class VdifsOperations(pyfuse3.Operations):
-    supports_dot_lookup = False
-    enable_writeback_cache = False
-
+class VdifsOperations:
     def __init__(self, catalog: Catalog) -> None:
-        super().__init__()
         self.catalog = catalog
         self._handles: dict[int, Volume] = {}
         self._writable: set[int] = set()  # file handles opened for writing
@@ -127,8 +123,8 @@ class VdifsOperations(pyfuse3.Operations):
 
     # -- attributes --------------------------------------------------------------
 
-    def _root_attrs(self, inode: int = ROOT) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
+    def _root_attrs(self, inode: int = ROOT) -> abi.EntryAttributes:
+        e = abi.EntryAttributes()
         e.st_ino = inode
         e.st_mode = stat.S_IFDIR | (0o755 if inode == ROOT else 0o555)
         e.st_nlink = 2
@@ -138,10 +134,10 @@ class VdifsOperations(pyfuse3.Operations):
         e.st_blksize = 4096
         return e
 
-    async def _attrs(self, vid: int) -> pyfuse3.EntryAttributes:
+    async def _attrs(self, vid: int) -> abi.EntryAttributes:
         vol = await self.catalog.volume(vid)
         rec = vol.record
-        e = pyfuse3.EntryAttributes()
+        e = abi.EntryAttributes()
         e.st_ino = vid + 1
         e.st_mode = stat.S_IFREG | rec.mode
         e.st_nlink = 0 if vol.unlinked else 1
@@ -156,10 +152,10 @@ class VdifsOperations(pyfuse3.Operations):
         e.attr_timeout = ATTR_TIMEOUT if rec.shared else FILE_ATTR_TIMEOUT
         return e
 
-    async def _snapshot_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+    async def _snapshot_attrs(self, inode: int) -> abi.EntryAttributes:
         vol = await self.catalog.snapshot_volume(inode - SNAPSHOT_BASE)
         rec = vol.record
-        e = pyfuse3.EntryAttributes()
+        e = abi.EntryAttributes()
         e.st_ino = inode
         e.st_mode = stat.S_IFREG | (rec.mode & 0o555)
         e.st_nlink = 1
@@ -173,7 +169,7 @@ class VdifsOperations(pyfuse3.Operations):
         return e
 
     @fuse_errors
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int, ctx: abi.RequestContext | None = None) -> abi.EntryAttributes:
         self.stats["getattrs"] += 1
         if inode in (ROOT, SNAPSHOTS):
             return self._root_attrs(inode)
@@ -182,18 +178,18 @@ class VdifsOperations(pyfuse3.Operations):
         return await self._attrs(vid_of(inode))
 
     @fuse_errors
-    async def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
-                     ) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent: int, name: bytes, ctx: abi.RequestContext | None = None
+                     ) -> abi.EntryAttributes:
         if parent == SNAPSHOTS:
             if name in (b".", b".."):
                 return self._root_attrs(SNAPSHOTS if name == b"." else ROOT)
             vdi, _, snap = name.decode("utf-8", "surrogateescape").partition("@")
             found = self.catalog.current.vdis.get(vdi)
             if found is None or snap not in found.snapshots:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                raise abi.FUSEError(errno.ENOENT)
             return await self._snapshot_attrs(SNAPSHOT_BASE + found.snapshots[snap].vid)
         if parent != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise abi.FUSEError(errno.ENOENT)
         if name in (b".", b".."):
             return self._root_attrs()
         if name == SNAPSHOT_DIR.encode():
@@ -202,17 +198,17 @@ class VdifsOperations(pyfuse3.Operations):
         return await self._attrs(rec.vid)
 
     @fuse_errors
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(self, inode: int, attr: abi.EntryAttributes, fields: abi.SetattrFields,
+                      fh: int | None, ctx: abi.RequestContext) -> abi.EntryAttributes:
         if inode == ROOT:
-            raise pyfuse3.FUSEError(errno.EPERM)
+            raise abi.FUSEError(errno.EPERM)
         if inode == SNAPSHOTS or is_snapshot(inode):
             raise read_only()
         async with self.catalog.using(vid_of(inode)) as vol:
             return await self._setattr(vol, attr, fields)
 
-    async def _setattr(self, vol: Volume, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
-                       ) -> pyfuse3.EntryAttributes:
+    async def _setattr(self, vol: Volume, attr: abi.EntryAttributes, fields: abi.SetattrFields
+                       ) -> abi.EntryAttributes:
         rec = vol.record
         if fields.update_size:
             await vol.truncate(attr.st_size)
@@ -239,28 +235,28 @@ class VdifsOperations(pyfuse3.Operations):
     # -- directory ---------------------------------------------------------------
 
     @fuse_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: abi.RequestContext) -> int:
         if inode == SNAPSHOTS:
             listing = [(name, SNAPSHOT_BASE + s.vid) for name, s in self.catalog.snapshot_listing()]
         elif inode == ROOT:
             listing = [(name, rec.vid + 1) for name, rec in self.catalog.listing()]
         else:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise abi.FUSEError(errno.ENOTDIR)
         fh = self._next_fh
         self._next_fh += 1
         self._dir_handles[fh] = listing
         return fh
 
     @fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: int, start_id: int, token: abi.DirectoryReply) -> None:
         entries = self._dir_handles.get(fh, [])
         for i in range(start_id, len(entries)):
             name, inode = entries[i]
             try:
                 attrs = await (self._snapshot_attrs(inode) if is_snapshot(inode) else self._attrs(inode - 1))
-            except (pyfuse3.FUSEError, VdiNotFound):
+            except (abi.FUSEError, VdiNotFound):
                 continue  # deleted since opendir
-            if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 1):
+            if not token.add(name.encode(), attrs, i + 1):
                 break
 
     async def releasedir(self, fh: int) -> None:
@@ -277,18 +273,18 @@ class VdifsOperations(pyfuse3.Operations):
         return fh
 
     @fuse_errors
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: abi.RequestContext) -> abi.FileInfo:
         if inode in (ROOT, SNAPSHOTS):
-            raise pyfuse3.FUSEError(errno.EISDIR)
+            raise abi.FUSEError(errno.EISDIR)
         if is_snapshot(inode):
             if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
                 raise read_only()
             fh = self._new_handle(await self.catalog.snapshot_volume(inode - SNAPSHOT_BASE), False)
             self._snapshot_handles.add(fh)
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            return abi.FileInfo(fh=fh, keep_cache=True)
         vid = vid_of(inode)
         if self.catalog.record_of(vid) is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise abi.FUSEError(errno.ENOENT)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         vol = await self.catalog.open(vid, writable=writable)
         # Shared VDIs are served uncached (other mounts write them too). Not
@@ -300,39 +296,49 @@ class VdifsOperations(pyfuse3.Operations):
         if writable and flags & os.O_DSYNC:  # O_SYNC includes the O_DSYNC bit
             self._synchronous.add(fh)
         # With other mounts on the same pool, cached pages may be stale: drop them on open.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=not self.catalog.shared, direct_io=vol.record.shared)
+        return abi.FileInfo(fh=fh, keep_cache=not self.catalog.shared, direct_io=vol.record.shared)
 
     @fuse_errors
-    async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: abi.RequestContext
+                     ) -> tuple[abi.FileInfo, abi.EntryAttributes]:
         if parent == SNAPSHOTS:
             raise read_only()
         if parent != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise abi.FUSEError(errno.ENOENT)
         if not stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.EPERM)
+            raise abi.FUSEError(errno.EPERM)
         rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
                                         uid=ctx.uid, gid=ctx.gid)
         vol = await self.catalog.open(rec.vid, writable=True)
         fh = self._new_handle(vol, True)
         if flags & os.O_DSYNC:
             self._synchronous.add(fh)
-        return (pyfuse3.FileInfo(fh=fh, keep_cache=not self.catalog.shared), await self._attrs(rec.vid))
+        return (abi.FileInfo(fh=fh, keep_cache=not self.catalog.shared), await self._attrs(rec.vid))
 
     @fuse_errors
-    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-                    ) -> pyfuse3.EntryAttributes:
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: abi.RequestContext
+                    ) -> abi.EntryAttributes:
         if parent == SNAPSHOTS:
             raise read_only()
         if parent != ROOT or not stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.EPERM)
+            raise abi.FUSEError(errno.EPERM)
         rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
                                         uid=ctx.uid, gid=ctx.gid)
         return await self._attrs(rec.vid)
 
+    def read_now(self, fh: int, off: int, size: int) -> bytes | bytearray | None:
+        """A read answered with no wait (the session's inline path), or None:
+        then `read` runs as a task. Never raises: `read` meets what it was and says so."""
+        vol = self._handles.get(fh)
+        if vol is None:
+            return None
+        try:
+            return vol.read_now(off, size)
+        except Exception:
+            return None
+
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
-        # pyfuse3 takes any contiguous buffer (PyObject_GetBuffer), so no copy to bytes
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         return await self._handles[fh].read(off, size)
 
     @fuse_errors
@@ -377,50 +383,50 @@ class VdifsOperations(pyfuse3.Operations):
     # -- namespace -----------------------------------------------------------------
 
     @fuse_errors
-    async def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def unlink(self, parent: int, name: bytes, ctx: abi.RequestContext) -> None:
         if parent == SNAPSHOTS:
             raise read_only()
         if parent != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise abi.FUSEError(errno.ENOENT)
         await self.catalog.delete(parse_name(name, for_create=False))
 
     @fuse_errors
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
-                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+                     flags: int, ctx: abi.RequestContext) -> None:
         if SNAPSHOTS in (parent_old, parent_new):
             raise read_only()
         if parent_old != ROOT or parent_new != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise abi.FUSEError(errno.ENOENT)
+        if flags & abi.RENAME_EXCHANGE:
+            raise abi.FUSEError(errno.EINVAL)
         old = parse_name(name_old, for_create=False)
         new = parse_name(name_new, for_create=True)
-        await self.catalog.rename(old, new, replace_target=not flags & pyfuse3.RENAME_NOREPLACE)
+        await self.catalog.rename(old, new, replace_target=not flags & abi.RENAME_NOREPLACE)
 
-    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: abi.RequestContext) -> abi.EntryAttributes:
         log.info("refused mkdir %r: vdifs holds VDIs only, no directories", name)
-        raise pyfuse3.FUSEError(errno.EPERM)
+        raise abi.FUSEError(errno.EPERM)
 
-    async def rmdir(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def rmdir(self, parent: int, name: bytes, ctx: abi.RequestContext) -> None:
         try:
             self.catalog.lookup(name.decode("utf-8", "replace"))
         except VdiNotFound:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise abi.FUSEError(errno.ENOENT) from None
+        raise abi.FUSEError(errno.ENOTDIR)
 
-    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
+    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: abi.RequestContext) -> abi.EntryAttributes:
+        raise abi.FUSEError(errno.EPERM)
 
-    async def link(self, inode: int, new_parent: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
+    async def link(self, inode: int, new_parent: int, new_name: bytes, ctx: abi.RequestContext) -> abi.EntryAttributes:
+        raise abi.FUSEError(errno.EPERM)
 
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(errno.EINVAL)
+    async def readlink(self, inode: int, ctx: abi.RequestContext) -> bytes:
+        raise abi.FUSEError(errno.EINVAL)
 
     @fuse_errors
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: abi.RequestContext) -> abi.StatvfsData:
         space = await self.catalog.pool.space()
-        s = pyfuse3.StatvfsData()
+        s = abi.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = space.total // 4096
         s.f_bfree = s.f_bavail = space.free // 4096
@@ -432,25 +438,25 @@ class VdifsOperations(pyfuse3.Operations):
 
     # -- extended attributes -----------------------------------------------------------
 
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(self, inode: int, name: bytes, ctx: abi.RequestContext) -> bytes:
         """Not implemented, on purpose: ENOSYS makes the kernel stop asking
         for any attribute on this mount. On the cached path it asks for
         `security.capability` before every write, a round trip under the
         inode lock that serialised writes (design change 24); what the
         `user.vdifs.*` attributes showed is in `vdifs vdi info --json`."""
         self.stats["getxattrs"] += 1
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        raise abi.FUSEError(errno.ENOSYS)
 
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        raise pyfuse3.FUSEError(errno.ENOSYS)  # nothing could be read anyway
+    async def listxattr(self, inode: int, ctx: abi.RequestContext) -> list[bytes]:
+        raise abi.FUSEError(errno.ENOSYS)  # nothing could be read anyway
 
     @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: abi.RequestContext) -> None:
         if not name.startswith(XATTR_PREFIX):
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
+            raise abi.FUSEError(errno.ENOTSUP)
         key = name[len(XATTR_PREFIX):]
         if inode == ROOT or key not in SETTABLE_XATTRS:
-            raise pyfuse3.FUSEError(errno.EPERM if inode == ROOT or key in READ_ONLY_XATTRS else errno.ENOTSUP)
+            raise abi.FUSEError(errno.EPERM if inode == ROOT or key in READ_ONLY_XATTRS else errno.ENOTSUP)
         if key == b"shared":
             if value.strip() not in (b"0", b"1"):
                 raise InvalidArgument(f"user.vdifs.shared must be 0 or 1, not {value!r}")
@@ -463,5 +469,5 @@ class VdifsOperations(pyfuse3.Operations):
                 raise InvalidArgument(f"user.vdifs.copies must be a number, not {value!r}") from None
             await self.catalog.set_copies(vid_of(inode), copies)
 
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM if name.startswith(XATTR_PREFIX) else pyfuse3.ENOATTR)
+    async def removexattr(self, inode: int, name: bytes, ctx: abi.RequestContext) -> None:
+        raise abi.FUSEError(errno.EPERM if name.startswith(XATTR_PREFIX) else abi.ENOATTR)
