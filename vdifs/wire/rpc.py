@@ -307,6 +307,8 @@ class RpcServer:
             self._released = trio.Event()
 
     def _refuse(self, remote: str, reason: str) -> None:
+        """Count and log a refused handshake: before the refusal is sent, so
+        whoever hears it finds the reason in the log."""
         self.refused += 1
         log.warning("%s: refused connection from %s: %s", self.name, remote, reason)
 
@@ -352,8 +354,8 @@ class RpcServer:
         if not isinstance(hello, dict) or not isinstance(hello.get("nonce"), bytes):
             raise ProtocolError("malformed handshake")
         if hello.get("proto") != PROTO:
-            await frames.send({"ok": False, "error": f"protocol version {hello.get('proto')!r} is not {PROTO}"})
             self._refuse(remote, f"protocol version {hello.get('proto')!r}")
+            await frames.send({"ok": False, "error": f"protocol version {hello.get('proto')!r} is not {PROTO}"})
             return None
         secret = self.secret()
         given = hello.get("mac")
@@ -363,9 +365,9 @@ class RpcServer:
             theirs = hello.get("kx")
             key = kx.key(theirs, nonce_s, hello["nonce"]) if kx is not None and isinstance(theirs, bytes) else None
             if key is None:
+                self._refuse(remote, "no key agreement before the format")
                 await frames.send({"ok": False, "error": "this peer belongs to no cluster yet: the handshake "
                                                          "must agree on a key (kx)"})
-                self._refuse(remote, "no key agreement before the format")
                 return None
             await frames.send({"ok": True, "mac": None})
             frames.seal = FrameSeal(key, server=True, encrypt=True)
@@ -373,8 +375,8 @@ class RpcServer:
         claimed = hello.get("as")
         if claimed is not None and not (isinstance(claimed, list) and len(claimed) == 2
                                         and valid_credential(*claimed)):
-            await frames.send({"ok": False, "error": "malformed credential: 'as' must be [role, name]"})
             self._refuse(remote, "malformed credential")
+            await frames.send({"ok": False, "error": "malformed credential: 'as' must be [role, name]"})
             return None
         proof = None
         for candidate in [secret, *self.old_secrets()]:
@@ -385,13 +387,13 @@ class RpcServer:
                 break
         if proof is None:
             what = "cluster secret" if claimed is None else f"key for credential {claimed[0]}.{claimed[1]}"
-            await frames.send({"ok": False, "error": f"authentication failed: wrong or missing {what}"})
             self._refuse(remote, f"authentication failed (wrong or missing {what})")
+            await frames.send({"ok": False, "error": f"authentication failed: wrong or missing {what}"})
             return None
         encrypted = hello.get("enc") is True
         if self.encrypt and not encrypted:
-            await frames.send({"ok": False, "error": "this peer requires encrypted connections"})
             self._refuse(remote, f"{proof.credential} did not ask for encryption")
+            await frames.send({"ok": False, "error": "this peer requires encrypted connections"})
             return None
         await frames.send({"ok": True, "mac": mac(proof.key, b"vdifs-s", hello["nonce"], nonce_s)})
         frames.seal = FrameSeal(session_key(proof.key, nonce_s, hello["nonce"]), server=True, encrypt=encrypted)
