@@ -32,6 +32,7 @@ class LocalPool:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self.write = store.write
+        self.write_now = store.write_now  # small writes into the page cache, with no await
         self.read_now = store.read_now  # page-cache reads, verified, with no await
         self.create = store.create
         self.delete = store.delete

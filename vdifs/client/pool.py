@@ -51,6 +51,10 @@ class ObjectPool(Protocol):
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write into an existing object; ObjectNotFound if it does not exist."""
 
+    def write_now(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """`write`, if it can be done without waiting (no await at all);
+        else False, nothing was written, and `write` must be used."""
+
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
                      exclusive: bool = False) -> None:
         """Create or replace the object whole: zeros except `data` at `offset`.

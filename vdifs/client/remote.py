@@ -352,6 +352,9 @@ class RemotePool:
     def read_now(self, oid: int, offset: int, length: int) -> None:
         return None  # a read from a peer always waits for its answer
 
+    def write_now(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        return False  # so does a write
+
     async def read(self, oid: int, offset: int, length: int) -> bytes:
         # The common case first, without the retry machinery around it: the
         # first replica of our map answers. Anything else (a refusal, an

@@ -325,6 +325,43 @@ class Volume:
             self._cutting = None
             gate.set()
 
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview, *, behind: bool = False) -> bool:
+        """`write`, when it needs no wait; False when nothing was done and
+        `write` must run. Two cases: a write acknowledged from the window
+        (`behind`) that has room and no failed write-back to report; a small
+        write into an object of this VDI that the pool takes at once (the
+        embedded pool's page cache) while no write is in the window. Neither
+        while a snapshot is cut or the VDI cannot be written: `write` waits
+        for the cut, or says why. No await: atomic for the other tasks."""
+        if self.read_only or self.fenced or self._cutting is not None or offset < 0:
+            return False
+        n = len(data)
+        end = offset + n
+        if end > MAX_VDI_SIZE or n == 0:
+            return False
+        if behind and self.accepts_behind:
+            window = self.window
+            if self._drain_error is not None or (window.bytes and window.bytes + n > self.window_limit):
+                return False
+            window.put(offset, data if isinstance(data, bytes) else bytes(data))
+            self._grown_to(end)
+            self._kick()
+            self.behind_writes += 1
+            return True
+        if self.window:
+            return False
+        index, inner = divmod(offset, self.object_size)
+        if inner + n >= self.object_size or self.map.get(index) != self.data_vid:
+            return False  # (a write to an object's end may leave it all zero: `write` checks)
+        oid = data_oid(self.data_vid, index)
+        if not self.pool.write_now(oid, inner, data):
+            return False
+        if index in self._zero_checks:
+            self._zero_checks[index] = True  # a zero check of this object is now void
+        self._dirty_data.add(oid)
+        self._grown_to(end)
+        return True
+
     async def write(self, offset: int, data: bytes, *, behind: bool = False) -> int:
         """Write `data` at `offset`. With `behind` (the caller has shown it
         flushes) and write-behind on, the write is acknowledged once it is in

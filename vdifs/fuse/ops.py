@@ -341,6 +341,20 @@ class VdifsOperations:
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         return await self._handles[fh].read(off, size)
 
+    def write_now(self, fh: int, off: int, buf: bytes | memoryview) -> bool:
+        """A write done with no wait (the session's inline path), or False:
+        then `write` runs as a task. Never raises."""
+        vol = self._handles.get(fh)
+        if vol is None or (vol.record.shared and fh in self._synchronous):
+            return False
+        before = vol.behind_writes
+        try:
+            done = vol.write_now(off, buf, behind=fh in self._behind)
+        except Exception:
+            return False
+        self.stats["behind_writes"] += vol.behind_writes - before
+        return done
+
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         vol = self._handles[fh]

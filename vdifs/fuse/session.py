@@ -3,9 +3,10 @@ notifications (design change 43; the codec is `abi.py`).
 
 One trio task reads requests from the non-blocking device until it is
 empty, then waits for it once. A read the volume can answer from memory or
-the page cache (`read_now`) is answered inline, in that same task: one
-read(2), a struct unpack, the lookup, one writev(2), no task, lock or
-cancel scope. Every other request runs as a task of the session's nursery,
+the page cache (`read_now`), and a write it can take at once (`write_now`:
+into the write-behind window, or the embedded pool's page cache), are
+answered inline, in that same task: one read(2), a struct unpack, the
+lookup, one writev(2), no task, lock or cancel scope. Every other request runs as a task of the session's nursery,
 so a slow one (a peer, a lease) never holds the others up. After
 `FAIRNESS` requests in a row without the device running dry the loop
 yields once, so those tasks (and the rest of the mount) get to run.
@@ -107,8 +108,9 @@ def _plain(result: object) -> bytes:
 class Session:
     """One mounted FUSE connection serving `ops`: an object with an async
     method per operation (`ops.VdifsOperations`: pyfuse3's names and
-    arguments) and `read_now(fh, offset, size)`, which answers a read at
-    once or gives None (and then `read` runs as a task)."""
+    arguments), `read_now(fh, offset, size)`, which answers a read at once
+    or gives None (then `read` runs as a task), and `write_now(fh, offset,
+    data)`, which does a write at once or says False (then `write` runs)."""
 
     def __init__(self, fd: int, ops: Any) -> None:
         self.fd = fd
@@ -190,6 +192,7 @@ class Session:
         fd, buf, view = self.fd, self._buf, self._view
         handlers = self._handlers
         read_now = self.ops.read_now
+        write_now = self.ops.write_now
         unpack_header = abi.IN_HEADER.unpack_from
         unpack_read = abi.READ_IN.unpack_from
         pack_out = abi.OUT_HEADER.pack
@@ -219,11 +222,12 @@ class Session:
                 fh, offset, size, _ = unpack_read(buf, 40)
                 data = read_now(fh, offset, size)
                 if data is not None:
-                    try:
-                        os.writev(fd, [pack_out(16 + len(data), 0, unique), data])
-                    except OSError as e:
-                        if e.errno not in (errno.ENOENT, errno.ENODEV):
-                            log.error("a FUSE reply was refused: %s", e)
+                    self._send([pack_out(16 + len(data), 0, unique), data])
+                    continue
+            elif opcode == abi.WRITE and n >= 80:
+                fh, offset, size, _ = unpack_read(buf, 40)  # the same first fields
+                if n == 80 + size and write_now(fh, offset, view[80:n]):
+                    self._send([pack_out(24, 0, unique), write_out(size)])
                     continue
             if length != n:
                 log.error("a FUSE request says it has %d bytes, %d were read: refused", length, n)
