@@ -179,9 +179,11 @@ async def test_zeroing_in_small_writes_frees_the_object(store_dir, nursery):
     assert len(await data_objects(cat, rec.vid)) == 1
 
 
-async def test_zero_check_leaves_no_index_lock_behind(store_dir, nursery):
-    """Every path through a write drops the index lock it took, also a zero
-    check that gives up early because another write to the object is in flight."""
+async def test_zero_check_waits_for_the_writes_in_flight(store_dir, nursery):
+    """A zero check that finds another write to the object in flight leaves
+    it to that write, which checks when it ends (the kernel sends the pieces
+    of a large zero write at once, and they finish in any order); every
+    path drops the index lock it took."""
     cat = await open_catalog(store_dir, nursery)
     rec = await cat.create("locks", 2 * OBJ)
     vol = await cat.open(rec.vid)
@@ -204,6 +206,7 @@ async def test_zero_check_leaves_no_index_lock_behind(store_dir, nursery):
     cat.pool.write = real_write
     assert vol.locked_indexes == set()
     assert await vol.read(OBJ, 8192) == bytes(8192)
+    assert await data_objects(cat, rec.vid) == []  # all zero once both ended: freed
 
 
 async def test_zero_check_voided_by_concurrent_write(store_dir, nursery):

@@ -85,6 +85,7 @@ class Volume:
         self._dirty_data: set[int] = set()
         self._inflight: dict[int, int] = {}  # unlocked overwrites in flight, per index
         self._zero_checks: dict[int, bool] = {}  # index -> written during its zero check
+        self._zero_check_after: set[int] = set()  # indexes to zero-check when their writes in flight end
         self._unsynced_chunks: set[int] = set()
         self.size_dirty = False  # size not yet in the directory: persisted by every flush
         self.times_dirty = False  # only times changed: persisted on close and unmount
@@ -566,6 +567,9 @@ class Volume:
             if written:
                 self._dirty_data.add(oid)
                 if e.offset + e.length == self.object_size and not self.record.shared and is_zero(data):
+                    self._zero_check_after.add(index)
+                if index in self._zero_check_after and not self._inflight.get(index):
+                    self._zero_check_after.discard(index)  # the last write in flight checks
                     await self._free_if_zero(index)
                 return
         lock = self._index_lock(index)
@@ -579,14 +583,20 @@ class Volume:
         """Free an object that zero writes (FUSE splits them) made all zero.
 
         Checked when an all-zero write ends at the object's end, as sequential
-        zeroing (discard emulated by writing zeros) does. Any write to the
+        zeroing (discard emulated by writing zeros) does, once no other write
+        to the object is in flight: the kernel sends the pieces of one large
+        write at once, and the last piece is often not the last to finish;
+        the last to finish checks (`_zero_check_after`). Any write to the
         object while we read it voids the check, so no acknowledged data is
         ever freed.
         """
         lock = self._index_lock(index)
         try:
             async with lock:
-                if self.map.get(index) != self.data_vid or self._inflight.get(index):
+                if self.map.get(index) != self.data_vid:
+                    return
+                if self._inflight.get(index):
+                    self._zero_check_after.add(index)  # started meanwhile: it checks when it ends
                     return
                 self._zero_checks[index] = False
                 try:

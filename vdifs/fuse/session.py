@@ -251,6 +251,9 @@ class Session:
             except ProtocolError as e:
                 log.error("FUSE request %d (opcode %d) refused: %s", unique, opcode, e)
                 self.error(unique, errno.EINVAL)
+            except Exception:
+                log.exception("FUSE request %d (opcode %d) failed unexpectedly", unique, opcode)
+                self.error(unique, errno.EIO)
 
     def _init(self, h: abi.Header, body: memoryview) -> None:
         try:
