@@ -295,3 +295,15 @@ def test_synchronous_writes_are_synced_on_every_kind_of_handle(mount):
         os.close(fd)
     assert fuse_stats(mount)["syncs"] == before + 4
     assert read_at(shared, 0, 4 * 4096) == b"".join(bytes([i + 9]) * 4096 for i in range(4))
+    # ... and its RWF_DSYNC writes on a plain handle (FUA), which the kernel shows in the write's flags
+    before = fuse_stats(mount)["syncs"]
+    fd = os.open(shared, os.O_RDWR | os.O_DIRECT)
+    try:
+        for i in range(4):  # plain ones first: no sync
+            assert os.pwritev(fd, [buf], (8 + i) * 4096) == 4096
+        assert fuse_stats(mount)["syncs"] == before
+        for i in range(4):
+            assert os.pwritev(fd, [buf], (12 + i) * 4096, os.RWF_DSYNC) == 4096
+    finally:
+        os.close(fd)
+    assert fuse_stats(mount)["syncs"] == before + 4

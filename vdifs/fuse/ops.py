@@ -289,9 +289,9 @@ class VdifsOperations:
         vol = await self.catalog.open(vid, writable=writable)
         # Shared VDIs are served uncached (other mounts write them too). Not
         # O_DIRECT opens in general: on an uncached handle the kernel does not
-        # sync O_DSYNC/O_SYNC or RWF_DSYNC writes (FUA, which QEMU 9 issues
-        # as RWF_DSYNC) through fsync, and pyfuse3 does not show us a write's
-        # flags; the cached path does sync them (design change 18).
+        # follow O_DSYNC/O_SYNC or RWF_DSYNC writes (FUA, which QEMU 9 issues
+        # as RWF_DSYNC) with an fsync, so `write` syncs them itself from the
+        # write's flags; the cached path stays the faster one (design change 18).
         fh = self._new_handle(vol, writable)
         if writable and flags & os.O_DSYNC:  # O_SYNC includes the O_DSYNC bit
             self._synchronous.add(fh)
@@ -356,12 +356,16 @@ class VdifsOperations:
         return done
 
     @fuse_errors
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes, synchronous: bool = False) -> int:
+        """`synchronous`: this write must be durable when it returns (an
+        O_DSYNC handle's, or one made with RWF_DSYNC, as QEMU passes a
+        guest's FUA)."""
         vol = self._handles[fh]
         before = vol.behind_writes
-        n = await vol.write(off, buf, behind=fh in self._behind)  # the volume decides whether it may
+        n = await vol.write(off, buf, behind=fh in self._behind and not synchronous)
         self.stats["behind_writes"] += vol.behind_writes - before
-        if vol.record.shared and fh in self._synchronous:  # uncached: the kernel will not ask for it
+        if vol.record.shared and (synchronous or fh in self._synchronous):
+            # uncached: the kernel sends no fsync after it, so we sync here
             self.stats["syncs"] += 1
             await vol.flush()
         return n

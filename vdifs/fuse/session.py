@@ -195,6 +195,7 @@ class Session:
         write_now = self.ops.write_now
         unpack_header = abi.IN_HEADER.unpack_from
         unpack_read = abi.READ_IN.unpack_from
+        unpack_flags = abi.U32.unpack_from
         pack_out = abi.OUT_HEADER.pack
         in_a_row = 0
         while not self._stopped:
@@ -226,7 +227,8 @@ class Session:
                     continue
             elif opcode == abi.WRITE and n >= 80:
                 fh, offset, size, _ = unpack_read(buf, 40)  # the same first fields
-                if n == 80 + size and write_now(fh, offset, view[80:n]):
+                if n == 80 + size and not unpack_flags(buf, 72)[0] & os.O_DSYNC \
+                        and write_now(fh, offset, view[80:n]):
                     self._send([pack_out(24, 0, unique), write_out(size)])
                     continue
             if length != n:
@@ -319,11 +321,12 @@ class Session:
         self._spawn(h.unique, bytes_of, self.ops.read, fh, offset, size)
 
     def _write(self, h: abi.Header, body: memoryview) -> None:
-        fh, offset, size, _, _, _, _ = abi.body_struct(abi.WRITE_IN, body)
+        fh, offset, size, _, _, flags, _ = abi.body_struct(abi.WRITE_IN, body)
         if len(body) != abi.WRITE_IN_SIZE + size:
             raise ProtocolError(f"a write of {size} bytes came with {len(body) - abi.WRITE_IN_SIZE}")
         data = bytes(body[abi.WRITE_IN_SIZE:])  # the buffer is read into again before the task runs
-        self._spawn(h.unique, write_out, self.ops.write, fh, offset, data)
+        # `flags`: the file's, with O_DSYNC added for a write the caller made synchronous (RWF_DSYNC)
+        self._spawn(h.unique, write_out, self.ops.write, fh, offset, data, bool(flags & os.O_DSYNC))
 
     def _flush(self, h: abi.Header, body: memoryview) -> None:
         (fh,) = abi.body_struct(abi.FLUSH_IN, body)
