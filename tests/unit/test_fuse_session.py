@@ -38,7 +38,7 @@ class OneFile:
         await trio.sleep(0)
         return bytes(self.data[off:off + size])
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes, synchronous: bool = False) -> int:
         self.data[off:off + len(buf)] = buf
         return len(buf)
 
