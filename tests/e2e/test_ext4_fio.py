@@ -72,6 +72,35 @@ def test_fio_verify_crc32c(mount, direct):
     assert job["error"] == 0 and job["read"]["io_bytes"] == 64 << 20
 
 
+@pytest.mark.parametrize("fsync", [0, 32])
+def test_small_writes_answered_inline_verify(mount, fsync):
+    """4 KiB random writes over an allocated VDI at queue depth 16, each
+    block read back against its crc32c: the writes the FUSE loop answers
+    inline (into the store's page cache; with an fsync every 32 writes, into
+    the write-behind window) and the reads it answers from the page cache,
+    then once more from the pool after a remount."""
+    need("fio")
+    path = mount.path("small.img")
+    with open(path, "wb") as f:
+        f.write(os.urandom(32 << 20))  # every object allocated: small writes can go inline
+    inline_before = mount.call("status")["io"].get("inline_writes", 0)
+    behind_before = fuse_stats(mount)["behind_writes"]
+    job = ["fio", "--name=small", f"--filename={path}", "--size=32M", "--rw=randwrite", "--bs=4k",
+           "--ioengine=libaio", "--iodepth=16", "--direct=1", "--verify=crc32c", "--verify_fatal=1",
+           "--verify_state_save=0", "--randseed=7", "--output-format=json"]
+    res = run(*job, "--do_verify=1", *([f"--fsync={fsync}"] if fsync else []))
+    out = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+    assert out["error"] == 0 and out["write"]["io_bytes"] == 32 << 20 and out["read"]["io_bytes"] == 32 << 20
+    if fsync:
+        assert fuse_stats(mount)["behind_writes"] > behind_before  # acknowledged from the window
+    else:
+        assert mount.call("status")["io"]["inline_writes"] > inline_before  # written by the loop itself
+    mount.restart()
+    res = run(*job, "--verify_only=1")
+    out = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+    assert out["error"] == 0 and out["read"]["io_bytes"] == 32 << 20
+
+
 def test_reads_in_flight_cost_no_attribute_round_trips(mount):
     """A VDI's attributes stay cached for long (design change 27). Each time
     they expire while O_DIRECT reads are in flight, the kernel asks for them
