@@ -21,7 +21,6 @@ answer may hold (pyfuse3 did the same).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -47,8 +46,15 @@ MNT_DETACH = 2
 
 # -- mounting -------------------------------------------------------------------------
 
+_LIBC: ctypes.CDLL | None = None
+
+
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    """This process's C library (mount(2), umount2(2)), loaded once."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
 
 
 def mount(mountpoint: str, source: str, options: list[str]) -> int:
