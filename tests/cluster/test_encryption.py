@@ -11,6 +11,7 @@ import trio
 
 from tests.cluster.conftest import vdifs, wait_for
 from tests.e2e.conftest import FioVerify, read_at
+from tests.old_clients import deaf_to_encryption
 from vdifs.errors import VdifsError
 from vdifs.meta.credentials import read_credentials
 from vdifs.wire.rpc import RpcClient
@@ -22,22 +23,7 @@ def ask_without_encryption(address: str, secret: bytes) -> object:
     async def main() -> object:
         async with trio.open_nursery() as nursery:
             client = RpcClient(address, secret, nursery)
-            handshake = client._handshake
-
-            async def deaf(frames):
-                receive = frames.receive
-
-                async def without_enc():
-                    msg = await receive()
-                    if isinstance(msg, dict):
-                        msg.pop("enc", None)
-                    return msg
-                frames.receive = without_enc
-                try:
-                    await handshake(frames)
-                finally:
-                    frames.receive = receive
-            client._handshake = deaf
+            deaf_to_encryption(client)
             try:
                 return await client.call("peer.info", {}, timeout=10)
             except VdifsError as e:

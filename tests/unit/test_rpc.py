@@ -9,6 +9,7 @@ import struct
 import pytest
 import trio
 
+from tests.old_clients import deaf_to_encryption
 from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.wire.rpc import PeerUnavailable, RemoteError, RpcClient, RpcPool, RpcServer
 
@@ -355,23 +356,7 @@ async def test_a_server_that_demands_encryption_refuses_a_client_that_will_not(n
                        peer_id="p1", encrypt=True)
     listeners = await nursery.start(server.serve, "127.0.0.1", 0)
     client = RpcClient(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}", SECRET, nursery)
-    client.encrypt = False
-    original = client._handshake
-
-    async def deaf(frames):  # hides the server's demand from the client
-        receive = frames.receive
-
-        async def receive_without_enc():
-            msg = await receive()
-            if isinstance(msg, dict):
-                msg.pop("enc", None)
-            return msg
-        frames.receive = receive_without_enc
-        try:
-            await original(frames)
-        finally:
-            frames.receive = receive
-    client._handshake = deaf
+    deaf_to_encryption(client)
     with pytest.raises(VdifsError, match="requires encrypted connections"):
         await client.call("op", {})
     assert "did not ask for encryption" in caplog.text

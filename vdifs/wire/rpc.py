@@ -307,10 +307,15 @@ class RpcServer:
             self._released = trio.Event()
 
     def _refuse(self, remote: str, reason: str) -> None:
-        """Count and log a refused handshake: before the refusal is sent, so
-        whoever hears it finds the reason in the log."""
+        """Count and log a refused connection."""
         self.refused += 1
         log.warning("%s: refused connection from %s: %s", self.name, remote, reason)
+
+    async def _turn_away(self, frames: FrameStream, remote: str, reason: str, error: str) -> None:
+        """Refuse a handshake: logged first, then `error` told to the client,
+        so whoever hears the refusal finds its reason in the log."""
+        self._refuse(remote, reason)
+        await frames.send({"ok": False, "error": error})
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         remote = _remote_name(stream)
@@ -354,8 +359,8 @@ class RpcServer:
         if not isinstance(hello, dict) or not isinstance(hello.get("nonce"), bytes):
             raise ProtocolError("malformed handshake")
         if hello.get("proto") != PROTO:
-            self._refuse(remote, f"protocol version {hello.get('proto')!r}")
-            await frames.send({"ok": False, "error": f"protocol version {hello.get('proto')!r} is not {PROTO}"})
+            await self._turn_away(frames, remote, f"protocol version {hello.get('proto')!r}",
+                                  f"protocol version {hello.get('proto')!r} is not {PROTO}")
             return None
         secret = self.secret()
         given = hello.get("mac")
@@ -365,9 +370,9 @@ class RpcServer:
             theirs = hello.get("kx")
             key = kx.key(theirs, nonce_s, hello["nonce"]) if kx is not None and isinstance(theirs, bytes) else None
             if key is None:
-                self._refuse(remote, "no key agreement before the format")
-                await frames.send({"ok": False, "error": "this peer belongs to no cluster yet: the handshake "
-                                                         "must agree on a key (kx)"})
+                await self._turn_away(frames, remote, "no key agreement before the format",
+                                      "this peer belongs to no cluster yet: the handshake "
+                                      "must agree on a key (kx)")
                 return None
             await frames.send({"ok": True, "mac": None})
             frames.seal = FrameSeal(key, server=True, encrypt=True)
@@ -375,8 +380,8 @@ class RpcServer:
         claimed = hello.get("as")
         if claimed is not None and not (isinstance(claimed, list) and len(claimed) == 2
                                         and valid_credential(*claimed)):
-            self._refuse(remote, "malformed credential")
-            await frames.send({"ok": False, "error": "malformed credential: 'as' must be [role, name]"})
+            await self._turn_away(frames, remote, "malformed credential",
+                                  "malformed credential: 'as' must be [role, name]")
             return None
         proof = None
         for candidate in [secret, *self.old_secrets()]:
@@ -387,13 +392,13 @@ class RpcServer:
                 break
         if proof is None:
             what = "cluster secret" if claimed is None else f"key for credential {claimed[0]}.{claimed[1]}"
-            self._refuse(remote, f"authentication failed (wrong or missing {what})")
-            await frames.send({"ok": False, "error": f"authentication failed: wrong or missing {what}"})
+            await self._turn_away(frames, remote, f"authentication failed (wrong or missing {what})",
+                                  f"authentication failed: wrong or missing {what}")
             return None
         encrypted = hello.get("enc") is True
         if self.encrypt and not encrypted:
-            self._refuse(remote, f"{proof.credential} did not ask for encryption")
-            await frames.send({"ok": False, "error": "this peer requires encrypted connections"})
+            await self._turn_away(frames, remote, f"{proof.credential} did not ask for encryption",
+                                  "this peer requires encrypted connections")
             return None
         await frames.send({"ok": True, "mac": mac(proof.key, b"vdifs-s", hello["nonce"], nonce_s)})
         frames.seal = FrameSeal(session_key(proof.key, nonce_s, hello["nonce"]), server=True, encrypt=encrypted)
