@@ -337,17 +337,12 @@ class Volume:
         if self.read_only or self.fenced or self._cutting is not None or offset < 0:
             return False
         n = len(data)
-        end = offset + n
-        if end > MAX_VDI_SIZE or n == 0:
+        if offset + n > MAX_VDI_SIZE or n == 0:
             return False
         if behind and self.accepts_behind:
-            window = self.window
-            if self._drain_error is not None or (window.bytes and window.bytes + n > self.window_limit):
+            if self._drain_error is not None or not self._window_has_room(n):
                 return False
-            window.put(offset, data if isinstance(data, bytes) else bytes(data))
-            self._grown_to(end)
-            self._kick()
-            self.behind_writes += 1
+            self._into_window(offset, data, behind=True)
             return True
         if self.window:
             return False
@@ -360,7 +355,7 @@ class Volume:
         if index in self._zero_checks:
             self._zero_checks[index] = True  # a zero check of this object is now void
         self._dirty_data.add(oid)
-        self._grown_to(end)
+        self._grown_to(offset + n)
         return True
 
     async def write(self, offset: int, data: bytes, *, behind: bool = False) -> int:
@@ -431,23 +426,33 @@ class Volume:
         self._raise_if_drain_failed()  # a write-back failed: EIO until a flush gets it written
         await self._admit_change()
         try:
-            while self.window.bytes and self.window.bytes + len(data) > self.window_limit:
+            while not self._window_has_room(len(data)):
                 self._raise_if_drain_failed()
                 self._kick()
                 await self._window_event().wait()
                 self._check_writable()  # the lease may have been lost meanwhile
             failures = self._drain_failures
-            self.window.put(offset, data if isinstance(data, bytes) else bytes(data))
             target = self._rounds_started + 1  # the round that takes it
-            self._grown_to(end)
-            self._kick()
-            if behind:
-                self.behind_writes += 1
-            else:
+            self._into_window(offset, data, behind)
+            if not behind:
                 await self._wait_rounds(target, failures)
             return len(data)
         finally:
             self._change_done()
+
+    def _window_has_room(self, n: int) -> bool:
+        """Whether a write of `n` bytes fits the window now (an empty window
+        takes any one write, however large)."""
+        return not self.window.bytes or self.window.bytes + n <= self.window_limit
+
+    def _into_window(self, offset: int, data: bytes | bytearray | memoryview, behind: bool) -> None:
+        """Put a write into the window (a copy unless it is bytes) and start
+        the drainer; `behind`: it is acknowledged now."""
+        self.window.put(offset, data if isinstance(data, bytes) else bytes(data))
+        self._grown_to(offset + len(data))
+        self._kick()
+        if behind:
+            self.behind_writes += 1
 
     def _window_event(self) -> trio.Event:
         if self._window_moved is None:
