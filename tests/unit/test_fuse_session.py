@@ -152,13 +152,34 @@ async def test_requests_are_answered_inline_or_by_tasks_and_bad_ones_refused():
     assert fs.data[100:1100] == payload
 
 
-async def test_the_loop_ends_when_the_device_goes_away():
+async def test_stop_lets_requests_under_way_finish_and_end_of_device_ends_the_loop():
+    """`stop` reads nothing more but the request a task is serving still
+    gets its answer; and a device that reports end of file (as a socket
+    stand-in does where /dev/fuse says ENODEV) ends `serve` by itself."""
     fs = OneFile()
+    fs.data[:] = os.urandom(len(fs.data))
+    gate = trio.Event()
+    real_read = fs.read
+
+    async def held_read(fh: int, off: int, size: int) -> bytes:
+        await gate.wait()
+        return await real_read(fh, off, size)
+
+    fs.read = held_read  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         k, session = await serving(nursery, fs)
-        with trio.fail_after(5):
-            k.sock.close()  # reads then see EOF-like errors or nothing; stop() ends it either way
-            session.stop()
+        k.send(request(abi.READ, 2, read_in(40 << 10, 4096)))  # a task, held
+        await trio.sleep(0.05)
+        session.stop()
+        k.send(request(abi.READ, 3, read_in(0, 4096)))  # after stop: never read
+        gate.set()
+        assert await k.reply() == (2, 0, bytes(fs.data[40 << 10:44 << 10]))
+        await k.no_reply()
+    k2_fs = OneFile()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            k2, _ = await serving(nursery, k2_fs)
+            k2.sock.close()  # serve returns on its own; the nursery then exits
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

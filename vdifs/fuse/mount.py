@@ -129,7 +129,9 @@ class Mount:
                                      "cluster": ",".join(self.cluster or []), "fuse": ops.stats},
                                     self.invalidate)
             await nursery.start(control.serve)
-            fd = session.mount(self.mountpoint, SOURCE_PREFIX + self.store_path, fuse_options(self.allow_other))
+            # mount(2), or fusermount3 as a child process: off the event loop (the control server runs)
+            fd = await trio.to_thread.run_sync(session.mount, self.mountpoint, SOURCE_PREFIX + self.store_path,
+                                               fuse_options(self.allow_other))
             self.session = fuse = session.Session(fd, ops)
             try:
                 nursery.start_soon(self._signals)
@@ -149,8 +151,8 @@ class Mount:
                         await catalog.flush_all()
                     finally:
                         await catalog.release_all_leases()
-                self.session = None
-                session.unmount(self.mountpoint)
+                    self.session = None
+                    await trio.to_thread.run_sync(session.unmount, self.mountpoint)
                 os.close(fd)
                 log.info("unmounted %s", self.mountpoint)
             nursery.cancel_scope.cancel()

@@ -221,6 +221,8 @@ class Session:
             if in_a_row >= FAIRNESS:
                 in_a_row = 0
                 await trio.lowlevel.checkpoint()
+            if n == 0:
+                return  # end of file: the device has no more requests for us, ever
             if n < abi.IN_HEADER.size:
                 log.error("a FUSE request of %d bytes, shorter than its header: ignored", n)
                 continue
