@@ -59,7 +59,6 @@ LINK_IN = struct.Struct("<Q")  # oldnodeid
 SETXATTR_IN = struct.Struct("<II")  # size, flags
 GETXATTR_IN = struct.Struct("<II")  # size, padding
 DIRENT = struct.Struct("<QQII")  # ino, off, namelen, type
-U32 = struct.Struct("<I")
 
 MAJOR, MINOR = 7, 31
 MAX_WRITE = 1 << 20  # the largest READ or WRITE the kernel sends (max_pages 256)

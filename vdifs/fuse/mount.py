@@ -148,13 +148,15 @@ class Mount:
             finally:
                 with trio.CancelScope(shield=True):
                     try:
-                        await catalog.flush_all()
-                    finally:
-                        await catalog.release_all_leases()
-                    self.session = None
-                    await trio.to_thread.run_sync(session.unmount, self.mountpoint)
-                os.close(fd)
-                log.info("unmounted %s", self.mountpoint)
+                        try:
+                            await catalog.flush_all()
+                        finally:
+                            await catalog.release_all_leases()
+                    finally:  # unmounted even when the flush failed: no dead mount point left behind
+                        self.session = None
+                        await trio.to_thread.run_sync(session.unmount, self.mountpoint)
+                        os.close(fd)
+                        log.info("unmounted %s", self.mountpoint)
             nursery.cancel_scope.cancel()
         await catalog.pool.aclose()
 

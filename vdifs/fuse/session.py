@@ -125,7 +125,6 @@ class Session:
         self._buf = bytearray(abi.BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._nursery: trio.Nursery | None = None
-        self._stopped = False
         self._loop_scope = trio.CancelScope()
         self._handlers: dict[int, Callable[[abi.Header, memoryview], None]] = {
             abi.LOOKUP: self._lookup, abi.GETATTR: self._getattr, abi.SETATTR: self._setattr,
@@ -182,7 +181,6 @@ class Session:
     def stop(self) -> None:
         """End `serve`: no request is read after this; those under way finish
         (the mount stays until `unmount`)."""
-        self._stopped = True
         self._loop_scope.cancel()
 
     async def serve(self) -> None:
@@ -201,10 +199,11 @@ class Session:
         write_now = self.ops.write_now
         unpack_header = abi.IN_HEADER.unpack_from
         unpack_read = abi.READ_IN.unpack_from
-        unpack_flags = abi.U32.unpack_from
+        unpack_write = abi.WRITE_IN.unpack_from
+        scope = self._loop_scope
         pack_out = abi.OUT_HEADER.pack
         in_a_row = 0
-        while not self._stopped:
+        while not scope.cancel_called:  # (inline answers never await: this is where stop() is seen)
             try:
                 n = os.readv(fd, [buf])
             except BlockingIOError:
@@ -227,6 +226,10 @@ class Session:
                 log.error("a FUSE request of %d bytes, shorter than its header: ignored", n)
                 continue
             length, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack_header(buf)
+            if length != n:
+                log.error("a FUSE request says it has %d bytes, %d were read: refused", length, n)
+                self.error(unique, errno.EINVAL)
+                continue
             if opcode == abi.READ and n >= 80:
                 fh, offset, size, _ = unpack_read(buf, 40)
                 data = read_now(fh, offset, size)
@@ -234,15 +237,10 @@ class Session:
                     self._send([pack_out(16 + len(data), 0, unique), data])
                     continue
             elif opcode == abi.WRITE and n >= 80:
-                fh, offset, size, _ = unpack_read(buf, 40)  # the same first fields
-                if n == 80 + size and not unpack_flags(buf, 72)[0] & os.O_DSYNC \
-                        and write_now(fh, offset, view[80:n]):
+                fh, offset, size, _, _, flags, _ = unpack_write(buf, 40)
+                if n == 80 + size and not flags & os.O_DSYNC and write_now(fh, offset, view[80:n]):
                     self._send([pack_out(24, 0, unique), write_out(size)])
                     continue
-            if length != n:
-                log.error("a FUSE request says it has %d bytes, %d were read: refused", length, n)
-                self.error(unique, errno.EINVAL)
-                continue
             header = abi.Header(length, opcode, unique, nodeid, uid, gid, pid)
             body = view[abi.IN_HEADER.size:n]
             handler = handlers.get(opcode)
