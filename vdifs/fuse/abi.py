@@ -183,16 +183,6 @@ class Header:
     pid: int
 
 
-def parse_header(buf: bytes | bytearray | memoryview, n: int) -> Header:
-    """The header of a request of `n` bytes read into `buf`."""
-    if n < IN_HEADER.size:
-        raise ProtocolError(f"a request of {n} bytes is shorter than its header")
-    length, opcode, unique, nodeid, uid, gid, pid, _, _ = IN_HEADER.unpack_from(buf)
-    if length != n:
-        raise ProtocolError(f"a request says it has {length} bytes, {n} were read")
-    return Header(length, opcode, unique, nodeid, uid, gid, pid)
-
-
 def body_struct(st: struct.Struct, body: bytes | bytearray | memoryview) -> tuple:  # type: ignore[type-arg]
     if len(body) < st.size:
         raise ProtocolError(f"a request body of {len(body)} bytes, {st.size} expected")
@@ -256,15 +246,15 @@ def statfs_out(s: StatvfsData) -> bytes:
                            s.f_frsize)
 
 
-def direntplus(name: bytes, attrs: EntryAttributes, next_offset: int) -> bytes:
-    """One READDIRPLUS entry: its lookup reply, then its dirent, padded to 8."""
-    d = DIRENT.pack(attrs.st_ino, next_offset, len(name), stat.S_IFMT(attrs.st_mode) >> 12) + name
-    return entry_out(attrs) + d + b"\0" * (-len(d) % 8)
-
-
 def dirent(name: bytes, attrs: EntryAttributes, next_offset: int) -> bytes:
+    """One READDIR entry, padded to 8 bytes."""
     d = DIRENT.pack(attrs.st_ino, next_offset, len(name), stat.S_IFMT(attrs.st_mode) >> 12) + name
     return d + b"\0" * (-len(d) % 8)
+
+
+def direntplus(name: bytes, attrs: EntryAttributes, next_offset: int) -> bytes:
+    """One READDIRPLUS entry: its lookup reply, then its dirent."""
+    return entry_out(attrs) + dirent(name, attrs, next_offset)
 
 
 @dataclass(slots=True)
