@@ -300,7 +300,7 @@ async def cluster_info(pool: RpcPool, addresses: list[str]) -> dict[str, Any]:
             info = await pool.call(p.address, "peer.info", timeout=PEER_INFO_TIMEOUT)
             row.update(reachable=True, total=info["total"], free=info["free"], epoch=info["epoch"],
                        recovery=info.get("recovery", {}), answered_at_once=info.get("answered_at_once", 0),
-                       relayed=info.get("relayed", 0), leak_passes=info.get("leak_passes", 0),
+                       relayed=info.get("relayed", 0), bytes_read=info.get("bytes_read", 0), leak_passes=info.get("leak_passes", 0),
                        leaks_collected=info.get("leaks_collected", 0))
         except VdifsError as e:
             row["error"] = str(e)

@@ -255,5 +255,5 @@ class PeerDaemon:
                 "refused_for_space": st.store.space_refusals, "direct_writes": st.store.direct_writes,
                 "vids": len(await st.store.list_vids()), "meta": bool(st.cmap and st.peer_id in st.cmap.meta),
                 "answered_at_once": st.server.fast_answers if st.server is not None else 0,
-                "relayed": self.relay.relayed,
+                "relayed": self.relay.relayed, "bytes_read": self.data.bytes_read,
                 "leak_passes": self.sweeper.passes, "leaks_collected": self.sweeper.collected}

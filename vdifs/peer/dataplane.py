@@ -57,6 +57,7 @@ class DataPlane:
         self._landed: trio.Event | None = None  # set when an epoch's last change lands, if anyone waits
         self._reads_here: dict[int, bool] = {}  # oid -> whether mounts read it from us, at _reads_epoch
         self._reads_epoch = -1
+        self.bytes_read = 0  # object bytes served to reads (mounts and peers)
 
     def load_fences(self) -> None:
         """Read the durable fences (blocking I/O)."""
@@ -166,7 +167,9 @@ class DataPlane:
         epoch = arg.integer(args, "epoch", 0, COUNTER_MAX)
         await self.peer.caught_up()
         await self.check_epoch(epoch)
-        return await self.recovery.recovering_first(oid, lambda: self.store.read(oid, offset, length))
+        data = await self.recovery.recovering_first(oid, lambda: self.store.read(oid, offset, length))
+        self.bytes_read += len(data)
+        return data
 
     # The fast forms of obj.read and obj.write (RpcServer's `fast`): the same
     # checks in the same order, run in the connection's reader without a task,
@@ -181,7 +184,10 @@ class DataPlane:
         if self.peer.catching_up or cmap is None or epoch != cmap.epoch:
             return NOT_NOW
         data = self.store.read_now(oid, offset, length)
-        return NOT_NOW if data is None else data
+        if data is None:
+            return NOT_NOW
+        self.bytes_read += len(data)
+        return data
 
     def write_now(self, args: dict[str, Any], s: Session) -> Any:
         """A write that lands at once needs no admission count: nothing can
