@@ -385,7 +385,7 @@ def test_a_rotten_replica_is_never_served_and_repairs_itself_on_read(cluster):
     except OSError:
         pytest.skip("the file system under the test stores has no user xattrs (no checksums)")
     cluster.format(3, copies=3)
-    m = cluster.mount("a")
+    m = cluster.mount("a", "--cache-size", "0")  # every read goes to a peer (none to the mount's own copies)
     payload = os.urandom(8 << 20)
     write_durably(m.path("vm"), payload)
     vid = m.vid("vm")

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 import trio
 
 from vdifs import __version__
-from vdifs.cli import cluster, vdi
+from vdifs.cli import cache, cluster, vdi
 from vdifs.cli.cluster import cluster_addresses
 from vdifs.cli.heap import keep_freed_buffers
 from vdifs.cli.common import LOG_LEVELS, CliError, Parser, setup_logging, size_arg
+from vdifs.client.cache import TTL
 from vdifs.client.catalog import WRITE_BEHIND
 from vdifs.client.remote import REPLICA_WAIT
 from vdifs.control import caller
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "fsync returns when all of it is durable, a kill -9 loses only what no fsync covered "
                         f"(default {WRITE_BEHIND >> 20}M; 0: every write goes through)")
 
+    m.add_argument("--cache", metavar="DIR",
+                   help="the local object cache of a cluster mount: copies of snapshot objects and of the "
+                        "objects of VDIs this mount writes, read at local-disk speed (default: STORE/cache)")
+    m.add_argument("--cache-size", type=size_arg, metavar="SIZE",
+                   help="the most the cache holds (default: a tenth of its file system, leaving a fifth free; "
+                        "0: no cache)")
+    m.add_argument("--cache-ttl", type=float, default=TTL, metavar="SECONDS",
+                   help=f"cached objects unused for this long are removed (default {TTL:g}, a week)")
+
     u = sub.add_parser("umount", help="flush and unmount a vdifs mount",
                        description="Flush everything to the pool, unmount, and wait for the mount process to exit.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -78,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how long to wait for the mount process to finish (default: {UMOUNT_TIMEOUT:g})")
 
     vdi.add_parser(sub, store_default)
+    cache.add_parser(sub, store_default)
     cluster.add_parsers(sub)
     return p
 
@@ -96,7 +107,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cluster = cluster_addresses(args.cluster) if (args.cluster or os.environ.get("VDIFS_CLUSTER")) else None
     mount = Mount(mountpoint, store, allow_other=args.allow_other, cluster=cluster,
                   secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term,
-                  io_wait=args.io_wait, write_behind=args.write_behind, encrypt=args.encrypt)
+                  io_wait=args.io_wait, write_behind=args.write_behind, encrypt=args.encrypt,
+                  cache_dir=args.cache, cache_size=args.cache_size, cache_ttl=args.cache_ttl)
     lock = lock_store(store)
     keep_freed_buffers()
     logfile = args.log_file or os.path.join(store, "mount.log")
@@ -169,7 +181,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"mount": cmd_mount, "umount": cmd_umount, "vdi": vdi.cmd_vdi,
+    handlers = {"mount": cmd_mount, "umount": cmd_umount, "vdi": vdi.cmd_vdi, "cache": cache.cmd_cache,
                 "peer": cluster.cmd_peer, "cluster": cluster.cmd_cluster}
     try:
         return handlers[args.command](args)

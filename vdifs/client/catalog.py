@@ -59,6 +59,7 @@ class Catalog:
         self._copies_override: int | None = None  # `vdifs mount --copies`
         self.write_behind = WRITE_BEHIND  # window bytes per VDI; 0: every write goes through
         self._spawn: Spawn | None = None  # the mount's nursery, once started: drains windows
+        self._cacheable: tuple[Directory | None, dict[int, tuple[int, bool]]] = (None, {})
 
     @property
     def default_copies(self) -> int:
@@ -150,6 +151,16 @@ class Catalog:
             return vol.record
         found = self.current.by_vid(vid)
         return found[1] if found else None
+
+    def cache_facts(self, data_vid: int) -> tuple[int, bool] | None:
+        """(object size, immutable) if the local cache may keep objects of
+        `data_vid` (`Directory.cacheable_data_vids`); a mutable one only
+        while this mount holds its lease, which the pool checks. Recomputed
+        when the directory changes, not on every call (a read asks)."""
+        d = self.current
+        if self._cacheable[0] is not d:
+            self._cacheable = (d, d.cacheable_data_vids())
+        return self._cacheable[1].get(data_vid)
 
     def listing(self) -> list[tuple[str, VdiRecord]]:
         return sorted((n, self.record_of(r.vid) or r) for n, r in self.current.vdis.items())

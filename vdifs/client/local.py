@@ -65,6 +65,9 @@ class LocalPool:
     def io_stats(self) -> dict[str, int]:
         return self.store.io_stats()
 
+    def cache_status(self) -> None:
+        return None  # the pool is local already
+
     async def aclose(self) -> None:
         await self.store.close_cleanly()
         self.store.close()

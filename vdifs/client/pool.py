@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from vdifs.model.directory import Directory
 
@@ -79,6 +79,9 @@ class ObjectPool(Protocol):
 
     def io_stats(self) -> dict[str, int]:
         """Counters for `status`: how the pool's I/O was carried out."""
+
+    def cache_status(self) -> dict[str, Any] | None:
+        """The local object cache's size, use and counters (None: no cache)."""
 
     async def aclose(self) -> None: ...
 

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from vdifs.client.cache import TTL, ObjectCache
+from vdifs.client.cached_pool import CachingPool
 from vdifs.client.catalog import Catalog
 from vdifs.client.pool import PoolSpace
 from vdifs.client.reach import RoutedRpc
@@ -512,6 +514,9 @@ class RemotePool:
         copies = max(1, self.map.copies)
         return PoolSpace(sum(i["total"] for i in infos) // copies, sum(i["free"] for i in infos) // copies, copies)
 
+    def cache_status(self) -> None:
+        return None  # `CachingPool` adds one
+
     def io_stats(self) -> dict[str, int]:
         return {"epoch": self.map.epoch, "peers_up": len(self.map.up_peers()),
                 "peers_cut_off": len(self.rpc.cut), "relayed": self.rpc.relayed}
@@ -525,24 +530,30 @@ class ClusterAccess:
     """What a mount needs to join a cluster: its seed addresses and secret
     (read when this is made, so a missing secret fails before mounting),
     the lease term, how long a write waits for a replica's replacement, and
-    whether its connections are encrypted."""
+    whether its connections are encrypted, and where and how large its
+    local object cache is (`cache_size` 0: none)."""
 
     seeds: list[str]
     creds: Credentials
     lease_term: float = DEFAULT_TERM
     io_wait: float = REPLICA_WAIT
     encrypt: bool = False
+    cache_dir: str | None = None
+    cache_size: int = 0
+    cache_ttl: float = TTL
 
     @classmethod
     def load(cls, seeds: list[str], secret_file: str | None = None, *, lease_term: float | None = None,
-             io_wait: float = REPLICA_WAIT, encrypt: bool = False) -> ClusterAccess:
+             io_wait: float = REPLICA_WAIT, encrypt: bool = False, cache_dir: str | None = None,
+             cache_size: int = 0, cache_ttl: float = TTL) -> ClusterAccess:
         path = secret_file or default_secret_file()
         creds = read_credentials(path)
         if creds.role == PEER:
             raise VdifsError(f"{path} holds the peer credential {creds.credential}, which cannot open VDIs; "
                              "a mount needs a mount credential ('vdifs cluster credential mount NAME')",
                              code=errno.EACCES)
-        return cls(list(seeds), creds, DEFAULT_TERM if lease_term is None else lease_term, io_wait, encrypt)
+        return cls(list(seeds), creds, DEFAULT_TERM if lease_term is None else lease_term, io_wait, encrypt,
+                   cache_dir, cache_size, cache_ttl)
 
     async def open_catalog(self, nursery: trio.Nursery, mountpoint: str) -> Catalog:
         """Connect to the cluster and return the catalog of its shared
@@ -558,7 +569,15 @@ class ClusterAccess:
                                         "mountpoint": mountpoint, "credential": self.creds.credential},
                               lambda vid: remote.meta.register(lease_key(vid)), remote.fence,
                               term=self.lease_term)
-        catalog = Catalog(remote, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True,
+        pool: RemotePool | CachingPool = remote
+        if self.cache_dir is not None and self.cache_size > 0:
+            cache = ObjectCache(self.cache_dir, self.cache_size, ttl=self.cache_ttl)
+            await cache.open(cmap.cluster_id)
+            pool = CachingPool(remote, cache)
+            await nursery.start(pool.run)
+        catalog = Catalog(pool, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True,
                           leases=leases)
+        if isinstance(pool, CachingPool):
+            pool.attach(catalog.cache_facts, leases.generation_held)
         nursery.start_soon(leases.run)
         return catalog

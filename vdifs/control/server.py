@@ -164,7 +164,7 @@ class ControlServer:
         return {**self.status_info, "version": __version__, "pid": os.getpid(),
                 "vdis": len(self.catalog.current.vdis), "deleting": self.catalog.purger.pending,
                 "total": space.total, "free": space.free, "copies": space.copies,
-                "io": self.catalog.pool.io_stats()}
+                "io": self.catalog.pool.io_stats(), "cache": self.catalog.pool.cache_status()}
 
     async def op_flush(self, args: dict[str, Any]) -> None:
         await self.catalog.flush_all()

@@ -16,6 +16,7 @@ from typing import IO
 
 import trio
 
+from vdifs.client import cache
 from vdifs.client.catalog import WRITE_BEHIND, Catalog
 from vdifs.client.local import open_embedded
 from vdifs.client.remote import REPLICA_WAIT, ClusterAccess
@@ -57,15 +58,22 @@ class Mount:
     def __init__(self, mountpoint: str, store: str, *, allow_other: bool = False,
                  cluster: list[str] | None = None, secret_file: str | None = None,
                  copies: int | None = None, lease_term: float | None = None, io_wait: float = REPLICA_WAIT,
-                 write_behind: int = WRITE_BEHIND, encrypt: bool = False) -> None:
+                 write_behind: int = WRITE_BEHIND, encrypt: bool = False, cache_dir: str | None = None,
+                 cache_size: int | None = None, cache_ttl: float = cache.TTL) -> None:
         """`lease_term`: None is the default term of leases; `write_behind`:
-        the window of each VDI in bytes (0: off)."""
+        the window of each VDI in bytes (0: off); the local object cache of a
+        cluster mount: `cache_dir` (None: `cache` in the store) of
+        `cache_size` bytes (None: `cache.default_size`, 0: no cache)."""
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
         self.cluster = cluster
+        cache_dir = os.path.abspath(cache_dir or os.path.join(self.store_path, "cache"))
+        if cache_size is None:
+            cache_size = cache.default_size(cache_dir)
         self.access = (ClusterAccess.load(cluster, secret_file, lease_term=lease_term, io_wait=io_wait,
-                                          encrypt=encrypt)
+                                          encrypt=encrypt, cache_dir=cache_dir, cache_size=cache_size,
+                                          cache_ttl=cache_ttl)
                        if cluster else None)
         self.copies = copies
         self.write_behind = write_behind

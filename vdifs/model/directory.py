@@ -224,6 +224,23 @@ class Directory:
         out.extend((f"(deleted snapshot {v})", v, copies) for v, (_, copies) in sorted(self.retired.items()))
         return out
 
+    def cacheable_data_vids(self) -> dict[int, tuple[int, bool]]:
+        """data vid -> (object size, immutable) of the objects a mount's local
+        cache may keep: snapshots' and retired snapshots' (they never change)
+        and unshared VDIs' own (mutable: only with their lease). Shared VDIs'
+        are missing: any mount may write them."""
+        out: dict[int, tuple[int, bool]] = {}
+        for rec in self.vdis.values():
+            if not rec.shared:
+                out[rec.data_vid] = (rec.object_size, False)
+            for s in rec.snapshots.values():
+                out[s.vid] = (s.object_size, True)
+        for vid, (family, _) in self.retired.items():
+            size = next((r.object_size for r in self.vdis.values() if r.family == family), None)
+            if size is not None:
+                out[vid] = (size, True)
+        return out
+
     def copies_by_data_vid(self) -> dict[int, int]:
         """Copies of the objects under every data vid a map may point at (a
         clone's ancestors may keep fewer or more copies than the clone)."""
