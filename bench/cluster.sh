@@ -6,6 +6,7 @@
 #             reads from one, writes to all three) can be: the bound for
 #             this architecture on this machine
 #   vdifs   : three `vdifs peer` processes on 127.0.0.1 and one mount, copies=3
+#             (MOUNT_OPTS: more `vdifs mount` options, e.g. "--cache-size 0")
 # All through bench/fio-jobs.sh: the jobs of ../shared/bench/fio-suite.sh (O_DIRECT,
 # same options and seed) on one pre-sized file per target, plus flush32.
 # Guest RAM is touched once first: on this VM the first write into a page of
@@ -89,7 +90,7 @@ for _ in $(seq 60); do  # until the other two have registered at the first
 done
 [[ -f $WORK/secret ]] || { echo "cluster format never succeeded" >&2; exit 1; }
 "$V" mount "$WORK/mnt" --store "$WORK/ms" --cluster "$(IFS=,; echo "${addrs[*]}")" \
-    --secret-file "$WORK/secret" --foreground --log-level warning 2>"$OUT/mount.log" &
+    --secret-file "$WORK/secret" --foreground --log-level warning ${MOUNT_OPTS:-} 2>"$OUT/mount.log" &
 mpid=$!; pids+=($mpid); peak_rss $mpid "$OUT/mount-peak-rss-kib"
 for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
 "$HERE/fio-jobs.sh" "$WORK/mnt/fio.img" "$OUT/vdifs"

@@ -9,7 +9,11 @@
 # first job, so no job grows it: the kernel serialises O_DIRECT writes that
 # extend a file, which skewed seqwrite between targets. One job more than the
 # shared suite: flush32, 4 KiB random writes with an fsync after every 32, as
-# a guest that flushes its disk cache does. Writes OUTDIR/<job>.json and
+# a guest that flushes its disk cache does. The read jobs are written as
+# mixes of 100% reads so that fio opens the file read-write, as a hypervisor
+# opens a VM's disk (a vdifs mount caches a VDI it holds the lease of, and a
+# read-only open takes no lease); the I/O is the same for every target.
+# Writes OUTDIR/<job>.json and
 # OUTDIR/summary.txt.
 set -euo pipefail
 FILE=${1:?usage: fio-jobs.sh FILE OUTDIR}
@@ -30,9 +34,9 @@ job() {  # job NAME fio-args...
     python3 "$(dirname "$0")/summarize.py" "$name" "$OUT/$name.json" | tee -a "$OUT/summary.txt"
 }
 job seqwrite  --size="$SIZE" --rw=write --bs=1M --iodepth=8 --runtime="$SEQCAP"
-job seqread   --size="$SIZE" --rw=read  --bs=1M --iodepth=8 --runtime="$SEQCAP"
+job seqread   --size="$SIZE" --rw=rw --rwmixread=100 --bs=1M --iodepth=8 --runtime="$SEQCAP"
 job randwrite --size="$SIZE" --rw=randwrite --bs=4k --iodepth=16 --runtime="$RT" --time_based
-job randread  --size="$SIZE" --rw=randread  --bs=4k --iodepth=16 --runtime="$RT" --time_based
+job randread  --size="$SIZE" --rw=randrw --rwmixread=100 --bs=4k --iodepth=16 --runtime="$RT" --time_based
 job randrw70  --size="$SIZE" --rw=randrw --rwmixread=70 --bs=64k --iodepth=8 --runtime="$RT" --time_based
 job flush32   --size="$SIZE" --rw=randwrite --bs=4k --iodepth=16 --fsync=32 --runtime="$RT" --time_based
 job verify    --size=256M --rw=randwrite --bs=64k --iodepth=8 --verify=crc32c --do_verify=1 \
