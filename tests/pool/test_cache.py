@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import trio
@@ -26,10 +27,13 @@ def body(n: int) -> bytes:
 
 
 async def fill(cache: ObjectCache, oid: int, data: bytes, *, mutable: bool = False) -> bool:
+    """A fill, made durable at once (`run` would do it moments later)."""
     version = cache.begin_fill(oid, len(data), mutable, 1 if mutable else None)
     if version is None:
         return False
-    return await cache.finish_fill(oid, version, data)
+    done = await cache.finish_fill(oid, version, data)
+    await cache.persist()
+    return done
 
 
 async def opened(root: str, capacity: int, cluster: str = "c1", **kw) -> ObjectCache:
@@ -180,3 +184,18 @@ async def test_a_journal_rewritten_whole_keeps_what_it_must(tmp_path, monkeypatc
     assert set(again.index.entries) == set(oids[1:5])  # not the dropped one, not the mutable one
     assert await again.read(oids[4], 0, OBJ) == body(4)
     again.close()
+
+
+async def test_the_evictor_sleeps_when_there_is_nothing_to_do(tmp_path):
+    """Its clock is not trio's (time.monotonic by default): a deadline taken
+    from one and waited for on the other once made it spin."""
+    cache = await opened(str(tmp_path / "cache"), 64 * MiB)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.run)
+        await trio.sleep(0.05)
+        used = time.process_time()
+        await trio.sleep(0.5)
+        used = time.process_time() - used
+        nursery.cancel_scope.cancel()
+    cache.close()
+    assert used < 0.2, f"the evictor used {used:.2f} s of CPU in 0.5 s of idling"

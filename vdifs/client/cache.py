@@ -9,13 +9,14 @@ append-only journal, `DIR/journal`, of msgpack records:
 
     ["vdifs-cache", 1, cluster id]      first record
     [FILL, oid]                         a fill starts
-    [READY, oid, bytes, mutable]        its file is complete and durable
+    [READY, oid, bytes, mutable]        its file is complete (and, if immutable, durable)
     [EVICT, oid]                        its file is about to be removed
     [GONE, oid]                         it was removed
 
 What a crash leaves, and what `open` makes of it: an object whose last
-record is READY and not mutable is kept (its file was fsynced before the
-record was written; its checksums are checked on every read); every other
+record is READY and not mutable is kept (its file was synced and its
+checksum table stored CLEAN before the record was written; its checksums
+are checked on every read); every other
 file is deleted: FILLING ones may be half-written, EVICTING ones were
 being thrown out, mutable ones may be older than what the replicas hold
 (the write that changed the replicas may not have reached the cache), and
@@ -77,12 +78,15 @@ class ObjectCache:
         self.index = CacheIndex(capacity)
         self.ttl = ttl
         self.clock = clock
-        self.store = ObjectStore(os.path.join(self.root, "objects"), reserve=0)
+        # A wrong checksum only drops a copy here (the peers have the object):
+        # small writes into a cached object's holes need no thread.
+        self.store = ObjectStore(os.path.join(self.root, "objects"), reserve=0, zero_crc_is_zeros=True)
         self._journal_path = os.path.join(self.root, "journal")
         self._journal: int = -1
         self._journal_bytes = 0  # appended since the journal was last written whole
         self._head: list[Any] = []
         self._evicting: set[int] = set()
+        self._unpersisted: set[int] = set()  # READY immutable objects not yet durable nor journaled READY
 
     # -- start -----------------------------------------------------------------------
 
@@ -217,8 +221,11 @@ class ObjectCache:
         return self.index.entries[oid].version
 
     async def finish_fill(self, oid: int, version: int, data: bytes | bytearray) -> bool:
-        """Install the fetched bytes of a fill begun at `version`; False if it
-        was overtaken (a write or a drop meanwhile) and nothing is kept."""
+        """Store the fetched bytes of a fill begun at `version`; False if it
+        was overtaken (a write or a drop meanwhile) and nothing is kept. The
+        copy is served at once; an immutable one is made durable (data, then
+        its table marked CLEAN) and journaled READY by `run` shortly after,
+        so only then does it survive a crash."""
         e = self.index.get(oid)
         assert e is not None and e.state == State.FILLING
         if e.version != version:
@@ -226,10 +233,7 @@ class ObjectCache:
             self._append([[GONE, oid]])
             return False
         try:
-            if e.mutable:  # never kept across a restart: no fsync, no CLEAN table to mark DIRTY later
-                await self.store.create(oid, 0, data, len(data))
-            else:
-                await self.store.install(oid, data)
+            await self.store.create(oid, 0, data, len(data))
         except (VdifsError, OSError) as ex:
             log.warning("cache: could not store object %016x (%s)", oid, ex)
             await self._discard_fill(oid)
@@ -238,8 +242,27 @@ class ObjectCache:
             await self._discard_fill(oid)
             return False
         self.index.fill_done(oid, len(data))
-        self._append([[READY, oid, len(data), e.mutable]])
+        if e.mutable:
+            self._append([[READY, oid, len(data), True]])
+        else:
+            self._unpersisted.add(oid)
+            self._wake()
         return True
+
+    async def persist(self) -> None:
+        """Make the immutable copies filled since the last call durable and
+        journal them READY (`run` calls it soon after fills; so does an
+        orderly stop)."""
+        oids, self._unpersisted = sorted(self._unpersisted), set()
+        try:
+            clean = await self.store.sync_clean(oids)
+        except (VdifsError, OSError) as ex:
+            log.warning("cache: could not make %d filled objects durable (%s); they will not outlive a restart",
+                        len(oids), ex)
+            return
+        self._append([READY, oid, entry.charged, False] for oid in clean
+                     if (entry := self.index.get(oid)) is not None and entry.state == State.READY
+                     and not entry.mutable)
 
     async def finish_create(self, oid: int, version: int, offset: int, data: Buffer, size: int) -> bool:
         """A fill begun at `version` for an object this mount just created
@@ -277,30 +300,15 @@ class ObjectCache:
         """A write to `oid` starts (fills under way are overtaken)."""
         self.index.changed(oid)
 
-    async def write_through(self, oid: int, offset: int, data: Buffer) -> None:
-        """Apply a write the replicas took to a READY cached copy; the copy is
-        dropped if that cannot be done."""
+    def write_through(self, oid: int, offset: int, data: Buffer) -> None:
+        """Apply a write the replicas took to a READY cached copy, if that can
+        be done at once (page cache, no thread: it runs in the write's own
+        path); else the copy is dropped (a later read miss brings it back)."""
         e = self.index.get(oid)
         if e is None or e.state != State.READY or e.doomed:
             return
-        if offset + len(data) > e.charged:  # cached objects are whole: only a bug gets here
-            await self.drop(oid)
-            return
-        if self.store.write_now(oid, offset, data):
-            return
-        self.index.acquire(oid)
-        try:
-            await self.store.write(oid, offset, data)
-        except (VdifsError, OSError) as ex:
-            log.warning("cache: write to cached object %016x failed (%s): dropped", oid, ex)
-            self._release(oid)
-            await self.drop(oid)
-            return
-        except BaseException:  # cancelled: whether the copy has the write is unknown
-            self._release(oid)
+        if offset + len(data) > e.charged or not self.store.write_now(oid, offset, data):
             self.drop_soon(oid)
-            raise
-        self._release(oid)
 
     async def drop(self, oid: int) -> None:
         """Throw `oid` out: it may be out of date."""
@@ -321,7 +329,11 @@ class ObjectCache:
 
     def _evict_soon(self, oids: list[int]) -> None:
         self._evicting.update(oids)
-        if oids and self._wakeup is not None:
+        if oids:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
             self._wakeup.set()
 
     _wakeup: trio.Event | None = None
@@ -337,13 +349,17 @@ class ObjectCache:
         self._append([[GONE, oid]])
 
     async def run(self) -> None:
-        """Removes evicted objects and, every EXPIRY_INTERVAL, the ones unused for the TTL."""
+        """Makes filled objects durable, removes evicted ones and, every
+        EXPIRY_INTERVAL, the ones unused for the TTL."""
         next_expiry = self.clock() + min(EXPIRY_INTERVAL, self.ttl)
         while True:
             self._wakeup = trio.Event()
-            if not self._evicting:
-                with trio.move_on_at(next_expiry):
+            if not self._evicting and not self._unpersisted:
+                # `clock` need not be trio's (whose time has its own origin): wait a duration.
+                with trio.move_on_after(max(0.0, next_expiry - self.clock())):
                     await self._wakeup.wait()
+            if self._unpersisted:
+                await self.persist()
             if self.clock() >= next_expiry:
                 self._evicting.update(self.index.expired(self.clock(), self.ttl))
                 next_expiry = self.clock() + min(EXPIRY_INTERVAL, self.ttl)
@@ -353,7 +369,7 @@ class ObjectCache:
     def status(self) -> dict[str, Any]:
         return {"root": self.root, "size": self.index.capacity, "used": self.index.used,
                 "reserved": self.index.reserved, "objects": self.index.by_state(), "ttl": self.ttl,
-                **self.index.stats.as_dict()}
+                **self.index.stats.as_dict(), "io": self.store.io_stats()}
 
     def close(self) -> None:
         self.store.close()

@@ -7,7 +7,9 @@ Which objects are cached (data objects only, never maps):
   directory, and it is kept across restarts;
 - objects of an unshared VDI whose lease this mount holds: only this mount
   writes them, so the copy is kept up to date by this mount's own writes
-  (write-through, after every replica acknowledged). The copy belongs to
+  (write-through, after every replica acknowledged, when it can be done at
+  once in the page cache; else, and for writes larger than
+  WRITE_THROUGH_MAX, the copy is dropped). The copy belongs to
   the lease generation it was made under and is served only while that
   same generation is held: a lease lost, released or taken over by another
   mount and back (A -> B -> A) means a new generation, and the copy is
@@ -20,9 +22,11 @@ Which objects are cached (data objects only, never maps):
 
 A read of a cached object is served from the cache (verified by its block
 checksums; a bad one is dropped and read from the peers). A read of a
-cacheable object that is not cached goes to the peers, then starts a fill
-in the background (at most MAX_FILLS at once) if space can be reserved; a
-fill that a write overtakes throws away what it fetched. A write that
+snapshot's object that is not cached starts a fill (and READ_AHEAD more)
+and is served from it; a small read of a writable VDI's object goes to the
+peers and starts a fill in the background (at most MAX_FILLS at once), if
+space can be reserved; a fill that a write overtakes throws away what it
+fetched. A write that
 fails, or that overlapped another write to the same bytes in flight (the
 replicas may then hold either), drops the cached copy: replicas and cache
 can never disagree about what a read returns.
@@ -42,11 +46,21 @@ import trio
 from vdifs.client.cache import FILL_PIECE, ObjectCache, cacheable_kind
 from vdifs.client.pool import ObjectPool, PoolSpace
 from vdifs.model.cache_index import CacheEntry
-from vdifs.model.ids import vid_of
+from vdifs.errors import ObjectNotFound
+from vdifs.model.ids import MAX_INDEX, vid_of
 
 log = logging.getLogger("vdifs.cache")
 
 MAX_FILLS = 4  # fills running at once
+READ_AHEAD = 2  # objects fetched ahead of a read that waits for a snapshot's object
+#: Writes (and creates) up to this size go into the cache as well; a larger
+#: one drops the cached copy instead. A guest's own small writes are what it
+#: reads back; a stream (an image copied in, a disk filled) would only pay a
+#: second copy on this host for data a read-miss fill can bring in later.
+WRITE_THROUGH_MAX = 64 << 10
+#: A read miss this large of a writable VDI's object starts no fill: a stream
+#: reads each object once, and a fill would fetch it a second time.
+STREAM_READ = 128 << 10
 SWEEP_INTERVAL = 2.0  # seconds between looks for cached objects that lost their right to be kept
 
 #: (object size, immutable) of a data vid the cache may keep, or None (`Catalog.cache_facts`).
@@ -161,13 +175,17 @@ class CachingPool:
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         if not self._serves(oid):
             filled = self._filling.get(oid)
-            if filled is None:
+            if filled is None and (length < STREAM_READ or self._immutable(oid)):
                 filled = self._start_fill(oid)
             if filled is not None and self._immutable(oid):
                 # A snapshot's object comes in whole once and this read is served
                 # from it (twenty clones booting fetch it once, not twenty times).
                 # A writable VDI's is not waited for: its fills are overtaken by
-                # writes, and a write-heavy guest would wait for nothing.
+                # writes, and a write-heavy guest would wait for nothing. The
+                # next objects come in meanwhile: a booting guest reads on.
+                for ahead in range(1, min(READ_AHEAD, MAX_INDEX - (oid & MAX_INDEX)) + 1):
+                    if oid + ahead not in self._filling and self.cache.index.get(oid + ahead) is None:
+                        self._start_fill(oid + ahead, miss=False)
                 await filled.wait()
         if self._serves(oid):
             data = await self.cache.read(oid, offset, length)
@@ -187,10 +205,10 @@ class CachingPool:
             with trio.CancelScope(shield=True):
                 await self.cache.drop(oid)  # some replicas may have it, others not
             raise
-        if self._end_write(oid, mine):
+        if self._end_write(oid, mine) or len(data) > WRITE_THROUGH_MAX:
             await self.cache.drop(oid)
         elif self._serves(oid):
-            await self.cache.write_through(oid, offset, data)
+            self.cache.write_through(oid, offset, data)
         else:
             await self.cache.drop(oid)
 
@@ -211,7 +229,7 @@ class CachingPool:
         # Write-allocate: a VDI this mount writes is read back by the same VM,
         # so the new object goes into the cache too, as the replicas have it.
         # No await since the replicas answered: no write of ours came between.
-        generation = self._writable_cacheable(oid)
+        generation = self._writable_cacheable(oid) if len(data) <= WRITE_THROUGH_MAX else None
         if generation is not None:
             version = self.cache.begin_fill(oid, size, True, generation)
             if version is not None:
@@ -236,6 +254,8 @@ class CachingPool:
 
     async def aclose(self) -> None:
         try:
+            with trio.CancelScope(shield=True):
+                await self.cache.persist()  # fills of this run outlive it
             await self.pool.aclose()
         finally:
             self.cache.close()
@@ -280,7 +300,7 @@ class CachingPool:
         facts = self._facts(vid_of(oid))
         return facts is not None and facts[1]
 
-    def _start_fill(self, oid: int) -> trio.Event | None:
+    def _start_fill(self, oid: int, *, miss: bool = True) -> trio.Event | None:
         """Start bringing in a cacheable object; the event its fill sets when
         it ends (whether or not it is READY then), or None if no fill started
         (not cacheable, too many fills, no room: the read goes to the peers)."""
@@ -294,7 +314,7 @@ class CachingPool:
         generation = None if immutable else self._generation(self._lease_of.get(vid, vid))
         if not immutable and generation is None:
             return None  # another mount may write it
-        self.cache.index.stats.misses += 1
+        self.cache.index.stats.misses += miss
         if self._fills >= MAX_FILLS or self.cache.index.get(oid) is not None:
             return None
         version = self.cache.begin_fill(oid, size, not immutable, generation)
@@ -306,13 +326,19 @@ class CachingPool:
         return done
 
     async def _fill(self, oid: int, size: int, version: int, done: trio.Event) -> None:
+        buf = bytearray(size)
+
+        async def piece(offset: int) -> None:
+            data = await self.pool.read(oid, offset, min(FILL_PIECE, size - offset))
+            buf[offset:offset + len(data)] = data
+
         try:
-            buf = bytearray(size)
-            for offset in range(0, size, FILL_PIECE):
-                piece = await self.pool.read(oid, offset, min(FILL_PIECE, size - offset))
-                buf[offset:offset + len(piece)] = piece
+            async with trio.open_nursery() as nursery:  # the pieces at once (large reads spread over replicas)
+                for offset in range(0, size, FILL_PIECE):
+                    nursery.start_soon(piece, offset)
         except Exception as e:  # its readers go to the peers
-            log.info("cache: could not fetch object %016x (%s)", oid, e)
+            if not _only_not_found(e):  # a read-ahead past the last object finds none
+                log.info("cache: could not fetch object %016x (%s)", oid, e)
             await self.cache.abandon_fill(oid)
             return
         else:
@@ -322,3 +348,9 @@ class CachingPool:
             self._fills -= 1
             del self._filling[oid]
             done.set()
+
+
+def _only_not_found(e: BaseException) -> bool:
+    if isinstance(e, BaseExceptionGroup):
+        return all(_only_not_found(x) for x in e.exceptions)
+    return isinstance(e, ObjectNotFound)

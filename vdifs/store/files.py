@@ -185,13 +185,19 @@ class NotCached(Exception):
 
 def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
                      table: list[int], mark_dirty: bytes | None, *, nowait: bool = False,
-                     direct: bool = False) -> list[int]:
+                     direct: bool = False, zero_crc_is_zeros: bool = False) -> list[int]:
     """Write `data` and return the CRCs of the blocks it touched. The old
     contents of partly written blocks are verified first: a write must not
     bless rotten bytes around it with a fresh checksum.
 
     `nowait`: read around only from the page cache, raising NotCached
-    (before anything is written) when a block is not there."""
+    (before anything is written) when a block is not there.
+    `zero_crc_is_zeros`: a block whose checksum is that of zeros is taken
+    to hold zeros without reading it (a hole is never in the page cache, so
+    a small write into one would need a thread). One CRC-32 in 2^32 of
+    other bytes matches too; then the block's new checksum is wrong and
+    its next read fails. Only for copies that have another source (the
+    mount's cache), never for replicas."""
     start, end = checksums.covering(offset, len(data))
     head, tail = offset - start, offset + len(data)
     buf: bytes | bytearray | memoryview = data  # whole blocks: their CRCs are the data's
@@ -199,6 +205,9 @@ def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
         buf = bytearray(end - start)
         for b0, b1 in {(start, start + BLOCK), (end - BLOCK, end)}:
             if (b0 < offset) or (b1 > tail):
+                if zero_crc_is_zeros and b0 // BLOCK < len(table) and table[b0 // BLOCK] == checksums.ZERO_CRC:
+                    buf[b0 - start:b1 - start] = bytes(BLOCK)
+                    continue
                 if nowait:
                     cached = read_nowait(fd, b0, BLOCK)
                     if cached is None:

@@ -86,12 +86,15 @@ class _Handle:
 
 
 class ObjectStore:
-    def __init__(self, root: str, reserve: int | None = None, direct: bool = False) -> None:
+    def __init__(self, root: str, reserve: int | None = None, direct: bool = False,
+                 zero_crc_is_zeros: bool = False) -> None:
         """`reserve`: bytes of the file system that data writes leave free
         (None: the default for its size, see `store.reserve`). `direct`: writes
         made with `cache=False` go past the page cache when they are large and
-        aligned (`files.DIRECT_MIN`) and the file system can."""
+        aligned (`files.DIRECT_MIN`) and the file system can.
+        `zero_crc_is_zeros`: see `files.write_block_crcs` (the mount's cache only)."""
         self.root = os.path.abspath(root)
+        self.zero_crc_is_zeros = zero_crc_is_zeros
         self._reserve_setting = reserve
         self.reserve: SpaceReserve | None = None  # set by open()
         self.space_refusals = 0  # data writes refused for the reserve
@@ -310,7 +313,9 @@ class ObjectStore:
                 h.inflight += 1
                 try:
                     crcs = await self._io.run(
-                        functools.partial(files.write_block_crcs, direct=direct), h.fd, offset, data, h.table, mark)
+                        functools.partial(files.write_block_crcs, direct=direct,
+                                          zero_crc_is_zeros=self.zero_crc_is_zeros),
+                        h.fd, offset, data, h.table, mark)
                 except ChecksumError:
                     raise  # nothing written; the rotten replica keeps its table (never rebuilt from rot)
                 except BaseException:
@@ -404,7 +409,7 @@ class ObjectStore:
         try:
             if self.checksums:
                 self._take_crcs(h, offset, files.write_block_crcs(h.fd, offset, data, h.table, None,
-                                                                  nowait=True))
+                                                                  nowait=True, zero_crc_is_zeros=self.zero_crc_is_zeros))
             else:
                 files.pwrite_full(h.fd, offset, data)
         except files.NotCached:
@@ -672,6 +677,26 @@ class ObjectStore:
                 finally:
                     self._release(h)
         return len(dirty)
+
+    async def sync_clean(self, oids: Iterable[int]) -> list[int]:
+        """`sync` the objects, then store their tables CLEAN (trusted after a
+        crash); returns those that are now clean (not one whose descriptor
+        is no longer cached, or that was written meanwhile)."""
+        oids = list(oids)
+        await self.sync(oids)
+        clean = []
+        for oid in oids:
+            h = self._handles.get(oid)
+            if h is None or h.doomed or h.synced_writes != h.writes:
+                continue
+            h.refs += 1
+            try:
+                await self._mark_clean(h, h.writes)
+            finally:
+                self._release(h)
+            if h.clean_on_disk:
+                clean.append(oid)
+        return clean
 
     async def close_cleanly(self) -> None:
         """At an orderly stop: `sync_dirty`, so the next start trusts every
