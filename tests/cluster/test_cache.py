@@ -94,6 +94,8 @@ def test_template_objects_are_fetched_once_for_twenty_clones(cluster):
     c = cache_status(m)
     assert c["fills"] == 8 and c["objects"]["ready"] == 8 and c["hits"] >= 20 * 32
     assert len(cached_files(m)) == 8
+    table = vdifs("cache", "--mount", m.mp).stdout  # the same, for people
+    assert "8 ready, 0 filling, 0 evicting" in table and f"{c['hits']} (" in table and "32.0 MiB" in table
 
 
 def test_a_vdi_written_here_is_read_back_from_the_cache_and_its_snapshot_too(cluster):

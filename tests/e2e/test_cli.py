@@ -62,6 +62,7 @@ def test_cli_errors_are_one_line(mount, tmp_path):
                    "no running vdifs mount")
     one_line_error(vdifs("vdi", "--mount", str(tmp_path), "list", check=False), "not a vdifs mount")
     one_line_error(vdifs("umount", str(tmp_path), check=False), "not a vdifs mount")
+    one_line_error(vdifs("cache", "--mount", mount.mp, check=False), "has no cache (embedded pools are local)")
     # the store is locked by the running mount
     one_line_error(vdifs("mount", str(tmp_path / "mnt2"), "--store", mount.store, check=False), "in use")
     one_line_error(vdifs("mount", mount.mp, "--store", str(tmp_path / "s2"), check=False), "already a mount point")
