@@ -45,6 +45,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     if c is None:
         raise CliError(f"the mount at {status['mountpoint']} has no cache "
-                       f"({'started with --cache-size 0' if status.get('cluster') else 'embedded pools are local'})")
+                       f"({'--cache-size 0, or no room on its disk' if status.get('cluster') else 'embedded pools are local'})")
     print(table(rows(c), ["FIELD", "VALUE"]))
     return 0

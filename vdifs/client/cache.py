@@ -56,6 +56,7 @@ FORMAT = 1
 FILL_PIECE = 1 << 20  # bytes per read of a fill (a frame's limit)
 TTL = 7 * 24 * 3600.0  # seconds an unused object is kept (default)
 EXPIRY_INTERVAL = 60.0  # seconds between looks for expired objects
+MIN_DEFAULT_SIZE = 256 << 20  # a default size below this is no cache at all
 JOURNAL_LIMIT = 16 << 20  # bytes of records appended before the journal is rewritten whole
 
 Buffer = bytes | bytearray | memoryview

@@ -71,6 +71,9 @@ class Mount:
         cache_dir = os.path.abspath(cache_dir or os.path.join(self.store_path, "cache"))
         if cache_size is None:
             cache_size = cache.default_size(cache_dir)
+            if cache_size < cache.MIN_DEFAULT_SIZE:
+                cache_size = 0  # said in the log once logging is set up (`_open_catalog`)
+        self.cache_dir, self.cache_size = cache_dir, cache_size
         self.access = (ClusterAccess.load(cluster, secret_file, lease_term=lease_term, io_wait=io_wait,
                                           encrypt=encrypt, cache_dir=cache_dir, cache_size=cache_size,
                                           cache_ttl=cache_ttl)
@@ -82,6 +85,9 @@ class Mount:
         self.session: session.Session | None = None
 
     async def _open_catalog(self, nursery: trio.Nursery) -> Catalog:
+        if self.access is not None and self.cache_size == 0:
+            log.warning("no local object cache (--cache-size 0, or too little free space on the file system "
+                        "of %s)", self.cache_dir)
         if self.access is not None:
             catalog = await self.access.open_catalog(nursery, self.mountpoint)
         else:
