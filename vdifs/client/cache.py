@@ -301,15 +301,32 @@ class ObjectCache:
         """A write to `oid` starts (fills under way are overtaken)."""
         self.index.changed(oid)
 
-    def write_through(self, oid: int, offset: int, data: Buffer) -> None:
-        """Apply a write the replicas took to a READY cached copy, if that can
-        be done at once (page cache, no thread: it runs in the write's own
-        path); else the copy is dropped (a later read miss brings it back)."""
+    async def write_through(self, oid: int, offset: int, data: Buffer) -> None:
+        """Apply a write the replicas took to a READY cached copy: in the page
+        cache at once if it can, else through a worker thread (when the
+        store sends small writes there for a while: a disk that throttled
+        it). The copy is dropped if the write fails."""
         e = self.index.get(oid)
         if e is None or e.state != State.READY or e.doomed:
             return
-        if offset + len(data) > e.charged or not self.store.write_now(oid, offset, data):
+        if offset + len(data) > e.charged:  # cached objects are whole: only a bug gets here
             self.drop_soon(oid)
+            return
+        if self.store.write_now(oid, offset, data):
+            return
+        self.index.acquire(oid)
+        try:
+            await self.store.write(oid, offset, data)
+        except (VdifsError, OSError) as ex:
+            log.warning("cache: write to cached object %016x failed (%s): dropped", oid, ex)
+            self._release(oid)
+            self.drop_soon(oid)
+            return
+        except BaseException:  # cancelled: whether the copy has the write is unknown
+            self._release(oid)
+            self.drop_soon(oid)
+            raise
+        self._release(oid)
 
     async def drop(self, oid: int) -> None:
         """Throw `oid` out: it may be out of date."""

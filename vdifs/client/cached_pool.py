@@ -7,9 +7,8 @@ Which objects are cached (data objects only, never maps):
   directory, and it is kept across restarts;
 - objects of an unshared VDI whose lease this mount holds: only this mount
   writes them, so the copy is kept up to date by this mount's own writes
-  (write-through, after every replica acknowledged, when it can be done at
-  once in the page cache; else, and for writes larger than
-  WRITE_THROUGH_MAX, the copy is dropped). The copy belongs to
+  (write-through, after every replica acknowledged; writes larger than
+  WRITE_THROUGH_MAX drop the copy instead). The copy belongs to
   the lease generation it was made under and is served only while that
   same generation is held: a lease lost, released or taken over by another
   mount and back (A -> B -> A) means a new generation, and the copy is
@@ -208,7 +207,7 @@ class CachingPool:
         if self._end_write(oid, mine) or len(data) > WRITE_THROUGH_MAX:
             await self.cache.drop(oid)
         elif self._serves(oid):
-            self.cache.write_through(oid, offset, data)
+            await self.cache.write_through(oid, offset, data)
         else:
             await self.cache.drop(oid)
 
