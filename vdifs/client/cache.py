@@ -36,7 +36,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -45,7 +45,6 @@ import trio
 from vdifs.errors import ChecksumError, ObjectNotFound, VdifsError
 from vdifs.model.cache_index import CacheIndex, State
 from vdifs.model.ids import ObjectKind, unpack_oid
-from vdifs.store import checksums
 from vdifs.store.objects import ObjectStore
 
 log = logging.getLogger("vdifs.cache")

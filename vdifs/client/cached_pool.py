@@ -78,8 +78,7 @@ class CachingPool:
         self._held: dict[int, int] = {}  # lease vid -> the generation the catalog last set
         self._released: dict[int, int] = {}  # lease vid -> the generation it was released at
         self._writing: dict[int, list[list[int]]] = {}  # oid -> [start, end, overlapped] of writes in flight
-        self._fills = 0
-        self._filling: dict[int, trio.Event] = {}  # oid -> set when its fill ends
+        self._filling: dict[int, trio.Event] = {}  # oid -> set when its fill ends (len: fills running)
         self._nursery: trio.Nursery | None = None
         # What the cache has nothing to do with goes straight through.
         self.sync = pool.sync
@@ -228,9 +227,9 @@ class CachingPool:
         # Write-allocate: a VDI this mount writes is read back by the same VM,
         # so the new object goes into the cache too, as the replicas have it.
         # No await since the replicas answered: no write of ours came between.
-        generation = self._writable_cacheable(oid) if len(data) <= WRITE_THROUGH_MAX else None
-        if generation is not None:
-            version = self.cache.begin_fill(oid, size, True, generation)
+        terms = self._terms(oid) if len(data) <= WRITE_THROUGH_MAX else None
+        if terms is not None and not terms[1]:
+            version = self.cache.begin_fill(oid, size, True, terms[2])
             if version is not None:
                 await self.cache.finish_create(oid, version, offset, data, size)
 
@@ -283,17 +282,21 @@ class CachingPool:
 
     # -- fills ----------------------------------------------------------------------------------
 
-    def _writable_cacheable(self, oid: int) -> int | None:
-        """The lease generation under which an object of a writable VDI may
-        be cached, or None (not a data object, a snapshot's, shared, or the
-        lease is not ours)."""
+    def _terms(self, oid: int) -> tuple[int, bool, int | None] | None:
+        """(object size, immutable, lease generation) under which `oid` may be
+        cached now, or None (not a data object, not cacheable, or a writable
+        VDI's whose lease this mount does not hold)."""
         if not cacheable_kind(oid):
             return None
         vid = vid_of(oid)
         facts = self._facts(vid)
-        if facts is None or facts[1]:
+        if facts is None:
             return None
-        return self._generation(self._lease_of.get(vid, vid))
+        size, immutable = facts
+        if immutable:
+            return size, True, None
+        generation = self._generation(self._lease_of.get(vid, vid))
+        return None if generation is None else (size, False, generation)
 
     def _immutable(self, oid: int) -> bool:
         facts = self._facts(vid_of(oid))
@@ -303,24 +306,17 @@ class CachingPool:
         """Start bringing in a cacheable object; the event its fill sets when
         it ends (whether or not it is READY then), or None if no fill started
         (not cacheable, too many fills, no room: the read goes to the peers)."""
-        if not cacheable_kind(oid) or self._nursery is None:
+        terms = self._terms(oid)
+        if terms is None or self._nursery is None:
             return None
-        vid = vid_of(oid)
-        facts = self._facts(vid)
-        if facts is None:
-            return None
-        size, immutable = facts
-        generation = None if immutable else self._generation(self._lease_of.get(vid, vid))
-        if not immutable and generation is None:
-            return None  # another mount may write it
+        size, immutable, generation = terms
         self.cache.index.stats.misses += miss
-        if self._fills >= MAX_FILLS or self.cache.index.get(oid) is not None:
+        if len(self._filling) >= MAX_FILLS or self.cache.index.get(oid) is not None:
             return None
         version = self.cache.begin_fill(oid, size, not immutable, generation)
         if version is None:
             return None
         done = self._filling[oid] = trio.Event()
-        self._fills += 1
         self._nursery.start_soon(self._fill, oid, size, version, done)
         return done
 
@@ -335,16 +331,18 @@ class CachingPool:
             async with trio.open_nursery() as nursery:  # the pieces at once (large reads spread over replicas)
                 for offset in range(0, size, FILL_PIECE):
                     nursery.start_soon(piece, offset)
-        except Exception as e:  # its readers go to the peers
-            if not _only_not_found(e):  # a read-ahead past the last object finds none
+        except BaseException as e:  # its readers go to the peers
+            if isinstance(e, Exception) and not _only_not_found(e):  # a read-ahead past the last object finds none
                 log.info("cache: could not fetch object %016x (%s)", oid, e)
-            await self.cache.abandon_fill(oid)
+            with trio.CancelScope(shield=True):  # cancelled too: its reservation goes back
+                await self.cache.abandon_fill(oid)
+            if not isinstance(e, Exception):
+                raise
             return
         else:
             if await self.cache.finish_fill(oid, version, buf):
                 log.debug("cache: object %016x cached", oid)
         finally:
-            self._fills -= 1
             del self._filling[oid]
             done.set()
 
