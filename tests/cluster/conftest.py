@@ -49,6 +49,17 @@ def current_map(peer: PeerProc) -> ClusterMap:
         return ClusterMap.decode(f.read())
 
 
+def recovery_settled(cluster: Cluster) -> bool:
+    """Every peer up, at the map's epoch, and finished recovering it. A
+    returning peer is marked up before it sets aside what went stale while it
+    was away, so its files alone say nothing until its recovery pass ran."""
+    info = cluster.info()
+    return all(p["state"] == "up" and p.get("epoch") == info["epoch"]
+               and (r := p.get("recovery") or {}).get("epoch") == info["epoch"]
+               and not r.get("running") and not r.get("stopped") and r.get("done") == r.get("total")
+               for p in info["peers"])
+
+
 def fully_replicated(peers: list[PeerProc], vid: int) -> bool:
     """Every object of `vid` that any peer holds is on each peer placement names."""
     cmap = current_map(peers[0])

@@ -341,7 +341,7 @@ def test_cluster_check_finds_and_repairs_a_corrupted_replica(cluster):
     # a missing replica is found and restored the same way
     os.unlink(path)
     res = vdifs(*args, check=False)
-    assert res.returncode == 1 and "MISSING ON" in res.stdout
+    assert res.returncode == 1 and "MISSING ON" in res.stdout and "needs --repair" in res.stdout
     vdifs(*args, "--repair")
     assert os.path.exists(path) and "identical" in vdifs(*args).stdout
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import current_map, fully_replicated, peer_states, vdifs, wait_for
+from .conftest import current_map, fully_replicated, peer_states, recovery_settled, vdifs, wait_for
 
 #: Failure detection (pings for 4 s, an indirect probe, the map change) plus the
 #: mount's map poll, with room for a loaded machine: the longest a write may
@@ -49,6 +49,7 @@ def test_a_paused_peer_costs_writes_a_bounded_pause(cluster, role):
     # it comes back and catches up: every object at its 3 replicas, all identical
     wait_for(lambda: peer_states(cluster)[victim.address] == "up", 60, "paused peer up again")
     vid = m.vid("fio.img")
-    wait_for(lambda: fully_replicated(cluster.peers, vid), 120, "3 replicas of every object")
+    wait_for(lambda: recovery_settled(cluster) and fully_replicated(cluster.peers, vid), 120,
+             "every peer recovered, 3 replicas of every object")
     check = vdifs("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
     assert "all replicas where placement says, identical" in check.stdout

@@ -16,7 +16,7 @@ import pytest
 
 from tests.e2e.conftest import FioVerify, run
 
-from .conftest import current_map, fully_replicated, peer_states, wait_for
+from .conftest import current_map, fully_replicated, peer_states, recovery_settled, wait_for
 from .test_leases import Holder, open_errno
 
 #: As for a paused peer (test_hangs): failure detection or the mount's own
@@ -30,7 +30,8 @@ def settle_and_check(cluster, m) -> None:
     replicas, `cluster check` finds them identical."""
     wait_for(lambda: set(peer_states(cluster).values()) == {"up"}, 90, "every peer up again")
     vid = m.vid("fio.img")
-    wait_for(lambda: fully_replicated(cluster.peers, vid), 120, "3 replicas of every object")
+    wait_for(lambda: recovery_settled(cluster) and fully_replicated(cluster.peers, vid), 120,
+             "every peer recovered, 3 replicas of every object")
     check = cluster.cli("cluster", "check", "--cluster", cluster.addresses, "--secret-file", cluster.secret)
     assert "all replicas where placement says, identical" in check.stdout, check.stdout
 

@@ -21,3 +21,26 @@ def test_status_shows_progress_rate_and_eta():
     assert "10.5 MB/s" in line and "ETA 0:30" in line  # 25 objects in 10 s: 75 more take 30 s
     assert "clean (epoch 7, 3 objects recovered so far)" in text
     assert "stopped: only 20 MiB free" in text and "unreachable" in text
+
+
+def test_check_says_missing_replicas_are_on_their_way_while_recovery_runs():
+    from vdifs.cli.check import check_text
+
+    def report(recovering: bool) -> dict:
+        problems = [{"vdi": "vm", "oid": "0000000100000013", "missing": ["dc68"], "differing": [],
+                     "source": "aa01", "repaired": False},
+                    {"vdi": "vm", "oid": "0000000100000014", "missing": [], "differing": ["dc68"],
+                     "source": "aa01", "repaired": False},
+                    {"vdi": "vm", "oid": "0000000100000015", "missing": ["dc68"], "differing": [],
+                     "source": None, "repaired": False}]
+        return {"epoch": 5, "vdis": 1, "objects": 3, "problems": problems, "lost": [], "unreferenced": [],
+                "stray_vids": [], "recovering": recovering}
+
+    def states(text: str) -> list[str]:
+        return [ln.split()[-1] if "repair" not in ln else "needs --repair"
+                for ln in text.splitlines() if ln.startswith("vm ")]
+
+    settled, running = check_text(report(False)), check_text(report(True))
+    assert states(settled) == ["needs --repair", "needs --repair", "copy"]  # "no good copy"
+    assert states(running) == ["recovering", "needs --repair", "copy"]  # a differing replica is no recovery's
+    assert "replicas may be missing until it ends" in running and "until it ends" not in settled

@@ -13,7 +13,9 @@ from vdifs.model.cluster import ClusterMap
 from vdifs.model.directory import Directory
 from vdifs.model.ids import ObjectKind, data_oid, unpack_oid
 from vdifs.model.placement import placement
-from vdifs.peer.sweep import LEAK_GRACE, OBJECT_TIMEOUT, Holdings, find_and_collect, list_holders, referenced
+from vdifs.peer.recovery import recovery_settled
+from vdifs.peer.sweep import (LEAK_GRACE, LIST_TIMEOUT, OBJECT_TIMEOUT, Holdings, find_and_collect, list_holders,
+                              referenced)
 from vdifs.wire.rpc import RpcPool
 
 DIGEST_BATCH = 256  # objects per obj.digest request
@@ -83,6 +85,9 @@ async def check(pool: RpcPool, addresses: list[str], creds: Credentials, repair:
                                  "source": next((pid for pid, d in ds.items() if d == good), None),
                                  "repaired": False})
     progress.close()
+    # A peer back from down is up in the map before its recovery pass fetched
+    # what changed meanwhile: its missing replicas are on their way.
+    settling = not await recovery_settled(pool, cmap, timeout=LIST_TIMEOUT)
     refs = await referenced(pool, directory, present, up)
 
     def leaked(oid: int) -> bool:
@@ -110,7 +115,18 @@ async def check(pool: RpcPool, addresses: list[str], creds: Credentials, repair:
             "unreferenced": leaks.unreferenced, "lost": lost, "stray_vids": leaks.stray_vids,
             "unread_maps": sorted(refs.unread),
             "collected": leaks.collected, "kept_young": leaks.kept_young, "kept_in_use": leaks.kept_in_use,
-            "recovering": leaks.unsettled, "grace": grace}
+            "recovering": settling or leaks.unsettled, "grace": grace}
+
+
+def problem_state(problem: dict[str, Any], recovering: bool) -> str:
+    """What became of (or is to be done about) one object's bad replicas."""
+    if problem["repaired"]:
+        return "repaired"
+    if problem["source"] is None:
+        return "no good copy"
+    if recovering and not problem["differing"]:
+        return "recovering"
+    return "needs --repair"
 
 
 def check_text(report: dict[str, Any]) -> str:
@@ -122,8 +138,7 @@ def check_text(report: dict[str, Any]) -> str:
     out = [head]
     if report["problems"]:
         rows = [[p["vdi"], p["oid"], ",".join(p["missing"]) or "-", ",".join(p["differing"]) or "-",
-                 "repaired" if p["repaired"] else ("no good copy" if p["source"] is None else "needs --repair")]
-                for p in report["problems"]]
+                 problem_state(p, report.get("recovering", False))] for p in report["problems"]]
         out.append("\n" + table(rows, ["VDI", "OBJECT", "MISSING ON", "DIFFERS ON", "STATE"]))
     if report["lost"]:
         out.append(f"LOST: {len(report['lost'])} objects a map points at exist on no peer: "
@@ -144,7 +159,8 @@ def check_text(report: dict[str, Any]) -> str:
         out.append(f"kept {report['kept_in_use']} leaked objects of VDIs open for writing or shared (a writer's "
                    "map may not be stored yet): run again when they are closed")
     if report.get("recovering"):
-        out.append("recovery is still running: no leak removed (run again when `cluster status` is clean)")
+        out.append("recovery is still running: replicas may be missing until it ends, and no leak is removed "
+                   "(run again when `cluster status` is clean)")
     if not (report["lost"] or report["unreferenced"] or report["stray_vids"] or report.get("unread_maps")):
         out.append("every object is referenced by a map, and every referenced object exists")
     return "\n".join(out)
