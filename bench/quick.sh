@@ -11,7 +11,7 @@
 # The read jobs are 100%-read mixes, so fio opens the file read-write as a
 # hypervisor opens a VM's disk (the lease, and so the mount's cache, apply).
 # Trees alternate ROUNDS times (default 2) so drift of this shared machine
-# hits both; compare medians. Not the issue's benchmark (bench/run.sh and
+# hits both; compare medians. JOBS="seqwrite seqread" runs only those jobs. Not the issue's benchmark (bench/run.sh and
 # bench/cluster.sh are): a tool for deciding whether a change pays.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -66,6 +66,7 @@ one() {  # one TREE[::OPTS] ROUND
              "flush32 --rw=randwrite --bs=4k --iodepth=16 --fsync=32" \
              "flush32q1 --rw=randwrite --bs=4k --iodepth=1 --fsync=32" "seqread --rw=rw --rwmixread=100 --bs=1M --iodepth=8"; do
         set -- $j; name=$1; shift
+        [[ -z ${JOBS:-} || " $JOBS " == *" $name "* ]] || continue
         timed=(); [[ $name == seq* ]] || timed=(--runtime="$RT" --time_based)
         fio --name="$name" --filename="$f" "${COMMON[@]}" "${timed[@]}" "$@" > "$WORK.$name.json"
         line+=$(python3 - "$WORK.$name.json" "$name" <<'PY'

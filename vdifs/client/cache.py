@@ -300,19 +300,19 @@ class ObjectCache:
         """A write to `oid` starts (fills under way are overtaken)."""
         self.index.changed(oid)
 
-    async def write_through(self, oid: int, offset: int, data: Buffer) -> None:
+    async def write_through(self, oid: int, offset: int, data: Buffer) -> bool:
         """Apply a write the replicas took to a READY cached copy: in the page
-        cache at once if it can, else through a worker thread (when the
-        store sends small writes there for a while: a disk that throttled
-        it). The copy is dropped if the write fails."""
+        cache at once if it can (a small write), else through a worker
+        thread. False if the copy did not take it (not READY, or the write
+        failed: then it is dropped)."""
         e = self.index.get(oid)
         if e is None or e.state != State.READY or e.doomed:
-            return
+            return False
         if offset + len(data) > e.charged:  # cached objects are whole: only a bug gets here
             self.drop_soon(oid)
-            return
+            return False
         if self.store.write_now(oid, offset, data):
-            return
+            return True
         self.index.acquire(oid)
         try:
             await self.store.write(oid, offset, data)
@@ -320,12 +320,13 @@ class ObjectCache:
             log.warning("cache: write to cached object %016x failed (%s): dropped", oid, ex)
             self._release(oid)
             self.drop_soon(oid)
-            return
+            return False
         except BaseException:  # cancelled: whether the copy has the write is unknown
             self._release(oid)
             self.drop_soon(oid)
             raise
         self._release(oid)
+        return True
 
     async def drop(self, oid: int) -> None:
         """Throw `oid` out: it may be out of date."""

@@ -7,8 +7,9 @@ Which objects are cached (data objects only, never maps):
   directory, and it is kept across restarts;
 - objects of an unshared VDI whose lease this mount holds: only this mount
   writes them, so the copy is kept up to date by this mount's own writes
-  (write-through, after every replica acknowledged; writes larger than
-  WRITE_THROUGH_MAX drop the copy instead). The copy belongs to
+  (write-through, after every replica acknowledged), and an object this
+  mount creates is cached as it is created (write-allocate: what a VM
+  wrote is what it reads back). The copy belongs to
   the lease generation it was made under and is served only while that
   same generation is held: a lease lost, released or taken over by another
   mount and back (A -> B -> A) means a new generation, and the copy is
@@ -27,8 +28,8 @@ peers and starts a fill in the background (at most MAX_FILLS at once), if
 space can be reserved; a fill that a write overtakes throws away what it
 fetched. A write that
 fails, or that overlapped another write to the same bytes in flight (the
-replicas may then hold either), drops the cached copy: replicas and cache
-can never disagree about what a read returns.
+replicas may then hold either, and the copy either), drops the cached
+copy: replicas and cache can never disagree about what a read returns.
 
 Concurrency: everything runs on the trio thread; `read_now` and the
 checks before an await are atomic for the other tasks.
@@ -52,11 +53,6 @@ log = logging.getLogger("vdifs.cache")
 
 MAX_FILLS = 4  # fills running at once
 READ_AHEAD = 2  # objects fetched ahead of a read that waits for a snapshot's object
-#: Writes (and creates) up to this size go into the cache as well; a larger
-#: one drops the cached copy instead. A guest's own small writes are what it
-#: reads back; a stream (an image copied in, a disk filled) would only pay a
-#: second copy on this host for data a read-miss fill can bring in later.
-WRITE_THROUGH_MAX = 64 << 10
 #: A read miss this large of a writable VDI's object starts no fill: a stream
 #: reads each object once, and a fill would fetch it a second time.
 STREAM_READ = 128 << 10
@@ -195,19 +191,21 @@ class CachingPool:
         return False  # every write waits for the replicas
 
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        # The write stays in flight until the copy has it too: a write to the
+        # same bytes that starts meanwhile drops the copy, whichever of the
+        # two reaches it last.
         mine = self._begin_write(oid, offset, len(data))
+        kept = False
         try:
             await self.pool.write(oid, offset, data)
+            if not mine[2] and self._serves(oid):
+                kept = await self.cache.write_through(oid, offset, data)
         except BaseException:
             self._end_write(oid, mine)
             with trio.CancelScope(shield=True):
                 await self.cache.drop(oid)  # some replicas may have it, others not
             raise
-        if self._end_write(oid, mine) or len(data) > WRITE_THROUGH_MAX:
-            await self.cache.drop(oid)
-        elif self._serves(oid):
-            await self.cache.write_through(oid, offset, data)
-        else:
+        if self._end_write(oid, mine) or not kept:
             await self.cache.drop(oid)
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
@@ -227,7 +225,7 @@ class CachingPool:
         # Write-allocate: a VDI this mount writes is read back by the same VM,
         # so the new object goes into the cache too, as the replicas have it.
         # No await since the replicas answered: no write of ours came between.
-        terms = self._terms(oid) if len(data) <= WRITE_THROUGH_MAX else None
+        terms = self._terms(oid)
         if terms is not None and not terms[1]:
             version = self.cache.begin_fill(oid, size, True, terms[2])
             if version is not None:
