@@ -7,9 +7,10 @@ Which objects are cached (data objects only, never maps):
   directory, and it is kept across restarts;
 - objects of an unshared VDI whose lease this mount holds: only this mount
   writes them, so the copy is kept up to date by this mount's own writes
-  (write-through, after every replica acknowledged), and an object this
-  mount creates is cached as it is created (write-allocate: what a VM
-  wrote is what it reads back). The copy belongs to
+  of any size (write-through, after every replica acknowledged), and an
+  object this mount creates with a small write is cached as it is created
+  (write-allocate; a stream's creates are not: see WRITE_ALLOCATE_MAX).
+  The copy belongs to
   the lease generation it was made under and is served only while that
   same generation is held: a lease lost, released or taken over by another
   mount and back (A -> B -> A) means a new generation, and the copy is
@@ -56,6 +57,11 @@ READ_AHEAD = 2  # objects fetched ahead of a read that waits for a snapshot's ob
 #: A read miss this large of a writable VDI's object starts no fill: a stream
 #: reads each object once, and a fill would fetch it a second time.
 STREAM_READ = 128 << 10
+#: Creates up to this size are cached as they are made (a guest's first small
+#: write into an object, which it reads back); larger ones (a disk being
+#: filled, an image copied in) are not: a fourth page-cache copy of a
+#: stream made sequential writes 0.71x GlusterFS here (docs/benchmarks.md).
+WRITE_ALLOCATE_MAX = 64 << 10
 SWEEP_INTERVAL = 2.0  # seconds between looks for cached objects that lost their right to be kept
 
 #: (object size, immutable) of a data vid the cache may keep, or None (`Catalog.cache_facts`).
@@ -225,7 +231,7 @@ class CachingPool:
         # Write-allocate: a VDI this mount writes is read back by the same VM,
         # so the new object goes into the cache too, as the replicas have it.
         # No await since the replicas answered: no write of ours came between.
-        terms = self._terms(oid)
+        terms = self._terms(oid) if len(data) <= WRITE_ALLOCATE_MAX else None
         if terms is not None and not terms[1]:
             version = self.cache.begin_fill(oid, size, True, terms[2])
             if version is not None:
