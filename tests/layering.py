@@ -28,8 +28,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "peer": frozenset({"errors", "fsutil", "model", "store", "wire", "meta"}),
     "client": frozenset({"errors", "fsutil", "model", "store", "wire", "meta"}),
     "control": frozenset({"errors", "model", "wire", "client"}),
-    "fuse": frozenset({"errors", "model", "client", "control"}),
-    "cli": frozenset({"errors", "fsutil", "model", "store", "wire", "meta", "peer", "client", "control", "fuse"}),
+    "nbd": frozenset({"errors", "model", "client"}),
+    "fuse": frozenset({"errors", "fsutil", "model", "client", "control", "nbd"}),
+    "cli": frozenset({"errors", "fsutil", "model", "store", "wire", "meta", "peer", "client", "control", "nbd",
+                      "fuse"}),
 }
 
 # vdifs/__init__.py holds only the version and docstring: any layer may read

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 from typing import IO
 
 from vdifs.errors import StoreBusy
@@ -54,3 +55,26 @@ def lock_store(store: str) -> IO[str]:
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def store_id(store: str) -> str:
+    """This store's random id, made at its first use: who "this mount" is
+    across restarts. With the store's lock held, a lease whose holder names
+    this id was left by an earlier process of this very mount, which is
+    gone (the lock is released only when its holder dies or exits)."""
+    path = os.path.join(store, "store.id")
+    try:
+        with open(path) as f:
+            found = f.read().strip()
+        if found:
+            return found
+    except FileNotFoundError:
+        pass
+    new = secrets.token_hex(16)
+    tmp = path + ".new"
+    with open(tmp, "w") as f:
+        f.write(new + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return new

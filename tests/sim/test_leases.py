@@ -297,3 +297,31 @@ async def test_a_renewal_that_waited_out_a_release_does_not_lose_the_next_lease(
             await trio.testing.wait_all_tasks_blocked()
     assert a.holds(VID) and a.held[VID].generation == first + 1
     assert lost == []
+
+
+async def test_a_restarted_mount_takes_its_earlier_runs_lease_at_once_and_nobody_elses(autojump_clock):
+    """The same store (and credential) is this mount's earlier process, which
+    the store's lock proves gone: its lease is taken over at once, with a new
+    generation (fenced). Another store, or another credential, waits a term."""
+    reg = MemRegister()
+    fenced: list[int] = []
+
+    async def fence(vid: int, gen: int) -> None:
+        fenced.append(gen)
+
+    def manager(name: str, store: str, credential: str = "hv1") -> LeaseManager:
+        return LeaseManager(name, {"host": "h", "pid": 1, "mountpoint": "/m", "credential": credential,
+                                   "store": store}, lambda vid: reg, fence, term=TERM)
+
+    first = manager("run1", "s1")
+    assert await first.acquire(VID) == 1  # then killed: it never releases
+    start = trio.current_time()
+    with pytest.raises(LeaseBusy):
+        await manager("other-store", "s2").acquire(VID)
+    with pytest.raises(LeaseBusy):
+        await manager("other-cred", "s1", credential="hv2").acquire(VID)
+    second = manager("run2", "s1")
+    assert await second.acquire(VID) == 2 and fenced == [1, 2]
+    assert trio.current_time() - start < 0.1
+    with pytest.raises(LeaseBusy):  # and the earlier run, were it alive, is the other one now
+        await manager("run1-again", "s3").acquire(VID)

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: no cache)")
     m.add_argument("--cache-ttl", type=float, default=TTL, metavar="SECONDS",
                    help=f"cached objects unused for this long are removed (default {TTL:g}, a week)")
+    nbd = m.add_mutually_exclusive_group()
+    nbd.add_argument("--nbd", metavar="PATH", default="",
+                     help="serve the VDIs over NBD on this unix socket too, mode 0660 (export NAME, or "
+                          "NAME@SNAP read-only; QEMU: nbd+unix:///NAME?socket=PATH; default: "
+                          "STORE/nbd.sock)")
+    nbd.add_argument("--no-nbd", dest="nbd", action="store_const", const=None, help="serve no NBD socket")
 
     u = sub.add_parser("umount", help="flush and unmount a vdifs mount",
                        description="Flush everything to the pool, unmount, and wait for the mount process to exit.")
@@ -108,7 +114,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mount = Mount(mountpoint, store, allow_other=args.allow_other, cluster=cluster,
                   secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term,
                   io_wait=args.io_wait, write_behind=args.write_behind, encrypt=args.encrypt,
-                  cache_dir=args.cache, cache_size=args.cache_size, cache_ttl=args.cache_ttl)
+                  cache_dir=args.cache, cache_size=args.cache_size, cache_ttl=args.cache_ttl, nbd=args.nbd)
     lock = lock_store(store)
     keep_freed_buffers()
     logfile = args.log_file or os.path.join(store, "mount.log")

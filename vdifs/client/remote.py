@@ -555,10 +555,12 @@ class ClusterAccess:
         return cls(list(seeds), creds, DEFAULT_TERM if lease_term is None else lease_term, io_wait, encrypt,
                    cache_dir, cache_size, cache_ttl)
 
-    async def open_catalog(self, nursery: trio.Nursery, mountpoint: str) -> Catalog:
+    async def open_catalog(self, nursery: trio.Nursery, mountpoint: str, store_id: str = "") -> Catalog:
         """Connect to the cluster and return the catalog of its shared
         directory, with leases held under a fresh node id (renewed by a task
-        in `nursery`)."""
+        in `nursery`). `store_id`: the mount's store (`fsutil.store_id`),
+        whose lock this process holds: leases an earlier process of the
+        same store left are taken over at once (`LeaseManager`)."""
         node_id = f"mount-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         remote = RemotePool(self.seeds, self.creds, nursery, node_id, io_wait=self.io_wait, encrypt=self.encrypt)
         cmap = await remote.connect()
@@ -566,7 +568,8 @@ class ClusterAccess:
                  len(cmap.up_peers()), cmap.copies)
         # The credential goes into the lease: peers let only its holder change a live lease.
         leases = LeaseManager(node_id, {"host": socket.gethostname(), "pid": os.getpid(),
-                                        "mountpoint": mountpoint, "credential": self.creds.credential},
+                                        "mountpoint": mountpoint, "credential": self.creds.credential,
+                                        "store": store_id},
                               lambda vid: remote.meta.register(lease_key(vid)), remote.fence,
                               term=self.lease_term)
         pool: RemotePool | CachingPool = remote

@@ -853,6 +853,81 @@ class Volume:
                     self.times_dirty |= times_dirty
                     raise
 
+    def allocation(self, offset: int, length: int) -> list[bool]:
+        """For each object [offset, offset + length) touches, from the first:
+        whether it may hold data. False only where the map says hole and no
+        write in the window lies in it; a shared VDI's map may be behind
+        another mount's writes, so every object of one may hold data."""
+        first, last = offset // self.object_size, (offset + max(length, 1) - 1) // self.object_size
+        out = []
+        for index in range(first, last + 1):
+            held = self.record.shared or is_allocated(self.map.get(index))
+            if not held and self.window:
+                held = bool(self.window.layers(index * self.object_size, self.object_size))
+            out.append(held)
+        return out
+
+    async def discard(self, offset: int, length: int, *, provision: bool = False) -> None:
+        """The range reads as zeros from now on (TRIM, WRITE_ZEROES). Objects
+        it covers whole are freed (their space given back); the rest of the
+        range is written as zeros, which allocates nothing where there is a
+        hole. `provision`: free nothing and leave no hole in the range
+        (zero objects are created where there were none). Writes
+        acknowledged before are written back first, so none lands after. A
+        shared VDI's objects are never freed (another mount may be writing
+        them): zeros are written instead."""
+        self._check_writable()
+        end = min(offset + length, self.size)
+        if offset < 0 or offset >= end:
+            return
+        async with self._changing():
+            if self.window:
+                await self._drain_window()
+            limiter = trio.CapacityLimiter(FREE_PARALLELISM)
+
+            async def one(e: Extent) -> None:
+                async with limiter:
+                    if provision:
+                        await self._zero_provisioned(e)
+                    elif e.length == self.object_size and not self.record.shared:
+                        await self.free_object(e.index)
+                    else:
+                        await self._write_extent(e, zeros(e.length))
+
+            async with trio.open_nursery() as nursery:
+                for e in split_extents(offset, end - offset, self.object_size):
+                    nursery.start_soon(one, e)
+            self.touch()
+
+    async def _zero_provisioned(self, e: Extent) -> None:
+        """Zeros over the extent, leaving its object allocated (never freed,
+        created if it was a hole)."""
+        lock = self._index_lock(e.index)
+        try:
+            async with lock:
+                entry = self.map.get(e.index)
+                if self.record.shared and not is_allocated(entry):
+                    entry = await self._refresh_entry(e.index)
+                oid = data_oid(self.data_vid, e.index)
+                if entry == self.data_vid:
+                    await self.pool.write(oid, e.offset, zeros(e.length))
+                elif is_allocated(entry) and e.length < self.object_size:
+                    await self._copy_up(e, zeros(e.length), entry)
+                    return
+                else:  # a hole, or an inherited object zeroed whole: a zero object of our own
+                    if self.record.shared:
+                        try:
+                            await self.pool.create(oid, 0, b"", self.object_size, exclusive=True)
+                        except ObjectExists:
+                            await self.pool.write(oid, e.offset, zeros(e.length))
+                    else:
+                        await self.pool.create(oid, 0, b"", self.object_size)
+                    self.map.set(e.index, self.data_vid)
+                    await self._write_map_page(e.index)
+                self._dirty_data.add(oid)
+        finally:
+            self._drop_index_lock(e.index, lock)
+
     async def truncate(self, size: int) -> None:
         """Resize; shrinking zeroes the tail of the last object and frees the rest."""
         check_size(size)

@@ -24,9 +24,14 @@ from vdifs.control.caller import CONTROL_SOCKET
 from vdifs.control.mounts import SOURCE_PREFIX
 from vdifs.control.server import ControlServer
 from vdifs.errors import VdifsError
+from vdifs.fsutil import store_id
 from vdifs.fuse import session
 from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
 from vdifs.model.directory import Directory
+from vdifs.nbd.server import NbdServer
+
+NBD_SOCKET = "nbd.sock"  # in the store, unless --nbd says where
+UNIX_PATH_MAX = 108  # bytes of a unix socket's path, with its NUL
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +64,12 @@ class Mount:
                  cluster: list[str] | None = None, secret_file: str | None = None,
                  copies: int | None = None, lease_term: float | None = None, io_wait: float = REPLICA_WAIT,
                  write_behind: int = WRITE_BEHIND, encrypt: bool = False, cache_dir: str | None = None,
-                 cache_size: int | None = None, cache_ttl: float = cache.TTL) -> None:
+                 cache_size: int | None = None, cache_ttl: float = cache.TTL, nbd: str | None = "") -> None:
         """`lease_term`: None is the default term of leases; `write_behind`:
         the window of each VDI in bytes (0: off); the local object cache of a
         cluster mount: `cache_dir` (None: `cache` in the store) of
-        `cache_size` bytes (None: `cache.default_size`, 0: no cache)."""
+        `cache_size` bytes (None: `cache.default_size`, 0: no cache); `nbd`:
+        the NBD server's socket ("": NBD_SOCKET in the store; None: none)."""
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
@@ -81,6 +87,10 @@ class Mount:
         self.copies = copies
         self.write_behind = write_behind
         self.control_path = os.path.join(self.store_path, CONTROL_SOCKET)
+        self.nbd_path = None if nbd is None else os.path.abspath(nbd or os.path.join(self.store_path, NBD_SOCKET))
+        if self.nbd_path is not None and len(self.nbd_path.encode()) >= UNIX_PATH_MAX:
+            raise VdifsError(f"NBD socket path {self.nbd_path} is longer than a unix socket's "
+                             f"{UNIX_PATH_MAX - 1} bytes: choose a shorter one with --nbd")
         self.catalog: Catalog | None = None
         self.session: session.Session | None = None
 
@@ -89,7 +99,8 @@ class Mount:
             log.warning("no local object cache (--cache-size 0, or too little free space on the file system "
                         "of %s)", self.cache_dir)
         if self.access is not None:
-            catalog = await self.access.open_catalog(nursery, self.mountpoint)
+            catalog = await self.access.open_catalog(nursery, self.mountpoint,
+                                                     await trio.to_thread.run_sync(store_id, self.store_path))
         else:
             catalog = await open_embedded(self.store_path, nursery)
         if self.copies is not None:
@@ -140,9 +151,13 @@ class Mount:
             ops = VdifsOperations(catalog)
             control = ControlServer(catalog, self.control_path,
                                     {"mountpoint": self.mountpoint, "store": self.store_path,
-                                     "cluster": ",".join(self.cluster or []), "fuse": ops.stats},
+                                     "cluster": ",".join(self.cluster or []), "fuse": ops.stats,
+                                     "nbd": self.nbd_path or ""},
                                     self.invalidate)
             await nursery.start(control.serve)
+            nbd = NbdServer(catalog, self.nbd_path) if self.nbd_path else None
+            if nbd is not None:
+                await nursery.start(nbd.serve)
             # mount(2), or fusermount3 as a child process: off the event loop (the control server runs)
             fd = await trio.to_thread.run_sync(session.mount, self.mountpoint, SOURCE_PREFIX + self.store_path,
                                                fuse_options(self.allow_other))
@@ -163,6 +178,8 @@ class Mount:
                 with trio.CancelScope(shield=True):
                     try:
                         try:
+                            if nbd is not None:
+                                await nbd.stop()  # its clients' exports flushed and given back first
                             await catalog.flush_all()
                         finally:
                             await catalog.release_all_leases()

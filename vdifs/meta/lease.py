@@ -119,6 +119,17 @@ class LeaseManager:
     def is_ours(self, lease: Lease) -> bool:
         return lease.holder is not None and lease.holder.get("mount") == self.mount_id
 
+    def left_by_an_earlier_run(self, lease: Lease) -> bool:
+        """The holder is an earlier process of this mount: the same store
+        (whose lock we hold, so that process is gone) and the same
+        credential (the acceptors let a credential take over its own lease
+        at once). A mount restarted under a VM's disk gets it back without
+        waiting a term; the fence still cuts off anything that process left in flight."""
+        h = lease.holder
+        mine = self.identity.get("store")
+        return (h is not None and bool(mine) and h.get("store") == mine and not self.is_ours(lease)
+                and h.get("credential") == self.identity.get("credential"))
+
     def _lock(self, vid: int) -> trio.Lock:
         return self._locks.setdefault(vid, trio.Lock())
 
@@ -141,7 +152,10 @@ class LeaseManager:
             if lease.holder is not None and lease.closing and not self.is_ours(lease):
                 version, lease = await self._wait_for_closing(reg, version, lease)
             now = self.clock()
-            if lease.holder is not None and not self.is_ours(lease):
+            if lease.holder is not None and self.left_by_an_earlier_run(lease):
+                log.warning("vid %d: %s was an earlier run of this mount (same store, now locked by us): "
+                            "taking its lease over at once", vid, lease.describe())
+            elif lease.holder is not None and not self.is_ours(lease):
                 watch = self._watching.get(vid)
                 if watch is None or watch.version != version:
                     self._watching[vid] = _Watch(version, now)  # it moved: the holder is alive

@@ -1,0 +1,514 @@
+"""The mount's NBD server: VDIs as block devices on a unix socket.
+
+QEMU's NBD client carries what FUSE cannot: TRIM and WRITE_ZEROES free
+objects, BLOCK_STATUS shows holes, and `reconnect-delay` holds a guest's
+requests while the mount restarts. Exports are VDI names (read-write,
+under the VDI's lease, like a writable open of the file) and `NAME@SNAP`
+(a snapshot, read-only); they use the same volumes as the FUSE side, so
+a VDI written here is the same file in the mount, byte for byte.
+
+Per connection: the handshake (fixed newstyle; option haggling with
+deadlines), then a loop that reads requests and starts a task for each,
+up to MAX_IN_FLIGHT requests and MAX_IN_FLIGHT_BYTES of payload at once;
+replies go out as requests finish (out of order), one at a time under the
+connection's send lock. A request the protocol allows but we cannot serve
+gets an error reply and the connection goes on; a broken frame (bad
+magic, a payload too large to skip) ends the connection, logged with its
+reason. Nothing a client sends ends the server.
+
+Writes follow the FUSE side's contract (docs/architecture.md,
+"Write-behind"): a connection's writes are acknowledged from the VDI's
+write-behind window only once it has sent a FLUSH (proof that it
+flushes); FUA writes and FLUSH return when durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from vdifs.client.catalog import Catalog
+from vdifs.client.volume import Volume
+from vdifs.errors import VdifsError
+from vdifs.nbd import protocol as p
+from vdifs.nbd.protocol import Cmd, CmdFlag, Opt, ProtocolError, Rep, TransmissionFlag
+
+log = logging.getLogger("vdifs.nbd")
+
+HANDSHAKE_TIMEOUT = 30.0  # seconds a client has for the whole handshake
+PAYLOAD_TIMEOUT = 60.0  # seconds for a request's payload once its header came
+MAX_IN_FLIGHT = 64  # requests served at once per connection
+MAX_IN_FLIGHT_BYTES = 64 << 20  # bytes of write payloads and read replies in flight per connection
+SOCKET_MODE = 0o660
+
+#: errno -> NBD error (what the protocol has; anything else is EIO)
+NBD_ERRORS = {errno.EPERM: p.EPERM, errno.EROFS: p.EPERM, errno.EACCES: p.EPERM, errno.ENOMEM: p.ENOMEM,
+              errno.EINVAL: p.EINVAL, errno.ENOSPC: p.ENOSPC, errno.EDQUOT: p.ENOSPC, errno.EFBIG: p.EINVAL,
+              errno.EOVERFLOW: p.EOVERFLOW, errno.ENOTSUP: p.ENOTSUP, errno.ESHUTDOWN: p.ESHUTDOWN}
+
+
+class Closed(Exception):
+    """The client closed the connection (where that is allowed)."""
+
+
+class Reader:
+    """Exact-size reads from a stream, with a buffer of what came early."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._buf = bytearray()
+
+    async def exactly(self, n: int) -> bytearray:
+        while len(self._buf) < n:
+            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
+            if not chunk:
+                if self._buf:
+                    raise ProtocolError(f"connection closed inside a frame ({len(self._buf)} of {n} bytes)")
+                raise Closed()
+            self._buf += chunk
+        if len(self._buf) == n:
+            out, self._buf = self._buf, bytearray()
+            return out
+        out = self._buf[:n]
+        del self._buf[:n]
+        return out
+
+
+@dataclass
+class Export:
+    name: str
+    volume: Volume
+    read_only: bool  # a snapshot
+    writable: bool  # a writable handle of the catalog (holds the lease): closed at the end
+
+    @property
+    def size(self) -> int:
+        return self.volume.size
+
+    def flags(self) -> int:
+        return transmission_flags(self.read_only)
+
+
+def transmission_flags(read_only: bool) -> int:
+    f = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
+         | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_DF
+         | TransmissionFlag.SEND_CACHE | TransmissionFlag.SEND_FAST_ZERO)
+    if read_only:
+        f |= TransmissionFlag.READ_ONLY
+    return int(f)
+
+
+class Exports:
+    """Export names to the catalog's VDIs and snapshots."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def names(self) -> list[str]:
+        out = []
+        for name, rec in self.catalog.listing():
+            out.append(name)
+            out.extend(f"{name}@{snap}" for snap in sorted(rec.snapshots))
+        return out
+
+    def describe(self, name: str) -> tuple[int, bool]:
+        """(size, read-only) of an export; VdifsError (ENOENT) if there is none."""
+        vdi, at, snap = name.partition("@")
+        rec = self.catalog.current.vdis.get(vdi)
+        if rec is None or (at and snap not in rec.snapshots):
+            raise VdifsError(f"no export {name!r}: not a VDI (or VDI@SNAPSHOT) of this cluster",
+                             code=errno.ENOENT)
+        return (rec.snapshots[snap].size, True) if at else (rec.size, False)
+
+    async def open(self, name: str) -> Export:
+        """The export's volume: a VDI opened writable (its lease taken, as by
+        a writable open of its file), or a snapshot."""
+        self.describe(name)
+        vdi, at, snap = name.partition("@")
+        rec = self.catalog.current.vdis[vdi]
+        if at:
+            vol = await self.catalog.snapshot_volume(rec.snapshots[snap].vid)
+            return Export(name, vol, read_only=True, writable=False)
+        vol = await self.catalog.open(rec.vid, writable=True)
+        return Export(name, vol, read_only=False, writable=True)
+
+    async def close(self, export: Export) -> None:
+        """Give the handle back (the last writer's close releases the lease
+        after a flush, as a file's close does)."""
+        if export.writable:
+            try:
+                await self.catalog.writer_closing(export.volume)
+            finally:
+                await self.catalog.close(export.volume, writable=True)
+
+
+class Connection:
+    def __init__(self, stream: trio.SocketStream, exports: Exports, peer: str) -> None:
+        self.stream = stream
+        self.exports = exports
+        self.peer = peer
+        self.reader = Reader(stream)
+        self.send_lock = trio.Lock()
+        self.structured = False
+        self.contexts = False  # base:allocation selected
+        self.no_zeroes = False
+        self.flushed = False  # a FLUSH came: writes may be acknowledged from the window
+        self.export: Export | None = None
+        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._bytes = 0
+        self._bytes_freed = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await self._handshake()
+            if self.export is not None:
+                log.info("nbd: %s attached export %s (%s)", self.peer, self.export.name,
+                         "read-only" if self.export.read_only else "read-write")
+                await self._transmission()
+        except Closed:
+            pass
+        except trio.TooSlowError:
+            log.warning("nbd: %s: handshake not done within %.0f s: connection closed", self.peer,
+                        HANDSHAKE_TIMEOUT)
+        except ProtocolError as e:
+            log.warning("nbd: %s%s: %s: connection closed", self.peer,
+                        f" (export {self.export.name})" if self.export else "", e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.export is not None:
+                    try:
+                        await self.exports.close(self.export)
+                    except VdifsError as e:
+                        log.warning("nbd: export %s: closing it failed: %s", self.export.name, e)
+                    log.info("nbd: %s detached export %s", self.peer, self.export.name)
+                await self.stream.aclose()
+
+    # -- handshake ---------------------------------------------------------------------
+
+    async def _handshake(self) -> None:
+        await self.stream.send_all(p.GREETING)
+        (client_flags,) = struct.unpack(">I", await self.reader.exactly(4))
+        if client_flags & ~p.CLIENT_FLAGS_KNOWN:
+            raise ProtocolError(f"unknown client flags {client_flags:#x}")
+        if not client_flags & p.FLAG_FIXED_NEWSTYLE:
+            raise ProtocolError("the client does not speak fixed newstyle")
+        self.no_zeroes = bool(client_flags & p.FLAG_NO_ZEROES)
+        while self.export is None:
+            magic, option, length = p.OPTION_HEADER.unpack(await self.reader.exactly(p.OPTION_HEADER.size))
+            if magic != p.IHAVEOPT:
+                raise ProtocolError(f"bad option magic {magic:#x}")
+            if length > p.MAX_OPTION_DATA:
+                raise ProtocolError(f"option {option} carries {length} bytes (at most {p.MAX_OPTION_DATA})")
+            data = bytes(await self.reader.exactly(length))
+            if not await self._option(option, data):
+                return
+
+    async def _reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        await self.stream.send_all(p.option_reply(option, reply, data))
+
+    async def _refuse(self, option: int, reply: Rep, message: str) -> None:
+        log.info("nbd: %s: option %d refused: %s", self.peer, option, message)
+        await self.stream.send_all(p.error_reply(option, reply, message))
+
+    async def _option(self, option: int, data: bytes) -> bool:
+        """Answer one option; False when the handshake ends without an export."""
+        if option == Opt.EXPORT_NAME:
+            name = data.decode("utf-8", "replace")
+            try:
+                self.export = await self.exports.open(name)
+            except VdifsError as e:
+                raise ProtocolError(f"export {name!r} cannot be attached: {e}") from None  # no way to say so
+            await self.stream.send_all(p.export_name_reply(self.export.size, self.export.flags(),
+                                                           self.no_zeroes))
+        elif option == Opt.ABORT:
+            await self._reply(option, Rep.ACK)
+            return False
+        elif option == Opt.LIST:
+            if data:
+                await self._refuse(option, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
+                return True
+            for name in self.exports.names():
+                await self._reply(option, Rep.SERVER, p.server_entry(name))
+            await self._reply(option, Rep.ACK)
+        elif option == Opt.STRUCTURED_REPLY:
+            if data or self.structured:
+                await self._refuse(option, Rep.ERR_INVALID, "structured replies: no data, and only once")
+                return True
+            self.structured = True
+            await self._reply(option, Rep.ACK)
+        elif option in (Opt.INFO, Opt.GO):
+            await self._info_or_go(option, data)
+        elif option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            await self._meta(option, data)
+        elif option == Opt.STARTTLS:
+            await self._refuse(option, Rep.ERR_UNSUP, "no TLS on the mount's local socket")
+        else:
+            await self._refuse(option, Rep.ERR_UNSUP, f"option {option} is not supported")
+        return True
+
+    async def _info_or_go(self, option: int, data: bytes) -> None:
+        try:
+            req = p.parse_go(data)
+        except ValueError as e:
+            await self._refuse(option, Rep.ERR_INVALID, f"malformed request: {e}")
+            return
+        try:
+            size, read_only = self.exports.describe(req.name)
+        except VdifsError as e:
+            await self._refuse(option, Rep.ERR_UNKNOWN, str(e))
+            return
+        export = None
+        if option == Opt.GO:
+            try:
+                export = await self.exports.open(req.name)
+            except VdifsError as e:
+                await self._refuse(option, Rep.ERR_POLICY if e.errno == errno.EBUSY else Rep.ERR_UNKNOWN,
+                                   f"export {req.name}: {e}")
+                return
+            size = export.size
+        await self._reply(option, Rep.INFO, p.info_export(size, transmission_flags(read_only)))
+        if p.Info.NAME in req.infos:
+            await self._reply(option, Rep.INFO, p.info_name(req.name))
+        if p.Info.DESCRIPTION in req.infos:
+            await self._reply(option, Rep.INFO, p.info_description(
+                f"vdifs {'snapshot' if read_only else 'VDI'} {req.name}"))
+        if p.Info.BLOCK_SIZE in req.infos:
+            await self._reply(option, Rep.INFO, p.info_block_size())
+        await self._reply(option, Rep.ACK)
+        self.export = export
+
+    async def _meta(self, option: int, data: bytes) -> None:
+        try:
+            req = p.parse_meta(data)
+        except ValueError as e:
+            await self._refuse(option, Rep.ERR_INVALID, f"malformed request: {e}")
+            return
+        if option == Opt.SET_META_CONTEXT and not self.structured:
+            await self._refuse(option, Rep.ERR_INVALID, "structured replies first")
+            return
+        try:
+            self.exports.describe(req.name)
+        except VdifsError as e:
+            await self._refuse(option, Rep.ERR_UNKNOWN, str(e))
+            return
+        if option == Opt.LIST_META_CONTEXT:
+            hit = not req.queries or any(q in (p.BASE_ALLOCATION, "base:") for q in req.queries)
+        else:
+            hit = p.BASE_ALLOCATION in req.queries
+            self.contexts = hit
+        if hit:
+            await self._reply(option, Rep.META_CONTEXT, p.meta_context(p.BASE_ALLOCATION_ID, p.BASE_ALLOCATION))
+        await self._reply(option, Rep.ACK)
+
+    # -- transmission ------------------------------------------------------------------
+
+    async def _transmission(self) -> None:
+        """Requests until the client disconnects; what ends the connection is
+        raised after the requests in flight are answered (outside the
+        nursery, so it is not wrapped in an exception group)."""
+        export = self.export
+        assert export is not None
+        ended: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._requests(export, nursery)
+            except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+                ended = e
+        if ended is not None:
+            raise ended
+
+    async def _requests(self, export: Export, nursery: trio.Nursery) -> None:
+        try:
+            while True:
+                req = p.parse_request(await self.reader.exactly(p.REQUEST.size))
+                payload = b""
+                if req.type == Cmd.WRITE:
+                    if req.length > p.MAX_BLOCK:  # too large to take, and skipping it is no better
+                        raise ProtocolError(f"a write of {req.length} bytes (at most {p.MAX_BLOCK})")
+                    await self._room(req.length)
+                    with trio.fail_after(PAYLOAD_TIMEOUT):
+                        payload = bytes(await self.reader.exactly(req.length))
+                if req.type == Cmd.DISC:
+                    return  # the nursery waits for what is in flight; then we close
+                error = p.check_request(req, export.size, export.read_only, self.structured, self.contexts)
+                if error:
+                    self._give_back(len(payload))
+                    await self._send_error(req.cookie, error, f"request refused (type {req.type}, "
+                                           f"flags {req.flags:#x}, {req.length} bytes at {req.offset})")
+                    continue
+                if req.type == Cmd.READ:
+                    await self._room(req.length)
+                await self._slots.acquire()
+                nursery.start_soon(self._serve, export, req, payload)
+        except trio.TooSlowError:
+            raise ProtocolError(f"a request's payload did not come within {PAYLOAD_TIMEOUT:.0f} s") from None
+        except Closed:
+            pass
+
+    async def _room(self, n: int) -> None:
+        """Wait until `n` more bytes may be in flight (one request is always let through)."""
+        while self._bytes and self._bytes + n > MAX_IN_FLIGHT_BYTES:
+            await self._bytes_freed.wait()
+        self._bytes += n
+
+    def _give_back(self, n: int) -> None:
+        if n:
+            self._bytes -= n
+            self._bytes_freed.set()
+            self._bytes_freed = trio.Event()
+
+    async def _serve(self, export: Export, req: p.Request, payload: bytes) -> None:
+        held = len(payload) or (req.length if req.type == Cmd.READ else 0)
+        try:
+            try:
+                await self._execute(export, req, payload)
+            except VdifsError as e:
+                log.info("nbd: export %s: %s of %d bytes at %d failed: %s", export.name,
+                         Cmd(req.type).name, req.length, req.offset, e)
+                await self._send_error(req.cookie, NBD_ERRORS.get(e.errno, p.EIO), str(e))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went away: the reader sees it too
+            except Exception as e:  # a bug: the client gets EIO, the server goes on
+                log.exception("nbd: export %s: %s failed unexpectedly", export.name, Cmd(req.type).name)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._send_error(req.cookie, p.EIO, f"internal error: {e}")
+        finally:
+            self._give_back(held)
+            self._slots.release()
+
+    async def _execute(self, export: Export, req: p.Request, payload: bytes) -> None:
+        vol = export.volume
+        cmd = req.type
+        if cmd == Cmd.READ:
+            data = await vol.read(req.offset, req.length)
+            if len(data) < req.length:  # the VDI shrank meanwhile: zeros past its end
+                data = bytes(data) + bytes(req.length - len(data))
+            await self._send_data(req.cookie, req.offset, data)
+            return
+        if cmd == Cmd.WRITE:
+            fua = bool(req.flags & CmdFlag.FUA)
+            await vol.write(req.offset, payload, behind=self.flushed and not fua)
+            if fua:
+                await vol.flush()
+        elif cmd == Cmd.FLUSH:
+            await vol.flush()
+            self.flushed = True
+        elif cmd in (Cmd.TRIM, Cmd.WRITE_ZEROES):
+            await vol.discard(req.offset, req.length,
+                              provision=cmd == Cmd.WRITE_ZEROES and bool(req.flags & CmdFlag.NO_HOLE))
+            if req.flags & CmdFlag.FUA:
+                await vol.flush()
+        elif cmd == Cmd.BLOCK_STATUS:
+            allocated = vol.allocation(req.offset, req.length)
+            extents = p.allocation_extents(req.offset, req.length, vol.object_size, allocated,
+                                           bool(req.flags & CmdFlag.REQ_ONE))
+            async with self.send_lock:
+                await self.stream.send_all(p.block_status_reply(req.cookie, extents))
+            return
+        # CACHE: nothing to do (reads are fast enough to need no warming)
+        await self._send_ok(req.cookie)
+
+    async def _send_ok(self, cookie: int) -> None:
+        reply = p.structured_done(cookie) if self.structured else p.simple_reply(cookie)
+        async with self.send_lock:
+            await self.stream.send_all(reply)
+
+    async def _send_error(self, cookie: int, error: int, message: str) -> None:
+        reply = p.structured_error(cookie, error, message) if self.structured else p.simple_reply(cookie, error)
+        async with self.send_lock:
+            await self.stream.send_all(reply)
+
+    async def _send_data(self, cookie: int, offset: int, data: bytes | bytearray) -> None:
+        head = (p.structured_data_header(cookie, offset, len(data), True) if self.structured
+                else p.simple_reply(cookie))
+        async with self.send_lock:
+            await self.stream.send_all(head)
+            await self.stream.send_all(data)
+
+
+class NbdServer:
+    def __init__(self, catalog: Catalog, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.exports = Exports(catalog)
+        self.connections = 0  # open now
+        self.connections_total = 0
+        self._scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on the socket until `stop`; every connection is served in a
+        task of its own, and is closed (its export given back) at the stop."""
+        sock = await self._listen()
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    listener = trio.SocketListener(sock)
+                    task_status.started()
+                    log.info("nbd: serving VDIs at %s", self.path)
+                    await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
+        finally:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self._done.set()
+
+    async def _listen(self) -> trio.socket.SocketType:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if os.path.lexists(self.path):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise VdifsError(f"{self.path} exists and is not a socket: not serving NBD there",
+                                 code=errno.EEXIST)
+            if await _answers(self.path):
+                raise VdifsError(f"another process serves NBD at {self.path}", code=errno.EADDRINUSE)
+            os.unlink(self.path)  # left by a process that is gone
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(self.path)
+            os.chmod(self.path, SOCKET_MODE)
+            sock.listen(64)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        self.connections_total += 1
+        peer = f"client {self.connections_total}"
+        try:
+            await Connection(stream, self.exports, peer).run()
+        except Exception:  # a bug: this connection ends, the server and the others go on
+            log.exception("nbd: %s: connection failed unexpectedly", peer)
+        finally:
+            self.connections -= 1
+
+    async def stop(self) -> None:
+        """Close every connection (each gives its export back) and the socket."""
+        if self._scope is not None:
+            self._scope.cancel()
+            await self._done.wait()
+
+
+async def _answers(path: str) -> bool:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(2):
+            await sock.connect(path)
+            return True
+        return False
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
