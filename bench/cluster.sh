@@ -6,7 +6,8 @@
 #             reads from one, writes to all three) can be: the bound for
 #             this architecture on this machine
 #   vdifs   : three `vdifs peer` processes on 127.0.0.1 and one mount, copies=3
-#             (MOUNT_OPTS: more `vdifs mount` options, e.g. "--cache-size 0")
+#             (MOUNT_OPTS: more `vdifs mount` options, e.g. "--cache-size 0"), then
+#             the same jobs over the mount's NBD export with fio's nbd engine (NBD=0: not)
 # All through bench/fio-jobs.sh: the jobs of ../shared/bench/fio-suite.sh (O_DIRECT,
 # same options and seed) on one pre-sized file per target, plus flush32.
 # Guest RAM is touched once first: on this VM the first write into a page of
@@ -94,5 +95,9 @@ done
 mpid=$!; pids+=($mpid); peak_rss $mpid "$OUT/mount-peak-rss-kib"
 for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
 "$HERE/fio-jobs.sh" "$WORK/mnt/fio.img" "$OUT/vdifs"
+if [[ ${NBD:-1} == 1 ]]; then  # the same jobs on a second VDI, through the mount's NBD export
+    truncate -s "${FIO_SIZE:-2G}" "$WORK/mnt/nbd.img"
+    "$HERE/fio-jobs.sh" "nbd+unix:///nbd.img?socket=$WORK/ms/nbd.sock" "$OUT/vdifs-nbd"
+fi
 for f in "$OUT"/*-peak-rss-kib; do echo "$(basename "$f" -peak-rss-kib): peak RSS $(( $(cat "$f") / 1024 )) MiB"; done | tee -a "$OUT/README"
 python3 "$HERE/compare_cluster.py" "$OUT" | tee "$OUT/table.md"

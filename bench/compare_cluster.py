@@ -22,15 +22,21 @@ def metric(target, job):
     return j[side]["bw_bytes"] / 1e6, "MB/s"
 
 
-print("| job | unit | GlusterFS replica 3 | netfs ceiling | vdifs copies=3 | vdifs / GlusterFS | ceiling / GlusterFS |")
-print("|---|---|---:|---:|---:|---:|---:|")
+nbd = os.path.isdir(os.path.join(out, "vdifs-nbd"))
+print("| job | unit | GlusterFS replica 3 | netfs ceiling | vdifs copies=3 | vdifs / GlusterFS | ceiling / GlusterFS |"
+      + (" vdifs NBD | NBD / GlusterFS | NBD / vdifs file |" if nbd else ""))
+print("|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if nbd else ""))
 for job in JOBS:
     g, n, v = metric("gluster", job), metric("netfs", job), metric("vdifs", job)
     unit = (g or v or n or (0, ""))[1]
     cell = lambda m: f"{m[0]:.0f}" if m else "failed"
     ratio = lambda a, b: f"{a[0] / b[0]:.2f}x" if a and b and b[0] else "-"
-    print(f"| {job} | {unit} | {cell(g)} | {cell(n)} | {cell(v)} | {ratio(v, g)} | {ratio(n, g)} |")
-for target in ("gluster", "netfs", "vdifs"):
+    row = f"| {job} | {unit} | {cell(g)} | {cell(n)} | {cell(v)} | {ratio(v, g)} | {ratio(n, g)} |"
+    if nbd:
+        b = metric("vdifs-nbd", job)
+        row += f" {cell(b)} | {ratio(b, g)} | {ratio(b, v)} |"
+    print(row)
+for target in ("gluster", "netfs", "vdifs") + (("vdifs-nbd",) if nbd else ()):
     try:
         verdict = [line for line in open(os.path.join(out, target, "summary.txt")) if line.startswith("verify")][0]
         print(f"\n{target} {verdict.strip()}")

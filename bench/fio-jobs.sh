@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fio-jobs.sh FILE OUTDIR
+# fio-jobs.sh FILE|NBD-URI OUTDIR
 #
 # The jobs of ../shared/bench/fio-suite.sh (same options, same seed, O_DIRECT
 # with libaio), run against one existing or new FILE instead of a directory,
@@ -13,6 +13,8 @@
 # mixes of 100% reads so that fio opens the file read-write, as a hypervisor
 # opens a VM's disk (a vdifs mount caches a VDI it holds the lease of, and a
 # read-only open takes no lease); the I/O is the same for every target.
+# With an NBD URI (nbd+unix:///NAME?socket=PATH) the same jobs go through
+# fio's nbd engine to an export of that size instead.
 # Writes OUTDIR/<job>.json and
 # OUTDIR/summary.txt.
 set -euo pipefail
@@ -23,10 +25,14 @@ SIZE=${FIO_SIZE:-2G}
 RT=${FIO_RUNTIME:-20}
 SEQCAP=${FIO_SEQ_CAP:-60}
 mkdir -p "$OUT"
-COMMON=(--ioengine=libaio --direct=1 --randseed="$SEED" --randrepeat=1 --fallocate=none
-        --group_reporting --lat_percentiles=1 --output-format=json --filename="$FILE")
+COMMON=(--randseed="$SEED" --randrepeat=1 --group_reporting --lat_percentiles=1 --output-format=json)
+if [[ $FILE == nbd* ]]; then  # an NBD URI: fio's nbd engine (libnbd), the export already sized
+    COMMON+=(--ioengine=nbd --uri="$FILE")
+else
+    COMMON+=(--ioengine=libaio --direct=1 --fallocate=none --filename="$FILE")
+    [[ -e $FILE ]] || truncate -s "$SIZE" "$FILE"
+fi
 : > "$OUT/summary.txt"
-[[ -e $FILE ]] || truncate -s "$SIZE" "$FILE"
 job() {  # job NAME fio-args...
     local name=$1; shift
     sync  # no job pays for the writeback of an earlier job's or target's dirty pages

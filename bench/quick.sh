@@ -11,7 +11,9 @@
 # The read jobs are 100%-read mixes, so fio opens the file read-write as a
 # hypervisor opens a VM's disk (the lease, and so the mount's cache, apply).
 # Trees alternate ROUNDS times (default 2) so drift of this shared machine
-# hits both; compare medians. JOBS="seqwrite seqread" runs only those jobs. Not the issue's benchmark (bench/run.sh and
+# hits both; compare medians. JOBS="seqwrite seqread" runs only those jobs.
+# "TREE::@nbd" runs that entry's jobs through the mount's NBD export (fio's
+# nbd engine) instead of the file. Not the issue's benchmark (bench/run.sh and
 # bench/cluster.sh are): a tool for deciding whether a change pays.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -32,11 +34,14 @@ cleanup() {
     for p in $mpid "${ppids[@]}"; do kill "$p" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-COMMON=(--ioengine=libaio --direct=1 --randseed=20261121 --randrepeat=1 --fallocate=none
-        --group_reporting --output-format=json --size=1G)
+COMMON=(--randseed=20261121 --randrepeat=1 --group_reporting --output-format=json --size=1G)
 one() {  # one TREE[::OPTS] ROUND
-    local opts=()
+    local opts=() engine=(--ioengine=libaio --direct=1 --fallocate=none)
     if [[ $1 == *::* ]]; then read -r -a opts <<< "${1#*::}"; set -- "${1%%::*}" "$2" "${1#*::}"; fi
+    if [[ " ${opts[*]:-} " == *" @nbd "* ]]; then  # the jobs through the mount's NBD export instead of the file
+        local kept=(); for o in "${opts[@]}"; do [[ $o == @nbd ]] || kept+=("$o"); done; opts=("${kept[@]}")
+        engine=(--ioengine=nbd "--uri=nbd+unix:///q.img?socket=$WORK/store/nbd.sock")
+    fi
     rm -rf "$WORK"; mkdir -p "$WORK/mnt"
     local where=()
     if [[ ${CLUSTER:-0} == 1 ]]; then
@@ -68,7 +73,8 @@ one() {  # one TREE[::OPTS] ROUND
         set -- $j; name=$1; shift
         [[ -z ${JOBS:-} || " $JOBS " == *" $name "* ]] || continue
         timed=(); [[ $name == seq* ]] || timed=(--runtime="$RT" --time_based)
-        fio --name="$name" --filename="$f" "${COMMON[@]}" "${timed[@]}" "$@" > "$WORK.$name.json"
+        target=(--filename="$f"); [[ ${engine[0]} == --ioengine=nbd ]] && target=()
+        fio --name="$name" "${target[@]}" "${engine[@]}" "${COMMON[@]}" "${timed[@]}" "$@" > "$WORK.$name.json"
         line+=$(python3 - "$WORK.$name.json" "$name" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]

@@ -10,6 +10,11 @@ The initramfs is built once per kernel and cached (GUEST_CACHE). Workloads:
 - `fill`: write MiB i of /dev/vda (O_DIRECT) with "block NNNNNNNN" and
   zeros, i = 0 .. vdifs.blocks - 1, printing "filled i" after each and
   "ERR i" on a failure (then stopping), "done N" at the end, then power off.
+- `trim`: mkfs.ext4 on /dev/vda (the host's mke2fs), vdifs.files files of
+  8 MiB of random bytes with their md5sums, "written N"; four seconds
+  later three quarters of them removed and `fstrim -v` (its report goes
+  to the console), then the file system mounted again and the rest
+  checked: "verified K of M", "done", power off.
 
 The cached initramfs is named by the kernel and a hash of /init, so a
 changed workload is never run from an old image.
@@ -66,8 +71,37 @@ if [ "$w" = fill ]; then
     done
     echo "done $i" > /dev/ttyS0
 fi
+if [ "$w" = trim ]; then
+    n=$(sed -n 's/.*vdifs.files=\([0-9]*\).*/\1/p' /proc/cmdline)
+    mkdir -p /mnt
+    if /sbin/mke2fs -q -F -t ext4 -b 4096 -E nodiscard /dev/vda > /tmp/mkfs.out 2>&1 && mount -t ext4 /dev/vda /mnt; then
+        i=0
+        while [ $i -lt $n ]; do
+            dd if=/dev/urandom of=/mnt/f$i bs=1M count=8 2>/dev/null || echo "ERR write $i" > /dev/ttyS0
+            i=$((i + 1))
+        done
+        sync
+        (cd /mnt && md5sum f* > /tmp/sums)
+        echo "written $n" > /dev/ttyS0
+        sleep 4
+        i=0
+        while [ $i -lt $((n * 3 / 4)) ]; do rm /mnt/f$i; i=$((i + 1)); done
+        sync
+        fstrim -v /mnt > /dev/ttyS0 2>&1 || echo "ERR fstrim" > /dev/ttyS0
+        umount /mnt && mount -t ext4 /dev/vda /mnt || echo "ERR remount" > /dev/ttyS0
+        (cd /mnt && md5sum f* > /tmp/sums2)
+        echo "verified $(grep -F -x -f /tmp/sums2 /tmp/sums | wc -l) of $(wc -l < /tmp/sums2)" > /dev/ttyS0
+        umount /mnt
+    else
+        cat /tmp/mkfs.out > /dev/ttyS0
+        echo "ERR mkfs" > /dev/ttyS0
+    fi
+    echo "done" > /dev/ttyS0
+fi
 poweroff -f
 """
+#: Host programs the guest runs, copied in with the libraries they load.
+HOST_PROGRAMS = ["/usr/sbin/mke2fs"]
 
 
 def kernel() -> tuple[str, str]:
@@ -83,7 +117,7 @@ def initramfs() -> str:
     """Build (once, cached) and return the guest's initramfs."""
     vmlinuz, moddir = kernel()
     init = INIT.replace("MODULES", " ".join(MODULES))
-    tag = hashlib.sha256(init.encode()).hexdigest()[:12]
+    tag = hashlib.sha256((init + " ".join(HOST_PROGRAMS)).encode()).hexdigest()[:12]
     out = os.path.join(GUEST_CACHE, f"{os.path.basename(moddir)}-{tag}.cpio.gz")
     if os.path.exists(out):
         return out
@@ -103,6 +137,11 @@ def initramfs() -> str:
             tool = "xz" if src[0].endswith(".xz") else "zstd"
             with open(dst, "wb") as f:
                 subprocess.run([tool, "-dc", src[0]], stdout=f, check=True)
+    for program in HOST_PROGRAMS:
+        copy_with_libraries(program, root)
+    if os.path.exists("/etc/mke2fs.conf"):
+        os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+        shutil.copy("/etc/mke2fs.conf", os.path.join(root, "etc", "mke2fs.conf"))
     with open(os.path.join(root, "init"), "w") as f:
         f.write(init)
     os.chmod(os.path.join(root, "init"), 0o755)
@@ -111,6 +150,24 @@ def initramfs() -> str:
     os.rename(tmp, out)
     shutil.rmtree(root)
     return out
+
+
+def copy_with_libraries(program: str, root: str) -> None:
+    """`program` into `root` at its own path (as /sbin for /usr/sbin), with
+    every shared library `ldd` names and the dynamic loader."""
+    if not os.path.exists(program):
+        pytest.fail(f"missing {program}: run 'make deps'")
+    dst = os.path.join(root, "sbin", os.path.basename(program))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copy(program, dst)
+    out = subprocess.run(["ldd", program], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        lib = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if lib.startswith("/"):
+            target = os.path.join(root, lib.lstrip("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy(lib, target)
 
 
 class Qmp:

@@ -77,3 +77,22 @@ class ChecksumError(VdifsError):
     """A replica's bytes do not match its block checksums: it rotted on disk."""
 
     errno = errno.EBADMSG
+
+
+def leaf_errors(e: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or `e` itself."""
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in leaf_errors(sub)]
+    return [e]
+
+
+def as_vdifs_error(e: BaseException) -> VdifsError | None:
+    """The one error to report for `e`: itself if it is a VdifsError; for an
+    exception group (parallel work, each piece failing on its own) made
+    only of VdifsErrors, the one that says most (ENOSPC first: QEMU pauses
+    the guest on it instead of failing it), else None (a bug)."""
+    leaves = leaf_errors(e)
+    if not leaves or not all(isinstance(x, VdifsError) for x in leaves):
+        return None
+    errors: list[VdifsError] = [x for x in leaves if isinstance(x, VdifsError)]
+    return next((x for x in errors if isinstance(x, NoSpace)), errors[0])

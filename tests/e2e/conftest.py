@@ -70,8 +70,10 @@ class FioVerify:
 
 
 class MountProc:
-    def __init__(self, mountpoint: str, store: str, log: str) -> None:
+    def __init__(self, mountpoint: str, store: str, log: str, extra: tuple[str, ...] = ()) -> None:
+        """`extra`: more `vdifs mount` options."""
         self.mp, self.store, self.log = mountpoint, store, log
+        self.extra = extra
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -79,7 +81,7 @@ class MountProc:
         logf = open(self.log, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vdifs", "mount", self.mp, "--store", self.store, "--foreground",
-             "--log-level", "debug"], stdout=logf, stderr=subprocess.STDOUT)
+             "--log-level", "debug", *self.extra], stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.mp):
             if self.proc.poll() is not None:

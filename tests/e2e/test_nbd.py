@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import struct
+import sys
+import threading
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -204,16 +206,26 @@ def test_many_requests_in_flight_are_answered_each_once(mount):
     c.structured_replies()
     c.go("q")
     blocks = {i: os.urandom(4096) for i in range(200)}
-    cookies = {c.request(nbd.CMD_WRITE, i * 65536, 4096, payload=d): i for i, d in blocks.items()}
-    got = {}
-    for _ in blocks:
-        cookie, error, _ = c.reply()
-        assert error == 0 and cookie in cookies and cookie not in got
-        got[cookie] = True
-    cookies = {c.request(nbd.CMD_READ, i * 65536, 4096): i for i in blocks}
-    for _ in blocks:
-        cookie, error, data = c.reply()
-        assert error == 0 and data == blocks[cookies.pop(cookie)]
+
+    def pipelined(cmd: int) -> dict[int, tuple[int, bytes]]:
+        """Every block's request sent by a thread while this one reads the
+        replies (as QEMU does): cookie -> (error, data)."""
+        sent: dict[int, int] = {}
+        sender = threading.Thread(target=lambda: sent.update(
+            {c.request(cmd, i * 65536, 4096, payload=d if cmd == nbd.CMD_WRITE else b""): i
+             for i, d in blocks.items()}))
+        sender.start()
+        replies = {}
+        for _ in blocks:
+            cookie, error, data = c.reply()
+            assert cookie not in replies  # each answered once
+            replies[cookie] = (error, data)
+        sender.join()
+        assert set(replies) == set(sent)
+        return {sent[cookie]: r for cookie, r in replies.items()}
+
+    assert all(error == 0 for error, _ in pipelined(nbd.CMD_WRITE).values())
+    assert pipelined(nbd.CMD_READ) == {i: (0, d) for i, d in blocks.items()}
     c.disconnect()
     for i, d in blocks.items():
         assert read_at(mount.path("q"), i * 65536, 4096) == d
@@ -293,3 +305,38 @@ def test_fuzzed_request_headers_never_take_the_server_down(mount, headers, valid
     d.go("f")
     assert d.write(OBJ, b"\x5e" * 512) == 0 and d.read(OBJ, 512) == b"\x5e" * 512
     d.disconnect()
+
+
+def test_socket_path_group_and_no_socket(tmp_path):
+    """--nbd PATH puts the socket there, mode 0660, owned by --nbd-group;
+    --no-nbd serves none; an unknown group is a one-line error at start."""
+    import grp
+    import stat
+
+    from tests.e2e.conftest import MountProc
+
+    path = str(tmp_path / "run" / "vdis.sock")
+    m = MountProc(str(tmp_path / "mnt"), str(tmp_path / "store"), str(tmp_path / "mount.log"),
+                  ("--nbd", path, "--nbd-group", "daemon"))
+    m.start()
+    try:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == grp.getgrnam("daemon").gr_gid
+        make_vdi(m, "x", MiB)
+        c = nbd.Client(path)
+        assert c.list_exports() == ["x"]
+        c.close()
+    finally:
+        m.stop()
+    assert not os.path.exists(path)  # removed at the stop
+    m = MountProc(str(tmp_path / "mnt"), str(tmp_path / "store"), str(tmp_path / "mount.log"), ("--no-nbd",))
+    m.start()
+    try:
+        assert not os.path.exists(os.path.join(m.store, "nbd.sock"))
+    finally:
+        m.stop()
+    bad = run(sys.executable, "-m", "vdifs", "mount", str(tmp_path / "mnt"), "--store", str(tmp_path / "store"),
+              "--foreground", "--nbd-group", "no-such-group-here", check=False)
+    assert bad.returncode != 0 and "no group 'no-such-group-here'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

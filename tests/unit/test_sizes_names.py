@@ -41,3 +41,15 @@ def test_invalid_names(raw):
 def test_reserved_names(raw):
     with pytest.raises(ReservedName):
         validate_name(raw)
+
+
+def test_the_error_of_parallel_pieces_is_the_one_that_says_most():
+    from vdifs.errors import NoSpace, PoolError, VdifsError, as_vdifs_error
+
+    io, full = PoolError("replica gone"), NoSpace("pool full")
+    assert as_vdifs_error(io) is io
+    assert as_vdifs_error(ExceptionGroup("x", [io, ExceptionGroup("y", [full])])) is full  # ENOSPC first
+    assert as_vdifs_error(ExceptionGroup("x", [io])) is io
+    assert as_vdifs_error(ExceptionGroup("x", [io, ValueError("bug")])) is None  # a bug stays a bug
+    assert as_vdifs_error(KeyError("bug")) is None
+    assert isinstance(as_vdifs_error(VdifsError("plain")), VdifsError)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 #: Concurrent object deletions when a VDI shrinks.
 FREE_PARALLELISM = 16
+ZERO_SEED = 4096  # bytes of zeros a zero object is created with (a create carries some data)
 
 PersistMeta = Callable[["Volume"], Awaitable[None]]
 #: Starts a background task (a nursery's `start_soon`): the write-behind drainer.
@@ -915,13 +916,14 @@ class Volume:
                     await self._copy_up(e, zeros(e.length), entry)
                     return
                 else:  # a hole, or an inherited object zeroed whole: a zero object of our own
+                    first = zeros(min(ZERO_SEED, self.object_size))  # an object of zeros
                     if self.record.shared:
                         try:
-                            await self.pool.create(oid, 0, b"", self.object_size, exclusive=True)
+                            await self.pool.create(oid, 0, first, self.object_size, exclusive=True)
                         except ObjectExists:
                             await self.pool.write(oid, e.offset, zeros(e.length))
                     else:
-                        await self.pool.create(oid, 0, b"", self.object_size)
+                        await self.pool.create(oid, 0, first, self.object_size)
                     self.map.set(e.index, self.data_vid)
                     await self._write_map_page(e.index)
                 self._dirty_data.add(oid)

@@ -28,7 +28,7 @@ from vdifs.fsutil import store_id
 from vdifs.fuse import session
 from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
 from vdifs.model.directory import Directory
-from vdifs.nbd.server import NbdServer
+from vdifs.nbd.server import NbdServer, group_id
 
 NBD_SOCKET = "nbd.sock"  # in the store, unless --nbd says where
 UNIX_PATH_MAX = 108  # bytes of a unix socket's path, with its NUL
@@ -64,12 +64,14 @@ class Mount:
                  cluster: list[str] | None = None, secret_file: str | None = None,
                  copies: int | None = None, lease_term: float | None = None, io_wait: float = REPLICA_WAIT,
                  write_behind: int = WRITE_BEHIND, encrypt: bool = False, cache_dir: str | None = None,
-                 cache_size: int | None = None, cache_ttl: float = cache.TTL, nbd: str | None = "") -> None:
+                 cache_size: int | None = None, cache_ttl: float = cache.TTL, nbd: str | None = "",
+                 nbd_group: str | None = None) -> None:
         """`lease_term`: None is the default term of leases; `write_behind`:
         the window of each VDI in bytes (0: off); the local object cache of a
         cluster mount: `cache_dir` (None: `cache` in the store) of
         `cache_size` bytes (None: `cache.default_size`, 0: no cache); `nbd`:
-        the NBD server's socket ("": NBD_SOCKET in the store; None: none)."""
+        the NBD server's socket ("": NBD_SOCKET in the store; None: none),
+        owned by group `nbd_group` (None: ours)."""
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
@@ -88,6 +90,9 @@ class Mount:
         self.write_behind = write_behind
         self.control_path = os.path.join(self.store_path, CONTROL_SOCKET)
         self.nbd_path = None if nbd is None else os.path.abspath(nbd or os.path.join(self.store_path, NBD_SOCKET))
+        self.nbd_group = nbd_group
+        if nbd_group is not None:
+            group_id(nbd_group)  # an unknown group is said before anything starts
         if self.nbd_path is not None and len(self.nbd_path.encode()) >= UNIX_PATH_MAX:
             raise VdifsError(f"NBD socket path {self.nbd_path} is longer than a unix socket's "
                              f"{UNIX_PATH_MAX - 1} bytes: choose a shorter one with --nbd")
@@ -155,7 +160,7 @@ class Mount:
                                      "nbd": self.nbd_path or ""},
                                     self.invalidate)
             await nursery.start(control.serve)
-            nbd = NbdServer(catalog, self.nbd_path) if self.nbd_path else None
+            nbd = NbdServer(catalog, self.nbd_path, self.nbd_group) if self.nbd_path else None
             if nbd is not None:
                 await nursery.start(nbd.serve)
             # mount(2), or fusermount3 as a child process: off the event loop (the control server runs)

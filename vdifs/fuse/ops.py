@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.volume import Volume
-from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
+from vdifs.errors import InvalidArgument, VdiNotFound, as_vdifs_error
 from vdifs.fuse import abi
 from vdifs.model.ids import MAX_VID
 from vdifs.model.names import MAX_NAME_BYTES, SNAPSHOT_DIR, InvalidName, ReservedName, validate_name
@@ -55,13 +55,14 @@ def fuse_errors(fn: F) -> F:
             return await fn(*args, **kwargs)
         except abi.FUSEError:
             raise
-        except VdifsError as e:
-            if e.errno not in (errno.ENOENT, errno.EEXIST):
-                log.info("%s: %s", fn.__name__, e)
-            raise abi.FUSEError(e.errno) from None
-        except Exception:
-            log.exception("%s failed unexpectedly", fn.__name__)
-            raise abi.FUSEError(errno.EIO) from None
+        except Exception as e:
+            error = as_vdifs_error(e)  # also of parallel pieces (an exception group)
+            if error is None:
+                log.exception("%s failed unexpectedly", fn.__name__)
+                raise abi.FUSEError(errno.EIO) from None
+            if error.errno not in (errno.ENOENT, errno.EEXIST):
+                log.info("%s: %s", fn.__name__, error)
+            raise abi.FUSEError(error.errno) from None
 
     return wrapper  # type: ignore[return-value]
 

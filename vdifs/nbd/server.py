@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import logging
 import os
 import socket
@@ -37,7 +38,7 @@ import trio
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.volume import Volume
-from vdifs.errors import VdifsError
+from vdifs.errors import VdifsError, as_vdifs_error
 from vdifs.nbd import protocol as p
 from vdifs.nbd.protocol import Cmd, CmdFlag, Opt, ProtocolError, Rep, TransmissionFlag
 
@@ -48,6 +49,8 @@ PAYLOAD_TIMEOUT = 60.0  # seconds for a request's payload once its header came
 MAX_IN_FLIGHT = 64  # requests served at once per connection
 MAX_IN_FLIGHT_BYTES = 64 << 20  # bytes of write payloads and read replies in flight per connection
 SOCKET_MODE = 0o660
+RECEIVE_SIZE = 256 << 10  # bytes asked of the socket at once
+MAX_IOV = 512  # buffers per sendmsg (the kernel takes 1024)
 
 #: errno -> NBD error (what the protocol has; anything else is EIO)
 NBD_ERRORS = {errno.EPERM: p.EPERM, errno.EROFS: p.EPERM, errno.EACCES: p.EPERM, errno.ENOMEM: p.ENOMEM,
@@ -60,26 +63,43 @@ class Closed(Exception):
 
 
 class Reader:
-    """Exact-size reads from a stream, with a buffer of what came early."""
+    """Exact-size reads from a stream, with a buffer of what came early:
+    what is buffered is taken without an await (`available`, `take`), so a
+    burst of requests is parsed in one go."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self._buf = bytearray()
+        self._pos = 0
 
-    async def exactly(self, n: int) -> bytearray:
-        while len(self._buf) < n:
-            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
+    def available(self) -> int:
+        return len(self._buf) - self._pos
+
+    def take(self, n: int) -> bytes:
+        """`n` buffered bytes (the caller saw them `available`)."""
+        out = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        return out
+
+    async def fill(self, n: int) -> None:
+        """Until `n` bytes are buffered; Closed at a clean end of the stream."""
+        while self.available() < n:
+            if self._pos:
+                del self._buf[:self._pos]
+                self._pos = 0
+            chunk = await self.stream.receive_some(max(RECEIVE_SIZE, n - len(self._buf)))
             if not chunk:
                 if self._buf:
                     raise ProtocolError(f"connection closed inside a frame ({len(self._buf)} of {n} bytes)")
                 raise Closed()
             self._buf += chunk
-        if len(self._buf) == n:
-            out, self._buf = self._buf, bytearray()
-            return out
-        out = self._buf[:n]
-        del self._buf[:n]
-        return out
+
+    async def exactly(self, n: int) -> bytes:
+        await self.fill(n)
+        return self.take(n)
 
 
 @dataclass
@@ -162,6 +182,7 @@ class Connection:
         self.no_zeroes = False
         self.flushed = False  # a FLUSH came: writes may be acknowledged from the window
         self.export: Export | None = None
+        self._batch: list[bytes | bytearray | memoryview] = []  # replies answered at once, not yet sent
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._bytes = 0
         self._bytes_freed = trio.Event()
@@ -329,24 +350,42 @@ class Connection:
             raise ended
 
     async def _requests(self, export: Export, nursery: trio.Nursery) -> None:
+        """Read requests and answer them: at once, with no task and no await,
+        what the volume can do at once (`read_now`, `write_now`: the page
+        cache, the write-behind window), batching those replies until the
+        buffered requests are parsed; everything else in a task."""
+        reader, vol = self.reader, export.volume
         try:
             while True:
-                req = p.parse_request(await self.reader.exactly(p.REQUEST.size))
+                if reader.available() < p.REQUEST.size:
+                    await self._flush_batch()  # before waiting for more: nobody waits for these
+                    await reader.fill(p.REQUEST.size)
+                req = p.parse_request(reader.take(p.REQUEST.size))
                 payload = b""
                 if req.type == Cmd.WRITE:
                     if req.length > p.MAX_BLOCK:  # too large to take, and skipping it is no better
                         raise ProtocolError(f"a write of {req.length} bytes (at most {p.MAX_BLOCK})")
-                    await self._room(req.length)
-                    with trio.fail_after(PAYLOAD_TIMEOUT):
-                        payload = bytes(await self.reader.exactly(req.length))
+                    if reader.available() < req.length or self._bytes + req.length > MAX_IN_FLIGHT_BYTES:
+                        await self._flush_batch()
+                        await self._room(req.length)
+                        with trio.fail_after(PAYLOAD_TIMEOUT):
+                            await reader.fill(req.length)
+                    else:
+                        await self._room(req.length)
+                    payload = reader.take(req.length)
                 if req.type == Cmd.DISC:
                     return  # the nursery waits for what is in flight; then we close
                 error = p.check_request(req, export.size, export.read_only, self.structured, self.contexts)
                 if error:
                     self._give_back(len(payload))
-                    await self._send_error(req.cookie, error, f"request refused (type {req.type}, "
-                                           f"flags {req.flags:#x}, {req.length} bytes at {req.offset})")
+                    self._batch.append(self._error_reply(req.cookie, error, f"request refused (type {req.type}, "
+                                       f"flags {req.flags:#x}, {req.length} bytes at {req.offset})"))
                     continue
+                if self._answer_now(vol, req, payload):
+                    self._give_back(len(payload))
+                    continue
+                if self._batch and (not self._slots.value or self._bytes + req.length > MAX_IN_FLIGHT_BYTES):
+                    await self._flush_batch()  # we may wait below: what is answered goes out first
                 if req.type == Cmd.READ:
                     await self._room(req.length)
                 await self._slots.acquire()
@@ -355,6 +394,54 @@ class Connection:
             raise ProtocolError(f"a request's payload did not come within {PAYLOAD_TIMEOUT:.0f} s") from None
         except Closed:
             pass
+        finally:
+            with trio.CancelScope(shield=True):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._flush_batch()
+
+    def _answer_now(self, vol: Volume, req: p.Request, payload: bytes) -> bool:
+        """Serve a read or write that needs no wait, its reply batched; False
+        (and nothing done) if it needs a task. Never raises: the task meets
+        whatever it was and says so."""
+        try:
+            if req.type == Cmd.READ:
+                data = vol.read_now(req.offset, req.length)
+                if data is None or len(data) != req.length:
+                    return False
+                self._batch.append(self._data_header(req.cookie, req.offset, len(data)))
+                self._batch.append(data)
+                return True
+            if req.type == Cmd.WRITE and not req.flags & CmdFlag.FUA:
+                if not vol.write_now(req.offset, payload, behind=self.flushed):
+                    return False
+                self._batch.append(self._ok_reply(req.cookie))
+                return True
+        except Exception:
+            return False
+        return False
+
+    async def _flush_batch(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            await self._send(batch)
+
+    async def _send(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Replies out, whole and one after another (the send lock)."""
+        async with self.send_lock:
+            if len(parts) == 1:
+                await self.stream.send_all(parts[0])
+                return
+            sock = self.stream.socket
+            views = [memoryview(x) for x in parts]
+            while views:
+                n = await sock.sendmsg(views[:MAX_IOV])
+                while n:
+                    if n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
 
     async def _room(self, n: int) -> None:
         """Wait until `n` more bytes may be in flight (one request is always let through)."""
@@ -373,16 +460,18 @@ class Connection:
         try:
             try:
                 await self._execute(export, req, payload)
-            except VdifsError as e:
-                log.info("nbd: export %s: %s of %d bytes at %d failed: %s", export.name,
-                         Cmd(req.type).name, req.length, req.offset, e)
-                await self._send_error(req.cookie, NBD_ERRORS.get(e.errno, p.EIO), str(e))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client went away: the reader sees it too
-            except Exception as e:  # a bug: the client gets EIO, the server goes on
-                log.exception("nbd: export %s: %s failed unexpectedly", export.name, Cmd(req.type).name)
+            except Exception as e:
+                error = as_vdifs_error(e)
+                if error is None:  # a bug: the client gets EIO, the server goes on
+                    log.exception("nbd: export %s: %s failed unexpectedly", export.name, Cmd(req.type).name)
+                    error = VdifsError(f"internal error: {e}")
+                else:
+                    log.info("nbd: export %s: %s of %d bytes at %d failed: %s", export.name,
+                             Cmd(req.type).name, req.length, req.offset, error)
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._send_error(req.cookie, p.EIO, f"internal error: {e}")
+                    await self._send_error(req.cookie, NBD_ERRORS.get(error.errno, p.EIO), str(error))
         finally:
             self._give_back(held)
             self._slots.release()
@@ -413,33 +502,37 @@ class Connection:
             allocated = vol.allocation(req.offset, req.length)
             extents = p.allocation_extents(req.offset, req.length, vol.object_size, allocated,
                                            bool(req.flags & CmdFlag.REQ_ONE))
-            async with self.send_lock:
-                await self.stream.send_all(p.block_status_reply(req.cookie, extents))
+            await self._send([p.block_status_reply(req.cookie, extents)])
             return
         # CACHE: nothing to do (reads are fast enough to need no warming)
         await self._send_ok(req.cookie)
 
+    def _ok_reply(self, cookie: int) -> bytes:
+        return p.structured_done(cookie) if self.structured else p.simple_reply(cookie)
+
+    def _error_reply(self, cookie: int, error: int, message: str) -> bytes:
+        return p.structured_error(cookie, error, message) if self.structured else p.simple_reply(cookie, error)
+
+    def _data_header(self, cookie: int, offset: int, length: int) -> bytes:
+        return (p.structured_data_header(cookie, offset, length, True) if self.structured
+                else p.simple_reply(cookie))
+
     async def _send_ok(self, cookie: int) -> None:
-        reply = p.structured_done(cookie) if self.structured else p.simple_reply(cookie)
-        async with self.send_lock:
-            await self.stream.send_all(reply)
+        await self._send([self._ok_reply(cookie)])
 
     async def _send_error(self, cookie: int, error: int, message: str) -> None:
-        reply = p.structured_error(cookie, error, message) if self.structured else p.simple_reply(cookie, error)
-        async with self.send_lock:
-            await self.stream.send_all(reply)
+        await self._send([self._error_reply(cookie, error, message)])
 
     async def _send_data(self, cookie: int, offset: int, data: bytes | bytearray) -> None:
-        head = (p.structured_data_header(cookie, offset, len(data), True) if self.structured
-                else p.simple_reply(cookie))
-        async with self.send_lock:
-            await self.stream.send_all(head)
-            await self.stream.send_all(data)
+        await self._send([self._data_header(cookie, offset, len(data)), data])
 
 
 class NbdServer:
-    def __init__(self, catalog: Catalog, path: str) -> None:
+    def __init__(self, catalog: Catalog, path: str, group: str | None = None) -> None:
+        """`group`: the socket's group (its members may connect: QEMU run
+        as its own user, as libvirt does), else the process's."""
         self.path = os.path.abspath(path)
+        self.group = group
         self.exports = Exports(catalog)
         self.connections = 0  # open now
         self.connections_total = 0
@@ -476,6 +569,8 @@ class NbdServer:
         try:
             await sock.bind(self.path)
             os.chmod(self.path, SOCKET_MODE)
+            if self.group is not None:
+                os.chown(self.path, -1, group_id(self.group))
             sock.listen(64)
         except BaseException:
             sock.close()
@@ -498,6 +593,14 @@ class NbdServer:
         if self._scope is not None:
             self._scope.cancel()
             await self._done.wait()
+
+
+def group_id(group: str) -> int:
+    """A group's id, by name or number; VdifsError if there is no such group."""
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise VdifsError(f"no group {group!r} for the NBD socket", code=errno.EINVAL) from None
 
 
 async def _answers(path: str) -> bool:
