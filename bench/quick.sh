@@ -77,7 +77,8 @@ one() {  # one TREE[::OPTS] ROUND
         fio --name="$name" "${target[@]}" "${engine[@]}" "${COMMON[@]}" "${timed[@]}" "$@" > "$WORK.$name.json"
         line+=$(python3 - "$WORK.$name.json" "$name" <<'PY'
 import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]
+raw = open(sys.argv[1]).read()
+j = json.loads(raw[raw.index("{"):])["jobs"][0]  # fio's nbd engine says hello first
 r, w = j["read"], j["write"]
 if sys.argv[2].startswith("seq"):
     print(f"  {sys.argv[2]} {(r['bw_bytes'] + w['bw_bytes']) / 1e6:7.0f} MB/s", end="")

@@ -66,14 +66,6 @@ def test_garbage_options_are_value_errors_only(garbage):
             pass
 
 
-def test_a_bad_request_magic_is_a_protocol_error():
-    raw = struct.pack(">IHHQQI", 0x12345678, 0, 0, 1, 0, 512)
-    with pytest.raises(p.ProtocolError):
-        p.parse_request(raw)
-    good = p.parse_request(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 1, 1, 7, 4096, 512))
-    assert good == p.Request(1, 1, 7, 4096, 512)
-
-
 @pytest.mark.parametrize("cmd, flags, offset, length, read_only, structured, contexts, want", [
     (p.Cmd.READ, 0, 0, 512, False, False, False, 0),
     (p.Cmd.READ, 0, 1000, 100, False, False, False, p.EINVAL),  # past the end
@@ -94,10 +86,22 @@ def test_a_bad_request_magic_is_a_protocol_error():
     (99, 0, 0, 512, False, False, False, p.EINVAL),
 ])
 def test_request_checks(cmd, flags, offset, length, read_only, structured, contexts, want):
-    req = p.Request(int(flags), int(cmd), 1, offset, length)
-    assert p.check_request(req, 1024, read_only, structured, contexts) == want
+    assert p.check_request(int(flags), int(cmd), offset, length, 1024, read_only, structured, contexts) == want
 
 
 def test_a_read_larger_than_the_block_limit_overflows():
-    req = p.Request(0, p.Cmd.READ, 1, 0, p.MAX_BLOCK + 1)
-    assert p.check_request(req, 1 << 40, False, True, True) == p.EOVERFLOW
+    assert p.check_request(0, p.CMD_READ, 0, p.MAX_BLOCK + 1, 1 << 40, False, True, True) == p.EOVERFLOW
+    assert p.check_request(0, p.CMD_WRITE, 0, p.MAX_BLOCK + 1, 1 << 40, False, True, True) == p.EINVAL
+
+
+@given(flags=st.integers(0, 65535), kind=st.integers(0, 65535), offset=st.integers(0, 2**64 - 1),
+       length=st.integers(0, 2**32 - 1), read_only=st.booleans(), structured=st.booleans(), contexts=st.booleans())
+def test_every_request_header_gets_an_answer_and_only_sane_ones_are_served(
+        flags, kind, offset, length, read_only, structured, contexts):
+    size = 1 << 30
+    error = p.check_request(flags, kind, offset, length, size, read_only, structured, contexts)
+    assert error in (0, p.EINVAL, p.EPERM, p.ENOSPC, p.EOVERFLOW, p.ENOTSUP)
+    if not error:
+        assert kind in p.ALLOWED_FLAGS_BY_TYPE and not flags & ~p.ALLOWED_FLAGS_BY_TYPE[kind]
+        assert offset + length <= size and (length > 0 or kind in (p.CMD_CACHE, p.CMD_FLUSH, p.CMD_DISC))
+        assert not (read_only and kind in p.CHANGING)

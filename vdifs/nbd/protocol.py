@@ -100,6 +100,9 @@ class CmdFlag(IntFlag):
     FAST_ZERO = 1 << 4
 
 
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
+CHANGING = frozenset({CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES})
+
 #: The command flags each command may carry; any other is EINVAL.
 ALLOWED_FLAGS = {
     Cmd.READ: CmdFlag.DF,
@@ -111,6 +114,7 @@ ALLOWED_FLAGS = {
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
 }
+ALLOWED_FLAGS_BY_TYPE = {int(k): int(v) for k, v in ALLOWED_FLAGS.items()}
 
 
 class ReplyType(IntEnum):
@@ -141,48 +145,29 @@ class ProtocolError(Exception):
     """The peer broke the protocol: the connection ends (with this reason logged)."""
 
 
-@dataclass(frozen=True)
-class Request:
-    flags: int
-    type: int
-    cookie: int
-    offset: int
-    length: int
-
-
-def parse_request(raw: bytes | bytearray | memoryview) -> Request:
-    """A request header (REQUEST.size bytes); ProtocolError for a wrong
-    magic, after which nothing on the connection can be trusted."""
-    magic, flags, kind, cookie, offset, length = REQUEST.unpack(raw)
-    if magic != REQUEST_MAGIC:
-        raise ProtocolError(f"bad request magic {magic:#x}")
-    return Request(flags, kind, cookie, offset, length)
-
-
-def check_request(req: Request, size: int, read_only: bool, structured: bool, contexts: bool) -> int:
-    """0 if the request may be served, else the NBD error to answer it with
-    (the connection goes on). Its payload, if any, has been read already."""
-    try:
-        cmd = Cmd(req.type)
-    except ValueError:
+def check_request(flags: int, kind: int, offset: int, length: int, size: int, read_only: bool,
+                  structured: bool, contexts: bool) -> int:
+    """0 if a request may be served, else the NBD error to answer it with
+    (the connection goes on). Its payload, if any, has been read already.
+    Plain integers throughout: this runs for every request."""
+    allowed = ALLOWED_FLAGS_BY_TYPE.get(kind)
+    if allowed is None or flags & ~allowed:
         return EINVAL
-    if req.flags & ~ALLOWED_FLAGS[cmd]:
-        return EINVAL
-    if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and read_only:
+    if read_only and kind in CHANGING:
         return EPERM
-    if cmd in (Cmd.FLUSH, Cmd.DISC):
-        return EINVAL if req.offset or req.length else 0
-    if cmd == Cmd.BLOCK_STATUS and not (structured and contexts):
+    if kind == CMD_FLUSH:
+        return EINVAL if offset or length else 0
+    if kind == CMD_BLOCK_STATUS and not (structured and contexts):
         return EINVAL
-    if req.flags & CmdFlag.DF and not structured:
+    if flags & CmdFlag.DF and not structured:
         return EINVAL
-    if cmd in (Cmd.READ, Cmd.WRITE) and req.length > MAX_BLOCK:
-        return EOVERFLOW if cmd == Cmd.READ else EINVAL
-    if req.offset + req.length > size:
-        return ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else EINVAL
-    if req.length == 0 and cmd != Cmd.CACHE:
+    if length > MAX_BLOCK and kind in (CMD_READ, CMD_WRITE):
+        return EOVERFLOW if kind == CMD_READ else EINVAL
+    if offset + length > size:
+        return ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL
+    if length == 0 and kind != CMD_CACHE:
         return EINVAL  # the protocol leaves zero-length requests undefined: refuse them
-    if req.flags & CmdFlag.FAST_ZERO and req.flags & CmdFlag.NO_HOLE:
+    if flags & CmdFlag.FAST_ZERO and flags & CmdFlag.NO_HOLE:
         return ENOTSUP  # zeros written out are no faster than the client's own
     return 0
 

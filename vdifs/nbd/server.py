@@ -8,10 +8,13 @@ under the VDI's lease, like a writable open of the file) and `NAME@SNAP`
 a VDI written here is the same file in the mount, byte for byte.
 
 Per connection: the handshake (fixed newstyle; option haggling with
-deadlines), then a loop that reads requests and starts a task for each,
-up to MAX_IN_FLIGHT requests and MAX_IN_FLIGHT_BYTES of payload at once;
-replies go out as requests finish (out of order), one at a time under the
-connection's send lock. A request the protocol allows but we cannot serve
+deadlines), then a loop that parses requests straight from a receive
+buffer, answers at once what the volume can do without waiting (reads
+from the page cache or the local cache, writes into the page cache or the
+write-behind window; those replies leave together in one writev) and
+starts a task for the rest, up to MAX_IN_FLIGHT requests and
+MAX_IN_FLIGHT_BYTES of payload at once; replies go out as requests finish
+(out of order), whole, one at a time (the send lock). A request the protocol allows but we cannot serve
 gets an error reply and the connection goes on; a broken frame (bad
 magic, a payload too large to skip) ends the connection, logged with its
 reason. Nothing a client sends ends the server.
@@ -63,9 +66,10 @@ class Closed(Exception):
 
 
 class Reader:
-    """Exact-size reads from a stream, with a buffer of what came early:
-    what is buffered is taken without an await (`available`, `take`), so a
-    burst of requests is parsed in one go."""
+    """Exact-size reads from a stream for the handshake, with a buffer of
+    what came early (`available`, `take`: what a client sent right after
+    attaching goes on to the transmission loop, which reads the socket
+    itself)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -350,98 +354,95 @@ class Connection:
             raise ended
 
     async def _requests(self, export: Export, nursery: trio.Nursery) -> None:
-        """Read requests and answer them: at once, with no task and no await,
-        what the volume can do at once (`read_now`, `write_now`: the page
-        cache, the write-behind window), batching those replies until the
-        buffered requests are parsed; everything else in a task."""
-        reader, vol = self.reader, export.volume
-        try:
-            while True:
-                if reader.available() < p.REQUEST.size:
-                    await self._flush_batch()  # before waiting for more: nobody waits for these
-                    await reader.fill(p.REQUEST.size)
-                req = p.parse_request(reader.take(p.REQUEST.size))
+        """The reader: requests parsed straight from a receive buffer, and
+        answered at once, with no task and no await, when the volume can do
+        them at once (`read_now`, `write_now`: the page cache, the cache,
+        the write-behind window); those replies go out together in one
+        writev when the buffer is parsed. Everything else is a task. The
+        socket is read and written directly (it is non-blocking); the
+        reader waits only when it has nothing to parse."""
+        sock = self.stream.socket
+        fd = sock.fileno()
+        buf = bytearray(max(RECEIVE_SIZE, self.reader.available()))
+        start, end = 0, self.reader.available()
+        buf[:end] = self.reader.take(end)  # what came with the handshake
+        vol, size, read_only = export.volume, export.size, export.read_only
+        structured, contexts = self.structured, self.contexts
+        header = p.REQUEST
+        batch = self._batch
+        while True:
+            while end - start >= header.size:
+                magic, flags, kind, cookie, offset, length = header.unpack_from(buf, start)
+                if magic != p.REQUEST_MAGIC:
+                    raise ProtocolError(f"bad request magic {magic:#x}")
+                used = header.size
                 payload = b""
-                if req.type == Cmd.WRITE:
-                    if req.length > p.MAX_BLOCK:  # too large to take, and skipping it is no better
-                        raise ProtocolError(f"a write of {req.length} bytes (at most {p.MAX_BLOCK})")
-                    if reader.available() < req.length or self._bytes + req.length > MAX_IN_FLIGHT_BYTES:
-                        await self._flush_batch()
-                        await self._room(req.length)
-                        with trio.fail_after(PAYLOAD_TIMEOUT):
-                            await reader.fill(req.length)
-                    else:
-                        await self._room(req.length)
-                    payload = reader.take(req.length)
-                if req.type == Cmd.DISC:
-                    return  # the nursery waits for what is in flight; then we close
-                error = p.check_request(req, export.size, export.read_only, self.structured, self.contexts)
-                if error:
-                    self._give_back(len(payload))
-                    self._batch.append(self._error_reply(req.cookie, error, f"request refused (type {req.type}, "
-                                       f"flags {req.flags:#x}, {req.length} bytes at {req.offset})"))
-                    continue
-                if self._answer_now(vol, req, payload):
-                    self._give_back(len(payload))
-                    continue
-                if self._batch and (not self._slots.value or self._bytes + req.length > MAX_IN_FLIGHT_BYTES):
-                    await self._flush_batch()  # we may wait below: what is answered goes out first
-                if req.type == Cmd.READ:
-                    await self._room(req.length)
-                await self._slots.acquire()
-                nursery.start_soon(self._serve, export, req, payload)
-        except trio.TooSlowError:
-            raise ProtocolError(f"a request's payload did not come within {PAYLOAD_TIMEOUT:.0f} s") from None
-        except Closed:
-            pass
-        finally:
-            with trio.CancelScope(shield=True):
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                if kind == p.CMD_WRITE:
+                    if length > p.MAX_BLOCK:  # too large to take, and skipping it is no better
+                        raise ProtocolError(f"a write of {length} bytes (at most {p.MAX_BLOCK})")
+                    if end - start < used + length:
+                        if start + used + length > len(buf):  # make room for the payload
+                            del buf[:start]
+                            end -= start
+                            start = 0
+                            if used + length > len(buf):
+                                buf.extend(bytes(used + length - len(buf)))
+                        break
+                    payload = bytes(buf[start + used:start + used + length])
+                    used += length
+                elif kind == p.CMD_DISC:
                     await self._flush_batch()
-
-    def _answer_now(self, vol: Volume, req: p.Request, payload: bytes) -> bool:
-        """Serve a read or write that needs no wait, its reply batched; False
-        (and nothing done) if it needs a task. Never raises: the task meets
-        whatever it was and says so."""
-        try:
-            if req.type == Cmd.READ:
-                data = vol.read_now(req.offset, req.length)
-                if data is None or len(data) != req.length:
-                    return False
-                self._batch.append(self._data_header(req.cookie, req.offset, len(data)))
-                self._batch.append(data)
-                return True
-            if req.type == Cmd.WRITE and not req.flags & CmdFlag.FUA:
-                if not vol.write_now(req.offset, payload, behind=self.flushed):
-                    return False
-                self._batch.append(self._ok_reply(req.cookie))
-                return True
-        except Exception:
-            return False
-        return False
-
-    async def _flush_batch(self) -> None:
-        if self._batch:
-            batch, self._batch = self._batch, []
-            await self._send(batch)
-
-    async def _send(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        """Replies out, whole and one after another (the send lock)."""
-        async with self.send_lock:
-            if len(parts) == 1:
-                await self.stream.send_all(parts[0])
+                    return  # the nursery waits for what is in flight; then we close
+                start += used
+                error = p.check_request(flags, kind, offset, length, size, read_only, structured, contexts)
+                if error:
+                    batch.append(self._error_reply(cookie, error, f"request refused (type {kind}, "
+                                                   f"flags {flags:#x}, {length} bytes at {offset})"))
+                    continue
+                if kind == p.CMD_READ and not flags:
+                    try:
+                        data = vol.read_now(offset, length)
+                    except Exception:
+                        data = None  # the task meets whatever it was and says so
+                    if data is not None and len(data) == length:
+                        batch.append(self._data_header(cookie, offset, length))
+                        batch.append(data)
+                        continue
+                elif kind == p.CMD_WRITE and not flags:
+                    try:
+                        done = vol.write_now(offset, payload, behind=self.flushed)
+                    except Exception:
+                        done = False
+                    if done:
+                        batch.append(self._ok_reply(cookie))
+                        continue
+                held = length if kind in (p.CMD_READ, p.CMD_WRITE) else 0
+                if batch and (not self._slots.value or self._bytes + held > MAX_IN_FLIGHT_BYTES):
+                    await self._flush_batch()  # we may wait below: what is answered goes out first
+                await self._room(held)
+                await self._slots.acquire()
+                nursery.start_soon(self._serve, export, flags, kind, cookie, offset, length, payload, held)
+            if batch:
+                await self._flush_batch()
+            if start == end:
+                start = end = 0
+                if len(buf) > RECEIVE_SIZE:
+                    buf = bytearray(RECEIVE_SIZE)  # a large write passed: give its room back
+            elif start > len(buf) // 2:
+                del buf[:start]
+                buf.extend(bytes(start))
+                end -= start
+                start = 0
+            try:
+                n = os.readv(fd, [memoryview(buf)[end:]])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            if not n:
+                if end > start:
+                    raise ProtocolError(f"connection closed inside a request ({end - start} bytes of it came)")
                 return
-            sock = self.stream.socket
-            views = [memoryview(x) for x in parts]
-            while views:
-                n = await sock.sendmsg(views[:MAX_IOV])
-                while n:
-                    if n >= len(views[0]):
-                        n -= len(views[0])
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
+            end += n
 
     async def _room(self, n: int) -> None:
         """Wait until `n` more bytes may be in flight (one request is always let through)."""
@@ -455,57 +456,98 @@ class Connection:
             self._bytes_freed.set()
             self._bytes_freed = trio.Event()
 
-    async def _serve(self, export: Export, req: p.Request, payload: bytes) -> None:
-        held = len(payload) or (req.length if req.type == Cmd.READ else 0)
+    async def _serve(self, export: Export, flags: int, kind: int, cookie: int, offset: int, length: int,
+                     payload: bytes, held: int) -> None:
         try:
             try:
-                await self._execute(export, req, payload)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._execute(export, flags, kind, cookie, offset, length, payload)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # the client went away: the reader sees it too
             except Exception as e:
                 error = as_vdifs_error(e)
                 if error is None:  # a bug: the client gets EIO, the server goes on
-                    log.exception("nbd: export %s: %s failed unexpectedly", export.name, Cmd(req.type).name)
+                    log.exception("nbd: export %s: %s failed unexpectedly", export.name, Cmd(kind).name)
                     error = VdifsError(f"internal error: {e}")
                 else:
                     log.info("nbd: export %s: %s of %d bytes at %d failed: %s", export.name,
-                             Cmd(req.type).name, req.length, req.offset, error)
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._send_error(req.cookie, NBD_ERRORS.get(error.errno, p.EIO), str(error))
+                             Cmd(kind).name, length, offset, error)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await self._send([self._error_reply(cookie, NBD_ERRORS.get(error.errno, p.EIO), str(error))])
         finally:
             self._give_back(held)
             self._slots.release()
 
-    async def _execute(self, export: Export, req: p.Request, payload: bytes) -> None:
+    async def _execute(self, export: Export, flags: int, kind: int, cookie: int, offset: int, length: int,
+                       payload: bytes) -> None:
         vol = export.volume
-        cmd = req.type
-        if cmd == Cmd.READ:
-            data = await vol.read(req.offset, req.length)
-            if len(data) < req.length:  # the VDI shrank meanwhile: zeros past its end
-                data = bytes(data) + bytes(req.length - len(data))
-            await self._send_data(req.cookie, req.offset, data)
+        if kind == Cmd.READ:
+            data = await vol.read(offset, length)
+            if len(data) < length:  # the VDI shrank meanwhile: zeros past its end
+                data = bytes(data) + bytes(length - len(data))
+            await self._send([self._data_header(cookie, offset, length), data])
             return
-        if cmd == Cmd.WRITE:
-            fua = bool(req.flags & CmdFlag.FUA)
-            await vol.write(req.offset, payload, behind=self.flushed and not fua)
+        if kind == Cmd.WRITE:
+            fua = bool(flags & CmdFlag.FUA)
+            await vol.write(offset, payload, behind=self.flushed and not fua)
             if fua:
                 await vol.flush()
-        elif cmd == Cmd.FLUSH:
+        elif kind == Cmd.FLUSH:
             await vol.flush()
             self.flushed = True
-        elif cmd in (Cmd.TRIM, Cmd.WRITE_ZEROES):
-            await vol.discard(req.offset, req.length,
-                              provision=cmd == Cmd.WRITE_ZEROES and bool(req.flags & CmdFlag.NO_HOLE))
-            if req.flags & CmdFlag.FUA:
+        elif kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
+            await vol.discard(offset, length, provision=kind == Cmd.WRITE_ZEROES and bool(flags & CmdFlag.NO_HOLE))
+            if flags & CmdFlag.FUA:
                 await vol.flush()
-        elif cmd == Cmd.BLOCK_STATUS:
-            allocated = vol.allocation(req.offset, req.length)
-            extents = p.allocation_extents(req.offset, req.length, vol.object_size, allocated,
-                                           bool(req.flags & CmdFlag.REQ_ONE))
-            await self._send([p.block_status_reply(req.cookie, extents)])
+        elif kind == Cmd.BLOCK_STATUS:
+            allocated = vol.allocation(offset, length)
+            extents = p.allocation_extents(offset, length, vol.object_size, allocated,
+                                           bool(flags & CmdFlag.REQ_ONE))
+            await self._send([p.block_status_reply(cookie, extents)])
             return
         # CACHE: nothing to do (reads are fast enough to need no warming)
-        await self._send_ok(req.cookie)
+        await self._send([self._ok_reply(cookie)])
+
+    async def _flush_batch(self) -> None:
+        if self._batch:
+            batch = self._batch[:]
+            self._batch.clear()  # the reader holds this very list
+            await self._send(batch)
+
+    async def _send(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Replies out, whole and one after another: at once if nobody is
+        sending and the socket takes them (no await), else under the send
+        lock."""
+        if not self.send_lock.locked():
+            total = sum(len(x) for x in parts)
+            try:
+                sent = os.writev(self.stream.socket.fileno(), parts[:MAX_IOV]) if len(parts) > 1 else \
+                    os.write(self.stream.socket.fileno(), parts[0])
+            except BlockingIOError:
+                sent = 0
+            if sent == total:
+                return
+            self.send_lock.acquire_nowait()  # nobody else may send until the rest of these is out
+            try:
+                await self._send_rest(parts, sent)
+            finally:
+                self.send_lock.release()
+            return
+        async with self.send_lock:
+            await self._send_rest(parts, 0)
+
+    async def _send_rest(self, parts: list[bytes | bytearray | memoryview], sent: int) -> None:
+        views = [memoryview(x) for x in parts]
+        while views:
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+            if not views:
+                return
+            sent = await self.stream.socket.sendmsg(views[:MAX_IOV])
 
     def _ok_reply(self, cookie: int) -> bytes:
         return p.structured_done(cookie) if self.structured else p.simple_reply(cookie)
@@ -516,15 +558,6 @@ class Connection:
     def _data_header(self, cookie: int, offset: int, length: int) -> bytes:
         return (p.structured_data_header(cookie, offset, length, True) if self.structured
                 else p.simple_reply(cookie))
-
-    async def _send_ok(self, cookie: int) -> None:
-        await self._send([self._ok_reply(cookie)])
-
-    async def _send_error(self, cookie: int, error: int, message: str) -> None:
-        await self._send([self._error_reply(cookie, error, message)])
-
-    async def _send_data(self, cookie: int, offset: int, data: bytes | bytearray) -> None:
-        await self._send([self._data_header(cookie, offset, len(data)), data])
 
 
 class NbdServer:
