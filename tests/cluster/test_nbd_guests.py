@@ -94,3 +94,28 @@ def test_a_guest_rides_through_a_kill_9_and_restart_of_the_mount(cluster, tmp_pa
             assert os.pread(fd, 15, i * 512) == b"vdifs %08d\n" % i, i
     finally:
         os.close(fd)
+
+
+def test_a_second_writer_on_another_mount_gets_a_clean_refusal(cluster):
+    """A VDI held open for writing on mount a: mount b's NBD export of it is
+    refused at attach with the holder named (QEMU prints it), nothing is
+    written; once a lets go, b attaches and writes, and a reads b's bytes."""
+    from tests.e2e.conftest import run
+
+    cluster.format(3, copies=2)
+    a, b = cluster.mount("a"), cluster.mount("b")
+    with open(a.path("vm"), "wb") as f:
+        f.truncate(8 * MiB)
+    wait_for(lambda: os.path.exists(b.path("vm")), 10, "vm on b")
+    url = f"nbd+unix:///vm?socket={os.path.join(b.store, 'nbd.sock')}"
+    fd = os.open(a.path("vm"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x11" * 4096, 0)
+        refused = run("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 4096", url, check=False)
+        assert refused.returncode != 0 and "in use by" in refused.stderr, refused.stderr
+        assert os.pread(fd, 4096, 0) == b"\x11" * 4096
+    finally:
+        os.close(fd)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 4096", url)
+    with open(a.path("vm"), "rb") as f:
+        assert f.read(4096) == b"\x22" * 4096
