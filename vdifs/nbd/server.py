@@ -420,7 +420,10 @@ class Connection:
                 if batch and (not self._slots.value or self._bytes + held > MAX_IN_FLIGHT_BYTES):
                     await self._flush_batch()  # we may wait below: what is answered goes out first
                 await self._room(held)
-                await self._slots.acquire()
+                if self._slots.value:
+                    self._slots.acquire_nowait()  # no scheduling pass when a slot is free
+                else:
+                    await self._slots.acquire()
                 nursery.start_soon(self._serve, export, flags, kind, cookie, offset, length, payload, held)
             if batch:
                 await self._flush_batch()
