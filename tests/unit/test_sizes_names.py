@@ -53,3 +53,15 @@ def test_the_error_of_parallel_pieces_is_the_one_that_says_most():
     assert as_vdifs_error(ExceptionGroup("x", [io, ValueError("bug")])) is None  # a bug stays a bug
     assert as_vdifs_error(KeyError("bug")) is None
     assert isinstance(as_vdifs_error(VdifsError("plain")), VdifsError)
+
+
+@given(sizes=st.lists(st.integers(0, 50), max_size=8), data=st.data())
+def test_dropping_sent_bytes_leaves_exactly_the_rest(sizes, data):
+    from vdifs.model.buffers import drop_sent
+
+    parts = [bytes([i]) * n for i, n in enumerate(sizes)]
+    whole = b"".join(parts)
+    sent = data.draw(st.integers(0, len(whole)))
+    views = [memoryview(x) for x in parts]
+    drop_sent(views, sent)
+    assert b"".join(bytes(v) for v in views) == whole[sent:]

@@ -42,6 +42,7 @@ import trio
 from vdifs.client.catalog import Catalog
 from vdifs.client.volume import Volume
 from vdifs.errors import VdifsError, as_vdifs_error
+from vdifs.model.buffers import drop_sent
 from vdifs.nbd import protocol as p
 from vdifs.nbd.protocol import Cmd, CmdFlag, Opt, ProtocolError, Rep, TransmissionFlag
 
@@ -540,17 +541,9 @@ class Connection:
 
     async def _send_rest(self, parts: list[bytes | bytearray | memoryview], sent: int) -> None:
         views = [memoryview(x) for x in parts]
+        drop_sent(views, sent)
         while views:
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
-            if not views:
-                return
-            sent = await self.stream.socket.sendmsg(views[:MAX_IOV])
+            drop_sent(views, await self.stream.socket.sendmsg(views[:MAX_IOV]))
 
     def _ok_reply(self, cookie: int) -> bytes:
         return p.structured_done(cookie) if self.structured else p.simple_reply(cookie)

@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import trio
 
+from vdifs.model.buffers import drop_sent
 from vdifs.wire.seal import TAG, FrameSeal
 
 HEADER = struct.Struct(">II")
@@ -325,7 +326,7 @@ class FrameStream:
             sent = os.writev(fd, views[:IOV_BATCH])
         except OSError:  # EAGAIN: full; anything else: the locked path reports it
             return parts
-        _drop_sent(views, sent)
+        drop_sent(views, sent)
         return list(views)
 
     def _unqueue(self, mine: list[Blob]) -> None:
@@ -348,7 +349,7 @@ class FrameStream:
                 sent = await sock.sendmsg(views[:IOV_BATCH])
             except OSError as e:  # as SocketStream.send_all reports it
                 raise trio.BrokenResourceError(f"socket connection broken: {e}") from e
-            _drop_sent(views, sent)
+            drop_sent(views, sent)
 
     async def aclose(self, *, abort: bool = False) -> None:
         """Close the connection. `abort`: reset it (SO_LINGER 0): what the
@@ -384,17 +385,6 @@ def _sealed(seal: FrameSeal, parts: list[Blob]) -> list[Blob]:
             out.append(blob)
         out.append(seal.tag(sealed, blob))
     return out
-
-
-def _drop_sent(views: list[memoryview], sent: int) -> None:
-    """Remove the first `sent` bytes from a list of buffers, in place."""
-    while sent and views:
-        if sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        else:
-            views[0] = views[0][sent:]
-            sent = 0
 
 
 def check_request(msg: Any) -> tuple[int, str, dict[str, Any]]:
