@@ -269,3 +269,28 @@ def test_a_writable_open_right_after_the_holders_last_close_waits_instead_of_fai
     assert h.write(0, 0x33, 4096, sync=True) == "ok"
     assert open_errno(b.path("vm"), os.O_RDWR) == errno.EBUSY
     h.close()
+
+
+def test_a_writer_right_after_another_sees_the_size_it_left(two):
+    """The last writer grew the VDI and closed; a writer on another mount
+    opens it the moment that close returns, before its view of the
+    directory (watched every half second) has the new size: the open reads
+    the directory again, so the volume it writes has the last writer's
+    size, and its own write and close never persist an older one over it.
+    (The kernel's cached attributes of the file on the second mount may
+    still show the old size for that half second: see docs/usage.md.)"""
+    cluster, a, b, holders = two
+    for i in range(6):
+        src, dst = (a, b) if i % 2 == 0 else (b, a)
+        size = (17 + i) << 20
+        fd = os.open(src.path("vm"), os.O_RDWR)
+        os.ftruncate(fd, size)
+        os.close(fd)
+        fd = os.open(dst.path("vm"), os.O_RDWR)  # at once
+        try:
+            assert dst.info("vm")["size"] == size, i  # the volume the writer writes
+            os.pwrite(fd, b"\x5a" * 4096, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        wait_for(lambda: src.info("vm")["size"] == size, 5, f"the size kept after writer {i}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 
@@ -119,3 +120,10 @@ def test_a_second_writer_on_another_mount_gets_a_clean_refusal(cluster):
     run("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 4096", url)
     with open(a.path("vm"), "rb") as f:
         assert f.read(4096) == b"\x22" * 4096
+    # a VDI and a snapshot made on a a moment ago attach on b at once
+    with open(a.path("fresh"), "wb") as f:
+        f.truncate(4 * MiB)
+    info = run("qemu-img", "info", url.replace("/vm?", "/fresh?"))
+    assert "virtual size: 4 MiB" in info.stdout, info.stdout
+    run(sys.executable, "-m", "vdifs", "vdi", "--mount", a.mp, "snapshot", "vm", "s1")
+    run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x22 0 4096", url.replace("/vm?", "/vm@s1?"))

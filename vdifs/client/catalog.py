@@ -234,6 +234,11 @@ class Catalog:
             if self.leases.closing(vid):  # our last writer was closing; now there is a new one
                 await self.leases.mark_closing(vid, False)
         try:
+            if took and self.shared:
+                # The last writer's size (and all it changed) is in the directory;
+                # the view watched every half second may not have it yet, and a
+                # size grown from a stale one would be persisted over it.
+                await self.directory.refresh()
             if self.shared:
                 idle = self._volumes.get(vid)
                 if idle is not None and (took or (idle.handles == 0 and not idle.dirty)):

@@ -41,6 +41,7 @@ import trio
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.volume import Volume
+from vdifs.model.directory import VdiRecord
 from vdifs.errors import VdifsError, as_vdifs_error
 from vdifs.model.buffers import drop_sent
 from vdifs.nbd import protocol as p
@@ -144,22 +145,37 @@ class Exports:
             out.extend(f"{name}@{snap}" for snap in sorted(rec.snapshots))
         return out
 
-    def describe(self, name: str) -> tuple[int, bool]:
-        """(size, read-only) of an export; VdifsError (ENOENT) if there is none."""
+    async def _find(self, name: str) -> tuple[VdiRecord, str | None]:
+        """The VDI an export name means, and the snapshot it names (if any).
+        On a shared directory a name is called unknown only after reading
+        the directory again through its register (it may have been made
+        on another mount a moment ago)."""
         vdi, at, snap = name.partition("@")
-        rec = self.catalog.current.vdis.get(vdi)
-        if rec is None or (at and snap not in rec.snapshots):
-            raise VdifsError(f"no export {name!r}: not a VDI (or VDI@SNAPSHOT) of this cluster",
-                             code=errno.ENOENT)
-        return (rec.snapshots[snap].size, True) if at else (rec.size, False)
+        for again in (self.catalog.shared, False):
+            try:  # the directory's record (a loaded volume's keeps the snapshots it was loaded with)
+                rec: VdiRecord | None = self.catalog.current.get(vdi)
+            except VdifsError:
+                rec = None
+            if rec is not None and (not at or snap in rec.snapshots):
+                return rec, (snap if at else None)
+            if not again:
+                break
+            await self.catalog.directory.refresh()
+        raise VdifsError(f"no export {name!r}: not a VDI (or VDI@SNAPSHOT) of this cluster", code=errno.ENOENT)
+
+    async def describe(self, name: str) -> tuple[int, bool]:
+        """(size, read-only) of an export; VdifsError (ENOENT) if there is none."""
+        rec, snap = await self._find(name)
+        if snap is not None:
+            return rec.snapshots[snap].size, True
+        loaded = self.catalog.record_of(rec.vid)  # a loaded volume's size may be ahead of the directory
+        return (loaded or rec).size, False
 
     async def open(self, name: str) -> Export:
         """The export's volume: a VDI opened writable (its lease taken, as by
         a writable open of its file), or a snapshot."""
-        self.describe(name)
-        vdi, at, snap = name.partition("@")
-        rec = self.catalog.current.vdis[vdi]
-        if at:
+        rec, snap = await self._find(name)
+        if snap is not None:
             vol = await self.catalog.snapshot_volume(rec.snapshots[snap].vid)
             return Export(name, vol, read_only=True, writable=False)
         vol = await self.catalog.open(rec.vid, writable=True)
@@ -290,7 +306,7 @@ class Connection:
             await self._refuse(option, Rep.ERR_INVALID, f"malformed request: {e}")
             return
         try:
-            size, read_only = self.exports.describe(req.name)
+            size, read_only = await self.exports.describe(req.name)
         except VdifsError as e:
             await self._refuse(option, Rep.ERR_UNKNOWN, str(e))
             return
@@ -324,7 +340,7 @@ class Connection:
             await self._refuse(option, Rep.ERR_INVALID, "structured replies first")
             return
         try:
-            self.exports.describe(req.name)
+            await self.exports.describe(req.name)
         except VdifsError as e:
             await self._refuse(option, Rep.ERR_UNKNOWN, str(e))
             return
