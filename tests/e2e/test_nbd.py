@@ -194,7 +194,8 @@ def test_handshake_variants_every_command_and_both_reply_kinds(mount):
     assert c.command(nbd.CMD_READ, 16 * MiB - 10, 20)[0] == 22
     assert c.write(16 * MiB - 10, b"x" * 20) == 28  # ENOSPC
     assert c.command(nbd.CMD_READ, 0, 64 << 20)[0] == 75  # EOVERFLOW
-    assert c.command(nbd.CMD_FLUSH, 0, 0, nbd.FLAG_FUA)[0] == 22
+    assert c.command(nbd.CMD_FLUSH, 0, 0, nbd.FLAG_NO_HOLE)[0] == 22  # a flag FLUSH does not take
+    assert c.command(nbd.CMD_FLUSH, 0, 0, nbd.FLAG_FUA)[0] == 0  # FUA is taken everywhere
     assert c.command(42, 0, 512)[0] == 22
     assert c.read(0, 512) == bytes(512)
     c.disconnect()

@@ -309,8 +309,8 @@ async def test_a_restarted_mount_takes_its_earlier_runs_lease_at_once_and_nobody
     async def fence(vid: int, gen: int) -> None:
         fenced.append(gen)
 
-    def manager(name: str, store: str, credential: str = "hv1") -> LeaseManager:
-        return LeaseManager(name, {"host": "h", "pid": 1, "mountpoint": "/m", "credential": credential,
+    def manager(name: str, store: str, credential: str = "hv1", host: str = "h") -> LeaseManager:
+        return LeaseManager(name, {"host": host, "pid": 1, "mountpoint": "/m", "credential": credential,
                                    "store": store}, lambda vid: reg, fence, term=TERM)
 
     first = manager("run1", "s1")
@@ -320,6 +320,8 @@ async def test_a_restarted_mount_takes_its_earlier_runs_lease_at_once_and_nobody
         await manager("other-store", "s2").acquire(VID)
     with pytest.raises(LeaseBusy):
         await manager("other-cred", "s1", credential="hv2").acquire(VID)
+    with pytest.raises(LeaseBusy):  # the same store id on another host: a copied store, not us
+        await manager("other-host", "s1", host="h2").acquire(VID)
     second = manager("run2", "s1")
     assert await second.acquire(VID) == 2 and fenced == [1, 2]
     assert trio.current_time() - start < 0.1

@@ -72,7 +72,9 @@ def test_garbage_options_are_value_errors_only(garbage):
     (p.Cmd.WRITE, 0, 1000, 100, False, False, False, p.ENOSPC),
     (p.Cmd.WRITE, 0, 0, 512, True, False, False, p.EPERM),
     (p.Cmd.TRIM, 0, 0, 512, True, False, False, p.EPERM),
-    (p.Cmd.READ, p.CmdFlag.FUA, 0, 512, False, False, False, p.EINVAL),  # a flag READ does not take
+    (p.Cmd.READ, p.CmdFlag.NO_HOLE, 0, 512, False, False, False, p.EINVAL),  # a flag READ does not take
+    (p.Cmd.READ, p.CmdFlag.FUA, 0, 512, False, False, False, 0),  # FUA: allowed everywhere, ignored
+    (p.Cmd.FLUSH, p.CmdFlag.FUA, 0, 0, False, False, False, 0),
     (p.Cmd.READ, p.CmdFlag.DF, 0, 512, False, False, False, p.EINVAL),  # DF needs structured replies
     (p.Cmd.READ, p.CmdFlag.DF, 0, 512, False, True, False, 0),
     (p.Cmd.BLOCK_STATUS, 0, 0, 512, False, True, False, p.EINVAL),  # no context chosen
@@ -105,3 +107,18 @@ def test_every_request_header_gets_an_answer_and_only_sane_ones_are_served(
         assert kind in p.ALLOWED_FLAGS_BY_TYPE and not flags & ~p.ALLOWED_FLAGS_BY_TYPE[kind]
         assert offset + length <= size and (length > 0 or kind in (p.CMD_CACHE, p.CMD_FLUSH, p.CMD_DISC))
         assert not (read_only and kind in p.CHANGING)
+
+
+@given(text=st.text(max_size=3000))
+def test_messages_are_cut_on_a_character_boundary(text):
+    raw = p.utf8_prefix(text * 3)
+    assert len(raw) <= 4096 and (text * 3).encode().startswith(raw)
+    raw.decode("utf-8")  # valid UTF-8, whatever was cut
+
+
+def test_df_is_offered_only_with_structured_replies():
+    from vdifs.nbd.server import transmission_flags
+
+    assert not transmission_flags(False, False) & p.TransmissionFlag.SEND_DF
+    assert transmission_flags(False, True) & p.TransmissionFlag.SEND_DF
+    assert transmission_flags(True, True) & p.TransmissionFlag.READ_ONLY

@@ -121,13 +121,18 @@ class LeaseManager:
 
     def left_by_an_earlier_run(self, lease: Lease) -> bool:
         """The holder is an earlier process of this mount: the same store
-        (whose lock we hold, so that process is gone) and the same
-        credential (the acceptors let a credential take over its own lease
-        at once). A mount restarted under a VM's disk gets it back without
-        waiting a term; the fence still cuts off anything that process left in flight."""
+        (whose lock we hold, so that process is gone) on the same host (a
+        store directory copied elsewhere, or shared over a network file
+        system whose locks do not reach across hosts, is not the same
+        mount) and the same credential (the acceptors let a credential
+        take over its own lease at once). A mount restarted under a VM's
+        disk gets it back without waiting a term (nor for a closing mark
+        that process left); the fence still cuts off anything it left in
+        flight."""
         h = lease.holder
         mine = self.identity.get("store")
         return (h is not None and bool(mine) and h.get("store") == mine and not self.is_ours(lease)
+                and h.get("host") == self.identity.get("host")  # a store copied to another host is not it
                 and h.get("credential") == self.identity.get("credential"))
 
     def _lock(self, vid: int) -> trio.Lock:
@@ -149,10 +154,11 @@ class LeaseManager:
             reg = self.register_for(vid)
             version, raw = await reg.get()
             lease = Lease.decode(raw)
-            if lease.holder is not None and lease.closing and not self.is_ours(lease):
+            earlier = lease.holder is not None and self.left_by_an_earlier_run(lease)
+            if lease.holder is not None and lease.closing and not self.is_ours(lease) and not earlier:
                 version, lease = await self._wait_for_closing(reg, version, lease)
             now = self.clock()
-            if lease.holder is not None and self.left_by_an_earlier_run(lease):
+            if earlier:
                 log.warning("vid %d: %s was an earlier run of this mount (same store, now locked by us): "
                             "taking its lease over at once", vid, lease.describe())
             elif lease.holder is not None and not self.is_ours(lease):

@@ -104,15 +104,17 @@ CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES,
 CHANGING = frozenset({CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES})
 
 #: The command flags each command may carry; any other is EINVAL.
+#: FUA is allowed on every command once SEND_FUA is offered (the protocol's
+#: rule); where it means nothing it is ignored.
 ALLOWED_FLAGS = {
-    Cmd.READ: CmdFlag.DF,
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
     Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: CmdFlag(0),
-    Cmd.FLUSH: CmdFlag(0),
+    Cmd.DISC: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag.FUA,
     Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: CmdFlag(0),
+    Cmd.CACHE: CmdFlag.FUA,
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
 }
 ALLOWED_FLAGS_BY_TYPE = {int(k): int(v) for k, v in ALLOWED_FLAGS.items()}
 
@@ -172,13 +174,19 @@ def check_request(flags: int, kind: int, offset: int, length: int, size: int, re
     return 0
 
 
+def utf8_prefix(text: str, limit: int = 4096) -> bytes:
+    """At most `limit` bytes of `text` as UTF-8, never cutting a character
+    (messages on the wire must be valid UTF-8)."""
+    return text.encode()[:limit].decode("utf-8", "ignore").encode()
+
+
 def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
     return struct.pack(">QIII", OPTION_REPLY_MAGIC, option, reply, len(data)) + data
 
 
 def error_reply(option: int, reply: Rep, message: str) -> bytes:
     """An option refused, with a message for people (clients print it)."""
-    return option_reply(option, reply, message.encode()[:4096])
+    return option_reply(option, reply, utf8_prefix(message))
 
 
 def server_entry(name: str) -> bytes:
@@ -287,7 +295,7 @@ def structured_hole(cookie: int, offset: int, length: int, done: bool) -> bytes:
 
 
 def structured_error(cookie: int, error: int, message: str) -> bytes:
-    raw = message.encode()[:4096]
+    raw = utf8_prefix(message)
     return structured_header(cookie, ReplyType.ERROR, 6 + len(raw), True) + struct.pack(">IH", error, len(raw)) + raw
 
 

@@ -50,12 +50,15 @@ from vdifs.nbd.protocol import Cmd, CmdFlag, Opt, ProtocolError, Rep, Transmissi
 log = logging.getLogger("vdifs.nbd")
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client has for the whole handshake
-PAYLOAD_TIMEOUT = 60.0  # seconds for a request's payload once its header came
+PAYLOAD_TIMEOUT = 60.0  # seconds for the rest of a request once part of it came
+DRAIN_TIMEOUT = 30.0  # seconds the requests in flight get to finish after a disconnect
 MAX_IN_FLIGHT = 64  # requests served at once per connection
 MAX_IN_FLIGHT_BYTES = 64 << 20  # bytes of write payloads and read replies in flight per connection
 SOCKET_MODE = 0o660
 RECEIVE_SIZE = 256 << 10  # bytes asked of the socket at once
 MAX_IOV = 512  # buffers per sendmsg (the kernel takes 1024)
+BATCH_BYTES = 2 << 20  # read data held in a batch of replies before it is sent
+ROUNDS_PER_CHECKPOINT = 16  # socket reads without a wait before the reader lets other tasks run
 
 #: errno -> NBD error (what the protocol has; anything else is EIO)
 NBD_ERRORS = {errno.EPERM: p.EPERM, errno.EROFS: p.EPERM, errno.EACCES: p.EPERM, errno.ENOMEM: p.ENOMEM,
@@ -65,6 +68,10 @@ NBD_ERRORS = {errno.EPERM: p.EPERM, errno.EROFS: p.EPERM, errno.EACCES: p.EPERM,
 
 class Closed(Exception):
     """The client closed the connection (where that is allowed)."""
+
+
+class Gone(Exception):
+    """A reply could not be sent: the client went away."""
 
 
 class Reader:
@@ -119,14 +126,13 @@ class Export:
     def size(self) -> int:
         return self.volume.size
 
-    def flags(self) -> int:
-        return transmission_flags(self.read_only)
-
-
-def transmission_flags(read_only: bool) -> int:
+def transmission_flags(read_only: bool, structured: bool) -> int:
+    """What an export offers; DF only with structured replies (the protocol's rule)."""
     f = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
-         | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_DF
+         | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
          | TransmissionFlag.SEND_CACHE | TransmissionFlag.SEND_FAST_ZERO)
+    if structured:
+        f |= TransmissionFlag.SEND_DF
     if read_only:
         f |= TransmissionFlag.READ_ONLY
     return int(f)
@@ -224,7 +230,7 @@ class Connection:
         except ProtocolError as e:
             log.warning("nbd: %s%s: %s: connection closed", self.peer,
                         f" (export {self.export.name})" if self.export else "", e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        except (Gone, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
         finally:
             with trio.CancelScope(shield=True):
@@ -271,8 +277,8 @@ class Connection:
                 self.export = await self.exports.open(name)
             except VdifsError as e:
                 raise ProtocolError(f"export {name!r} cannot be attached: {e}") from None  # no way to say so
-            await self.stream.send_all(p.export_name_reply(self.export.size, self.export.flags(),
-                                                           self.no_zeroes))
+            await self.stream.send_all(p.export_name_reply(
+                self.export.size, transmission_flags(self.export.read_only, self.structured), self.no_zeroes))
         elif option == Opt.ABORT:
             await self._reply(option, Rep.ACK)
             return False
@@ -318,8 +324,9 @@ class Connection:
                 await self._refuse(option, Rep.ERR_POLICY if e.errno == errno.EBUSY else Rep.ERR_UNKNOWN,
                                    f"export {req.name}: {e}")
                 return
+            self.export = export  # given back by `run` however the handshake ends from here
             size = export.size
-        await self._reply(option, Rep.INFO, p.info_export(size, transmission_flags(read_only)))
+        await self._reply(option, Rep.INFO, p.info_export(size, transmission_flags(read_only, self.structured)))
         if p.Info.NAME in req.infos:
             await self._reply(option, Rep.INFO, p.info_name(req.name))
         if p.Info.DESCRIPTION in req.infos:
@@ -328,7 +335,6 @@ class Connection:
         if p.Info.BLOCK_SIZE in req.infos:
             await self._reply(option, Rep.INFO, p.info_block_size())
         await self._reply(option, Rep.ACK)
-        self.export = export
 
     async def _meta(self, option: int, data: bytes) -> None:
         try:
@@ -365,8 +371,11 @@ class Connection:
         async with trio.open_nursery() as nursery:
             try:
                 await self._requests(export, nursery)
-            except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+            except (ProtocolError, Gone, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
                 ended = e
+                nursery.cancel_scope.cancel()  # nobody will read the replies of what is in flight
+            else:  # DISC or the end of the stream: what is in flight is answered, for a while
+                nursery.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
         if ended is not None:
             raise ended
 
@@ -387,6 +396,8 @@ class Connection:
         structured, contexts = self.structured, self.contexts
         header = p.REQUEST
         batch = self._batch
+        batched = 0  # bytes of read data in the batch
+        rounds = 0  # reads of the socket since the last scheduling pass
         while True:
             while end - start >= header.size:
                 magic, flags, kind, cookie, offset, length = header.unpack_from(buf, start)
@@ -402,8 +413,9 @@ class Connection:
                             del buf[:start]
                             end -= start
                             start = 0
-                            if used + length > len(buf):
-                                buf.extend(bytes(used + length - len(buf)))
+                            want = max(RECEIVE_SIZE, used + length)
+                            if want > len(buf):
+                                buf.extend(bytes(want - len(buf)))
                         break
                     payload = bytes(buf[start + used:start + used + length])
                     used += length
@@ -424,6 +436,10 @@ class Connection:
                     if data is not None and len(data) == length:
                         batch.append(self._data_header(cookie, offset, length))
                         batch.append(data)
+                        batched += length
+                        if batched > BATCH_BYTES:  # replies held for one writev stay bounded
+                            await self._flush_batch()
+                            batched = 0
                         continue
                 elif kind == p.CMD_WRITE and not flags:
                     try:
@@ -444,19 +460,31 @@ class Connection:
                 nursery.start_soon(self._serve, export, flags, kind, cookie, offset, length, payload, held)
             if batch:
                 await self._flush_batch()
+            batched = 0
             if start == end:
                 start = end = 0
-                if len(buf) > RECEIVE_SIZE:
+                if len(buf) != RECEIVE_SIZE:
                     buf = bytearray(RECEIVE_SIZE)  # a large write passed: give its room back
             elif start > len(buf) // 2:
                 del buf[:start]
                 buf.extend(bytes(start))
                 end -= start
                 start = 0
+            rounds += 1
+            if rounds >= ROUNDS_PER_CHECKPOINT:  # a client that never lets the socket run dry
+                rounds = 0                        # does not keep the rest of the mount waiting
+                await trio.lowlevel.checkpoint()
             try:
                 n = os.readv(fd, [memoryview(buf)[end:]])
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                rounds = 0
+                if start == end:
+                    await trio.lowlevel.wait_readable(sock)
+                else:  # part of a request came: the rest has PAYLOAD_TIMEOUT
+                    with trio.move_on_after(PAYLOAD_TIMEOUT) as waited:
+                        await trio.lowlevel.wait_readable(sock)
+                    if waited.cancelled_caught:
+                        raise ProtocolError(f"the rest of a request did not come within {PAYLOAD_TIMEOUT:.0f} s")
                 continue
             if not n:
                 if end > start:
@@ -481,17 +509,18 @@ class Connection:
         try:
             try:
                 await self._execute(export, flags, kind, cookie, offset, length, payload)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except Gone:
                 pass  # the client went away: the reader sees it too
             except Exception as e:
-                error = as_vdifs_error(e)
+                error = as_vdifs_error(e) or (VdifsError(str(e), code=e.errno or errno.EIO)
+                                              if isinstance(e, OSError) else None)
                 if error is None:  # a bug: the client gets EIO, the server goes on
                     log.exception("nbd: export %s: %s failed unexpectedly", export.name, Cmd(kind).name)
                     error = VdifsError(f"internal error: {e}")
                 else:
                     log.info("nbd: export %s: %s of %d bytes at %d failed: %s", export.name,
                              Cmd(kind).name, length, offset, error)
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                with contextlib.suppress(Gone):
                     await self._send([self._error_reply(cookie, NBD_ERRORS.get(error.errno, p.EIO), str(error))])
         finally:
             self._give_back(held)
@@ -536,7 +565,13 @@ class Connection:
     async def _send(self, parts: list[bytes | bytearray | memoryview]) -> None:
         """Replies out, whole and one after another: at once if nobody is
         sending and the socket takes them (no await), else under the send
-        lock."""
+        lock. Gone if the client went away."""
+        try:
+            await self._send_whole(parts)
+        except (BrokenPipeError, ConnectionResetError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise Gone(str(e)) from None
+
+    async def _send_whole(self, parts: list[bytes | bytearray | memoryview]) -> None:
         if not self.send_lock.locked():
             total = sum(len(x) for x in parts)
             try:
