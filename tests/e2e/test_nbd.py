@@ -198,6 +198,10 @@ def test_handshake_variants_every_command_and_both_reply_kinds(mount):
     assert c.command(nbd.CMD_FLUSH, 0, 0, nbd.FLAG_FUA)[0] == 0  # FUA is taken everywhere
     assert c.command(42, 0, 512)[0] == 22
     assert c.read(0, 512) == bytes(512)
+    # shrunk through the file while attached: writes past the new end are refused, never grow it back
+    os.truncate(mount.path("p"), 8 * MiB)
+    assert c.write(12 * MiB, b"x" * 512) == 28
+    assert mount.info("p")["size"] == 8 * MiB
     c.disconnect()
 
 

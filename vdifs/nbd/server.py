@@ -392,7 +392,7 @@ class Connection:
         buf = bytearray(max(RECEIVE_SIZE, self.reader.available()))
         start, end = 0, self.reader.available()
         buf[:end] = self.reader.take(end)  # what came with the handshake
-        vol, size, read_only = export.volume, export.size, export.read_only
+        vol, read_only = export.volume, export.read_only
         structured, contexts = self.structured, self.contexts
         header = p.REQUEST
         batch = self._batch
@@ -423,7 +423,8 @@ class Connection:
                     await self._flush_batch()
                     return  # the nursery waits for what is in flight; then we close
                 start += used
-                error = p.check_request(flags, kind, offset, length, size, read_only, structured, contexts)
+                # the size now, not at attach: a VDI shrunk meanwhile is never grown back by a write here
+                error = p.check_request(flags, kind, offset, length, vol.size, read_only, structured, contexts)
                 if error:
                     batch.append(self._error_reply(cookie, error, f"request refused (type {kind}, "
                                                    f"flags {flags:#x}, {length} bytes at {offset})"))
