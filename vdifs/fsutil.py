@@ -71,10 +71,5 @@ def store_id(store: str) -> str:
     except FileNotFoundError:
         pass
     new = secrets.token_hex(16)
-    tmp = path + ".new"
-    with open(tmp, "w") as f:
-        f.write(new + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, (new + "\n").encode())
     return new

@@ -47,7 +47,7 @@ import trio
 from vdifs.client.cache import FILL_PIECE, ObjectCache, cacheable_kind
 from vdifs.client.pool import ObjectPool, PoolSpace
 from vdifs.model.cache_index import CacheEntry
-from vdifs.errors import ObjectNotFound
+from vdifs.errors import ObjectNotFound, leaf_errors
 from vdifs.model.ids import MAX_INDEX, vid_of
 
 log = logging.getLogger("vdifs.cache")
@@ -352,6 +352,4 @@ class CachingPool:
 
 
 def _only_not_found(e: BaseException) -> bool:
-    if isinstance(e, BaseExceptionGroup):
-        return all(_only_not_found(x) for x in e.exceptions)
-    return isinstance(e, ObjectNotFound)
+    return all(isinstance(x, ObjectNotFound) for x in leaf_errors(e))

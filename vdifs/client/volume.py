@@ -26,8 +26,9 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import trio
 
@@ -46,6 +47,7 @@ from vdifs.model.zeros import is_zero, zeros
 log = logging.getLogger(__name__)
 
 #: Concurrent object deletions when a VDI shrinks.
+T = TypeVar("T")
 FREE_PARALLELISM = 16
 ZERO_SEED = 4096  # bytes of zeros a zero object is created with (a create carries some data)
 
@@ -884,21 +886,33 @@ class Volume:
         async with self._changing():
             if self.window:
                 await self._drain_window()
-            limiter = trio.CapacityLimiter(FREE_PARALLELISM)
 
             async def one(e: Extent) -> None:
-                async with limiter:
-                    if provision:
-                        await self._zero_provisioned(e)
-                    elif e.length == self.object_size and not self.record.shared:
-                        await self.free_object(e.index)
-                    else:
-                        await self._write_extent(e, zeros(e.length))
+                if provision:
+                    await self._zero_provisioned(e)
+                elif e.length == self.object_size and not self.record.shared:
+                    await self.free_object(e.index)
+                else:
+                    await self._write_extent(e, zeros(e.length))
 
-            async with trio.open_nursery() as nursery:
-                for e in split_extents(offset, end - offset, self.object_size):
-                    nursery.start_soon(one, e)
+            # Holes need nothing (a shared VDI's map may be behind: all of it
+            # is done). What was acknowledged before is in the map by now.
+            await self._each(one, (e for e in split_extents(offset, end - offset, self.object_size)
+                                   if provision or self.record.shared or self.map.get(e.index) != NON_EXISTENT))
             self.touch()
+
+    async def _each(self, fn: Callable[[T], Awaitable[None]], items: Iterable[T]) -> None:
+        """`fn` of every item, FREE_PARALLELISM at a time (a task per worker,
+        not per item: a range of a million objects starts sixteen tasks)."""
+        pending = iter(items)
+
+        async def worker() -> None:
+            for item in pending:  # shared: each item is taken by one worker
+                await fn(item)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(FREE_PARALLELISM):
+                nursery.start_soon(worker)
 
     async def _zero_provisioned(self, e: Extent) -> None:
         """Zeros over the extent, leaving its object allocated (never freed,
@@ -953,15 +967,7 @@ class Volume:
             self.touch()
             await self.flush()  # the new size is durable before objects go
             doomed = [i for i, _ in self.map.entries(keep)]
-            limiter = trio.CapacityLimiter(FREE_PARALLELISM)
-
-            async def free(i: int) -> None:
-                async with limiter:
-                    await self.free_object(i)
-
-            async with trio.open_nursery() as nursery:
-                for i in doomed:
-                    nursery.start_soon(free, i)
+            await self._each(self.free_object, doomed)
             await self.flush()
             self.map.drop_empty_pages()
         elif size > old:
