@@ -345,3 +345,31 @@ def test_socket_path_group_and_no_socket(tmp_path):
               "--foreground", "--nbd-group", "no-such-group-here", check=False)
     assert bad.returncode != 0 and "no group 'no-such-group-here'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_a_socket_another_mount_serves_is_not_taken_over(mount, tmp_path):
+    """A second mount told to serve NBD where a live one does refuses to
+    start, in one line, and the first keeps serving; a socket file left by
+    a process that is gone is replaced."""
+    path = sock(mount)
+    other = run(sys.executable, "-m", "vdifs", "mount", str(tmp_path / "mnt2"), "--store", str(tmp_path / "store2"),
+                "--foreground", "--nbd", path, check=False, timeout=60)
+    assert other.returncode != 0 and f"another process serves NBD at {path}" in other.stderr, other.stderr
+    make_vdi(mount, "still", MiB)
+    c = nbd.Client(path)
+    assert "still" in c.list_exports()
+    c.close()
+    stale = str(tmp_path / "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(stale)
+    s.close()  # a socket file nobody listens on
+    from tests.e2e.conftest import MountProc
+
+    m2 = MountProc(str(tmp_path / "mnt3"), str(tmp_path / "store3"), str(tmp_path / "m3.log"), ("--nbd", stale))
+    m2.start()
+    try:
+        c = nbd.Client(stale)
+        assert c.list_exports() == []  # served: this mount's own (empty) pool
+    finally:
+        c.close()
+        m2.stop()
