@@ -247,6 +247,26 @@ class Guest:
     def errors(self) -> list[str]:
         return [ln for ln in self.console().splitlines() if ln.startswith("ERR")]
 
+    def diagnosis(self) -> str:
+        """What QEMU and the guest say, for a failed test's message: run
+        state, block errors (a paused VM is often an I/O error), the QMP
+        events seen, QEMU's stderr and the console's tail."""
+        parts = [f"{os.path.basename(self.serial)[:-7]}: "]
+        if self.proc.poll() is not None:
+            parts.append(f"QEMU exited with {self.proc.returncode}")
+        else:
+            try:
+                parts.append(f"status {self.qmp.cmd('query-status')}")
+                blocks = [(b.get("qdev"), b.get("io-status")) for b in self.qmp.cmd("query-block")]
+                parts.append(f"block {blocks}")
+            except (OSError, RuntimeError, ConnectionError) as e:
+                parts.append(f"QMP: {e}")
+        parts.append(f"events {self.qmp.events[-10:]}")
+        with open(self.stderr, errors="replace") as f:
+            parts.append(f"stderr: {f.read()[-2000:]}")
+        parts.append(f"console tail: {self.console()[-1500:]}")
+        return "\n".join(parts)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:

@@ -32,12 +32,24 @@ def vdifs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Co
     return run(sys.executable, "-m", "vdifs", *args, check=check, timeout=timeout)
 
 
-def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:
+def wait_for(cond, timeout: float = 30.0, what: str = "condition", explain=None) -> None:
+    """Poll `cond` until true; on timeout fail, with `explain()` (what the
+    parties say: consoles, logs) in the message if given."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
+            detail = f"\n{explain()}" if explain is not None else ""
+            raise AssertionError(f"{what} not reached within {timeout} s{detail}")
         time.sleep(0.1)
+
+
+def log_tail(path: str, lines: int = 40) -> str:
+    """The last lines of a process's log, for a failure's message."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
 
 
 def peer_states(cluster: Cluster) -> dict[str, str]:

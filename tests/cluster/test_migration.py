@@ -16,7 +16,7 @@ import pytest
 
 from tests.guest import Guest
 
-from .conftest import wait_for
+from .conftest import log_tail, wait_for
 
 HOPS = 4  # a -> b -> a -> b -> a
 
@@ -49,8 +49,12 @@ def test_a_guest_migrates_back_and_forth_and_keeps_writing(cluster, tmp_path, fo
     wait_for(lambda: os.path.exists(mounts[1].path("vm")), 10, "vm on b")
     src = Guest(str(tmp_path), "g0", disk(form, mounts[0].path("vm")), "counter")
     guests = [src]
+
+    def explain() -> str:  # for a failed wait: what every QEMU and mount says
+        return "\n".join([*(g.diagnosis() for g in guests[-2:]), *(f"{m.log}:\n{log_tail(m.log)}" for m in mounts)])
+
     try:
-        wait_for(lambda: src.last_written() >= 100, 60, "the guest writes")
+        wait_for(lambda: src.last_written() >= 100, 60, "the guest writes", explain)
         for hop in range(1, HOPS + 1):
             uri = f"tcp:127.0.0.1:{free_port()}"
             libvirt = form == "libvirt"
@@ -60,18 +64,19 @@ def test_a_guest_migrates_back_and_forth_and_keeps_writing(cluster, tmp_path, fo
             if libvirt:
                 dst.qmp.cmd("migrate-incoming", uri=uri)
             src.qmp.cmd("migrate", uri=uri)
-            wait_for(lambda: migrate_status(src) in ("completed", "failed", "cancelled"), 120, "migration ends")
+            wait_for(lambda: migrate_status(src) in ("completed", "failed", "cancelled"), 120, "migration ends", explain)
             assert migrate_status(src) == "completed", src.qmp.cmd("query-migrate")
             if libvirt:  # libvirt resumes the guest once the source reports completion
-                wait_for(lambda: dst.qmp.cmd("query-status")["status"] != "inmigrate", 30, "incoming done")
+                wait_for(lambda: dst.qmp.cmd("query-status")["status"] != "inmigrate", 30, "incoming done", explain)
                 dst.qmp.cmd("cont")
             wait_for(lambda: dst.proc.poll() is not None or dst.qmp.cmd("query-status")["status"] == "running",
-                     30, "destination running")
+                     30, "destination running", explain)
             with open(dst.stderr) as f:
                 assert dst.proc.poll() is None, f"hop {hop}: destination QEMU exited: {f.read()}"
             # the guest goes on from its migrated state and writes through the destination's mount
             before = src.last_written()
-            wait_for(lambda: dst.last_written() >= before + 100, 60, f"hop {hop}: the guest writes on the destination")
+            wait_for(lambda: dst.last_written() >= before + 100, 60, f"hop {hop}: the guest writes on the destination",
+                     explain)
             src.stop()
             src = dst
         assert not [e for g in guests for e in g.errors()], [g.errors()[:5] for g in guests]
