@@ -29,6 +29,21 @@ def test_with_peer_state_is_none_when_nothing_changes():
     assert down is not None and down.with_peer_state("a", DOWN) is None
 
 
+def test_a_silent_peer_is_marked_down_only_on_a_judgement_the_map_still_bears_out():
+    m = a_map()
+    new = m.with_silent_peer_down("a", "b", "10.0.0.1:7000")
+    assert new is not None and new.peers["b"].state == DOWN and new.epoch == 8
+    judge_down = m.with_peer_state("a", DOWN)
+    assert judge_down is not None
+    # a judge the others marked down meanwhile (it was the one cut off) changes nothing
+    assert judge_down.with_silent_peer_down("a", "b", "10.0.0.1:7000") is None
+    # nor a judgement of a peer that came back at another address, or is down already, or unknown
+    assert m.with_silent_peer_down("a", "b", "10.0.0.9:7000") is None
+    assert new.with_silent_peer_down("c", "b", "10.0.0.1:7000") is None
+    assert m.with_silent_peer_down("a", "x", "10.0.0.1:7000") is None
+    assert m.with_silent_peer_down("x", "b", "10.0.0.1:7000") is None
+
+
 def test_a_map_survives_encoding():
     m = a_map().with_peer_state("c", DOWN)
     assert m is not None

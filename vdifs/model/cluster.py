@@ -166,6 +166,18 @@ class ClusterMap:
             return None
         return self.with_changes(peers={**self.peers, peer_id: dataclasses.replace(p, state=state)})
 
+    def with_silent_peer_down(self, judge: str, peer_id: str, address: str) -> ClusterMap | None:
+        """The next map with `peer_id` down, as peer `judge` found it silent at
+        `address`; None unless, in this map, the judge is up and `peer_id` is
+        still up at that address. A judgement can be old when it is applied:
+        made by a peer cut off from everyone (which the others marked down
+        meanwhile) and applied the moment its link healed, it would mark
+        live peers down."""
+        j, p = self.peers.get(judge), self.peers.get(peer_id)
+        if j is None or j.state != UP or p is None or p.address != address:
+            return None
+        return self.with_peer_state(peer_id, DOWN)
+
 
 def choose_meta(peers: list[str], wanted: int = MAX_META) -> list[str]:
     """An odd number of meta peers (1, 3 or 5), so a majority is well defined."""

@@ -1,22 +1,35 @@
-"""Failure detection: heartbeats, an indirect probe, and map changes.
+"""Failure detection: a constant number of pings per peer, indirect probes,
+a suspicion period, and map changes.
 
-Every peer pings every other up peer each `interval`. A peer not heard
-from for `suspect_after` is probed through another peer (so one broken link
-does not look like a dead peer); if nobody reaches it, this peer proposes
-the map change that marks it down (CAS: many proposers, one change). A
-peer that is alive but finds itself marked down announces itself up.
+Each round (`interval`) a peer pings FANOUT others, in the order of
+`model.probing.ProbeOrder`, so its cost does not grow with the cluster.
+A peer that does not answer is pinged through HELPERS others at once (one
+broken or slow link does not make a live peer look dead); if none of them
+reaches it either, it is *suspected*: pinged again every round, directly
+and through helpers, and marked down only if it stays silent for
+SUSPECT_FOR (a peer stalled for a moment, or a burst of lost packets, is
+not declared down). The mark is a map change (CAS: many may propose it,
+one change is made). A peer that is alive but finds itself marked down
+announces itself up.
+
+`Probing` is the loop, with the network and the map given as callables,
+so the simulation runs a thousand of them on an in-memory network with a
+mock clock; `FailureDetector` wires it to the peer's RPC and membership.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
 
 from vdifs.errors import VdifsError
-from vdifs.model.cluster import DOWN, UP, ClusterMap
-from vdifs.peer.membership import Membership, peer_state_change
+from vdifs.model.cluster import UP, ClusterMap
+from vdifs.model.probing import FANOUT, HELPERS, ProbeOrder, pick_helpers
+from vdifs.peer.membership import Membership
 from vdifs.peer.state import PeerState
 from vdifs.wire import args as arg
 from vdifs.wire.rpc import Session
@@ -24,83 +37,164 @@ from vdifs.wire.rpc import Session
 log = logging.getLogger("vdifs.peer.health")
 
 PING_TIMEOUT = 1.0
+PROBE_TIMEOUT = 2.5  # a helper's own ping (PING_TIMEOUT) and the two messages to and from it
+SUSPECT_FOR = 3.0  # seconds a suspected peer must stay silent before it is marked down
+MARK_DOWN_WITHIN = 5.0  # seconds the map change may take before its evidence counts as old
+
+#: peer id -> address of the other up peers, and a version of that (the map's epoch)
+Members = Callable[[], tuple[Mapping[str, str], object]]
+
+
+class Probing:
+    """The detection loop of one peer. `ping(address, timeout)` and
+    `probe_via(helper_address, address, timeout)` say whether the peer
+    answered; `mark_down(peer_id, address)` proposes the map change."""
+
+    def __init__(self, members: Members, ping: Callable[[str, float], Awaitable[bool]],
+                 probe_via: Callable[[str, str, float], Awaitable[bool]],
+                 mark_down: Callable[[str, str], Awaitable[None]], *, interval: float = 1.0,
+                 fanout: int = FANOUT, helpers: int = HELPERS, suspect_for: float = SUSPECT_FOR,
+                 rng: random.Random | None = None) -> None:
+        self.members, self.ping, self.probe_via, self.mark_down = members, ping, probe_via, mark_down
+        self.interval, self.fanout, self.helpers, self.suspect_for = interval, fanout, helpers, suspect_for
+        self.rng = rng or random.Random()
+        self.order = ProbeOrder(self.rng)
+        self.checking: set[str] = set()  # peers with a check under way (never two at once)
+        self.pings_sent = 0  # direct pings, for the simulation's cost figures
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(self.interval)
+                self.round(nursery)
+
+    def round(self, nursery: trio.Nursery) -> None:
+        """Start this round's checks (no await: a slow check never delays the next round)."""
+        members, version = self.members()
+        for peer_id in self.order.next(members.keys(), self.fanout, version):
+            if peer_id not in self.checking:
+                self.checking.add(peer_id)
+                nursery.start_soon(self._check, peer_id, members[peer_id])
+
+    async def _ping(self, address: str) -> bool:
+        self.pings_sent += 1
+        return await self.ping(address, PING_TIMEOUT)
+
+    async def _check(self, peer_id: str, address: str) -> None:
+        try:
+            if await self._ping(address):
+                return
+            first_miss = trio.current_time()
+            while True:
+                helper = await self._reached_indirectly(peer_id, address)
+                if helper is not None:
+                    log.info("peer %s answers %s but not us: keeping it up", peer_id, helper)
+                    return
+                if trio.current_time() - first_miss >= self.suspect_for:
+                    break
+                await trio.sleep(self.interval)
+                if peer_id not in self.members()[0]:
+                    return  # marked down (or gone) meanwhile
+                if await self._ping(address):
+                    return
+            await self.mark_down(peer_id, address)
+        finally:
+            self.checking.discard(peer_id)
+
+    async def _reached_indirectly(self, peer_id: str, address: str) -> str | None:
+        """Ask HELPERS other peers at once to ping `peer_id`; the first that
+        reached it (its id), or None."""
+        members, _ = self.members()
+        ids = list(members)
+        helpers = pick_helpers(ids, (peer_id,), self.helpers, self.rng) if len(ids) > 1 else []
+        reached: str | None = None
+        async with trio.open_nursery() as nursery:
+            async def ask(helper: str) -> None:
+                nonlocal reached
+                if await self.probe_via(members[helper], address, PROBE_TIMEOUT) and reached is None:
+                    reached = helper
+                    nursery.cancel_scope.cancel()
+
+            for h in helpers:
+                nursery.start_soon(ask, h)
+        return reached
 
 
 class FailureDetector:
-    def __init__(self, peer: PeerState, membership: Membership, *, interval: float = 1.0,
-                 suspect_after: float = 4.0) -> None:
+    """`Probing` over the peer's RPC and map, plus the answer to `peer.probe`."""
+
+    def __init__(self, peer: PeerState, membership: Membership, *, interval: float = 1.0) -> None:
         self.peer = peer
         self.membership = membership
         self.interval = interval
-        self.suspect_after = suspect_after
-        self.last_seen: dict[str, float] = {}
+        self._members: tuple[Mapping[str, str], object] = ({}, None)
+        self.probing = Probing(self._others, self._ping, self._probe_via, self._mark_down, interval=interval)
 
-    async def _ping(self, address: str) -> bool:
+    def _others(self) -> tuple[Mapping[str, str], object]:
+        """The other up peers of the current map (computed once per epoch)."""
+        cmap = self.peer.cmap
+        if cmap is None:
+            return {}, None
+        if self._members[1] != cmap.epoch:
+            self._members = ({p.peer_id: p.address for p in cmap.up_peers() if p.peer_id != self.peer.peer_id},
+                             cmap.epoch)
+        return self._members
+
+    async def _ping(self, address: str, timeout: float) -> bool:
         assert self.peer.rpc is not None
         try:
-            await self.peer.rpc.call(address, "peer.ping", timeout=PING_TIMEOUT)
+            await self.peer.rpc.call(address, "peer.ping", timeout=timeout)
             return True
         except VdifsError as e:
             log.info("ping %s failed: %s", address, e)
             return False
 
+    async def _probe_via(self, helper: str, address: str, timeout: float) -> bool:
+        assert self.peer.rpc is not None
+        try:
+            return bool(await self.peer.rpc.call(helper, "peer.probe", {"address": address}, timeout=timeout))
+        except VdifsError:
+            return False
+
     async def h_probe(self, args: dict[str, Any], s: Session) -> bool:
         """Can this peer reach `address`? (Asked by others as the indirect probe.)"""
-        return await self._ping(arg.text(args, "address"))
+        return await self._ping(arg.text(args, "address"), PING_TIMEOUT)
+
+    async def _mark_down(self, peer_id: str, address: str) -> None:
+        """Propose the change, on fresh evidence only: if the meta peers do
+        not take it within MARK_DOWN_WITHIN (this peer may be the one cut
+        off), it is dropped, and `ClusterMap.with_silent_peer_down` drops it
+        if the map moved against it meanwhile."""
+        me = self.peer.peer_id
+        made = False
+
+        def change(cmap: ClusterMap) -> ClusterMap | None:
+            nonlocal made
+            new = cmap.with_silent_peer_down(me, peer_id, address)
+            made = new is not None
+            return new
+
+        try:
+            new = await self.membership.change_map(change, within=MARK_DOWN_WITHIN)
+        except VdifsError as e:
+            log.warning("could not mark peer %s at %s down: %s; dropped", peer_id, address, e)
+            return
+        if made:
+            log.warning("peer %s at %s stopped answering: marked down (epoch %d)", peer_id, address, new.epoch)
 
     async def run(self) -> None:
-        while True:
-            await trio.sleep(self.interval)
-            cmap = self.peer.cmap
-            if cmap is None or self.peer.rpc is None:
-                continue
-            me = cmap.peers.get(self.peer.peer_id)
-            if me is not None and me.state != UP:
-                log.warning("peer %s: the map says we are down, but we are here: rejoining", me.peer_id)
-                try:
-                    await self.membership.rejoin()
-                except VdifsError as e:
-                    log.warning("rejoin failed: %s", e)
-                continue
-            others = [p for p in cmap.up_peers() if p.peer_id != self.peer.peer_id]
-            now = trio.current_time()
-
-            async def check(peer_id: str, address: str) -> None:
-                if await self._ping(address):
-                    self.last_seen[peer_id] = trio.current_time()
-
-            async with trio.open_nursery() as nursery:
-                for p in others:
-                    self.last_seen.setdefault(p.peer_id, now)
-                    nursery.start_soon(check, p.peer_id, p.address)
-            for p in others:
-                if trio.current_time() - self.last_seen[p.peer_id] < self.suspect_after:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(self.interval)
+                cmap = self.peer.cmap
+                if cmap is None or self.peer.rpc is None:
                     continue
-                if await self._reached_indirectly(cmap, p.peer_id):
-                    self.last_seen[p.peer_id] = trio.current_time()
+                me = cmap.peers.get(self.peer.peer_id)
+                if me is not None and me.state != UP:
+                    log.warning("peer %s: the map says we are down, but we are here: rejoining", me.peer_id)
+                    try:
+                        await self.membership.rejoin()
+                    except VdifsError as e:
+                        log.warning("rejoin failed: %s", e)
                     continue
-                await self._mark_down(p.peer_id)
-
-    async def _reached_indirectly(self, cmap: ClusterMap, suspect: str) -> bool:
-        assert self.peer.rpc is not None
-        helpers = [p for p in cmap.up_peers() if p.peer_id not in (suspect, self.peer.peer_id)]
-        for helper in helpers[:2]:
-            try:
-                if await self.peer.rpc.call(helper.address, "peer.probe",
-                                            {"address": cmap.peers[suspect].address}, timeout=3 * PING_TIMEOUT):
-                    log.info("peer %s answers %s but not us: keeping it up", suspect, helper.peer_id)
-                    return True
-            except VdifsError:
-                continue
-        return False
-
-    async def _mark_down(self, peer_id: str) -> None:
-        try:
-            new = await self.membership.change_map(peer_state_change(peer_id, DOWN))
-        except VdifsError as e:
-            log.warning("could not mark peer %s down: %s", peer_id, e)
-            return
-        if new.peers[peer_id].state == DOWN:
-            log.warning("peer %s at %s stopped answering: marked down (epoch %d)", peer_id,
-                        new.peers[peer_id].address, new.epoch)
-
+                self.probing.round(nursery)

@@ -20,7 +20,7 @@ import trio
 from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.meta.consensus import CLUSTER_KEY
 from vdifs.meta.credentials import GRACE_MAX, ROTATION_GRACE, Credentials
-from vdifs.meta.paxos import Acceptor, Ballot, FileAcceptorStorage
+from vdifs.meta.paxos import Acceptor, Ballot, ConsensusUnavailable, FileAcceptorStorage
 from vdifs.meta.register_rules import LEASE_PREFIX, check_change
 from vdifs.model.cluster import COPIES_MAX, DOWN, UP, ClusterMap, PeerInfo, check_cluster_id, choose_meta
 from vdifs.peer.state import PeerState
@@ -109,11 +109,20 @@ class Membership:
 
     # -- changing the map ---------------------------------------------------------------
 
-    async def change_map(self, fn: MapChange) -> ClusterMap:
-        """Apply `fn` through consensus, adopt the result and tell everyone."""
+    async def change_map(self, fn: MapChange, within: float | None = None) -> ClusterMap:
+        """Apply `fn` through consensus, adopt the result and tell everyone.
+        With `within`, give up (ConsensusUnavailable, nothing more proposed) if consensus
+        has not taken the change in that many seconds."""
         p = self.peer
         assert p.meta is not None and p.cmap is not None
-        new = await p.meta.change_map(fn)
+        if within is None:
+            new = await p.meta.change_map(fn)
+        else:
+            with trio.move_on_after(within):
+                new = await p.meta.change_map(fn)
+                within = None
+            if within is not None:
+                raise ConsensusUnavailable(f"the meta peers did not take the map change within {within:.0f} s")
         await p.adopt_map(new)
         await self.notify_all(new)
         return new
