@@ -92,6 +92,7 @@ def test_replies_are_bounded_and_never_fatal(cluster):
         ("cluster.remove_peer", {"peer": "p" * (1 << 20)}),
         ("paxos.peek", {"key": "k" * (1 << 20)}),
         ("paxos.prepare", {"key": "k" * (1 << 20), "ballot": [1, "t"]}),
+        ("paxos.peek", {"key": "k", "unless": ["x" * (1 << 20), 1]}),
         ("obj.read", {"oid": oid, "offset": 0, "length": OBJECT_SIZE, "epoch": epoch}),
     ])
     assert results[0] is None
@@ -101,7 +102,8 @@ def test_replies_are_bounded_and_never_fatal(cluster):
     refused(results[4], errno.EINVAL)
     refused(results[5], errno.EINVAL)
     refused(results[6], errno.EINVAL)
-    whole = results[7]
+    refused(results[7], errno.EINVAL)
+    whole = results[8]
     assert isinstance(whole, (bytes, bytearray)) and len(whole) == OBJECT_SIZE
     assert whole[:4096] == b"x" * 4096 and not any(whole[4096:])
     assert_alive(cluster)

@@ -7,6 +7,7 @@ acknowledged append exactly once, each proposer's appends in order, and
 nothing that was never attempted: CAS is linearizable.
 """
 
+import os
 import random
 
 import msgpack
@@ -62,7 +63,7 @@ class SimNetwork:
             elif op == "accept":
                 reply = await acc.accept(args["key"], tuple(args["ballot"]), args["value"])
             else:
-                reply = await acc.peek(args["key"])
+                reply = await acc.peek(args["key"], tuple(args["unless"]) if args.get("unless") else None)
             # reply leg: the acceptor's state changed even if this is lost
             await trio.sleep(rng.uniform(0, self.max_delay))
             if dst in self.down or rng.random() < self.drop:
@@ -169,3 +170,48 @@ async def test_file_acceptor_state_survives_restart(tmp_path):
     assert not (await again.prepare("k", (4, "q")))["ok"]  # the promise was durable
     reply = await again.prepare("k", (6, "q"))
     assert reply["ok"] and reply["value"] == b"v" and tuple(reply["accepted"]) == (5, "p")
+
+
+async def test_a_file_acceptor_answers_from_memory_what_it_stored(tmp_path):
+    """What an acceptor stored it answers from memory (a peek, the read
+    every poll makes, costs no file read), a caller changing what it
+    loaded changes nothing stored, and a restarted acceptor reads the file."""
+    from vdifs.meta.paxos import FileAcceptorStorage
+
+    storage = FileAcceptorStorage(str(tmp_path))
+    a = Acceptor(storage)
+    assert (await a.prepare("k", (5, "p")))["ok"] and (await a.accept("k", (5, "p"), b"v"))["ok"]
+    again = Acceptor(FileAcceptorStorage(str(tmp_path)))  # restarted: from the file
+    assert await again.peek("k") == {"accepted": [5, "p"], "value": b"v"}
+    for name in os.listdir(tmp_path):
+        os.remove(tmp_path / name)  # from now on only memory can answer
+    s = await storage.load("k")
+    s.promise, s.value = (99, "x"), b"changed by a caller"
+    assert await a.peek("k") == {"accepted": [5, "p"], "value": b"v"}
+    assert not (await a.prepare("k", (4, "q")))["ok"]  # the promise of ballot 5 still holds
+
+
+async def test_a_peek_of_an_unchanged_register_moves_no_value():
+    acceptors = {name: Acceptor(MemoryAcceptorStorage()) for name in ("a", "b", "c")}
+    sent: list[dict] = []
+
+    async def send(dst, op, args):
+        reply = await getattr(acceptors[dst], op)(args["key"], tuple(args["unless"]) if args.get("unless") else None) \
+            if op == "peek" else await getattr(acceptors[dst], op)(args["key"], tuple(args["ballot"]),
+                                                                 *([args["value"]] if op == "accept" else []))
+        sent.append(reply)
+        return reply
+
+    proposer = Proposer("p1", list(acceptors), send)
+    reg = PaxosRegister(proposer, "dir")
+    assert await reg.cas(0, b"x" * 100_000)
+    sent.clear()
+    assert await reg.peek() == (1, b"x" * 100_000)
+    assert all("value" in r for r in sent)  # the first peek fetches the value
+    sent.clear()
+    assert await reg.peek() == (1, b"x" * 100_000)
+    assert sent and all(r.get("same") and "value" not in r for r in sent)  # unchanged: no value moves
+    assert await reg.cas(1, b"y")
+    sent.clear()
+    assert await reg.peek() == (2, b"y")  # changed: the new value comes
+    assert any(r.get("value") for r in sent)

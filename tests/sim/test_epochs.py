@@ -16,7 +16,7 @@ import trio
 from vdifs.client.reach import LOST_AFTER, PROBE_INTERVAL, RoutedRpc
 from vdifs.client.remote import RemotePool
 from vdifs.errors import InvalidArgument, VdifsError
-from vdifs.meta.consensus import CLUSTER_KEY, MetaClient
+from vdifs.meta.consensus import CLUSTER_KEY, MAP_POLL_SECONDS, POLLS_PER_SECOND, MetaClient, map_poll_interval
 from vdifs.meta.credentials import Credentials
 from vdifs.model.cluster import ClusterMap, PeerInfo, choose_meta
 from vdifs.model.ids import OBJECT_SIZE, data_oid, vid_of
@@ -431,3 +431,31 @@ async def test_large_reads_take_turns_over_the_replicas_and_small_ones_stay_on_t
     for off in range(0, 1 << 20, 256 << 10):
         assert await pool.read(oid, off + 4096, 4096) == data[off + 4096:off + 8192]
     assert {a for a, op, _ in net.calls if op == "obj.read"} == {replicas[0]}
+
+
+async def test_a_peer_that_missed_a_map_change_learns_it_from_its_pings(tmp_path, nursery, mock_clock):
+    """p1 is away while p3 joins (epoch 2) and misses the announcement; no
+    map poll runs here. Its failure detector's pings meet peers at epoch 2,
+    and it reads the map through consensus within a few rounds (the poll
+    is rare in a large cluster: map_poll_interval)."""
+    mock_clock.autojump_threshold = 0.05  # not 0: the peers' file I/O runs in threads
+    net = MemoryNet()
+    _creds, daemons = await make_cluster(tmp_path, 4, net)
+    p1 = daemons[1].state
+    net.down.add(p1.listen)
+    newcomer = daemons[3].state
+    new_map = ClusterMap.from_dict(await daemons[0].membership.h_add_peer(
+        {"peer": PeerInfo(newcomer.peer_id, newcomer.listen).to_dict()}, Session("admin", True)))
+    await newcomer.adopt_map(new_map)
+    net.down.clear()
+    assert p1.cmap.epoch == 1 and new_map.epoch == 2
+    nursery.start_soon(daemons[1].health.run)
+    with trio.fail_after(5):
+        while p1.cmap.epoch < 2:
+            await trio.sleep(0.1)
+    assert p1.cmap.epoch == 2 and newcomer.peer_id in p1.cmap.peers
+
+
+def test_the_map_poll_costs_the_meta_peers_the_same_in_a_large_cluster():
+    assert map_poll_interval(3) == MAP_POLL_SECONDS
+    assert 1000 / map_poll_interval(1000) == 100 / map_poll_interval(100) == POLLS_PER_SECOND

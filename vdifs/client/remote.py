@@ -150,7 +150,7 @@ class RemotePool:
         async def adopt(cmap: ClusterMap) -> None:
             self._adopt(cmap)
 
-        await self.meta.follow_map(adopt, lambda: self.cmap.epoch if self.cmap else 0, interval=MAP_POLL_SECONDS)
+        await self.meta.follow_map(adopt, lambda: self.cmap.epoch if self.cmap else 0, interval=lambda: MAP_POLL_SECONDS)
 
     @property
     def max_copies(self) -> int:

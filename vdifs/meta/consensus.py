@@ -17,6 +17,16 @@ CLUSTER_KEY = "cluster"
 DIRECTORY_KEY = "directory"
 PAXOS_TIMEOUT = 2.0
 MAP_POLL_SECONDS = 2.0
+#: What a peer's map polls may cost each meta peer, all peers together: the
+#: poll is the last resort (a changed map is announced to every peer, and a
+#: peer whose ping meets a newer epoch reads the map at once), so in a large
+#: cluster each peer polls more seldom instead of the meta peers working more.
+POLLS_PER_SECOND = 4.0
+
+
+def map_poll_interval(peers: int) -> float:
+    """Seconds between a peer's polls of the map in a cluster of `peers`."""
+    return max(MAP_POLL_SECONDS, peers / POLLS_PER_SECOND)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +36,7 @@ class MetaClient:
         self.node_id = node_id
         self.rpc = rpc
         self.proposer = Proposer(node_id, meta_addresses, self._send)
+        self._registers: dict[str, PaxosRegister] = {}
 
     def set_meta(self, addresses: list[str]) -> None:
         self.proposer.acceptors = list(addresses)
@@ -35,7 +46,11 @@ class MetaClient:
         return result
 
     def register(self, key: str) -> PaxosRegister:
-        return PaxosRegister(self.proposer, key)
+        """The register `key` (one object per key, so its peeks remember what they saw)."""
+        reg = self._registers.get(key)
+        if reg is None or reg.proposer is not self.proposer:
+            reg = self._registers[key] = PaxosRegister(self.proposer, key)
+        return reg
 
     async def read_map(self) -> ClusterMap | None:
         """The current cluster map, linearizable."""
@@ -77,12 +92,12 @@ class MetaClient:
             raise
 
     async def follow_map(self, adopt: Callable[[ClusterMap], Awaitable[Any]], known: Callable[[], int],
-                         interval: float = MAP_POLL_SECONDS) -> None:
-        """Poll the cluster register (cheap peeks) and hand every map to `adopt`,
-        which keeps it if it is newer. Notifications make changes arrive sooner;
-        this makes sure they arrive."""
+                         interval: Callable[[], float] = lambda: MAP_POLL_SECONDS) -> None:
+        """Poll the cluster register (cheap peeks) every `interval()` seconds and
+        hand every map to `adopt`, which keeps it if it is newer. Notifications
+        make changes arrive sooner; this makes sure they arrive."""
         while True:
-            await trio.sleep(interval)
+            await trio.sleep(interval())
             if not self.proposer.acceptors:
                 continue  # no cluster yet
             try:

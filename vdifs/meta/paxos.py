@@ -83,11 +83,17 @@ class MemoryAcceptorStorage:
 
 
 class FileAcceptorStorage:
-    """One file per register, replaced atomically and fsynced before answering."""
+    """One file per register, replaced atomically and fsynced before answering.
+
+    What was loaded or saved is kept in memory too (this process is the
+    only writer of these files: it holds the store's lock), so a peek, the
+    read every other peer and mount polls with, costs no thread and no file
+    read. A save that fails forgets the key: the next load reads the file."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._known: dict[str, AcceptorState] = {}
 
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, key.encode().hex())
@@ -101,11 +107,21 @@ class FileAcceptorStorage:
         return AcceptorState(tuple(d["promise"]), tuple(d["accepted"]), d["value"])  # type: ignore[arg-type]
 
     async def load(self, key: str) -> AcceptorState:
-        return await trio.to_thread.run_sync(self._load, key)
+        s = self._known.get(key)
+        if s is None:
+            s = await trio.to_thread.run_sync(self._load, key)
+            self._known.setdefault(key, s)  # unless a save came meanwhile
+            s = self._known[key]
+        return AcceptorState(s.promise, s.accepted, s.value)  # a copy: callers change theirs
 
     async def save(self, key: str, state: AcceptorState) -> None:
         raw = msgpack.packb({"promise": list(state.promise), "accepted": list(state.accepted), "value": state.value})
-        await trio.to_thread.run_sync(atomic_write, self._path(key), raw)
+        try:
+            await trio.to_thread.run_sync(atomic_write, self._path(key), raw)
+        except BaseException:
+            self._known.pop(key, None)  # the file may hold either state now
+            raise
+        self._known[key] = AcceptorState(state.promise, state.accepted, state.value)
 
     def _keys(self) -> list[str]:
         out = []
@@ -151,8 +167,14 @@ class Acceptor:
             await self.storage.save(key, s)
             return {"ok": True}
 
-    async def peek(self, key: str) -> dict[str, Any]:
+    async def peek(self, key: str, unless: Ballot | None = None) -> dict[str, Any]:
+        """The accepted ballot and value; the value is left out (`same`) when
+        the asker already has the value of ballot `unless` or a newer one: a
+        poll of an unchanged register moves a few bytes, however large the
+        value, and an acceptor that is behind sends no old value."""
         s = await self.storage.load(key)
+        if unless is not None and s.accepted <= unless:
+            return {"accepted": list(s.accepted), "same": True}
         return {"accepted": list(s.accepted), "value": s.value}
 
     async def install(self, key: str, ballot: Ballot, value: bytes | None) -> bool:
@@ -260,12 +282,24 @@ class Proposer:
             f"no majority of the {len(self.acceptors)} meta peers agreed on {key!r} "
             f"within {self.give_up_after:.0f} s")
 
-    async def peek(self, key: str) -> bytes | None:
-        """A cheap read: the value with the highest ballot any acceptor answered."""
-        replies = await self._broadcast("peek", {"key": key}, any_reply=True)
+    async def peek(self, key: str, known: tuple[Ballot, bytes | None] | None = None
+                   ) -> tuple[Ballot, bytes | None]:
+        """A cheap read: the ballot and value of the highest ballot any
+        acceptor answered. `known`: a ballot and value this proposer peeked
+        before; acceptors still at that ballot answer without the value."""
+        args: dict[str, Any] = {"key": key}
+        if known is not None:
+            args["unless"] = list(known[0])
+        replies = await self._broadcast("peek", args, any_reply=True)
         if not replies:
             raise ConsensusUnavailable(f"no meta peer answered a read of {key!r}")
-        return max(replies, key=lambda r: tuple(r["accepted"]))["value"]
+        best = max(replies, key=lambda r: tuple(r["accepted"]))
+        ballot: Ballot = (int(best["accepted"][0]), str(best["accepted"][1]))
+        if best.get("same"):
+            if known is None or ballot > known[0]:  # an answer to a question we did not ask
+                raise ConsensusUnavailable(f"a meta peer answered a read of {key!r} without its value")
+            return known  # what we have is as new as anything they answered
+        return ballot, best["value"]
 
 
 # -- registers --------------------------------------------------------------------
@@ -287,6 +321,7 @@ class PaxosRegister:
     def __init__(self, proposer: Proposer, key: str) -> None:
         self.proposer = proposer
         self.key = key
+        self._peeked: tuple[Ballot, bytes | None] | None = None  # what the last peek saw
 
     @staticmethod
     def _decode(raw: bytes | None) -> dict[str, Any]:
@@ -298,7 +333,10 @@ class PaxosRegister:
         return d["v"], d["d"]
 
     async def peek(self) -> tuple[int, bytes]:
-        d = self._decode(await self.proposer.peek(self.key))
+        """A cheap, possibly stale read (see `Proposer.peek`); unchanged since
+        the last peek, it costs the acceptors no value sent."""
+        self._peeked = await self.proposer.peek(self.key, self._peeked)
+        d = self._decode(self._peeked[1])
         return d["v"], d["d"]
 
     def token(self) -> bytes:

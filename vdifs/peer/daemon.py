@@ -26,7 +26,7 @@ import trio
 
 from vdifs.errors import VdifsError
 from vdifs.fsutil import lock_store
-from vdifs.meta.consensus import MetaClient
+from vdifs.meta.consensus import MetaClient, map_poll_interval
 from vdifs.peer.dataplane import DataPlane
 from vdifs.peer.health import FailureDetector
 from vdifs.peer.membership import Membership
@@ -238,7 +238,8 @@ class PeerDaemon:
     async def _watch_map(self) -> None:
         st = self.state
         assert st.meta is not None
-        await st.meta.follow_map(st.adopt_map, st.epoch)
+        await st.meta.follow_map(st.adopt_map, st.epoch,
+                                 lambda: map_poll_interval(len(st.cmap.peers) if st.cmap is not None else 0))
 
     # -- the one handler that reports on every part ---------------------------------------
 

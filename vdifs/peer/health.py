@@ -128,6 +128,7 @@ class FailureDetector:
         self.membership = membership
         self.interval = interval
         self._members: tuple[Mapping[str, str], object] = ({}, None)
+        self.newer_map = trio.Event()  # a ping's answer came from a newer epoch
         self.probing = Probing(self._others, self._ping, self._probe_via, self._mark_down, interval=interval)
 
     def _others(self) -> tuple[Mapping[str, str], object]:
@@ -141,13 +142,31 @@ class FailureDetector:
         return self._members
 
     async def _ping(self, address: str, timeout: float) -> bool:
+        """Whether `address` answered; an answer from a newer epoch than ours
+        wakes `_catch_up` (how a peer that missed a map change learns of it
+        within a round, so the map poll can be rare in a large cluster)."""
         assert self.peer.rpc is not None
         try:
-            await self.peer.rpc.call(address, "peer.ping", timeout=timeout)
-            return True
+            reply = await self.peer.rpc.call(address, "peer.ping", timeout=timeout)
         except VdifsError as e:
             log.info("ping %s failed: %s", address, e)
             return False
+        epoch = reply.get("epoch") if isinstance(reply, dict) else None
+        if isinstance(epoch, int) and epoch > self.peer.epoch():
+            self.newer_map.set()
+        return True
+
+    async def _catch_up(self) -> None:
+        """Read the map through consensus when a ping met a newer epoch (at
+        most once a round)."""
+        while True:
+            await self.newer_map.wait()
+            self.newer_map = trio.Event()
+            try:
+                await self.peer.refresh_map()
+            except VdifsError as e:
+                log.info("a peer has a newer map, but reading it failed: %s", e)
+            await trio.sleep(self.interval)
 
     async def _probe_via(self, helper: str, address: str, timeout: float) -> bool:
         assert self.peer.rpc is not None
@@ -184,6 +203,7 @@ class FailureDetector:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._catch_up)
             while True:
                 await trio.sleep(self.interval)
                 cmap = self.peer.cmap

@@ -537,7 +537,8 @@ class Membership:
         return now - seen[1]
 
     async def h_peek(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
-        return await self.acceptor.peek(_register_key(args))
+        unless = _ballot({"ballot": args["unless"]}) if args.get("unless") is not None else None
+        return await self.acceptor.peek(_register_key(args), unless)
 
     async def h_keys(self, args: dict[str, Any], s: Session) -> list[str]:
         return await self.acceptor.storage.keys()
