@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings, strategies as st

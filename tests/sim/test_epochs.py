@@ -12,6 +12,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from vdifs.client.reach import LOST_AFTER, PROBE_INTERVAL, RoutedRpc
 from vdifs.client.remote import RemotePool
@@ -459,3 +460,39 @@ async def test_a_peer_that_missed_a_map_change_learns_it_from_its_pings(tmp_path
 def test_the_map_poll_costs_the_meta_peers_the_same_in_a_large_cluster():
     assert map_poll_interval(3) == MAP_POLL_SECONDS
     assert 1000 / map_poll_interval(1000) == 100 / map_poll_interval(100) == POLLS_PER_SECOND
+
+
+async def test_a_peer_registering_while_the_cluster_formats_neither_breaks_the_format_nor_is_lost(tmp_path):
+    """The format tells each registered peer the map, one await each; a peer
+    that registers meanwhile (peers are started together) used to make the
+    format fail half way ("dictionary changed size"), leaving peers with a
+    map the register never held. It stays registered for later instead."""
+    net = MemoryNet()
+    daemons = []
+    for i in range(5):
+        d = PeerDaemon(str(tmp_path / f"p{i}"), f"10.0.0.{i}:7000")
+        d.load()
+        d.state.rpc = net.pool_for(d.state.listen)
+        d.state.meta = MetaClient(d.state.peer_id, d.state.rpc, [])
+        net.daemons[d.state.listen] = d
+        daemons.append(d)
+    first = daemons[0].membership
+    admin = Session("admin", True)
+    for d in daemons[1:4]:
+        await first.h_register_pending({"peer": d.state.me().to_dict()}, admin)
+    creds = Credentials.new()
+    formatted = {}
+
+    async def format_cluster() -> None:
+        formatted.update(await first.h_format({"cluster_id": creds.cluster_id, "secret": creds.secret,
+                                               "copies": 3, "min_copies": 1}, admin))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(format_cluster)
+        await trio.testing.wait_all_tasks_blocked()  # the format is telling the first peer
+        await first.h_register_pending({"peer": daemons[4].state.me().to_dict()}, admin)
+    cmap = ClusterMap.from_dict(formatted)
+    assert set(cmap.peers) == {d.state.peer_id for d in daemons[:4]}
+    assert all(d.state.cmap is not None and d.state.cmap.epoch == 1 for d in daemons[:4])
+    assert (await daemons[1].state.meta.read_map()).peers.keys() == cmap.peers.keys()  # stored, too
+    assert list(first.pending) == [daemons[4].state.peer_id]

@@ -78,6 +78,22 @@ async def test_calls_multiplex_and_errors(nursery):
     await client.aclose()
 
 
+async def test_an_idle_connection_still_times_calls_out(nursery):
+    """The watchdog that fails late calls sleeps while no call is pending
+    (an idle peer kept a timer per connection); a call on a connection idle
+    for a while must still time out, at its deadline plus a sweep."""
+    _server, addr = await start_server(nursery)
+    client = RpcClient(addr, SECRET, nursery)
+    assert await client.call("echo", {"x": 1}) == {"echo": 1, "auth": True}
+    await trio.sleep(1.0)  # idle: the watchdog has nothing to watch
+    started = trio.current_time()
+    with trio.fail_after(3):
+        with pytest.raises(PeerUnavailable):
+            await client.call("slow", {"t": 5}, timeout=0.2)
+    assert trio.current_time() - started < 1.0
+    await client.aclose()
+
+
 async def test_wrong_secret_is_refused(nursery, caplog):
     server, addr = await start_server(nursery)
     with caplog.at_level(logging.WARNING):

@@ -66,6 +66,8 @@ class MetaClient:
         reg = self.register(CLUSTER_KEY)
         while True:
             version, raw = await reg.get()
+            if not raw:  # a format that failed half way: peers were told of a map never stored
+                raise ConsensusUnavailable("the cluster register holds no map (was the format completed?)")
             current = ClusterMap.decode(raw)
             new = fn(current)
             if new is None:

@@ -305,14 +305,16 @@ class Membership:
         cmap = ClusterMap(creds.cluster_id, epoch=1, copies=copies, min_copies=min_copies, peers=peers,
                           meta=choose_meta(list(peers)))
         assert p.rpc is not None
-        for info in self.pending.values():
-            await p.rpc.call(info.address, "cluster.adopt",
-                             {"cluster_id": creds.cluster_id, "secret": creds.secret, "map": cmap.to_dict()})
+        for info in peers.values():  # the map's peers: more may register while we await
+            if info.peer_id != p.peer_id:
+                await p.rpc.call(info.address, "cluster.adopt",
+                                 {"cluster_id": creds.cluster_id, "secret": creds.secret, "map": cmap.to_dict()})
         await self._adopt(creds, cmap, s)
         assert p.meta is not None
         if not await p.meta.register(CLUSTER_KEY).cas(0, cmap.encode()):
             raise VdifsError("the cluster register was already written", code=errno.EEXIST)
-        self.pending.clear()
+        for peer_id in peers:
+            self.pending.pop(peer_id, None)
         log.info("formatted cluster %s: %d peers, copies %d, meta %s", creds.cluster_id, len(peers),
                  copies, ",".join(cmap.meta))
         return cmap.to_dict()
