@@ -120,6 +120,19 @@ async def connected_pool(daemons, net, nursery, creds) -> RemotePool:
     return pool
 
 
+async def join_while_away(daemons, net: MemoryNet):
+    """p3 joins through p0 while p1 is partitioned away: epoch 2, and p1
+    misses the notify. Then the partition heals. Returns p1's state and the new map."""
+    p1 = daemons[1].state
+    net.down.add(p1.listen)
+    newcomer = daemons[3].state
+    new_map = ClusterMap.from_dict(await daemons[0].membership.h_add_peer(
+        {"peer": PeerInfo(newcomer.peer_id, newcomer.listen).to_dict()}, Session("admin", True)))
+    await newcomer.adopt_map(new_map)
+    net.down.clear()
+    return p1, new_map
+
+
 async def holders(daemons, oid):
     return {d.state.peer_id for d in daemons if oid in await d.state.store.list_objects(vid_of(oid))}
 
@@ -136,15 +149,8 @@ async def test_stale_sender_refreshes_and_retries(tmp_path, nursery):
         assert await holders(daemons, oid) == set(placement(pool.map, oid, 2))
 
     map1 = pool.map
-    # p3 joins through p0 while p1 is partitioned away: epoch 2, p1 misses the notify
-    p1 = daemons[1].state
-    net.down.add(p1.listen)
-    newcomer = daemons[3].state
-    new_map = ClusterMap.from_dict(await daemons[0].membership.h_add_peer(
-        {"peer": PeerInfo(newcomer.peer_id, newcomer.listen).to_dict()}, Session("admin", True)))
-    await newcomer.adopt_map(new_map)
+    p1, new_map = await join_while_away(daemons, net)
     assert new_map.epoch == 2 and daemons[2].state.cmap.epoch == 2 and p1.cmap.epoch == 1
-    net.down.clear()
     while pool.rpc.cut:  # the mount's pings cut p1 off meanwhile: until they reach it again
         await trio.sleep(0.5)
 
@@ -442,13 +448,8 @@ async def test_a_peer_that_missed_a_map_change_learns_it_from_its_pings(tmp_path
     mock_clock.autojump_threshold = 0.05  # not 0: the peers' file I/O runs in threads
     net = MemoryNet()
     _creds, daemons = await make_cluster(tmp_path, 4, net)
-    p1 = daemons[1].state
-    net.down.add(p1.listen)
+    p1, new_map = await join_while_away(daemons, net)
     newcomer = daemons[3].state
-    new_map = ClusterMap.from_dict(await daemons[0].membership.h_add_peer(
-        {"peer": PeerInfo(newcomer.peer_id, newcomer.listen).to_dict()}, Session("admin", True)))
-    await newcomer.adopt_map(new_map)
-    net.down.clear()
     assert p1.cmap.epoch == 1 and new_map.epoch == 2
     nursery.start_soon(daemons[1].health.run)
     with trio.fail_after(5):
