@@ -16,6 +16,7 @@ snapshot, which restores its exact bytes.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -147,6 +148,25 @@ def _runs(chunk: bytes, base: int, grain: int = 64 << 10) -> list[tuple[int, int
     return out
 
 
+#: Seconds an undo waits for the mount to see our own writes' file closed.
+RELEASE_WAIT = 5.0
+
+
+def while_our_close_lands(undo: Callable[[], Any]) -> Any:
+    """Run `undo`, again while it finds the VDI open for writing, for up to
+    RELEASE_WAIT: close() returns once the kernel sent FLUSH, but it sends
+    the RELEASE of our handle later, and until then the mount counts it as
+    a writer (a rollback right after refused, under load)."""
+    deadline = time.monotonic() + RELEASE_WAIT
+    while True:
+        try:
+            return undo()
+        except VdifsError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
 def import_diff(call: Call, mountpoint: str, source: str, name: str) -> str:
     src: IO[bytes] = sys.stdin.buffer if source == "-" else open(source, "rb")
     try:
@@ -184,7 +204,7 @@ def import_diff(call: Call, mountpoint: str, source: str, name: str) -> str:
             undo = (lambda: call("vdi.delete", {"name": name})) if created else \
                 (lambda: call("vdi.rollback", {"name": name, "snapshot": h.from_}, timeout=DIFF_TIMEOUT))
             try:
-                undo()
+                while_our_close_lands(undo)
             except VdifsError as again:
                 raise DiffError(f"{e}; and undoing the import failed ({again}): check {name!r}") from None
             if isinstance(e, VdifsError):
