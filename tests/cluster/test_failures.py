@@ -804,8 +804,16 @@ def test_the_background_leak_pass_removes_old_leaks_and_nothing_in_use(cluster):
     os.makedirs(stray_dir)
     stray = os.path.join(stray_dir, f"{(0x777 << 32) | 1:016x}")
     two_hours_ago = time.time() - 7200
+
+    def fio_holds_its_lease() -> bool:
+        out = vdifs("vdi", "--mount", m.mp, "lock-info", "fio.img", "--json", check=False).stdout
+        return bool(out) and json.loads(out)["holder"] is not None
+
+    # made full size with no file handle of ours: fio opens it once (no layout pass that opens and
+    # closes it first), and the only lease on it is fio's, so no leak pass falls between two opens
+    vdifs("vdi", "--mount", m.mp, "create", "fio.img", "48M")
     with FioVerify(m.path("fio.img"), 48, rate="4m", fsync=16) as fio:
-        wait_for(lambda: os.path.exists(m.path("fio.img")), 10, "fio's file")
+        wait_for(fio_holds_its_lease, 30, "fio's open of its file")
         busy = m.vid("fio.img")
         in_use = os.path.join(holder.store, "obj", f"{busy:06x}", f"{(busy << 32) | 999:016x}")
         os.makedirs(os.path.dirname(in_use), exist_ok=True)
