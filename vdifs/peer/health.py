@@ -46,12 +46,13 @@ Members = Callable[[], tuple[Mapping[str, str], object]]
 
 
 class Probing:
-    """The detection loop of one peer. `ping(address, timeout)` and
-    `probe_via(helper_address, address, timeout)` say whether the peer
-    answered; `mark_down(peer_id, address)` proposes the map change."""
+    """The detection loop of one peer. `ping(address, timeout)` says whether
+    the peer answered; `probe_via(helper_address, address, timeout)` whether
+    the helper reached it (None: the helper did not answer us);
+    `mark_down(peer_id, address)` proposes the map change."""
 
     def __init__(self, members: Members, ping: Callable[[str, float], Awaitable[bool]],
-                 probe_via: Callable[[str, str, float], Awaitable[bool]],
+                 probe_via: Callable[[str, str, float], Awaitable[bool | None]],
                  mark_down: Callable[[str, str], Awaitable[None]], *, interval: float = 1.0,
                  fanout: int = FANOUT, helpers: int = HELPERS, suspect_for: float = SUSPECT_FOR,
                  rng: random.Random | None = None) -> None:
@@ -86,7 +87,7 @@ class Probing:
                 return
             first_miss = trio.current_time()
             while True:
-                helper = await self._reached_indirectly(peer_id, address)
+                helper, heard = await self._reached_indirectly(peer_id, address)
                 if helper is not None:
                     log.info("peer %s answers %s but not us: keeping it up", peer_id, helper)
                     return
@@ -97,27 +98,39 @@ class Probing:
                     return  # marked down (or gone) meanwhile
                 if await self._ping(address):
                     return
+            if not heard:
+                # no helper answered us either: we are the one cut off, and a mark-down
+                # proposed now would land the moment our link heals, on live peers
+                log.info("peer %s is silent, and so are the peers asked to reach it: not judging it", peer_id)
+                return
+            if await self._ping(address):  # fresh evidence, just before the change
+                return
             await self.mark_down(peer_id, address)
         finally:
             self.checking.discard(peer_id)
 
-    async def _reached_indirectly(self, peer_id: str, address: str) -> str | None:
-        """Ask HELPERS other peers at once to ping `peer_id`; the first that
-        reached it (its id), or None."""
+    async def _reached_indirectly(self, peer_id: str, address: str) -> tuple[str | None, bool]:
+        """Ask HELPERS other peers at once to ping `peer_id`: the first that
+        reached it (its id) or None, and whether any helper answered at all
+        (True too when there is no helper to ask)."""
         members, _ = self.members()
         ids = list(members)
         helpers = pick_helpers(ids, (peer_id,), self.helpers, self.rng) if len(ids) > 1 else []
         reached: str | None = None
+        heard = not helpers
         async with trio.open_nursery() as nursery:
             async def ask(helper: str) -> None:
-                nonlocal reached
-                if await self.probe_via(members[helper], address, PROBE_TIMEOUT) and reached is None:
+                nonlocal reached, heard
+                answer = await self.probe_via(members[helper], address, PROBE_TIMEOUT)
+                if answer is not None:
+                    heard = True
+                if answer and reached is None:
                     reached = helper
                     nursery.cancel_scope.cancel()
 
             for h in helpers:
                 nursery.start_soon(ask, h)
-        return reached
+        return reached, heard
 
 
 class FailureDetector:
@@ -168,12 +181,12 @@ class FailureDetector:
                 log.info("a peer has a newer map, but reading it failed: %s", e)
             await trio.sleep(self.interval)
 
-    async def _probe_via(self, helper: str, address: str, timeout: float) -> bool:
+    async def _probe_via(self, helper: str, address: str, timeout: float) -> bool | None:
         assert self.peer.rpc is not None
         try:
             return bool(await self.peer.rpc.call(helper, "peer.probe", {"address": address}, timeout=timeout))
         except VdifsError:
-            return False
+            return None  # the helper did not answer us
 
     async def h_probe(self, args: dict[str, Any], s: Session) -> bool:
         """Can this peer reach `address`? (Asked by others as the indirect probe.)"""
