@@ -46,8 +46,9 @@ from vdifs.model.zeros import is_zero, zeros
 
 log = logging.getLogger(__name__)
 
-#: Concurrent object deletions when a VDI shrinks.
 T = TypeVar("T")
+
+#: Concurrent object frees and discards (a shrink, a TRIM of a large range).
 FREE_PARALLELISM = 16
 ZERO_SEED = 4096  # bytes of zeros a zero object is created with (a create carries some data)
 

@@ -48,7 +48,7 @@ class MetaClient:
     def register(self, key: str) -> PaxosRegister:
         """The register `key` (one object per key, so its peeks remember what they saw)."""
         reg = self._registers.get(key)
-        if reg is None or reg.proposer is not self.proposer:
+        if reg is None:
             reg = self._registers[key] = PaxosRegister(self.proposer, key)
         return reg
 

@@ -126,6 +126,7 @@ class Export:
     def size(self) -> int:
         return self.volume.size
 
+
 def transmission_flags(read_only: bool, structured: bool) -> int:
     """What an export offers; DF only with structured replies (the protocol's rule)."""
     f = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -115,14 +116,10 @@ class Membership:
         has not taken the change in that many seconds."""
         p = self.peer
         assert p.meta is not None and p.cmap is not None
-        if within is None:
+        with trio.move_on_after(math.inf if within is None else within) as waited:
             new = await p.meta.change_map(fn)
-        else:
-            with trio.move_on_after(within):
-                new = await p.meta.change_map(fn)
-                within = None
-            if within is not None:
-                raise ConsensusUnavailable(f"the meta peers did not take the map change within {within:.0f} s")
+        if waited.cancelled_caught:
+            raise ConsensusUnavailable(f"the meta peers did not take the map change within {within:.0f} s")
         await p.adopt_map(new)
         await self.notify_all(new)
         return new
