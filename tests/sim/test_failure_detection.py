@@ -182,3 +182,33 @@ async def test_without_helpers_and_suspicion_lost_packets_mark_live_peers_down(a
         await trio.sleep(60)
         nursery.cancel_scope.cancel()
     assert len(cluster.false_positives()) > 0
+
+
+
+@pytest.mark.parametrize("helpers_answer", [False, None])
+async def test_a_peer_none_of_whose_helpers_answer_judges_nobody(helpers_answer, autojump_clock):
+    """One peer's view while its own links are cut: every ping and every
+    helper is silent (None). It proposes no mark-down: applied the moment
+    its link healed, those would hit live peers (the partition soak saw
+    three). With helpers that answer but cannot reach the peer (False),
+    the silent peer is marked down."""
+    marked: list[str] = []
+
+    async def silent(address: str, timeout: float) -> bool:
+        await trio.sleep(timeout)
+        return False
+
+    async def ask(helper: str, address: str, timeout: float) -> bool | None:
+        await trio.sleep(0.01 if helpers_answer is False else timeout)
+        return helpers_answer
+
+    async def mark_down(peer: str, address: str) -> None:
+        marked.append(peer)
+
+    members = {f"p{i}": f"p{i}" for i in range(1, 10)}
+    prober = Probing(lambda: (members, 1), silent, ask, mark_down, rng=random.Random(5))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prober.run)
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert (marked != []) == (helpers_answer is False)

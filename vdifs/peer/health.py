@@ -62,6 +62,7 @@ class Probing:
         self.order = ProbeOrder(self.rng)
         self.checking: set[str] = set()  # peers with a check under way (never two at once)
         self.pings_sent = 0  # direct pings, for the simulation's cost figures
+        self._ids: tuple[object, list[str]] = (None, [])  # the members' ids, listed for a version
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -113,8 +114,10 @@ class Probing:
         """Ask HELPERS other peers at once to ping `peer_id`: the first that
         reached it (its id) or None, and whether any helper answered at all
         (True too when there is no helper to ask)."""
-        members, _ = self.members()
-        ids = list(members)
+        members, version = self.members()
+        if self._ids[0] != version or version is None:
+            self._ids = (version, list(members))  # once per membership, not per probe
+        ids = self._ids[1]
         helpers = pick_helpers(ids, (peer_id,), self.helpers, self.rng) if len(ids) > 1 else []
         reached: str | None = None
         heard = not helpers
