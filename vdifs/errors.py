@@ -37,6 +37,18 @@ class NoSpace(VdifsError):
     errno = errno.ENOSPC
 
 
+class NoAttribute(VdifsError):
+    """No such extended attribute (ENODATA, which is ENOATTR)."""
+
+    errno = errno.ENODATA
+
+
+class NotSupported(VdifsError):
+    """Not something a VDI has or does (EOPNOTSUPP)."""
+
+    errno = errno.EOPNOTSUPP
+
+
 class ObjectNotFound(VdifsError):
     """The pool holds no such object (a normal answer, not a failure)."""
 

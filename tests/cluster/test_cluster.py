@@ -103,6 +103,43 @@ def test_two_mounts_share_one_namespace(cluster):
         os.stat(a.path("b07"))
 
 
+def test_labels_set_by_another_mount_while_the_holder_writes(cluster):
+    """As libvirt labels an image on a migration's destination while the
+    source still runs the VM: the labels (security.*, trusted.*) are set from
+    the mount that does not hold the lease, every mount sees them, and the
+    holder's own directory updates (a size change, its flushes) keep them."""
+    cluster.format(3, copies=2)
+    a, b = cluster.mount("a"), cluster.mount("b")
+    label = b"system_u:object_r:svirt_image_t:s0:c17,c604"
+    fd = os.open(a.path("vm"), os.O_RDWR | os.O_CREAT)
+    try:
+        os.pwrite(fd, b"first" * 1000, 0)
+        os.fsync(fd)
+        wait_for(lambda: "vm" in os.listdir(b.mp), 10, "the VDI seen by b")
+        os.setxattr(b.path("vm"), "security.selinux", label)
+        os.setxattr(b.path("vm"), "trusted.libvirt.security.ref_selinux", b"1")
+
+        def seen_by_a() -> bool:
+            try:
+                return os.getxattr(a.path("vm"), "security.selinux") == label
+            except OSError:
+                return False
+
+        wait_for(seen_by_a, 10, "the label seen by the writing mount")
+        os.pwrite(fd, b"grown", 8 << 20)  # a size change: the holder rewrites its record
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for m in (a, b):
+        assert os.getxattr(m.path("vm"), "security.selinux") == label
+        assert sorted(os.listxattr(m.path("vm"))) == ["security.selinux", "trusted.libvirt.security.ref_selinux"]
+    wait_for(lambda: os.stat(b.path("vm")).st_size == (8 << 20) + 5, 10, "the new size seen by b")
+    assert read_at(b.path("vm"), 0, 5000) == b"first" * 1000
+    assert read_at(b.path("vm"), 8 << 20, 5) == b"grown"
+    os.removexattr(a.path("vm"), "trusted.libvirt.security.ref_selinux")
+    wait_for(lambda: os.listxattr(b.path("vm")) == ["security.selinux"], 10, "the removal seen by b")
+
+
 def test_per_vdi_copies(cluster):
     cluster.format(3, copies=3)
     m = cluster.mount("a")

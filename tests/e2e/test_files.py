@@ -2,6 +2,8 @@
 
 import errno
 import os
+import struct
+import subprocess
 import threading
 import time
 
@@ -154,31 +156,73 @@ def test_concurrent_writers_on_one_object(mount):
     assert all(got[i * 4096:(i + 1) * 4096] == bytes([i]) * 4096 for i in range(256))
 
 
-def test_attributes_are_set_only_and_writes_cost_no_attribute_lookup(mount):
-    """The mount answers no getxattr (ENOSYS), so the kernel stops asking:
-    before, it asked for security.capability before every write, a round
-    trip under the inode lock. user.vdifs.copies/shared stay settable; what
-    the attributes showed is in `vdi info`; the CLI finds the control socket
-    from the mount source, which names the store."""
+def _run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def test_security_labels_are_kept_and_writes_cost_no_attribute_lookup(mount):
+    """libvirt's labels (security.*, trusted.*) are kept per VDI, across a
+    remount (design change 49); the kernel does not ask for
+    security.capability before each write (FUSE_HANDLE_KILLPRIV_V2: before
+    it did, a round trip under the inode lock); ACLs, capabilities and
+    other names are refused; user.vdifs.copies/shared stay settable; the CLI
+    finds the control socket from the mount source, which names the store."""
     p = mount.path("x")
     with open(p, "wb") as f:
         f.truncate(OBJ)
-    for name in ("user.vdifs.copies", "security.capability", "user.other"):
-        with pytest.raises(OSError) as e:
-            os.getxattr(p, name)
-        assert e.value.errno == errno.EOPNOTSUPP
+    label = "system_u:object_r:svirt_image_t:s0:c392,c662"
+    _run("setfattr", "-n", "security.selinux", "-v", label, p)
+    _run("setfattr", "-n", "trusted.libvirt.security.dac", "-v", "+107:+107", p)
+    os.setxattr(p, "trusted.libvirt.security.ref_dac", b"1", os.XATTR_CREATE)
     with pytest.raises(OSError) as e:
-        os.listxattr(p)
-    assert e.value.errno == errno.EOPNOTSUPP
-    os.setxattr(p, "user.vdifs.copies", b"1")  # while it holds no data
-    assert mount.info("x")["copies"] == 1
-    fd = os.open(p, os.O_WRONLY)
-    try:
-        for i in range(64):
-            os.pwrite(fd, b"w" * 4096, i * 4096)
-    finally:
-        os.close(fd)
-    assert fuse_stats(mount)["getxattrs"] <= 1  # the first ENOSYS turned them off for good
+        os.setxattr(p, "trusted.libvirt.security.ref_dac", b"2", os.XATTR_CREATE)
+    assert e.value.errno == errno.EEXIST
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "trusted.never.set", b"2", os.XATTR_REPLACE)
+    assert e.value.errno == errno.ENODATA
+    no_capabilities = struct.pack("<5I", 0x02000000, 0, 0, 0, 0)  # VFS_CAP_REVISION_2
+    owner_only = struct.pack("<I", 2) + struct.pack("<HHI", 1, 6, 0xFFFFFFFF) + struct.pack("<HHI", 4, 0, 0xFFFFFFFF) \
+        + struct.pack("<HHI", 0x20, 0, 0xFFFFFFFF)  # an ACL the kernel accepts: user::rw- group::--- other::---
+    for name, value in (("security.capability", no_capabilities), ("system.posix_acl_access", owner_only),
+                        ("user.other", b"1")):
+        with pytest.raises(OSError) as e:
+            os.setxattr(p, name, value)
+        assert e.value.errno == errno.EOPNOTSUPP, name
+    with pytest.raises(OSError) as e:
+        os.getxattr(p, "security.capability")
+    assert e.value.errno == errno.ENODATA
+
+    asked = fuse_stats(mount)["getxattrs"]
+    for _ in range(4):
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            for i in range(64):
+                os.pwrite(fd, b"w" * 4096, i * 4096)
+        finally:
+            os.close(fd)
+    assert fuse_stats(mount)["getxattrs"] <= asked + 1  # once for the inode at most, never once per write
+    os.chmod(p, 0o6755)  # a VDI is never run: it keeps no set-ID bits to drop on write
+    assert os.stat(p).st_mode & 0o7777 == 0o755
+
+    mount.restart()
+    assert sorted(os.listxattr(p)) == ["security.selinux", "trusted.libvirt.security.dac",
+                                       "trusted.libvirt.security.ref_dac"]
+    assert _run("getfattr", "--only-values", "-n", "security.selinux", p) == label
+    assert os.getxattr(p, "trusted.libvirt.security.dac") == b"+107:+107"
+    os.removexattr(p, "trusted.libvirt.security.ref_dac")
+    with pytest.raises(OSError) as e:
+        os.getxattr(p, "trusted.libvirt.security.ref_dac")
+    assert e.value.errno == errno.ENODATA
+    with open(p, "rb") as f:
+        assert f.read(64 * 4096) == b"w" * 64 * 4096  # the data never noticed
+
+    empty = mount.path("empty")
+    open(empty, "wb").close()
+    os.setxattr(empty, "user.vdifs.copies", b"1")  # only while it holds no data
+    assert mount.info("empty")["copies"] == 1
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "user.vdifs.copies", b"1")
+    assert e.value.errno == errno.EINVAL
     with pytest.raises(OSError) as e:
         os.setxattr(p, "user.vdifs.copies", b"3")  # the embedded pool has one copy
     assert e.value.errno == errno.EINVAL
@@ -186,7 +230,7 @@ def test_attributes_are_set_only_and_writes_cost_no_attribute_lookup(mount):
         os.setxattr(p, "user.vdifs.vid", b"9")
     assert e.value.errno == errno.EPERM
     with pytest.raises(OSError) as e:
-        os.setxattr(p, "user.other", b"1")
+        os.setxattr(p, "user.vdifs.other", b"1")
     assert e.value.errno == errno.ENOTSUP
     source = {e.mountpoint: e.source for e in read_mounts()}[mount.mp]
     assert source == f"vdifs:{mount.store}"

@@ -130,6 +130,9 @@ def test_records_encode_with_the_stored_keys_and_order():
                          "gid", "atime", "data_vid", "family", "parent_vid", "snapshots"]
     assert raw["data_vid"] == new and raw["family"] == 1
     assert Directory.decode(d.encode()) == d
+    d.set_xattr(d.get("gold").vid, "security.selinux", b"system_u:object_r:svirt_image_t:s0:c1,c2")
+    assert list(d.get("gold").to_dict())[-1] == "xattrs"  # stored only when there are some
+    assert Directory.decode(d.encode()) == d
 
 
 def test_the_maps_that_may_point_at_a_data_vid_are_its_familys_live_maps():

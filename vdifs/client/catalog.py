@@ -444,6 +444,25 @@ class Catalog:
             self.pool.register_vdi(vid, copies)
             await self.persist_meta(vol)
 
+    def xattrs_of(self, vid: int) -> dict[str, bytes]:
+        """A VDI's extended attributes as the directory holds them (another
+        mount's changes show with the directory's next change here)."""
+        found = self.current.by_vid(vid)
+        if found is None:
+            raise VdiNotFound(f"no VDI with vid {vid}")
+        return found[1].xattrs
+
+    async def set_xattr(self, vid: int, name: str, value: bytes, flags: int = 0) -> None:
+        """Set an extended attribute (`model/xattrs.py`): a directory change,
+        so it needs no lease: libvirt labels an image on the destination of
+        a migration while the source still writes it."""
+        await self.directory.update(lambda d: d.set_xattr(vid, name, value, flags))
+        log.info("vid %d: extended attribute %s set (%d bytes)", vid, name, len(value))
+
+    async def remove_xattr(self, vid: int, name: str) -> None:
+        await self.directory.update(lambda d: d.remove_xattr(vid, name))
+        log.info("vid %d: extended attribute %s removed", vid, name)
+
     def name_of(self, vid: int) -> str:
         found = self.current.by_vid(vid)
         if found is None:

@@ -78,10 +78,14 @@ DO_READDIRPLUS = 1 << 13
 ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18
 FLAG_MAX_PAGES = 1 << 22
+HANDLE_KILLPRIV_V2 = 1 << 28
 #: What vdifs asks for: concurrent reads and direct I/O (a client's queue
 #: reaches us whole), 1 MiB requests, attributes with directory listings,
-#: cached pages dropped when a file's size or mtime changes under them.
-WANTED = ASYNC_READ | BIG_WRITES | AUTO_INVAL_DATA | DO_READDIRPLUS | ASYNC_DIO | PARALLEL_DIROPS | FLAG_MAX_PAGES
+#: cached pages dropped when a file's size or mtime changes under them, and
+#: the dropping of privileges on write left to us (we keep none to drop), so
+#: the kernel does not ask for security.capability before every write.
+WANTED = (ASYNC_READ | BIG_WRITES | AUTO_INVAL_DATA | DO_READDIRPLUS | ASYNC_DIO | PARALLEL_DIROPS
+          | FLAG_MAX_PAGES | HANDLE_KILLPRIV_V2)
 
 # open_flags of OPEN_OUT
 FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE = 1 << 0, 1 << 1

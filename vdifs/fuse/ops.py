@@ -42,8 +42,16 @@ ATTR_TIMEOUT = 1.0  # names, directories, and VDIs that other mounts write (shar
 #: rollbacks through the control socket, another mount's changes).
 FILE_ATTR_TIMEOUT = 3600.0
 XATTR_PREFIX = b"user.vdifs."
-SETTABLE_XATTRS = (b"copies", b"shared")  # set only: the mount answers no getxattr (design change 24)
+SETTABLE_XATTRS = (b"copies", b"shared")  # set only: what they show is in `vdi info`
 READ_ONLY_XATTRS = (b"vid", b"allocated", b"object_size", b"control", b"store", b"pid")  # once readable
+#: A VDI is never run: it keeps no set-user-ID or set-group-ID bit, so no
+#: write has privileges to drop (FUSE_HANDLE_KILLPRIV_V2, design change 49).
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
+
+
+def file_mode(mode: int) -> int:
+    """The permission bits a VDI keeps of a requested mode."""
+    return stat.S_IMODE(mode) & ~SETID_BITS
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -80,6 +88,13 @@ def is_snapshot(inode: int) -> bool:
 
 def read_only() -> abi.FUSEError:
     return abi.FUSEError(errno.EROFS)
+
+
+def xattr_name(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"extended attribute name {raw!r} is not UTF-8") from None
 
 
 def parse_name(raw: bytes, *, for_create: bool) -> str:
@@ -140,7 +155,7 @@ class VdifsOperations:
         rec = vol.record
         e = abi.EntryAttributes()
         e.st_ino = vid + 1
-        e.st_mode = stat.S_IFREG | rec.mode
+        e.st_mode = stat.S_IFREG | file_mode(rec.mode)
         e.st_nlink = 0 if vol.unlinked else 1
         e.st_uid, e.st_gid = rec.uid, rec.gid
         e.st_size = rec.size
@@ -215,7 +230,7 @@ class VdifsOperations:
             await vol.truncate(attr.st_size)
         changed = False
         if fields.update_mode:
-            rec.mode = stat.S_IMODE(attr.st_mode)
+            rec.mode = file_mode(attr.st_mode)
             changed = True
         if fields.update_uid:
             rec.uid = attr.st_uid
@@ -308,7 +323,7 @@ class VdifsOperations:
             raise abi.FUSEError(errno.ENOENT)
         if not stat.S_ISREG(mode):
             raise abi.FUSEError(errno.EPERM)
-        rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
+        rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=file_mode(mode),
                                         uid=ctx.uid, gid=ctx.gid)
         vol = await self.catalog.open(rec.vid, writable=True)
         fh = self._new_handle(vol, True)
@@ -323,7 +338,7 @@ class VdifsOperations:
             raise read_only()
         if parent != ROOT or not stat.S_ISREG(mode):
             raise abi.FUSEError(errno.EPERM)
-        rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=stat.S_IMODE(mode),
+        rec = await self.catalog.create(parse_name(name, for_create=True), 0, mode=file_mode(mode),
                                         uid=ctx.uid, gid=ctx.gid)
         return await self._attrs(rec.vid)
 
@@ -457,23 +472,41 @@ class VdifsOperations:
 
     # -- extended attributes -----------------------------------------------------------
 
-    async def getxattr(self, inode: int, name: bytes, ctx: abi.RequestContext) -> bytes:
-        """Not implemented, on purpose: ENOSYS makes the kernel stop asking
-        for any attribute on this mount. On the cached path it asks for
-        `security.capability` before every write, a round trip under the
-        inode lock that serialised writes (design change 24); what the
-        `user.vdifs.*` attributes showed is in `vdifs vdi info --json`."""
-        self.stats["getxattrs"] += 1
-        raise abi.FUSEError(errno.ENOSYS)
-
-    async def listxattr(self, inode: int, ctx: abi.RequestContext) -> list[bytes]:
-        raise abi.FUSEError(errno.ENOSYS)  # nothing could be read anyway
+    def _xattrs(self, inode: int) -> dict[str, bytes]:
+        """The extended attributes of a VDI (the directory's record); the
+        root, `.snapshots` and snapshots have none."""
+        if inode == ROOT or inode == SNAPSHOTS or is_snapshot(inode):
+            return {}
+        return self.catalog.xattrs_of(vid_of(inode))
 
     @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: abi.RequestContext) -> None:
-        if not name.startswith(XATTR_PREFIX):
-            raise abi.FUSEError(errno.ENOTSUP)
-        key = name[len(XATTR_PREFIX):]
+    async def getxattr(self, inode: int, name: bytes, ctx: abi.RequestContext) -> bytes:
+        """A VDI's `security.*` and `trusted.*` attributes; ENODATA for any
+        other name. The kernel does not ask before every write for
+        `security.capability` (design change 24's cost): the session asks
+        for FUSE_HANDLE_KILLPRIV_V2 (design change 49)."""
+        self.stats["getxattrs"] += 1
+        value = self._xattrs(inode).get(xattr_name(name))
+        if value is None:
+            raise abi.FUSEError(abi.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: abi.RequestContext) -> list[bytes]:
+        return [n.encode() for n in sorted(self._xattrs(inode))]
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, ctx: abi.RequestContext) -> None:
+        if name.startswith(XATTR_PREFIX):
+            await self._set_vdifs_xattr(inode, name[len(XATTR_PREFIX):], value)
+            return
+        if inode == SNAPSHOTS or is_snapshot(inode):
+            raise read_only()
+        if inode == ROOT:
+            raise abi.FUSEError(errno.EOPNOTSUPP)
+        await self.catalog.set_xattr(vid_of(inode), xattr_name(name), value, flags)
+
+    async def _set_vdifs_xattr(self, inode: int, key: bytes, value: bytes) -> None:
         if inode == ROOT or key not in SETTABLE_XATTRS:
             raise abi.FUSEError(errno.EPERM if inode == ROOT or key in READ_ONLY_XATTRS else errno.ENOTSUP)
         if key == b"shared":
@@ -481,12 +514,18 @@ class VdifsOperations:
                 raise InvalidArgument(f"user.vdifs.shared must be 0 or 1, not {value!r}")
             await self.catalog.set_shared(vid_of(inode), value.strip() == b"1")
             return
-        if key == b"copies":
-            try:
-                copies = int(value.decode())
-            except (UnicodeDecodeError, ValueError):
-                raise InvalidArgument(f"user.vdifs.copies must be a number, not {value!r}") from None
-            await self.catalog.set_copies(vid_of(inode), copies)
+        try:
+            copies = int(value.decode())
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidArgument(f"user.vdifs.copies must be a number, not {value!r}") from None
+        await self.catalog.set_copies(vid_of(inode), copies)
 
+    @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: abi.RequestContext) -> None:
-        raise abi.FUSEError(errno.EPERM if name.startswith(XATTR_PREFIX) else abi.ENOATTR)
+        if name.startswith(XATTR_PREFIX):
+            raise abi.FUSEError(errno.EPERM)
+        if inode == SNAPSHOTS or is_snapshot(inode):
+            raise read_only()
+        if inode == ROOT:
+            raise abi.FUSEError(abi.ENOATTR)
+        await self.catalog.remove_xattr(vid_of(inode), xattr_name(name))

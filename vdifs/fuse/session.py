@@ -406,13 +406,13 @@ class Session:
                     self.ops.listxattr, h.nodeid, self._ctx(h))
 
     def _setxattr(self, h: abi.Header, body: memoryview) -> None:
-        size, _ = abi.body_struct(abi.SETXATTR_IN, body)
+        size, flags = abi.body_struct(abi.SETXATTR_IN, body)
         rest = bytes(body[abi.SETXATTR_IN.size:])
         end = rest.find(b"\0")
         if end < 0 or len(rest) - end - 1 < size:
             raise ProtocolError("a setxattr whose name or value is cut short")
         self._spawn(h.unique, _plain, self.ops.setxattr, h.nodeid, rest[:end], rest[end + 1:end + 1 + size],
-                    self._ctx(h))
+                    flags, self._ctx(h))
 
     def _removexattr(self, h: abi.Header, body: memoryview) -> None:
         (name,) = abi.names(body, 1)

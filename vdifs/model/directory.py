@@ -31,6 +31,7 @@ import msgpack
 
 from vdifs.errors import InvalidArgument, NoSpace, TooLarge, VdiExists, VdifsError, VdiNotFound
 from vdifs.model.ids import MAX_VDI_SIZE, MAX_VID, OBJECT_ORDER
+from vdifs.model import xattrs
 from vdifs.model.names import validate_name
 
 FORMAT_VERSION = 1
@@ -79,6 +80,8 @@ class VdiRecord:
     stored_family: int = 0
     parent_vid: int = 0  # a clone: the snapshot's data vid it started from
     snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)
+    #: security.* and trusted.* extended attributes (`model/xattrs.py`)
+    xattrs: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def object_size(self) -> int:
@@ -100,7 +103,9 @@ class VdiRecord:
         return self.stored_family or self.vid
 
     def to_dict(self) -> dict[str, Any]:
-        return {_STORED_KEYS.get(k, k): v for k, v in dataclasses.asdict(self).items()}
+        """As stored; no "xattrs" key when there are none (most VDIs: the
+        directory is rewritten whole on every change)."""
+        return {_STORED_KEYS.get(k, k): v for k, v in dataclasses.asdict(self).items() if k != "xattrs" or v}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VdiRecord:
@@ -391,6 +396,19 @@ class Directory:
 
     def finish_delete(self, vid: int) -> None:
         self.deleting.discard(vid)
+
+    def set_xattr(self, vid: int, name: str, value: bytes, flags: int = 0) -> None:
+        """setxattr(2) on a VDI, by vid (a rename meanwhile does not matter)."""
+        xattrs.set_in(self._by_vid_or_raise(vid).xattrs, name, value, flags)
+
+    def remove_xattr(self, vid: int, name: str) -> None:
+        xattrs.remove_from(self._by_vid_or_raise(vid).xattrs, name)
+
+    def _by_vid_or_raise(self, vid: int) -> VdiRecord:
+        found = self.by_vid(vid)
+        if found is None:
+            raise VdiNotFound(f"no VDI with vid {vid}")
+        return found[1]
 
     # -- codec -----------------------------------------------------------
 
