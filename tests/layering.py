@@ -24,14 +24,15 @@ ALLOWED: dict[str, frozenset[str]] = {
     "model": frozenset({"errors"}),
     "store": frozenset({"errors", "fsutil", "model"}),
     "wire": frozenset({"errors", "model"}),
+    "metrics": frozenset({"errors", "model", "wire"}),
     "meta": frozenset({"errors", "fsutil", "model", "wire"}),
-    "peer": frozenset({"errors", "fsutil", "model", "store", "wire", "meta"}),
+    "peer": frozenset({"errors", "fsutil", "model", "store", "wire", "meta", "metrics"}),
     "client": frozenset({"errors", "fsutil", "model", "store", "wire", "meta"}),
     "control": frozenset({"errors", "model", "wire", "client"}),
     "nbd": frozenset({"errors", "model", "client"}),
-    "fuse": frozenset({"errors", "fsutil", "model", "client", "control", "nbd"}),
+    "fuse": frozenset({"errors", "fsutil", "model", "client", "control", "nbd", "metrics"}),
     "cli": frozenset({"errors", "fsutil", "model", "store", "wire", "meta", "peer", "client", "control", "nbd",
-                      "fuse"}),
+                      "fuse", "metrics"}),
 }
 
 # vdifs/__init__.py holds only the version and docstring: any layer may read

@@ -89,6 +89,7 @@ class PeerProc:
         self.log = os.path.join(root, f"{name}.log")
         self.host = host
         self.address = f"{host.address}:7000" if host else f"127.0.0.1:{free_port()}"
+        self.metrics: str | None = None  # its metrics endpoint, if started with one
         self.proc: subprocess.Popen | None = None
 
     def start(self, *extra: str) -> None:
@@ -161,18 +162,22 @@ class Cluster:
     def addresses(self) -> str:
         return ",".join(p.address for p in self.peers)
 
-    def add_peer(self, *extra: str) -> PeerProc:
+    def add_peer(self, *extra: str, metrics: bool = False) -> PeerProc:
+        """`metrics`: with an endpoint on a free port of 127.0.0.1 (`PeerProc.metrics`)."""
         name = f"peer{len(self.peers)}"
         p = PeerProc(self.root, name, self.net.host(name) if self.net else None)
+        if metrics:
+            p.metrics = f"127.0.0.1:{free_port()}"
+            extra = (*extra, "--metrics", p.metrics)
         self.peers.append(p)
         p.start(*extra)
         return p
 
     def format(self, n: int, copies: int = 3, min_copies: int | None = None,
-               peer_options: tuple[str, ...] = ()) -> None:
-        first = self.add_peer(*peer_options)
+               peer_options: tuple[str, ...] = (), metrics: bool = False) -> None:
+        first = self.add_peer(*peer_options, metrics=metrics)
         for _ in range(n - 1):
-            self.add_peer("--join", first.address, *peer_options)
+            self.add_peer("--join", first.address, *peer_options, metrics=metrics)
         wait_for(lambda: all("will join at format time" in first.log_text().split(p.peer_id, 1)[-1]
                              for p in self.peers[1:]) if n > 1 else True, 20, "pending joins")
         extra = ("--min-copies", str(min_copies)) if min_copies else ()

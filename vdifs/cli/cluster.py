@@ -60,6 +60,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on")
     p.add_argument("--join", metavar="HOST:PORT", help="a peer of the cluster to join")
     p.add_argument("--zone", default="", metavar="Z", help="failure zone (replicas go to distinct zones)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (store space, recovery, "
+                        "map, peers' round trips; docs/operations.md)")
     p.add_argument("--weight", type=float, default=PEER_WEIGHT, metavar="W",
                    help=f"relative share of data (default {PEER_WEIGHT:g})")
     p.add_argument("--secret-file", metavar="F", help="cluster secret file, to join a formatted cluster")
@@ -193,7 +196,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
                         recovery_reserve=args.recovery_reserve, reserve=args.reserve,
                         uncached_replica_writes=args.uncached_replica_writes,
                         leak_pass_interval=args.leak_pass_interval, leak_grace=args.leak_grace,
-                        idle_timeout=args.idle_timeout, encrypt=args.encrypt)
+                        idle_timeout=args.idle_timeout, encrypt=args.encrypt, metrics=args.metrics)
     trio.run(daemon.run)
     return 0
 

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "NAME@SNAP read-only; QEMU: nbd+unix:///NAME?socket=PATH; default: "
                           "STORE/nbd.sock)")
     nbd.add_argument("--no-nbd", dest="nbd", action="store_const", const=None, help="serve no NBD socket")
+    m.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (per-VDI requests, bytes and "
+                        "latency, leases, cache, pool space, peers' round trips; docs/operations.md)")
     m.add_argument("--nbd-group", metavar="GROUP",
                    help="the NBD socket's group, whose members may connect (e.g. the group QEMU runs as under "
                         "libvirt); default: the mount's own")
@@ -118,7 +121,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                   secret_file=args.secret_file, copies=args.copies, lease_term=args.lease_term,
                   io_wait=args.io_wait, write_behind=args.write_behind, encrypt=args.encrypt,
                   cache_dir=args.cache, cache_size=args.cache_size, cache_ttl=args.cache_ttl, nbd=args.nbd,
-                  nbd_group=args.nbd_group)
+                  nbd_group=args.nbd_group, metrics=args.metrics)
     lock = lock_store(store)
     keep_freed_buffers()
     logfile = args.log_file or os.path.join(store, "mount.log")

@@ -48,7 +48,9 @@ from vdifs.client.cache import FILL_PIECE, ObjectCache, cacheable_kind
 from vdifs.client.pool import ObjectPool, PoolSpace
 from vdifs.model.cache_index import CacheEntry
 from vdifs.errors import ObjectNotFound, leaf_errors
+from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import MAX_INDEX, vid_of
+from vdifs.model.iostats import OpStats
 
 log = logging.getLogger("vdifs.cache")
 
@@ -253,6 +255,12 @@ class CachingPool:
 
     def cache_status(self) -> dict[str, Any]:
         return self.cache.status()
+
+    def cluster_map(self) -> ClusterMap | None:
+        return self.pool.cluster_map()
+
+    def round_trips(self) -> dict[str, OpStats]:
+        return self.pool.round_trips()
 
     async def aclose(self) -> None:
         try:

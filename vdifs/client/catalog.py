@@ -26,6 +26,7 @@ from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
 from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.lease import Lease, LeaseBusy, LeaseManager
 from vdifs.model.directory import Directory, SnapshotRecord, VdiRecord
+from vdifs.model.iostats import IoStats
 from vdifs.model.sizes import format_size
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Catalog:
         if leases is not None:
             leases.on_lost = self._lease_lost
         self._volumes: OrderedDict[int, Volume] = OrderedDict()
+        self._io: dict[int, IoStats] = {}  # vid -> its clients' requests since this mount started
         self._load_locks: dict[int, trio.Lock] = {}
         self._snapshots: OrderedDict[int, Volume] = OrderedDict()  # read-only, by data vid
         self._copies_override: int | None = None  # `vdifs mount --copies`
@@ -183,6 +185,7 @@ class Catalog:
                                         reconcile=not self.shared)
                 if self._spawn is not None and self.write_behind:
                     vol.enable_write_behind(self._spawn, self.write_behind)
+                vol.io = self._io.setdefault(vid, IoStats())  # counted across reloads
                 self._evict_idle()  # before inserting: the caller has not pinned it yet
                 self._volumes[vid] = vol
         self._load_locks.pop(vid, None)
@@ -443,6 +446,15 @@ class Catalog:
             vol.record.copies = copies
             self.pool.register_vdi(vid, copies)
             await self.persist_meta(vol)
+
+    def io_by_vdi(self) -> list[tuple[str, int, IoStats]]:
+        """(name, vid, requests) of every VDI used through this mount since it
+        started and still in the directory, by name (those of deleted VDIs
+        are forgotten here)."""
+        names = {r.vid: n for n, r in self.current.vdis.items()}
+        for vid in [v for v in self._io if v not in names and v not in self._volumes]:
+            del self._io[vid]
+        return sorted((names[vid], vid, io) for vid, io in self._io.items() if vid in names)
 
     def xattrs_of(self, vid: int) -> dict[str, bytes]:
         """A VDI's extended attributes as the directory holds them (another

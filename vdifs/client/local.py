@@ -18,6 +18,7 @@ from vdifs.client.pool import PoolSpace
 from vdifs.errors import ChecksumError, PoolError
 from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.register import FileRegister
+from vdifs.model.iostats import OpStats
 from vdifs.store.objects import ObjectStore
 
 log = logging.getLogger("vdifs.pool")
@@ -64,6 +65,12 @@ class LocalPool:
 
     def io_stats(self) -> dict[str, int]:
         return self.store.io_stats()
+
+    def cluster_map(self) -> None:
+        return None
+
+    def round_trips(self) -> dict[str, OpStats]:
+        return {}
 
     def cache_status(self) -> None:
         return None  # the pool is local already

@@ -12,7 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from vdifs.model.cluster import ClusterMap
 from vdifs.model.directory import Directory
+from vdifs.model.iostats import OpStats
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,12 @@ class ObjectPool(Protocol):
 
     def cache_status(self) -> dict[str, Any] | None:
         """The local object cache's size, use and counters (None: no cache)."""
+
+    def cluster_map(self) -> ClusterMap | None:
+        """The cluster map requests go by (None: the embedded pool)."""
+
+    def round_trips(self) -> dict[str, OpStats]:
+        """Round trips to each peer so far, by address (empty: no peers)."""
 
     async def aclose(self) -> None: ...
 

@@ -33,6 +33,7 @@ import trio
 
 from vdifs.errors import VdifsError
 from vdifs.model.cluster import ClusterMap
+from vdifs.model.iostats import OpStats
 from vdifs.wire.rpc import RELAYED_OPS, PeerUnavailable, PendingCall, RemoteError, RpcPool
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class RoutedRpc:
         self.version = 0  # changes whenever `cut` does
         self.relayed = 0  # requests sent through a relay
         self._last_answer: dict[str, float] = {}
+
+    def round_trips(self) -> dict[str, OpStats]:
+        """Of the data connections (pings go through their own)."""
+        return self.rpc.round_trips()
 
     # -- requests ----------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.lease import DEFAULT_TERM, LeaseManager, lease_key
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import unpack_oid
+from vdifs.model.iostats import OpStats
 from vdifs.model.placement import placement
 from vdifs.wire import objlist
 from vdifs.wire.rpc import ESTALE_EPOCH, PEER, PeerUnavailable, RemoteError, RpcPool
@@ -516,6 +517,12 @@ class RemotePool:
 
     def cache_status(self) -> None:
         return None  # `CachingPool` adds one
+
+    def cluster_map(self) -> ClusterMap:
+        return self.map
+
+    def round_trips(self) -> dict[str, OpStats]:
+        return self.rpc.round_trips()
 
     def io_stats(self) -> dict[str, int]:
         return {"epoch": self.map.epoch, "peers_up": len(self.map.up_peers()),

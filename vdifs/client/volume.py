@@ -37,6 +37,7 @@ from vdifs.errors import InvalidArgument, NoSpace, ObjectExists, ObjectNotFound,
 from vdifs.model.directory import VdiRecord, check_size
 from vdifs.model.extents import Extent, objects_for_size, split_extents
 from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid, map_oid, unpack_oid
+from vdifs.model.iostats import IoStats
 from vdifs.model.objmap import (
     CHUNK_ENTRIES, NON_EXISTENT, PAGE_BYTES, PENDING_DELETE, ObjectMap,
     is_allocated, map_chunks, page_location,
@@ -113,6 +114,7 @@ class Volume:
         self._drain_error: BaseException | None = None  # stops the drainer until the next flush
         self._window_moved: trio.Event | None = None  # set when a round ends or the window is dropped
         self.behind_writes = 0  # writes acknowledged from the window
+        self.io = IoStats()  # what its clients asked, for `status` and the metrics
 
     # -- loading -----------------------------------------------------------
 
@@ -203,6 +205,13 @@ class Volume:
         """`read`, when it needs no wait: within one object, nothing of it in
         the window, and the pool answers at once (`read_now`) or it is a hole
         of a VDI no other mount writes; else None, and nothing happened."""
+        started = time.perf_counter()
+        data = self._read_now(offset, length)
+        if data is not None:
+            self.io.read.add(len(data), time.perf_counter() - started)
+        return data
+
+    def _read_now(self, offset: int, length: int) -> bytes | bytearray | None:
         if offset < 0 or length < 0:
             return None
         length = min(length, self.size - offset)
@@ -219,9 +228,15 @@ class Volume:
         return None if self.record.shared else zeros(length)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
+        started = time.perf_counter()
+        data = await self._read(offset, length)
+        self.io.read.add(len(data), time.perf_counter() - started)
+        return data
+
+    async def _read(self, offset: int, length: int) -> bytes | bytearray:
         if offset < 0 or length < 0:
             raise InvalidArgument("negative offset or length")
-        data = self.read_now(offset, length)
+        data = self._read_now(offset, length)
         if data is not None:
             return data
         length = min(length, self.size - offset)
@@ -338,6 +353,13 @@ class Volume:
         embedded pool's page cache) while no write is in the window. Neither
         while a snapshot is cut or the VDI cannot be written: `write` waits
         for the cut, or says why. No await: atomic for the other tasks."""
+        started = time.perf_counter()
+        if self._write_now(offset, data, behind):
+            self.io.write.add(len(data), time.perf_counter() - started)
+            return True
+        return False
+
+    def _write_now(self, offset: int, data: bytes | bytearray | memoryview, behind: bool) -> bool:
         if self.read_only or self.fenced or self._cutting is not None or offset < 0:
             return False
         n = len(data)
@@ -366,14 +388,18 @@ class Volume:
         """Write `data` at `offset`. With `behind` (the caller has shown it
         flushes) and write-behind on, the write is acknowledged once it is in
         the window; otherwise once the pool has it."""
+        started = time.perf_counter()
         self._check_writable()
         if self.window or (behind and self.accepts_behind):
-            return await self._write_windowed(offset, data, behind)
-        await self._admit_change()
-        try:
-            return await self._write(offset, data)
-        finally:
-            self._change_done()
+            n = await self._write_windowed(offset, data, behind)
+        else:
+            await self._admit_change()
+            try:
+                n = await self._write(offset, data)
+            finally:
+                self._change_done()
+        self.io.write.add(n, time.perf_counter() - started)
+        return n
 
     @staticmethod
     def _check_range(offset: int, end: int) -> None:
@@ -833,6 +859,11 @@ class Volume:
         asks for mtime too): guests flush often, and a directory update
         costs two fsyncs and a rename.
         """
+        started = time.perf_counter()
+        await self._flush(times)
+        self.io.flush.add(0, time.perf_counter() - started)
+
+    async def _flush(self, times: bool) -> None:
         if self.fenced:
             raise PoolError(f"vid {self.vid}: {self.fenced}; nothing more is written")
         if self.window:
@@ -884,6 +915,11 @@ class Volume:
         end = min(offset + length, self.size)
         if offset < 0 or offset >= end:
             return
+        started = time.perf_counter()
+        await self._discard(offset, end, provision)
+        self.io.discard.add(end - offset, time.perf_counter() - started)
+
+    async def _discard(self, offset: int, end: int, provision: bool) -> None:
         async with self._changing():
             if self.window:
                 await self._drain_window()

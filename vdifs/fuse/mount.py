@@ -26,7 +26,9 @@ from vdifs.control.server import ControlServer
 from vdifs.errors import VdifsError
 from vdifs.fsutil import store_id
 from vdifs.fuse import session
+from vdifs.fuse.metrics import mount_metrics
 from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
+from vdifs.metrics.http import check_address, serve_metrics
 from vdifs.model.directory import Directory
 from vdifs.nbd.server import NbdServer, group_id
 
@@ -65,13 +67,14 @@ class Mount:
                  copies: int | None = None, lease_term: float | None = None, io_wait: float = REPLICA_WAIT,
                  write_behind: int = WRITE_BEHIND, encrypt: bool = False, cache_dir: str | None = None,
                  cache_size: int | None = None, cache_ttl: float = cache.TTL, nbd: str | None = "",
-                 nbd_group: str | None = None) -> None:
+                 nbd_group: str | None = None, metrics: str | None = None) -> None:
         """`lease_term`: None is the default term of leases; `write_behind`:
         the window of each VDI in bytes (0: off); the local object cache of a
         cluster mount: `cache_dir` (None: `cache` in the store) of
         `cache_size` bytes (None: `cache.default_size`, 0: no cache); `nbd`:
         the NBD server's socket ("": NBD_SOCKET in the store; None: none),
-        owned by group `nbd_group` (None: ours)."""
+        owned by group `nbd_group` (None: ours); `metrics`: HOST:PORT of the
+        metrics endpoint (None: none)."""
         self.mountpoint = os.path.abspath(mountpoint)
         self.store_path = os.path.abspath(store)
         self.allow_other = allow_other
@@ -91,6 +94,9 @@ class Mount:
         self.control_path = os.path.join(self.store_path, CONTROL_SOCKET)
         self.nbd_path = None if nbd is None else os.path.abspath(nbd or os.path.join(self.store_path, NBD_SOCKET))
         self.nbd_group = nbd_group
+        self.metrics = metrics
+        if metrics is not None:
+            check_address(metrics)  # a malformed address is said before anything starts
         if nbd_group is not None:
             group_id(nbd_group)  # an unknown group is said before anything starts
         if self.nbd_path is not None and len(self.nbd_path.encode()) >= UNIX_PATH_MAX:
@@ -160,6 +166,8 @@ class Mount:
                                      "nbd": self.nbd_path or ""},
                                     self.invalidate)
             await nursery.start(control.serve)
+            if self.metrics is not None:
+                await nursery.start(serve_metrics, self.metrics, lambda: mount_metrics(catalog, ops.stats))
             nbd = NbdServer(catalog, self.nbd_path, self.nbd_group) if self.nbd_path else None
             if nbd is not None:
                 await nursery.start(nbd.serve)

@@ -27,9 +27,11 @@ import trio
 from vdifs.errors import VdifsError
 from vdifs.fsutil import lock_store
 from vdifs.meta.consensus import MetaClient, map_poll_interval
+from vdifs.metrics.http import serve_metrics
 from vdifs.peer.dataplane import DataPlane
 from vdifs.peer.health import FailureDetector
 from vdifs.peer.membership import Membership
+from vdifs.peer.metrics import peer_metrics
 from vdifs.model.cluster import DEFAULT_WEIGHT
 from vdifs.peer.recovery import DEFAULT_RATE, DEFAULT_RESERVE, Recovery
 from vdifs.peer.relay import Relay
@@ -91,8 +93,11 @@ class PeerDaemon:
                  recovery_rate: float = DEFAULT_RATE, recovery_reserve: int = DEFAULT_RESERVE,
                  reserve: int | None = None, uncached_replica_writes: bool = False,
                  leak_pass_interval: float = SWEEP_INTERVAL, leak_grace: int = LEAK_GRACE,
-                 idle_timeout: float = IDLE_TIMEOUT, encrypt: bool = False) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, encrypt: bool = False, metrics: str | None = None) -> None:
         self.join = join
+        self.metrics = metrics
+        if metrics is not None:
+            split_address(metrics)  # a malformed address is said before anything starts
         self.encrypt = encrypt
         self.idle_timeout = idle_timeout
         self.state = PeerState(store_dir, listen, zone=zone, weight=weight, secret_file=secret_file,
@@ -193,6 +198,8 @@ class PeerDaemon:
                 log.info("peer %s serving store %s on %s (%s)", st.peer_id, st.root, st.listen,
                          f"cluster {st.creds.cluster_id}, epoch {st.cmap.epoch}" if st.cmap and st.creds
                          else "no cluster yet")
+                if self.metrics is not None:
+                    await nursery.start(serve_metrics, self.metrics, lambda: peer_metrics(self.state, self.recovery, self.data, self.relay, self.sweeper))
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._announce)
                 nursery.start_soon(self._watch_map)

@@ -59,6 +59,7 @@ import trio
 
 from vdifs.errors import PoolError, VdifsError
 from vdifs.model.ids import OBJECT_SIZE
+from vdifs.model.iostats import OpStats
 from vdifs.wire.frames import (
     Blob, ConnectionClosed, FrameStream, ProtocolError, check_reply, check_request, cut_text, encode_frame,
 )
@@ -585,6 +586,7 @@ class RpcClient:
         self._next_id = 1
         self._connect_lock = trio.Lock()
         self.last_heard = -math.inf  # trio time of the last frame received from the peer
+        self.round_trips = OpStats()  # request to reply, of every call answered
 
     async def _connect(self) -> FrameStream:
         frames = self._frames
@@ -654,12 +656,13 @@ class RpcClient:
         try:
             while True:
                 msg, blob = await frames.receive_frame()
-                self.last_heard = trio.current_time()
+                self.last_heard = now = trio.current_time()
                 rid, status, result = check_reply(msg)
                 if blob is not None:
                     result = blob
                 call = self._pending.pop(rid, None)
                 if call is not None:
+                    self.round_trips.add(0, now - call.sent)
                     call.done(status, result)
         except (ProtocolError, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             if self._pending:
@@ -700,6 +703,7 @@ class RpcClient:
         rid = self._next_id
         self._next_id += 1
         call = PendingCall(self, rid, op)
+        call.sent = trio.current_time()
         if not self._pending:
             self._calls_started.set()
         self._pending[rid] = call
@@ -753,7 +757,7 @@ class PendingCall:
     `reschedule`): no Event per call. A cancelled waiter just leaves; a
     reply that comes after that is dropped."""
 
-    __slots__ = ("client", "rid", "op", "task", "status", "result", "deadline", "timeout")
+    __slots__ = ("client", "rid", "op", "task", "status", "result", "deadline", "timeout", "sent")
 
     def __init__(self, client: RpcClient, rid: int, op: str) -> None:
         self.client = client
@@ -764,6 +768,7 @@ class PendingCall:
         self.result: Any = None
         self.deadline = math.inf  # set by finish()
         self.timeout = 0.0
+        self.sent = 0.0  # trio time the request was sent
 
     def done(self, status: int, result: Any) -> None:
         self.status, self.result = status, result
@@ -822,6 +827,10 @@ class RpcPool:
     async def call(self, address: str, op: str, args: dict[str, Any] | None = None, *,
                    timeout: float = 30.0) -> Any:
         return await self.get(address).call(op, args, timeout=timeout)
+
+    def round_trips(self) -> dict[str, OpStats]:
+        """Each peer's round trips so far, by address (of the connections kept)."""
+        return {address: client.round_trips for address, client in self._clients.items()}
 
     async def start(self, address: str, op: str, args: dict[str, Any] | None = None) -> PendingCall:
         return await self.get(address).start(op, args)
