@@ -21,17 +21,18 @@ PACKAGE = "vdifs"
 ALLOWED: dict[str, frozenset[str]] = {
     "errors": frozenset(),
     "fsutil": frozenset({"errors"}),
+    "notify": frozenset(),
     "model": frozenset({"errors"}),
     "store": frozenset({"errors", "fsutil", "model"}),
     "wire": frozenset({"errors", "model"}),
     "metrics": frozenset({"errors", "model", "wire"}),
     "meta": frozenset({"errors", "fsutil", "model", "wire"}),
-    "peer": frozenset({"errors", "fsutil", "model", "store", "wire", "meta", "metrics"}),
+    "peer": frozenset({"errors", "fsutil", "notify", "model", "store", "wire", "meta", "metrics"}),
     "client": frozenset({"errors", "fsutil", "model", "store", "wire", "meta"}),
     "control": frozenset({"errors", "model", "wire", "client"}),
     "nbd": frozenset({"errors", "model", "client"}),
-    "fuse": frozenset({"errors", "fsutil", "model", "client", "control", "nbd", "metrics"}),
-    "cli": frozenset({"errors", "fsutil", "model", "store", "wire", "meta", "peer", "client", "control", "nbd",
+    "fuse": frozenset({"errors", "fsutil", "notify", "model", "client", "control", "nbd", "metrics"}),
+    "cli": frozenset({"errors", "fsutil", "notify", "model", "store", "wire", "meta", "peer", "client", "control", "nbd",
                       "fuse", "metrics"}),
 }
 

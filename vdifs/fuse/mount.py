@@ -31,6 +31,7 @@ from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
 from vdifs.metrics.http import check_address, serve_metrics
 from vdifs.model.directory import Directory
 from vdifs.nbd.server import NbdServer, group_id
+from vdifs.notify import Notifier
 
 NBD_SOCKET = "nbd.sock"  # in the store, unless --nbd says where
 UNIX_PATH_MAX = 108  # bytes of a unix socket's path, with its NUL
@@ -104,6 +105,7 @@ class Mount:
                              f"{UNIX_PATH_MAX - 1} bytes: choose a shorter one with --nbd")
         self.catalog: Catalog | None = None
         self.session: session.Session | None = None
+        self.notifier = Notifier()
 
     async def _open_catalog(self, nursery: trio.Nursery) -> Catalog:
         if self.access is not None and self.cache_size == 0:
@@ -177,6 +179,8 @@ class Mount:
             self.session = fuse = session.Session(fd, ops)
             try:
                 nursery.start_soon(self._signals)
+                nursery.start_soon(self.notifier.keep_alive)
+                nursery.start_soon(self._tell_ready)
                 if catalog.shared:
                     nursery.start_soon(catalog.watch, self.directory_changed)
                 else:
@@ -188,6 +192,7 @@ class Mount:
                     ready.close()
                 await fuse.serve()
             finally:
+                self.notifier.stopping()
                 with trio.CancelScope(shield=True):
                     try:
                         try:
@@ -204,11 +209,19 @@ class Mount:
             nursery.cancel_scope.cancel()
         await catalog.pool.aclose()
 
+    async def _tell_ready(self) -> None:
+        """READY=1 once the mount answers: the root's getattr, through the
+        kernel and our own loop (from a thread: the loop must be free to answer)."""
+        await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        self.notifier.ready(f"serving {self.mountpoint} ("
+                            + (f"cluster {','.join(self.cluster)}" if self.cluster else "embedded pool") + ")")
+
     async def _signals(self) -> None:
         assert self.catalog is not None
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("%s: flushing and unmounting", signal.Signals(signum).name)
+                self.notifier.stopping()
                 await self.catalog.flush_all()
                 if self.session is not None:
                     self.session.stop()

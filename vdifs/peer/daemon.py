@@ -27,6 +27,7 @@ import trio
 from vdifs.errors import VdifsError
 from vdifs.fsutil import lock_store
 from vdifs.meta.consensus import MetaClient, map_poll_interval
+from vdifs.notify import Notifier
 from vdifs.metrics.http import serve_metrics
 from vdifs.peer.dataplane import DataPlane
 from vdifs.peer.health import FailureDetector
@@ -43,6 +44,8 @@ from vdifs.wire.rpc import (
 )
 
 log = logging.getLogger("vdifs.peer")
+
+STATUS_INTERVAL = 2.0  # seconds between updates of the status line systemd shows
 
 # Op.roles: who may send it. The admin role may send everything; mounts the
 # data path, the directory and leases; peers what they ask each other.
@@ -96,6 +99,7 @@ class PeerDaemon:
                  idle_timeout: float = IDLE_TIMEOUT, encrypt: bool = False, metrics: str | None = None) -> None:
         self.join = join
         self.metrics = metrics
+        self.notifier = Notifier()
         if metrics is not None:
             split_address(metrics)  # a malformed address is said before anything starts
         self.encrypt = encrypt
@@ -201,6 +205,7 @@ class PeerDaemon:
                 if self.metrics is not None:
                     await nursery.start(serve_metrics, self.metrics, lambda: peer_metrics(self.state, self.recovery, self.data, self.relay, self.sweeper))
                 nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self.notifier.keep_alive)
                 nursery.start_soon(self._announce)
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self.health.run)
@@ -221,11 +226,33 @@ class PeerDaemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("%s: peer %s stopping", signal.Signals(signum).name, self.state.peer_id)
+                self.notifier.stopping()
                 scope.cancel()
                 return
 
     async def _announce(self) -> None:
-        """Make sure the map lists us, up, at our address (retrying until it does)."""
+        """Make sure the map lists us, up, at our address (retrying until it
+        does); then tell systemd we are ready and keep its status line."""
+        await self._join()
+        st = self.state
+        if st.cmap is None:
+            self.notifier.ready("serving; waiting for 'vdifs cluster format'")
+            while st.cmap is None:
+                await trio.sleep(STATUS_INTERVAL)
+        else:
+            self.notifier.ready(self._status_line())
+        while True:
+            self.notifier.status(self._status_line())
+            await trio.sleep(STATUS_INTERVAL)
+
+    def _status_line(self) -> str:
+        """What `systemctl status` shows: recovery progress, else the epoch."""
+        st, r = self.state, self.recovery.state
+        if r.running:
+            return f"recovering epoch {r.epoch}: {r.done}/{r.total} objects copied"
+        return f"serving {st.store.root}, epoch {st.epoch()}, {len(st.cmap.up_peers()) if st.cmap else 0} peers up"
+
+    async def _join(self) -> None:
         st = self.state
         while True:
             try:
