@@ -154,3 +154,52 @@ def test_several_mounts_need_a_choice(tmp_path):
             b.stop()
     finally:
         a.stop()
+
+
+def test_status_and_top_show_each_vdis_io(mount):
+    """`vdifs status` (table and --json) counts what a client did to each VDI;
+    `vdifs top` shows it as rates while it happens."""
+    import subprocess
+    import sys
+    import time
+
+    vdi(mount, "create", "db01", "64M")
+    fd = os.open(mount.path("db01"), os.O_RDWR | os.O_DIRECT)
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, 65536)
+        buf.write(b"s" * 65536)
+        for i in range(32):
+            os.pwrite(fd, buf, i * 65536)
+        os.fsync(fd)
+        for i in range(16):
+            os.preadv(fd, [buf], i * 65536)
+        st = json.loads(vdifs("status", "--store", mount.store, "--json").stdout)
+        [v] = [v for v in st["open"] if v["name"] == "db01"]
+        assert v["write"]["count"] == 32 and v["write"]["bytes"] == 32 * 65536
+        assert v["read"]["count"] == 16 and v["read"]["bytes"] == 16 * 65536
+        assert v["flush"]["count"] >= 1 and v["handles"] == 1 and v["lease"] is None  # embedded: no leases
+        assert st["vdis"] == 1 and st["total"] >= st["free"] > 0 and st["epoch"] is None
+        table = vdifs("status", "--store", mount.store).stdout
+        assert f"embedded pool in {mount.store}" in table
+        header, row = [line for line in table.splitlines() if line.startswith(("VDI ", "db01"))]
+        assert row[header.index("READS"):].split()[0] == "16" and row[header.index("WRITES"):].split()[0] == "32"
+
+        top = subprocess.Popen([sys.executable, "-m", "vdifs", "top", "--store", mount.store, "--interval", "0.3"],
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:  # writes while it watches
+                os.pwrite(fd, buf, 0)
+        finally:
+            time.sleep(0.4)
+            top.terminate()
+            out = top.communicate(timeout=10)[0]
+        assert "w/s" in out and "r_await ms" in out
+        lines = out.splitlines()
+        rates = [(h, r) for h, r in zip(lines, lines[1:]) if h.startswith("VDI ") and r.startswith("db01")]
+        assert rates and any(float(r[h.index("w/s"):].split()[0]) > 0 for h, r in rates)
+    finally:
+        os.close(fd)
+    one_line_error(vdifs("top", "--store", mount.store, "--interval", "0", check=False), "--interval")

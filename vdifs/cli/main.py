@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import trio
 
 from vdifs import __version__
-from vdifs.cli import cache, cluster, vdi
+from vdifs.cli import cache, cluster, status, vdi
 from vdifs.cli.cluster import cluster_addresses
 from vdifs.cli.heap import keep_freed_buffers
 from vdifs.cli.common import LOG_LEVELS, CliError, Parser, setup_logging, size_arg
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vdi.add_parser(sub, store_default)
     cache.add_parser(sub, store_default)
+    status.add_parser(sub, store_default)
     cluster.add_parsers(sub)
     return p
 
@@ -195,6 +196,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"mount": cmd_mount, "umount": cmd_umount, "vdi": vdi.cmd_vdi, "cache": cache.cmd_cache,
+                "status": status.cmd_status, "top": status.cmd_status,
                 "peer": cluster.cmd_peer, "cluster": cluster.cmd_cluster}
     try:
         return handlers[args.command](args)

@@ -229,7 +229,11 @@ class Volume:
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         started = time.perf_counter()
-        data = await self._read(offset, length)
+        self.io.in_flight += 1
+        try:
+            data = await self._read(offset, length)
+        finally:
+            self.io.in_flight -= 1
         self.io.read.add(len(data), time.perf_counter() - started)
         return data
 
@@ -390,14 +394,18 @@ class Volume:
         the window; otherwise once the pool has it."""
         started = time.perf_counter()
         self._check_writable()
-        if self.window or (behind and self.accepts_behind):
-            n = await self._write_windowed(offset, data, behind)
-        else:
-            await self._admit_change()
-            try:
-                n = await self._write(offset, data)
-            finally:
-                self._change_done()
+        self.io.in_flight += 1
+        try:
+            if self.window or (behind and self.accepts_behind):
+                n = await self._write_windowed(offset, data, behind)
+            else:
+                await self._admit_change()
+                try:
+                    n = await self._write(offset, data)
+                finally:
+                    self._change_done()
+        finally:
+            self.io.in_flight -= 1
         self.io.write.add(n, time.perf_counter() - started)
         return n
 
@@ -860,7 +868,11 @@ class Volume:
         costs two fsyncs and a rename.
         """
         started = time.perf_counter()
-        await self._flush(times)
+        self.io.in_flight += 1
+        try:
+            await self._flush(times)
+        finally:
+            self.io.in_flight -= 1
         self.io.flush.add(0, time.perf_counter() - started)
 
     async def _flush(self, times: bool) -> None:

@@ -161,10 +161,27 @@ class ControlServer:
 
     async def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         space = await self.catalog.pool.space()
+        cmap = self.catalog.pool.cluster_map()
         return {**self.status_info, "version": __version__, "pid": os.getpid(),
                 "vdis": len(self.catalog.current.vdis), "deleting": self.catalog.purger.pending,
                 "total": space.total, "free": space.free, "copies": space.copies,
+                "epoch": cmap.epoch if cmap is not None else None,
+                "peers": len(cmap.peers) if cmap is not None else None,
+                "peers_up": len(cmap.up_peers()) if cmap is not None else None,
+                "open": self._open_vdis(),
                 "io": self.catalog.pool.io_stats(), "cache": self.catalog.pool.cache_status()}
+
+    def _open_vdis(self) -> list[dict[str, Any]]:
+        """Each VDI used through this mount: its requests so far, its lease,
+        write-behind window and open handles."""
+        out = []
+        for name, vid, io in self.catalog.io_by_vdi():
+            vol = self.catalog.loaded(vid)
+            leases = self.catalog.leases
+            out.append({"name": name, "vid": vid, "handles": vol.handles if vol is not None else 0,
+                        "lease": (leases.holds(vid) if leases is not None else None),
+                        "window": vol.window.bytes if vol is not None else 0, **io.as_dict()})
+        return out
 
     async def op_flush(self, args: dict[str, Any]) -> None:
         await self.catalog.flush_all()

@@ -26,6 +26,8 @@ async def mount_metrics(catalog: Catalog, fuse_stats: dict[str, int]) -> list[Me
                                     labels=["vdi", "kind"])
     window = GaugeMetricFamily("vdifs_vdi_write_behind_bytes", "Acknowledged writes not yet written back",
                                labels=["vdi"])
+    in_flight = GaugeMetricFamily("vdifs_vdi_requests_in_flight", "Requests under way that had to wait",
+                                  labels=["vdi"])
     lease = GaugeMetricFamily("vdifs_vdi_lease_held", "1 while this mount holds the VDI's write lease",
                               labels=["vdi"])
     for name, vid, io in catalog.io_by_vdi():
@@ -35,9 +37,10 @@ async def mount_metrics(catalog: Catalog, fuse_stats: dict[str, int]) -> list[Me
             latency(seconds, [name, kind], stats)
         vol = catalog.loaded(vid)
         window.add_metric([name], vol.window.bytes if vol is not None else 0)
+        in_flight.add_metric([name], io.in_flight)
         if catalog.leases is not None:
             lease.add_metric([name], 1 if catalog.leases.holds(vid) else 0)
-    out += [requests, nbytes, seconds, window]
+    out += [requests, nbytes, seconds, window, in_flight]
     if catalog.leases is not None:
         out.append(lease)
     out.append(gauge("vdifs_vdis", "VDIs in the directory", len(catalog.current.vdis)))

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from vdifs.client.catalog import Catalog
 from vdifs.client.volume import Volume
-from vdifs.errors import InvalidArgument, VdiNotFound, as_vdifs_error
+from vdifs.errors import InvalidArgument, VdiNotFound, VdifsError, as_vdifs_error
 from vdifs.fuse import abi
 from vdifs.model.ids import MAX_VID
 from vdifs.model.names import MAX_NAME_BYTES, SNAPSHOT_DIR, InvalidName, ReservedName, validate_name
@@ -479,17 +479,23 @@ class VdifsOperations:
             return {}
         return self.catalog.xattrs_of(vid_of(inode))
 
-    @fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: abi.RequestContext) -> bytes:
+    def getxattr_now(self, inode: int, name: bytes) -> bytes:
         """A VDI's `security.*` and `trusted.*` attributes; ENODATA for any
-        other name. The kernel does not ask before every write for
-        `security.capability` (design change 24's cost): the session asks
-        for FUSE_HANDLE_KILLPRIV_V2 (design change 49)."""
+        other name. Answered in the session's loop (in memory, no task). The
+        kernel does not ask before every write for `security.capability`
+        (design change 24's cost): the session asks for
+        FUSE_HANDLE_KILLPRIV_V2 (design change 49)."""
         self.stats["getxattrs"] += 1
-        value = self._xattrs(inode).get(xattr_name(name))
+        try:
+            value = self._xattrs(inode).get(xattr_name(name))
+        except VdifsError as e:
+            raise abi.FUSEError(e.errno) from None
         if value is None:
             raise abi.FUSEError(abi.ENOATTR)
         return value
+
+    async def getxattr(self, inode: int, name: bytes, ctx: abi.RequestContext) -> bytes:
+        return self.getxattr_now(inode, name)
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: abi.RequestContext) -> list[bytes]:

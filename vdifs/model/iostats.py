@@ -51,9 +51,10 @@ class IoStats:
 
     KINDS = ("read", "write", "flush", "discard")
 
-    __slots__ = KINDS
+    __slots__ = (*KINDS, "in_flight")
 
     def __init__(self) -> None:
+        self.in_flight = 0  # requests that had to wait, not answered yet
         self.read = OpStats()
         self.write = OpStats()
         self.flush = OpStats()
@@ -62,5 +63,5 @@ class IoStats:
     def by_kind(self) -> dict[str, OpStats]:
         return {k: getattr(self, k) for k in self.KINDS}
 
-    def as_dict(self) -> dict[str, dict[str, float | int]]:
-        return {k: s.as_dict() for k, s in self.by_kind().items()}
+    def as_dict(self) -> dict[str, dict[str, float | int] | int]:
+        return {"in_flight": self.in_flight, **{k: s.as_dict() for k, s in self.by_kind().items()}}
