@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -39,6 +40,17 @@ def test_mount_and_peer_metrics_follow_fio(cluster):
     path = m.path("vm")
     with open(path, "wb") as f:
         f.truncate(32 << 20)
+    before = scrape(mount_metrics)
+    running = subprocess.Popen(["fio", "--name=during", f"--filename={path}", "--ioengine=libaio", "--direct=1",
+                                "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=32M", "--time_based",
+                                "--runtime=3"], stdout=subprocess.DEVNULL)
+    try:  # scraped while fio writes: both endpoints answer, the counter moves
+        time.sleep(1)
+        during = [scrape(mount_metrics)[vdi("vm", "write", "vdifs_vdi_bytes_total")] for _ in range(3)]
+        assert scrape(cluster.peers[0].metrics)[("vdifs_cluster_epoch", ())] >= 1
+    finally:
+        assert running.wait(timeout=60) == 0
+    assert 0 < during[0] <= during[-1]
     before = scrape(mount_metrics)
     job = fio(path, "randwrite", "16M")
     wrote = job["write"]["io_bytes"]
