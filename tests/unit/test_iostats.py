@@ -16,3 +16,11 @@ def test_buckets_are_cumulative_and_count_every_request(requests):
     for bound, n in cumulative:
         assert n == sum(1 for _, s in requests if s <= bound)  # Prometheus's `le`
     assert stats.bytes == sum(n for n, _ in requests)
+
+
+def test_an_answer_at_once_counts_in_the_lowest_bucket_without_time():
+    stats = OpStats()
+    stats.add_at_once(4096)
+    stats.add(8192, 0.003)
+    assert (stats.count, stats.bytes, stats.seconds) == (2, 12288, 0.003)
+    assert stats.cumulative()[0] == (LATENCY_BOUNDS[0], 1) and stats.cumulative()[-1][1] == 2

@@ -205,10 +205,9 @@ class Volume:
         """`read`, when it needs no wait: within one object, nothing of it in
         the window, and the pool answers at once (`read_now`) or it is a hole
         of a VDI no other mount writes; else None, and nothing happened."""
-        started = time.perf_counter()
         data = self._read_now(offset, length)
         if data is not None:
-            self.io.read.add(len(data), time.perf_counter() - started)
+            self.io.read.add_at_once(len(data))
         return data
 
     def _read_now(self, offset: int, length: int) -> bytes | bytearray | None:
@@ -357,9 +356,8 @@ class Volume:
         embedded pool's page cache) while no write is in the window. Neither
         while a snapshot is cut or the VDI cannot be written: `write` waits
         for the cut, or says why. No await: atomic for the other tasks."""
-        started = time.perf_counter()
         if self._write_now(offset, data, behind):
-            self.io.write.add(len(data), time.perf_counter() - started)
+            self.io.write.add_at_once(len(data))
             return True
         return False
 

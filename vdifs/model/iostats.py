@@ -34,6 +34,14 @@ class OpStats:
         self.seconds += seconds
         self.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
 
+    def add_at_once(self, nbytes: int) -> None:
+        """A request answered without waiting (the FUSE loop's inline path):
+        in the lowest bucket, with no clock read (two reads and a bisect were
+        9% of an embedded 4 KiB read at 125k IOPS)."""
+        self.count += 1
+        self.bytes += nbytes
+        self.buckets[0] += 1
+
     def cumulative(self) -> list[tuple[float, int]]:
         """(bound, requests that took at most that long), ending with +Inf."""
         out, total = [], 0
