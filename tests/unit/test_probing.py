@@ -66,3 +66,24 @@ def test_helpers_are_distinct_members_other_than_the_suspect(n, k, seed):
     assert len(helpers) == min(k, n - 1)
     assert len(set(helpers)) == len(helpers)
     assert "p0" not in helpers and set(helpers) <= set(members)
+
+
+@given(st.lists(st.sampled_from([f"10.0.0.{i}:7000" for i in range(12)]), unique=True),
+       st.dictionaries(st.sampled_from([f"10.0.0.{i}:7000" for i in range(12)]), st.floats(0, 100)),
+       st.sets(st.sampled_from([f"10.0.0.{i}:7000" for i in range(12)])), st.floats(0, 200))
+def test_a_mount_pings_the_peers_it_uses_and_those_it_cut_off(up, last_sent, cut, now):
+    from vdifs.model.probing import MOUNT_ACTIVE_WINDOW, mount_probe_targets
+
+    targets = mount_probe_targets(up, last_sent, cut, now)
+    assert set(targets) <= set(up)  # never a peer the map has down
+    for a in up:
+        used = now - last_sent.get(a, float("-inf")) < MOUNT_ACTIVE_WINDOW
+        assert (a in targets) == (used or a in cut)
+
+
+def test_a_mount_at_rest_pings_nobody():
+    from vdifs.model.probing import mount_probe_targets
+
+    up = [f"10.0.0.{i}:7000" for i in range(1000)]
+    assert mount_probe_targets(up, {a: 0.0 for a in up}, set(), now=3600.0) == []
+    assert mount_probe_targets(up, {up[7]: 3599.0}, {up[9]}, now=3600.0) == [up[7], up[9]]

@@ -4,7 +4,9 @@ The cluster's failure detector decides whether a peer is up, from the peers'
 point of view. A mount can lose its own link to a peer that the others still
 reach (a partial partition); that peer stays up in the map, so waiting for a
 map that replaces it would wait forever, and every write to an object it
-holds would fail. So the mount pings each up peer itself. A peer that has
+holds would fail. So the mount pings the up peers it has sent requests to
+in the last 30 s, and those it has cut off (pinging every up peer was a
+ping per peer per mount per second at rest, issue 17). A peer that has
 not answered for `LOST_AFTER` while others have is *cut off* from us: its
 connection is dropped (requests in flight fail at once and are retried) and
 from then on the data-path requests meant for it go through another up peer
@@ -34,6 +36,7 @@ import trio
 from vdifs.errors import VdifsError
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.iostats import OpStats
+from vdifs.model.probing import mount_probe_targets
 from vdifs.wire.rpc import RELAYED_OPS, PeerUnavailable, PendingCall, RemoteError, RpcPool
 
 log = logging.getLogger(__name__)
@@ -132,9 +135,10 @@ class RoutedRpc:
                 await self.probe(cmap)
 
     async def probe(self, cmap: ClusterMap) -> None:
-        """One round: ping every up peer directly; cut off or restore each."""
-        up = [p.address for p in cmap.up_peers()]
+        """One round: ping each up peer this mount has sent requests to lately
+        (and those cut off) directly; cut off or restore each."""
         now = trio.current_time()
+        up = mount_probe_targets([p.address for p in cmap.up_peers()], self.rpc.last_sent(), self.cut, now)
         for a in up:
             self._last_answer.setdefault(a, now)
         for a in set(self._last_answer) - set(up):

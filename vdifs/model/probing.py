@@ -78,3 +78,18 @@ def pick_helpers(members: Sequence[str], exclude: Collection[str], k: int, rng: 
         if m not in exclude and m not in out:
             out.append(m)
     return out
+
+
+#: A mount pings a peer while it has sent it a request within this long
+#: (seconds), and always while it has the peer cut off.
+MOUNT_ACTIVE_WINDOW = 30.0
+
+
+def mount_probe_targets(up: Sequence[str], last_sent: dict[str, float], cut: Collection[str],
+                        now: float, window: float = MOUNT_ACTIVE_WINDOW) -> list[str]:
+    """The up peers a mount pings this round: those it has sent requests to
+    lately, whose reachability its I/O depends on, and those it has cut off,
+    to see them answer again. Pinging every up peer cost each mount a ping
+    (and a connection) per peer per second, and each peer one per mount:
+    O(peers x mounts) for a cluster at rest (issue 17)."""
+    return [a for a in up if a in cut or now - last_sent.get(a, float("-inf")) < window]
