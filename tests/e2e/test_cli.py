@@ -203,3 +203,23 @@ def test_status_and_top_show_each_vdis_io(mount):
     finally:
         os.close(fd)
     one_line_error(vdifs("top", "--store", mount.store, "--interval", "0", check=False), "--interval")
+
+
+def test_a_metrics_address_in_use_is_a_one_line_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        mp = tmp_path / "mnt"
+        mp.mkdir()
+        res = vdifs("mount", str(mp), "--store", str(tmp_path / "store"), "--foreground", "--log-level", "warning",
+                    "--metrics", address, check=False)
+        one_line_error(res, f"cannot serve metrics on {address}")
+        assert not os.path.ismount(mp)
+        res = vdifs("peer", "--store", str(tmp_path / "peer"), "--listen", "127.0.0.1:0", "--log-level", "warning",
+                    "--metrics", address, check=False)
+        one_line_error(res, "Address already in use")
+    one_line_error(vdifs("peer", "--store", str(tmp_path / "peer"), "--listen", "127.0.0.1:0",
+                         "--metrics", "nowhere", check=False), "is not HOST:PORT")

@@ -22,7 +22,7 @@ from vdifs.client.cache import TTL
 from vdifs.client.catalog import WRITE_BEHIND
 from vdifs.client.remote import REPLICA_WAIT
 from vdifs.control import caller
-from vdifs.errors import VdifsError
+from vdifs.errors import VdifsError, as_vdifs_error
 from vdifs.fsutil import lock_store
 from vdifs.fuse.mount import Mount, check_mountpoint, default_store
 from vdifs.meta.lease import DEFAULT_TERM
@@ -202,6 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except (CliError, VdifsError) as e:
         print(f"vdifs: {e}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:  # a start-up failure inside the process's nursery
+        error = as_vdifs_error(group)
+        if error is None:
+            raise
+        print(f"vdifs: {error}", file=sys.stderr)
         return 1
     except trio.TooSlowError:
         print("vdifs: the mount did not answer in time", file=sys.stderr)

@@ -7,6 +7,7 @@ GET /metrics (or /) gets its 4xx; a failure to gather the figures is a
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -15,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from vdifs.errors import VdifsError
 from vdifs.wire.rpc import split_address
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,10 @@ async def serve_metrics(address: str, gather: Gather, *,
                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `gather`'s figures on `address` (HOST:PORT); started() with the port."""
     host, port = split_address(address)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        raise VdifsError(f"cannot serve metrics on {address}: {e.strerror or e}", code=e.errno or errno.EIO) from None
     bound = listeners[0].socket.getsockname()[1]
     log.info("metrics on http://%s:%d/metrics", host, bound)
     task_status.started(bound)
