@@ -56,6 +56,7 @@ class Catalog:
             leases.on_lost = self._lease_lost
         self._volumes: OrderedDict[int, Volume] = OrderedDict()
         self._io: dict[int, IoStats] = {}  # vid -> its clients' requests since this mount started
+        self._xattrs_index: tuple[Directory | None, dict[int, dict[str, bytes]]] = (None, {})  # see xattrs_of
         self._load_locks: dict[int, trio.Lock] = {}
         self._snapshots: OrderedDict[int, Volume] = OrderedDict()  # read-only, by data vid
         self._copies_override: int | None = None  # `vdifs mount --copies`
@@ -458,11 +459,16 @@ class Catalog:
 
     def xattrs_of(self, vid: int) -> dict[str, bytes]:
         """A VDI's extended attributes as the directory holds them (another
-        mount's changes show with the directory's next change here)."""
-        found = self.current.by_vid(vid)
+        mount's changes show with the directory's next change here). Asked
+        in the FUSE loop: found through an index made once per directory
+        value (every change replaces it), not a scan of 10,000 records."""
+        current = self.current
+        if self._xattrs_index[0] is not current:
+            self._xattrs_index = (current, {r.vid: r.xattrs for r in current.vdis.values()})
+        found = self._xattrs_index[1].get(vid)
         if found is None:
             raise VdiNotFound(f"no VDI with vid {vid}")
-        return found[1].xattrs
+        return found
 
     async def set_xattr(self, vid: int, name: str, value: bytes, flags: int = 0) -> None:
         """Set an extended attribute (`model/xattrs.py`): a directory change,
