@@ -37,6 +37,7 @@ class MemoryNet:
 
     def pool_for(self, owner: str):
         net = self
+        sent: dict[str, float] = {}  # address -> when it was last sent a request (as RpcPool.last_sent)
 
         class Pool:
             secret = None
@@ -45,6 +46,7 @@ class MemoryNet:
             async def call(self, address, op, args=None, *, timeout=30.0):
                 args = copy.deepcopy(args or {})
                 net.calls.append((address, op, args.get("epoch", -1)))
+                sent[address] = trio.current_time()
                 if address in net.down or owner in net.down or frozenset((owner, address)) in net.cut:
                     raise PeerUnavailable(f"{address} unreachable")
                 handler = net.daemons[address].ops[op].handler
@@ -82,6 +84,9 @@ class MemoryNet:
 
             def last_heard(self, address):
                 return -math.inf  # only the pings count here
+
+            def last_sent(self):
+                return dict(sent)
 
             async def aclose(self):
                 pass
