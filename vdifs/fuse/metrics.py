@@ -6,17 +6,41 @@ an object."""
 
 from __future__ import annotations
 
+import math
+
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from vdifs.client.catalog import Catalog
+from vdifs.client.pool import PoolSpace
 from vdifs.errors import VdifsError
 from vdifs.metrics.families import cluster, counter, gauge, latency, round_trips
 
 SPACE_TIMEOUT = 5.0  # seconds a scrape waits for the pool's size
+SPACE_MAX_AGE = 60.0  # seconds a pool size is reported again before it is asked for anew
 
 
-async def mount_metrics(catalog: Catalog, fuse_stats: dict[str, int]) -> list[Metric]:
+class PoolSpaceCache:
+    """The pool's size as last asked. A cluster pool's `space` asks every
+    peer (`peer.info`, which lists the store): once per scrape of every
+    mount would be peers x mounts requests each scrape interval."""
+
+    def __init__(self) -> None:
+        self.value: PoolSpace | None = None
+        self.asked = -math.inf
+
+    async def get(self, catalog: Catalog) -> PoolSpace | None:
+        if trio.current_time() - self.asked >= SPACE_MAX_AGE:
+            self.asked = trio.current_time()
+            with trio.move_on_after(SPACE_TIMEOUT):
+                try:
+                    self.value = await catalog.pool.space()
+                except VdifsError:
+                    pass
+        return self.value
+
+
+async def mount_metrics(catalog: Catalog, fuse_stats: dict[str, int], space_cache: PoolSpaceCache) -> list[Metric]:
     out: list[Metric] = []
     requests = CounterMetricFamily("vdifs_vdi_requests", "Requests of a VDI's clients (file and NBD), by kind",
                                    labels=["vdi", "kind"])
@@ -44,14 +68,12 @@ async def mount_metrics(catalog: Catalog, fuse_stats: dict[str, int]) -> list[Me
     if catalog.leases is not None:
         out.append(lease)
     out.append(gauge("vdifs_vdis", "VDIs in the directory", len(catalog.current.vdis)))
-    with trio.move_on_after(SPACE_TIMEOUT):
-        try:
-            space = await catalog.pool.space()
-        except VdifsError:
-            pass
-        else:
-            out.append(gauge("vdifs_pool_size_bytes", "Usable size of the pool (after copies)", space.total))
-            out.append(gauge("vdifs_pool_free_bytes", "Usable free space of the pool (after copies)", space.free))
+    space = await space_cache.get(catalog)
+    if space is not None:
+        out.append(gauge("vdifs_pool_size_bytes", "Usable size of the pool (after copies; at most a minute old)",
+                         space.total))
+        out.append(gauge("vdifs_pool_free_bytes", "Usable free space of the pool (after copies; at most a minute old)",
+                         space.free))
     out += cluster(catalog.pool.cluster_map())
     peers = catalog.pool.round_trips()
     if peers:

@@ -26,7 +26,7 @@ from vdifs.control.server import ControlServer
 from vdifs.errors import VdifsError
 from vdifs.fsutil import store_id
 from vdifs.fuse import session
-from vdifs.fuse.metrics import mount_metrics
+from vdifs.fuse.metrics import PoolSpaceCache, mount_metrics
 from vdifs.fuse.ops import ROOT, SNAPSHOTS, VdifsOperations
 from vdifs.metrics.http import check_address, serve_metrics
 from vdifs.model.directory import Directory
@@ -169,7 +169,8 @@ class Mount:
                                     self.invalidate)
             await nursery.start(control.serve)
             if self.metrics is not None:
-                await nursery.start(serve_metrics, self.metrics, lambda: mount_metrics(catalog, ops.stats))
+                space_cache = PoolSpaceCache()
+                await nursery.start(serve_metrics, self.metrics, lambda: mount_metrics(catalog, ops.stats, space_cache))
             nbd = NbdServer(catalog, self.nbd_path, self.nbd_group) if self.nbd_path else None
             if nbd is not None:
                 await nursery.start(nbd.serve)
