@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from vdifs.client.reach import LOST_AFTER, PROBE_INTERVAL, RoutedRpc
+from vdifs.model.probing import MOUNT_ACTIVE_WINDOW
 from vdifs.client.remote import RemotePool
 from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.meta.consensus import CLUSTER_KEY, MAP_POLL_SECONDS, POLLS_PER_SECOND, MetaClient, map_poll_interval
@@ -34,10 +35,10 @@ class MemoryNet:
         self.down: set[str] = set()
         self.cut: set[frozenset[str]] = set()  # pairs of owners/addresses with no link between them
         self.calls: list[tuple[str, str, int]] = []  # (address, op, epoch)
+        self.pings: dict[str, int] = {}  # owner -> peer.ping requests it sent
 
     def pool_for(self, owner: str):
         net = self
-        sent: dict[str, float] = {}  # address -> when it was last sent a request (as RpcPool.last_sent)
 
         class Pool:
             secret = None
@@ -46,7 +47,8 @@ class MemoryNet:
             async def call(self, address, op, args=None, *, timeout=30.0):
                 args = copy.deepcopy(args or {})
                 net.calls.append((address, op, args.get("epoch", -1)))
-                sent[address] = trio.current_time()
+                if op == "peer.ping":
+                    net.pings[owner] = net.pings.get(owner, 0) + 1
                 if address in net.down or owner in net.down or frozenset((owner, address)) in net.cut:
                     raise PeerUnavailable(f"{address} unreachable")
                 handler = net.daemons[address].ops[op].handler
@@ -84,9 +86,6 @@ class MemoryNet:
 
             def last_heard(self, address):
                 return -math.inf  # only the pings count here
-
-            def last_sent(self):
-                return dict(sent)
 
             async def aclose(self):
                 pass
@@ -344,6 +343,16 @@ async def test_a_peer_cut_off_from_the_mount_only_is_reached_through_another(tmp
     await pool.write(oids[0], 0, b"direct!")
     assert ("mount", p1.listen) in {("mount", a) for a, op, _ in net.calls if op == "obj.write"}
     assert all(op != "peer.relay" for _, op, _ in net.calls)
+
+    # At rest the mount pings nobody (design change 51); a request makes it
+    # watch that peer's replicas again.
+    await trio.sleep(MOUNT_ACTIVE_WINDOW + 2 * PROBE_INTERVAL)
+    resting = net.pings.get("mount", 0)
+    await trio.sleep(5 * PROBE_INTERVAL)
+    assert net.pings.get("mount", 0) == resting
+    await pool.write(oids[0], 0, b"wake up")
+    await trio.sleep(2 * PROBE_INTERVAL)
+    assert net.pings.get("mount", 0) >= resting + 2  # each replica of the object, each round
 
 
 async def test_a_write_to_a_replica_that_cannot_recover_yet_waits_instead_of_failing(tmp_path, nursery, mock_clock):

@@ -36,7 +36,7 @@ import trio
 from vdifs.errors import VdifsError
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.iostats import OpStats
-from vdifs.model.probing import mount_probe_targets
+from vdifs.model.probing import MOUNT_ACTIVE_WINDOW, mount_probe_targets
 from vdifs.wire.rpc import RELAYED_OPS, PeerUnavailable, PendingCall, RemoteError, RpcPool
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class RoutedRpc:
         self.version = 0  # changes whenever `cut` does
         self.relayed = 0  # requests sent through a relay
         self._last_answer: dict[str, float] = {}
+        self._rounds = 0  # probe rounds so far: the clock of `_used`, read with no clock call
+        self._used: dict[str, int] = {}  # address -> the round a data request was last sent to it
 
     def round_trips(self) -> dict[str, OpStats]:
         """Of the data connections (pings go through their own)."""
@@ -99,6 +101,7 @@ class RoutedRpc:
         return None  # nobody else reachable either: try it directly
 
     async def start(self, address: str, op: str, args: dict[str, Any]) -> PendingCall | RelayedCall:
+        self._used[address] = self._rounds
         relay = self.relay_for(address, op) if self.cut else None
         if relay is None:
             return await self.rpc.start(address, op, args)
@@ -113,6 +116,7 @@ class RoutedRpc:
 
     async def call(self, address: str, op: str, args: dict[str, Any] | None = None, *,
                    timeout: float = 30.0) -> Any:
+        self._used[address] = self._rounds
         if not self.cut or self.relay_for(address, op) is None:
             return await self.rpc.call(address, op, args, timeout=timeout)
         return await (await self.start(address, op, args or {})).finish(timeout)
@@ -137,8 +141,12 @@ class RoutedRpc:
     async def probe(self, cmap: ClusterMap) -> None:
         """One round: ping each up peer this mount has sent requests to lately
         (and those cut off) directly; cut off or restore each."""
+        self._rounds += 1
+        # by what this mount's data path sent: not its pings, nor its consensus requests (a
+        # directory peek every 0.5 s would keep the meta peers pinged for ever)
+        up = mount_probe_targets([p.address for p in cmap.up_peers()], self._used, self.cut, self._rounds,
+                                 MOUNT_ACTIVE_WINDOW / PROBE_INTERVAL)
         now = trio.current_time()
-        up = mount_probe_targets([p.address for p in cmap.up_peers()], self.rpc.last_sent(), self.cut, now)
         for a in up:
             self._last_answer.setdefault(a, now)
         for a in set(self._last_answer) - set(up):

@@ -15,7 +15,7 @@ at each pass's end.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 FANOUT = 2  # peers each peer pings per round
 HELPERS = 3  # peers asked to ping a silent one before it is suspected
@@ -85,7 +85,7 @@ def pick_helpers(members: Sequence[str], exclude: Collection[str], k: int, rng: 
 MOUNT_ACTIVE_WINDOW = 30.0
 
 
-def mount_probe_targets(up: Sequence[str], last_sent: dict[str, float], cut: Collection[str],
+def mount_probe_targets(up: Sequence[str], last_sent: Mapping[str, float], cut: Collection[str],
                         now: float, window: float = MOUNT_ACTIVE_WINDOW) -> list[str]:
     """The up peers a mount pings this round: those it has sent requests to
     lately, whose reachability its I/O depends on, and those it has cut off,

@@ -587,7 +587,6 @@ class RpcClient:
         self._connect_lock = trio.Lock()
         self.last_heard = -math.inf  # trio time of the last frame received from the peer
         self.round_trips = OpStats()  # request to reply, of every call answered
-        self.last_sent = -math.inf  # trio time of the last request sent
 
     async def _connect(self) -> FrameStream:
         frames = self._frames
@@ -704,7 +703,7 @@ class RpcClient:
         rid = self._next_id
         self._next_id += 1
         call = PendingCall(self, rid, op)
-        call.sent = self.last_sent = trio.current_time()
+        call.sent = trio.current_time()
         if not self._pending:
             self._calls_started.set()
         self._pending[rid] = call
@@ -849,10 +848,6 @@ class RpcPool:
         """`drop` from a function that cannot wait (a map change hook)."""
         if address in self._clients:
             self.nursery.start_soon(functools.partial(self.drop, address, abort=abort))
-
-    def last_sent(self) -> dict[str, float]:
-        """When we last sent each peer a request, by address (of the connections kept)."""
-        return {address: client.last_sent for address, client in self._clients.items()}
 
     def last_heard(self, address: str) -> float:
         """When the peer at `address` last sent us anything (-inf: never)."""
