@@ -42,7 +42,7 @@ COUNTER_MAX = (1 << 63) - 1
 FENCE_ALSO_MAX = 1024
 
 
-def _sha256_hex(data: bytes) -> str:
+def _sha256_hex(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -315,7 +315,7 @@ class DataPlane:
                          f" (with data vids {', '.join(map(str, also))})" if also else "")
             return self.fences.get(vid, 0)
 
-    async def h_fetch(self, args: dict[str, Any], s: Session) -> bytes:
+    async def h_fetch(self, args: dict[str, Any], s: Session) -> bytes | bytearray:
         """A whole object, for a peer that recovers it; with `handoff`, also a
         copy this peer handed off (when no peer serves the object any more)."""
         oid = arg.integer(args, "oid")

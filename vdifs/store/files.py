@@ -107,8 +107,73 @@ def pread_full(fd: int, offset: int, length: int) -> bytes:
     return data
 
 
-def pread_all(fd: int) -> bytes:
-    return pread_full(fd, 0, os.fstat(fd).st_size)
+def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) that hold data, from the file system's map
+    (SEEK_DATA, SEEK_HOLE): the rest are holes, or past the end, and read as
+    zeros. Written pages not yet allocated count as data (ext4, XFS and
+    btrfs look at the page cache); a file system that keeps no map reports
+    the whole file as data."""
+    ranges: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data from here to the end
+                break
+            raise
+        if pos >= end:
+            break
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        ranges.append((pos, min(hole, end)))
+        pos = hole
+    return ranges
+
+
+#: Reads of at least this many bytes ask the file system where the holes are
+#: first (two lseeks, a few us): a read of a hole, even NOWAIT, makes the
+#: kernel allocate and clear page-cache pages for it.
+SPARSE_MIN = 64 << 10
+
+
+def pread_sparse(fd: int, offset: int, length: int, *, nowait: bool = False,
+                 ranges: list[tuple[int, int]] | None = None) -> bytearray | None:
+    """`length` bytes at `offset`, reading only the file's data: holes come
+    back as zeros without the kernel filling page-cache pages with zeros for
+    them. Reading a hole is not free: every page is allocated and cleared,
+    which on a VM whose free memory goes back to the host costs as much as
+    writing new data (a first read of a thinly written VDI ran at 160 MB/s,
+    70% of the machine in the kernel's memset), and the zeros then take the
+    page cache from data. `nowait`: from the page cache only, None if a data
+    page is not there (NoWaitUnsupported where the file system cannot
+    tell). `ranges`: `data_ranges` of the read, if known."""
+    buf = bytearray(length)
+    view = memoryview(buf)
+    for a, b in data_ranges(fd, offset, offset + length) if ranges is None else ranges:
+        if nowait:
+            try:
+                n = os.preadv(fd, [view[a - offset:b - offset]], a, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    raise NoWaitUnsupported() from None
+                raise
+            if n != b - a:
+                return None
+            continue
+        while a < b:
+            n = os.preadv(fd, [view[a - offset:b - offset]], a)
+            if n == 0:  # the file got shorter meanwhile: the rest reads as zeros
+                break
+            a += n
+    return buf
+
+
+def pread_all(fd: int) -> bytearray:  # whole objects, for copies and table rebuilds
+    data = pread_sparse(fd, 0, os.fstat(fd).st_size)
+    assert data is not None  # never None without nowait
+    return data
 
 
 #: The most one pwrite writes. One large write makes the page cache hold

@@ -255,14 +255,17 @@ class ObjectStore:
     async def _pread(self, h: _Handle, offset: int, length: int) -> bytearray | bytes:
         if self._nowait:
             try:
-                data = files.read_nowait(h.fd, offset, length)
+                if length >= files.SPARSE_MIN:
+                    data = files.pread_sparse(h.fd, offset, length, nowait=True)
+                else:
+                    data = files.read_nowait(h.fd, offset, length)
             except files.NoWaitUnsupported:
                 self._nowait = False  # this file system cannot: always use threads
                 data = None
             if data is not None:
                 self.nowait_reads += 1
                 return data
-        return await self._io.run(files.pread_full, h.fd, offset, length)
+        return await self._io.run(files.pread_sparse, h.fd, offset, length)
 
     def _verify(self, oid: int, h: _Handle, start: int, data: bytes | bytearray) -> None:
         bad = checksums.first_mismatch(h.table, start // BLOCK, data)
@@ -271,7 +274,7 @@ class ObjectStore:
             raise ChecksumError(f"object {oid:016x}: block {bad} (bytes {bad * BLOCK}..{(bad + 1) * BLOCK}) "
                                 f"does not match its checksum")
 
-    async def read_all(self, oid: int) -> bytes:
+    async def read_all(self, oid: int) -> bytes | bytearray:
         """The whole object, as long as it is (for copying it to another peer),
         verified like any read."""
         h = await self._acquire(oid)
@@ -365,10 +368,30 @@ class ObjectStore:
         h = self._cached_handle(oid)
         if h is None or h.inflight or not self._nowait:
             return None
-        data = read_verified(h.fd, offset, length, h.table if self.checksums else None)
+        if length >= files.SPARSE_MIN:
+            data = self._read_sparse_now(h, offset, length)
+        else:
+            data = read_verified(h.fd, offset, length, h.table if self.checksums else None)
         if data is not None:  # else `read` meets whatever it was again and reports it
             self.nowait_reads += 1
         return data
+
+    def _read_sparse_now(self, h: _Handle, offset: int, length: int) -> bytearray | None:
+        """`read_now` of a large range, reading only what holds data (see
+        `files.pread_sparse`), or None as `read_verified` gives it."""
+        start, end = checksums.covering(offset, length) if self.checksums else (offset, offset + length)
+        try:
+            ranges = files.data_ranges(h.fd, start, end)
+            if ranges == [(start, end)]:  # no hole: the native read, which verifies as it goes
+                return read_verified(h.fd, offset, length, h.table if self.checksums else None)
+            data = files.pread_sparse(h.fd, start, end - start, nowait=True, ranges=ranges)
+        except (OSError, files.NoWaitUnsupported):
+            return None
+        if data is None or (self.checksums and checksums.first_mismatch(h.table, start // BLOCK, data) is not None):
+            return None
+        if start == offset and end - start == length:
+            return data
+        return data[offset - start:offset - start + length]
 
     def write_now(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """`write`, when it needs no wait (see `_write_inline`); False when
@@ -958,7 +981,7 @@ class ObjectStore:
     async def list_handoff(self, vid: int) -> list[int]:
         return await self._io.run(self._list_tree, self.handoff_root, vid)
 
-    def _read_handoff(self, oid: int, younger_than: float | None) -> bytes | None:
+    def _read_handoff(self, oid: int, younger_than: float | None) -> bytes | bytearray | None:
         for path in self._copies(self.handoff_root, oid):
             try:
                 fd, table, clean = files.open_object(path)
@@ -975,7 +998,7 @@ class ObjectStore:
             return data
         return None
 
-    async def read_handoff(self, oid: int, younger_than: float | None = None) -> bytes:
+    async def read_handoff(self, oid: int, younger_than: float | None = None) -> bytes | bytearray:
         """The newest handed-off copy of an object (verified), for recovery;
         only one changed within `younger_than` seconds if that is given."""
         data = await self._io.run(self._read_handoff, oid, younger_than)
