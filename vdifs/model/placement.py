@@ -18,6 +18,7 @@ import mmh3
 from vdifs.model.cluster import UP, ClusterMap
 
 VNODES = 1024  # points per unit of weight: max/mean load < 1.1 at 100 peers
+RING_SIZE = 1 << 64
 
 
 def _hash64(data: bytes) -> int:
@@ -39,10 +40,14 @@ class Ring:
         self.zone_count = len(set(self._zones.values()))
 
     def lookup(self, oid: int, copies: int) -> list[str]:
+        return self.lookup_point(_hash64(struct.pack(">Q", oid)), copies)
+
+    def lookup_point(self, point: int, copies: int) -> list[str]:
+        """The replicas of the objects whose hash is `point`."""
         n = min(copies, self.peer_count)
         if n == 0:
             return []
-        start = bisect.bisect(self._keys, _hash64(struct.pack(">Q", oid)))
+        start = bisect.bisect(self._keys, point)
         chosen: list[str] = []
         zones: set[str] = set()
         distinct_zones = min(n, self.zone_count)
@@ -60,6 +65,41 @@ class Ring:
                 chosen.append(peer)
                 zones.add(self._zones[peer])
         return chosen
+
+
+    def arcs_of(self, peer_id: str, copies: int) -> list[tuple[int, float, list[str]]]:
+        """(first point, share of the ring, replicas) of every arc of the
+        ring whose objects `peer_id` holds: the arcs just before each of its
+        points, walking back while it stays among the replicas."""
+        arcs = []
+        total = len(self._keys)
+        for at in (i for i, owner in enumerate(self._owners) if owner == peer_id):
+            for back in range(total):
+                j = (at - back) % total
+                low = self._keys[j - 1]  # j - 1 == -1: the arc that wraps around zero
+                replicas = self.lookup_point(low, copies)
+                if peer_id not in replicas:
+                    break
+                if back and self._owners[j] == peer_id:
+                    break  # reached the arc before another of its points: counted from there
+                arcs.append((low, ((self._keys[j] - low) % RING_SIZE) / RING_SIZE, replicas))
+        return arcs
+
+
+def recovery_shares(before: Ring, after: Ring, lost: str, copies: int) -> dict[str, float]:
+    """Share of all objects each surviving peer must copy when `lost`
+    leaves `before` for `after` (the recovery-time model of
+    docs/architecture.md): exact, from the arcs, no sampling. Raises
+    ValueError if anything moves but the lost peer's replicas."""
+    shares: dict[str, float] = {}
+    for point, share, was in before.arcs_of(lost, copies):
+        now = after.lookup_point(point, copies)
+        new = set(now) - set(was)
+        if lost in now or len(new) > 1 or not set(was) - {lost} <= set(now):
+            raise ValueError(f"arc at {point:#x}: {was} became {now}")
+        for peer in new:
+            shares[peer] = shares.get(peer, 0.0) + share
+    return shares
 
 
 @lru_cache(maxsize=8)

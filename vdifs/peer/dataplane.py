@@ -276,18 +276,25 @@ class DataPlane:
         await self.store.sync(oids)
 
     async def h_list(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
-        """One page of a vid's object ids, after `after`: a 4 TiB VDI has a million
-        objects, more than one frame holds, so lists come in pages."""
-        vid = arg.integer(args, "vid", 1, MAX_VID)
+        """One page of the object ids of a vid (`vid`) or of several (`vids`:
+        recovery asks each peer once for every live VDI, not once per VDI),
+        after `after`: a 4 TiB VDI has a million objects, more than one frame
+        holds, so lists come in pages."""
+        if "vids" in args:
+            vids = arg.int_list(args, "vids", 1, MAX_VID, max_items=objlist.VIDS_PER_LIST)
+        else:
+            vids = [arg.integer(args, "vid", 1, MAX_VID)]
         kind = arg.integer(args, "kind", 0, 255, default=None)
         handoff = arg.flag(args, "handoff")
         after = arg.integer(args, "after", default=None)
         limit = arg.integer(args, "limit", 1, objlist.LIST_PAGE, default=None)
         await self._epoch_if_sent(args)
-        oids = await self.store.list_objects(vid, kind)
-        if handoff:  # recovery: what was handed off here is still to be copied
-            oids = sorted(set(oids).union(await self.store.list_handoff(vid)))
-        return objlist.page(oids, after, limit)
+        found: set[int] = set()
+        for vid in vids:
+            found.update(await self.store.list_objects(vid, kind))
+            if handoff:  # recovery: what was handed off here is still to be copied
+                found.update(await self.store.list_handoff(vid))
+        return objlist.page(sorted(found), after, limit)
 
     async def h_vids(self, args: dict[str, Any], s: Session) -> list[int]:
         return await self.store.list_vids()

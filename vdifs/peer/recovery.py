@@ -60,6 +60,7 @@ T = TypeVar("T")
 HANDOFF_POLL = 3.0  # seconds between asking the peers whether they finished an epoch
 DEFAULT_RATE = 100e6  # bytes per second a pass copies at most
 DEFAULT_RESERVE = 1 << 30  # bytes of free space recovery leaves alone
+LIST_CONCURRENCY = 16  # peers a pass lists at once
 
 
 @dataclass
@@ -137,6 +138,7 @@ class Recovery:
         # VDI's objects would leak them. (A VDI created a moment ago has its
         # objects created at the new placement anyway.)
         live = await self._live_vdis()
+        listed = await self._cluster_objects(sorted(live))
         todo: list[int] = []
         for vid, copies in sorted(live.items()):
             held = set(await d.store.list_objects(vid))
@@ -147,7 +149,7 @@ class Recovery:
                          epoch, len(unowned), vid)
             # One listing, not a check per object: recover() looks again under
             # the object's lock, so one created meanwhile is not copied twice.
-            todo.extend(oid for oid in sorted(await self._cluster_objects(vid))
+            todo.extend(oid for oid in sorted(listed[vid])
                         if oid not in held and d.peer_id in placement(cmap, oid, copies))
         # Map objects first: whether a data object nobody serves comes back
         # depends on its map (`references`), which may itself need recovering.
@@ -217,26 +219,51 @@ class Recovery:
         _version, raw = await self.peer.meta.register(DIRECTORY_KEY).get()
         return Directory.decode(raw).copies_by_data_vid()
 
-    async def _cluster_objects(self, vid: int) -> set[int]:
+    async def _cluster_objects(self, vids: list[int]) -> dict[int, set[int]]:
+        """vid -> the objects of it that some up peer (or our own set-aside
+        stale copies) holds. Each peer is asked once for all the vids (in
+        requests of VIDS_PER_LIST), LIST_CONCURRENCY peers at a time: one
+        request per peer and VDI, one peer after the other, would be 10^7
+        requests per peer for every epoch at 1,000 peers and 10,000 VDIs."""
         d = self.peer
         assert d.rpc is not None and d.cmap is not None
-        found: set[int] = set(await d.store.list_stale(vid))  # maybe the only copy left
+        found: dict[int, set[int]] = {vid: set(await d.store.list_stale(vid)) for vid in vids}  # maybe the only copies
         rpc, epoch = d.rpc, d.cmap.epoch
-        for p in d.cmap.up_peers():
-            if p.peer_id == d.peer_id:
-                continue
+        limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
+        failed: list[str] = []
 
-            async def call(args: dict[str, Any], address: str = p.address) -> dict[str, Any]:
+        async def list_peer(peer_id: str, address: str, cancel: trio.CancelScope) -> None:
+            async def call(args: dict[str, Any]) -> dict[str, Any]:
                 reply: dict[str, Any] = await rpc.call(address, "obj.list", {**args, "epoch": epoch,
                                                                              "handoff": True}, timeout=30)
                 return reply
 
-            try:
-                found.update(await objlist.list_all(call, vid))
-            except VdifsError as e:
-                # Skipping it could miss objects only it lists (and call the pass
-                # finished); if it died, the map will say so and this pass restarts.
-                raise PoolError(f"cannot list vid {vid} on peer {p.peer_id}: {e}") from None
+            async with limiter:
+                try:
+                    for at in range(0, len(vids), objlist.VIDS_PER_LIST):
+                        chunk = vids[at:at + objlist.VIDS_PER_LIST]
+                        try:
+                            oids = await objlist.list_all(call, chunk)
+                        except VdifsError as e:
+                            if e.errno != errno.EINVAL:
+                                raise
+                            oids = [oid for vid in chunk for oid in await objlist.list_all(call, vid)]  # an older peer
+                        for oid in oids:
+                            objects = found.get(vid_of(oid))
+                            if objects is not None:
+                                objects.add(oid)
+                except VdifsError as e:
+                    # Skipping it could miss objects only it lists (and call the pass
+                    # finished); if it died, the map will say so and this pass restarts.
+                    failed.append(f"cannot list objects on peer {peer_id}: {e}")
+                    cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for p in d.cmap.up_peers():
+                if p.peer_id != d.peer_id:
+                    nursery.start_soon(list_peer, p.peer_id, p.address, nursery.cancel_scope)
+        if failed:
+            raise PoolError(failed[0])
         return found
 
     # -- on demand -------------------------------------------------------------------

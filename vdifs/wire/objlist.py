@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 LIST_PAGE = 100_000  # ids per reply: about 1 MB of msgpack
+VIDS_PER_LIST = 4096  # vids one request may name (`vids`)
 
 #: sends one obj.list request with these args and returns its reply
 ListCall = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -25,12 +26,14 @@ def page(oids: list[int], after: int | None, limit: int | None = None) -> dict[s
     return {"oids": oids[:limit], "more": len(oids) > limit}
 
 
-async def list_all(call: ListCall, vid: int, kind: int | None = None) -> list[int]:
-    """Every id of `vid` on one peer, following the cursor page by page."""
+async def list_all(call: ListCall, vid: int | list[int], kind: int | None = None) -> list[int]:
+    """Every id of `vid` (or of each of a list of at most VIDS_PER_LIST vids)
+    on one peer, following the cursor page by page."""
     out: list[int] = []
     after = None
+    which: dict[str, Any] = {"vids": vid} if isinstance(vid, list) else {"vid": vid}
     while True:
-        reply = await call({"vid": vid, "kind": kind, "after": after})
+        reply = await call({**which, "kind": kind, "after": after})
         out.extend(reply["oids"])
         if not reply["more"] or not reply["oids"]:
             return out
