@@ -44,3 +44,17 @@ def test_check_says_missing_replicas_are_on_their_way_while_recovery_runs():
     assert states(settled) == ["needs --repair", "needs --repair", "copy"]  # "no good copy"
     assert states(running) == ["recovering", "needs --repair", "copy"]  # a differing replica is no recovery's
     assert "replicas may be missing until it ends" in running and "until it ends" not in settled
+
+
+def test_mount_status_says_when_the_cache_is_off():
+    from vdifs.cli.status import summary
+
+    st = {"cluster": "127.0.0.1:7000", "mountpoint": "/mnt/vdis", "pid": 1, "version": "0", "total": 1 << 40,
+          "free": 1 << 39, "copies": 3, "vdis": 2, "epoch": 4, "peers_up": 3, "peers": 3, "cache": None}
+    assert "cache: off (--cache-size 0, or less than a fifth of its disk free)" in summary(st)
+    st["cache"] = {"used": 1 << 30, "size": 4 << 30, "hits": 5, "misses": 2}
+    assert "cache: 1.0 GiB of 4.0 GiB, 5 hits, 2 misses" in summary(st)
+    del st["cluster"]
+    st["store"] = "/var/lib/vdifs"
+    st["cache"] = None
+    assert "cache" not in summary(st)  # the embedded pool is local: no cache to have

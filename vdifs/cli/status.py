@@ -47,6 +47,8 @@ def summary(st: dict[str, Any]) -> str:
     if cache:
         lines.append(f"cache: {format_size(cache['used'])} of {format_size(cache['size'])}, "
                      f"{cache['hits']} hits, {cache['misses']} misses")
+    elif st.get("cluster"):  # by default it is off where the disk has less than a fifth free
+        lines.append("cache: off (--cache-size 0, or less than a fifth of its disk free)")
     return "\n".join(lines)
 
 
