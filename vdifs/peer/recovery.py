@@ -60,7 +60,6 @@ T = TypeVar("T")
 HANDOFF_POLL = 3.0  # seconds between asking the peers whether they finished an epoch
 DEFAULT_RATE = 100e6  # bytes per second a pass copies at most
 DEFAULT_RESERVE = 1 << 30  # bytes of free space recovery leaves alone
-LIST_CONCURRENCY = 16  # peers a pass lists at once
 
 
 @dataclass
@@ -221,49 +220,34 @@ class Recovery:
 
     async def _cluster_objects(self, vids: list[int]) -> dict[int, set[int]]:
         """vid -> the objects of it that some up peer (or our own set-aside
-        stale copies) holds. Each peer is asked once for all the vids (in
-        requests of VIDS_PER_LIST), LIST_CONCURRENCY peers at a time: one
+        stale copies) holds. Each peer is asked once for all the vids,
+        several peers at a time (`objlist.list_on_peers`): one
         request per peer and VDI, one peer after the other, would be 10^7
         requests per peer for every epoch at 1,000 peers and 10,000 VDIs."""
         d = self.peer
         assert d.rpc is not None and d.cmap is not None
         found: dict[int, set[int]] = {vid: set(await d.store.list_stale(vid)) for vid in vids}  # maybe the only copies
         rpc, epoch = d.rpc, d.cmap.epoch
-        limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
-        failed: list[str] = []
 
-        async def list_peer(peer_id: str, address: str, cancel: trio.CancelScope) -> None:
+        def lister(address: str) -> objlist.ListCall:
             async def call(args: dict[str, Any]) -> dict[str, Any]:
                 reply: dict[str, Any] = await rpc.call(address, "obj.list", {**args, "epoch": epoch,
                                                                              "handoff": True}, timeout=30)
                 return reply
+            return call
 
-            async with limiter:
-                try:
-                    for at in range(0, len(vids), objlist.VIDS_PER_LIST):
-                        chunk = vids[at:at + objlist.VIDS_PER_LIST]
-                        try:
-                            oids = await objlist.list_all(call, chunk)
-                        except VdifsError as e:
-                            if e.errno != errno.EINVAL:
-                                raise
-                            oids = [oid for vid in chunk for oid in await objlist.list_all(call, vid)]  # an older peer
-                        for oid in oids:
-                            objects = found.get(vid_of(oid))
-                            if objects is not None:
-                                objects.add(oid)
-                except VdifsError as e:
-                    # Skipping it could miss objects only it lists (and call the pass
-                    # finished); if it died, the map will say so and this pass restarts.
-                    failed.append(f"cannot list objects on peer {peer_id}: {e}")
-                    cancel.cancel()
-
-        async with trio.open_nursery() as nursery:
-            for p in d.cmap.up_peers():
-                if p.peer_id != d.peer_id:
-                    nursery.start_soon(list_peer, p.peer_id, p.address, nursery.cancel_scope)
-        if failed:
-            raise PoolError(failed[0])
+        try:
+            listed = await objlist.list_on_peers(
+                {p.peer_id: lister(p.address) for p in d.cmap.up_peers() if p.peer_id != d.peer_id}, vids)
+        except objlist.ListFailed as e:
+            # Skipping it could miss objects only it lists (and call the pass
+            # finished); if it died, the map will say so and this pass restarts.
+            raise PoolError(str(e)) from None
+        for oids in listed.values():
+            for oid in oids:
+                objects = found.get(vid_of(oid))
+                if objects is not None:
+                    objects.add(oid)
         return found
 
     # -- on demand -------------------------------------------------------------------

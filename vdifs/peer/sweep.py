@@ -40,7 +40,7 @@ from vdifs.errors import VdifsError
 from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
 from vdifs.model.cluster import ClusterMap, PeerInfo
 from vdifs.model.directory import Directory
-from vdifs.model.ids import ObjectKind, map_oid, unpack_oid
+from vdifs.model.ids import ObjectKind, map_oid, unpack_oid, vid_of
 from vdifs.meta.lease import Lease, lease_key
 from vdifs.model.objmap import ObjectMap, is_allocated, map_chunks
 from vdifs.peer.recovery import recovery_settled
@@ -63,18 +63,33 @@ SWEEP_INTERVAL = 3600
 Holdings = dict[int, tuple[str, dict[int, set[str]]]]
 
 
-async def list_holders(pool: RpcPool, cmap: ClusterMap, up: dict[str, PeerInfo], vid: int) -> dict[int, set[str]]:
-    """oid -> the up peers holding it, for every object of `vid`."""
-    holders: dict[int, set[str]] = {}
-    for pid, p in up.items():
-        async def call(args: dict[str, Any], address: str = p.address) -> dict[str, Any]:
+async def list_holders_many(pool: RpcPool, cmap: ClusterMap, up: dict[str, PeerInfo],
+                            vids: list[int]) -> dict[int, dict[int, set[str]]]:
+    """vid -> oid -> the up peers holding it, for every object of the vids:
+    each peer listed once for all of them (`objlist.list_on_peers`)."""
+    def lister(address: str) -> objlist.ListCall:
+        async def call(args: dict[str, Any]) -> dict[str, Any]:
             reply: dict[str, Any] = await pool.call(address, "obj.list", {**args, "epoch": cmap.epoch},
                                                     timeout=LIST_TIMEOUT)
             return reply
+        return call
 
-        for oid in await objlist.list_all(call, vid):
-            holders.setdefault(oid, set()).add(pid)
+    try:
+        listed = await objlist.list_on_peers({pid: lister(p.address) for pid, p in up.items()}, vids)
+    except objlist.ListFailed as e:
+        raise e.error from None  # as the listing itself failed
+    holders: dict[int, dict[int, set[str]]] = {vid: {} for vid in vids}
+    for pid, oids in listed.items():
+        for oid in oids:
+            per_vid = holders.get(vid_of(oid))
+            if per_vid is not None:
+                per_vid.setdefault(oid, set()).add(pid)
     return holders
+
+
+async def list_holders(pool: RpcPool, cmap: ClusterMap, up: dict[str, PeerInfo], vid: int) -> dict[int, set[str]]:
+    """oid -> the up peers holding it, for every object of `vid`."""
+    return (await list_holders_many(pool, cmap, up, [vid]))[vid]
 
 
 @dataclass
@@ -212,9 +227,9 @@ async def leak_pass(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, grace: in
     _version, raw = await meta.register(DIRECTORY_KEY).get()
     directory = Directory.decode(raw)
     up = {p.peer_id: p for p in cmap.up_peers()}
-    present: Holdings = {}
-    for name, data_vid, _copies in directory.data_vids():
-        present[data_vid] = (name, await list_holders(pool, cmap, up, data_vid))
+    labels = {data_vid: name for name, data_vid, _copies in directory.data_vids()}
+    listed = await list_holders_many(pool, cmap, up, sorted(labels))
+    present: Holdings = {vid: (labels[vid], listed[vid]) for vid in labels}
     refs = await referenced(pool, directory, present, up)
     return await find_and_collect(pool, cmap, meta, directory, present, refs, grace, repair=True)
 

@@ -8,11 +8,17 @@ more follow. `page` is the peer's side, `list_all` the caller's.
 from __future__ import annotations
 
 import bisect
+import errno
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
+from vdifs.errors import VdifsError
+
 LIST_PAGE = 100_000  # ids per reply: about 1 MB of msgpack
 VIDS_PER_LIST = 4096  # vids one request may name (`vids`)
+PEERS_AT_ONCE = 16  # peers `list_on_peers` asks side by side
 
 #: sends one obj.list request with these args and returns its reply
 ListCall = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -38,3 +44,54 @@ async def list_all(call: ListCall, vid: int | list[int], kind: int | None = None
         if not reply["more"] or not reply["oids"]:
             return out
         after = reply["oids"][-1]
+
+
+async def list_many(call: ListCall, vids: list[int], kind: int | None = None) -> list[int]:
+    """Every id of the `vids` on one peer: one listing per VIDS_PER_LIST
+    vids, or one per vid from a peer older than `vids` (it refuses the
+    argument with EINVAL)."""
+    out: list[int] = []
+    for at in range(0, len(vids), VIDS_PER_LIST):
+        chunk = vids[at:at + VIDS_PER_LIST]
+        try:
+            out.extend(await list_all(call, chunk, kind))
+        except VdifsError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            for vid in chunk:
+                out.extend(await list_all(call, vid, kind))
+    return out
+
+
+class ListFailed(VdifsError):
+    """A peer could not be listed (`list_on_peers`): which, and why."""
+
+    def __init__(self, peer: str, error: VdifsError) -> None:
+        super().__init__(f"cannot list objects on peer {peer}: {error}", code=error.errno)
+        self.peer = peer
+        self.error = error
+
+
+async def list_on_peers(calls: dict[str, ListCall], vids: list[int],
+                        kind: int | None = None) -> dict[str, list[int]]:
+    """peer -> every id of the `vids` it holds, PEERS_AT_ONCE peers at a
+    time (`calls`: peer -> its ListCall). The first peer that fails stops
+    the others and is raised as ListFailed."""
+    found: dict[str, list[int]] = {}
+    limiter = trio.CapacityLimiter(PEERS_AT_ONCE)
+    failed: list[ListFailed] = []
+
+    async def one(peer: str, call: ListCall, cancel: trio.CancelScope) -> None:
+        async with limiter:
+            try:
+                found[peer] = await list_many(call, vids, kind)
+            except VdifsError as e:
+                failed.append(ListFailed(peer, e))
+                cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for peer, call in calls.items():
+            nursery.start_soon(one, peer, call, nursery.cancel_scope)
+    if failed:
+        raise failed[0]
+    return found
