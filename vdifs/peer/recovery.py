@@ -137,19 +137,21 @@ class Recovery:
         # VDI's objects would leak them. (A VDI created a moment ago has its
         # objects created at the new placement anyway.)
         live = await self._live_vdis()
-        listed = await self._cluster_objects(sorted(live))
-        todo: list[int] = []
-        for vid, copies in sorted(live.items()):
-            held = set(await d.store.list_objects(vid))
-            unowned = [oid for oid in held if d.peer_id not in placement(cmap, oid, copies)]
+        held: dict[int, set[int]] = {}
+        for vid, copies in sorted(live.items()):  # first, before any peer must answer us
+            held[vid] = set(await d.store.list_objects(vid))
+            unowned = [oid for oid in held[vid] if d.peer_id not in placement(cmap, oid, copies)]
             if unowned:
                 await d.store.hand_off(unowned, epoch)
                 log.info("epoch %d: handed off %d objects of vid %d that placement gives to other peers",
                          epoch, len(unowned), vid)
-            # One listing, not a check per object: recover() looks again under
-            # the object's lock, so one created meanwhile is not copied twice.
+        # One listing, not a check per object: recover() looks again under
+        # the object's lock, so one created meanwhile is not copied twice.
+        listed = await self._cluster_objects(sorted(live))
+        todo: list[int] = []
+        for vid, copies in sorted(live.items()):
             todo.extend(oid for oid in sorted(listed[vid])
-                        if oid not in held and d.peer_id in placement(cmap, oid, copies))
+                        if oid not in held[vid] and d.peer_id in placement(cmap, oid, copies))
         # Map objects first: whether a data object nobody serves comes back
         # depends on its map (`references`), which may itself need recovering.
         todo.sort(key=lambda oid: unpack_oid(oid)[0] != ObjectKind.MAP)
