@@ -151,15 +151,7 @@ def pread_sparse(fd: int, offset: int, length: int, *, nowait: bool = False,
     view = memoryview(buf)
     for a, b in data_ranges(fd, offset, offset + length) if ranges is None else ranges:
         if nowait:
-            try:
-                n = os.preadv(fd, [view[a - offset:b - offset]], a, os.RWF_NOWAIT)
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                if e.errno == errno.EOPNOTSUPP:
-                    raise NoWaitUnsupported() from None
-                raise
-            if n != b - a:
+            if _preadv_nowait(fd, view[a - offset:b - offset], a) != b - a:
                 return None
             continue
         while a < b:
@@ -206,19 +198,24 @@ class NoWaitUnsupported(Exception):
     """The file system cannot read NOWAIT (tmpfs, for one): use threads."""
 
 
-def read_nowait(fd: int, offset: int, length: int) -> bytearray | None:
-    """The bytes if the page cache has all of them, else None; never blocks.
-    NoWaitUnsupported where the file system cannot tell."""
-    buf = bytearray(length)
+def _preadv_nowait(fd: int, buf: bytearray | memoryview, offset: int) -> int | None:
+    """Bytes read into `buf` from the page cache, None if a page is not
+    there; never blocks. NoWaitUnsupported where the file system cannot tell."""
     try:
-        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        return os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
     except BlockingIOError:
         return None
     except OSError as e:
         if e.errno == errno.EOPNOTSUPP:
             raise NoWaitUnsupported() from None
         raise
-    return buf if n == length else None
+
+
+def read_nowait(fd: int, offset: int, length: int) -> bytearray | None:
+    """The bytes if the page cache has all of them, else None; never blocks.
+    NoWaitUnsupported where the file system cannot tell."""
+    buf = bytearray(length)
+    return buf if _preadv_nowait(fd, buf, offset) == length else None
 
 
 def load_table(fd: int) -> tuple[list[int], bool]:
