@@ -256,7 +256,10 @@ class ObjectStore:
         if self._nowait:
             try:
                 if length >= files.SPARSE_MIN:
-                    data = files.pread_sparse(h.fd, offset, length, nowait=True)
+                    # lseek takes the inode's lock, which a write in a worker
+                    # thread holds (and keeps while the kernel throttles it):
+                    # then the thread reads, not the event loop
+                    data = None if h.inflight else files.pread_sparse(h.fd, offset, length, nowait=True)
                 else:
                     data = files.read_nowait(h.fd, offset, length)
             except files.NoWaitUnsupported:
@@ -316,7 +319,11 @@ class ObjectStore:
             if len(data) <= INLINE_WRITE_MAX and self._write_inline(oid, h, offset, data):
                 return
             if not self.checksums:
-                await self._io.run(files.pwrite_full, h.fd, offset, data, direct)
+                h.inflight += 1  # also tells reads not to lseek on the loop (see `_pread`)
+                try:
+                    await self._io.run(files.pwrite_full, h.fd, offset, data, direct)
+                finally:
+                    h.inflight -= 1
                 return
             async with h.lock:  # the table follows the data in the order the writes happened
                 mark = checksums.encode(h.table, DIRTY) if h.clean_on_disk else None
