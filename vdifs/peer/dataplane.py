@@ -289,12 +289,9 @@ class DataPlane:
         after = arg.integer(args, "after", default=None)
         limit = arg.integer(args, "limit", 1, objlist.LIST_PAGE, default=None)
         await self._epoch_if_sent(args)
-        found: set[int] = set()
-        for vid in vids:
-            found.update(await self.store.list_objects(vid, kind))
-            if handoff:  # recovery: what was handed off here is still to be copied
-                found.update(await self.store.list_handoff(vid))
-        return objlist.page(sorted(found), after, limit)
+        # recovery (handoff): what was handed off here is still to be copied
+        oids = await self.store.list_objects_of(vids, kind, handoff=handoff)
+        return objlist.page(oids, after, limit)
 
     async def h_vids(self, args: dict[str, Any], s: Session) -> list[int]:
         return await self.store.list_vids()

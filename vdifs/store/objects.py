@@ -896,6 +896,18 @@ class ObjectStore:
     async def list_objects(self, vid: int, kind: int | None = None) -> list[int]:
         return await trio.to_thread.run_sync(self._list_objects, vid, kind)
 
+    async def list_objects_of(self, vids: list[int], kind: int | None = None, *,
+                              handoff: bool = False) -> list[int]:
+        """The objects of many vids (and, with `handoff`, their handed-off
+        copies), sorted: one thread hop for all of them, not one per vid (a
+        recovery pass asks for every live VDI at once)."""
+        found = set(await trio.to_thread.run_sync(
+            lambda: [oid for vid in vids for oid in self._list_objects(vid, kind)]))
+        if handoff:  # in the I/O queue, ordered with the moves that hand objects off
+            found.update(await self._io.run(
+                lambda: [oid for vid in vids for oid in self._list_tree(self.handoff_root, vid)]))
+        return sorted(found)
+
     async def space(self) -> tuple[int, int]:
         """(total, available) bytes of the file system holding the store,
         available being what VDI data may still take (the reserve left out)."""
@@ -984,9 +996,6 @@ class ObjectStore:
         the whole cluster has recovered that epoch. A copy left in place could
         be served again, stale, when placement hands the object back later."""
         await self._take_out(oids, os.path.join(self.handoff_root, f"{epoch:012d}"))
-
-    async def list_handoff(self, vid: int) -> list[int]:
-        return await self._io.run(self._list_tree, self.handoff_root, vid)
 
     def _read_handoff(self, oid: int, younger_than: float | None) -> bytes | bytearray | None:
         for path in self._copies(self.handoff_root, oid):
