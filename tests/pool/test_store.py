@@ -384,13 +384,14 @@ async def test_delete_removes_the_copies_set_aside_too(store):
     oid = data_oid(4, 2)
     await store.create(oid, 0, b"old", 4 << 20)
     await store.set_aside_stale([oid], "000000000007")
+    assert await store.stale_of([4, 5]) == {4: [oid], 5: []}
     await store.create(oid, 0, b"new", 4 << 20)  # recovered meanwhile
     await store.hand_off([oid], epoch=9)
     assert await store.list_objects_of([4, 5]) == [] and await store.list_objects_of([4, 5], handoff=True) == [oid]
     await store.create(oid, 0, b"now", 4 << 20)
     await store.delete(oid)
     assert not await store.exists(oid)
-    assert await store.list_stale(4) == []
+    assert await store.list_stale(4) == [] and await store.stale_of([4, 5]) == {4: [], 5: []}
     assert not await store.take_stale(oid)
     assert await store.list_objects_of([4], handoff=True) == []
     for root in (store.stale_root, store.handoff_root):

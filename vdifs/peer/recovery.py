@@ -228,7 +228,7 @@ class Recovery:
         requests per peer for every epoch at 1,000 peers and 10,000 VDIs."""
         d = self.peer
         assert d.rpc is not None and d.cmap is not None
-        found: dict[int, set[int]] = {vid: set(await d.store.list_stale(vid)) for vid in vids}  # maybe the only copies
+        found = {vid: set(oids) for vid, oids in (await d.store.stale_of(vids)).items()}  # maybe the only copies
         rpc, epoch = d.rpc, d.cmap.epoch
 
         def lister(address: str) -> objlist.ListCall:

@@ -1068,6 +1068,10 @@ class ObjectStore:
             self._dirty_dirs.add(os.path.dirname(self.path(oid)))
         return taken
 
+    async def stale_of(self, vids: list[int]) -> dict[int, list[int]]:
+        """`list_stale` of many vids in one trip through the I/O queue."""
+        return await self._io.run(lambda: {vid: self._list_tree(self.stale_root, vid) for vid in vids})
+
     async def list_stale(self, vid: int) -> list[int]:
         return await self._io.run(self._list_tree, self.stale_root, vid)
 
