@@ -229,18 +229,11 @@ class Recovery:
         d = self.peer
         assert d.rpc is not None and d.cmap is not None
         found = {vid: set(oids) for vid, oids in (await d.store.stale_of(vids)).items()}  # maybe the only copies
-        rpc, epoch = d.rpc, d.cmap.epoch
-
-        def lister(address: str) -> objlist.ListCall:
-            async def call(args: dict[str, Any]) -> dict[str, Any]:
-                reply: dict[str, Any] = await rpc.call(address, "obj.list", {**args, "epoch": epoch,
-                                                                             "handoff": True}, timeout=30)
-                return reply
-            return call
-
+        rpc, extra = d.rpc, {"epoch": d.cmap.epoch, "handoff": True}
         try:
             listed = await objlist.list_on_peers(
-                {p.peer_id: lister(p.address) for p in d.cmap.up_peers() if p.peer_id != d.peer_id}, vids)
+                {p.peer_id: objlist.rpc_lister(rpc, p.address, extra, 30) for p in d.cmap.up_peers()
+                 if p.peer_id != d.peer_id}, vids)
         except objlist.ListFailed as e:
             # Skipping it could miss objects only it lists (and call the pass
             # finished); if it died, the map will say so and this pass restarts.

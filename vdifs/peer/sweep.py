@@ -67,15 +67,10 @@ async def list_holders_many(pool: RpcPool, cmap: ClusterMap, up: dict[str, PeerI
                             vids: list[int]) -> dict[int, dict[int, set[str]]]:
     """vid -> oid -> the up peers holding it, for every object of the vids:
     each peer listed once for all of them (`objlist.list_on_peers`)."""
-    def lister(address: str) -> objlist.ListCall:
-        async def call(args: dict[str, Any]) -> dict[str, Any]:
-            reply: dict[str, Any] = await pool.call(address, "obj.list", {**args, "epoch": cmap.epoch},
-                                                    timeout=LIST_TIMEOUT)
-            return reply
-        return call
-
+    extra = {"epoch": cmap.epoch}
     try:
-        listed = await objlist.list_on_peers({pid: lister(p.address) for pid, p in up.items()}, vids)
+        listed = await objlist.list_on_peers({pid: objlist.rpc_lister(pool, p.address, extra, LIST_TIMEOUT)
+                                                   for pid, p in up.items()}, vids)
     except objlist.ListFailed as e:
         raise e.error from None  # as the listing itself failed
     holders: dict[int, dict[int, set[str]]] = {vid: {} for vid in vids}

@@ -10,11 +10,14 @@ from __future__ import annotations
 import bisect
 import errno
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from vdifs.errors import VdifsError
+
+if TYPE_CHECKING:
+    from vdifs.wire.rpc import RpcPool
 
 LIST_PAGE = 100_000  # ids per reply: about 1 MB of msgpack
 VIDS_PER_LIST = 4096  # vids one request may name (`vids`)
@@ -22,6 +25,15 @@ PEERS_AT_ONCE = 16  # peers `list_on_peers` asks side by side
 
 #: sends one obj.list request with these args and returns its reply
 ListCall = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def rpc_lister(pool: RpcPool, address: str, extra: dict[str, Any], timeout: float) -> ListCall:
+    """The ListCall of a peer at `address`: obj.list through `pool`, with
+    `extra` arguments (the epoch, `handoff`) added to each request."""
+    async def call(args: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = await pool.call(address, "obj.list", {**args, **extra}, timeout=timeout)
+        return reply
+    return call
 
 
 def page(oids: list[int], after: int | None, limit: int | None = None) -> dict[str, Any]:
