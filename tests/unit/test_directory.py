@@ -1,3 +1,6 @@
+import dataclasses
+
+import msgpack
 import pytest
 
 from vdifs.errors import InvalidArgument, TooLarge, VdiExists, VdiNotFound
@@ -152,3 +155,102 @@ def test_the_maps_that_may_point_at_a_data_vid_are_its_familys_live_maps():
     assert d.maps_that_may_point_at(frozen) == [(clone.data_vid, 50, osize)]  # retired: the clone still reads it
     assert d.maps_that_may_point_at(gold) == []  # deleted: nothing points at its objects
     assert d.maps_that_may_point_at(999) == []
+
+
+# -- the codec and drafts, against the dataclasses' own view of a record ------
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vdifs.model.directory import SnapshotRecord, VdiRecord
+
+_ints = st.integers(min_value=0, max_value=2**40)
+_names = st.text(alphabet="abcdefgh-._0123", min_size=1, max_size=8)
+_snapshots = st.builds(SnapshotRecord, vid=_ints, size=_ints, ctime=st.floats(0, 2e9), copies=st.integers(1, 5),
+                       id=st.text(max_size=4))
+_records = st.builds(
+    VdiRecord, vid=_ints, size=_ints, ctime=st.floats(0, 2e9), mtime=st.floats(0, 2e9),
+    copies=st.integers(1, 5), shared=st.booleans(), mode=st.integers(0, 0o7777), uid=_ints, gid=_ints,
+    atime=st.floats(0, 2e9), stored_data_vid=_ints, stored_family=_ints, parent_vid=_ints,
+    snapshots=st.dictionaries(_names, _snapshots, max_size=3),
+    xattrs=st.dictionaries(st.sampled_from(["security.selinux", "trusted.a", "security.b"]), st.binary(max_size=8)))
+
+
+def _stored_by_the_book(rec: VdiRecord) -> dict:
+    """What a record's stored dict must be: every field in order under its
+    stored key, snapshots as dicts, no xattrs key when there are none."""
+    out = dataclasses.asdict(rec)
+    out = {{"stored_data_vid": "data_vid", "stored_family": "family"}.get(k, k): v for k, v in out.items()}
+    if not out["xattrs"]:
+        del out["xattrs"]
+    return out
+
+
+@settings(max_examples=200)
+@given(_records)
+def test_a_record_is_stored_as_its_fields_say_and_read_back_equal(rec):
+    stored = rec.to_dict()
+    assert stored == _stored_by_the_book(rec) and list(stored) == list(_stored_by_the_book(rec))
+    back = VdiRecord.from_dict(msgpack.unpackb(msgpack.packb(stored)))
+    assert back == rec
+    assert list(back.__dict__) == [f.name for f in dataclasses.fields(VdiRecord)]
+
+
+@given(_records, st.dictionaries(st.sampled_from(["later_field", "zone", "x"]), st.integers()))
+def test_keys_a_newer_writer_added_are_ignored_and_missing_ones_take_defaults(rec, extra):
+    stored = rec.to_dict()
+    assert VdiRecord.from_dict({**stored, **extra}) == rec
+    for optional in ("copies", "shared", "snapshots", "family"):
+        del stored[optional]
+    back = VdiRecord.from_dict(stored)
+    assert (back.copies, back.shared, back.snapshots, back.stored_family) == (1, False, {}, 0)
+    assert back.xattrs == rec.xattrs and back.snapshots is not VdiRecord.from_dict(stored).snapshots
+
+
+@pytest.mark.parametrize("required", ["vid", "size", "ctime", "mtime"])
+def test_a_stored_record_without_a_required_field_is_refused(required):
+    stored = VdiRecord(vid=1, size=2, ctime=3.0, mtime=4.0).to_dict()
+    del stored[required]
+    with pytest.raises(ValueError, match=required):
+        VdiRecord.from_dict(stored)
+
+
+@settings(max_examples=100)
+@given(st.dictionaries(_names, _records, max_size=6), st.data())
+def test_changing_a_draft_leaves_the_directory_it_came_from_alone(vdis, data):
+    d = Directory(vdis=vdis, next_vid=7, deleting={3}, retired={9: [1, 2]}, reserved={11: {"for": "x", "source": 1}})
+    before = d.encode()
+    draft = d.clone()
+    assert draft == d
+    for name, rec in draft.vdis.items():  # every way an operation changes a record in place
+        rec.size += 1
+        rec.snapshots[data.draw(_names)] = SnapshotRecord(vid=5, size=1, ctime=1.0)
+        rec.snapshots.pop(next(iter(rec.snapshots)))
+        rec.xattrs["trusted.z"] = b"z"
+    draft.vdis["new"] = VdiRecord(vid=99, size=1, ctime=1.0, mtime=1.0)
+    draft.deleting.add(4)
+    draft.retired[9].append(5)
+    draft.reserved[11]["source"] = 2
+    draft.next_vid = 8
+    assert d.encode() == before
+    assert Directory.decode(draft.encode()) == draft
+
+
+def test_the_copies_a_familys_maps_may_need_are_its_own_and_no_other_familys():
+    d = Directory()
+    d.create("gold", 50, copies=2)
+    d.create("other", 50, copies=1)
+    new = d.reserve("snapshot", d.get("gold").data_vid)
+    s1 = d.snapshot("gold", "s1", new, 50)
+    clone_vid = d.reserve("clone", s1.vid)
+    d.clone_snapshot("gold", "s1", "vm", clone_vid, copies=3)
+    new2 = d.reserve("snapshot", d.get("gold").data_vid)
+    s2 = d.snapshot("gold", "s2", new2, 50)
+    d.delete_snapshot("gold", "s2")  # retired: clones of it could still read it
+    gold = d.get("gold")
+    expected = {gold.data_vid: 2, s1.vid: 2, clone_vid: 3, s2.vid: 2}
+    assert d.copies_in_family(gold.family) == expected
+    assert d.get("vm").family == gold.family
+    assert d.copies_in_family(d.get("other").family) == {d.get("other").data_vid: 1}
+    everything = d.copies_by_data_vid()
+    assert {v: everything[v] for v in expected} == expected

@@ -197,9 +197,9 @@ class Catalog:
         return self._volumes.get(vid)
 
     def register_with_pool(self, rec: VdiRecord) -> None:
-        """Tell the pool the copies of every data vid a map may point at, and
-        which lease guards the VDI's own objects."""
-        register_data_vids(self.pool, self.current)
+        """Tell the pool the copies of every data vid the VDI's map may point
+        at (its family's), and which lease guards the VDI's own objects."""
+        register_data_vids(self.pool, self.current, rec.family)
         self.pool.register_vdi(rec.data_vid, rec.copies, lease_vid=rec.vid)
 
     def _evict_idle(self) -> None:
@@ -506,7 +506,7 @@ class Catalog:
         rec = VdiRecord(vid=data_vid, size=s.size, ctime=s.ctime, mtime=s.ctime, atime=s.ctime,
                         copies=s.copies, object_order=s.object_order, mode=self.current.get(name).mode & 0o7555,
                         uid=self.current.get(name).uid, gid=self.current.get(name).gid)
-        register_data_vids(self.pool, self.current)
+        register_data_vids(self.pool, self.current, self.current.get(name).family)
         vol = await Volume.load(self.pool, rec, self.persist_meta, reconcile=False)
         vol.read_only = True
         self._snapshots[data_vid] = vol

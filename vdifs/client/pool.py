@@ -94,8 +94,10 @@ class ObjectPool(Protocol):
     async def aclose(self) -> None: ...
 
 
-def register_data_vids(pool: ObjectPool, directory: Directory) -> None:
-    """Tell the pool the copies of every data vid a map may point at (a
-    clone's ancestors may keep fewer or more copies than the clone)."""
-    for vid, copies in directory.copies_by_data_vid().items():
+def register_data_vids(pool: ObjectPool, directory: Directory, family: int) -> None:
+    """Tell the pool the copies of every data vid a map of `family` may
+    point at (a clone's ancestors may keep fewer or more copies than the
+    clone). One family, not the whole directory: a create at 2,000 VDIs
+    spent a quarter of its time listing every data vid."""
+    for vid, copies in directory.copies_in_family(family).items():
         pool.register_vdi(vid, copies)

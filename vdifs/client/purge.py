@@ -143,7 +143,7 @@ class Purger:
         retired = d.retired_of(family)
         if not retired:
             return
-        register_data_vids(self.pool, d)
+        register_data_vids(self.pool, d, family)
         referenced: dict[int, set[int]] = {v: set() for v in retired}
         for data_vid, size in d.live_maps(family):
             objmap = await load_map(self.pool, data_vid, size, d.object_size_of(data_vid))

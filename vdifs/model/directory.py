@@ -20,12 +20,11 @@ map copied before the directory names it) is `reserved`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import errno
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -35,6 +34,8 @@ from vdifs.model import xattrs
 from vdifs.model.names import validate_name
 
 FORMAT_VERSION = 1
+
+_Record = TypeVar("_Record", "SnapshotRecord", "VdiRecord")
 
 
 @dataclass
@@ -55,10 +56,13 @@ class SnapshotRecord:
     def object_size(self) -> int:
         return 1 << self.object_order
 
+    def to_dict(self) -> dict[str, Any]:
+        own = self.__dict__
+        return {name: own[name] for name in _SNAPSHOT_FIELDS}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SnapshotRecord:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return _from_stored(cls, d, _SNAPSHOT_DEFAULTS)
 
 
 @dataclass
@@ -104,23 +108,81 @@ class VdiRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """As stored; no "xattrs" key when there are none (most VDIs: the
-        directory is rewritten whole on every change)."""
-        return {_STORED_KEYS.get(k, k): v for k, v in dataclasses.asdict(self).items() if k != "xattrs" or v}
+        directory is rewritten whole on every change). Written out field by
+        field: `dataclasses.asdict` took 230 ms for 10,000 records."""
+        own = self.__dict__
+        out = {key: own[name] for name, key in _VDI_KEYS}
+        out["snapshots"] = {n: s.to_dict() for n, s in self.snapshots.items()}
+        if self.xattrs:
+            out["xattrs"] = self.xattrs
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VdiRecord:
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {_FIELDS_OF_KEYS.get(k, k): v for k, v in d.items()}
-        rec = cls(**{k: v for k, v in d.items() if k in known})
+        rec = _from_stored(cls, d, _VDI_DEFAULTS, _VDI_RENAMED)
         rec.snapshots = {n: SnapshotRecord.from_dict(s) if isinstance(s, dict) else s
-                         for n, s in rec.snapshots.items()}
+                         for n, s in (rec.snapshots or {}).items()}
+        if rec.xattrs is None:
+            rec.xattrs = {}
         return rec
+
+    def copy(self) -> VdiRecord:
+        """A copy that changes to either leave the other alone: its own
+        snapshot and xattr tables. The snapshot records themselves are shared:
+        nothing changes one in place (a snapshot is replaced or removed whole)."""
+        new = object.__new__(VdiRecord)
+        new.__dict__.update(self.__dict__)
+        new.snapshots = dict(self.snapshots)
+        new.xattrs = dict(self.xattrs)
+        return new
 
 
 #: Fields whose stored key differs from the attribute (the attribute name is
 #: taken by the resolved property).
 _STORED_KEYS = {"stored_data_vid": "data_vid", "stored_family": "family"}
-_FIELDS_OF_KEYS = {v: k for k, v in _STORED_KEYS.items()}
+_REQUIRED = object()  # a field the stored record must have
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Field -> its default, in field order (`_REQUIRED` for fields with none;
+    None for a table, which each record gets fresh)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        else:
+            out[f.name] = None if f.default_factory is not dataclasses.MISSING else _REQUIRED
+    return out
+
+
+def _from_stored(cls: type[_Record], d: dict[str, Any], defaults: dict[str, Any],
+                 renamed: tuple[tuple[str, str], ...] = ()) -> _Record:
+    """A record from its stored dict: keys it does not know are ignored (a
+    newer writer's), missing ones take their defaults, a missing required one
+    is an error. Fills the instance's fields directly: going through
+    `__init__` made decoding 10,000 records take 110 ms."""
+    values = {**defaults, **d}
+    for key, name in renamed:
+        if key in values:
+            values[name] = values.pop(key)
+    if len(values) != len(defaults):  # keys a newer writer added: ignored
+        for key in [k for k in values if k not in defaults]:
+            del values[key]
+    if _REQUIRED in values.values():
+        missing = [name for name, value in values.items() if value is _REQUIRED]
+        raise ValueError(f"stored {cls.__name__} lacks {', '.join(missing)}")
+    rec = object.__new__(cls)
+    rec.__dict__.update(values)
+    return rec
+
+
+_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(SnapshotRecord))
+_SNAPSHOT_DEFAULTS = _defaults(SnapshotRecord)
+#: (attribute, stored key) of a VDI record's plain fields, in stored order.
+_VDI_KEYS = tuple((f.name, _STORED_KEYS.get(f.name, f.name)) for f in dataclasses.fields(VdiRecord)
+                  if f.name not in ("snapshots", "xattrs"))
+_VDI_DEFAULTS = _defaults(VdiRecord)
+_VDI_RENAMED = tuple((key, name) for name, key in _STORED_KEYS.items())
 
 
 def check_size(size: int) -> None:
@@ -244,6 +306,17 @@ class Directory:
             size = next((r.object_size for r in self.vdis.values() if r.family == family), None)
             if size is not None:
                 out[vid] = (size, True)
+        return out
+
+    def copies_in_family(self, family: int) -> dict[int, int]:
+        """`copies_by_data_vid` for the data vids of one family: all that a
+        map of that family may point at (the module docstring says why)."""
+        out = {vid: copies for vid, (fam, copies) in self.retired.items() if fam == family}
+        for rec in self.vdis.values():
+            if rec.family == family:
+                out[rec.data_vid] = rec.copies
+                for s in rec.snapshots.values():
+                    out[s.vid] = s.copies
         return out
 
     def copies_by_data_vid(self) -> dict[int, int]:
@@ -438,4 +511,8 @@ class Directory:
         )
 
     def clone(self) -> Directory:
-        return copy.deepcopy(self)
+        """A copy to change (a draft): changes to it leave this one alone.
+        Not `copy.deepcopy`, which took 190 ms for 10,000 records."""
+        return Directory(vdis={name: rec.copy() for name, rec in self.vdis.items()}, next_vid=self.next_vid,
+                         deleting=set(self.deleting), retired={v: list(fc) for v, fc in self.retired.items()},
+                         reserved={v: dict(r) for v, r in self.reserved.items()})
