@@ -1,11 +1,14 @@
+import random
 from collections import Counter
 
+import mmh3
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vdifs.model.cluster import DOWN, ClusterMap, PeerInfo, choose_meta
 from vdifs.model.ids import data_oid
-from vdifs.model.placement import placement
+from vdifs.model.placement import VNODES, Ring, placement
 
 
 def make_map(n, zones=1, copies=3):
@@ -80,3 +83,36 @@ def test_map_codec_and_epochs():
     assert newer.epoch == cmap.epoch + 1 and cmap.copies == 3
     assert choose_meta(["a", "b", "c", "d"]) == ["a", "b", "c"]
     assert choose_meta(["a", "b"]) == ["a"]
+
+
+def _ring_by_definition(peers):
+    """The ring as its docstring defines it: every peer's points at the
+    mmh3 hashes of "peer/i", sorted as (hash, peer id) pairs."""
+    points = sorted((mmh3.hash64(f"{peer}/{i}".encode(), 0, False)[0], peer)
+                    for peer, _zone, weight in peers for i in range(max(1, round(weight * VNODES))))
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.text(alphabet="abcxyz0129-", min_size=1, max_size=6), st.sampled_from("ab"),
+                          st.sampled_from([0.001, 0.5, 1.0, 2.0])), min_size=1, max_size=6,
+                unique_by=lambda p: p[0]))
+def test_the_ring_is_built_as_defined(peers):
+    ring = Ring(tuple(peers))
+    assert (ring._keys, ring._owners) == _ring_by_definition(peers)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(1, 4), st.integers(0, 2**32))
+def test_exact_shares_add_up_and_agree_with_random_points(n, zones, copies, seed):
+    # one point per peer: a few arcs of very different lengths, so shares
+    # counted from the wrong end of each arc would be far off
+    ring = Ring(tuple((f"p{i}", f"z{i % zones}", 0.001) for i in range(n)))
+    shares = ring.shares(copies)
+    assert sum(shares.values()) == pytest.approx(min(copies, n))
+    rnd = random.Random(seed)
+    load = Counter()
+    for _ in range(20000):
+        load.update(ring.lookup_point(rnd.getrandbits(64) - (1 << 63), copies))  # hashes are signed
+    for peer, share in shares.items():
+        assert load[peer] / 20000 == pytest.approx(share, abs=0.025)
