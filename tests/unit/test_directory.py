@@ -222,7 +222,8 @@ def test_changing_a_draft_leaves_the_directory_it_came_from_alone(vdis, data):
     before = d.encode()
     draft = d.clone()
     assert draft == d
-    for name, rec in draft.vdis.items():  # every way an operation changes a record in place
+    for name in list(draft.vdis):  # every way an operation changes a record in place, as `get` gives it
+        rec = draft.get(name) if len(name) % 2 else draft.by_vid(draft.vdis[name].vid)[1]
         rec.size += 1
         rec.snapshots[data.draw(_names)] = SnapshotRecord(vid=5, size=1, ctime=1.0)
         rec.snapshots.pop(next(iter(rec.snapshots)))
@@ -234,6 +235,9 @@ def test_changing_a_draft_leaves_the_directory_it_came_from_alone(vdis, data):
     draft.next_vid = 8
     assert d.encode() == before
     assert Directory.decode(draft.encode()) == draft
+    again = draft.clone()  # a draft of a draft shares with the draft, not with the first
+    again.get(next(iter(again.vdis))).size += 1
+    assert Directory.decode(draft.encode()) == draft and d.encode() == before
 
 
 def test_the_copies_a_familys_maps_may_need_are_its_own_and_no_other_familys():

@@ -206,18 +206,30 @@ class Directory:
     #: vids being prepared -> {"for": what, "source": data vid copied from, "at": time}.
     reserved: dict[int, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        #: In a draft (`clone`): the names whose records it still shares with
+        #: the directory it was cloned from; `get` and `by_vid` give it its own
+        #: copy first. None: not a draft, every record its own.
+        self._shared: set[str] | None = None
+
     # -- queries ---------------------------------------------------------
 
     def get(self, name: str) -> VdiRecord:
+        """A VDI's record; in a draft, its own copy, free to change."""
         try:
-            return self.vdis[name]
+            rec = self.vdis[name]
         except KeyError:
             raise VdiNotFound(f"no VDI named {name!r}") from None
+        if self._shared is not None and name in self._shared:
+            rec = self.vdis[name] = rec.copy()
+            self._shared.discard(name)
+        return rec
 
     def by_vid(self, vid: int) -> tuple[str, VdiRecord] | None:
+        """(name, record) of a VDI by vid; in a draft, its own copy of the record."""
         for name, rec in self.vdis.items():
             if rec.vid == vid:
-                return name, rec
+                return name, self.get(name)
         return None
 
     def vids_in_use(self) -> set[int]:
@@ -512,7 +524,15 @@ class Directory:
 
     def clone(self) -> Directory:
         """A copy to change (a draft): changes to it leave this one alone.
-        Not `copy.deepcopy`, which took 190 ms for 10,000 records."""
-        return Directory(vdis={name: rec.copy() for name, rec in self.vdis.items()}, next_vid=self.next_vid,
-                         deleting=set(self.deleting), retired={v: list(fc) for v, fc in self.retired.items()},
-                         reserved={v: dict(r) for v, r in self.reserved.items()})
+
+        Copy on write: the draft shares every record with this directory
+        until `get` or `by_vid` hands it out, which copies it first (one
+        change touches one or two records; copying all 10,000 took 13 ms,
+        `copy.deepcopy` 190 ms, and left that much garbage per change). So in
+        a draft, change a record only as `get` or `by_vid` gave it, or
+        replace it whole; never one reached through `vdis` directly."""
+        draft = Directory(vdis=dict(self.vdis), next_vid=self.next_vid, deleting=set(self.deleting),
+                          retired={v: list(fc) for v, fc in self.retired.items()},
+                          reserved={v: dict(r) for v, r in self.reserved.items()})
+        draft._shared = set(self.vdis)
+        return draft
