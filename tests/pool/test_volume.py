@@ -371,3 +371,44 @@ async def test_reads_from_the_page_cache_take_no_await_and_still_verify(store_di
         f.write(b"\xff" * 8)
     with pytest.raises(PoolError):
         await vol.read(OBJ // 2 + OBJ, 16)
+
+
+async def test_a_vdi_tells_the_pool_the_copies_of_its_familys_data_vids_and_no_others(store_dir, nursery):
+    """A clone reads objects of its ancestors, which may keep other copies
+    than it does: opening it must tell the pool each ancestor's copies (a
+    cluster pool reads from those replicas, else from every peer in turn).
+    Only its own family's: listing every data vid of the directory on each
+    create grew with the directory."""
+    from vdifs.client.catalog import Catalog
+    from vdifs.client.local import LocalPool
+
+    class CountedPool(LocalPool):
+        """The embedded pool, remembering what it was told per data vid."""
+        max_copies = 3
+
+        def __init__(self, store):
+            super().__init__(store)
+            self.told: dict[int, int] = {}
+
+        def register_vdi(self, vid, copies, lease_vid=None):
+            self.told[vid] = copies
+
+    async def counted_catalog():
+        plain = make_catalog(store_dir)
+        cat = Catalog(CountedPool(plain.pool.store), plain.directory)
+        await cat.start(nursery)
+        return cat
+
+    cat = await counted_catalog()
+    snaps = Snapshots(cat)
+    gold = await cat.create("gold", OBJ, copies=2)
+    other = await cat.create("other", OBJ, copies=1)
+    s1 = await snaps.snapshot("gold", "s1")
+    vm = await snaps.clone("gold", "s1", "vm", copies=3)
+    gold_now = cat.current.get("gold")
+    assert gold.vid == s1.vid and gold_now.data_vid != s1.vid
+
+    again = await counted_catalog()  # as after a restart: opening the clone is what tells the pool
+    await (await again.open(vm.vid, writable=True)).read(0, 4096)
+    assert again.pool.told == {s1.vid: 2, gold_now.data_vid: 2, vm.data_vid: 3}
+    assert other.data_vid not in again.pool.told
