@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
@@ -40,9 +41,9 @@ def vdifs(tree: str, *args: str, **kw: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen([PY, "-m", "vdifs", *args], cwd=tree, env=env, **kw)  # type: ignore[call-overload]
 
 
-def wait_for(what: str, check: object, seconds: float = 30.0) -> None:
+def wait_for(what: str, check: Callable[[], bool], seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
             raise SystemExit(f"create_latency: {what} did not happen within {seconds:.0f} s")
         time.sleep(0.1)

@@ -2,9 +2,11 @@ import dataclasses
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vdifs.errors import InvalidArgument, TooLarge, VdiExists, VdiNotFound
-from vdifs.model.directory import Directory
+from vdifs.model.directory import Directory, SnapshotRecord, VdiRecord
 from vdifs.model.ids import MAX_VDI_SIZE
 from vdifs.model.names import InvalidName
 
@@ -158,11 +160,6 @@ def test_the_maps_that_may_point_at_a_data_vid_are_its_familys_live_maps():
 
 
 # -- the codec and drafts, against the dataclasses' own view of a record ------
-
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from vdifs.model.directory import SnapshotRecord, VdiRecord
 
 _ints = st.integers(min_value=0, max_value=2**40)
 _names = st.text(alphabet="abcdefgh-._0123", min_size=1, max_size=8)
