@@ -93,6 +93,7 @@ def test_replies_are_bounded_and_never_fatal(cluster):
         ("paxos.peek", {"key": "k" * (1 << 20)}),
         ("paxos.prepare", {"key": "k" * (1 << 20), "ballot": [1, "t"]}),
         ("paxos.peek", {"key": "k", "unless": ["x" * (1 << 20), 1]}),
+        ("paxos.peek_many", {"keys": ["k"] * 100_000, "unless": [None] * 100_000}),
         ("obj.read", {"oid": oid, "offset": 0, "length": OBJECT_SIZE, "epoch": epoch}),
     ])
     assert results[0] is None
@@ -103,7 +104,8 @@ def test_replies_are_bounded_and_never_fatal(cluster):
     refused(results[5], errno.EINVAL)
     refused(results[6], errno.EINVAL)
     refused(results[7], errno.EINVAL)
-    whole = results[8]
+    refused(results[8], errno.EINVAL)
+    whole = results[9]
     assert isinstance(whole, (bytes, bytearray)) and len(whole) == OBJECT_SIZE
     assert whole[:4096] == b"x" * 4096 and not any(whole[4096:])
     assert_alive(cluster)
@@ -328,6 +330,7 @@ def well_formed(cluster: Cluster, epoch: int) -> dict[str, dict]:
         "paxos.prepare": {"key": "hostile", "ballot": [1, "t"]},
         "paxos.accept": {"key": "hostile", "ballot": [1, "t"], "value": b"v"},
         "paxos.peek": {"key": "hostile"},
+        "paxos.peek_many": {"keys": ["hostile", "hostile3"], "unless": [None, [1, "t"]]},
         "paxos.keys": {},
         "paxos.install": {"key": "hostile2", "ballot": [1, "t"], "value": None},
         "obj.read": {"oid": oid, "offset": 0, "length": 1, "epoch": epoch},

@@ -3,9 +3,8 @@ import os
 import pytest
 
 from vdifs.client.catalog import Catalog
-from vdifs.client.local import LocalPool
+from vdifs.client.local import LocalPool, file_registers
 from vdifs.meta.directory_service import DirectoryService
-from vdifs.meta.register import FileRegister
 from vdifs.store.objects import ObjectStore
 
 
@@ -13,7 +12,7 @@ def make_catalog(root: str) -> Catalog:
     store = ObjectStore(root)
     store.open()
     os.makedirs(os.path.join(root, "meta"), exist_ok=True)
-    return Catalog(LocalPool(store), DirectoryService(FileRegister(os.path.join(root, "meta", "directory"))))
+    return Catalog(LocalPool(store), DirectoryService(file_registers(os.path.join(root, "meta"))))
 
 
 @pytest.fixture

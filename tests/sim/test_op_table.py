@@ -49,6 +49,7 @@ def valid_args(daemons) -> dict[str, dict]:
         "paxos.prepare": {"key": "k", "ballot": [1, "t"]},
         "paxos.accept": {"key": "k", "ballot": [1, "t"], "value": b"v"},
         "paxos.peek": {"key": "k"},
+        "paxos.peek_many": {"keys": ["k", "k2"], "unless": [None, [1, "t"]]},
         "paxos.keys": {},
         "paxos.install": {"key": "k2", "ballot": [1, "t"], "value": None},
         "obj.read": {"oid": OID, "offset": 0, "length": 1},

@@ -79,6 +79,11 @@ def test_the_map_is_changed_by_peers_and_the_directory_by_mounts():
     assert refused(MOUNT, "mount.a", DIRECTORY_KEY, before, after) is None
     assert refused(PEER, "peer.p", DIRECTORY_KEY, before, after) == errno.EACCES
     assert refused(MOUNT, "mount.a", "some/other", before, after) == errno.EACCES
+    for part in ("directory/0", "directory/63"):  # a split directory's parts
+        assert refused(MOUNT, "mount.a", part, before, after) is None
+        assert refused(PEER, "peer.p", part, before, after) == errno.EACCES
+    for not_a_part in ("directory/", "directory/x", "directory/01", "directory/1/2"):
+        assert refused(MOUNT, "mount.a", not_a_part, before, after) == errno.EACCES
 
 
 @pytest.mark.parametrize("new", [b"\xc1", msgpack.packb([1]), value(2, b"\xc1"), value(2, msgpack.packb(7))])

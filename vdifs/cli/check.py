@@ -7,10 +7,10 @@ import argparse
 from typing import Any
 
 from vdifs.cli.common import Progress, first_answer, table
-from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
+from vdifs.meta.consensus import MetaClient
+from vdifs.meta.directory_service import read_directory
 from vdifs.meta.credentials import Credentials
 from vdifs.model.cluster import ClusterMap
-from vdifs.model.directory import Directory
 from vdifs.model.ids import ObjectKind, data_oid, unpack_oid
 from vdifs.model.placement import placement
 from vdifs.peer.recovery import recovery_settled
@@ -49,8 +49,7 @@ async def check(pool: RpcPool, addresses: list[str], creds: Credentials, repair:
     safe against writers)."""
     cmap = ClusterMap.from_dict(await first_answer(pool, addresses, "cluster.map"))
     meta = MetaClient("check", pool, cmap.meta_addresses())
-    _version, raw = await meta.register(DIRECTORY_KEY).get()
-    directory = Directory.decode(raw)
+    directory = await read_directory(meta.register)
     up = {p.peer_id: p for p in cmap.up_peers()}
     problems: list[dict[str, Any]] = []
     checked = 0

@@ -23,7 +23,7 @@ from vdifs.client.pool import ObjectPool, register_data_vids
 from vdifs.client.purge import Purger
 from vdifs.client.volume import Spawn, Volume
 from vdifs.errors import InvalidArgument, VdifsError, VdiNotFound
-from vdifs.meta.directory_service import DirectoryService
+from vdifs.meta.directory_service import INTENT_AGE, DirectoryService
 from vdifs.meta.lease import Lease, LeaseBusy, LeaseManager
 from vdifs.model.directory import Directory, SnapshotRecord, VdiRecord
 from vdifs.model.iostats import IoStats
@@ -56,7 +56,6 @@ class Catalog:
             leases.on_lost = self._lease_lost
         self._volumes: OrderedDict[int, Volume] = OrderedDict()
         self._io: dict[int, IoStats] = {}  # vid -> its clients' requests since this mount started
-        self._xattrs_index: tuple[Directory | None, dict[int, dict[str, bytes]]] = (None, {})  # see xattrs_of
         self._load_locks: dict[int, trio.Lock] = {}
         self._snapshots: OrderedDict[int, Volume] = OrderedDict()  # read-only, by data vid
         self._copies_override: int | None = None  # `vdifs mount --copies`
@@ -83,6 +82,9 @@ class Catalog:
     async def start(self, nursery: trio.Nursery) -> None:
         """Read the directory, start the purger and resume interrupted deletes."""
         await self.directory.refresh()
+        # Renames and clones across directory parts a dead mount left half
+        # done (in a cluster, not the young ones: their mounts are at it).
+        await self.directory.finish_intents(INTENT_AGE if self.shared else 0.0)
         self._spawn = nursery.start_soon
         nursery.start_soon(self.purger.run)
         await self.purger.resume(shared=self.shared)
@@ -109,11 +111,15 @@ class Catalog:
         return self.directory.current
 
     async def watch(self, on_change: Callable[[Directory, Directory], None], interval: float = 0.5) -> None:
-        """Follow the directory changes other mounts make (shared pools)."""
+        """Follow the directory changes other mounts make (shared pools), and
+        finish the renames and clones across parts that their mounts left
+        half done."""
         while True:
             await trio.sleep(interval)
             before = self.current
             try:
+                if before.intents:
+                    await self.directory.finish_intents()
                 changed = await self.directory.refresh_hint()
             except VdifsError as e:
                 log.debug("directory watch: %s", e)
@@ -242,7 +248,7 @@ class Catalog:
                 # The last writer's size (and all it changed) is in the directory;
                 # the view watched every half second may not have it yet, and a
                 # size grown from a stale one would be persisted over it.
-                await self.directory.refresh()
+                await self.directory.refresh_vid(vid)
             if self.shared:
                 idle = self._volumes.get(vid)
                 if idle is not None and (took or (idle.handles == 0 and not idle.dirty)):
@@ -365,7 +371,7 @@ class Catalog:
                 d.vdis[found[0]] = replace(found[1], size=size, mtime=rec.mtime, atime=rec.atime, mode=rec.mode,
                                            uid=rec.uid, gid=rec.gid, shared=rec.shared, copies=rec.copies)
 
-        await self.directory.update(apply)
+        await self.directory.update_vid(rec.vid, apply)
         found = self.current.by_vid(rec.vid)
         if found is not None and found[1].data_vid != vol.data_vid:
             log.warning("vid %d: not stored: the VDI moved to data vid %d elsewhere (rolled back?) while "
@@ -376,7 +382,7 @@ class Catalog:
     async def create(self, name: str, size: int, *, copies: int | None = None, mode: int = 0o644,
                      uid: int = 0, gid: int = 0, shared: bool = False) -> VdiRecord:
         copies = self.check_copies(self.default_copies if copies is None else copies)
-        rec = await self.directory.update(
+        rec = await self.directory.update_name(name, 
             lambda d: d.create(name, size, copies=copies, mode=mode, uid=uid, gid=gid, shared=shared))
         self.register_with_pool(rec)
         log.info("created VDI %r (vid %d, %s)", name, rec.vid, format_size(size))
@@ -385,7 +391,7 @@ class Catalog:
     async def delete(self, name: str, *, with_snapshots: bool = False) -> int:
         await self.refuse_if_leased_elsewhere(name)
         rec = self.current.get(name)
-        data_vid = await self.directory.update(lambda d: d.delete(name, with_snapshots=with_snapshots))
+        data_vid = await self.directory.update_name(name, lambda d: d.delete(name, with_snapshots=with_snapshots))
         log.info("deleted VDI %r (vid %d%s); freeing its objects", name, rec.vid,
                  f" and {len(rec.snapshots)} snapshots" if rec.snapshots else "")
         for s in rec.snapshots.values():
@@ -399,7 +405,7 @@ class Catalog:
         if new in self.current.vdis:
             await self.refuse_if_leased_elsewhere(new)
         victim = self.current.vdis.get(new)
-        replaced = await self.directory.update(lambda d: d.rename(old, new, replace=replace_target))
+        replaced = await self.directory.rename(old, new, replace=replace_target)
         log.info("renamed VDI %r to %r", old, new)
         if replaced is not None:
             log.info("rename replaced the old VDI %r (data vid %d); freeing its objects", new, replaced)
@@ -460,25 +466,22 @@ class Catalog:
     def xattrs_of(self, vid: int) -> dict[str, bytes]:
         """A VDI's extended attributes as the directory holds them (another
         mount's changes show with the directory's next change here). Asked
-        in the FUSE loop: found through an index made once per directory
-        value (every change replaces it), not a scan of 10,000 records."""
-        current = self.current
-        if self._xattrs_index[0] is not current:
-            self._xattrs_index = (current, {r.vid: r.xattrs for r in current.vdis.values()})
-        found = self._xattrs_index[1].get(vid)
+        in the FUSE loop: found through the directory's index by vid
+        (`Directory.by_vid`), not a scan of 10,000 records."""
+        found = self.current.by_vid(vid)
         if found is None:
             raise VdiNotFound(f"no VDI with vid {vid}")
-        return found
+        return found[1].xattrs
 
     async def set_xattr(self, vid: int, name: str, value: bytes, flags: int = 0) -> None:
         """Set an extended attribute (`model/xattrs.py`): a directory change,
         so it needs no lease: libvirt labels an image on the destination of
         a migration while the source still writes it."""
-        await self.directory.update(lambda d: d.set_xattr(vid, name, value, flags))
+        await self.directory.update_vid(vid, lambda d: d.set_xattr(vid, name, value, flags))
         log.info("vid %d: extended attribute %s set (%d bytes)", vid, name, len(value))
 
     async def remove_xattr(self, vid: int, name: str) -> None:
-        await self.directory.update(lambda d: d.remove_xattr(vid, name))
+        await self.directory.update_vid(vid, lambda d: d.remove_xattr(vid, name))
         log.info("vid %d: extended attribute %s removed", vid, name)
 
     def name_of(self, vid: int) -> str:

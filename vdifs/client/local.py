@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -83,11 +84,16 @@ class LocalPool:
 async def open_embedded(store_path: str, nursery: trio.Nursery) -> Catalog:
     """The catalog of the embedded pool in `store_path`: opens the store,
     starts its checksum task in `nursery`, and keeps the directory in the
-    file register `meta/directory` of the store."""
+    file registers `meta/directory` (the root) and `meta/directory.K` (the
+    parts) of the store."""
     store = ObjectStore(store_path)
     await trio.to_thread.run_sync(store.open)
     nursery.start_soon(store.keep_checksums_durable)
     meta = os.path.join(store_path, "meta")
     await trio.to_thread.run_sync(lambda: os.makedirs(meta, mode=0o700, exist_ok=True))
-    register = FileRegister(os.path.join(meta, "directory"))
-    return Catalog(LocalPool(store), DirectoryService(register))
+    return Catalog(LocalPool(store), DirectoryService(file_registers(meta)))
+
+
+def file_registers(meta: str) -> Callable[[str], FileRegister]:
+    """The registers of the embedded pool: key `directory/K` in file `directory.K` of `meta`."""
+    return lambda key: FileRegister(os.path.join(meta, key.replace("/", ".")))

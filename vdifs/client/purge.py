@@ -77,11 +77,8 @@ class Purger:
         if stale:
             log.warning("releasing %d reservation(s) left by an interrupted snapshot, clone or rollback", len(stale))
 
-            def release(d: Directory) -> None:
-                for v in stale:
-                    d.release(v)
-
-            await self.directory.update(release)
+            for v in stale:
+                await self.directory.update_entry(v, functools.partial(Directory.release, vid=v))
             d = self.directory.current
         for vid in sorted(d.deleting):
             self.purge_vid(vid)
@@ -127,7 +124,7 @@ class Purger:
         await self._delete_all(oids)
         await self.pool.finish_vid(vid)
         await self.pool.sync([])  # the unlinks are durable before the tombstone goes
-        await self.directory.update(lambda d: d.finish_delete(vid))
+        await self.directory.update_entry(vid, functools.partial(Directory.finish_delete, vid=vid))
         log.info("freed %d objects of deleted vid %d", len(oids), vid)
 
     async def _collect(self, family: int) -> None:
@@ -139,7 +136,7 @@ class Purger:
         rollback), and the stored maps read here never lag behind in that
         direction (copies are stored before the directory names them; a
         copy-up drops a reference in memory before in the pool)."""
-        d = await self.directory.refresh()
+        d = await self.directory.refresh(consistent=True)  # a clone's record may be moving between parts
         retired = d.retired_of(family)
         if not retired:
             return
@@ -162,6 +159,6 @@ class Purger:
             if not referenced[vid]:
                 await self.pool.finish_vid(vid)
                 await self.pool.sync([])
-                await self.directory.update(functools.partial(Directory.finish_retired, vid=vid))
+                await self.directory.update_entry(vid, functools.partial(Directory.finish_retired, vid=vid))
                 log.info("retired data vid %d: nothing points at it any more; forgotten", vid)
         log.info("family %d: freed %d objects no map points at", family, freed)

@@ -27,7 +27,7 @@ from vdifs.client.catalog import Catalog
 from vdifs.client.pool import PoolSpace
 from vdifs.client.reach import RoutedRpc
 from vdifs.errors import NoSpace, ObjectExists, ObjectNotFound, PoolError, VdifsError
-from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
+from vdifs.meta.consensus import MetaClient
 from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials
 from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.lease import DEFAULT_TERM, LeaseManager, lease_key
@@ -585,7 +585,7 @@ class ClusterAccess:
             await cache.open(cmap.cluster_id)
             pool = CachingPool(remote, cache)
             await nursery.start(pool.run)
-        catalog = Catalog(pool, DirectoryService(remote.meta.register(DIRECTORY_KEY)), shared=True,
+        catalog = Catalog(pool, DirectoryService(remote.meta.register), shared=True,
                           leases=leases)
         if isinstance(pool, CachingPool):
             pool.attach(catalog.cache_facts, leases.generation_held)

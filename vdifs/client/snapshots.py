@@ -43,12 +43,14 @@ class Snapshots:
         self.catalog = catalog
         self.jobs: dict[str, dict[str, object]] = {}  # long operations in progress, by VDI name
 
-    async def _reserve_and_copy(self, purpose: str, source: Volume, copies: int,
+    async def _reserve_and_copy(self, purpose: str, owner: int, source: Volume, copies: int,
                                 lease_vid: int | None = None) -> int:
         """A fresh data vid whose map is a durable copy of `source`'s map, its
         objects kept in `copies` copies (the pool must know before the first
-        create, or it would put the map on every peer)."""
-        new = await self.catalog.directory.update(lambda d: d.reserve(purpose, source.data_vid))
+        create, or it would put the map on every peer). The reservation is
+        kept beside VDI `owner`, whose map (or snapshot's) `source` is: a
+        delete of that snapshot sees it there and waits."""
+        new = await self.catalog.directory.update_vid(owner, lambda d: d.reserve(purpose, source.data_vid))
         self.catalog.pool.register_vdi(new, copies, lease_vid=lease_vid)
         try:
             await source.copy_map_to(new)
@@ -60,7 +62,7 @@ class Snapshots:
     async def _release(self, vid: int) -> None:
         with trio.CancelScope(shield=True):
             try:
-                await self.catalog.directory.update(lambda d: d.release(vid))
+                await self.catalog.directory.update_entry(vid, lambda d: d.release(vid))
                 self.catalog.purger.purge_vid(vid)
             except VdifsError as e:
                 log.warning("could not release reserved vid %d (%s); the next mount start does", vid, e)
@@ -79,14 +81,14 @@ class Snapshots:
         async with self.catalog.using(rec.vid) as vol:
             async with vol.quiesced():
                 await vol.flush()
-                new = await self._reserve_and_copy(f"snapshot {name}@{snap}", vol, vol.record.copies,
+                new = await self._reserve_and_copy(f"snapshot {name}@{snap}", rec.vid, vol, vol.record.copies,
                                                    lease_vid=rec.vid)
                 try:
                     def cut(d: Directory) -> tuple[SnapshotRecord, VdiRecord]:
                         now_name = _name_in(d, rec.vid)
                         s = d.snapshot(now_name, snap, new, vol.size, snapshot_id=ident)
                         return s, d.get(now_name)
-                    s, after = await self.catalog.directory.update(cut)
+                    s, after = await self.catalog.directory.update_vid(rec.vid, cut)
                 except BaseException:
                     await self._release(new)
                     raise
@@ -99,17 +101,17 @@ class Snapshots:
     async def clone(self, name: str, snap: str, new_name: str, *, copies: int | None = None) -> VdiRecord:
         """A new VDI that starts as NAME@SNAP and shares its objects until written."""
         validate_name(new_name)
+        owner = self.catalog.current.get(name).vid
         s = self.catalog.current.snapshot_of(name, snap)
         if copies is not None:
             self.catalog.check_copies(copies)
         if new_name in self.catalog.current.vdis:
             raise VdifsError(f"a VDI named {new_name!r} already exists", code=errno.EEXIST)
         src = await self.catalog.snapshot_volume(s.vid)
-        new = await self._reserve_and_copy(f"clone {new_name} of {name}@{snap}", src,
+        new = await self._reserve_and_copy(f"clone {new_name} of {name}@{snap}", owner, src,
                                            s.copies if copies is None else copies)
         try:
-            rec = await self.catalog.directory.update(
-                lambda d: d.clone_snapshot(name, snap, new_name, new, copies=copies))
+            rec = await self.catalog.directory.clone(name, snap, new_name, new, copies=copies)
         except BaseException:
             await self._release(new)
             raise
@@ -129,10 +131,11 @@ class Snapshots:
                                  code=errno.EBUSY)
             await vol.flush()
             src = await self.catalog.snapshot_volume(s.vid)
-            new = await self._reserve_and_copy(f"rollback {name}@{snap}", src, vol.record.copies,
+            new = await self._reserve_and_copy(f"rollback {name}@{snap}", rec.vid, src, vol.record.copies,
                                                lease_vid=rec.vid)
             try:
-                old = await self.catalog.directory.update(lambda d: d.rollback(_name_in(d, rec.vid), snap, new))
+                old = await self.catalog.directory.update_vid(
+                    rec.vid, lambda d: d.rollback(_name_in(d, rec.vid), snap, new))
             except BaseException:
                 await self._release(new)
                 raise
@@ -180,7 +183,7 @@ class Snapshots:
             if not still and rec.parent_vid:
                 def detach(d: Directory) -> None:
                     d.get(_name_in(d, rec.vid)).parent_vid = 0
-                await self.catalog.directory.update(detach)
+                await self.catalog.directory.update_vid(rec.vid, detach)
                 vol.record.parent_vid = 0
         self.catalog.purger.collect_family(rec.family)
         log.info("flattened VDI %r: %d objects copied%s", name, copied,
@@ -188,7 +191,7 @@ class Snapshots:
         return copied
 
     async def delete_snapshot(self, name: str, snap: str) -> int:
-        data_vid = await self.catalog.directory.update(lambda d: d.delete_snapshot(name, snap))
+        data_vid = await self.catalog.directory.update_name(name, lambda d: d.delete_snapshot(name, snap))
         self.catalog.forget_snapshot(data_vid)
         family = self.catalog.current.get(name).family
         log.info("deleted snapshot %s@%s (data vid %d); freeing what no other map shares", name, snap, data_vid)

@@ -177,6 +177,10 @@ class Acceptor:
             return {"accepted": list(s.accepted), "same": True}
         return {"accepted": list(s.accepted), "value": s.value}
 
+    async def peek_many(self, keys: list[str], unless: list[Ballot | None]) -> dict[str, Any]:
+        """`peek` of many registers in one request (a split directory's parts)."""
+        return {"peeks": [await self.peek(key, u) for key, u in zip(keys, unless)]}
+
     async def install(self, key: str, ballot: Ballot, value: bytes | None) -> bool:
         """Take a value another acceptor accepted at `ballot`, if it is newer than
         ours: how a new acceptor that replaces a dead one gets the registers.
@@ -291,15 +295,34 @@ class Proposer:
         if known is not None:
             args["unless"] = list(known[0])
         replies = await self._broadcast("peek", args, any_reply=True)
+        return _newest_peeked(key, replies, known)
+
+    async def peek_many(self, keys: list[str], known: list[tuple[Ballot, bytes | None] | None]
+                        ) -> list[tuple[Ballot, bytes | None]]:
+        """`peek` of many registers, one request per acceptor."""
+        args = {"keys": keys, "unless": [list(k[0]) if k is not None else None for k in known]}
+        replies = await self._broadcast("peek_many", args, any_reply=True)
         if not replies:
-            raise ConsensusUnavailable(f"no meta peer answered a read of {key!r}")
-        best = max(replies, key=lambda r: tuple(r["accepted"]))
-        ballot: Ballot = (int(best["accepted"][0]), str(best["accepted"][1]))
-        if best.get("same"):
-            if known is None or ballot > known[0]:  # an answer to a question we did not ask
-                raise ConsensusUnavailable(f"a meta peer answered a read of {key!r} without its value")
-            return known  # what we have is as new as anything they answered
-        return ballot, best["value"]
+            raise ConsensusUnavailable(f"no meta peer answered a read of {len(keys)} registers")
+        peeks = [r.get("peeks") for r in replies]
+        if any(not isinstance(p, list) or len(p) != len(keys) for p in peeks):
+            raise ConsensusUnavailable("a meta peer answered a read of many registers with something else")
+        return [_newest_peeked(key, [p[i] for p in peeks], known[i])  # type: ignore[index]
+                for i, key in enumerate(keys)]
+
+
+def _newest_peeked(key: str, replies: list[dict[str, Any]], known: tuple[Ballot, bytes | None] | None
+                   ) -> tuple[Ballot, bytes | None]:
+    """The ballot and value of the highest ballot any acceptor answered a peek with."""
+    if not replies:
+        raise ConsensusUnavailable(f"no meta peer answered a read of {key!r}")
+    best = max(replies, key=lambda r: tuple(r["accepted"]))
+    ballot: Ballot = (int(best["accepted"][0]), str(best["accepted"][1]))
+    if best.get("same"):
+        if known is None or ballot > known[0]:  # an answer to a question we did not ask
+            raise ConsensusUnavailable(f"a meta peer answered a read of {key!r} without its value")
+        return known  # what we have is as new as anything they answered
+    return ballot, best["value"]
 
 
 # -- registers --------------------------------------------------------------------
@@ -341,6 +364,51 @@ class PaxosRegister:
 
     def token(self) -> bytes:
         return os.urandom(16)
+
+    @staticmethod
+    async def read_many(registers: list[PaxosRegister]) -> list[tuple[int, bytes]]:
+        """Linearizable reads of registers of one proposer, in one peek
+        round when it can: a value a majority of acceptors report at the
+        same ballot was chosen (a majority accepted it), and it is at least
+        as new as any change that ended before the read began (that change's
+        majority meets ours). A register whose answers differ (a change in
+        flight, an acceptor behind) is read the full way (`get`)."""
+        proposer = registers[0].proposer
+        assert all(r.proposer is proposer for r in registers)
+        known = [r._peeked for r in registers]
+        args = {"keys": [r.key for r in registers],
+                "unless": [list(k[0]) if k is not None else None for k in known]}
+        replies = await proposer._broadcast("peek_many", args, any_reply=True)
+        peeks = [r.get("peeks") for r in replies]
+        if len(peeks) < proposer.majority or any(not isinstance(p, list) or len(p) != len(registers) for p in peeks):
+            return [await r.get() for r in registers]
+        out = []
+        for i, reg in enumerate(registers):
+            answers = [p[i] for p in peeks]  # type: ignore[index]
+            ballot: Ballot = (int(answers[0]["accepted"][0]), str(answers[0]["accepted"][1]))
+            if all(tuple(a["accepted"]) == ballot for a in answers):
+                sent = [a for a in answers if not a.get("same")]
+                seen = known[i]
+                if sent or (seen is not None and seen[0] == ballot):
+                    reg._peeked = (ballot, sent[0]["value"] if sent else seen[1])  # type: ignore[index]
+                    d = reg._decode(reg._peeked[1])
+                    out.append((d["v"], d["d"]))
+                    continue
+            out.append(await reg.get())
+        return out
+
+    @staticmethod
+    async def peek_many(registers: list[PaxosRegister]) -> list[tuple[int, bytes]]:
+        """`peek` of registers of one proposer, in one request per acceptor."""
+        proposer = registers[0].proposer
+        assert all(r.proposer is proposer for r in registers)
+        peeked = await proposer.peek_many([r.key for r in registers], [r._peeked for r in registers])
+        out = []
+        for reg, seen in zip(registers, peeked):
+            reg._peeked = seen
+            d = reg._decode(seen[1])
+            out.append((d["v"], d["d"]))
+        return out
 
     async def cas(self, version: int, value: bytes) -> bool:
         token = self.token()

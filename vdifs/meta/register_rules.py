@@ -8,7 +8,7 @@ change does before it accepts it from a mount or peer credential:
 - The cluster map is changed by peers and admins; a mount may only write
   back the value the acceptor holds (a read is a change by the identity
   function).
-- The directory and the leases are changed by mounts and admins; a peer
+- The directory (its root and its parts) and the leases are changed by mounts and admins; a peer
   (or a peer credential) only reads them.
 - A mount may take a free lease, and change or give back its own (the
   holder names its credential). Another credential's lease it may take over
@@ -59,6 +59,12 @@ def _content(raw: bytes | None) -> tuple[Any, Any]:
         raise VdifsError("malformed register value", code=errno.EINVAL) from None
 
 
+def is_directory_part(key: str) -> bool:
+    """`directory/K`: a part of a split directory (`meta.directory_service`)."""
+    prefix, _, k = key.partition("/")
+    return prefix == DIRECTORY_KEY and k.isdigit() and str(int(k)) == k
+
+
 def _lease(data: Any) -> Lease:
     if not isinstance(data, bytes):
         raise VdifsError("malformed lease", code=errno.EINVAL)
@@ -94,11 +100,12 @@ def check_change(role: str | None, credential: str, key: str, current: bytes | N
         if role != PEER:
             raise Refused(f"the cluster map is changed by peers and admins, not by {credential}")
         return
-    if key != DIRECTORY_KEY and not key.startswith(LEASE_PREFIX):
+    directory = key == DIRECTORY_KEY or is_directory_part(key)
+    if not directory and not key.startswith(LEASE_PREFIX):
         raise Refused(f"register {key!r} is not one {credential} may change")
     if role != MOUNT:
         raise Refused(f"the directory and the leases are changed by mounts and admins, not by {credential}")
-    if key == DIRECTORY_KEY:
+    if directory:
         return
     before, after = _lease(_content(current)[1]), _lease(_content(new)[1])
     if after.holder is not None and _credential_of(after) != credential:

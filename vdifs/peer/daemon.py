@@ -139,6 +139,7 @@ class PeerDaemon:
             "paxos.prepare": Op(m.h_prepare, ANY),
             "paxos.accept": Op(m.h_accept, ANY),
             "paxos.peek": Op(m.h_peek, ANY),
+            "paxos.peek_many": Op(m.h_peek_many, ANY),
             "paxos.keys": Op(m.h_keys, ADMIN_PEER),
             "paxos.install": Op(m.h_install, ADMIN_PEER),
             "obj.read": Op(d.h_read, ANY, epoch=EPOCH, gate=True, fast=d.read_now),

@@ -37,6 +37,8 @@ KEY_MAX = 120
 BALLOT_MAX = (1 << 63) - 1
 SECRET_MIN, SECRET_MAX = 16, 128  # bytes of a cluster secret (format makes 32)
 PROPOSER_MAX = 256  # characters of a proposer id (a peer id, or a mount id that holds a host name)
+#: Registers one paxos.peek_many may ask about (a split directory has 65).
+PEEK_MANY_MAX = 1024
 
 MapChange = Callable[[ClusterMap], "ClusterMap | None"]
 
@@ -538,6 +540,15 @@ class Membership:
     async def h_peek(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
         unless = _ballot({"ballot": args["unless"]}) if args.get("unless") is not None else None
         return await self.acceptor.peek(_register_key(args), unless)
+
+    async def h_peek_many(self, args: dict[str, Any], s: Session) -> dict[str, Any]:
+        keys, unless = args.get("keys"), args.get("unless")
+        if not (isinstance(keys, list) and isinstance(unless, list) and len(keys) == len(unless)
+                and 0 < len(keys) <= PEEK_MANY_MAX):
+            raise InvalidArgument(f"keys and unless must be lists of the same length, 1 to {PEEK_MANY_MAX}")
+        checked = [(_register_key({"key": k}), _ballot({"ballot": u}) if u is not None else None)
+                   for k, u in zip(keys, unless)]
+        return await self.acceptor.peek_many([k for k, _ in checked], [u for _, u in checked])
 
     async def h_keys(self, args: dict[str, Any], s: Session) -> list[str]:
         return await self.acceptor.storage.keys()

@@ -37,7 +37,8 @@ from typing import Any
 import trio
 
 from vdifs.errors import VdifsError
-from vdifs.meta.consensus import DIRECTORY_KEY, MetaClient
+from vdifs.meta.consensus import MetaClient
+from vdifs.meta.directory_service import read_directory
 from vdifs.model.cluster import ClusterMap, PeerInfo
 from vdifs.model.directory import Directory
 from vdifs.model.ids import ObjectKind, map_oid, unpack_oid, vid_of
@@ -184,8 +185,8 @@ async def find_and_collect(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, di
     for pid, p in up.items():
         for v in await pool.call(p.address, "obj.vids", {"epoch": cmap.epoch}, timeout=LIST_TIMEOUT):
             holding.setdefault(int(v), set()).add(pid)
-    _version, raw = await meta.register(DIRECTORY_KEY).get()  # after the listing: see the module's doc
-    in_use = Directory.decode(raw).vids_in_use() | directory.vids_in_use()
+    after = await read_directory(meta.register)  # after the listing: see the module's doc
+    in_use = after.vids_in_use() | directory.vids_in_use()
     leaks.stray_vids = sorted(set(holding) - in_use)
     if not repair:
         return leaks
@@ -219,8 +220,7 @@ async def leak_pass(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, grace: in
     `find_and_collect` asks again after the listing, which took a while."""
     if not await recovery_settled(pool, cmap, timeout=LIST_TIMEOUT):
         return Leaks(unsettled=True)
-    _version, raw = await meta.register(DIRECTORY_KEY).get()
-    directory = Directory.decode(raw)
+    directory = await read_directory(meta.register)
     up = {p.peer_id: p for p in cmap.up_peers()}
     labels = {data_vid: name for name, data_vid, _copies in directory.data_vids()}
     listed = await list_holders_many(pool, cmap, up, sorted(labels))
