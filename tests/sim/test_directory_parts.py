@@ -15,7 +15,7 @@ import trio
 
 from vdifs.errors import VdiExists, VdifsError, leaf_errors
 from vdifs.meta.directory_service import ROOT_KEY, DirectoryService, part_key, read_directory
-from vdifs.model.directory import Directory, part_of
+from vdifs.model.directory import Directory, VdiRecord, part_of
 
 PARTS = 8
 
@@ -92,6 +92,22 @@ def assert_unique_vids(d: Directory) -> None:
     assert len(vids) == len(set(vids))
 
 
+async def rename_dying_after_its_intent(regs: Registers, svc: DirectoryService, old: str, new: str,
+                                       replace: bool = True) -> None:
+    """svc begins renaming old to new and dies once the intent is stored."""
+    regs.crash_after = len(regs.written) + 1
+    with pytest.raises(Crash):
+        await svc.rename(old, new, replace=replace)
+    regs.crash_after = None
+
+
+async def one_vdi(name: str) -> tuple[Registers, DirectoryService, VdiRecord]:
+    """Fresh registers, a mount, and a VDI `name` made through it."""
+    regs = Registers()
+    svc = await mount(regs)
+    return regs, svc, await svc.update_name(name, lambda d: d.create(name, 1))
+
+
 async def mount(regs: Registers) -> DirectoryService:
     svc = DirectoryService(regs.open, parts=PARTS)
     await svc.refresh()
@@ -119,9 +135,7 @@ async def test_each_create_writes_one_part_and_vids_are_unique_and_per_part():
 
 async def test_a_rename_within_one_part_is_one_cas():
     a, b, _ = names_in_two_parts()
-    regs = Registers()
-    svc = await mount(regs)
-    rec = await svc.update_name(a, lambda d: d.create(a, 1))
+    regs, svc, rec = await one_vdi(a)
     before = len(regs.written)
     await svc.rename(a, b)
     assert regs.written[before:] == [part_key(part_of(a, PARTS))]
@@ -163,9 +177,7 @@ async def test_a_rename_across_parts_leaves_exactly_one_name_after_a_crash_at_an
 @pytest.mark.parametrize("crash_after", [1, 2])
 async def test_a_rename_onto_a_name_taken_meanwhile_is_refused_by_whoever_finishes_it(crash_after):
     old, _, new = names_in_two_parts()
-    regs = Registers()
-    a = await mount(regs)
-    rec = await a.update_name(old, lambda d: d.create(old, 1))
+    regs, a, rec = await one_vdi(old)
     b = await mount(regs)
     regs.crash_after = len(regs.written) + 1  # a dies after its intent
     with pytest.raises(Crash):
@@ -190,14 +202,9 @@ async def test_a_mount_finishing_late_follows_the_decision_another_acted_on():
     target is then deleted. c, which read the intent before, must not take
     the record now: the VDI would have two names."""
     old, _, new = names_in_two_parts()
-    regs = Registers()
-    a = await mount(regs)
-    rec = await a.update_name(old, lambda d: d.create(old, 1))
+    regs, a, rec = await one_vdi(old)
     await a.update_name(new, lambda d: d.create(new, 1))
-    regs.crash_after = len(regs.written) + 1
-    with pytest.raises(Crash):
-        await a.rename(old, new, replace=False)
-    regs.crash_after = None
+    await rename_dying_after_its_intent(regs, a, old, new, replace=False)
     b, c = await mount(regs), await mount(regs)
 
     async def b_refuses_and_the_target_goes(key: str) -> None:
@@ -214,9 +221,7 @@ async def test_a_mount_finishing_late_follows_the_decision_another_acted_on():
 
 async def test_the_mount_that_began_a_rename_is_told_why_it_was_refused():
     old, _, new = names_in_two_parts()
-    regs = Registers()
-    svc = await mount(regs)
-    rec = await svc.update_name(old, lambda d: d.create(old, 1))
+    regs, svc, rec = await one_vdi(old)
     await svc.update_name(new, lambda d: d.create(new, 1))
     with pytest.raises(VdiExists):
         await svc.rename(old, new, replace=False)
@@ -226,13 +231,8 @@ async def test_the_mount_that_began_a_rename_is_told_why_it_was_refused():
 
 async def test_two_mounts_finishing_one_rename_at_once_agree():
     old, _, new = names_in_two_parts()
-    regs = Registers()
-    a = await mount(regs)
-    rec = await a.update_name(old, lambda d: d.create(old, 1))
-    regs.crash_after = len(regs.written) + 1
-    with pytest.raises(Crash):
-        await a.rename(old, new)
-    regs.crash_after = None
+    regs, a, rec = await one_vdi(old)
+    await rename_dying_after_its_intent(regs, a, old, new)
     mounts = [await mount(regs) for _ in range(3)]
     async with trio.open_nursery() as nursery:
         for m in mounts:
@@ -244,13 +244,8 @@ async def test_two_mounts_finishing_one_rename_at_once_agree():
 
 async def test_a_change_of_a_record_being_renamed_finishes_the_rename_first():
     old, _, new = names_in_two_parts()
-    regs = Registers()
-    a = await mount(regs)
-    rec = await a.update_name(old, lambda d: d.create(old, 1))
-    regs.crash_after = len(regs.written) + 1
-    with pytest.raises(Crash):
-        await a.rename(old, new)
-    regs.crash_after = None
+    regs, a, rec = await one_vdi(old)
+    await rename_dying_after_its_intent(regs, a, old, new)
     b = await mount(regs)
     await b.update_vid(rec.vid, lambda d: d.set_xattr(rec.vid, "trusted.owner", b"ops"))
     after = await read_directory(regs.open)
@@ -300,9 +295,7 @@ async def test_a_clone_across_parts_survives_a_crash_at_any_step(crash_after):
 
 async def test_a_clone_onto_a_taken_name_releases_its_reservation():
     src, _, new_name = names_in_two_parts()
-    regs = Registers()
-    svc = await mount(regs)
-    rec = await svc.update_name(src, lambda d: d.create(src, 1))
+    regs, svc, rec = await one_vdi(src)
     snap_vid = await snapshot_of(svc, src, rec.vid)
     new_vid = await svc.update_vid(rec.vid, lambda d: d.reserve("clone", snap_vid))
     await svc.update_name(new_name, lambda d: d.create(new_name, 1))
@@ -381,9 +374,7 @@ async def test_a_late_split_does_not_overwrite_parts_in_use():
 
 async def test_a_consistent_read_sees_a_record_that_moves_while_it_reads():
     old, _, new = names_in_two_parts()
-    regs = Registers()
-    svc = await mount(regs)
-    rec = await svc.update_name(old, lambda d: d.create(old, 1))
+    regs, svc, rec = await one_vdi(old)
     reader = DirectoryService(regs.open, parts=1)
     moved = False
     real_get = MemoryRegister.get

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from vdifs.errors import InvalidArgument
+from vdifs.errors import InvalidArgument, VdiExists, VdiNotFound
 from vdifs.model.directory import Directory, IntentPending, part_of
 from vdifs.model.ids import MAX_VID
 
@@ -108,3 +108,53 @@ def test_a_record_with_an_intent_is_frozen_in_a_draft_and_shown_once_in_the_view
     draft = src.clone()
     draft.settle(key, src.intents[key]["token"])
     assert Directory.merged([draft, dst]).vdis[new].vid == rec.vid and not draft.vdis
+
+
+def naive_changes(before: Directory, after: Directory) -> list:
+    names = sorted(set(before.vdis) | set(after.vdis))
+    return [(n, before.vdis.get(n), after.vdis.get(n)) for n in names if before.vdis.get(n) is not after.vdis.get(n)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["create", "delete", "resize", "rename"]), st.integers(0, 6),
+                          st.integers(0, 6)), min_size=1, max_size=25))
+@example([("create", 0, 0), ("rename", 0, 2)])  # vm0 and vm2 live in different parts
+def test_changes_between_views_are_those_of_the_changed_parts_and_intents(steps):
+    """What a mount compares after a change (`changes_since`) is exactly
+    what comparing every record would find, through every step of a rename
+    across parts too."""
+    parts = 8
+    stored = [Directory.decode(b"", part=k, parts=parts).commit() for k in range(parts)]
+    view = Directory.merged(stored)
+
+    def change(k: int, fn) -> None:
+        nonlocal view
+        draft = stored[k].clone()
+        try:
+            fn(draft)
+        except (VdiNotFound, VdiExists, IntentPending, InvalidArgument):
+            return
+        stored[k] = draft.commit()
+        after = Directory.merged(stored, view)
+        assert after.changes_since(view) == naive_changes(view, after)
+        view = after
+
+    for op, a, b in steps:
+        old, new = f"vm{a}", f"vm{b}"
+        ka, kb = part_of(old, parts), part_of(new, parts)
+        if op == "create":
+            change(ka, lambda d: d.create(old, 1))
+        elif op == "delete":
+            change(ka, lambda d: d.delete(old))
+        elif op == "resize":
+            change(ka, lambda d: setattr(d.get(old), "size", b + 1))
+        elif ka == kb:
+            change(ka, lambda d: d.rename(old, new))
+        elif old in stored[ka].vdis and f"rename {old}" not in stored[ka].intents:
+            change(ka, lambda d: d.begin_rename(old, new))
+            intent = stored[ka].intents[f"rename {old}"]
+            taken: list[bool] = []
+            change(kb, lambda d: taken.append(d.arrive(intent)[0]))
+            token = intent["token"]
+            change(ka, lambda d: d.settle(f"rename {old}", token) if taken and taken[0]
+                   else d.abandon(f"rename {old}", token))

@@ -133,9 +133,9 @@ class Catalog:
 
     def _forget_stale(self, directory: Directory) -> None:
         """Drop idle volumes whose record another mount changed (reloaded on use)."""
-        records = {r.vid: r for r in directory.vdis.values()}
         for vid, vol in list(self._volumes.items()):
-            rec = records.get(vid)
+            found = directory.by_vid(vid)
+            rec = found[1] if found is not None else None
             if vol.handles == 0 and not vol.dirty and rec is not None and rec != vol.record:
                 del self._volumes[vid]
 
@@ -172,7 +172,10 @@ class Catalog:
         return self._cacheable[1].get(data_vid)
 
     def listing(self) -> list[tuple[str, VdiRecord]]:
-        return sorted((n, self.record_of(r.vid) or r) for n, r in self.current.vdis.items())
+        """(name, record) of every VDI, by name; a loaded volume's record (it
+        may be newer than the directory's until its next flush)."""
+        loaded = self._volumes
+        return sorted((n, loaded[r.vid].record if r.vid in loaded else r) for n, r in self.current.vdis.items())
 
     async def volume(self, vid: int) -> Volume:
         """The loaded volume of a vid (loading and reconciling it if needed)."""

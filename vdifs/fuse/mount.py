@@ -140,22 +140,22 @@ class Mount:
             self._forget_inode(vid + 1)
 
     def directory_changed(self, before: Directory, after: Directory) -> None:
-        """Another mount changed the namespace: forget stale names and sizes."""
-        for name, rec in before.vdis.items():
-            now = after.vdis.get(name)
-            if now is None or now.vid != rec.vid:
+        """Another mount changed the namespace: forget stale names and sizes.
+        Only the records that changed are looked at (`changes_since`): with
+        10,000 VDIs, comparing them all took milliseconds per change."""
+        changes = after.changes_since(before)
+        old_by_vid = {was.vid: was for _, was, _ in changes if was is not None}
+        for name, was, now in changes:
+            if was is not None and (now is None or now.vid != was.vid):
                 self._forget_name(ROOT, name)
-        old_by_vid = {r.vid: r for r in before.vdis.values()}
-        for rec in after.vdis.values():
-            old = old_by_vid.get(rec.vid)
-            if old is not None and old != rec:  # size, times or mode changed elsewhere
+            old = old_by_vid.get(now.vid) if now is not None else None
+            if now is not None and old is not None and old != now:  # size, times or mode changed elsewhere
                 # A new data vid with the old one deleted is a rollback: the content changed.
-                content = old.data_vid != rec.data_vid and old.data_vid in after.deleting
-                self._forget_inode(rec.vid + 1, attr_only=not content)
-        for name, rec in before.vdis.items():
-            gone = set(rec.snapshots) - set(after.vdis[name].snapshots if name in after.vdis else {})
-            for snap in gone:
-                self._forget_name(SNAPSHOTS, f"{name}@{snap}")
+                content = old.data_vid != now.data_vid and old.data_vid in after.deleting
+                self._forget_inode(now.vid + 1, attr_only=not content)
+            if was is not None:
+                for snap in set(was.snapshots) - set(now.snapshots if now is not None else {}):
+                    self._forget_name(SNAPSHOTS, f"{name}@{snap}")
 
     async def run(self, ready: IO[bytes] | None = None) -> None:
         async with trio.open_nursery() as nursery:

@@ -779,6 +779,28 @@ class Directory:
         view._frozen = True
         return view
 
+    def changes_since(self, before: Directory) -> list[tuple[str, VdiRecord | None, VdiRecord | None]]:
+        """(name, record before, record now) of every name whose record is
+        not the same object in both views: between two merged views, only
+        the names of the parts that changed (and of intents, which can hide
+        a name of a part that did not) are looked at."""
+        if self._parts is not None and before._parts is not None and len(self._parts) == len(before._parts):
+            names: set[str] = set()
+            for old, new in zip(before._parts, self._parts):
+                if old is not new:
+                    names.update(old.vdis, new.vdis)
+            for view in (before, self):
+                for intent in view.intents.values():
+                    names.update((intent["source"], intent["target"]))
+        else:
+            names = set(before.vdis) | set(self.vdis)
+        out = []
+        for name in sorted(names):
+            was, now = before.vdis.get(name), self.vdis.get(name)
+            if was is not now:
+                out.append((name, was, now))
+        return out
+
     def split(self, parts: int) -> list[Directory]:
         """This (format 1, not split) directory as `parts` parts: records by
         name, entries by vid. Every part's counter starts above every vid
