@@ -9,7 +9,7 @@ import hashlib
 
 import pytest
 
-from vdifs.model.placement import Ring
+from vdifs.model.placement import Ring, recovery_shares
 
 COPIES = 3
 
@@ -24,3 +24,19 @@ def test_replicas_are_balanced_within_a_tenth_at_1000_peers(heavy_every):
     print(f"\nreplica share against weight: {min(off):+.1%} .. {max(off):+.1%}")
     assert sum(shares.values()) == pytest.approx(COPIES)
     assert max(abs(x) for x in off) < 0.10
+
+
+def test_a_join_at_1000_peers_moves_only_the_newcomers_share_and_zones_hold():
+    """Read backwards, a join is the newcomer leaving the bigger ring:
+    `recovery_shares` raises if anything but its replicas moves, and the
+    objects that move add up to its share, about copies/n."""
+    peers = [(hashlib.sha1(b"peer %d" % i).hexdigest()[:16], f"zone{i % 5}", 1.0) for i in range(1000)]
+    newcomer = ("newcomer-000001", "zone2", 1.0)
+    before, after = Ring(tuple(sorted(peers))), Ring(tuple(sorted(peers + [newcomer])))
+    moved = recovery_shares(after, before, newcomer[0], COPIES)  # raises if anything else moves
+    share = after.shares(COPIES)[newcomer[0]]
+    assert sum(moved.values()) == pytest.approx(share)
+    assert abs(share / (COPIES / 1001) - 1) < 0.10
+    for i in range(2000):  # every replica set spans three zones
+        replicas = after.lookup(i * 7919, COPIES)
+        assert len({zone for peer, zone, _ in peers + [newcomer] if peer in replicas}) == COPIES
