@@ -16,6 +16,7 @@ import trio
 from vdifs.errors import VdiExists, VdifsError, leaf_errors
 from vdifs.meta.directory_service import ROOT_KEY, DirectoryService, part_key, read_directory
 from vdifs.model.directory import Directory, VdiRecord, part_of
+from vdifs.model.ids import MAX_VID
 
 PARTS = 8
 
@@ -401,3 +402,53 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+async def test_a_target_deleted_before_the_intent_ends_does_not_bring_the_old_name_back():
+    old, _, new = names_in_two_parts()
+    regs, a, rec = await one_vdi(old)
+    regs.crash_after = len(regs.written) + 2  # the target took it; the intent did not end
+    with pytest.raises(Crash):
+        await a.rename(old, new)
+    regs.crash_after = None
+    b = await mount(regs)
+    await b.update_name(new, lambda d: d.delete(new))
+    seen = await read_directory(regs.open)
+    assert holders(seen, rec.vid) == [] and rec.data_vid in seen.deleting
+    await b.finish_intents(older_than=0)
+    after = await read_directory(regs.open)
+    assert holders(after, rec.vid) == [] and not after.intents and old not in after.vdis
+
+
+async def test_a_part_whose_counter_wraps_skips_the_vids_other_parts_use_and_keeps_counting():
+    old, _, new = names_in_two_parts()
+    k = part_of(old, PARTS)
+    regs, svc, moved = await one_vdi(old)  # the first vid of part k ...
+    await svc.rename(old, new)  # ... now lives in another part
+    key = part_key(k)
+    version, raw = regs.values[key]
+    stored = Directory.decode(raw, part=k, parts=PARTS)
+    stored.next_vid = max(v for v in range(MAX_VID - 2 * PARTS, MAX_VID + 1) if v % PARTS == k)
+    regs.values[key] = (version + 1, stored.encode())
+    svc = await mount(regs)
+    names = [n for n in (f"w{i}" for i in range(2000)) if part_of(n, PARTS) == k][:3]
+    vids = [(await svc.update_name(n, lambda d, n=n: d.create(n, 1))).vid for n in names]
+    assert vids[0] == stored.next_vid and moved.vid not in vids  # wrapped, and skipped the moved one
+    assert all(v % PARTS == k for v in vids) and len(set(vids)) == 3
+    assert Directory.decode(regs.values[key][1], part=k, parts=PARTS).wrapped
+    assert_unique_vids(await read_directory(regs.open))
+
+
+async def test_a_release_after_a_clone_was_committed_elsewhere_releases_nothing():
+    src, _, new_name = names_in_two_parts()
+    regs, svc, rec = await one_vdi(src)
+    snap_vid = await snapshot_of(svc, src, rec.vid)
+    new_vid = await svc.update_vid(rec.vid, lambda d: d.reserve("clone", snap_vid))
+    regs.crash_after = len(regs.written) + 2  # the target took the clone; the intent did not end
+    with crashing():
+        await svc.clone(src, "s1", new_name, new_vid)
+    regs.crash_after = None
+    other = await mount(regs)  # what the failed clone's cleanup asks: it finishes the commit first
+    assert not await other.update_entry(new_vid, lambda d: d.release(new_vid))
+    after = await read_directory(regs.open)
+    assert holders(after, new_vid) == [new_name] and new_vid not in after.deleting

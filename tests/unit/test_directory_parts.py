@@ -158,3 +158,14 @@ def test_changes_between_views_are_those_of_the_changed_parts_and_intents(steps)
             token = intent["token"]
             change(ka, lambda d: d.settle(f"rename {old}", token) if taken and taken[0]
                    else d.abandon(f"rename {old}", token))
+
+
+def test_a_record_found_under_its_target_counts_as_taken_when_the_decision_was_forgotten():
+    parts = 8
+    target = "dst"
+    k = part_of(target, parts)
+    p = Directory.decode(b"", part=k, parts=parts)
+    rec = p.create(target, 1)
+    intent = {"token": "t1", "target": target, "replace": True, "record": rec.to_dict()}
+    assert p.arrive(intent) == (True, None)  # the same vid there already: taken, nothing replaced
+    assert target in p.vdis and not p.deleting

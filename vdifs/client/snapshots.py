@@ -62,8 +62,10 @@ class Snapshots:
     async def _release(self, vid: int) -> None:
         with trio.CancelScope(shield=True):
             try:
-                await self.catalog.directory.update_entry(vid, lambda d: d.release(vid))
-                self.catalog.purger.purge_vid(vid)
+                # Purged only if released here: a clone whose commit another
+                # mount (or this one, finishing the intent) completed uses it.
+                if await self.catalog.directory.update_entry(vid, lambda d: d.release(vid)):
+                    self.catalog.purger.purge_vid(vid)
             except VdifsError as e:
                 log.warning("could not release reserved vid %d (%s); the next mount start does", vid, e)
 

@@ -43,7 +43,7 @@ from vdifs.errors import ConflictError, VdiExists, VdifsError, VdiNotFound, as_v
 from vdifs.meta.paxos import ConsensusUnavailable, PaxosRegister
 from vdifs.meta.register import Register
 from vdifs.model.directory import (DEFAULT_PARTS, FORMAT_VERSION, PART_FORMAT, Directory, IntentPending,
-                                   VdiRecord, part_of)
+                                   NeedsOtherParts, VdiRecord, part_of)
 
 log = logging.getLogger(__name__)
 
@@ -174,39 +174,49 @@ class DirectoryService:
         if expect is not None and self.parts != expect:
             raise LayoutChanged("the directory was split meanwhile")
 
-    async def _read_all(self) -> list[int]:
+    async def _read_all(self) -> tuple[list[int], list[Directory]]:
         """Read the root and every part (linearizable each; in one round per
         meta peer when it can, `PaxosRegister.read_many`); returns the
-        versions read, root first."""
+        versions read (root first) and the parts as read."""
         parts = self.parts
         root = self._register(ROOT_KEY)
         read = await _read_registers([root] + ([self._part_register(k) for k in range(parts)] if parts > 1 else []))
         version, raw = read[0]
         self._adopt_root(version, raw)
         if self.parts == 1:
-            return [version]
+            return [version], [Directory.decode(raw).commit()]
         if self.parts != parts:  # split meanwhile
             read = [read[0]] + await _read_registers([self._part_register(k) for k in range(self.parts)])
-        for k, (v, r) in enumerate(read[1:]):
-            self._set_base(k, v, r)
-        return [v for v, _ in read]
+        values = [Directory.decode(r, part=k, parts=self.parts).commit() for k, (_, r) in enumerate(read[1:])]
+        for k, ((v, _), value) in enumerate(zip(read[1:], values)):
+            self._set_base(k, v, value)
+        return [v for v, _ in read], values
 
     async def refresh(self, *, consistent: bool = False) -> Directory:
         """Read the directory through the registers. `consistent`: as it was
-        at one moment (collect until two collects agree): what a reader that
-        must not miss a live vid needs, since a record moving between parts
-        could otherwise be read in neither."""
-        versions = await self._read_all()
-        for _ in range(CONSISTENT_READS if consistent and self.parts > 1 else 0):
-            again = await self._read_all()
-            if again == versions:
-                break
-            versions = again
-        else:
-            if consistent and self.parts > 1:
-                raise ConflictError("the directory kept changing while it was read; try again")
+        at one moment (`_read_consistent`, not the newest hints): what a
+        reader that must not miss a live vid needs."""
+        if not consistent:
+            await self._read_all()
+            self._rebuild_view()
+            return self.current
+        values = await self._read_consistent()
         self._rebuild_view()
-        return self.current
+        return values[0] if len(values) == 1 else Directory.merged(values)
+
+    async def _read_consistent(self) -> list[Directory]:
+        """Every part as it was at one moment: collected until two collects
+        read the same versions (a record moving between parts could
+        otherwise be read in neither); the last collect's values."""
+        versions, values = await self._read_all()
+        if self.parts == 1:
+            return values
+        for _ in range(CONSISTENT_READS):
+            again, values = await self._read_all()
+            if again == versions:
+                return values
+            versions = again
+        raise ConflictError("the directory kept changing while it was read; try again")
 
     async def refresh_vid(self, vid: int) -> Directory:
         """Re-read the part that holds a VDI (all, if it is not known)."""
@@ -315,16 +325,17 @@ class DirectoryService:
         if self._version[k] < 0 or self._hint_version[k] > self._version[k]:
             await self._read_part(k, parts)
             fresh = True
+        others: set[int] | None = None
         for _ in range(MAX_CAS_ATTEMPTS):
-            others: set[int] | None = None
-            if self._base[k].wrapped and self.parts > 1:
-                others = await self._others_in_use(k)
-                fresh = True
             draft = self._base[k].clone()
             if others is not None:
-                draft.others_in_use = lambda: others  # type: ignore[return-value]
+                draft.others_in_use = functools.partial(set, others)
             try:
                 result = fn(draft)
+            except NeedsOtherParts:
+                others = await self._others_in_use(k)  # reads every part, this one too
+                fresh = True
+                continue
             except IntentPending as e:
                 if not fresh:
                     await self._read_part(k, parts)
@@ -353,11 +364,12 @@ class DirectoryService:
     async def _others_in_use(self, k: int) -> set[int]:
         """Every vid the other parts use, read consistently (for a part whose
         counter wrapped: `Directory._allocate_vid`)."""
-        await self.refresh(consistent=True)
+        values = await self._read_consistent()
+        self._rebuild_view()
         used: set[int] = set()
-        for j in range(self.parts):
+        for j, p in enumerate(values):
             if j != k:
-                used |= self._base[j].vids_in_use()
+                used |= p.vids_in_use()
         return used
 
     # -- changes across two parts -------------------------------------------------
@@ -370,8 +382,8 @@ class DirectoryService:
         k1, k2 = part_of(old, self.parts), part_of(new, self.parts)
         if k1 == k2 or old == new:
             return await self._change(k1, lambda d: d.rename(old, new, replace=replace))
-        key = await self._change(k1, lambda d: d.begin_rename(old, new, replace=replace))
-        taken, replaced = await self._finish_intent(k1, key, self._base[k1].intents[key])
+        key, intent = await self._change(k1, lambda d: _with_intent(d, d.begin_rename(old, new, replace=replace)))
+        _taken, replaced = await self._finish_intent(k1, key, intent)
         return replaced
 
     async def clone(self, name: str, snap: str, new_name: str, new_vid: int, *,
@@ -384,9 +396,10 @@ class DirectoryService:
         if k1 == k2:
             return await self._change(k1, lambda d: d.clone_snapshot(name, snap, new_name, new_vid,
                                                                      copies=copies))
-        key = await self._change(k1, lambda d: d.begin_clone(name, snap, new_name, new_vid, copies=copies))
-        await self._finish_intent(k1, key, self._base[k1].intents[key])
-        return self._base[k2].get(new_name)
+        key, intent = await self._change(
+            k1, lambda d: _with_intent(d, d.begin_clone(name, snap, new_name, new_vid, copies=copies)))
+        await self._finish_intent(k1, key, intent)
+        return VdiRecord.from_dict(intent["record"])
 
     async def _finish_intent(self, k1: int, key: str, intent: dict[str, Any] | None = None
                              ) -> tuple[bool, int | None]:
@@ -538,12 +551,19 @@ async def _concurrently(jobs: list[Callable[[], Awaitable[None]]]) -> None:
 
 
 def _holding(vid: int, fn: Callable[[Directory], T]) -> Callable[[Directory], T]:
-    """fn, run only in the part that holds VDI `vid` (VdiNotFound elsewhere)."""
+    """fn, run only in the part that holds VDI `vid` (VdiNotFound elsewhere),
+    and only while no intent freezes it (`by_vid` raises IntentPending): a
+    reservation made beside a VDI being renamed away would be left behind."""
     def run(d: Directory) -> T:
-        if not any(r.vid == vid for r in d.vdis.values()):
+        if d.by_vid(vid) is None:
             raise VdiNotFound(f"no VDI with vid {vid}")
         return fn(d)
     return run
+
+
+def _with_intent(d: Directory, key: str) -> tuple[str, dict[str, Any]]:
+    """An intent's key and the intent, as the change that began it stored them."""
+    return key, d.intents[key]
 
 
 def _has_entry(d: Directory, vid: int) -> bool:

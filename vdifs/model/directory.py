@@ -60,12 +60,20 @@ DEFAULT_PARTS = 64
 #: How long a part remembers what it decided about an arriving record
 #: (`Directory.arrive`): far longer than any mount takes to finish an intent
 #: (mounts finish intents older than `meta.directory_service.INTENT_AGE`).
-ARRIVALS_KEPT = 24 * 3600.0
+ARRIVALS_KEPT = 7 * 24 * 3600.0
 
 
 def part_of(name: str, parts: int) -> int:
     """The part a VDI's name lives in."""
     return mmh3.hash(name.encode(), 0, False) % parts if parts > 1 else 0
+
+
+class NeedsOtherParts(VdifsError):
+    """A part whose vid counter wrapped must know every other part's vids in
+    use before it hands one out: read them (consistently) and run the change
+    again with `Directory.others_in_use` set."""
+
+    errno = errno.EAGAIN
 
 
 class IntentPending(VdifsError):
@@ -484,7 +492,7 @@ class Directory:
                 self.wrapped = True
             if self.wrapped and others is None:
                 if self.parts > 1 and self.others_in_use is None:
-                    raise VdifsError("a wrapped part needs the other parts' vids in use", code=errno.EAGAIN)
+                    raise NeedsOtherParts(f"directory part {self.part} wrapped: the other parts' vids are needed")
                 others = self.others_in_use() if self.others_in_use is not None else set()
             if vid not in in_use and (others is None or vid not in others):
                 self.next_vid = vid + step
@@ -518,11 +526,15 @@ class Directory:
         self.reserved[vid] = {"for": purpose, "source": source, "at": time.time() if now is None else now}
         return vid
 
-    def release(self, vid: int) -> None:
-        """Give up a reservation (its copied map objects must be purged)."""
+    def release(self, vid: int) -> bool:
+        """Give up a reservation (its copied map objects must be purged);
+        False if `vid` was not reserved (then nothing may be purged: a clone
+        whose commit another mount finished uses it)."""
         self._check_no_clone_of(vid)
-        if self.reserved.pop(vid, None) is not None:
-            self.deleting.add(vid)
+        if self.reserved.pop(vid, None) is None:
+            return False
+        self.deleting.add(vid)
+        return True
 
     def _take_reservation(self, vid: int) -> None:
         if vid not in self.reserved:
@@ -686,6 +698,10 @@ class Directory:
         if decided is not None:
             return bool(decided[0]), None
         name = intent["target"]
+        here = self.vdis.get(name)
+        if here is not None and here.vid == intent["record"]["vid"]:  # taken, and its decision forgotten
+            self.arrivals[intent["token"]] = [True, now, 0, ""]
+            return True, None
         try:
             self._check_home(name)
             if name in self.vdis:
@@ -760,7 +776,7 @@ class Directory:
         else:
             for p in parts:
                 view.vdis.update(p.vdis)
-        moved: list[tuple[str, int]] = []
+        moved: list[tuple[str, int, str, str]] = []
         for p in parts:
             if p.deleting:
                 view.deleting |= p.deleting
@@ -770,12 +786,13 @@ class Directory:
                 view.reserved.update(p.reserved)
             if p.intents:
                 view.intents.update((f"{p.part}:{k}", i) for k, i in p.intents.items())
-                moved.extend((i["source"], i["record"]["vid"]) for i in p.intents.values() if i["kind"] == "rename")
-        for name, vid in moved:
-            target = next((i["target"] for i in view.intents.values() if i["source"] == name), None)
-            there = view.vdis.get(target) if target is not None else None
-            if there is not None and there.vid == vid:
-                view.vdis.pop(name, None)
+                moved.extend((i["source"], i["record"]["vid"], i["target"], i["token"])
+                             for i in p.intents.values() if i["kind"] == "rename")
+        for name, vid, target, token in moved:
+            took = parts[part_of(target, len(parts))].arrivals.get(token)
+            there = view.vdis.get(target)
+            if (took is not None and took[0]) or (there is not None and there.vid == vid):
+                view.vdis.pop(name, None)  # the target took it: the rename happened
         view._frozen = True
         return view
 
@@ -812,8 +829,10 @@ class Directory:
             out[vid % parts].deleting.add(vid)
         for vid, fc in self.retired.items():
             out[vid % parts].retired[vid] = list(fc)
-        for vid, r in self.reserved.items():
-            out[vid % parts].reserved[vid] = dict(r)
+        owner = {v: part_of(name, parts) for name, rec in self.vdis.items()
+                 for v in (rec.data_vid, *(s.vid for s in rec.snapshots.values()))}
+        for vid, r in self.reserved.items():  # beside the VDI whose map is copied, where its deletes look
+            out[owner.get(int(r.get("source", 0)), vid % parts)].reserved[vid] = dict(r)
         wrapped = self.wrapped or any(v >= self.next_vid for v in self.vids_in_use())
         for p in out:
             p.next_vid = p._first_vid() + max(0, (self.next_vid - p._first_vid() + parts - 1) // parts) * parts
@@ -851,6 +870,8 @@ class Directory:
         fmt = d.get("format")
         if fmt not in (FORMAT_VERSION, PART_FORMAT) or (fmt == PART_FORMAT and "vdis" not in d):
             raise ValueError(f"unknown directory format {fmt!r}")
+        if fmt == FORMAT_VERSION and parts != 1:
+            raise ValueError(f"a whole (format 1) directory read as part {part} of {parts}")
         if fmt == PART_FORMAT and (d.get("part"), d.get("parts")) != (part, parts):
             raise ValueError(f"directory part {d.get('part')} of {d.get('parts')} read as part {part} of {parts}")
         return cls(
