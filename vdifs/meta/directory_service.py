@@ -184,12 +184,16 @@ class DirectoryService:
         version, raw = read[0]
         self._adopt_root(version, raw)
         if self.parts == 1:
-            return [version], [Directory.decode(raw).commit()]
+            return [version], [self._base[0] if self._version[0] == version else Directory.decode(raw).commit()]
         if self.parts != parts:  # split meanwhile
             read = [read[0]] + await _read_registers([self._part_register(k) for k in range(self.parts)])
-        values = [Directory.decode(r, part=k, parts=self.parts).commit() for k, (_, r) in enumerate(read[1:])]
-        for k, ((v, _), value) in enumerate(zip(read[1:], values)):
+        values = []
+        for k, (v, r) in enumerate(read[1:]):
+            # A version names one chosen value: a part read again unchanged
+            # is not decoded again (a consistent read collects twice).
+            value = self._base[k] if self._version[k] == v else Directory.decode(r, part=k, parts=self.parts).commit()
             self._set_base(k, v, value)
+            values.append(value)
         return [v for v, _ in read], values
 
     async def refresh(self, *, consistent: bool = False) -> Directory:
