@@ -11,7 +11,9 @@
 # The read jobs are 100%-read mixes, so fio opens the file read-write as a
 # hypervisor opens a VM's disk (the lease, and so the mount's cache, apply).
 # Trees alternate ROUNDS times (default 2) so drift of this shared machine
-# hits both; compare medians. JOBS="seqwrite seqread" runs only those jobs.
+# hits both; compare medians. JOBS="seqwrite seqread" runs only those jobs, in
+# that order; SIZE (default 1G) sizes the VDI. Every job starts after a `sync`,
+# as in bench/fio-jobs.sh, so none pays for an earlier one's writeback.
 # "TREE::@nbd" runs that entry's jobs through the mount's NBD export (fio's
 # nbd engine) instead of the file. Not the issue's benchmark (bench/run.sh and
 # bench/cluster.sh are): a tool for deciding whether a change pays.
@@ -34,7 +36,8 @@ cleanup() {
     for p in $mpid "${ppids[@]}"; do kill "$p" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-COMMON=(--randseed=20261121 --randrepeat=1 --group_reporting --output-format=json --size=1G)
+SIZE=${SIZE:-1G}
+COMMON=(--randseed=20261121 --randrepeat=1 --group_reporting --output-format=json --size="$SIZE")
 one() {  # one TREE[::OPTS] ROUND
     local opts=() engine=(--ioengine=libaio --direct=1 --fallocate=none)
     if [[ $1 == *::* ]]; then read -r -a opts <<< "${1#*::}"; set -- "${1%%::*}" "$2" "${1#*::}"; fi
@@ -65,13 +68,15 @@ one() {  # one TREE[::OPTS] ROUND
     echo "$mpid ${ppids[*]}" > "$WORK.pids"
     for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
     local f=$WORK/mnt/q.img line="$(basename "$1")${3:+ [$3]} r$2"
-    truncate -s 1G "$f"
-    for j in "seqwrite --rw=write --bs=1M --iodepth=8" "randwrite --rw=randwrite --bs=4k --iodepth=16" \
-             "randread --rw=randrw --rwmixread=100 --bs=4k --iodepth=16" "randrw70 --rw=randrw --rwmixread=70 --bs=64k --iodepth=8" \
-             "flush32 --rw=randwrite --bs=4k --iodepth=16 --fsync=32" \
-             "flush32q1 --rw=randwrite --bs=4k --iodepth=1 --fsync=32" "seqread --rw=rw --rwmixread=100 --bs=1M --iodepth=8"; do
-        set -- $j; name=$1; shift
-        [[ -z ${JOBS:-} || " $JOBS " == *" $name "* ]] || continue
+    truncate -s "$SIZE" "$f"
+    local -A spec=([seqwrite]="--rw=write --bs=1M --iodepth=8" [randwrite]="--rw=randwrite --bs=4k --iodepth=16"
+        [randread]="--rw=randrw --rwmixread=100 --bs=4k --iodepth=16" [randrw70]="--rw=randrw --rwmixread=70 --bs=64k --iodepth=8"
+        [flush32]="--rw=randwrite --bs=4k --iodepth=16 --fsync=32" [flush32q1]="--rw=randwrite --bs=4k --iodepth=1 --fsync=32"
+        [seqread]="--rw=rw --rwmixread=100 --bs=1M --iodepth=8")
+    for name in ${JOBS:-seqwrite randwrite randread randrw70 flush32 flush32q1 seqread}; do
+        [[ -n ${spec[$name]:-} ]] || { echo "quick.sh: no job $name" >&2; exit 2; }
+        set -- ${spec[$name]}
+        sync
         timed=(); [[ $name == seq* ]] || timed=(--runtime="$RT" --time_based)
         target=(--filename="$f"); [[ ${engine[0]} == --ioengine=nbd ]] && target=()
         fio --name="$name" "${target[@]}" "${engine[@]}" "${COMMON[@]}" "${timed[@]}" "$@" > "$WORK.$name.json"

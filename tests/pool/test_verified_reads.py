@@ -5,6 +5,7 @@ give None, never an exception, for what the awaiting path must handle."""
 from __future__ import annotations
 
 import os
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -46,7 +47,7 @@ def test_make_test_builds_the_native_reads():
        bad=st.one_of(st.none(), st.integers(0, 7)), checked=st.booleans())
 def test_native_and_python_agree_with_the_file(obj, offset, length, bad, checked):
     fd, data, good = obj
-    table = list(good) if checked else None
+    table = array("I", good) if checked else None
     if table is not None and bad is not None:
         if bad < len(table):
             table[bad] ^= 1  # this block no longer matches

@@ -3,11 +3,12 @@
 
 One uninitialised bytes object for the covering blocks, one preadv2 with
 RWF_NOWAIT into it, ISA-L's CRC-32 (zlib's values) over each block against
-the table, then the requested bytes: the buffer itself when the range is
-block-aligned, else one copy of just those bytes."""
+the table (an array('I'), read in place), then the requested bytes: the
+buffer itself when the range is block-aligned, else one copy of just those
+bytes."""
 
+from cpython.array cimport array
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from libc.string cimport memset
 
 cdef extern from "isa-l/crc.h" nogil:
@@ -30,7 +31,7 @@ cdef unsigned int ZERO_CRC = crc32_gzip_refl(0, _zeros, BLOCK)
 BLOCK_SIZE = BLOCK
 
 
-def read_verified(int fd, long long offset, Py_ssize_t length, list table):
+def read_verified(int fd, long long offset, Py_ssize_t length, array table):
     if offset < 0 or length <= 0:
         return None
     cdef long long start = offset, end = offset + length
@@ -50,9 +51,9 @@ def read_verified(int fd, long long offset, Py_ssize_t length, list table):
     cdef unsigned int want
     if table is not None:
         first = start // BLOCK
-        size = PyList_GET_SIZE(table)
+        size = len(table)  # an array('I'): checksums.Table
         for k in range(n // BLOCK):
-            want = <unsigned int>(<object>PyList_GET_ITEM(table, first + k)) if first + k < size else ZERO_CRC
+            want = table.data.as_uints[first + k] if first + k < size else ZERO_CRC
             if crc32_gzip_refl(0, p + k * BLOCK, BLOCK) != want:
                 return None
     if start == offset and n == length:

@@ -16,14 +16,20 @@ was never acknowledged as durable, so any version of it is acceptable).
 
 The CRC is zlib's CRC-32, computed by ISA-L (`isal`), about nine times as
 fast as zlib here (0.3 us against 2.7 us per block): the same values, so
-tables written by either read the same. Verifying compares the list of a
-buffer's CRCs with a slice of the table in one comparison, and looks for
-the bad block only when they differ.
+tables written by either read the same. Verifying compares the CRCs of a
+buffer with a slice of the table in one comparison, and looks for the bad
+block only when they differ.
+
+In memory a table is an `array('I')` (`Table`), 4 bytes a block: a store
+keeps the tables of every object it holds open, and as a list of Python
+ints one 4 MiB object's cost 10 KiB instead of 1 KiB.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 
 from isal.isal_zlib import crc32
@@ -36,6 +42,9 @@ _ZEROS = bytes(BLOCK)
 ZERO_CRC = crc32(_ZEROS)
 
 Buffer = bytes | bytearray | memoryview
+Table = array  # of 'I': one CRC-32 per block
+_LITTLE = sys.byteorder == "little"
+assert array("I").itemsize == 4
 
 
 class BadTable(ValueError):
@@ -61,42 +70,52 @@ def block_crc(chunk: Buffer) -> int:
     return crc
 
 
-def crcs_of(buf: Buffer) -> list[int]:
+def zero_table(nblocks: int) -> Table:
+    """The table of `nblocks` blocks of zeros."""
+    return array("I", (ZERO_CRC,)) * nblocks
+
+
+def crcs_of(buf: Buffer) -> Table:
     """CRCs of consecutive blocks of `buf` (which starts at a block boundary)."""
     view = memoryview(buf)
     n = len(view)
     if n % BLOCK == 0:  # the common case: whole blocks, no padding
-        return [crc32(view[i:i + BLOCK]) for i in range(0, n, BLOCK)]
-    return [block_crc(view[i:i + BLOCK]) for i in range(0, n, BLOCK)]
+        return array("I", [crc32(view[i:i + BLOCK]) for i in range(0, n, BLOCK)])
+    return array("I", [block_crc(view[i:i + BLOCK]) for i in range(0, n, BLOCK)])
 
 
-def table_of(data: Buffer, size: int) -> list[int]:
+def table_of(data: Buffer, size: int) -> Table:
     """The table of an object of `size` bytes whose first bytes are `data`."""
     table = crcs_of(data)
-    return table + [ZERO_CRC] * (blocks_of(size) - len(table))
+    return table + zero_table(blocks_of(size) - len(table))
 
 
-def first_mismatch(table: list[int], first_block: int, buf: Buffer) -> int | None:
+def first_mismatch(table: Table, first_block: int, buf: Buffer) -> int | None:
     """Index of the first block of `buf` (starting at `first_block`) whose CRC is
     not the table's, or None. Blocks past the table's end read as zeros."""
     crcs = crcs_of(buf)
     expected = table[first_block:first_block + len(crcs)]  # a slice: a copy, extended below if short
     if len(expected) < len(crcs):
-        expected += [ZERO_CRC] * (len(crcs) - len(expected))
+        expected += zero_table(len(crcs) - len(expected))
     if crcs == expected:
         return None
     return first_block + next(i for i, (a, b) in enumerate(zip(crcs, expected)) if a != b)
 
 
 def encode(table: Sequence[int], state: int) -> bytes:
+    if isinstance(table, array) and _LITTLE:
+        return MAGIC + bytes([state]) + table.tobytes()
     return MAGIC + bytes([state]) + struct.pack(f"<{len(table)}I", *table)
 
 
-def decode(raw: bytes, nblocks: int) -> tuple[list[int], int]:
+def decode(raw: bytes, nblocks: int) -> tuple[Table, int]:
     """(table, state) from an attribute value, for an object of `nblocks` blocks."""
     if raw[:3] != MAGIC or len(raw) < 4 or raw[3] not in (CLEAN, DIRTY) or (len(raw) - 4) % 4:
         raise BadTable("not a vdifs checksum table")
-    table = list(struct.unpack(f"<{(len(raw) - 4) // 4}I", raw[4:]))
+    table = array("I")
+    table.frombytes(raw[4:])
+    if not _LITTLE:
+        table.byteswap()  # stored little-endian
     if len(table) != nblocks:
         raise BadTable(f"table has {len(table)} blocks, the object {nblocks}")
     return table, raw[3]

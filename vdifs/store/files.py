@@ -218,7 +218,7 @@ def read_nowait(fd: int, offset: int, length: int) -> bytearray | None:
     return buf if _preadv_nowait(fd, buf, offset) == length else None
 
 
-def load_table(fd: int) -> tuple[list[int], bool]:
+def load_table(fd: int) -> tuple[checksums.Table, bool]:
     """(table, clean_on_disk) of an open object. A missing, unreadable or DIRTY
     table is rebuilt from the data (see `checksums`)."""
     size = os.fstat(fd).st_size
@@ -231,7 +231,7 @@ def load_table(fd: int) -> tuple[list[int], bool]:
     return checksums.table_of(pread_all(fd), size), False
 
 
-def open_object(path: str) -> tuple[int, list[int], bool]:
+def open_object(path: str) -> tuple[int, checksums.Table, bool]:
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         table, clean = load_table(fd)
@@ -246,8 +246,8 @@ class NotCached(Exception):
 
 
 def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
-                     table: list[int], mark_dirty: bytes | None, *, nowait: bool = False,
-                     direct: bool = False, zero_crc_is_zeros: bool = False) -> list[int]:
+                     table: checksums.Table, mark_dirty: bytes | None, *, nowait: bool = False,
+                     direct: bool = False, zero_crc_is_zeros: bool = False) -> checksums.Table:
     """Write `data` and return the CRCs of the blocks it touched. The old
     contents of partly written blocks are verified first: a write must not
     bless rotten bytes around it with a fresh checksum.

@@ -77,7 +77,7 @@ class _Handle:
     __slots__ = ("fd", "refs", "doomed", "table", "clean_on_disk", "writes", "inflight", "lock",
                  "synced_writes")
 
-    def __init__(self, fd: int, table: list[int], clean_on_disk: bool) -> None:
+    def __init__(self, fd: int, table: checksums.Table, clean_on_disk: bool) -> None:
         self.fd = fd
         self.refs = 0
         self.doomed = False
@@ -162,7 +162,7 @@ class ObjectStore:
                 if self.checksums:
                     fd, table, clean = await self._io.run(files.open_object, self.path(oid))
                 else:
-                    fd, table, clean = await self._io.run(os.open, self.path(oid), os.O_RDWR | os.O_CLOEXEC), [], False
+                    fd, table, clean = await self._io.run(os.open, self.path(oid), os.O_RDWR | os.O_CLOEXEC), checksums.zero_table(0), False
             except FileNotFoundError:
                 raise ObjectNotFound(f"object {oid:016x} does not exist") from None
             except OSError as e:
@@ -418,10 +418,10 @@ class ObjectStore:
         return False
 
     @staticmethod
-    def _take_crcs(h: _Handle, offset: int, crcs: list[int]) -> None:
+    def _take_crcs(h: _Handle, offset: int, crcs: checksums.Table) -> None:
         first = offset // BLOCK
         if first + len(crcs) > len(h.table):  # the write made the object longer
-            h.table.extend([checksums.ZERO_CRC] * (first + len(crcs) - len(h.table)))
+            h.table.extend(checksums.zero_table(first + len(crcs) - len(h.table)))
         h.table[first:first + len(crcs)] = crcs
 
     def _write_inline(self, oid: int, h: _Handle, offset: int, data: bytes | bytearray | memoryview) -> bool:
@@ -472,7 +472,7 @@ class ObjectStore:
         return True
 
     def _create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
-                exclusive: bool, direct: bool) -> tuple[int, bool, list[int]]:
+                exclusive: bool, direct: bool) -> tuple[int, bool, checksums.Table]:
         path = self.path(oid)
         made_dir = False
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
@@ -482,7 +482,7 @@ class ObjectStore:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             made_dir = True
             fd = os.open(path, flags, 0o600)
-        table: list[int] = []
+        table = checksums.zero_table(0)
         try:
             if self.checksums:
                 # The new table, marked DIRTY, before any byte changes: a crash
@@ -494,7 +494,7 @@ class ObjectStore:
                     region = bytearray(end - start)
                     region[offset - start:offset - start + len(data)] = data
                     crcs = checksums.crcs_of(memoryview(region)[:max(0, min(end, size) - start)])
-                table = [checksums.ZERO_CRC] * checksums.blocks_of(size)
+                table = checksums.zero_table(checksums.blocks_of(size))
                 table[start // BLOCK:start // BLOCK + len(crcs)] = crcs
                 os.setxattr(fd, XATTR, checksums.encode(table, DIRTY))
             os.ftruncate(fd, 0)
@@ -550,7 +550,7 @@ class ObjectStore:
             if old is not None:
                 self._release(old)
 
-    def _install(self, oid: int, data: bytes | bytearray) -> tuple[int, list[int]]:
+    def _install(self, oid: int, data: bytes | bytearray) -> tuple[int, checksums.Table]:
         path = self.path(oid)
         part = path + PART
         made_dir = not os.path.isdir(os.path.dirname(path))
@@ -559,7 +559,7 @@ class ObjectStore:
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             files.pwrite_full(fd, 0, data)
-            table = checksums.table_of(data, len(data)) if self.checksums else []
+            table = checksums.table_of(data, len(data)) if self.checksums else checksums.zero_table(0)
             if self.checksums:
                 os.setxattr(fd, XATTR, checksums.encode(table, CLEAN))
             os.fsync(fd)  # data and table durable before the name points at them

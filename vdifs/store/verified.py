@@ -24,7 +24,7 @@ from vdifs.store import checksums, files
 from vdifs.store.checksums import BLOCK
 
 
-def read_verified_py(fd: int, offset: int, length: int, table: list[int] | None) -> bytes | bytearray | None:
+def read_verified_py(fd: int, offset: int, length: int, table: checksums.Table | None) -> bytes | bytearray | None:
     if offset < 0 or length <= 0:
         return None
     start, end = checksums.covering(offset, length) if table is not None else (offset, offset + length)
