@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import resource
 import secrets
 from typing import IO
 
@@ -103,3 +104,31 @@ def store_id(store: str) -> str:
     new = secrets.token_hex(16)
     atomic_write(path, (new + "\n").encode())
     return new
+
+
+#: The most descriptors a daemon asks for: what systemd's default hard limit
+#: allows (524288) is more than any store here keeps open.
+OPEN_FILES_WANTED = 1 << 16
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files towards its hard limit
+    (to OPEN_FILES_WANTED at most) and return the soft limit now in force.
+    A shell's default soft limit (1,024) would cap a store's open objects,
+    and so its page-cache reads without a thread, at a few hundred; the
+    units in contrib/systemd set both limits themselves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass  # a container may forbid it: the stores size themselves from what is left
+    return soft
+
+
+def open_files_limit() -> int:
+    """The soft limit of open files of this process."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return OPEN_FILES_WANTED if soft == resource.RLIM_INFINITY else soft

@@ -1,5 +1,7 @@
 import os
+import resource
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from vdifs.errors import ObjectNotFound
 from vdifs.model.ids import ObjectKind, data_oid, map_oid
 from vdifs.store import checksums, files
+from vdifs.store.checksums import BLOCK
 from vdifs.store.objects import ObjectStore
 
 
@@ -63,14 +66,64 @@ async def test_delete_list_and_sync(store):
     assert await store.list_vids() == []
 
 
-async def test_many_objects_beyond_fd_cache(store, monkeypatch):
-    monkeypatch.setattr("vdifs.store.objects.MAX_OPEN_FILES", 4)
+async def test_many_objects_beyond_fd_cache(store):
+    store.max_open = 4
     oids = [data_oid(9, i) for i in range(20)]
     for i, oid in enumerate(oids):
         await store.create(oid, 0, bytes([i]) * 3, 8)
     assert len(store.cached_objects()) <= 4
     for i, oid in enumerate(oids):
         assert await store.read(oid, 0, 3) == bytes([i]) * 3
+    assert len(store.cached_objects()) <= 4
+
+
+async def test_the_objects_read_last_stay_open_and_are_read_without_a_thread(tmp_path):
+    """A store keeps its most recently used objects open up to `max_open`: a
+    read of one of them is answered at once (`read_now`), with no open."""
+    store = ObjectStore(str(tmp_path), max_open=40)
+    store.open()
+    try:
+        oids = [data_oid(4, i) for i in range(60)]
+        for i, oid in enumerate(oids):
+            await store.create(oid, 0, bytes([i]) * BLOCK, BLOCK)
+        store.close()  # every handle dropped: each object must be opened again
+        opens = store.opens
+        for oid in oids:
+            await store.read(oid, 0, 8)
+        assert store.opens == opens + 60
+        assert len(store.cached_objects()) == 40
+        # the 40 read last are open: read at once, nothing opened
+        assert [store.read_now(oid, 0, 4) for oid in oids[20:]] == [bytes([i]) * 4 for i in range(20, 60)]
+        assert store.opens == opens + 60
+        # the first 20 were closed, least recently used first
+        assert all(store.read_now(oid, 0, 4) is None for oid in oids[:20])
+        assert await store.read(oids[0], 0, 4) == bytes(4)
+        assert store.opens == opens + 61
+        assert len(store.cached_objects()) == 40
+    finally:
+        store.close()
+
+
+def test_the_store_s_open_objects_follow_the_open_files_limit(tmp_path):
+    """Run as a daemon: the soft limit of open files is raised to what the
+    hard limit allows, and a store keeps a quarter of what it may open."""
+    code = f"""
+import resource
+from vdifs.fsutil import raise_open_files_limit
+from vdifs.store.objects import ObjectStore
+low = ObjectStore({str(tmp_path)!r}).max_open
+soft = raise_open_files_limit()
+assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft
+print(low, soft, ObjectStore({str(tmp_path)!r}).max_open)
+"""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))).stdout
+    low, soft, high = map(int, out.split())
+    assert low == 64  # 256 / 4
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    assert soft == want
+    assert high == min(8192, want // 4)
 
 
 def _flip(path: str, pos: int) -> None:

@@ -18,6 +18,7 @@ from vdifs.cli.common import (LOG_LEVELS, PEER_TIMEOUT, CliError, Parser, first_
                               run_with_pool, setup_logging, size_arg, table)
 from vdifs.cli.heap import keep_freed_buffers
 from vdifs.errors import VdifsError
+from vdifs.fsutil import raise_open_files_limit
 from vdifs.meta.credentials import Credentials, default_secret_file, read_credentials, write_credentials
 from vdifs.model.cluster import DEFAULT_COPIES as FORMAT_COPIES
 from vdifs.model.cluster import DEFAULT_WEIGHT as PEER_WEIGHT
@@ -191,6 +192,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, sys.stderr)
     set_cpu_policy(args.cpu_policy)  # before trio starts threads: they inherit it
     keep_freed_buffers()
+    raise_open_files_limit()
     daemon = PeerDaemon(args.store, args.listen, join=args.join, zone=args.zone, weight=args.weight,
                         secret_file=args.secret_file, recovery_rate=args.recovery_rate * 1e6,
                         recovery_reserve=args.recovery_reserve, reserve=args.reserve,

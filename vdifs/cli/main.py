@@ -23,7 +23,7 @@ from vdifs.client.catalog import WRITE_BEHIND
 from vdifs.client.remote import REPLICA_WAIT
 from vdifs.control import caller
 from vdifs.errors import VdifsError, as_vdifs_error
-from vdifs.fsutil import lock_store
+from vdifs.fsutil import lock_store, raise_open_files_limit
 from vdifs.fuse.mount import Mount, check_mountpoint, default_store
 from vdifs.meta.lease import DEFAULT_TERM
 
@@ -125,6 +125,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                   nbd_group=args.nbd_group, metrics=args.metrics)
     lock = lock_store(store)
     keep_freed_buffers()
+    raise_open_files_limit()
     logfile = args.log_file or os.path.join(store, "mount.log")
     if args.foreground:
         setup_logging(args.log_level, sys.stderr)

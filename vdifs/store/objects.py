@@ -37,7 +37,7 @@ from typing import Any
 import trio
 
 from vdifs.errors import ChecksumError, NoSpace, ObjectExists, ObjectNotFound, PoolError
-from vdifs.fsutil import fsync_dir, machine_dirty_bytes, syncfs
+from vdifs.fsutil import fsync_dir, machine_dirty_bytes, open_files_limit, syncfs
 from vdifs.model.ids import ObjectKind, unpack_oid, vid_of
 from vdifs.store import checksums, files
 from vdifs.store.batch import BatchRunner
@@ -47,7 +47,17 @@ from vdifs.store.verified import read_verified
 
 log = logging.getLogger("vdifs.store")
 
-MAX_OPEN_FILES = 512
+#: Objects a store keeps open at most (descriptor and checksum table, about
+#: 1.5 KiB each: 12 MiB at the limit). An object not open cannot be read
+#: without a thread hop (the open and the table's load), so this is the hot
+#: set of a peer: 32 GiB of 4 MiB objects. At 512 a 2 GiB VDI on three peers
+#: no longer fit, and every sequential read met each object closed
+#: (docs/benchmarks.md, "Open objects").
+MAX_OPEN_FILES = 8192
+#: The share of the process's open-files limit the store may hold: the rest
+#: is for connections (a peer serves every mount of the cluster).
+OPEN_FILES_SHARE = 4
+MIN_OPEN_FILES = 64
 PART = ".part"  # suffix of an object being installed (never 16 hex digits: never listed)
 SYNC_PARALLELISM = 8
 SYNCFS_MIN = 4  # objects: a sync of this many or more may be one syncfs ...
@@ -91,13 +101,18 @@ class _Handle:
 
 class ObjectStore:
     def __init__(self, root: str, reserve: int | None = None, direct: bool = False,
-                 zero_crc_is_zeros: bool = False) -> None:
+                 zero_crc_is_zeros: bool = False, max_open: int | None = None) -> None:
         """`reserve`: bytes of the file system that data writes leave free
         (None: the default for its size, see `store.reserve`). `direct`: writes
         made with `cache=False` go past the page cache when they are large and
         aligned (`files.DIRECT_MIN`) and the file system can.
-        `zero_crc_is_zeros`: see `files.write_block_crcs` (the mount's cache only)."""
+        `zero_crc_is_zeros`: see `files.write_block_crcs` (the mount's cache only).
+        `max_open`: objects kept open (None: MAX_OPEN_FILES, or less if the
+        process's open-files limit is low: see `fsutil.raise_open_files_limit`)."""
         self.root = os.path.abspath(root)
+        self.max_open = max_open if max_open is not None else max(
+            MIN_OPEN_FILES, min(MAX_OPEN_FILES, open_files_limit() // OPEN_FILES_SHARE))
+        self.opens = 0  # object files opened (a read of a closed object waits for one)
         self.zero_crc_is_zeros = zero_crc_is_zeros
         self._reserve_setting = reserve
         self.reserve: SpaceReserve | None = None  # set by open()
@@ -167,6 +182,7 @@ class ObjectStore:
                 raise ObjectNotFound(f"object {oid:016x} does not exist") from None
             except OSError as e:
                 raise files.os_error(e, f"opening object {oid:016x}") from None
+            self.opens += 1
             if self._moving or self._moves != moves:
                 # Files were moved while we opened: ours may be one that left
                 # the path. Open again once the moves are done.
@@ -222,13 +238,14 @@ class ObjectStore:
                 os.close(h.fd)
 
     def _evict(self) -> None:
-        if len(self._handles) <= MAX_OPEN_FILES:
-            return
-        for oid in list(self._handles):
-            if len(self._handles) <= MAX_OPEN_FILES:
-                break
-            if self._handles[oid].refs == 0:
-                self._forget(oid)
+        """Close the least recently used objects beyond `max_open` (one, as
+        a rule: this runs after each open). Objects in use are skipped; the
+        scan stops at the first one that is not."""
+        while len(self._handles) > self.max_open:
+            victim = next((oid for oid, h in self._handles.items() if h.refs == 0), None)
+            if victim is None:
+                return
+            self._forget(victim)
 
     # -- object operations ---------------------------------------------------
 
@@ -924,7 +941,7 @@ class ObjectStore:
                 "checksum_errors": self.checksum_errors, "direct_writes": self.direct_writes,
                 "whole_fs_syncs": self.whole_fs_syncs,
                 "thread_calls": self._io.calls,
-                "thread_hops": self._io.hops, "open_files": len(self._handles)}
+                "thread_hops": self._io.hops, "open_files": len(self._handles), "opens": self.opens}
 
     # -- objects out of service: rotten, handed off, stale --------------------------
     #
