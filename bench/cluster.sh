@@ -52,6 +52,10 @@ cat "$OUT/gluster-settings.txt"
 rm -f /mnt/gluster/fio.img
 "$HERE/fio-jobs.sh" /mnt/gluster/fio.img "$OUT/gluster"
 rm -f /mnt/gluster/fio.img
+# Its daemons (glusterd, three bricks, the client) leave before the other
+# targets run, so none of them shares the machine with an idle volume
+# (KEEP_GLUSTER=1 keeps it up).
+[[ ${KEEP_GLUSTER:-0} == 1 ]] || bash "$SHARED/bench/gluster/teardown.sh" > "$OUT/gluster-teardown.log" 2>&1
 
 PY=${PY:-$TOP/.venv/bin/python}
 # The lean probe of ../shared/bench/lean-netfs.py (fixed binary frames, no lock,
