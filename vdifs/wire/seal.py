@@ -17,9 +17,12 @@ listens; nobody can be authenticated before a secret exists.
 
 Cost, measured here: 0.7 us for a 4 KiB frame, 29 us for 1 MiB (AES-NI and
 carry-less multiply through OpenSSL). A frame that lies in one buffer is
-tagged in one call; one whose blob is a buffer of its own goes through the
-streaming interface, which reads the blob where it lies (GCM's associated
-data given in two pieces gives the same tag as given joined).
+tagged in one call. One whose blob is a buffer of its own is joined to it
+first when the blob is small (JOIN_MAX): the one-shot call on the joined
+copy costs 1.4 us for a 4 KiB blob where the streaming interface, which
+reads the blob where it lies, costs 6 us in the objects it makes; past
+JOIN_MAX the copy costs more than those. Either gives the same tag (GCM's
+associated data given in two pieces is the same as given joined).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 TAG = 16  # bytes at the end of every sealed frame
+JOIN_MAX = 128 << 10  # blobs up to this size are tagged joined to their head, in one call
 TO_SERVER, TO_CLIENT = b"c->s", b"s->c"
 _NONCE = struct.Struct(">4sQ")  # direction, sequence number
 
@@ -83,6 +87,8 @@ class FrameSeal:
         self._sent += 1
         if blob is None:
             return self._aead.encrypt(nonce, b"", head)
+        if len(blob) <= JOIN_MAX:
+            return self._aead.encrypt(nonce, b"", b"".join((head, blob)))
         enc = Cipher(self._aes, modes.GCM(nonce)).encryptor()
         enc.authenticate_additional_data(head)
         enc.authenticate_additional_data(blob)
@@ -96,6 +102,8 @@ class FrameSeal:
         try:
             if blob is None:
                 self._aead.decrypt(nonce, bytes(tag), head)
+            elif len(blob) <= JOIN_MAX:
+                self._aead.decrypt(nonce, bytes(tag), b"".join((head, blob)))
             else:
                 dec = Cipher(self._aes, modes.GCM(nonce, bytes(tag))).decryptor()
                 dec.authenticate_additional_data(head)
