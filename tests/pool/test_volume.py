@@ -4,10 +4,11 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 from vdifs.client.snapshots import Snapshots
-from vdifs.errors import TooLarge, VdiNotFound
-from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid
+from vdifs.errors import PoolError, TooLarge, VdiNotFound
+from vdifs.model.ids import MAX_VDI_SIZE, ObjectKind, data_oid, unpack_oid
 from vdifs.model.objmap import PENDING_DELETE
 
 from .conftest import make_catalog
@@ -412,3 +413,78 @@ async def test_a_vdi_tells_the_pool_the_copies_of_its_familys_data_vids_and_no_o
     await (await again.open(vm.vid, writable=True)).read(0, 4096)
     assert again.pool.told == {s1.vid: 2, gold_now.data_vid: 2, vm.data_vid: 3}
     assert other.data_vid not in again.pool.told
+
+
+async def test_flushes_waiting_together_share_one_sync(store_dir, nursery, monkeypatch):
+    """Group commit: flushes that queue behind a running sync are covered by
+    one sync that begins after all of them, even while writes go on; a
+    write acknowledged after a sync began is covered by a later one, never
+    by that one; a sync that fails covers nobody."""
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("g", 8 * OBJ)
+    vol = await cat.open(rec.vid)
+    data_syncs: list[set[int]] = []
+    gates = [trio.Event() for _ in range(8)]
+    fail_next = []
+    real_sync = vol.pool.sync
+
+    async def sync(oids):
+        oids = set(oids)
+        if any(unpack_oid(o)[0] == ObjectKind.DATA for o in oids):
+            data_syncs.append(oids)
+            await gates[len(data_syncs) - 1].wait()
+            if fail_next:
+                fail_next.pop()
+                raise PoolError("the disk said no")
+        await real_sync(oids)
+
+    monkeypatch.setattr(vol.pool, "sync", sync)
+    obj = [data_oid(rec.data_vid, i) for i in range(4)]
+    await vol.write(0, b"a" * 4096)
+    done: list[int] = []
+    errors: list[int] = []
+
+    async def flush(k):
+        try:
+            await vol.flush()
+            done.append(k)
+        except PoolError:
+            errors.append(k)
+
+    nursery.start_soon(flush, 0)
+    await wait_until(lambda: len(data_syncs) == 1)  # flush 0 syncs object 0, held at its gate
+    await vol.write(OBJ, b"b" * 4096)  # acknowledged while that sync runs
+    for k in range(1, 11):
+        nursery.start_soon(flush, k)
+    await trio.testing.wait_all_tasks_blocked()
+    gates[0].set()
+    await wait_until(lambda: len(data_syncs) == 2)  # one of the ten syncs for all ten
+    await vol.write(2 * OBJ, b"c" * 4096)  # acknowledged during that second sync
+    gates[1].set()
+    await wait_until(lambda: len(done) == 11)
+    assert len(data_syncs) == 2  # without group commit, a third for object 2
+    assert obj[1] in data_syncs[1] and obj[1] not in data_syncs[0] and obj[2] not in data_syncs[1]
+    gates[2].set()
+    await vol.flush()  # object 2's own flush
+    assert data_syncs[2] == {obj[2]}
+
+    # A failed sync covers nobody: the flush behind it syncs, for itself and the third.
+    data_syncs.clear()
+    gates = [trio.Event() for _ in range(8)]
+    done.clear()
+    fail_next.append(1)
+    await vol.write(3 * OBJ, b"d" * 4096)
+    for k in range(3):
+        nursery.start_soon(flush, k)
+    await trio.testing.wait_all_tasks_blocked()
+    for g in gates:
+        g.set()
+    await wait_until(lambda: len(done) + len(errors) == 3)
+    assert len(errors) == 1 and sorted(done + errors) == [0, 1, 2]  # the first to the lock failed
+    assert len(data_syncs) == 2 and obj[3] in data_syncs[1]
+
+
+async def wait_until(condition, timeout=10.0):
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)

@@ -11,7 +11,10 @@ Concurrency invariants (trio; a task can only be interrupted at an await):
   taken inside the lock, so the last write of a page to land is also the
   newest: the pool's copy never goes backwards.
 - `_flush_lock` serialises flushes; writes go on during a flush, and what
-  they dirty is left for the next one.
+  they dirty is left for the next one. Flushes that wait for the lock
+  together share one sync (group commit): a flush is covered by any sync
+  that began after it was ready (its window written back), so when it gets
+  the lock and such a sync has already succeeded it returns at once.
 
 Durability order on flush: data objects are synced, then dirty map pages
 are written and synced, then the directory record (size, mtime) is
@@ -87,6 +90,8 @@ class Volume:
         self._locks: dict[int, trio.Lock] = {}
         self._map_lock = trio.Lock()
         self._flush_lock = trio.Lock()
+        self._syncs_begun = 0  # flush syncs begun (numbered from 1, under `_flush_lock`)
+        self._synced = 0  # the number of the last flush sync that succeeded
         self._dirty_data: set[int] = set()
         self._inflight: dict[int, int] = {}  # unlocked overwrites in flight, per index
         self._zero_checks: dict[int, bool] = {}  # index -> written during its zero check
@@ -878,7 +883,14 @@ class Volume:
             raise PoolError(f"vid {self.vid}: {self.fenced}; nothing more is written")
         if self.window:
             await self._drain_window()
+        # Every write acknowledged before this call is now in the pool and
+        # dirty (data, map, size): a sync that begins from here on covers it.
+        ready = self._syncs_begun
         async with self._flush_lock:
+            if self._synced > ready and not (times and self.times_dirty):
+                return  # another flush's sync began after we were ready, and succeeded
+            self._syncs_begun += 1
+            mine = self._syncs_begun
             data, self._dirty_data = self._dirty_data, set()
             try:
                 if data:  # nothing written: nothing to ask of the pool
@@ -897,6 +909,7 @@ class Volume:
                     self.size_dirty |= size_dirty
                     self.times_dirty |= times_dirty
                     raise
+            self._synced = mine
 
     def allocation(self, offset: int, length: int) -> list[bool]:
         """For each object [offset, offset + length) touches, from the first:
