@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from vdifs.errors import VdiExists, VdifsError, leaf_errors
-from vdifs.meta.directory_service import ROOT_KEY, DirectoryService, part_key, read_directory
+from vdifs.meta.directory_service import ROOT_KEY, DirectoryReader, DirectoryService, part_key, read_directory
 from vdifs.model.directory import Directory, VdiRecord, part_of
 from vdifs.model.ids import MAX_VID
 
@@ -132,6 +132,33 @@ async def test_each_create_writes_one_part_and_vids_are_unique_and_per_part():
     for k in range(PARTS):  # every part holds exactly its names
         raw = regs.values[part_key(k)][1]
         assert all(part_of(n, PARTS) == k for n in Directory.decode(raw, part=k, parts=PARTS).vdis)
+
+
+async def test_a_kept_reader_decodes_only_the_parts_that_changed(monkeypatch):
+    regs = Registers()
+    svc = await mount(regs)
+    for i in range(40):
+        await svc.update_name(f"disk-{i}", lambda d, n=f"disk-{i}": d.create(n, 1 << 30))
+    reader = DirectoryReader(regs.open)
+    first = await reader.read()
+    decoded: list[int] = []
+    decode = Directory.decode.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, raw, *, part=0, parts=1):
+        decoded.append(part)
+        return decode(cls, raw, part=part, parts=parts)
+
+    monkeypatch.setattr(Directory, "decode", classmethod(counting))
+    again = await reader.read()
+    assert decoded == []
+    assert sorted(again.vdis) == sorted(first.vdis) and len(again.vdis) == 40
+    await svc.update_name("disk-new", lambda d: d.create("disk-new", 1 << 30))
+    after = await reader.read()
+    assert decoded == [part_of("disk-new", PARTS)]  # the changed part, once, though collected twice
+    assert len(after.vdis) == 41 and after.get("disk-new").vid == svc.current.get("disk-new").vid
+    decoded.clear()
+    await read_directory(regs.open)  # a reader made for one read decodes every part
+    assert sorted(decoded) == list(range(PARTS))
 
 
 async def test_a_rename_within_one_part_is_one_cas():

@@ -22,7 +22,6 @@ import trio
 from vdifs.cli.common import PEER_TIMEOUT, first_answer, run_with_pool
 from vdifs.errors import VdifsError
 from vdifs.meta.consensus import MetaClient
-from vdifs.meta.directory_service import read_directory
 from vdifs.meta.credentials import GRACE_MAX, ROTATION_GRACE, Credentials, describe, write_credentials
 from vdifs.meta.lease import Lease, LeaseManager, lease_key
 from vdifs.model.cluster import UP, ClusterMap
@@ -143,7 +142,7 @@ async def break_lock(pool: RpcPool, addresses: list[str], name: str) -> Lease:
     generation in the lease register, fenced on every up peer."""
     cmap = ClusterMap.from_dict(await first_answer(pool, addresses, "cluster.map"))
     meta = MetaClient(f"admin-{socket.gethostname()}-{os.getpid()}", pool, cmap.meta_addresses())
-    rec = (await read_directory(meta.register)).get(name)
+    rec = (await meta.read_directory()).get(name)
 
     async def fence(vid: int, generation: int) -> None:
         args: dict[str, Any] = {"vid": vid, "gen": generation}

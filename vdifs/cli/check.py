@@ -8,7 +8,6 @@ from typing import Any
 
 from vdifs.cli.common import Progress, first_answer, table
 from vdifs.meta.consensus import MetaClient
-from vdifs.meta.directory_service import read_directory
 from vdifs.meta.credentials import Credentials
 from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import ObjectKind, data_oid, unpack_oid
@@ -49,7 +48,7 @@ async def check(pool: RpcPool, addresses: list[str], creds: Credentials, repair:
     safe against writers)."""
     cmap = ClusterMap.from_dict(await first_answer(pool, addresses, "cluster.map"))
     meta = MetaClient("check", pool, cmap.meta_addresses())
-    directory = await read_directory(meta.register)
+    directory = await meta.read_directory()
     up = {p.peer_id: p for p in cmap.up_peers()}
     problems: list[dict[str, Any]] = []
     checked = 0

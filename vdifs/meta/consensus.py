@@ -9,8 +9,10 @@ from typing import Any
 import trio
 
 from vdifs.errors import VdifsError
+from vdifs.meta.directory_service import DirectoryReader
 from vdifs.meta.paxos import ConsensusUnavailable, PaxosRegister, Proposer
 from vdifs.model.cluster import ClusterMap
+from vdifs.model.directory import Directory
 from vdifs.wire.rpc import RpcPool
 
 CLUSTER_KEY = "cluster"
@@ -37,6 +39,7 @@ class MetaClient:
         self.rpc = rpc
         self.proposer = Proposer(node_id, meta_addresses, self._send)
         self._registers: dict[str, PaxosRegister] = {}
+        self._directory: DirectoryReader | None = None
 
     def set_meta(self, addresses: list[str]) -> None:
         self.proposer.acceptors = list(addresses)
@@ -51,6 +54,14 @@ class MetaClient:
         if reg is None:
             reg = self._registers[key] = PaxosRegister(self.proposer, key)
         return reg
+
+    async def read_directory(self) -> Directory:
+        """The whole directory as it was at one moment, through one reader
+        kept for this client (`DirectoryReader`: each read decodes only the
+        parts that changed since the last)."""
+        if self._directory is None:
+            self._directory = DirectoryReader(self.register)
+        return await self._directory.read()
 
     async def read_map(self) -> ClusterMap | None:
         """The current cluster map, linearizable."""

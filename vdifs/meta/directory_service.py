@@ -582,8 +582,22 @@ def _holding_entry(vid: int, fn: Callable[[Directory], T]) -> Callable[[Director
     return run
 
 
+class DirectoryReader:
+    """Reads of the whole directory as it was at one moment
+    (`refresh(consistent=True)`), for readers that decide from it what is
+    garbage, again and again (a peer's recovery passes, leak passes and
+    checks of set-aside objects). One service is kept across reads, so a
+    read decodes only the parts that changed since the one before: a fresh
+    service decodes all of them (about 100 ms of CPU at 10,000 VDIs)."""
+
+    def __init__(self, open_register: OpenRegister) -> None:
+        self._service = DirectoryService(open_register, parts=1)
+
+    async def read(self) -> Directory:
+        return await self._service.refresh(consistent=True)
+
+
 async def read_directory(open_register: OpenRegister) -> Directory:
-    """The whole directory as it was at one moment (`refresh(consistent=True)`):
-    for readers that decide from it what is garbage."""
-    return await DirectoryService(open_register, parts=1).refresh(consistent=True)
+    """One read of a `DirectoryReader`, for a process that reads once (a command)."""
+    return await DirectoryReader(open_register).read()
 

@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 import trio
 
 from vdifs.errors import ChecksumError, NoSpace, ObjectNotFound, PoolError, VdifsError
-from vdifs.meta.directory_service import read_directory
 from vdifs.model.cluster import UP, ClusterMap
 from vdifs.model.ids import ObjectKind, unpack_oid, vid_of
 from vdifs.model.placement import placement
@@ -216,7 +215,7 @@ class Recovery:
         """data vid -> copies of everything the directory keeps: VDIs, their
         snapshots, and retired snapshots clones still read (not the deleted)."""
         assert self.peer.meta is not None
-        return (await read_directory(self.peer.meta.register)).copies_by_data_vid()
+        return (await self.peer.meta.read_directory()).copies_by_data_vid()
 
     async def _cluster_objects(self, vids: list[int]) -> dict[int, set[int]]:
         """vid -> the objects of it that some up peer (or our own set-aside

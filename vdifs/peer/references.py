@@ -24,7 +24,6 @@ import errno
 import logging
 
 from vdifs.errors import VdifsError
-from vdifs.meta.directory_service import read_directory
 from vdifs.model.ids import ObjectKind, map_oid, unpack_oid
 from vdifs.model.objmap import ENTRY_BYTES, decode_entry, entry_location, map_chunks
 from vdifs.model.placement import placement
@@ -42,7 +41,7 @@ async def still_referenced(peer: PeerState, oid: int) -> bool | None:
     kind, vid, index = unpack_oid(oid)
     if kind not in (ObjectKind.DATA, ObjectKind.MAP):
         return True  # not an object of a VDI: nothing to judge by
-    directory = await read_directory(peer.meta.register)
+    directory = await peer.meta.read_directory()
     maps = directory.maps_that_may_point_at(vid)
     if kind == ObjectKind.MAP:
         return any(m == vid and index < len(map_chunks(size, osize)) for m, size, osize in maps)

@@ -38,7 +38,6 @@ import trio
 
 from vdifs.errors import VdifsError
 from vdifs.meta.consensus import MetaClient
-from vdifs.meta.directory_service import read_directory
 from vdifs.model.cluster import ClusterMap, PeerInfo
 from vdifs.model.directory import Directory
 from vdifs.model.ids import ObjectKind, map_oid, unpack_oid, vid_of
@@ -185,7 +184,7 @@ async def find_and_collect(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, di
     for pid, p in up.items():
         for v in await pool.call(p.address, "obj.vids", {"epoch": cmap.epoch}, timeout=LIST_TIMEOUT):
             holding.setdefault(int(v), set()).add(pid)
-    after = await read_directory(meta.register)  # after the listing: see the module's doc
+    after = await meta.read_directory()  # after the listing: see the module's doc
     in_use = after.vids_in_use() | directory.vids_in_use()
     leaks.stray_vids = sorted(set(holding) - in_use)
     if not repair:
@@ -220,7 +219,7 @@ async def leak_pass(pool: RpcPool, cmap: ClusterMap, meta: MetaClient, grace: in
     `find_and_collect` asks again after the listing, which took a while."""
     if not await recovery_settled(pool, cmap, timeout=LIST_TIMEOUT):
         return Leaks(unsettled=True)
-    directory = await read_directory(meta.register)
+    directory = await meta.read_directory()
     up = {p.peer_id: p for p in cmap.up_peers()}
     labels = {data_vid: name for name, data_vid, _copies in directory.data_vids()}
     listed = await list_holders_many(pool, cmap, up, sorted(labels))
