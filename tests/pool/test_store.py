@@ -198,6 +198,34 @@ async def test_checksums_follow_writes_creates_and_restarts(store):
     assert store.checksum_errors == 0
 
 
+async def test_the_periodic_pass_marks_only_objects_left_alone_for_a_pass(store):
+    """A CLEAN table costs the next write to its object an fsync (the DIRTY
+    mark first): the periodic pass leaves objects still being written DIRTY,
+    and marks an object once a whole pass went by without a write to it."""
+    if not store.checksums:
+        pytest.skip("the file system under the test store has no user xattrs")
+
+    def state(oid):
+        return os.getxattr(store.path(oid), checksums.XATTR)[3]
+
+    busy, quiet = data_oid(6, 0), data_oid(6, 1)
+    for oid in (busy, quiet):
+        await store.create(oid, 0, b"a" * 100, 1 << 20)
+    assert await store.sync_dirty(settled_only=True) == 0  # both were written since the pass before
+    for n in range(3):
+        await store.write(busy, 0, bytes([n]) * 100)
+        marked = await store.sync_dirty(settled_only=True)
+        assert state(busy) == checksums.DIRTY
+        assert (marked, state(quiet)) == ((1, checksums.CLEAN) if n == 0 else (0, checksums.CLEAN))
+    assert await store.sync_dirty(settled_only=True) == 1  # busy, once left alone for a pass
+    assert state(busy) == checksums.CLEAN
+    await store.write(busy, 0, b"z" * 100)
+    assert await store.sync_dirty() == 1  # an orderly stop marks everything
+    assert state(busy) == checksums.CLEAN
+    store.close()
+    assert await store.read(busy, 0, 100) == b"z" * 100
+
+
 async def test_a_dirty_table_is_rebuilt_from_the_data_after_a_crash(store):
     if not store.checksums:
         pytest.skip("the file system under the test store has no user xattrs")
