@@ -59,7 +59,7 @@ class MemoryNet:
                 except VdifsError as e:
                     raise RemoteError(e.errno, str(e)) from None
 
-            async def start(self, address, op, args=None):
+            async def start(self, address, op, args=None, *, soon=False):  # in memory: sent at once
                 try:
                     result, error = await self.call(address, op, args), None
                 except VdifsError as e:

@@ -206,7 +206,7 @@ async def test_a_fast_handler_answers_in_the_reader_or_hands_over(nursery):
     assert slow_calls == ["later"] and server.fast_answers == 3
 
 
-async def test_closing_a_client_ends_its_reader_and_watchdog_at_once(nursery):
+async def test_closing_a_client_ends_its_tasks_at_once(nursery):
     """A short-lived caller (the CLI) must not wait for the next watchdog sweep."""
     import trio.testing
 
@@ -214,7 +214,7 @@ async def test_closing_a_client_ends_its_reader_and_watchdog_at_once(nursery):
     async with trio.open_nursery() as n:
         client = RpcClient(addr, SECRET, n)
         assert await client.call("echo", {"x": 1}) == {"echo": 1, "auth": True}
-        assert len(n.child_tasks) == 2  # the reader and the watchdog
+        assert len(n.child_tasks) == 3  # the reader, the watchdog and the flusher
         await client.aclose()
         await trio.testing.wait_all_tasks_blocked()
         assert not n.child_tasks
@@ -241,6 +241,42 @@ async def test_fast_replies_to_a_burst_of_requests_leave_together(nursery, monke
     sent = writes
     assert [await c.finish(10) for c in calls] == [2 * i for i in range(32)]
     assert sent == 32 and writes - sent <= 4  # replies: one send per 16 at most, not 32
+
+
+async def test_requests_queued_in_one_pass_leave_together_in_order(nursery, monkeypatch):
+    """Requests started with soon=True go out in one system call once the
+    starting task lets the flusher run, in the order they were started, and
+    a plain send started after them never overtakes them."""
+    seen: list[int] = []
+
+    def record(args, session):
+        seen.append(args["x"])
+        return args["x"] * 2
+
+    server = RpcServer("test", {}, secret=lambda: SECRET, cluster_id=lambda: "c1", peer_id="p1",
+                       fast={"op": record})
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    client = RpcClient(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}", SECRET, nursery)
+    assert await client.call("op", {"x": -1}) == -2  # connected
+    fd = client._frames._sock.fileno()  # type: ignore[union-attr]
+    writes: list[int] = []
+    real_writev = os.writev
+
+    def counting(f, buffers):
+        if f == fd:
+            writes.append(f)
+        return real_writev(f, buffers)
+
+    monkeypatch.setattr(os, "writev", counting)
+    soon = [await client.start("op", {"x": i}, soon=True) for i in range(20)]
+    assert writes == []  # queued, not sent: no await let the flusher run yet
+    assert [await c.finish(10) for c in soon] == [2 * i for i in range(20)]
+    assert len(writes) == 1  # all 20 requests in one writev
+    assert seen == [-1, *range(20)]
+    soon = [await client.start("op", {"x": i}, soon=True) for i in range(20, 23)]
+    late = await client.start("op", {"x": 23})  # a plain send carries the queue before its own
+    assert [await c.finish(10) for c in [*soon, late]] == [40, 42, 44, 46]
+    assert seen[-4:] == [20, 21, 22, 23]
 
 
 async def _relay(nursery, target: str, flips: dict[str, int] | None = None,

@@ -100,11 +100,12 @@ class RoutedRpc:
                 return p.address
         return None  # nobody else reachable either: try it directly
 
-    async def start(self, address: str, op: str, args: dict[str, Any]) -> PendingCall | RelayedCall:
+    async def start(self, address: str, op: str, args: dict[str, Any], *,
+                    soon: bool = False) -> PendingCall | RelayedCall:
         self._used[address] = self._rounds
         relay = self.relay_for(address, op) if self.cut else None
         if relay is None:
-            return await self.rpc.start(address, op, args)
+            return await self.rpc.start(address, op, args, soon=soon)
         inner = dict(args)
         data = inner.pop("data", None)
         # the relay gives up on the target before we give up on the relay

@@ -307,14 +307,16 @@ class RemotePool:
     async def _all(self, targets: list[str], op: str, args: dict[str, Any], epoch: int) -> list[Any]:
         """The op on every target in parallel; all must succeed.
 
-        All requests are sent first and then awaited: in flight together
-        without a task each (this runs for every replicated write)."""
+        All requests are queued first and then awaited: in flight together
+        without a task each (this runs for every replicated write), and
+        sent by each connection's flusher with the others queued in the
+        same scheduling pass (`RpcClient.start(soon=True)`)."""
         results: list[Any] = [None] * len(targets)
         errors: list[BaseException] = []
         pending = []
         for i, address in enumerate(targets):
             try:
-                pending.append((i, await self.rpc.start(address, op, {**args, "epoch": epoch})))
+                pending.append((i, await self.rpc.start(address, op, {**args, "epoch": epoch}, soon=True)))
             except VdifsError as e:
                 errors.append(e)
         for i, call in pending:

@@ -82,6 +82,7 @@ class FrameStream:
         self._send_lock = trio.Lock()
         self._queue: list[Blob] = []  # frames waiting for the sender that holds the lock
         self._send_error: BaseException | None = None
+        self._flusher: trio.lowlevel.Task | None = None  # parked in `flush_queued`, waiting for frames
         # The socket of a TCP or unix stream, for sends that need no lock and no
         # await. Its fd is asked for at every send: after a close it is -1,
         # where a number kept from before could name another socket by now.
@@ -91,6 +92,11 @@ class FrameStream:
     def broken(self) -> bool:
         """A send failed: the stream is closed and nothing more goes out."""
         return self._send_error is not None
+
+    @property
+    def sending(self) -> bool:
+        """A send holds the lock, waiting for the socket to take more."""
+        return self._send_lock.locked()
 
     @property
     def busy(self) -> bool:
@@ -266,6 +272,37 @@ class FrameStream:
         the connection's owner fails what is in flight and reconnects."""
         await self.send_encoded(encode_frame(obj, self.max_frame, blob))
 
+    def send_soon(self, obj: Any, blob: Blob | None = None) -> None:
+        """Queue one frame for the stream's flusher (`flush_queued`), without
+        an await. The flusher, woken here, runs in the next scheduling pass,
+        after every task of this one: the frames they all queued go out in
+        one system call, which wakes the receiver once. For a mount writing
+        three replicas at queue depth 16 that cut its system calls per write
+        from 11 to 8 (docs/benchmarks.md). Order is kept: every sender
+        appends to the one queue, and whoever sends takes all of it."""
+        if self._send_error is not None:
+            raise trio.BrokenResourceError(f"an earlier send failed: {self._send_error!r}")
+        mine = encode_frame(obj, self.max_frame, blob)
+        self._queue.extend(_sealed(self.seal, mine) if self.seal is not None else mine)
+        task, self._flusher = self._flusher, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def _unpark_flusher(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._flusher = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def flush_queued(self) -> None:
+        """The flusher: send what `send_soon` queued, until cancelled or the
+        stream breaks."""
+        while True:
+            if not self._queue:
+                self._flusher = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._unpark_flusher)
+                continue
+            parts, self._queue = self._queue, []
+            await self._send_sealed(parts)
+
     async def send_encoded(self, mine: list[Blob]) -> None:
         """Send frames already encoded (`encode_frame`), in order: several
         frames given at once go out in one system call."""
@@ -273,6 +310,11 @@ class FrameStream:
             raise trio.BrokenResourceError(f"an earlier send failed: {self._send_error!r}")
         if self.seal is not None:  # tagged in the order they will go out: nothing below reorders
             mine = _sealed(self.seal, mine)
+        await self._send_sealed(mine)
+
+    async def _send_sealed(self, mine: list[Blob]) -> None:
+        if self._send_error is not None:
+            raise trio.BrokenResourceError(f"an earlier send failed: {self._send_error!r}")
         fd = self._sock.fileno() if self._sock is not None else -1
         if fd >= 0 and not self._send_lock.locked() and not self._queue and self._send_error is None:
             # Nobody is sending: hand the frame to the kernel now, without the

@@ -614,8 +614,10 @@ class RpcClient:
             frames.max_frame = MAX_FRAME
             self._frames = frames
             watch = trio.CancelScope()  # the reader ends the watchdog with the connection
-            self.nursery.start_soon(self._reader, frames, watch)
+            flush = trio.CancelScope()
+            self.nursery.start_soon(self._reader, frames, watch, flush)
             self.nursery.start_soon(self._watchdog, frames, watch)
+            self.nursery.start_soon(self._flusher, frames, flush)
             return frames
 
     async def _handshake(self, frames: FrameStream) -> None:
@@ -652,7 +654,7 @@ class RpcClient:
                                  code=errno.EACCES)
             frames.seal = FrameSeal(session_key(mine.key, hello["nonce"], nonce_c), server=False, encrypt=encrypted)
 
-    async def _reader(self, frames: FrameStream, watch: trio.CancelScope) -> None:
+    async def _reader(self, frames: FrameStream, watch: trio.CancelScope, flush: trio.CancelScope) -> None:
         try:
             while True:
                 msg, blob = await frames.receive_frame()
@@ -669,6 +671,7 @@ class RpcClient:
                 log.info("connection to %s lost: %s", self.address, e or type(e).__name__)
         finally:
             watch.cancel()
+            flush.cancel()
             if self._frames is frames:
                 self._frames = None
             for call in self._pending.values():
@@ -676,6 +679,17 @@ class RpcClient:
             self._pending.clear()
             with trio.CancelScope(shield=True):
                 await frames.aclose()
+
+    @staticmethod
+    async def _flusher(frames: FrameStream, flush: trio.CancelScope) -> None:
+        """Send the requests `start(soon=True)` queued (FrameStream.send_soon);
+        the reader cancels it when the connection ends. A failed send breaks
+        the stream, and the reader ends the calls in flight."""
+        with flush:
+            try:
+                await frames.flush_queued()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _watchdog(self, frames: FrameStream, watch: trio.CancelScope) -> None:
         """Fail the calls whose time is up, for the whole connection at once:
@@ -696,9 +710,16 @@ class RpcClient:
                 for rid in late:
                     self._pending.pop(rid).done(TIMED_OUT, "no answer in time")
 
-    async def start(self, op: str, args: dict[str, Any] | None = None) -> PendingCall:
+    async def start(self, op: str, args: dict[str, Any] | None = None, *, soon: bool = False) -> PendingCall:
         """Send a request; `finish` waits for its reply. Lets a caller have
-        requests to several peers in flight without a task per request."""
+        requests to several peers in flight without a task per request.
+
+        `soon`: queue it for the connection's flusher instead of sending it
+        now, so the requests that tasks started in one scheduling pass go out
+        in one system call and wake the peer once (replicated writes: see
+        FrameStream.send_soon). While a send waits on a full socket it waits
+        behind it as usual: the queue never grows past what the kernel holds
+        back."""
         frames = await self._connect()
         rid = self._next_id
         self._next_id += 1
@@ -713,7 +734,10 @@ class RpcClient:
         if data is not None and blob is None:
             args["data"] = data
         try:
-            await frames.send([rid, op, args], blob=blob)
+            if soon and not frames.sending:
+                frames.send_soon([rid, op, args], blob=blob)
+            else:
+                await frames.send([rid, op, args], blob=blob)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._pending.pop(rid, None)
             raise PeerUnavailable(f"connection to {self.address} broke") from None
@@ -832,8 +856,9 @@ class RpcPool:
         """Each peer's round trips so far, by address (of the connections kept)."""
         return {address: client.round_trips for address, client in self._clients.items()}
 
-    async def start(self, address: str, op: str, args: dict[str, Any] | None = None) -> PendingCall:
-        return await self.get(address).start(op, args)
+    async def start(self, address: str, op: str, args: dict[str, Any] | None = None, *,
+                    soon: bool = False) -> PendingCall:
+        return await self.get(address).start(op, args, soon=soon)
 
     async def drop(self, address: str, *, abort: bool = False) -> None:
         """Close the connection to `address`: what is in flight on it fails
