@@ -99,10 +99,22 @@ done
     --secret-file "$WORK/secret" --foreground --log-level warning ${MOUNT_OPTS:-} 2>"$OUT/mount.log" &
 mpid=$!; pids+=($mpid); peak_rss $mpid "$OUT/mount-peak-rss-kib"
 for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
+cache_state() {  # cache_state LABEL: what the mount's cache held and served so far, into the README
+    if "$V" cache -m "$WORK/mnt" --json > "$OUT/$1-cache.json" 2>/dev/null; then
+        python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); G=1<<30
+print("%s: cache %.1f GiB, %.1f used, hits %d, misses %d, fills %d, evictions %d" % (sys.argv[2],
+      c["size"] / G, c["used"] / G, c["hits"], c["misses"], c["fills"], c["evictions"]))' \
+            "$OUT/$1-cache.json" "$1"
+    else
+        echo "$1: no cache"
+    fi | tee -a "$OUT/README"
+}
 "$HERE/fio-jobs.sh" "$WORK/mnt/fio.img" "$OUT/vdifs"
+cache_state vdifs
 if [[ ${NBD:-1} == 1 ]]; then  # the same jobs on a second VDI, through the mount's NBD export
     truncate -s "${FIO_SIZE:-2G}" "$WORK/mnt/nbd.img"
     "$HERE/fio-jobs.sh" "nbd+unix:///nbd.img?socket=$WORK/ms/nbd.sock" "$OUT/vdifs-nbd"
+    cache_state vdifs-nbd
 fi
 for f in "$OUT"/*-peak-rss-kib; do echo "$(basename "$f" -peak-rss-kib): peak RSS $(( $(cat "$f") / 1024 )) MiB"; done | tee -a "$OUT/README"
 python3 "$HERE/compare_cluster.py" "$OUT" | tee "$OUT/table.md"

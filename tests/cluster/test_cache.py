@@ -135,6 +135,42 @@ def test_a_vdi_written_here_is_read_back_from_the_cache_and_its_snapshot_too(clu
     assert bytes_read_by_peers(cluster) - before == OBJ + 16
 
 
+def test_a_stream_read_again_is_cached_and_one_read_once_is_not(cluster):
+    cluster.format(3, copies=2)
+    m = cluster.mount("a", "--cache-size", "64M")
+    vdifs("vdi", "--mount", m.mp, "create", "vm", "16M")
+    data = os.urandom(16 * MiB)
+    fd = os.open(m.path("vm"), os.O_RDWR | os.O_DIRECT)  # held open: the lease stays ours
+    try:
+        buf = mmap.mmap(-1, 16 * MiB)
+        buf.write(data)
+        for off in range(0, 16 * MiB, MiB):  # a disk filled in large pieces: nothing cached
+            assert os.pwritev(fd, [memoryview(buf)[off:off + MiB]], off) == MiB
+        assert cache_status(m)["fills"] == 0
+
+        def stream() -> bytes:  # the whole VDI in 1 MiB reads, in order
+            got = mmap.mmap(-1, MiB)
+            out = []
+            for off in range(0, 16 * MiB, MiB):
+                assert os.preadv(fd, [got], off) == MiB
+                out.append(bytes(got))
+            return b"".join(out)
+
+        before = bytes_read_by_peers(cluster)
+        assert stream() == data  # read once: from the peers, nothing brought in
+        assert bytes_read_by_peers(cluster) - before >= 16 * MiB
+        c = cache_status(m)
+        assert c["fills"] == 0 and c["objects"]["ready"] == 0, c
+        assert stream() == data  # read again: each object is fetched into the cache
+        wait_for(lambda: cache_status(m)["objects"]["ready"] == 4, 20, "the four objects cached")
+        before = bytes_read_by_peers(cluster)
+        assert stream() == data  # and from then on read here
+        assert bytes_read_by_peers(cluster) - before == 0
+        assert cache_status(m)["fills"] == 4
+    finally:
+        os.close(fd)
+
+
 def test_lease_hand_over_never_serves_what_another_mount_overwrote(cluster):
     need("qemu-io")
     cluster.format(3, copies=2)

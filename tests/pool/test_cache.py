@@ -9,7 +9,7 @@ import trio
 import trio.testing
 from hypothesis import given, settings, strategies as st
 
-from vdifs.client.cache import ObjectCache
+from vdifs.client.cache import ObjectCache, size_leaving_room
 from vdifs.model.cache_index import CacheIndex, State
 from vdifs.model.ids import data_oid
 
@@ -198,3 +198,19 @@ async def test_the_evictor_sleeps_when_there_is_nothing_to_do(tmp_path):
         nursery.cancel_scope.cancel()
     cache.close()
     assert used < 0.2, f"the evictor used {used:.2f} s of CPU in 0.5 s of idling"
+
+
+def test_default_size_counts_only_what_the_mount_can_use():
+    GiB, blk = 1 << 30, 4096
+    g = GiB // blk  # blocks per GiB
+    # A plain disk, 100 GiB with 60 free (nothing reserved): a tenth.
+    assert size_leaving_room(100 * g, 60 * g, 60 * g, blk) == 10 * GiB
+    # Almost full: only what keeps a fifth free, then nothing.
+    assert size_leaving_room(100 * g, 25 * g, 25 * g, blk) == 5 * GiB
+    assert size_leaving_room(100 * g, 15 * g, 15 * g, blk) == 0
+    # 252 GiB of which 150 are reserved for another user, 26 used, 76
+    # available (this project's VMs): the mount sees a 102 GiB disk a
+    # quarter full, not a 252 GiB one with less than a fifth free.
+    assert size_leaving_room(252 * g, 226 * g, 76 * g, blk) == 102 * GiB // 10
+    # The same disk nearly full as the mount sees it: still room kept.
+    assert size_leaving_room(252 * g, 160 * g, 10 * g, blk) == 0

@@ -62,13 +62,21 @@ Buffer = bytes | bytearray | memoryview
 
 
 def default_size(directory: str) -> int:
-    """A size that leaves the disk room: a tenth of the file system, and no
-    more than what keeps a fifth of it free."""
+    """`size_leaving_room` for the file system `directory` is (or will be) on."""
     while not os.path.isdir(directory):  # not made yet: the file system it will be on
         directory = os.path.dirname(directory) or "/"
     st = os.statvfs(directory)
-    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
-    return max(0, min(total // 10, free - total // 5))
+    return size_leaving_room(st.f_blocks, st.f_bfree, st.f_bavail, st.f_frsize)
+
+
+def size_leaving_room(blocks: int, free: int, available: int, block_size: int) -> int:
+    """A size that leaves the disk room: a tenth of the file system, and no
+    more than what keeps a fifth of it free. The file system is what the
+    mount can use, as `df` counts it (used plus available): blocks reserved
+    for another user (ext4 keeps 5% for root, some hosts far more) are
+    neither room nor part of what a fifth is of."""
+    capacity = (blocks - free + available) * block_size
+    return max(0, min(capacity // 10, available * block_size - capacity // 5))
 
 
 class ObjectCache:

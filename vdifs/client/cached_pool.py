@@ -26,8 +26,10 @@ checksums; a bad one is dropped and read from the peers). A read of a
 snapshot's object that is not cached starts a fill (and READ_AHEAD more)
 and is served from it; a small read of a writable VDI's object goes to the
 peers and starts a fill in the background (at most MAX_FILLS at once), if
-space can be reserved; a fill that a write overtakes throws away what it
-fetched. A write that
+space can be reserved, and so does a large one (a stream) that reads bytes
+of the object a stream read before: a disk read through once (a backup, a
+copy) brings nothing in, one read again (a scan a guest repeats) does. A
+fill that a write overtakes throws away what it fetched. A write that
 fails, or that overlapped another write to the same bytes in flight (the
 replicas may then hold either, and the copy either), drops the cached
 copy: replicas and cache can never disagree about what a read returns.
@@ -56,9 +58,12 @@ log = logging.getLogger("vdifs.cache")
 
 MAX_FILLS = 4  # fills running at once
 READ_AHEAD = 2  # objects fetched ahead of a read that waits for a snapshot's object
-#: A read miss this large of a writable VDI's object starts no fill: a stream
-#: reads each object once, and a fill would fetch it a second time.
+#: A read miss this large of a writable VDI's object starts no fill unless
+#: it reads again what an earlier one read: a stream read once would fetch
+#: each object a second time for nothing.
 STREAM_READ = 128 << 10
+STREAM_SLOT = 128 << 10  # the grain in which the bytes streams read are remembered
+STREAMS_REMEMBERED = 4096  # objects whose streamed bytes are remembered (the least recent forgotten)
 #: Creates up to this size are cached as they are made (a guest's first small
 #: write into an object, which it reads back); larger ones (a disk being
 #: filled, an image copied in) are not: a fourth page-cache copy of a
@@ -83,6 +88,7 @@ class CachingPool:
         self._released: dict[int, int] = {}  # lease vid -> the generation it was released at
         self._writing: dict[int, list[list[int]]] = {}  # oid -> [start, end, overlapped] of writes in flight
         self._filling: dict[int, trio.Event] = {}  # oid -> set when its fill ends (len: fills running)
+        self._streamed: dict[int, int] = {}  # oid -> bit mask of the STREAM_SLOTs large reads took, oldest first
         self._nursery: trio.Nursery | None = None
         # What the cache has nothing to do with goes straight through.
         self.sync = pool.sync
@@ -177,7 +183,8 @@ class CachingPool:
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         if not self._serves(oid):
             filled = self._filling.get(oid)
-            if filled is None and (length < STREAM_READ or self._immutable(oid)):
+            if filled is None and (length < STREAM_READ or self._immutable(oid)
+                                   or self._terms(oid) is not None and self._read_again(oid, offset, length)):
                 filled = self._start_fill(oid)
             if filled is not None and self._immutable(oid):
                 # A snapshot's object comes in whole once and this read is served
@@ -309,6 +316,17 @@ class CachingPool:
             return size, True, None
         generation = self._generation(self._lease_of.get(vid, vid))
         return None if generation is None else (size, False, generation)
+
+    def _read_again(self, oid: int, offset: int, length: int) -> bool:
+        """Whether this large read takes bytes of `oid` that an earlier one
+        took (remembered for the STREAMS_REMEMBERED objects read last)."""
+        first, last = offset // STREAM_SLOT, (offset + length - 1) // STREAM_SLOT
+        slots = ((1 << (last - first + 1)) - 1) << first
+        seen = self._streamed.pop(oid, 0)
+        self._streamed[oid] = seen | slots  # now the most recent
+        if len(self._streamed) > STREAMS_REMEMBERED:
+            del self._streamed[next(iter(self._streamed))]
+        return bool(seen & slots)
 
     def _immutable(self, oid: int) -> bool:
         facts = self._facts(vid_of(oid))
