@@ -98,6 +98,25 @@ def test_one_writer_read_only_everywhere_and_handover(two):
     hb.close()
 
 
+def test_a_reader_elsewhere_drops_its_cached_pages_when_the_holder_changed_the_vdi(two):
+    """The mount asks the kernel for no attribute check before each read
+    (design change 61): when another mount's writes show in the directory
+    (a new mtime), a reader here holding the file open must lose its cached
+    pages, or it would read the old bytes for as long as the file is open."""
+    cluster, a, b, holders = two
+    h = Holder(a.path("vm"))
+    holders.append(h)
+    assert h.write(0, 0x11, 65536, sync=True) == "ok"
+    fd = os.open(b.path("vm"), os.O_RDONLY)  # buffered: its pages stay in b's page cache
+    try:
+        assert os.pread(fd, 65536, 0) == b"\x11" * 65536
+        assert h.write(0, 0x33, 65536, sync=True) == "ok"
+        h.close()  # the mtime reaches the directory
+        wait_for(lambda: os.pread(fd, 65536, 0) == b"\x33" * 65536, 10, "the reader sees the new bytes")
+    finally:
+        os.close(fd)
+
+
 def test_paused_holder_is_fenced_after_takeover(two):
     cluster, a, b, holders = two
     h = Holder(a.path("vm"))

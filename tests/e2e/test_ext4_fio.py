@@ -120,3 +120,22 @@ def test_reads_in_flight_cost_no_attribute_round_trips(mount):
     job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["read"]["total_ios"] > 1000
     assert fuse_stats(mount)["getattrs"] - before <= 10
+
+
+def test_reads_among_writes_cost_no_attribute_round_trips(mount):
+    """Each O_DIRECT write makes the kernel invalidate the file's
+    attributes; with AUTO_INVAL_DATA it then asked for them before the next
+    read, a round trip the reader waited for inside io_submit: one GETATTR
+    per read in a mix of reads and writes (design change 61)."""
+    need("fio")
+    p = mount.path("mix.img")
+    with open(p, "wb") as f:
+        f.truncate(64 << 20)
+    common = ["--ioengine=libaio", "--direct=1", f"--filename={p}", "--size=64M", "--output-format=json"]
+    run("fio", "--name=fill", "--rw=write", "--bs=1M", "--iodepth=8", *common)
+    before = fuse_stats(mount)["getattrs"]
+    res = run("fio", "--name=mix", "--rw=randrw", "--rwmixread=70", "--bs=64k", "--iodepth=8", "--runtime=3",
+              "--time_based", "--verify=crc32c", "--verify_fatal=1", *common)
+    job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["total_ios"] > 200 and job["write"]["total_ios"] > 100
+    assert fuse_stats(mount)["getattrs"] - before <= 10

@@ -73,7 +73,6 @@ MAX_BACKGROUND, CONGESTION_THRESHOLD = 64, 48
 # INIT flags (fuse_init_in.flags)
 ASYNC_READ = 1 << 0
 BIG_WRITES = 1 << 5
-AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
 ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18
@@ -81,10 +80,13 @@ FLAG_MAX_PAGES = 1 << 22
 HANDLE_KILLPRIV_V2 = 1 << 28
 #: What vdifs asks for: concurrent reads and direct I/O (a client's queue
 #: reaches us whole), 1 MiB requests, attributes with directory listings,
-#: cached pages dropped when a file's size or mtime changes under them, and
-#: the dropping of privileges on write left to us (we keep none to drop), so
-#: the kernel does not ask for security.capability before every write.
-WANTED = (ASYNC_READ | BIG_WRITES | AUTO_INVAL_DATA | DO_READDIRPLUS | ASYNC_DIO | PARALLEL_DIROPS
+#: and the dropping of privileges on write left to us (we keep none to drop),
+#: so the kernel does not ask for security.capability before every write.
+#: Not AUTO_INVAL_DATA: with it the kernel asks for the attributes before
+#: every read that follows a write (its write invalidates them), a round trip
+#: the reader waits for in io_submit; the mount drops cached pages itself
+#: when another mount changed a VDI (design change 61).
+WANTED = (ASYNC_READ | BIG_WRITES | DO_READDIRPLUS | ASYNC_DIO | PARALLEL_DIROPS
           | FLAG_MAX_PAGES | HANDLE_KILLPRIV_V2)
 
 # open_flags of OPEN_OUT

@@ -150,8 +150,10 @@ class Mount:
                 self._forget_name(ROOT, name)
             old = old_by_vid.get(now.vid) if now is not None else None
             if now is not None and old is not None and old != now:  # size, times or mode changed elsewhere
-                # A new data vid with the old one deleted is a rollback: the content changed.
-                content = old.data_vid != now.data_vid and old.data_vid in after.deleting
+                # A new data vid with the old one deleted is a rollback; a new
+                # mtime, writes by another mount: cached pages go too (the
+                # kernel drops them by itself only when the size changed).
+                content = old.mtime != now.mtime or (old.data_vid != now.data_vid and old.data_vid in after.deleting)
                 self._forget_inode(now.vid + 1, attr_only=not content)
             if was is not None:
                 for snap in set(was.snapshots) - set(now.snapshots if now is not None else {}):
