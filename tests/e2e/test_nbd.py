@@ -82,6 +82,27 @@ def test_qemu_img_and_qemu_io_over_nbd_see_the_file_byte_for_byte(mount):
     assert "vm" in run("qemu-nbd", "--list", "-k", sock(mount)).stdout
 
 
+def test_pages_the_file_cached_are_dropped_before_nbd_answers_a_change(mount):
+    """The kernel keeps a file's pages (across opens, on an embedded pool)
+    and, since design change 61, does not ask before reading them: a write,
+    TRIM or WRITE_ZEROES through the export must drop them before its reply,
+    or the file goes on showing the bytes the export replaced."""
+    need("qemu-io")
+    make_vdi(mount, "vm", 8 * MiB)
+    f = mount.path("vm")
+    write_at(f, 0, b"\x11" * 65536, fsync=True)
+    fd = os.open(f, os.O_RDONLY)  # buffered, held open: its pages stay cached
+    try:
+        assert os.pread(fd, 65536, 0) == b"\x11" * 65536
+        qemu_io(mount, "vm", "write -P 0x22 0 65536")
+        assert os.pread(fd, 65536, 0) == b"\x22" * 65536
+        assert read_at(f, 0, 65536) == b"\x22" * 65536  # and through a new open
+        qemu_io(mount, "vm", "write -z 0 4096", "discard 4096 4096")
+        assert os.pread(fd, 65536, 0) == bytes(8192) + b"\x22" * (65536 - 8192)
+    finally:
+        os.close(fd)
+
+
 def test_holes_and_data_as_the_object_map_has_them_and_convert_stays_sparse(mount):
     need("qemu-img", "qemu-io")
     make_vdi(mount, "sparse", 40 * MiB)

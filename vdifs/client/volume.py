@@ -120,6 +120,9 @@ class Volume:
         self._window_moved: trio.Event | None = None  # set when a round ends or the window is dropped
         self.behind_writes = 0  # writes acknowledged from the window
         self.io = IoStats()  # what its clients asked, for `status` and the metrics
+        #: FUSE read it since the kernel's pages of it were last dropped: a change
+        #: made past the kernel (the NBD export's) must drop them (design change 62).
+        self.kernel_pages = False
 
     # -- loading -----------------------------------------------------------
 

@@ -132,6 +132,11 @@ class Mount:
             except OSError:
                 pass  # the kernel never saw this inode
 
+    async def _drop_pages(self, vid: int) -> None:
+        """Drop the kernel's cached pages of a VDI (changed past FUSE, by NBD)."""
+        if self.session is not None:
+            await self.session.drop_pages(vid + 1)
+
     def invalidate(self, event: str, vid: int, names: list[str]) -> None:
         """Drop what the kernel cached after a change made outside FUSE."""
         for name in names:
@@ -173,7 +178,7 @@ class Mount:
             if self.metrics is not None:
                 space_cache = PoolSpaceCache()
                 await nursery.start(serve_metrics, self.metrics, lambda: mount_metrics(catalog, ops.stats, space_cache))
-            nbd = NbdServer(catalog, self.nbd_path, self.nbd_group) if self.nbd_path else None
+            nbd = NbdServer(catalog, self.nbd_path, self.nbd_group, self._drop_pages) if self.nbd_path else None
             if nbd is not None:
                 await nursery.start(nbd.serve)
             # mount(2), or fusermount3 as a child process: off the event loop (the control server runs)

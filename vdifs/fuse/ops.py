@@ -348,6 +348,7 @@ class VdifsOperations:
         vol = self._handles.get(fh)
         if vol is None:
             return None
+        vol.kernel_pages = True
         try:
             return vol.read_now(off, size)
         except Exception:
@@ -355,7 +356,9 @@ class VdifsOperations:
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
-        return await self._handles[fh].read(off, size)
+        vol = self._handles[fh]
+        vol.kernel_pages = True
+        return await vol.read(off, size)
 
     def write_now(self, fh: int, off: int, buf: bytes | memoryview) -> bool:
         """A write done with no wait (the session's inline path), or False:
@@ -363,6 +366,7 @@ class VdifsOperations:
         vol = self._handles.get(fh)
         if vol is None or (vol.record.shared and fh in self._synchronous):
             return False
+        vol.kernel_pages = True  # a buffered write leaves its pages cached
         before = vol.behind_writes
         try:
             done = vol.write_now(off, buf, behind=fh in self._behind)
@@ -377,6 +381,7 @@ class VdifsOperations:
         O_DSYNC handle's, or one made with RWF_DSYNC, as QEMU passes a
         guest's FUA)."""
         vol = self._handles[fh]
+        vol.kernel_pages = True
         before = vol.behind_writes
         n = await vol.write(off, buf, behind=fh in self._behind and not synchronous)
         self.stats["behind_writes"] += vol.behind_writes - before

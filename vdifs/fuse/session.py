@@ -12,10 +12,12 @@ so a slow one (a peer, a lease) never holds the others up. After
 yields once, so those tasks (and the rest of the mount) get to run.
 
 Concurrency: everything here runs on the trio thread; replies are written
-with no await between a request's result and its writev. The one exception
-is the invalidation of a directory entry, written from a worker thread: the
-kernel takes the directory's lock for it, which a lookup we have yet to
-answer may hold (pyfuse3 did the same).
+with no await between a request's result and its writev. The exceptions
+are the invalidations that wait for a lock a request we have yet to answer
+may hold, written from a worker thread: a directory entry's (the kernel
+takes the directory's lock, which a lookup may hold; pyfuse3 did the same)
+and an inode's cached pages (the kernel locks each page, and a buffered
+read or readahead holds its pages locked until we answer it).
 """
 
 from __future__ import annotations
@@ -156,9 +158,27 @@ class Session:
     # -- notifications -----------------------------------------------------------------
 
     def invalidate_inode(self, ino: int, *, attr_only: bool = False) -> None:
-        """Drop what the kernel caches of an inode (its pages too unless
-        `attr_only`). OSError ENOENT: the kernel does not know the inode."""
-        os.write(self.fd, abi.inval_inode(ino, -1 if attr_only else 0, 0))
+        """Drop what the kernel caches of an inode: its attributes at once,
+        its pages too (unless `attr_only`) from a worker thread moments
+        later (see the module's docstring). OSError ENOENT: the kernel does
+        not know the inode."""
+        os.write(self.fd, abi.inval_inode(ino, -1, 0))
+        if not attr_only and self._nursery is not None:
+            self._nursery.start_soon(self.drop_pages, ino)
+
+    async def drop_pages(self, ino: int) -> None:
+        """Drop the kernel's cached pages of an inode; returns once they are
+        gone (from a worker thread, see the module's docstring)."""
+        msg = abi.inval_inode(ino, 0, 0)
+
+        def write() -> None:
+            try:
+                os.write(self.fd, msg)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENODEV):
+                    log.warning("could not drop the cached pages of inode %d: %s", ino, e)
+
+        await trio.to_thread.run_sync(write)
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
         """Have the kernel forget a name, from a worker thread (see the module's

@@ -35,6 +35,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -198,11 +199,17 @@ class Exports:
                 await self.catalog.close(export.volume, writable=True)
 
 
+#: Drops the kernel's cached pages of a VDI (by vid) that FUSE read: the mount's.
+DropPages = Callable[[int], Awaitable[None]]
+
+
 class Connection:
-    def __init__(self, stream: trio.SocketStream, exports: Exports, peer: str) -> None:
+    def __init__(self, stream: trio.SocketStream, exports: Exports, peer: str,
+                 drop_pages: DropPages | None = None) -> None:
         self.stream = stream
         self.exports = exports
         self.peer = peer
+        self.drop_pages = drop_pages
         self.reader = Reader(stream)
         self.send_lock = trio.Lock()
         self.structured = False
@@ -444,8 +451,8 @@ class Connection:
                             batched = 0
                         continue
                 elif kind == p.CMD_WRITE and not flags:
-                    try:
-                        done = vol.write_now(offset, payload, behind=self.flushed)
+                    try:  # (pages FUSE read must be dropped before the reply: a task does it)
+                        done = not vol.kernel_pages and vol.write_now(offset, payload, behind=self.flushed)
                     except Exception:
                         done = False
                     if done:
@@ -540,6 +547,7 @@ class Connection:
         if kind == Cmd.WRITE:
             fua = bool(flags & CmdFlag.FUA)
             await vol.write(offset, payload, behind=self.flushed and not fua)
+            await self._drop_kernel_pages(vol)
             if fua:
                 await vol.flush()
         elif kind == Cmd.FLUSH:
@@ -547,6 +555,7 @@ class Connection:
             self.flushed = True
         elif kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
             await vol.discard(offset, length, provision=kind == Cmd.WRITE_ZEROES and bool(flags & CmdFlag.NO_HOLE))
+            await self._drop_kernel_pages(vol)
             if flags & CmdFlag.FUA:
                 await vol.flush()
         elif kind == Cmd.BLOCK_STATUS:
@@ -557,6 +566,14 @@ class Connection:
             return
         # CACHE: nothing to do (reads are fast enough to need no warming)
         await self._send([self._ok_reply(cookie)])
+
+    async def _drop_kernel_pages(self, vol: Volume) -> None:
+        """After a change: if FUSE read the VDI since its pages were last
+        dropped, drop them before the reply, so that no reader of the file
+        is served the bytes this export just replaced (design change 62)."""
+        if vol.kernel_pages and self.drop_pages is not None:
+            vol.kernel_pages = False
+            await self.drop_pages(vol.vid)
 
     async def _flush_batch(self) -> None:
         if self._batch:
@@ -610,11 +627,14 @@ class Connection:
 
 
 class NbdServer:
-    def __init__(self, catalog: Catalog, path: str, group: str | None = None) -> None:
+    def __init__(self, catalog: Catalog, path: str, group: str | None = None,
+                 drop_pages: DropPages | None = None) -> None:
         """`group`: the socket's group (its members may connect: QEMU run
-        as its own user, as libvirt does), else the process's."""
+        as its own user, as libvirt does), else the process's. `drop_pages`:
+        how a change drops the pages the kernel cached of a VDI FUSE read."""
         self.path = os.path.abspath(path)
         self.group = group
+        self.drop_pages = drop_pages
         self.exports = Exports(catalog)
         self.connections = 0  # open now
         self.connections_total = 0
@@ -664,7 +684,7 @@ class NbdServer:
         self.connections_total += 1
         peer = f"client {self.connections_total}"
         try:
-            await Connection(stream, self.exports, peer).run()
+            await Connection(stream, self.exports, peer, self.drop_pages).run()
         except Exception:  # a bug: this connection ends, the server and the others go on
             log.exception("nbd: %s: connection failed unexpectedly", peer)
         finally:
