@@ -169,32 +169,25 @@ class Session:
     async def drop_pages(self, ino: int) -> None:
         """Drop the kernel's cached pages of an inode; returns once they are
         gone (from a worker thread, see the module's docstring)."""
-        msg = abi.inval_inode(ino, 0, 0)
-
-        def write() -> None:
-            try:
-                os.write(self.fd, msg)
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ENODEV):
-                    log.warning("could not drop the cached pages of inode %d: %s", ino, e)
-
-        await trio.to_thread.run_sync(write)
+        await trio.to_thread.run_sync(self._notify_blocking, abi.inval_inode(ino, 0, 0),
+                                      f"the cached pages of inode {ino}")
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
         """Have the kernel forget a name, from a worker thread (see the module's
         docstring); a name it does not know is not an error."""
         if self._nursery is None:
             return
-        msg = abi.inval_entry(parent, name)
+        self._nursery.start_soon(trio.to_thread.run_sync, self._notify_blocking, abi.inval_entry(parent, name),
+                                 f"the name {name!r}")
 
-        def write() -> None:
-            try:
-                os.write(self.fd, msg)
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ENODEV):
-                    log.warning("could not invalidate the name %r: %s", name, e)
-
-        self._nursery.start_soon(trio.to_thread.run_sync, write)
+    def _notify_blocking(self, msg: bytes, what: str) -> None:
+        """Write a notification that may wait for a kernel lock (in a worker
+        thread); one about something the kernel no longer knows is no error."""
+        try:
+            os.write(self.fd, msg)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("could not invalidate %s: %s", what, e)
 
     # -- the loop ---------------------------------------------------------------------
 
