@@ -33,13 +33,14 @@ ROOT = abi.ROOT_INODE
 SNAPSHOTS = MAX_VID + 2  # the .snapshots directory
 SNAPSHOT_BASE = 1 << 32  # a snapshot's inode: this + its data vid
 ATTR_TIMEOUT = 1.0  # names, directories, and VDIs that other mounts write (shared)
-#: A VDI's or snapshot's attributes (design change 27). Every time they expire
-#: while a client has O_DIRECT I/O in flight, each read asks for them again
-#: (GETATTR) and each answer is thrown away by the kernel because a read
-#: completed meanwhile: a storm of one GETATTR per read until one answer
-#: happens to land alone. What changes them is either seen by the kernel (this
-#: mount's writes and truncates) or invalidated explicitly (resizes and
-#: rollbacks through the control socket, another mount's changes).
+#: A VDI's or snapshot's attributes (design change 27). While the mount asked
+#: for auto_inval_data (until design change 61), every time they expired with
+#: O_DIRECT I/O in flight each read asked for them again (GETATTR) and each
+#: answer was thrown away because a read completed meanwhile: a storm of one
+#: GETATTR per read. Reads no longer ask; stat, lookups and reads past the end
+#: still do. What changes them is either seen by the kernel (this mount's
+#: writes and truncates) or invalidated explicitly (resizes and rollbacks
+#: through the control socket, another mount's changes).
 FILE_ATTR_TIMEOUT = 3600.0
 XATTR_PREFIX = b"user.vdifs."
 SETTABLE_XATTRS = (b"copies", b"shared")  # set only: what they show is in `vdi info`
