@@ -30,8 +30,9 @@ from vdifs.wire.rpc import MAX_ERROR_TEXT, MAX_OP_NAME
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-#: (event, vid, names) -> tell the kernel to drop what it cached.
-Invalidate = Callable[[str, int, list[str]], None]
+#: (event, vid, names) -> tell the kernel to drop what it cached; returns
+#: once it has (the reply then never precedes it).
+Invalidate = Callable[[str, int, list[str]], Awaitable[None]]
 
 
 #: Strings and integers are taken as long or as large as a frame can carry
@@ -59,6 +60,10 @@ def _flag(args: dict[str, Any], key: str) -> bool:
     return bool(args.get(key))
 
 
+async def _nothing_to_invalidate(event: str, vid: int, names: list[str]) -> None:
+    pass
+
+
 class ControlServer:
     def __init__(self, catalog: Catalog, path: str, status: dict[str, Any],
                  invalidate: Invalidate | None = None) -> None:
@@ -67,7 +72,7 @@ class ControlServer:
         self.reports = Reports(catalog)
         self.path = path
         self.status_info = status
-        self.invalidate = invalidate or (lambda event, vid, names: None)
+        self.invalidate = invalidate or _nothing_to_invalidate
         self.ops: dict[str, Handler] = {
             "status": self.op_status,
             "flush": self.op_flush,
@@ -202,44 +207,44 @@ class ControlServer:
         name = _text(args, "name")
         snaps = [f"{name}@{s}" for s in self.catalog.current.get(name).snapshots]
         vid = await self.catalog.delete(name, with_snapshots=_flag(args, "snapshots"))
-        self.invalidate("delete", vid, [name])
-        self.invalidate("snapshot-delete", 0, snaps)
+        await self.invalidate("delete", vid, [name])
+        await self.invalidate("snapshot-delete", 0, snaps)
 
     async def op_resize(self, args: dict[str, Any]) -> dict[str, Any]:
         name, size = _text(args, "name"), _int(args, "size")
         rec = await self.catalog.resize(name, size)
-        self.invalidate("resize", rec.vid, [])
+        await self.invalidate("resize", rec.vid, [])
         return await self._summary(name)
 
     async def op_rename(self, args: dict[str, Any]) -> None:
         old, new = _text(args, "old"), _text(args, "new")
         vid = self.catalog.lookup(old).vid
         await self.catalog.rename(old, new)
-        self.invalidate("rename", vid, [old, new])
+        await self.invalidate("rename", vid, [old, new])
 
     async def op_snapshot(self, args: dict[str, Any]) -> dict[str, Any]:
         name, snap = _text(args, "name"), _text(args, "snapshot")
         ident = _text(args, "id", optional=True)
         s = await self.snapshots.snapshot(name, snap, ident)
-        self.invalidate("snapshot", 0, [f"{name}@{snap}"])
+        await self.invalidate("snapshot", 0, [f"{name}@{snap}"])
         return {"name": name, "snapshot": snap, "data_vid": s.vid, "size": s.size, "ctime": s.ctime, "id": s.id}
 
     async def op_snapshot_delete(self, args: dict[str, Any]) -> None:
         name, snap = _text(args, "name"), _text(args, "snapshot")
         await self.snapshots.delete_snapshot(name, snap)
-        self.invalidate("snapshot-delete", 0, [f"{name}@{snap}"])
+        await self.invalidate("snapshot-delete", 0, [f"{name}@{snap}"])
 
     async def op_clone(self, args: dict[str, Any]) -> dict[str, Any]:
         name, snap, new = _text(args, "name"), _text(args, "snapshot"), _text(args, "new")
         copies = _int(args, "copies", optional=True)
         await self.snapshots.clone(name, snap, new, copies=copies)
-        self.invalidate("clone", 0, [new])
+        await self.invalidate("clone", 0, [new])
         return await self._summary(new)
 
     async def op_rollback(self, args: dict[str, Any]) -> dict[str, Any]:
         name, snap = _text(args, "name"), _text(args, "snapshot")
         rec = await self.snapshots.rollback(name, snap)
-        self.invalidate("rollback", rec.vid, [])
+        await self.invalidate("rollback", rec.vid, [])
         return await self._summary(name)
 
     async def op_flatten(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -137,12 +137,14 @@ class Mount:
         if self.session is not None:
             await self.session.drop_pages(vid + 1)
 
-    def invalidate(self, event: str, vid: int, names: list[str]) -> None:
-        """Drop what the kernel cached after a change made outside FUSE."""
+    async def invalidate(self, event: str, vid: int, names: list[str]) -> None:
+        """Drop what the kernel cached after a change made through the
+        control socket; returns once the inode's pages are gone."""
         for name in names:
             self._forget_name(SNAPSHOTS if "@" in name else ROOT, name)
         if vid:
-            self._forget_inode(vid + 1)
+            self._forget_inode(vid + 1, attr_only=True)
+            await self._drop_pages(vid)
 
     def directory_changed(self, before: Directory, after: Directory) -> None:
         """Another mount changed the namespace: forget stale names and sizes.
