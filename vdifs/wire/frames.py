@@ -306,17 +306,15 @@ class FrameStream:
     async def send_encoded(self, mine: list[Blob]) -> None:
         """Send frames already encoded (`encode_frame`), in order: several
         frames given at once go out in one system call."""
-        if self._send_error is not None:  # nothing is queued on a dead stream (it would only pile up)
-            raise trio.BrokenResourceError(f"an earlier send failed: {self._send_error!r}")
         if self.seal is not None:  # tagged in the order they will go out: nothing below reorders
             mine = _sealed(self.seal, mine)
         await self._send_sealed(mine)
 
     async def _send_sealed(self, mine: list[Blob]) -> None:
-        if self._send_error is not None:
+        if self._send_error is not None:  # nothing is queued on a dead stream (it would only pile up)
             raise trio.BrokenResourceError(f"an earlier send failed: {self._send_error!r}")
         fd = self._sock.fileno() if self._sock is not None else -1
-        if fd >= 0 and not self._send_lock.locked() and not self._queue and self._send_error is None:
+        if fd >= 0 and not self._send_lock.locked() and not self._queue:
             # Nobody is sending: hand the frame to the kernel now, without the
             # lock, the scope and the scheduling passes of the path below
             # (tens of us per frame here). What the socket buffer cannot take
