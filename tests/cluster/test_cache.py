@@ -75,6 +75,19 @@ def make_template(cluster, m, name: str, size: int) -> bytes:
     return data
 
 
+def written_vdi(m, size: int, piece: int) -> tuple[int, mmap.mmap]:
+    """A new VDI "vm" held open for writing (the lease stays this mount's)
+    and filled with random bytes in `piece`-sized O_DIRECT writes: its fd,
+    and a buffer holding what it now contains."""
+    vdifs("vdi", "--mount", m.mp, "create", "vm", str(size))
+    fd = os.open(m.path("vm"), os.O_RDWR | os.O_DIRECT)
+    buf = mmap.mmap(-1, size)
+    buf.write(os.urandom(size))
+    for off in range(0, size, piece):
+        assert os.pwritev(fd, [memoryview(buf)[off:off + piece]], off) == piece
+    return fd, buf
+
+
 def test_template_objects_are_fetched_once_for_twenty_clones(cluster):
     cluster.format(3, copies=2)
     w = cluster.mount("w", "--cache-size", "0")  # where the template was made
@@ -101,14 +114,8 @@ def test_template_objects_are_fetched_once_for_twenty_clones(cluster):
 def test_a_vdi_written_here_is_read_back_from_the_cache_and_its_snapshot_too(cluster):
     cluster.format(3, copies=2)
     m = cluster.mount("a", "--cache-size", "64M")
-    vdifs("vdi", "--mount", m.mp, "create", "vm", "16M")
-    data = os.urandom(16 * MiB)
-    fd = os.open(m.path("vm"), os.O_RDWR | os.O_DIRECT)  # held open: the lease stays ours
+    fd, buf = written_vdi(m, 16 * MiB, 64 * 1024)  # as a guest writes: small pieces
     try:
-        buf = mmap.mmap(-1, 16 * MiB)
-        buf.write(data)
-        for off in range(0, 16 * MiB, 64 * 1024):  # as a guest writes: small pieces
-            assert os.pwritev(fd, [memoryview(buf)[off:off + 64 * 1024]], off) == 64 * 1024
         c = cache_status(m)
         assert c["fills"] == 4 and c["objects"]["ready"] == 4  # written objects went into the cache
         # Overwrites of every size reach the copies (write-through; the mount
@@ -138,14 +145,9 @@ def test_a_vdi_written_here_is_read_back_from_the_cache_and_its_snapshot_too(clu
 def test_a_stream_read_again_is_cached_and_one_read_once_is_not(cluster):
     cluster.format(3, copies=2)
     m = cluster.mount("a", "--cache-size", "64M")
-    vdifs("vdi", "--mount", m.mp, "create", "vm", "16M")
-    data = os.urandom(16 * MiB)
-    fd = os.open(m.path("vm"), os.O_RDWR | os.O_DIRECT)  # held open: the lease stays ours
+    fd, buf = written_vdi(m, 16 * MiB, MiB)  # a disk filled in large pieces: nothing cached
+    data = bytes(buf)
     try:
-        buf = mmap.mmap(-1, 16 * MiB)
-        buf.write(data)
-        for off in range(0, 16 * MiB, MiB):  # a disk filled in large pieces: nothing cached
-            assert os.pwritev(fd, [memoryview(buf)[off:off + MiB]], off) == MiB
         assert cache_status(m)["fills"] == 0
 
         def stream() -> bytes:  # the whole VDI in 1 MiB reads, in order
