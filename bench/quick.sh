@@ -15,7 +15,8 @@
 # that order; SIZE (default 1G) sizes the VDI. Every job starts after a `sync`,
 # as in bench/fio-jobs.sh, so none pays for an earlier one's writeback.
 # "TREE::@nbd" runs that entry's jobs through the mount's NBD export (fio's
-# nbd engine) instead of the file. Not the issue's benchmark (bench/run.sh and
+# nbd engine) instead of the file; "TREE::peer:OPTION" gives the peers that
+# option (CLUSTER=1), e.g. "$PWD::peer:--uncached-replica-writes". Not the issue's benchmark (bench/run.sh and
 # bench/cluster.sh are): a tool for deciding whether a change pays.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -45,6 +46,9 @@ one() {  # one TREE[::OPTS] ROUND
         local kept=(); for o in "${opts[@]}"; do [[ $o == @nbd ]] || kept+=("$o"); done; opts=("${kept[@]}")
         engine=(--ioengine=nbd "--uri=nbd+unix:///q.img?socket=$WORK/store/nbd.sock")
     fi
+    local popts=() kept=()  # "peer:OPTION": an option of the peers, not of the mount
+    for o in "${opts[@]}"; do if [[ $o == peer:* ]]; then popts+=("${o#peer:}"); else kept+=("$o"); fi; done
+    opts=("${kept[@]}")
     rm -rf "$WORK"; mkdir -p "$WORK/mnt"
     local where=()
     if [[ ${CLUSTER:-0} == 1 ]]; then
@@ -52,7 +56,7 @@ one() {  # one TREE[::OPTS] ROUND
         for i in 1 2 3; do
             a="127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
             addrs+=("$a"); join=(); [[ $i -gt 1 ]] && join=(--join "${addrs[0]}")
-            env -C "$1" PYTHONPATH="$1" "$PY" -m vdifs peer --store "$WORK/p$i" --listen "$a" "${join[@]}" --log-level warning \
+            env -C "$1" PYTHONPATH="$1" "$PY" -m vdifs peer --store "$WORK/p$i" --listen "$a" "${join[@]}" "${popts[@]}" --log-level warning \
                 2>"$WORK.peer$i.log" & ppids+=($!)
             sleep 0.5
         done
@@ -67,6 +71,7 @@ one() {  # one TREE[::OPTS] ROUND
         "${where[@]}" "${opts[@]}" 2>"$WORK.mount.log" & mpid=$!
     echo "$mpid ${ppids[*]}" > "$WORK.pids"
     for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
+    mountpoint -q "$WORK/mnt" || { echo "quick.sh: the mount did not come up (see $WORK.mount.log)" >&2; exit 1; }
     local f=$WORK/mnt/q.img line="$(basename "$1")${3:+ [$3]} r$2"
     truncate -s "$SIZE" "$f"
     local -A spec=([seqwrite]="--rw=write --bs=1M --iodepth=8" [randwrite]="--rw=randwrite --bs=4k --iodepth=16"
