@@ -183,9 +183,10 @@ class CachingPool:
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         if not self._serves(oid):
             filled = self._filling.get(oid)
-            if filled is None and (length < STREAM_READ or self._immutable(oid)
-                                   or self._terms(oid) is not None and self._read_again(oid, offset, length)):
-                filled = self._start_fill(oid)
+            if filled is None:
+                terms = self._terms(oid)
+                if terms is not None and (length < STREAM_READ or terms[1] or self._read_again(oid, offset, length)):
+                    filled = self._start_fill(oid, terms)
             if filled is not None and self._immutable(oid):
                 # A snapshot's object comes in whole once and this read is served
                 # from it (twenty clones booting fetch it once, not twenty times).
@@ -194,7 +195,7 @@ class CachingPool:
                 # next objects come in meanwhile: a booting guest reads on.
                 for ahead in range(1, min(READ_AHEAD, MAX_INDEX - (oid & MAX_INDEX)) + 1):
                     if oid + ahead not in self._filling and self.cache.index.get(oid + ahead) is None:
-                        self._start_fill(oid + ahead, miss=False)
+                        self._start_fill(oid + ahead, self._terms(oid + ahead), miss=False)
                 await filled.wait()
         if self._serves(oid):
             data = await self.cache.read(oid, offset, length)
@@ -332,11 +333,12 @@ class CachingPool:
         facts = self._facts(vid_of(oid))
         return facts is not None and facts[1]
 
-    def _start_fill(self, oid: int, *, miss: bool = True) -> trio.Event | None:
-        """Start bringing in a cacheable object; the event its fill sets when
-        it ends (whether or not it is READY then), or None if no fill started
-        (not cacheable, too many fills, no room: the read goes to the peers)."""
-        terms = self._terms(oid)
+    def _start_fill(self, oid: int, terms: tuple[int, bool, int | None] | None, *,
+                    miss: bool = True) -> trio.Event | None:
+        """Start bringing in a cacheable object under its `terms` (`_terms`,
+        taken with no await since); the event its fill sets when it ends
+        (whether or not it is READY then), or None if no fill started (not
+        cacheable, too many fills, no room: the read goes to the peers)."""
         if terms is None or self._nursery is None:
             return None
         size, immutable, generation = terms
