@@ -73,3 +73,47 @@ def test_tables_are_the_zlib_crc32_ones_stored_tables_always_held(content):
     expected = [zlib_block(content[i:i + BLOCK]) for i in range(0, len(content), BLOCK)]
     assert checksums.crcs_of(content).tolist() == expected
     assert checksums.ZERO_CRC == zlib.crc32(bytes(BLOCK))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_pieces_give_the_crcs_a_read_around_would(data):
+    """A model: an object's bytes, and what `Pieces` says of them. Whatever
+    the order of learnt blocks and writes, a write it answers gets the very
+    CRCs of the blocks as they now are, and it answers exactly the writes
+    whose partly changed blocks it knows."""
+    nblocks = 8
+    P = checksums.PIECE
+    content = bytearray(os.urandom(nblocks * BLOCK))
+    pieces = checksums.Pieces(nblocks)
+    known = set()
+    for _ in range(data.draw(st.integers(1, 12))):
+        if data.draw(st.booleans()):  # the store learns blocks it wrote or read whole
+            first = data.draw(st.integers(0, nblocks - 1))
+            n = data.draw(st.integers(1, nblocks - first))
+            pieces.learn(first, content[first * BLOCK:(first + n) * BLOCK])
+            known.update(range(first, first + n))
+            continue
+        first_piece = data.draw(st.integers(0, nblocks * BLOCK // P - 1))
+        npieces = data.draw(st.integers(1, min(9, nblocks * BLOCK // P - first_piece)))
+        offset, new = first_piece * P, os.urandom(npieces * P)
+        b0, b1 = offset // BLOCK, (offset + len(new) - 1) // BLOCK
+        partial = {b for b in (b0, b1) if (b == b0 and offset % BLOCK) or (b == b1 and (offset + len(new)) % BLOCK)}
+        crcs = pieces.write(offset, new)
+        content[offset:offset + len(new)] = new  # the store writes it either way (read around if not known)
+        if not partial <= known:
+            assert crcs is None
+            pieces.learn(b0, content[b0 * BLOCK:(b1 + 1) * BLOCK])  # as the read-around does
+        else:
+            assert list(crcs) == list(checksums.crcs_of(content[b0 * BLOCK:(b1 + 1) * BLOCK]))
+        known.update(range(b0, b1 + 1))
+    assert pieces.write(1, b"x" * P) is None and pieces.write(0, b"x" * (P - 1)) is None  # not whole pieces
+
+
+def test_a_new_object_s_pieces_are_all_zeros_and_known():
+    pieces = checksums.Pieces.of_zeros(4)
+    new = os.urandom(checksums.PIECE)
+    crcs = pieces.write(BLOCK + checksums.PIECE, new)
+    expect = bytearray(BLOCK)
+    expect[checksums.PIECE:2 * checksums.PIECE] = new
+    assert list(crcs) == [checksums.block_crc(expect)]

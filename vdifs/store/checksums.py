@@ -23,6 +23,14 @@ block only when they differ.
 In memory a table is an `array('I')` (`Table`), 4 bytes a block: a store
 keeps the tables of every object it holds open, and as a list of Python
 ints one 4 MiB object's cost 10 KiB instead of 1 KiB.
+
+A write of part of a block needs the CRC of the whole block after it.
+Read around, that costs the rest of the block from the page cache, or from
+disk where the block is not cached (a replica that wrote it past the page
+cache). `Pieces` keeps the CRCs of each block's 4 KiB pieces, learnt from
+bytes the store wrote or verified; a write of whole pieces into a block
+whose pieces are known combines them instead of reading. Same table, same
+values: nothing of it is stored.
 """
 
 from __future__ import annotations
@@ -32,9 +40,14 @@ import sys
 from array import array
 from collections.abc import Sequence
 
-from isal.isal_zlib import crc32
+from isal.isal_zlib import crc32, crc32_combine
 
 BLOCK = 16 << 10
+#: The grain of a guest's writes. A block's CRC is the combination of its
+#: pieces' CRCs (`crc32_combine`), which lets a write of whole pieces get
+#: its block's new CRC without reading the rest of the block (`Pieces`).
+PIECE = 4 << 10
+PIECES_PER_BLOCK = BLOCK // PIECE
 XATTR = "user.vdifs.crc"
 MAGIC = b"VC1"
 CLEAN, DIRTY = 0, 1
@@ -119,3 +132,76 @@ def decode(raw: bytes, nblocks: int) -> tuple[Table, int]:
     if len(table) != nblocks:
         raise BadTable(f"table has {len(table)} blocks, the object {nblocks}")
     return table, raw[3]
+
+
+ZERO_PIECE_CRC = crc32(bytes(PIECE))
+
+
+def piece_crcs(buf: Buffer) -> Table:
+    """CRCs of consecutive PIECEs of `buf` (a multiple of PIECE long)."""
+    view = memoryview(buf)
+    return array("I", [crc32(view[i:i + PIECE]) for i in range(0, len(view), PIECE)])
+
+
+def combined(crcs: Sequence[int]) -> int:
+    """The CRC of consecutive PIECEs from their CRCs, in order."""
+    crc = crcs[0]
+    for c in crcs[1:]:
+        crc = crc32_combine(crc, c, PIECE)
+    return crc
+
+
+class Pieces:
+    """The CRCs of the pieces of an open object's blocks, for the blocks
+    whose content the store learnt whole (`learn`: bytes it wrote, or read
+    and verified, for a write). `write` gives the new CRCs of the blocks a
+    write of whole pieces changes, from the pieces it brings and the known
+    ones it leaves, without reading. The new CRC is that of what the store
+    wrote, never of what the disk holds: rot in a piece left alone fails
+    its block's next read, as it would have failed the read-around.
+
+    Pure bookkeeping, 4 bytes a piece (4 KiB for a 4 MiB object). The
+    owner must drop it whenever the object's bytes or table change by any
+    way but `write`/`learn` (a create, a repair, a rebuilt table)."""
+
+    __slots__ = ("crcs", "known", "nblocks")
+
+    def __init__(self, nblocks: int) -> None:
+        self.nblocks = nblocks
+        self.crcs = array("I", bytes(4 * nblocks * PIECES_PER_BLOCK))
+        self.known = 0  # bit b set: the pieces of block b are in `crcs`
+
+    @classmethod
+    def of_zeros(cls, nblocks: int) -> Pieces:
+        """The pieces of an object of zeros (one just created), all known."""
+        pieces = cls(nblocks)
+        pieces.crcs = array("I", (ZERO_PIECE_CRC,)) * (nblocks * PIECES_PER_BLOCK)
+        pieces.known = (1 << nblocks) - 1
+        return pieces
+
+    def learn(self, first_block: int, buf: Buffer) -> None:
+        """`buf`: the whole new content of consecutive blocks from `first_block`."""
+        n = min(len(buf) // BLOCK, self.nblocks - first_block)
+        if n <= 0:
+            return
+        p = first_block * PIECES_PER_BLOCK
+        self.crcs[p:p + n * PIECES_PER_BLOCK] = piece_crcs(memoryview(buf)[:n * BLOCK])
+        self.known |= ((1 << n) - 1) << first_block
+
+    def write(self, offset: int, data: Buffer) -> Table | None:
+        """For a write of `data` at `offset` (both in whole PIECEs): the new
+        CRCs of the blocks it touches, its pieces recorded; or None, with
+        nothing recorded, if a block it changes only in part is not known."""
+        if offset % PIECE or len(data) % PIECE or not data:
+            return None
+        first, last = offset // BLOCK, (offset + len(data) - 1) // BLOCK
+        if last >= self.nblocks:
+            return None
+        partial = (1 << first if offset % BLOCK else 0) | (1 << last if (offset + len(data)) % BLOCK else 0)
+        if self.known & partial != partial:
+            return None
+        p = offset // PIECE
+        self.crcs[p:p + len(data) // PIECE] = piece_crcs(data)
+        self.known |= ((1 << (last - first + 1)) - 1) << first
+        k = PIECES_PER_BLOCK
+        return array("I", [combined(self.crcs[b * k:(b + 1) * k]) for b in range(first, last + 1)])

@@ -247,7 +247,8 @@ class NotCached(Exception):
 
 def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
                      table: checksums.Table, mark_dirty: bytes | None, *, nowait: bool = False,
-                     direct: bool = False, zero_crc_is_zeros: bool = False) -> checksums.Table:
+                     direct: bool = False, zero_crc_is_zeros: bool = False,
+                     pieces: checksums.Pieces | None = None) -> checksums.Table:
     """Write `data` and return the CRCs of the blocks it touched. The old
     contents of partly written blocks are verified first: a write must not
     bless rotten bytes around it with a fresh checksum.
@@ -259,9 +260,18 @@ def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
     a small write into one would need a thread). One CRC-32 in 2^32 of
     other bytes matches too; then the block's new checksum is wrong and
     its next read fails. Only for copies that have another source (the
-    mount's cache), never for replicas."""
+    mount's cache), never for replicas.
+    `pieces`: the object's known piece CRCs (`checksums.Pieces`). A write of
+    whole pieces into known blocks reads nothing around it; the blocks a
+    read-around or a direct write brought whole are learnt."""
     start, end = checksums.covering(offset, len(data))
     head, tail = offset - start, offset + len(data)
+    if pieces is not None and (head or tail < end):
+        crcs = pieces.write(offset, data)
+        if crcs is not None:
+            _mark_dirty(fd, mark_dirty)
+            pwrite_full(fd, offset, data, direct)
+            return crcs
     buf: bytes | bytearray | memoryview = data  # whole blocks: their CRCs are the data's
     if head or tail < end:
         buf = bytearray(end - start)
@@ -282,16 +292,22 @@ def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
                     raise ChecksumError(f"block {bad} does not match its checksum")
                 buf[b0 - start:b1 - start] = old
         buf[head:head + len(data)] = data
-    if mark_dirty is not None:  # only after the checks: a DIRTY table is rebuilt from the data
-        os.setxattr(fd, XATTR, mark_dirty)
+    if pieces is not None and (buf is not data or direct):  # (a cached whole-block write is cheap to read around)
+        pieces.learn(start // BLOCK, buf)
+    _mark_dirty(fd, mark_dirty)  # only after the checks: a DIRTY table is rebuilt from the data
+    pwrite_full(fd, offset, data, direct)
+    return checksums.crcs_of(buf)
+
+
+def _mark_dirty(fd: int, mark: bytes | None) -> None:
+    if mark is not None:
+        os.setxattr(fd, XATTR, mark)
         # Durable before the data changes: the file system may write an
         # overwritten block back before it commits the xattr, and a power
         # loss between the two would leave a CLEAN table that no longer
         # matches (false corruption). The file has no other dirty data (its
         # table was CLEAN), so this is one journal commit per object per sync.
         os.fsync(fd)
-    pwrite_full(fd, offset, data, direct)
-    return checksums.crcs_of(buf)
 
 
 def same_file(a: int, b: int) -> bool:

@@ -54,6 +54,10 @@ log = logging.getLogger("vdifs.store")
 #: no longer fit, and every sequential read met each object closed
 #: (docs/benchmarks.md, "Open objects").
 MAX_OPEN_FILES = 8192
+#: Open objects whose piece CRCs are kept (4 KiB each for a 4 MiB object:
+#: 4 MiB in all), so that small writes into blocks the store wrote whole,
+#: or read around once, need not read them again (`checksums.Pieces`).
+PIECES_KEPT = 1024
 #: The share of the process's open-files limit the store may hold: the rest
 #: is for connections (a peer serves every mount of the cluster).
 OPEN_FILES_SHARE = 4
@@ -87,7 +91,7 @@ class _Handle:
     object written since is still being written: it is not marked CLEAN)."""
 
     __slots__ = ("fd", "refs", "doomed", "table", "clean_on_disk", "writes", "inflight", "lock",
-                 "synced_writes", "passed_writes")
+                 "synced_writes", "passed_writes", "pieces")
 
     def __init__(self, fd: int, table: checksums.Table, clean_on_disk: bool) -> None:
         self.fd = fd
@@ -100,6 +104,7 @@ class _Handle:
         self.synced_writes = -1  # never synced by this process
         self.passed_writes = -1  # not seen by a periodic pass yet
         self.lock = trio.Lock()  # one write (or create, or sync's marking) at a time
+        self.pieces: checksums.Pieces | None = None  # see `ObjectStore._pieces_of`
 
 
 class ObjectStore:
@@ -122,6 +127,7 @@ class ObjectStore:
         self.space_refusals = 0  # data writes refused for the reserve
         self.obj_root = os.path.join(self.root, "obj")
         self._handles: OrderedDict[int, _Handle] = OrderedDict()
+        self._pieces_kept = 0  # open objects with piece CRCs (`_pieces_of`)
         self._dirty_dirs: set[str] = set()
         self._io = BatchRunner()
         self._nowait = hasattr(os, "RWF_NOWAIT")
@@ -233,9 +239,24 @@ class ObjectStore:
         if h.doomed and h.refs == 0:
             os.close(h.fd)
 
+    def _pieces_of(self, h: _Handle) -> checksums.Pieces | None:
+        """The piece CRCs kept for an open object (`checksums.Pieces`), made
+        on its first write while fewer than PIECES_KEPT objects have some."""
+        if h.pieces is None and self.checksums and self._pieces_kept < PIECES_KEPT and h.table:
+            h.pieces = checksums.Pieces(len(h.table))
+            self._pieces_kept += 1
+        return h.pieces
+
+    def _drop_pieces(self, h: _Handle) -> None:
+        """The object changed by another way than a write: what was known of its pieces is not."""
+        if h.pieces is not None:
+            h.pieces = None
+            self._pieces_kept -= 1
+
     def _forget(self, oid: int) -> None:
         h = self._handles.pop(oid, None)
         if h is not None:
+            self._drop_pieces(h)
             h.doomed = True
             if h.refs == 0:
                 os.close(h.fd)
@@ -352,7 +373,7 @@ class ObjectStore:
                 try:
                     crcs = await self._io.run(
                         functools.partial(files.write_block_crcs, direct=direct,
-                                          zero_crc_is_zeros=self.zero_crc_is_zeros),
+                                          zero_crc_is_zeros=self.zero_crc_is_zeros, pieces=self._pieces_of(h)),
                         h.fd, offset, data, h.table, mark)
                 except ChecksumError:
                     raise  # nothing written; the rotten replica keeps its table (never rebuilt from rot)
@@ -466,8 +487,9 @@ class ObjectStore:
         h.writes += 1  # a read that overlaps us must not verify
         try:
             if self.checksums:
-                self._take_crcs(h, offset, files.write_block_crcs(h.fd, offset, data, h.table, None,
-                                                                  nowait=True, zero_crc_is_zeros=self.zero_crc_is_zeros))
+                self._take_crcs(h, offset, files.write_block_crcs(
+                    h.fd, offset, data, h.table, None, nowait=True, zero_crc_is_zeros=self.zero_crc_is_zeros,
+                    pieces=self._pieces_of(h)))
             else:
                 files.pwrite_full(h.fd, offset, data)
         except files.NotCached:
@@ -492,7 +514,10 @@ class ObjectStore:
         return True
 
     def _create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
-                exclusive: bool, direct: bool) -> tuple[int, bool, checksums.Table]:
+                exclusive: bool, direct: bool) -> tuple[int, bool, checksums.Table, checksums.Pieces | None]:
+        """(fd, made_dir, table, pieces): `pieces` only for a direct create
+        of an object of whole blocks (its bytes leave no page cache to read
+        around later), made here, off the event loop."""
         path = self.path(oid)
         made_dir = False
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
@@ -503,12 +528,14 @@ class ObjectStore:
             made_dir = True
             fd = os.open(path, flags, 0o600)
         table = checksums.zero_table(0)
+        pieces = None
         try:
             if self.checksums:
                 # The new table, marked DIRTY, before any byte changes: a crash
                 # anywhere below leaves a table that is rebuilt, never trusted.
                 start, end = checksums.covering(offset, len(data))
-                if start == offset and end == offset + len(data) <= size:  # whole blocks: no copy
+                whole = start == offset and end == offset + len(data) <= size
+                if whole:  # whole blocks: no copy
                     crcs = checksums.crcs_of(data)
                 else:
                     region = bytearray(end - start)
@@ -517,13 +544,16 @@ class ObjectStore:
                 table = checksums.zero_table(checksums.blocks_of(size))
                 table[start // BLOCK:start // BLOCK + len(crcs)] = crcs
                 os.setxattr(fd, XATTR, checksums.encode(table, DIRTY))
+                if direct and files.direct_ok(offset, len(data)) and size % BLOCK == 0:
+                    pieces = checksums.Pieces.of_zeros(len(table))
+                    pieces.learn(start // BLOCK, data if whole else region)
             os.ftruncate(fd, 0)
             os.ftruncate(fd, size)
             files.pwrite_full(fd, offset, data, direct)
         except BaseException:
             os.close(fd)
             raise
-        return fd, made_dir, table
+        return fd, made_dir, table, pieces
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
                      exclusive: bool = False, cache: bool = True) -> None:
@@ -541,8 +571,8 @@ class ObjectStore:
                     old.writes += 1
                     old.inflight += 1  # reads meanwhile cannot be verified
                 try:
-                    fd, made_dir, table = await self._io.run(self._create, oid, offset, data, size, exclusive,
-                                                           self._direct(offset, data, cache))
+                    fd, made_dir, table, pieces = await self._io.run(self._create, oid, offset, data, size,
+                                                                   exclusive, self._direct(offset, data, cache))
                 except FileExistsError:
                     raise ObjectExists(f"object {oid:016x} exists") from None
                 except OSError as e:
@@ -562,10 +592,14 @@ class ObjectStore:
                 if h is not None and not h.doomed and files.same_file(h.fd, fd):
                     os.close(fd)
                     h.table, h.clean_on_disk = table, False
+                    self._drop_pieces(h)
                 else:
                     self._forget(oid)
-                    self._handles[oid] = _Handle(fd, table, False)
+                    h = self._handles[oid] = _Handle(fd, table, False)
                     self._evict()
+                if pieces is not None and self._pieces_kept < PIECES_KEPT and not h.doomed:
+                    h.pieces = pieces
+                    self._pieces_kept += 1
         finally:
             if old is not None:
                 self._release(old)
