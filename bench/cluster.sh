@@ -6,7 +6,8 @@
 #             reads from one, writes to all three) can be: the bound for
 #             this architecture on this machine
 #   vdifs   : three `vdifs peer` processes on 127.0.0.1 and one mount, copies=3
-#             (MOUNT_OPTS: more `vdifs mount` options, e.g. "--cache-size 0"), then
+#             (MOUNT_OPTS: more `vdifs mount` options, e.g. "--cache-size 0";
+#             PEER_OPTS: more `vdifs peer` options, e.g. "--uncached-replica-writes"), then
 #             the same jobs over the mount's NBD export with fio's nbd engine (NBD=0: not)
 # All through bench/fio-jobs.sh: the jobs of ../shared/bench/fio-suite.sh (O_DIRECT,
 # same options and seed) on one pre-sized file per target, plus flush32.
@@ -38,6 +39,7 @@ peak_rss() {  # peak_rss PID FILE: sample VmRSS every 0.5 s while PID lives
 }
 
 echo "# cluster bench $(date -u +%FT%TZ) kernel=$(uname -r) nproc=$(nproc)" | tee "$OUT/README"
+echo "vdifs $(git -C "$TOP" rev-parse --short HEAD 2>/dev/null || echo ?); mount options: ${MOUNT_OPTS:-none}; peer options: ${PEER_OPTS:-none}" | tee -a "$OUT/README"
 avail=$(awk '/MemAvailable/{print int($2/1024*0.7)}' /proc/meminfo)
 echo "warming ${avail} MiB of guest RAM"
 dd if=/dev/zero of=/dev/shm/vdifs-warm bs=1M count="$avail" status=none; rm -f /dev/shm/vdifs-warm
@@ -86,7 +88,7 @@ addrs=()
 for i in 1 2 3; do
     a="127.0.0.1:$(port)"; addrs+=("$a")
     join=(); [[ $i -gt 1 ]] && join=(--join "${addrs[0]}")
-    "$V" peer --store "$WORK/p$i" --listen "$a" "${join[@]}" --log-level warning 2>"$OUT/peer$i.log" &
+    "$V" peer --store "$WORK/p$i" --listen "$a" "${join[@]}" ${PEER_OPTS:-} --log-level warning 2>"$OUT/peer$i.log" &
     pids+=($!); peak_rss $! "$OUT/peer$i-peak-rss-kib"
     sleep 0.5
 done
