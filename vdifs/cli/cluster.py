@@ -89,8 +89,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         f"this long (default {IDLE_TIMEOUT:.0f})")
     p.add_argument("--uncached-replica-writes", action="store_true",
                    help="write large data (256 KiB or more) past the page cache on every replica but an "
-                        "object's first: sequential writes of new data need far less CPU; the mount's large "
-                        "reads then read from disk on those replicas (see docs/operations.md)")
+                        "object's first, the one mounts read from: sequential writes of new data need far "
+                        "less CPU, and the page cache holds one copy instead of three (see docs/operations.md)")
     p.add_argument("--cpu-policy", default="batch", choices=sorted(CPU_POLICIES),
                    help="Linux scheduling policy of the peer's threads (default: batch: a peer woken "
                         "by a request does not preempt the mount or guest that sent it; see "

@@ -360,7 +360,7 @@ class CachingPool:
             buf[offset:offset + len(data)] = data
 
         try:
-            async with trio.open_nursery() as nursery:  # the pieces at once (large reads spread over replicas)
+            async with trio.open_nursery() as nursery:  # the pieces at once
                 for offset in range(0, size, FILL_PIECE):
                     nursery.start_soon(piece, offset)
         except BaseException as e:  # its readers go to the peers

@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DATA_TIMEOUT = 30.0
-#: large reads (at least STRIPE_MIN bytes) go to the replica their offset // STRIPE picks
-STRIPE = 1 << 20
-STRIPE_MIN = 128 << 10
 STALE_RETRIES = 5
 #: How long a write waits for the cluster to replace an unreachable replica.
 REPLICA_WAIT = 60.0
@@ -369,11 +366,7 @@ class RemotePool:
         targets = self._targets(oid, cmap)
         if not targets or (self.rpc.cut and targets[0] in self.rpc.cut):
             return await self._read_all_ways(oid, offset, length, tried=None)
-        # Large reads take turns over the replicas by offset, so a sequential
-        # stream keeps every peer busy; small ones stay on the first replica.
-        first = targets[(offset // STRIPE) % len(targets)] if length >= STRIPE_MIN else targets[0]
-        if self.rpc.cut and first in self.rpc.cut:
-            first = targets[0]
+        first = targets[0]
         try:
             data: bytes = await self.rpc.call(
                 first, "obj.read", {"oid": oid, "offset": offset, "length": length, "epoch": cmap.epoch},
