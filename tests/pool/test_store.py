@@ -14,6 +14,8 @@ from vdifs.store import checksums, files
 from vdifs.store.checksums import BLOCK
 from vdifs.store.objects import ObjectStore
 
+from tests.pagecache import pages_cached
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -553,12 +555,8 @@ async def test_data_stops_at_the_reserve_and_maps_go_on(tmpfs_store):
 
 
 def _cached(path: str, offset: int, length: int) -> bool:
-    """Whether the page cache holds all of the range (asked without reading it in)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return files.read_nowait(fd, offset, length) is not None
-    finally:
-        os.close(fd)
+    """Whether the page cache holds all of the range."""
+    return pages_cached(path, offset, length) == -(-length // 4096)
 
 
 async def test_uncached_large_writes_bypass_the_page_cache(tmp_path):
@@ -629,15 +627,15 @@ async def test_small_writes_into_blocks_written_past_the_cache_read_nothing(tmp_
         await s.create(oid, 0, first, 4 * mib, cache=False)
         await s.write(oid, mib, second, cache=False)
         expect[:mib], expect[mib:3 * mib] = first, second
-        assert _pages_cached(s.path(oid), 0, 3 * mib) == 0  # (mincore: a NOWAIT read may start a readahead)
+        assert pages_cached(s.path(oid), 0, 3 * mib) == 0  # (mincore: a NOWAIT read may start a readahead)
         for block in (0, 5, 70, 130, 200):  # in the create's part, the write's, and never written
             at = block * BLOCK + 2 * PIECE
             small = os.urandom(PIECE)
             await s.write(oid, at, small)
             expect[at:at + PIECE] = small
-            assert _pages_cached(s.path(oid), at, PIECE) == 1  # the write itself lands in the page cache
+            assert pages_cached(s.path(oid), at, PIECE) == 1  # the write itself lands in the page cache
             for around in (block * BLOCK, block * BLOCK + PIECE, block * BLOCK + 3 * PIECE):
-                assert _pages_cached(s.path(oid), around, PIECE) == 0, (block, around)  # nothing was read
+                assert pages_cached(s.path(oid), around, PIECE) == 0, (block, around)  # nothing was read
         assert await s.read(oid, 0, 4 * mib) == expect  # verified block by block
         await s.sync([oid])
         await s.sync_dirty()  # the table stored CLEAN: trusted, not rebuilt, after a restart
@@ -750,31 +748,6 @@ async def test_a_sync_of_many_objects_is_one_syncfs_unless_the_machine_has_much_
         assert await store.read(oid, 256 << 10, 4096) == written[oid]
 
 
-def _pages_cached(path, offset: int, length: int) -> int:
-    """How many pages of the range the page cache holds (mincore(2); a read
-    would not do: even a NOWAIT read of a hole fills pages with zeros)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-        assert addr not in (None, ctypes.c_void_p(-1).value)
-        try:
-            vec = ctypes.create_string_buffer(-(-length // mmap.PAGESIZE))
-            assert libc.mincore(addr, length, vec) == 0, ctypes.get_errno()
-            return sum(b & 1 for b in vec.raw)
-        finally:
-            libc.munmap(addr, length)
-    finally:
-        os.close(fd)
-
-
 @settings(max_examples=150, deadline=None)
 @given(pieces=st.lists(st.tuples(st.integers(0, 255), st.integers(1, 3)), max_size=12),
        offset=st.integers(0, (1 << 20) + 8192), length=st.integers(0, 300_000))
@@ -816,13 +789,13 @@ async def test_holes_are_read_as_zeros_without_filling_the_page_cache(store):
         want[page * 4096:(page + 1) * 4096] = piece
     path = store.path(oid)
     hole = (200 * 4096, 64 << 10)
-    assert not _pages_cached(path, *hole)
-    cached = _pages_cached(path, 0, 4 << 20)  # what the writes' read-around left
+    assert not pages_cached(path, *hole)
+    cached = pages_cached(path, 0, 4 << 20)  # what the writes' read-around left
     assert store.read_now(oid, 0, 1 << 20) == want[:1 << 20]  # no task, no thread: data cached, holes zeros
     assert await store.read(oid, 0, 4 << 20) == want
     assert await store.read_all(oid) == want
-    assert _pages_cached(path, 0, 4 << 20) == cached  # the reads filled no page
-    assert _pages_cached(path, 100 * 4096, 8192) == 2
+    assert pages_cached(path, 0, 4 << 20) == cached  # the reads filled no page
+    assert pages_cached(path, 100 * 4096, 8192) == 2
     if not store.checksums:
         pytest.skip("the file system under the test store has no user xattrs")
     fd = os.open(path, os.O_RDWR)
