@@ -1,8 +1,10 @@
+import contextlib
 import os
 import resource
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -554,6 +556,17 @@ async def test_data_stops_at_the_reserve_and_maps_go_on(tmpfs_store):
     await store.create(data_oid(5, 99), 0, chunk, 4 << 20)
 
 
+@contextlib.contextmanager
+def _direct_store(root: str) -> Iterator[ObjectStore]:
+    """A store that writes large data past the page cache (`--uncached-replica-writes`), opened and closed."""
+    s = ObjectStore(root, direct=True)
+    s.open()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 def _cached(path: str, offset: int, length: int) -> bool:
     """Whether the page cache holds all of the range."""
     return pages_cached(path, offset, length) == -(-length // 4096)
@@ -595,14 +608,10 @@ async def test_uncached_large_writes_bypass_the_page_cache(tmp_path):
     finally:
         s.close()
     # the tables written with the data hold after a reopen (which verifies them)
-    s = ObjectStore(str(tmp_path), direct=True)
-    s.open()
-    try:
+    with _direct_store(str(tmp_path)) as s:
         assert await s.read(a, 0, 4 * mib) == expect_a
         assert await s.read(b, mib, mib) == three
         assert s.checksum_errors == 0
-    finally:
-        s.close()
 
 
 async def test_small_writes_into_blocks_written_past_the_cache_read_nothing(tmp_path):
@@ -614,15 +623,12 @@ async def test_small_writes_into_blocks_written_past_the_cache_read_nothing(tmp_
     from vdifs.errors import ChecksumError
     from vdifs.store.checksums import BLOCK, PIECE
 
-    s = ObjectStore(str(tmp_path), direct=True)
-    s.open()
-    if not s.direct or not s.checksums:
-        s.close()
-        pytest.skip(f"{tmp_path} cannot do O_DIRECT or has no user xattrs")
-    mib = 1 << 20
-    oid, other = data_oid(6, 0), data_oid(6, 1)
-    expect = bytearray(4 * mib)
-    try:
+    with _direct_store(str(tmp_path)) as s:
+        if not s.direct or not s.checksums:
+            pytest.skip(f"{tmp_path} cannot do O_DIRECT or has no user xattrs")
+        mib = 1 << 20
+        oid, other = data_oid(6, 0), data_oid(6, 1)
+        expect = bytearray(4 * mib)
         first, second = os.urandom(mib), os.urandom(2 * mib)
         await s.create(oid, 0, first, 4 * mib, cache=False)
         await s.write(oid, mib, second, cache=False)
@@ -646,15 +652,36 @@ async def test_small_writes_into_blocks_written_past_the_cache_read_nothing(tmp_
         await s.write(other, 9 * BLOCK + 2 * PIECE, os.urandom(PIECE))
         with pytest.raises(ChecksumError, match="block 9"):
             await s.read(other, 9 * BLOCK, BLOCK)
-    finally:
-        s.close()
-    s = ObjectStore(str(tmp_path), direct=True)
-    s.open()
-    try:
+    with _direct_store(str(tmp_path)) as s:
         assert await s.read(oid, 0, 4 * mib) == expect
         assert s.checksum_errors == 0
-    finally:
-        s.close()
+
+
+async def test_the_objects_written_last_keep_their_pieces(tmp_path, monkeypatch):
+    """Piece CRCs are kept for the PIECES_KEPT objects written last: a
+    small write into an object written longer ago reads its block around
+    again (and learns it), one into an object written lately does not."""
+    from vdifs.store import objects
+    from vdifs.store.checksums import BLOCK, PIECE
+
+    monkeypatch.setattr(objects, "PIECES_KEPT", 2)
+    mib = 1 << 20
+    with _direct_store(str(tmp_path)) as s:
+        if not s.direct or not s.checksums:
+            pytest.skip(f"{tmp_path} cannot do O_DIRECT or has no user xattrs")
+        oids = [data_oid(7, i) for i in range(3)]
+        data = {oid: os.urandom(mib) for oid in oids}
+        for oid in oids:  # the first one's pieces give way to the third's
+            await s.create(oid, 0, data[oid], 4 * mib, cache=False)
+        # newest first: a write into the first one then takes the pieces of
+        # the one written least lately, which no later write needs
+        for oid, read_around in zip(reversed(oids), (False, False, True)):
+            small = os.urandom(PIECE)
+            await s.write(oid, BLOCK + PIECE, small)
+            assert pages_cached(s.path(oid), BLOCK, PIECE) == int(read_around), oid
+            expect = bytearray(data[oid]) + bytes(3 * mib)
+            expect[BLOCK + PIECE:BLOCK + 2 * PIECE] = small
+            assert await s.read(oid, 0, 4 * mib) == expect
 
 
 async def test_a_checksum_sync_survives_objects_deleted_during_it(store, monkeypatch):

@@ -164,20 +164,21 @@ class Pieces:
     owner must drop it whenever the object's bytes or table change by any
     way but `write`/`learn` (a create, a repair, a rebuilt table)."""
 
-    __slots__ = ("crcs", "known", "nblocks")
+    __slots__ = ("crcs", "known")
 
-    def __init__(self, nblocks: int) -> None:
-        self.nblocks = nblocks
-        self.crcs = array("I", bytes(4 * nblocks * PIECES_PER_BLOCK))
-        self.known = 0  # bit b set: the pieces of block b are in `crcs`
+    def __init__(self, nblocks: int, crc: int = 0, known: bool = False) -> None:
+        """`nblocks` blocks, none known; or all known, every piece's CRC `crc`."""
+        self.crcs = array("I", (crc,)) * (nblocks * PIECES_PER_BLOCK)
+        self.known = (1 << nblocks) - 1 if known else 0  # bit b set: the pieces of block b are in `crcs`
 
     @classmethod
     def of_zeros(cls, nblocks: int) -> Pieces:
         """The pieces of an object of zeros (one just created), all known."""
-        pieces = cls(nblocks)
-        pieces.crcs = array("I", (ZERO_PIECE_CRC,)) * (nblocks * PIECES_PER_BLOCK)
-        pieces.known = (1 << nblocks) - 1
-        return pieces
+        return cls(nblocks, ZERO_PIECE_CRC, known=True)
+
+    @property
+    def nblocks(self) -> int:
+        return len(self.crcs) // PIECES_PER_BLOCK
 
     def learn(self, first_block: int, buf: Buffer) -> None:
         """`buf`: the whole new content of consecutive blocks from `first_block`."""

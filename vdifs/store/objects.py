@@ -55,8 +55,9 @@ log = logging.getLogger("vdifs.store")
 #: (docs/benchmarks.md, "Open objects").
 MAX_OPEN_FILES = 8192
 #: Open objects whose piece CRCs are kept (4 KiB each for a 4 MiB object:
-#: 4 MiB in all), so that small writes into blocks the store wrote whole,
-#: or read around once, need not read them again (`checksums.Pieces`).
+#: 4 MiB in all), the ones written last, so that small writes into blocks
+#: the store wrote whole, or read around once, need not read them again
+#: (`checksums.Pieces`).
 PIECES_KEPT = 1024
 #: The share of the process's open-files limit the store may hold: the rest
 #: is for connections (a peer serves every mount of the cluster).
@@ -127,7 +128,7 @@ class ObjectStore:
         self.space_refusals = 0  # data writes refused for the reserve
         self.obj_root = os.path.join(self.root, "obj")
         self._handles: OrderedDict[int, _Handle] = OrderedDict()
-        self._pieces_kept = 0  # open objects with piece CRCs (`_pieces_of`)
+        self._with_pieces: OrderedDict[_Handle, None] = OrderedDict()  # open objects with pieces, last written last
         self._dirty_dirs: set[str] = set()
         self._io = BatchRunner()
         self._nowait = hasattr(os, "RWF_NOWAIT")
@@ -241,17 +242,30 @@ class ObjectStore:
 
     def _pieces_of(self, h: _Handle) -> checksums.Pieces | None:
         """The piece CRCs kept for an open object (`checksums.Pieces`), made
-        on its first write while fewer than PIECES_KEPT objects have some."""
-        if h.pieces is None and self.checksums and self._pieces_kept < PIECES_KEPT and h.table:
-            h.pieces = checksums.Pieces(len(h.table))
-            self._pieces_kept += 1
+        on its first write; the object written least recently gives its
+        up beyond PIECES_KEPT."""
+        if not self.checksums or not h.table:
+            return None
+        if h.pieces is None:
+            self._keep_pieces(h, checksums.Pieces(len(h.table)))
+        else:
+            self._with_pieces.move_to_end(h)
         return h.pieces
 
+    def _keep_pieces(self, h: _Handle, pieces: checksums.Pieces) -> None:
+        self._drop_pieces(h)
+        h.pieces = pieces
+        self._with_pieces[h] = None
+        if len(self._with_pieces) > PIECES_KEPT:
+            # (a worker thread may still be writing with the victim's: it is then simply not kept)
+            self._drop_pieces(next(iter(self._with_pieces)))
+
     def _drop_pieces(self, h: _Handle) -> None:
-        """The object changed by another way than a write: what was known of its pieces is not."""
+        """Forget what was known of an object's pieces (it changed by another
+        way than a write, or another object needs the room)."""
         if h.pieces is not None:
             h.pieces = None
-            self._pieces_kept -= 1
+            del self._with_pieces[h]
 
     def _forget(self, oid: int) -> None:
         h = self._handles.pop(oid, None)
@@ -544,7 +558,7 @@ class ObjectStore:
                 table = checksums.zero_table(checksums.blocks_of(size))
                 table[start // BLOCK:start // BLOCK + len(crcs)] = crcs
                 os.setxattr(fd, XATTR, checksums.encode(table, DIRTY))
-                if direct and files.direct_ok(offset, len(data)) and size % BLOCK == 0:
+                if direct and size % BLOCK == 0:  # (`direct`: large and aligned, see `_direct`)
                     pieces = checksums.Pieces.of_zeros(len(table))
                     pieces.learn(start // BLOCK, data if whole else region)
             os.ftruncate(fd, 0)
@@ -597,9 +611,8 @@ class ObjectStore:
                     self._forget(oid)
                     h = self._handles[oid] = _Handle(fd, table, False)
                     self._evict()
-                if pieces is not None and self._pieces_kept < PIECES_KEPT and not h.doomed:
-                    h.pieces = pieces
-                    self._pieces_kept += 1
+                if pieces is not None and not h.doomed:
+                    self._keep_pieces(h, pieces)
         finally:
             if old is not None:
                 self._release(old)
