@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import time
 
 
 def pages_cached(path: str, offset: int, length: int) -> int:
@@ -30,3 +31,24 @@ def pages_cached(path: str, offset: int, length: int) -> int:
             libc.munmap(addr, length)
     finally:
         os.close(fd)
+
+
+def evict(path: str) -> None:
+    """Drop a file's pages from the page cache, and make sure they are gone.
+
+    POSIX_FADV_DONTNEED is advice: a page still under writeback, or held
+    for a moment by another CPU's LRU batch, stays. A test that needs a
+    cold file asks again until mincore shows none, and fails plainly
+    (not later, in what it meant to test) if they never go."""
+    size = os.stat(path).st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        for _ in range(200):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if size == 0 or pages_cached(path, 0, size) == 0:
+                return
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
+    raise AssertionError(f"{path}: the page cache kept {pages_cached(path, 0, size)} pages through DONTNEED")

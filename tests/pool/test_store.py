@@ -16,7 +16,7 @@ from vdifs.store import checksums, files
 from vdifs.store.checksums import BLOCK
 from vdifs.store.objects import ObjectStore
 
-from tests.pagecache import pages_cached
+from tests.pagecache import evict, pages_cached
 
 
 @pytest.fixture
@@ -351,12 +351,7 @@ async def test_small_writes_run_inline_and_keep_their_checksums(store, monkeypat
     assert store.io_stats()["inline_writes"] == 2
 
     # a read-around that is not in the page cache: the write goes to a thread
-    fd = os.open(store.path(oid), os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict(store.path(oid))
     calls = store.io_stats()["thread_calls"]
     await store.write(oid, 3 << 20, b"d" * 100)
     assert store.io_stats()["inline_writes"] == 2 and store.io_stats()["thread_calls"] == calls + 1
