@@ -270,15 +270,15 @@ def test_cluster_cli_errors_are_one_line(cluster, tmp_path):
 
 @pytest.mark.parametrize("uncached", [False, True])
 def test_large_writes_are_cached_only_where_reads_go(cluster, uncached):
-    """With --uncached-replica-writes, sequential 1 MiB writes land in the
-    page cache of each object's first replica (which serves its reads) and
-    past it on the others; without it, on every replica (random writes that
-    follow find their blocks there). The data reads back whole, from the
+    """By default, sequential 1 MiB writes land in the page cache of each
+    object's first replica (which serves its reads) and past it on the
+    others; with --cached-replica-writes, on every replica (random writes
+    that follow find their blocks there). The data reads back whole, from the
     mount and from every replica's file."""
     import hashlib
     import mmap
 
-    cluster.format(3, copies=3, peer_options=("--uncached-replica-writes",) if uncached else ())
+    cluster.format(3, copies=3, peer_options=() if uncached else ("--cached-replica-writes",))
     m = cluster.mount("a")
     mib, size = 1 << 20, 16 << 20
     data = os.urandom(size)

@@ -553,7 +553,7 @@ async def test_data_stops_at_the_reserve_and_maps_go_on(tmpfs_store):
 
 @contextlib.contextmanager
 def _direct_store(root: str) -> Iterator[ObjectStore]:
-    """A store that writes large data past the page cache (`--uncached-replica-writes`), opened and closed."""
+    """A store that writes large data past the page cache (a peer's default for replicas that serve no reads), opened and closed."""
     s = ObjectStore(root, direct=True)
     s.open()
     try:

@@ -87,10 +87,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--idle-timeout", type=idle_timeout_arg, default=IDLE_TIMEOUT, metavar="SECONDS",
                    help="close a client connection that sent part of a request and then nothing for "
                         f"this long (default {IDLE_TIMEOUT:.0f})")
-    p.add_argument("--uncached-replica-writes", action="store_true",
-                   help="write large data (256 KiB or more) past the page cache on every replica but an "
-                        "object's first, the one mounts read from: sequential writes of new data need far "
-                        "less CPU, and the page cache holds one copy instead of three (see docs/operations.md)")
+    p.add_argument("--cached-replica-writes", action="store_true",
+                   help="keep large writes (256 KiB or more) in the page cache on every replica, not only "
+                        "on an object's first, the one mounts read from: random writes into data written "
+                        "sequentially find their pages cached, at the price of far more CPU per sequential "
+                        "write and three cached copies instead of one (see docs/operations.md)")
     p.add_argument("--cpu-policy", default="batch", choices=sorted(CPU_POLICIES),
                    help="Linux scheduling policy of the peer's threads (default: batch: a peer woken "
                         "by a request does not preempt the mount or guest that sent it; see "
@@ -196,7 +197,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     daemon = PeerDaemon(args.store, args.listen, join=args.join, zone=args.zone, weight=args.weight,
                         secret_file=args.secret_file, recovery_rate=args.recovery_rate * 1e6,
                         recovery_reserve=args.recovery_reserve, reserve=args.reserve,
-                        uncached_replica_writes=args.uncached_replica_writes,
+                        cached_replica_writes=args.cached_replica_writes,
                         leak_pass_interval=args.leak_pass_interval, leak_grace=args.leak_grace,
                         idle_timeout=args.idle_timeout, encrypt=args.encrypt, metrics=args.metrics)
     trio.run(daemon.run)

@@ -94,7 +94,7 @@ class PeerDaemon:
     def __init__(self, store_dir: str, listen: str, *, join: str | None = None, zone: str = "",
                  weight: float = DEFAULT_WEIGHT, secret_file: str | None = None,
                  recovery_rate: float = DEFAULT_RATE, recovery_reserve: int = DEFAULT_RESERVE,
-                 reserve: int | None = None, uncached_replica_writes: bool = False,
+                 reserve: int | None = None, cached_replica_writes: bool = False,
                  leak_pass_interval: float = SWEEP_INTERVAL, leak_grace: int = LEAK_GRACE,
                  idle_timeout: float = IDLE_TIMEOUT, encrypt: bool = False, metrics: str | None = None) -> None:
         self.join = join
@@ -105,7 +105,7 @@ class PeerDaemon:
         self.encrypt = encrypt
         self.idle_timeout = idle_timeout
         self.state = PeerState(store_dir, listen, zone=zone, weight=weight, secret_file=secret_file,
-                               reserve=reserve, direct=uncached_replica_writes)
+                               reserve=reserve, direct=not cached_replica_writes)
         self.membership = Membership(self.state)
         self.recovery = Recovery(self.state, rate=recovery_rate, reserve=recovery_reserve)
         self.data = DataPlane(self.state, self.recovery)

@@ -210,9 +210,10 @@ class DataPlane:
         large ones only where mounts read the object, its first replica. The
         other replicas write them past the cache (`files.DIRECT_MIN`): the
         kernel's fresh page per 4 KiB was most of a sequential write's CPU, for
-        data no one reads from there. Only with `--uncached-replica-writes`:
-        the replicas that skip the cache must read blocks back from disk for
-        the random writes that follow."""
+        data no one reads from there (design change 65). The price: a random
+        write that follows on such a replica takes a fresh page where it
+        would have found one (`vdifs peer --cached-replica-writes` keeps
+        them all cached)."""
         if nbytes < DIRECT_MIN or not self.store.direct:
             return True
         cmap = self.peer.need_map()

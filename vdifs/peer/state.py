@@ -31,9 +31,9 @@ log = logging.getLogger("vdifs.peer")
 
 class PeerState:
     def __init__(self, store_dir: str, listen: str, *, zone: str = "", weight: float = 1.0,
-                 secret_file: str | None = None, reserve: int | None = None, direct: bool = False) -> None:
+                 secret_file: str | None = None, reserve: int | None = None, direct: bool = True) -> None:
         """`direct`: large writes of replicas that serve no reads go past the
-        page cache (`vdifs peer --uncached-replica-writes`)."""
+        page cache (the default; off with `vdifs peer --cached-replica-writes`)."""
         self.root = os.path.abspath(store_dir)
         self.listen = listen
         self.zone = zone
