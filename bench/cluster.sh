@@ -7,7 +7,7 @@
 #             this architecture on this machine
 #   vdifs   : three `vdifs peer` processes on 127.0.0.1 and one mount, copies=3
 #             (MOUNT_OPTS: more `vdifs mount` options, e.g. "--cache-size 0";
-#             PEER_OPTS: more `vdifs peer` options, e.g. "--uncached-replica-writes"), then
+#             PEER_OPTS: more `vdifs peer` options, e.g. "--cached-replica-writes"), then
 #             the same jobs over the mount's NBD export with fio's nbd engine (NBD=0: not)
 # All through bench/fio-jobs.sh: the jobs of ../shared/bench/fio-suite.sh (O_DIRECT,
 # same options and seed) on one pre-sized file per target, plus flush32.

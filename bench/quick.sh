@@ -16,7 +16,7 @@
 # as in bench/fio-jobs.sh, so none pays for an earlier one's writeback.
 # "TREE::@nbd" runs that entry's jobs through the mount's NBD export (fio's
 # nbd engine) instead of the file; "TREE::peer:OPTION" gives the peers that
-# option (CLUSTER=1), e.g. "$PWD::peer:--uncached-replica-writes". Not the issue's benchmark (bench/run.sh and
+# option (CLUSTER=1), e.g. "$PWD::peer:--cached-replica-writes". Not the issue's benchmark (bench/run.sh and
 # bench/cluster.sh are): a tool for deciding whether a change pays.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
