@@ -16,7 +16,9 @@
 # as in bench/fio-jobs.sh, so none pays for an earlier one's writeback.
 # "TREE::@nbd" runs that entry's jobs through the mount's NBD export (fio's
 # nbd engine) instead of the file; "TREE::peer:OPTION" gives the peers that
-# option (CLUSTER=1), e.g. "$PWD::peer:--cached-replica-writes". Not the issue's benchmark (bench/run.sh and
+# option (CLUSTER=1), e.g. "$PWD::peer:--cached-replica-writes". PROFILE=JOB records the mount
+# with py-spy during that job (collapsed stacks, next to WORK: $WORK.profile.*);
+# CPU=1 adds each job's CPU time per I/O: the machine's, the mount's, the peers', fio's. Not the issue's benchmark (bench/run.sh and
 # bench/cluster.sh are): a tool for deciding whether a change pays.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -39,6 +41,12 @@ cleanup() {
 trap cleanup EXIT
 SIZE=${SIZE:-1G}
 COMMON=(--randseed=20261121 --randrepeat=1 --group_reporting --output-format=json --size="$SIZE")
+cpu_ticks() {  # CPU ticks so far: the machine's busy ones, the mount's, the peers' (threads included)
+    local m=0 peers=0 p
+    [[ -n $mpid ]] && m=$(awk '{print $14+$15}' "/proc/$mpid/stat" 2>/dev/null || echo 0)
+    for p in "${ppids[@]}"; do peers=$((peers + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done
+    echo "$(awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat) $m $peers"
+}
 one() {  # one TREE[::OPTS] ROUND
     local opts=() engine=(--ioengine=libaio --direct=1 --fallocate=none)
     if [[ $1 == *::* ]]; then read -r -a opts <<< "${1#*::}"; set -- "${1%%::*}" "$2" "${1#*::}"; fi
@@ -84,7 +92,15 @@ one() {  # one TREE[::OPTS] ROUND
         sync
         timed=(); [[ $name == seq* ]] || timed=(--runtime="$RT" --time_based)
         target=(--filename="$f"); [[ ${engine[0]} == --ioengine=nbd ]] && target=()
+        local spy=
+        if [[ ${PROFILE:-} == "$name" ]]; then  # the mount's profile of this job, raw (collapsed stacks)
+            "$(dirname "$PY")/py-spy" record --nonblocking -r 250 -f raw -d "$RT" -p "$mpid" \
+                -o "$WORK.profile.$name.$(echo "$line" | cut -d' ' -f1-4 | tr -c 'A-Za-z0-9._-' _).txt" >/dev/null 2>&1 & spy=$!
+        fi
+        local before; before=$(cpu_ticks)
         fio --name="$name" "${target[@]}" "${engine[@]}" "${COMMON[@]}" "${timed[@]}" "$@" > "$WORK.$name.json"
+        [[ -z $spy ]] || wait "$spy" || true
+        [[ ${CPU:-0} == 1 ]] && echo "$before $(cpu_ticks)" > "$WORK.$name.cpu"
         line+=$(python3 - "$WORK.$name.json" "$name" <<'PY'
 import json, sys
 raw = open(sys.argv[1]).read()
@@ -94,6 +110,15 @@ if sys.argv[2].startswith("seq"):
     print(f"  {sys.argv[2]} {(r['bw_bytes'] + w['bw_bytes']) / 1e6:7.0f} MB/s", end="")
 else:
     print(f"  {sys.argv[2]} {r['iops'] + w['iops']:7.0f} IOPS", end="")
+ios = r["total_ios"] + w["total_ios"]
+try:  # CPU=1: CPU time per I/O (us): the machine's, the mount's, the peers', fio's
+    t0, m0, p0, t1, m1, p1 = map(int, open(sys.argv[1][:-len(".json")] + ".cpu").read().split())
+    hz, rt = 100, j["job_runtime"] / 1e3
+    fio_cpu = (j["usr_cpu"] + j["sys_cpu"]) / 100 * rt
+    print(f" [us/io: all {(t1 - t0) / hz / ios * 1e6:.0f} mount {(m1 - m0) / hz / ios * 1e6:.0f} "
+          f"peers {(p1 - p0) / hz / ios * 1e6:.0f} fio {fio_cpu / ios * 1e6:.0f}]", end="")
+except (OSError, ValueError):
+    pass
 PY
 )
     done
