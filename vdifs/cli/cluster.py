@@ -90,8 +90,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--cached-replica-writes", action="store_true",
                    help="keep large writes (256 KiB or more) in the page cache on every replica, not only "
                         "on an object's first, the one mounts read from: random writes into data written "
-                        "sequentially find their pages cached, at the price of far more CPU per sequential "
-                        "write and three cached copies instead of one (see docs/operations.md)")
+                        "sequentially find their pages cached, at the price of three cached copies instead "
+                        "of one (and, where fresh pages are dear, as on VMs that give free memory back to "
+                        "their host, more CPU per sequential write; see docs/operations.md)")
     p.add_argument("--cpu-policy", default="batch", choices=sorted(CPU_POLICIES),
                    help="Linux scheduling policy of the peer's threads (default: batch: a peer woken "
                         "by a request does not preempt the mount or guest that sent it; see "

@@ -208,12 +208,13 @@ class DataPlane:
     def _cache(self, oid: int, nbytes: int) -> bool:
         """Whether a write should stay in our page cache: small ones always;
         large ones only where mounts read the object, its first replica. The
-        other replicas write them past the cache (`files.DIRECT_MIN`): the
-        kernel's fresh page per 4 KiB was most of a sequential write's CPU, for
-        data no one reads from there (design change 65). The price: a random
-        write that follows on such a replica takes a fresh page where it
-        would have found one (`vdifs peer --cached-replica-writes` keeps
-        them all cached)."""
+        other replicas write them past the cache (`files.DIRECT_MIN`): a
+        host's page cache then holds one copy of such data, not three, and
+        no fresh page is spent on data no one reads from there (dear on VMs
+        that give free memory back to their host; design change 65). The
+        price: a random write that follows on such a replica takes a fresh
+        page where it would have found one (`vdifs peer
+        --cached-replica-writes` keeps them all cached)."""
         if nbytes < DIRECT_MIN or not self.store.direct:
             return True
         cmap = self.peer.need_map()
