@@ -94,6 +94,7 @@ one() {  # one TREE[::OPTS] ROUND
         target=(--filename="$f"); [[ ${engine[0]} == --ioengine=nbd ]] && target=()
         local spy=
         if [[ ${PROFILE:-} == "$name" ]]; then  # the mount's profile of this job, raw (collapsed stacks)
+            [[ -x $(dirname "$PY")/py-spy ]] || { echo "quick.sh: PROFILE needs py-spy in $(dirname "$PY") (pip install py-spy)" >&2; exit 2; }
             "$(dirname "$PY")/py-spy" record --nonblocking -r 250 -f raw -d "$RT" -p "$mpid" \
                 -o "$WORK.profile.$name.$(echo "$line" | cut -d' ' -f1-4 | tr -c 'A-Za-z0-9._-' _).txt" >/dev/null 2>&1 & spy=$!
         fi
@@ -102,7 +103,7 @@ one() {  # one TREE[::OPTS] ROUND
         [[ -z $spy ]] || wait "$spy" || true
         [[ ${CPU:-0} == 1 ]] && echo "$before $(cpu_ticks)" > "$WORK.$name.cpu"
         line+=$(python3 - "$WORK.$name.json" "$name" <<'PY'
-import json, sys
+import json, os, sys
 raw = open(sys.argv[1]).read()
 j = json.loads(raw[raw.index("{"):])["jobs"][0]  # fio's nbd engine says hello first
 r, w = j["read"], j["write"]
@@ -113,7 +114,7 @@ else:
 ios = r["total_ios"] + w["total_ios"]
 try:  # CPU=1: CPU time per I/O (us): the machine's, the mount's, the peers', fio's
     t0, m0, p0, t1, m1, p1 = map(int, open(sys.argv[1][:-len(".json")] + ".cpu").read().split())
-    hz, rt = 100, j["job_runtime"] / 1e3
+    hz, rt = os.sysconf("SC_CLK_TCK"), j["job_runtime"] / 1e3
     fio_cpu = (j["usr_cpu"] + j["sys_cpu"]) / 100 * rt
     print(f" [us/io: all {(t1 - t0) / hz / ios * 1e6:.0f} mount {(m1 - m0) / hz / ios * 1e6:.0f} "
           f"peers {(p1 - p0) / hz / ios * 1e6:.0f} fio {fio_cpu / ios * 1e6:.0f}]", end="")

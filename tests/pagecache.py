@@ -33,6 +33,11 @@ def pages_cached(path: str, offset: int, length: int) -> int:
         os.close(fd)
 
 
+
+def all_cached(path: str, offset: int, length: int) -> bool:
+    """Whether the page cache holds every page of the range."""
+    return pages_cached(path, offset, length) == -(-length // mmap.PAGESIZE)
+
 def evict(path: str) -> None:
     """Drop a file's pages from the page cache, and make sure they are gone.
 

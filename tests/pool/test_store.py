@@ -16,7 +16,7 @@ from vdifs.store import checksums, files
 from vdifs.store.checksums import BLOCK
 from vdifs.store.objects import ObjectStore
 
-from tests.pagecache import evict, pages_cached
+from tests.pagecache import all_cached, evict, pages_cached
 
 
 @pytest.fixture
@@ -562,11 +562,6 @@ def _direct_store(root: str) -> Iterator[ObjectStore]:
         s.close()
 
 
-def _cached(path: str, offset: int, length: int) -> bool:
-    """Whether the page cache holds all of the range."""
-    return pages_cached(path, offset, length) == -(-length // 4096)
-
-
 async def test_uncached_large_writes_bypass_the_page_cache(tmp_path):
     """A write made with cache=False (a replica no mount reads from) goes
     past the page cache when it is large and aligned; it reads back right,
@@ -586,13 +581,13 @@ async def test_uncached_large_writes_bypass_the_page_cache(tmp_path):
         await s.create(b, mib, one, 4 * mib)  # cached: the replica reads come to
         await s.write(a, 2 * mib, two, cache=False)
         assert s.direct_writes == 2
-        assert not _cached(s.path(a), mib, mib) and not _cached(s.path(a), 2 * mib, mib // 2)
-        assert _cached(s.path(b), mib, mib)
+        assert pages_cached(s.path(a), mib, mib) == 0 and pages_cached(s.path(a), 2 * mib, mib // 2) == 0
+        assert all_cached(s.path(b), mib, mib)
         # small or unaligned writes stay cached whatever the caller says
         await s.write(a, 0, b"x" * 4096, cache=False)
         await s.write(a, 3 * mib + 1, b"y" * (300 << 10), cache=False)
         assert s.direct_writes == 2
-        assert _cached(s.path(a), 0, 4096)
+        assert all_cached(s.path(a), 0, 4096)
         # a direct write over cached data: the reader sees the new bytes
         await s.write(b, mib, three, cache=False)
         assert s.direct_writes == 3
