@@ -69,6 +69,11 @@ def test_native_and_python_agree_with_the_file(obj, offset, length, bad, checked
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_pages_not_in_the_cache_give_none_without_waiting(tmp_path, impl):
+    """A page not in the cache gives None, or the right bytes: a RWF_NOWAIT
+    read of a missing page starts a readahead, and on a fast disk that
+    readahead may finish before the read looks again (this test failed so
+    right after the page was seen evicted). Never wrong bytes, never an
+    error; once cached, always the bytes."""
     path = tmp_path / "cold"
     data = os.urandom(4 * BLOCK)
     path.write_bytes(data)
@@ -76,7 +81,8 @@ def test_pages_not_in_the_cache_give_none_without_waiting(tmp_path, impl):
     fd = os.open(path, os.O_RDONLY)
     try:
         table = checksums.table_of(data, len(data))
-        assert impl(fd, BLOCK, 4096, table) is None
+        got = impl(fd, BLOCK, 4096, table)
+        assert got is None or bytes(got) == data[BLOCK:BLOCK + 4096]
         assert os.pread(fd, len(data), 0) == data  # now cached
         assert bytes(impl(fd, BLOCK, 4096, table)) == data[BLOCK:BLOCK + 4096]
     finally:
