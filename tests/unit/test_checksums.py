@@ -81,7 +81,8 @@ def test_pieces_give_the_crcs_a_read_around_would(data):
     """A model: an object's bytes, and what `Pieces` says of them. Whatever
     the order of learnt blocks and writes, a write it answers gets the very
     CRCs of the blocks as they now are, and it answers exactly the writes
-    whose partly changed blocks it knows."""
+    whose partly changed blocks it knows; blocks it was told it missed
+    (`forget`: a whole-block write not learnt) are unknown again."""
     nblocks = 8
     P = checksums.PIECE
     content = bytearray(os.urandom(nblocks * BLOCK))
@@ -93,6 +94,13 @@ def test_pieces_give_the_crcs_a_read_around_would(data):
             n = data.draw(st.integers(1, nblocks - first))
             pieces.learn(first, content[first * BLOCK:(first + n) * BLOCK])
             known.update(range(first, first + n))
+            continue
+        if data.draw(st.booleans()):  # whole blocks written but not learnt
+            first = data.draw(st.integers(0, nblocks - 1))
+            n = data.draw(st.integers(1, nblocks - first))
+            content[first * BLOCK:(first + n) * BLOCK] = os.urandom(n * BLOCK)
+            pieces.forget(first, n)
+            known.difference_update(range(first, first + n))
             continue
         first_piece = data.draw(st.integers(0, nblocks * BLOCK // P - 1))
         npieces = data.draw(st.integers(1, min(9, nblocks * BLOCK // P - first_piece)))

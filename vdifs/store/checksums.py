@@ -162,7 +162,7 @@ class Pieces:
 
     Pure bookkeeping, 4 bytes a piece (4 KiB for a 4 MiB object). The
     owner must drop it whenever the object's bytes or table change by any
-    way but `write`/`learn` (a create, a repair, a rebuilt table)."""
+    way but `write`/`learn`/`forget` (a create, a repair, a rebuilt table)."""
 
     __slots__ = ("crcs", "known")
 
@@ -188,6 +188,12 @@ class Pieces:
         p = first_block * PIECES_PER_BLOCK
         self.crcs[p:p + n * PIECES_PER_BLOCK] = piece_crcs(memoryview(buf)[:n * BLOCK])
         self.known |= ((1 << n) - 1) << first_block
+
+    def forget(self, first_block: int, n: int) -> None:
+        """The content of `n` blocks from `first_block` changed unseen (a
+        whole-block write that was not learnt): their pieces are unknown."""
+        if n > 0:
+            self.known &= ~(((1 << n) - 1) << first_block)
 
     def write(self, offset: int, data: Buffer) -> Table | None:
         """For a write of `data` at `offset` (both in whole PIECEs): the new

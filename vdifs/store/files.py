@@ -292,8 +292,11 @@ def write_block_crcs(fd: int, offset: int, data: bytes | bytearray | memoryview,
                     raise ChecksumError(f"block {bad} does not match its checksum")
                 buf[b0 - start:b1 - start] = old
         buf[head:head + len(data)] = data
-    if pieces is not None and (buf is not data or direct):  # (a cached whole-block write is cheap to read around)
-        pieces.learn(start // BLOCK, buf)
+    if pieces is not None:
+        if buf is not data or direct:
+            pieces.learn(start // BLOCK, buf)
+        else:  # a cached whole-block write is cheap to read around later: not worth its piece CRCs
+            pieces.forget(start // BLOCK, len(buf) // BLOCK)
     _mark_dirty(fd, mark_dirty)  # only after the checks: a DIRTY table is rebuilt from the data
     pwrite_full(fd, offset, data, direct)
     return checksums.crcs_of(buf)
