@@ -10,7 +10,9 @@ wait at it.
 """
 
 import errno
+import inspect
 
+import pytest
 import trio
 
 from vdifs.errors import InvalidArgument, VdifsError
@@ -54,6 +56,7 @@ def valid_args(daemons) -> dict[str, dict]:
         "paxos.install": {"key": "k2", "ballot": [1, "t"], "value": None},
         "obj.read": {"oid": OID, "offset": 0, "length": 1},
         "obj.write": {"oid": OID, "offset": 0, "data": b"w"},
+        "obj.writev": {"oids": [OID], "offsets": [0], "lengths": [1], "data": b"w"},
         "obj.create": {"oid": data_oid(3, 1), "offset": 0, "data": b"c", "size": 8},
         "obj.delete": {"oid": data_oid(3, 2)},
         "obj.collect": {"oid": data_oid(3, 3), "older_than": 3600},
@@ -126,29 +129,80 @@ async def test_the_fast_forms_make_the_same_checks_or_hand_over(tmp_path, nurser
     await d.data.h_create({"oid": OID, "offset": 0, "data": b"x" * 8, "size": 1 << 20, "epoch": 1}, s)
     await d.data.h_write({"oid": OID, "offset": 100, "data": b"y", "epoch": 1}, s)  # table DIRTY: inline ok
     fast = {name: op.fast for name, op in d.ops.items() if op.fast is not None}
-    assert set(fast) == {"obj.read", "obj.write"}
+    assert set(fast) == {"obj.read", "obj.write", "obj.writev"}
     read = {"oid": OID, "offset": 0, "length": 8}
     write = {"oid": OID, "offset": 4, "data": b"z"}
+    writev = {"oids": [OID, OID], "offsets": [2, 6], "lengths": [1, 1], "data": b"vv"}
 
     for epoch in (0, 2):  # stale: the handler refuses; newer: it refreshes the map first
         assert fast["obj.read"]({**read, "epoch": epoch}, s) is NOT_NOW
         assert fast["obj.write"]({**write, "epoch": epoch}, s) is NOT_NOW
+        assert fast["obj.writev"]({**writev, "epoch": epoch}, s) is NOT_NOW
     assert await d.data.h_read({**read, "epoch": 1}, s) == b"x" * 8  # no fast write landed
     d.state.shut_gate()
     assert fast["obj.read"]({**read, "epoch": 1}, s) is NOT_NOW
     assert fast["obj.write"]({**write, "epoch": 1}, s) is NOT_NOW
+    assert fast["obj.writev"]({**writev, "epoch": 1}, s) is NOT_NOW
     d.state.open_gate()
+    assert await d.data.h_read({**read, "epoch": 1}, s) == b"x" * 8
     assert fast["obj.read"]({"oid": data_oid(3, 5), "offset": 0, "length": 8, "epoch": 1}, s) is NOT_NOW
 
     assert fast["obj.read"]({**read, "epoch": 1}, s) == b"x" * 8
     assert fast["obj.write"]({**write, "epoch": 1, "gen": 3}, s) is None
     assert await d.data.h_read({**read, "epoch": 1}, s) == b"xxxxzxxx"
+    assert fast["obj.writev"]({**writev, "epoch": 1, "gen": 3}, s) is None
+    assert await d.data.h_read({**read, "epoch": 1}, s) == b"xxvxzxvx"
     await d.data.h_fence({"vid": 3, "gen": 5}, s)
-    for args in ({**write, "epoch": 1, "gen": 4}, {**write, "epoch": 1, "gen": 4, "lvid": 3}):
+    for op, args in (("obj.write", {**write, "epoch": 1, "gen": 4}),
+                     ("obj.write", {**write, "epoch": 1, "gen": 4, "lvid": 3}),
+                     ("obj.writev", {**writev, "data": b"ww", "epoch": 1, "gen": 4})):
         try:
-            fast["obj.write"](args, s)
+            fast[op](args, s)
         except VdifsError as e:
             assert e.errno == errno.EPERM
         else:
             raise AssertionError("a fenced generation wrote through the fast path")
-    assert await d.data.h_read({**read, "epoch": 1}, s) == b"xxxxzxxx"
+    assert await d.data.h_read({**read, "epoch": 1}, s) == b"xxvxzxvx"
+
+
+async def test_a_writev_makes_every_write_or_refuses_them_all(tmp_path, nursery):
+    """obj.writev: the fast form makes the writes it can at once, in order,
+    and hands the rest to the handler, which makes only those; bad input
+    (lists that disagree, data that does not add up, a write past the
+    object) is refused before anything is written."""
+    from vdifs.wire.rpc import NOT_NOW
+
+    net = MemoryNet()
+    _creds, daemons = await make_cluster(tmp_path, 3, net)
+    d = daemons[0]
+    s = Session("test", True)
+    a, b = OID, data_oid(3, 7)
+    for oid in (a, b):
+        await d.data.h_create({"oid": oid, "offset": 0, "data": b"x" * 8, "size": 1 << 20, "epoch": 1}, s)
+        await d.data.h_write({"oid": oid, "offset": 100, "data": b"y", "epoch": 1}, s)  # table DIRTY: inline ok
+    # one open object at a time: b's stays open, a's is closed (a write into it waits for an open)
+    d.data.store.max_open = 1
+    await d.data.h_create({"oid": data_oid(3, 8), "offset": 0, "data": b"c", "size": 8, "epoch": 1}, s)
+    await d.data.h_write({"oid": b, "offset": 100, "data": b"y", "epoch": 1}, s)
+
+    args = {"oids": [b, a, b], "offsets": [0, 1, 7], "lengths": [2, 3, 1], "data": b"BBAAAb", "epoch": 1}
+    assert d.ops["obj.writev"].fast(args, s) is NOT_NOW  # b's first write made, a's not
+    assert await d.data.h_read({"oid": b, "offset": 0, "length": 8, "epoch": 1}, s) == b"BBxxxxxx"
+    # the handler makes the rest, not b's first write again (it would undo this one)
+    await d.data.h_write({"oid": b, "offset": 0, "data": b"QQ", "epoch": 1}, s)
+    await d.data.h_writev(args, s)
+    assert await d.data.h_read({"oid": a, "offset": 0, "length": 8, "epoch": 1}, s) == b"xAAAxxxx"
+    assert await d.data.h_read({"oid": b, "offset": 0, "length": 8, "epoch": 1}, s) == b"QQxxxxxb"
+
+    for bad in ({"oids": [a, b], "offsets": [0], "lengths": [1, 1], "data": b"zz"},
+                {"oids": [a, b], "offsets": [0, 0], "lengths": [1, 1], "data": b"zzz"},
+                {"oids": [a, b], "offsets": [0, (4 << 20) - 1], "lengths": [1, 2], "data": b"zzz"},
+                {"oids": [a], "offsets": [0], "lengths": [0], "data": b""},
+                {"oids": [a], "offsets": [0], "lengths": [1], "data": "z"}):
+        for form in (d.ops["obj.writev"].fast, d.data.h_writev):
+            with pytest.raises(InvalidArgument):
+                got = form({**bad, "epoch": 1}, s)
+                if inspect.iscoroutine(got):
+                    await got
+    assert await d.data.h_read({"oid": a, "offset": 0, "length": 8, "epoch": 1}, s) == b"xAAAxxxx"
+    assert await d.data.h_read({"oid": b, "offset": 0, "length": 8, "epoch": 1}, s) == b"QQxxxxxb"

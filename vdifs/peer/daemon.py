@@ -144,6 +144,7 @@ class PeerDaemon:
             "paxos.install": Op(m.h_install, ADMIN_PEER),
             "obj.read": Op(d.h_read, ANY, epoch=EPOCH, gate=True, fast=d.read_now),
             "obj.write": Op(d.h_write, CLIENTS, epoch=EPOCH, gate=True, fast=d.write_now),
+            "obj.writev": Op(d.h_writev, CLIENTS, epoch=EPOCH, gate=True, fast=d.writev_now),
             "obj.create": Op(d.h_create, CLIENTS, epoch=EPOCH, gate=True),
             "obj.delete": Op(d.h_delete, CLIENTS, epoch=EPOCH, gate=True),
             "obj.collect": Op(d.h_collect, ADMIN_PEER, epoch=EPOCH, gate=True),

@@ -20,6 +20,7 @@ import trio
 
 from vdifs.errors import ChecksumError, InvalidArgument, ObjectNotFound, VdifsError
 from vdifs.fsutil import atomic_write
+from vdifs.model.cluster import ClusterMap
 from vdifs.model.ids import MAX_VID, OBJECT_SIZE, vid_of
 from vdifs.model.placement import placement
 from vdifs.peer.recovery import Recovery
@@ -40,6 +41,13 @@ READERS_KEPT = 1 << 16
 COUNTER_MAX = (1 << 63) - 1
 #: data vids one lease.fence may name beside the lease's own
 FENCE_ALSO_MAX = 1024
+#: writes one obj.writev may carry (their bytes are bounded by the frame)
+WRITEV_MAX = 256
+#: where `writev_now` leaves the index of the first write it did not do, for
+#: `h_writev` (not a string: no key a request can carry)
+_WRITTEN_NOW: Any = object()
+
+Write = tuple[int, int, memoryview]  # (oid, offset, data) of one write of an obj.writev
 
 
 def _sha256_hex(data: bytes | bytearray) -> str:
@@ -96,12 +104,24 @@ class DataPlane:
             raise VdifsError(f"vid {vid} is fenced at lease generation {floor}; "
                              f"a write of generation {gen} is refused", code=errno.EPERM)
 
+    @staticmethod
+    def _stamp(args: dict[str, Any]) -> tuple[int, int | None, int | None]:
+        """(epoch, lease generation, lease vid) a change carries."""
+        return (arg.integer(args, "epoch", 0, COUNTER_MAX), arg.integer(args, "gen", 0, COUNTER_MAX, default=None),
+                arg.integer(args, "lvid", 1, MAX_VID, default=None))
+
+    def _map_now(self, epoch: int) -> ClusterMap | None:
+        """Our map, if a request stamped `epoch` can be served without a
+        wait (the gate open, the sender's epoch ours); else None."""
+        cmap = self.peer.cmap
+        if self.peer.catching_up or cmap is None or epoch != cmap.epoch:
+            return None
+        return cmap
+
     async def _mutation(self, args: dict[str, Any], oid: int) -> None:
         """What every change of an object passes first: the gate, the epoch and
         the lease fence; then it is journaled."""
-        epoch = arg.integer(args, "epoch", 0, COUNTER_MAX)
-        gen = arg.integer(args, "gen", 0, COUNTER_MAX, default=None)
-        lvid = arg.integer(args, "lvid", 1, MAX_VID, default=None)
+        epoch, gen, lvid = self._stamp(args)
         await self.peer.caught_up()
         await self.check_epoch(epoch)
         self.check_fence(oid, gen, lvid)
@@ -126,6 +146,27 @@ class DataPlane:
         if offset + len(data) > OBJECT_SIZE:
             raise InvalidArgument(f"offset {offset} + {len(data)} bytes runs past the {OBJECT_SIZE} byte object")
         return oid, offset, data
+
+    @staticmethod
+    def _placed_writes(args: dict[str, Any]) -> list[Write]:
+        """The writes of an obj.writev, each inside one object; all of them
+        are checked before any is made."""
+        oids = arg.int_list(args, "oids", max_items=WRITEV_MAX)
+        offsets = arg.int_list(args, "offsets", 0, OBJECT_SIZE, max_items=WRITEV_MAX)
+        lengths = arg.int_list(args, "lengths", 1, OBJECT_SIZE, max_items=WRITEV_MAX)
+        data = memoryview(arg.blob(args, "data"))
+        if not len(oids) == len(offsets) == len(lengths):
+            raise InvalidArgument(f"{len(oids)} oids, {len(offsets)} offsets and {len(lengths)} lengths")
+        if sum(lengths) != len(data):
+            raise InvalidArgument(f"the lengths add up to {sum(lengths)} bytes, the data is {len(data)}")
+        writes = []
+        at = 0
+        for oid, offset, length in zip(oids, offsets, lengths):
+            if offset + length > OBJECT_SIZE:
+                raise InvalidArgument(f"offset {offset} + {length} bytes runs past the {OBJECT_SIZE} byte object")
+            writes.append((oid, offset, data[at:at + length]))
+            at += length
+        return writes
 
     async def _epoch_if_sent(self, args: dict[str, Any]) -> None:
         epoch = arg.integer(args, "epoch", 0, COUNTER_MAX, default=None)
@@ -179,9 +220,7 @@ class DataPlane:
 
     def read_now(self, args: dict[str, Any], s: Session) -> Any:
         oid, offset, length = self._placed_range(args)
-        epoch = arg.integer(args, "epoch", 0, COUNTER_MAX)
-        cmap = self.peer.cmap
-        if self.peer.catching_up or cmap is None or epoch != cmap.epoch:
+        if self._map_now(arg.integer(args, "epoch", 0, COUNTER_MAX)) is None:
             return NOT_NOW
         data = self.store.read_now(oid, offset, length)
         if data is None:
@@ -195,15 +234,31 @@ class DataPlane:
         oid, offset, data = self._placed_data(args)
         if len(data) > INLINE_WRITE_MAX:
             return NOT_NOW  # never inline: spare the checks the handler makes again
-        epoch = arg.integer(args, "epoch", 0, COUNTER_MAX)
-        gen = arg.integer(args, "gen", 0, COUNTER_MAX, default=None)
-        lvid = arg.integer(args, "lvid", 1, MAX_VID, default=None)
-        cmap = self.peer.cmap
-        if self.peer.catching_up or cmap is None or epoch != cmap.epoch:
+        epoch, gen, lvid = self._stamp(args)
+        cmap = self._map_now(epoch)
+        if cmap is None:
             return NOT_NOW
         self.check_fence(oid, gen, lvid)
         self.peer.journal.record(cmap.epoch, oid)  # before the change, as in _mutation
         return None if self.store.write_now(oid, offset, data) else NOT_NOW
+
+    def writev_now(self, args: dict[str, Any], s: Session) -> Any:
+        """`write_now` for each write of an obj.writev, in order, until one
+        cannot be done at once: `h_writev` then does the rest."""
+        writes = self._placed_writes(args)
+        epoch, gen, lvid = self._stamp(args)
+        cmap = self._map_now(epoch)
+        if cmap is None:
+            return NOT_NOW
+        for oid, _, _ in writes:
+            self.check_fence(oid, gen, lvid)
+        journal, write_now = self.peer.journal, self.store.write_now
+        for i, (oid, offset, data) in enumerate(writes):
+            journal.record(cmap.epoch, oid)  # before the change, as in _mutation
+            if len(data) > INLINE_WRITE_MAX or not write_now(oid, offset, data):
+                args[_WRITTEN_NOW] = i
+                return NOT_NOW
+        return None
 
     def _cache(self, oid: int, nbytes: int) -> bool:
         """Whether a write should stay in our page cache: small ones always;
@@ -237,6 +292,46 @@ class DataPlane:
                                                  admitted=epoch)
         finally:
             self._land(epoch)
+
+    async def h_writev(self, args: dict[str, Any], s: Session) -> None:
+        """Several writes in one request (a mount's batch: the writes an NBD
+        client sent together), each as obj.write makes it; they pass the
+        same checks, all before the first is made. Those `writev_now` made
+        already are not made again. The writes run side by side (a request
+        puts no order among its writes); the first failure is the answer,
+        and the mount then makes every write of the request again, one by
+        one (writing the same bytes twice is harmless)."""
+        writes = self._placed_writes(args)
+        epoch, gen, lvid = self._stamp(args)
+        await self.peer.caught_up()
+        await self.check_epoch(epoch)
+        for oid, _, _ in writes:
+            self.check_fence(oid, gen, lvid)
+        assert self.peer.cmap is not None
+        for oid, _, _ in writes:
+            self.peer.journal.record(self.peer.cmap.epoch, oid)
+        rest = writes[args.get(_WRITTEN_NOW, 0):]
+        admitted = self._admit()
+        failures: list[Exception] = []
+
+        async def one(oid: int, offset: int, data: memoryview) -> None:
+            try:
+                await self.recovery.recovering_first(
+                    oid, lambda: self.store.write(oid, offset, data, self._cache(oid, len(data))), admitted=admitted)
+            except Exception as e:
+                failures.append(e)
+
+        try:
+            if len(rest) == 1:
+                await one(*rest[0])
+            else:
+                async with trio.open_nursery() as nursery:
+                    for w in rest:
+                        nursery.start_soon(one, *w)
+        finally:
+            self._land(admitted)
+        if failures:
+            raise failures[0]
 
     async def h_create(self, args: dict[str, Any], s: Session) -> None:
         oid, offset, data = self._placed_data(args)

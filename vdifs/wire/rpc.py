@@ -91,7 +91,7 @@ ESTALE_EPOCH = errno.ESTALE
 
 #: What a mount may send to a peer it cannot reach through another peer
 #: (`peer.relay`): the data path's operations, never consensus or membership.
-RELAYED_OPS = frozenset({"obj.read", "obj.write", "obj.create", "obj.delete", "obj.sync", "obj.list",
+RELAYED_OPS = frozenset({"obj.read", "obj.write", "obj.writev", "obj.create", "obj.delete", "obj.sync", "obj.list",
                          "obj.vids", "obj.finish_vid", "lease.fence", "peer.info"})
 
 
