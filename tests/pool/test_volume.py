@@ -488,3 +488,37 @@ async def wait_until(condition, timeout=10.0):
     with trio.fail_after(timeout):
         while not condition():
             await trio.sleep(0.01)
+
+
+async def test_writes_sent_together_land_as_each_would_alone(store_dir, nursery):
+    """`Volume.write_many` (an NBD client's writes parsed together):
+    overwrites of objects the VDI holds, writes into holes, across an
+    object's end, into objects inherited from a snapshot, zeros that end
+    an object, and one past the 16 PiB limit: every good write reads back
+    as if made alone, the snapshot keeps its bytes, and only the bad one
+    fails."""
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("w", 8 * OBJ)
+    vol = await cat.open(rec.vid)
+    model = bytearray(os.urandom(4 * OBJ) + bytes(4 * OBJ))  # objects 0-3 written, 4-7 holes
+    await vol.write(0, bytes(model[:4 * OBJ]))
+    snap = await Snapshots(cat).snapshot("w", "s")  # objects 0-3 are now inherited
+    frozen = bytes(model)
+    await vol.write(OBJ + 512, b"o" * 4096)  # object 1 copied up: ours again
+    model[OBJ + 512:OBJ + 512 + 4096] = b"o" * 4096
+    rng = random.Random(66)
+    pages = rng.sample(range(OBJ // 4096 + 2, 2 * OBJ // 4096 - 2), 20)  # in object 1, ours
+    writes = [(page * 4096, os.urandom(4096)) for page in pages]
+    writes += [(5 * OBJ + 8192, os.urandom(4096)),  # a hole
+               (5 * OBJ - 2048, os.urandom(8192)),  # across the end of object 4 (a hole) into 5
+               (3 * OBJ + 4096, os.urandom(512)),  # inherited: copy-up
+               (2 * OBJ - 4096, bytes(4096)),  # zeros ending object 1
+               (MAX_VDI_SIZE, b"x")]  # past the limit
+    results = await vol.write_many(writes)
+    assert all(r is None for r in results[:-1]), results
+    assert isinstance(results[-1], TooLarge)
+    for offset, data in writes[:-1]:
+        model[offset:offset + len(data)] = data
+    assert await vol.read(0, 8 * OBJ) == model
+    assert await (await cat.snapshot_volume(snap.vid)).read(0, 8 * OBJ) == frozen
+    assert {unpack_oid(oid)[2] for oid in await data_objects(cat, vol.data_vid)} == {1, 3, 4, 5}

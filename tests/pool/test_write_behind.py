@@ -290,3 +290,46 @@ async def test_after_a_fence_and_a_new_lease_write_behind_works_again(store_dir,
     assert vol.behind_writes == 3
     await vol.flush()
     assert await stored(store_dir, vol.vid, 0, 5) == b"again"
+
+
+async def test_a_round_writes_back_each_object_or_keeps_it(store_dir, nursery, monkeypatch):
+    """One round holding runs of objects the VDI holds (written back
+    together, `pool.write_many`), one into a hole and one refused by the
+    pool: everything but the refused object's run is stored, the flush
+    fails, the window keeps only that run, and the next flush stores it."""
+    from vdifs.model.ids import data_oid
+
+    held = HeldDrainer()
+    cat, vol = await open_volume(store_dir, nursery, size=4 * OBJ, held=held)
+    for index in (0, 1, 3):
+        await vol.write(index * OBJ, b"old", behind=True)
+    await held.run()
+    await vol.flush()  # objects 0, 1 and 3 allocated: later writes into them are overwrites
+    refused_oid = data_oid(vol.data_vid, 1)
+    real_write = cat.pool.write
+
+    async def write(oid, *args, **kwargs):
+        if oid == refused_oid:
+            raise PoolError("injected: object 1 cannot be written")
+        return await real_write(oid, *args, **kwargs)
+
+    monkeypatch.setattr(cat.pool, "write", write)
+    writes = {0: b"zero-a", 100 * KiB: b"zero-b", OBJ + 8 * KiB: b"one", 2 * OBJ + 4 * KiB: b"hole",
+              3 * OBJ + 64 * KiB: b"three"}
+    for offset, data in writes.items():
+        await vol.write(offset, data, behind=True)
+    await held.run()  # one round: all five runs
+    vol.enable_write_behind(nursery.start_soon, 16 << 20)  # from now on the drainer runs at once
+    with pytest.raises(PoolError):
+        await vol.flush()
+    for offset, data in writes.items():
+        assert await vol.read(offset, len(data)) == data
+        # (object 1's run never landed: there it still holds zeros)
+        want = bytes(len(data)) if offset == OBJ + 8 * KiB else data
+        assert await stored(store_dir, vol.vid, offset, len(data)) == want, offset
+    assert vol.window.bytes == len(b"one")
+    monkeypatch.setattr(cat.pool, "write", real_write)
+    await vol.flush()
+    assert not vol.window
+    for offset, data in writes.items():
+        assert await stored(store_dir, vol.vid, offset, len(data)) == data

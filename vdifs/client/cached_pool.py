@@ -47,7 +47,7 @@ from typing import Any
 import trio
 
 from vdifs.client.cache import FILL_PIECE, ObjectCache, cacheable_kind
-from vdifs.client.pool import ObjectPool, PoolSpace
+from vdifs.client.pool import ObjectPool, PoolSpace, Write
 from vdifs.model.cache_index import CacheEntry
 from vdifs.errors import ObjectNotFound, leaf_errors
 from vdifs.model.cluster import ClusterMap
@@ -223,6 +223,36 @@ class CachingPool:
             raise
         if self._end_write(oid, mine) or not kept:
             await self.cache.drop(oid)
+
+    async def write_many(self, writes: list[Write]) -> list[Exception | None]:
+        """`write` for each, the replicas' part for all of them at once."""
+        mine = [self._begin_write(oid, offset, len(data)) for oid, offset, data in writes]
+        try:
+            results = await self.pool.write_many(writes)
+        except BaseException:
+            for (oid, _, _), m in zip(writes, mine):
+                self._end_write(oid, m)
+            with trio.CancelScope(shield=True):
+                for oid in {oid for oid, _, _ in writes}:
+                    await self.cache.drop(oid)
+            raise
+        ended = 0
+        try:
+            for (oid, offset, data), m, error in zip(writes, mine, results):
+                kept = False
+                try:
+                    if error is None and not m[2] and self._serves(oid):
+                        kept = await self.cache.write_through(oid, offset, data)
+                finally:
+                    ended += 1
+                    if self._end_write(oid, m) or not kept:
+                        with trio.CancelScope(shield=True):
+                            await self.cache.drop(oid)
+        finally:  # (cancelled midway: the rest end too, their copies dropped)
+            for (oid, _, _), m in zip(writes[ended:], mine[ended:]):
+                self._end_write(oid, m)
+                self.cache.drop_soon(oid)
+        return results
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
                      exclusive: bool = False) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import trio
 
 from vdifs.client.catalog import Catalog
-from vdifs.client.pool import PoolSpace
+from vdifs.client.pool import PoolSpace, Write, write_each
 from vdifs.errors import ChecksumError, PoolError
 from vdifs.meta.directory_service import DirectoryService
 from vdifs.meta.register import FileRegister
@@ -42,6 +42,9 @@ class LocalPool:
         self.list_vids = store.list_vids
         self.list_objects = store.list_objects
         self.finish_vid = store.remove_vid_dir
+
+    async def write_many(self, writes: list[Write]) -> list[Exception | None]:
+        return await write_each(self, writes)  # most land at once in the page cache
 
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         try:

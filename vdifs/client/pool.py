@@ -17,6 +17,24 @@ from vdifs.model.directory import Directory
 from vdifs.model.iostats import OpStats
 
 
+#: One write of `ObjectPool.write_many`: (oid, offset, data).
+Write = tuple[int, int, bytes | bytearray | memoryview]
+
+
+async def write_each(pool: ObjectPool, writes: list[Write]) -> list[Exception | None]:
+    """`write_many` as one `write` after another, for pools whose writes
+    gain nothing from going together."""
+    results: list[Exception | None] = []
+    for oid, offset, data in writes:
+        try:
+            await pool.write(oid, offset, data)
+        except Exception as e:
+            results.append(e)
+        else:
+            results.append(None)
+    return results
+
+
 @dataclass(frozen=True)
 class PoolSpace:
     total: int  # usable bytes, already divided by the copies
@@ -56,6 +74,12 @@ class ObjectPool(Protocol):
     def write_now(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """`write`, if it can be done without waiting (no await at all);
         else False, nothing was written, and `write` must be used."""
+
+    async def write_many(self, writes: list[Write]) -> list[Exception | None]:
+        """Several `write`s at once, each into an existing object: one
+        result per write, None or what it failed with (ObjectNotFound as
+        `write` raises it). They may go to the storage together (the
+        cluster: one request per replica for the lot)."""
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
                      exclusive: bool = False) -> None:

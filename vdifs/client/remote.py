@@ -24,7 +24,7 @@ import trio
 from vdifs.client.cache import TTL, ObjectCache
 from vdifs.client.cached_pool import CachingPool
 from vdifs.client.catalog import Catalog
-from vdifs.client.pool import PoolSpace
+from vdifs.client.pool import PoolSpace, Write
 from vdifs.client.reach import RoutedRpc
 from vdifs.errors import NoSpace, ObjectExists, ObjectNotFound, PoolError, VdifsError
 from vdifs.meta.consensus import MetaClient
@@ -77,6 +77,25 @@ class _ReplicaDown(Exception):
         self.error = error
 
 
+#: writes, and bytes, one obj.writev carries at most (a frame holds an object and some)
+WRITEV_WRITES = 256
+WRITEV_BYTES = 1 << 20
+
+
+def _requests_of(which: list[int], writes: list[Write]) -> list[list[int]]:
+    """`which` (indexes into `writes`) cut into the obj.writev requests that carry them."""
+    out: list[list[int]] = [[]]
+    size = 0
+    for i in which:
+        n = len(writes[i][2])
+        if out[-1] and (len(out[-1]) >= WRITEV_WRITES or size + n > WRITEV_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += n
+    return out
+
+
 class RemotePool:
     def __init__(self, seeds: list[str], creds: Credentials, nursery: trio.Nursery, node_id: str, *,
                  io_wait: float = REPLICA_WAIT, encrypt: bool = False) -> None:
@@ -95,6 +114,9 @@ class RemotePool:
         self.vid_lease: dict[int, int] = {}  # data vid -> the vid whose lease guards it
         self._placed: dict[tuple[int, int], list[str]] = {}  # (oid, copies) -> replica addresses
         self._placed_epoch = -1  # the epoch of the map those were placed in
+        self.writes_together = 0  # writes sent in obj.writev requests (`write_many`)
+        self.write_batches = 0  # `write_many` calls
+        self.writes_again = 0  # of those, sent again one by one (see `write_many`)
         self._map_read: trio.Event | None = None  # set when a consensus read of the map under way ends
 
     # -- the map -----------------------------------------------------------------------
@@ -426,6 +448,52 @@ class RemotePool:
         args = {"oid": oid, "offset": offset, "data": data, **self._gen(oid)}
         await self._with_fresh_map(lambda m: self._all(self._writable_targets(oid, m), "obj.write", args, m.epoch))
 
+    async def write_many(self, writes: list[Write]) -> list[Exception | None]:
+        """The writes bound for each replica go as one obj.writev, all
+        replicas' at once: a batch of small writes costs each side one
+        frame and one reply per replica, not one per write and replica.
+        Whatever goes wrong on the way (a replica down or stale, an object
+        missing, a full disk) sends the writes it concerns again one by one
+        (`write`, which knows how to wait out each case and says what it
+        met); a write made twice writes the same bytes twice."""
+        results: list[Exception | None] = [None] * len(writes)
+        cmap = self.map
+        groups: dict[tuple[str, tuple[tuple[str, int], ...]], list[int]] = defaultdict(list)
+        again: set[int] = set()
+        for i, (oid, _, _) in enumerate(writes):
+            try:
+                targets = self._writable_targets(oid, cmap)
+            except _ReplicaDown:
+                again.add(i)
+                continue
+            lease = tuple(self._gen(oid).items())  # one VDI's writes share it; a request carries one
+            for address in targets:
+                groups[address, lease].append(i)
+        calls = []
+        for (address, lease), every in groups.items():
+            for which in _requests_of(every, writes):
+                args = {"oids": [writes[i][0] for i in which], "offsets": [writes[i][1] for i in which],
+                        "lengths": [len(writes[i][2]) for i in which],
+                        "data": b"".join(writes[i][2] for i in which), "epoch": cmap.epoch, **dict(lease)}
+                try:
+                    calls.append((which, await self.rpc.start(address, "obj.writev", args, soon=True)))
+                except VdifsError:
+                    again.update(which)
+        for which, call in calls:
+            try:
+                await call.finish(DATA_TIMEOUT)
+            except VdifsError:
+                again.update(which)
+        self.writes_together += len(writes)
+        self.write_batches += 1
+        self.writes_again += len(again)
+        for i in sorted(again):
+            try:
+                await self.write(*writes[i])
+            except Exception as e:
+                results[i] = e
+        return results
+
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
                      exclusive: bool = False) -> None:
         args = {"oid": oid, "offset": offset, "data": data, "size": size, "exclusive": exclusive, **self._gen(oid)}
@@ -521,7 +589,9 @@ class RemotePool:
 
     def io_stats(self) -> dict[str, int]:
         return {"epoch": self.map.epoch, "peers_up": len(self.map.up_peers()),
-                "peers_cut_off": len(self.rpc.cut), "relayed": self.rpc.relayed}
+                "peers_cut_off": len(self.rpc.cut), "relayed": self.rpc.relayed,
+                "writes_together": self.writes_together, "write_batches": self.write_batches,
+                "writes_again": self.writes_again}
 
     async def aclose(self) -> None:
         await self.rpc.aclose()

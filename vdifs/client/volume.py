@@ -415,6 +415,106 @@ class Volume:
         self.io.write.add(n, time.perf_counter() - started)
         return n
 
+    async def write_many(self, writes: list[tuple[int, bytes]], *, behind: bool = False) -> list[Exception | None]:
+        """`write` for each of several writes a client sent together (what an
+        NBD reader parsed from one read of its socket): one result per
+        write, None or what it failed with. Those inside one object this VDI
+        holds already, not reaching its end (the common case once a disk is
+        written: `_write_extent`'s first branch) go to the pool together
+        (`ObjectPool.write_many`); the others, and everything while the
+        write-behind window holds writes or takes these, one by one, side by
+        side. Writes sent together have no order among them (NBD: a client
+        that needs one waits for the reply first)."""
+        results: list[Exception | None] = [None] * len(writes)
+        self._check_writable()
+        alone = list(range(len(writes)))
+        if not self.window and not (behind and self.accepts_behind):
+            started = time.perf_counter()
+            await self._admit_change()
+            try:
+                batch, alone = self._batchable(writes)  # (after the wait: a snapshot cut changes the map)
+                self.io.in_flight += len(batch)
+                try:
+                    alone += await self._write_batch(writes, batch, results)
+                finally:
+                    self.io.in_flight -= len(batch)
+            finally:
+                self._change_done()
+            took = time.perf_counter() - started
+            for i in batch:
+                if results[i] is None and i not in alone:
+                    self.io.write.add(len(writes[i][1]), took)
+        if alone:
+            async def one(i: int) -> None:
+                try:
+                    await self.write(*writes[i], behind=behind)
+                except Exception as e:
+                    results[i] = e
+
+            async with trio.open_nursery() as nursery:
+                for i in alone:
+                    nursery.start_soon(one, i)
+        return results
+
+    def _batchable(self, writes: list[tuple[int, bytes]]) -> tuple[list[int], list[int]]:
+        """(the writes `_write_batch` can take, the others): by index."""
+        batch, alone = [], []
+        for i, (offset, data) in enumerate(writes):
+            index, inner = divmod(offset, self.object_size)
+            if offset >= 0 and data and inner + len(data) < self.object_size and self.map.get(index) == self.data_vid:
+                batch.append(i)
+            else:
+                alone.append(i)
+        return batch, alone
+
+    async def _write_batch(self, writes: list[tuple[int, bytes]], batch: list[int],
+                           results: list[Exception | None]) -> list[int]:
+        """The writes `batch` names (`_batchable`) through `_overwrite_many`;
+        returns those whose object was freed meanwhile (they take the locked path)."""
+        extents: list[tuple[int, int, bytes | memoryview]] = [
+            (*divmod(writes[i][0], self.object_size), writes[i][1]) for i in batch]
+        freed = []
+        for i, error in zip(batch, await self._overwrite_many(extents)):
+            if error is None:
+                self._grown_to(writes[i][0] + len(writes[i][1]))
+            elif isinstance(error, ObjectNotFound):
+                freed.append(i)
+            else:
+                results[i] = error
+        return freed
+
+    async def _overwrite_many(self, extents: list[tuple[int, int, bytes | memoryview]]) -> list[Exception | None]:
+        """Writes (index, offset in the object, data) into objects this VDI
+        holds, none reaching its object's end, through one `pool.write_many`,
+        each as `_write_extent`'s first branch makes it: counted in flight
+        per object, a zero check of its object voided. One result per write;
+        ObjectNotFound where the object was freed meanwhile (the caller
+        takes the locked path)."""
+        if not extents:
+            return []
+        for index, _, _ in extents:
+            if index in self._zero_checks:
+                self._zero_checks[index] = True  # a zero check of this object is now void
+            self._inflight[index] = self._inflight.get(index, 0) + 1
+        try:
+            errors = await self.pool.write_many([(data_oid(self.data_vid, index), inner, data)
+                                                 for index, inner, data in extents])
+        finally:
+            for index, _, _ in extents:
+                left = self._inflight[index] - 1
+                if left:
+                    self._inflight[index] = left
+                else:
+                    del self._inflight[index]
+        for (index, _, _), error in zip(extents, errors):
+            if error is None:
+                self._dirty_data.add(data_oid(self.data_vid, index))
+        for index in {index for index, _, _ in extents}:
+            if index in self._zero_check_after and not self._inflight.get(index):
+                self._zero_check_after.discard(index)  # the last write in flight checks
+                await self._free_if_zero(index)
+        return errors
+
     @staticmethod
     def _check_range(offset: int, end: int) -> None:
         if offset < 0:
@@ -553,34 +653,73 @@ class Volume:
                 batch = self.window.take()
                 self._rounds_started += 1
                 try:
-                    if len(batch) == 1:
-                        [(index, runs)] = batch.items()
-                        await self._write_back(index, runs)
-                    else:
-                        async with trio.open_nursery() as nursery:
-                            for index, runs in batch.items():
-                                nursery.start_soon(self._write_back, index, runs)
+                    await self._write_round(batch)
                 finally:
                     self._rounds_done += 1
                     self._notify_window()
         finally:
             self._draining = False
 
+    async def _write_round(self, batch: dict[int, list[tuple[int, bytes | memoryview]]]) -> None:
+        """One round's write-back. The runs of objects this VDI holds, none
+        reaching its object's end, go to the pool together
+        (`_overwrite_many`: in a cluster one obj.writev per replica for the
+        round, where each run cost a request per replica); every other
+        object (a hole, inherited, written to its end, or freed meanwhile)
+        is written back on its own, a task each. A round's runs never
+        overlap within an object (`coalesce`) and objects are apart, so
+        nothing in a round needs an order."""
+        alone = dict(batch)
+        together = {index: runs for index, runs in batch.items()
+                    if self.map.get(index) == self.data_vid and all(off + len(d) < self.object_size for off, d in runs)}
+        if sum(len(runs) for runs in together.values()) > 1:
+            extents = [(index, off, d) for index, runs in together.items() for off, d in runs]
+            try:
+                errors = await self._overwrite_many(extents)
+            except BaseException:
+                for index in together:
+                    self.window.restore(index)
+                raise
+            failed: dict[int, Exception] = {}
+            for (index, _, _), error in zip(extents, errors):
+                if error is not None:
+                    failed.setdefault(index, error)
+            for index in together:
+                error = failed.get(index)
+                if error is None:
+                    del alone[index]
+                    self.window.done(index)
+                elif not isinstance(error, ObjectNotFound):  # (freed: its runs take the locked path)
+                    del alone[index]
+                    self._write_back_failed(index, error)
+        if len(alone) == 1:
+            [(index, runs)] = alone.items()
+            await self._write_back(index, runs)
+        elif alone:
+            async with trio.open_nursery() as nursery:
+                for index, runs in alone.items():
+                    nursery.start_soon(self._write_back, index, runs)
+
     async def _write_back(self, index: int, runs: list[tuple[int, bytes | memoryview]]) -> None:
         try:
             for offset, data in runs:
                 await self._write_extent(Extent(index, offset, len(data), 0), data)
         except Exception as e:
-            self.window.restore(index)
-            self._drain_failures += 1
-            self._drain_error = e
-            log.warning("vid %d: could not write back object %d from the write-behind window (%s); "
-                        "the next flush fails and retries it", self.vid, index, e)
+            self._write_back_failed(index, e)
             return
         except BaseException:
             self.window.restore(index)
             raise
         self.window.done(index)
+
+    def _write_back_failed(self, index: int, e: Exception) -> None:
+        """An object's runs could not be written back: they go back into the
+        window, and the next flush fails (and retries them)."""
+        self.window.restore(index)
+        self._drain_failures += 1
+        self._drain_error = e
+        log.warning("vid %d: could not write back object %d from the write-behind window (%s); "
+                    "the next flush fails and retries it", self.vid, index, e)
 
     def fence(self, why: str) -> None:
         """The lease is lost: refuse writes and flushes from now on, and drop

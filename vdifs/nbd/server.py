@@ -60,6 +60,12 @@ RECEIVE_SIZE = 256 << 10  # bytes asked of the socket at once
 MAX_IOV = 512  # buffers per sendmsg (the kernel takes 1024)
 BATCH_BYTES = 2 << 20  # read data held in a batch of replies before it is sent
 ROUNDS_PER_CHECKPOINT = 16  # socket reads without a wait before the reader lets other tasks run
+#: Plain writes up to this size that one parse of the receive buffer finds
+#: are served together (`Volume.write_many`), up to WRITES_TOGETHER of them
+#: and WRITES_TOGETHER_BYTES.
+WRITE_TOGETHER_MAX = 64 << 10
+WRITES_TOGETHER = 64
+WRITES_TOGETHER_BYTES = 1 << 20
 
 #: errno -> NBD error (what the protocol has; anything else is EIO)
 NBD_ERRORS = {errno.EPERM: p.EPERM, errno.EROFS: p.EPERM, errno.EACCES: p.EPERM, errno.ENOMEM: p.ENOMEM,
@@ -218,6 +224,8 @@ class Connection:
         self.flushed = False  # a FLUSH came: writes may be acknowledged from the window
         self.export: Export | None = None
         self._batch: list[bytes | bytearray | memoryview] = []  # replies answered at once, not yet sent
+        self._writes: list[tuple[int, int, bytes]] = []  # plain writes parsed, to be served together
+        self._writes_held = 0  # their bytes
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._bytes = 0
         self._bytes_freed = trio.Event()
@@ -428,6 +436,8 @@ class Connection:
                     payload = bytes(buf[start + used:start + used + length])
                     used += length
                 elif kind == p.CMD_DISC:
+                    if self._writes:
+                        await self._start_writes(export, nursery)
                     await self._flush_batch()
                     return  # the nursery waits for what is in flight; then we close
                 start += used
@@ -458,6 +468,14 @@ class Connection:
                     if done:
                         batch.append(self._ok_reply(cookie))
                         continue
+                    if length <= WRITE_TOGETHER_MAX:
+                        self._writes.append((cookie, offset, payload))
+                        self._writes_held += length
+                        if len(self._writes) >= WRITES_TOGETHER or self._writes_held >= WRITES_TOGETHER_BYTES:
+                            await self._start_writes(export, nursery)
+                        continue
+                if self._writes:
+                    await self._start_writes(export, nursery)  # tasks start in the order requests came
                 held = length if kind in (p.CMD_READ, p.CMD_WRITE) else 0
                 if batch and (not self._slots.value or self._bytes + held > MAX_IN_FLIGHT_BYTES):
                     await self._flush_batch()  # we may wait below: what is answered goes out first
@@ -467,6 +485,8 @@ class Connection:
                 else:
                     await self._slots.acquire()
                 nursery.start_soon(self._serve, export, flags, kind, cookie, offset, length, payload, held)
+            if self._writes:
+                await self._start_writes(export, nursery)
             if batch:
                 await self._flush_batch()
             batched = 0
@@ -501,6 +521,46 @@ class Connection:
                 return
             end += n
 
+    async def _start_writes(self, export: Export, nursery: trio.Nursery) -> None:
+        """One task for the plain writes parsed so far (`_serve_writes`),
+        admitted as one request of their total size."""
+        writes, held = self._writes, self._writes_held
+        self._writes, self._writes_held = [], 0
+        if self._batch and (not self._slots.value or self._bytes + held > MAX_IN_FLIGHT_BYTES):
+            await self._flush_batch()  # we may wait below: what is answered goes out first
+        await self._room(held)
+        if self._slots.value:
+            self._slots.acquire_nowait()
+        else:
+            await self._slots.acquire()
+        if len(writes) == 1:
+            cookie, offset, payload = writes[0]
+            nursery.start_soon(self._serve, export, 0, p.CMD_WRITE, cookie, offset, len(payload), payload, held)
+        else:
+            nursery.start_soon(self._serve_writes, export, writes, held)
+
+    async def _serve_writes(self, export: Export, writes: list[tuple[int, int, bytes]], held: int) -> None:
+        """Plain writes a client sent together, made together
+        (`Volume.write_many`), their replies sent together."""
+        vol = export.volume
+        try:
+            try:
+                results = await vol.write_many([(offset, payload) for _, offset, payload in writes],
+                                               behind=self.flushed)
+            except Exception as e:  # (one that concerns them all: a read-only or fenced VDI)
+                results = [e] * len(writes)
+            if any(r is None for r in results):
+                await self._drop_kernel_pages(vol)
+            replies: list[bytes | bytearray | memoryview] = [
+                self._ok_reply(cookie) if error is None
+                else self._failure_reply(export, p.CMD_WRITE, cookie, offset, len(payload), error)
+                for (cookie, offset, payload), error in zip(writes, results)]
+            with contextlib.suppress(Gone):
+                await self._send(replies)
+        finally:
+            self._give_back(held)
+            self._slots.release()
+
     async def _room(self, n: int) -> None:
         """Wait until `n` more bytes may be in flight (one request is always let through)."""
         while self._bytes and self._bytes + n > MAX_IN_FLIGHT_BYTES:
@@ -521,19 +581,24 @@ class Connection:
             except Gone:
                 pass  # the client went away: the reader sees it too
             except Exception as e:
-                error = as_vdifs_error(e) or (VdifsError(str(e), code=e.errno or errno.EIO)
-                                              if isinstance(e, OSError) else None)
-                if error is None:  # a bug: the client gets EIO, the server goes on
-                    log.exception("nbd: export %s: %s failed unexpectedly", export.name, Cmd(kind).name)
-                    error = VdifsError(f"internal error: {e}")
-                else:
-                    log.info("nbd: export %s: %s of %d bytes at %d failed: %s", export.name,
-                             Cmd(kind).name, length, offset, error)
                 with contextlib.suppress(Gone):
-                    await self._send([self._error_reply(cookie, NBD_ERRORS.get(error.errno, p.EIO), str(error))])
+                    await self._send([self._failure_reply(export, kind, cookie, offset, length, e)])
         finally:
             self._give_back(held)
             self._slots.release()
+
+    def _failure_reply(self, export: Export, kind: int, cookie: int, offset: int, length: int,
+                       e: Exception) -> bytes:
+        """The error reply to a request that failed with `e`, logged."""
+        error = as_vdifs_error(e) or (VdifsError(str(e), code=e.errno or errno.EIO)
+                                      if isinstance(e, OSError) else None)
+        if error is None:  # a bug: the client gets EIO, the server goes on
+            log.error("nbd: export %s: %s failed unexpectedly", export.name, Cmd(kind).name, exc_info=e)
+            error = VdifsError(f"internal error: {e}")
+        else:
+            log.info("nbd: export %s: %s of %d bytes at %d failed: %s", export.name,
+                     Cmd(kind).name, length, offset, error)
+        return self._error_reply(cookie, NBD_ERRORS.get(error.errno, p.EIO), str(error))
 
     async def _execute(self, export: Export, flags: int, kind: int, cookie: int, offset: int, length: int,
                        payload: bytes) -> None:
