@@ -335,6 +335,7 @@ def well_formed(cluster: Cluster, epoch: int) -> dict[str, dict]:
         "paxos.install": {"key": "hostile2", "ballot": [1, "t"], "value": None},
         "obj.read": {"oid": oid, "offset": 0, "length": 1, "epoch": epoch},
         "obj.write": {"oid": oid, "offset": 0, "data": b"w", "epoch": epoch},
+        "obj.writev": {"oids": [oid, oid], "offsets": [0, 8], "lengths": [1, 2], "data": b"wvv", "epoch": epoch},
         "obj.create": {"oid": data_oid(HOSTILE_VID, 1), "offset": 0, "data": b"c", "size": 8, "epoch": epoch},
         "obj.delete": {"oid": data_oid(HOSTILE_VID, 2), "epoch": epoch},
         "obj.collect": {"oid": data_oid(HOSTILE_VID, 3), "older_than": 3600, "epoch": epoch},

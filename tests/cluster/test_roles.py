@@ -131,7 +131,9 @@ def test_a_peer_credential_cannot_open_vdis(cluster):
         for op, args in [("lease.fence", {"vid": vid, "gen": 1}),
                          ("obj.create", {"oid": data_oid(vid, 0), "offset": 0, "data": b"x", "size": 8,
                                          "epoch": cmap.epoch}),
-                         ("obj.write", {"oid": data_oid(vid, 0), "offset": 0, "data": b"x", "epoch": cmap.epoch})]:
+                         ("obj.write", {"oid": data_oid(vid, 0), "offset": 0, "data": b"x", "epoch": cmap.epoch}),
+                         ("obj.writev", {"oids": [data_oid(vid, 0)], "offsets": [0], "lengths": [1], "data": b"x",
+                                         "epoch": cmap.epoch})]:
             try:
                 out.append(await pool.call(address, op, args))
             except VdifsError as e:
@@ -148,9 +150,9 @@ def test_a_peer_credential_cannot_open_vdis(cluster):
 
     results = as_credential(cluster, tool, steps)
     assert isinstance(results, list), results
-    for r in results[:5]:
+    for r in results[:6]:
         assert_refused(r)
-    assert "peer.scrubber" in str(results[0]) and isinstance(results[5], dict)
+    assert "peer.scrubber" in str(results[0]) and isinstance(results[6], dict)
     assert read_at(m.path("vm"), 0, 65536) == b"\x11" * 65536
     assert os.listdir(m.mp) == ["vm"]
 
