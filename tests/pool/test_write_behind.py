@@ -333,3 +333,33 @@ async def test_a_round_writes_back_each_object_or_keeps_it(store_dir, nursery, m
     assert not vol.window
     for offset, data in writes.items():
         assert await stored(store_dir, vol.vid, offset, len(data)) == data
+
+
+async def test_a_round_cancelled_midway_gives_every_object_back(store_dir, nursery, monkeypatch):
+    """A round cancelled while its objects' runs are with the pool (the
+    mount stopping): every object of the round, those that would have been
+    written alone too, goes back to the window, and the next round writes
+    them all."""
+    held = HeldDrainer()
+    cat, vol = await open_volume(store_dir, nursery, size=4 * OBJ, held=held)
+    for index in (0, 1):
+        await vol.write(index * OBJ, b"old", behind=True)
+    await held.run()
+    await vol.flush()
+    real_write_many = cat.pool.write_many
+
+    async def stuck(writes):
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(cat.pool, "write_many", stuck)
+    writes = {4 * KiB: b"zero", OBJ + 4 * KiB: b"one", 2 * OBJ: b"hole"}
+    for offset, data in writes.items():
+        await vol.write(offset, data, behind=True)
+    with trio.move_on_after(0.5):
+        await held.run()  # the round: objects 0 and 1 together (stuck), the hole alone (not reached)
+    monkeypatch.setattr(cat.pool, "write_many", real_write_many)
+    vol.enable_write_behind(nursery.start_soon, 16 << 20)
+    await vol.flush()
+    assert not vol.window
+    for offset, data in writes.items():
+        assert await stored(store_dir, vol.vid, offset, len(data)) == data

@@ -441,8 +441,9 @@ class Volume:
             finally:
                 self._change_done()
             took = time.perf_counter() - started
+            again = set(alone)
             for i in batch:
-                if results[i] is None and i not in alone:
+                if results[i] is None and i not in again:
                     self.io.write.add(len(writes[i][1]), took)
         if alone:
             async def one(i: int) -> None:
@@ -460,8 +461,7 @@ class Volume:
         """(the writes `_write_batch` can take, the others): by index."""
         batch, alone = [], []
         for i, (offset, data) in enumerate(writes):
-            index, inner = divmod(offset, self.object_size)
-            if offset >= 0 and data and inner + len(data) < self.object_size and self.map.get(index) == self.data_vid:
+            if offset >= 0 and self._overwrites_in_place(*divmod(offset, self.object_size), len(data)):
                 batch.append(i)
             else:
                 alone.append(i)
@@ -493,26 +493,18 @@ class Volume:
         if not extents:
             return []
         for index, _, _ in extents:
-            if index in self._zero_checks:
-                self._zero_checks[index] = True  # a zero check of this object is now void
-            self._inflight[index] = self._inflight.get(index, 0) + 1
+            self._overwrite_begins(index)
         try:
             errors = await self.pool.write_many([(data_oid(self.data_vid, index), inner, data)
                                                  for index, inner, data in extents])
         finally:
             for index, _, _ in extents:
-                left = self._inflight[index] - 1
-                if left:
-                    self._inflight[index] = left
-                else:
-                    del self._inflight[index]
+                self._overwrite_ends(index)
         for (index, _, _), error in zip(extents, errors):
             if error is None:
                 self._dirty_data.add(data_oid(self.data_vid, index))
         for index in {index for index, _, _ in extents}:
-            if index in self._zero_check_after and not self._inflight.get(index):
-                self._zero_check_after.discard(index)  # the last write in flight checks
-                await self._free_if_zero(index)
+            await self._zero_check_if_last(index)  # (a write alone may have asked for one meanwhile)
         return errors
 
     @staticmethod
@@ -671,13 +663,13 @@ class Volume:
         nothing in a round needs an order."""
         alone = dict(batch)
         together = {index: runs for index, runs in batch.items()
-                    if self.map.get(index) == self.data_vid and all(off + len(d) < self.object_size for off, d in runs)}
+                    if all(self._overwrites_in_place(index, off, len(d)) for off, d in runs)}
         if sum(len(runs) for runs in together.values()) > 1:
             extents = [(index, off, d) for index, runs in together.items() for off, d in runs]
             try:
                 errors = await self._overwrite_many(extents)
             except BaseException:
-                for index in together:
+                for index in batch:  # every object of the round: none may stay taken
                     self.window.restore(index)
                 raise
             failed: dict[int, Exception] = {}
@@ -733,32 +725,51 @@ class Volume:
                         "(the next flush fails)", self.vid, why, dropped)
         self._notify_window()
 
+    def _overwrite_begins(self, index: int) -> None:
+        """An overwrite of our object `index` (no lock) starts: counted in
+        flight, and a zero check of the object under way is void."""
+        if index in self._zero_checks:
+            self._zero_checks[index] = True
+        self._inflight[index] = self._inflight.get(index, 0) + 1
+
+    def _overwrite_ends(self, index: int) -> None:
+        left = self._inflight[index] - 1
+        if left:
+            self._inflight[index] = left
+        else:
+            del self._inflight[index]
+
+    async def _zero_check_if_last(self, index: int) -> None:
+        """Run the zero check an all-zero write to the object's end asked
+        for, if no other write to the object is in flight (the last one checks)."""
+        if index in self._zero_check_after and not self._inflight.get(index):
+            self._zero_check_after.discard(index)
+            await self._free_if_zero(index)
+
+    def _overwrites_in_place(self, index: int, offset: int, length: int) -> bool:
+        """Whether a write into object `index` takes the unlocked overwrite
+        path and cannot end in a zero check: the object is ours and the write
+        stops short of its end. (Such writes can go to the pool together.)"""
+        return length > 0 and offset + length < self.object_size and self.map.get(index) == self.data_vid
+
     async def _write_extent(self, e: Extent, data: bytes | memoryview) -> None:
         whole = e.length == self.object_size
         index = e.index
         if self.map.get(index) == self.data_vid and not whole:
             oid = data_oid(self.data_vid, index)
-            if index in self._zero_checks:
-                self._zero_checks[index] = True  # a zero check of this object is now void
-            self._inflight[index] = self._inflight.get(index, 0) + 1
+            self._overwrite_begins(index)
             try:
                 await self.pool.write(oid, e.offset, data)
                 written = True
             except ObjectNotFound:
                 written = False  # freed under us: take the locked path, which re-reads the map
             finally:
-                left = self._inflight[index] - 1
-                if left:
-                    self._inflight[index] = left
-                else:
-                    del self._inflight[index]
+                self._overwrite_ends(index)
             if written:
                 self._dirty_data.add(oid)
                 if e.offset + e.length == self.object_size and not self.record.shared and is_zero(data):
                     self._zero_check_after.add(index)
-                if index in self._zero_check_after and not self._inflight.get(index):
-                    self._zero_check_after.discard(index)  # the last write in flight checks
-                    await self._free_if_zero(index)
+                await self._zero_check_if_last(index)
                 return
         lock = self._index_lock(index)
         try:
