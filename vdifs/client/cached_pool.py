@@ -207,22 +207,13 @@ class CachingPool:
         return False  # every write waits for the replicas
 
     async def write(self, oid: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-        # The write stays in flight until the copy has it too: a write to the
-        # same bytes that starts meanwhile drops the copy, whichever of the
-        # two reaches it last.
         mine = self._begin_write(oid, offset, len(data))
-        kept = False
         try:
             await self.pool.write(oid, offset, data)
-            if not mine[2] and self._serves(oid):
-                kept = await self.cache.write_through(oid, offset, data)
         except BaseException:
-            self._end_write(oid, mine)
-            with trio.CancelScope(shield=True):
-                await self.cache.drop(oid)  # some replicas may have it, others not
+            await self._replicas_failed([(oid, mine)])
             raise
-        if self._end_write(oid, mine) or not kept:
-            await self.cache.drop(oid)
+        await self._copy_follows(oid, offset, data, mine, True)
 
     async def write_many(self, writes: list[Write]) -> list[Exception | None]:
         """`write` for each, the replicas' part for all of them at once."""
@@ -230,29 +221,35 @@ class CachingPool:
         try:
             results = await self.pool.write_many(writes)
         except BaseException:
-            for (oid, _, _), m in zip(writes, mine):
-                self._end_write(oid, m)
-            with trio.CancelScope(shield=True):
-                for oid in {oid for oid, _, _ in writes}:
-                    await self.cache.drop(oid)
+            await self._replicas_failed([(oid, m) for (oid, _, _), m in zip(writes, mine)])
             raise
-        ended = 0
-        try:
+        with trio.CancelScope(shield=True):  # (each ends its write: none may be left in flight)
             for (oid, offset, data), m, error in zip(writes, mine, results):
-                kept = False
-                try:
-                    if error is None and not m[2] and self._serves(oid):
-                        kept = await self.cache.write_through(oid, offset, data)
-                finally:
-                    ended += 1
-                    if self._end_write(oid, m) or not kept:
-                        with trio.CancelScope(shield=True):
-                            await self.cache.drop(oid)
-        finally:  # (cancelled midway: the rest end too, their copies dropped)
-            for (oid, _, _), m in zip(writes[ended:], mine[ended:]):
-                self._end_write(oid, m)
-                self.cache.drop_soon(oid)
+                await self._copy_follows(oid, offset, data, m, error is None)
         return results
+
+    async def _replicas_failed(self, writes: list[tuple[int, list[int]]]) -> None:
+        """Writes the replicas may have taken in part: over, their copies dropped."""
+        for oid, mine in writes:
+            self._end_write(oid, mine)
+        with trio.CancelScope(shield=True):
+            for oid in {oid for oid, _ in writes}:
+                await self.cache.drop(oid)  # some replicas may have it, others not
+
+    async def _copy_follows(self, oid: int, offset: int, data: bytes | bytearray | memoryview,
+                            mine: list[int], written: bool) -> None:
+        """The copy's part of a write the replicas answered (`written`: they
+        took it). The write stays in flight until the copy has it too: a
+        write to the same bytes that starts meanwhile drops the copy,
+        whichever of the two reaches it last; so does a failed one."""
+        kept = False
+        try:
+            if written and not mine[2] and self._serves(oid):
+                kept = await self.cache.write_through(oid, offset, data)
+        finally:
+            if self._end_write(oid, mine) or not kept:
+                with trio.CancelScope(shield=True):
+                    await self.cache.drop(oid)
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,
                      exclusive: bool = False) -> None:
