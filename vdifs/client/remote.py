@@ -470,11 +470,15 @@ class RemotePool:
             for address in targets:
                 groups[address, lease].append(i)
         calls = []
+        blobs: dict[tuple[int, ...], bytes] = {}  # replicas that get the same writes share one copy of their bytes
         for (address, lease), every in groups.items():
             for which in _requests_of(every, writes):
+                key = tuple(which)
+                if key not in blobs:
+                    blobs[key] = b"".join(writes[i][2] for i in which)
                 args = {"oids": [writes[i][0] for i in which], "offsets": [writes[i][1] for i in which],
-                        "lengths": [len(writes[i][2]) for i in which],
-                        "data": b"".join(writes[i][2] for i in which), "epoch": cmap.epoch, **dict(lease)}
+                        "lengths": [len(writes[i][2]) for i in which], "data": blobs[key],
+                        "epoch": cmap.epoch, **dict(lease)}
                 try:
                     calls.append((which, await self.rpc.start(address, "obj.writev", args, soon=True)))
                 except VdifsError:
@@ -487,11 +491,17 @@ class RemotePool:
         self.writes_together += len(writes)
         self.write_batches += 1
         self.writes_again += len(again)
-        for i in sorted(again):
+
+        async def alone(i: int) -> None:
             try:
                 await self.write(*writes[i])
             except Exception as e:
                 results[i] = e
+
+        if again:  # side by side, as they would have gone alone: each may wait (a new map, space, a recovery)
+            async with trio.open_nursery() as nursery:
+                for i in sorted(again):
+                    nursery.start_soon(alone, i)
         return results
 
     async def create(self, oid: int, offset: int, data: bytes | bytearray | memoryview, size: int,

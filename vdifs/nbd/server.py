@@ -477,13 +477,7 @@ class Connection:
                 if self._writes:
                     await self._start_writes(export, nursery)  # tasks start in the order requests came
                 held = length if kind in (p.CMD_READ, p.CMD_WRITE) else 0
-                if batch and (not self._slots.value or self._bytes + held > MAX_IN_FLIGHT_BYTES):
-                    await self._flush_batch()  # we may wait below: what is answered goes out first
-                await self._room(held)
-                if self._slots.value:
-                    self._slots.acquire_nowait()  # no scheduling pass when a slot is free
-                else:
-                    await self._slots.acquire()
+                await self._admit_task(held)
                 nursery.start_soon(self._serve, export, flags, kind, cookie, offset, length, payload, held)
             if self._writes:
                 await self._start_writes(export, nursery)
@@ -526,13 +520,7 @@ class Connection:
         admitted as one request of their total size."""
         writes, held = self._writes, self._writes_held
         self._writes, self._writes_held = [], 0
-        if self._batch and (not self._slots.value or self._bytes + held > MAX_IN_FLIGHT_BYTES):
-            await self._flush_batch()  # we may wait below: what is answered goes out first
-        await self._room(held)
-        if self._slots.value:
-            self._slots.acquire_nowait()
-        else:
-            await self._slots.acquire()
+        await self._admit_task(held)
         if len(writes) == 1:
             cookie, offset, payload = writes[0]
             nursery.start_soon(self._serve, export, 0, p.CMD_WRITE, cookie, offset, len(payload), payload, held)
@@ -560,6 +548,17 @@ class Connection:
         finally:
             self._give_back(held)
             self._slots.release()
+
+    async def _admit_task(self, held: int) -> None:
+        """Room for a task holding `held` bytes, and its slot; the replies
+        answered so far go out first if we may wait."""
+        if self._batch and (not self._slots.value or self._bytes + held > MAX_IN_FLIGHT_BYTES):
+            await self._flush_batch()
+        await self._room(held)
+        if self._slots.value:
+            self._slots.acquire_nowait()  # no scheduling pass when a slot is free
+        else:
+            await self._slots.acquire()
 
     async def _room(self, n: int) -> None:
         """Wait until `n` more bytes may be in flight (one request is always let through)."""
