@@ -314,3 +314,61 @@ async def test_a_read_in_one_round_takes_only_a_value_its_majority_agrees_on():
     proposer.send = counting
     assert await PaxosRegister.read_many(regs) == [(2, b"new"), (0, b"")]
     assert set(sent) == {"peek_many"}
+
+
+class SyncedStorage(MemoryAcceptorStorage):
+    """An acceptor's state kept as a file acceptor keeps it: each save
+    waits for an fsync (a few milliseconds)."""
+
+    async def save(self, key: str, state: AcceptorState) -> None:
+        await trio.sleep(0.004)
+        await super().save(key, state)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_readers_polling_a_register_do_not_hold_off_a_change(seed):
+    """What a dead replica looks like to the cluster map: one acceptor of
+    three is gone, 64 readers poll the register every half second (requests
+    waiting for the map that replaces the replica), and three writers make
+    the same change at once (the peers marking it down), each giving up
+    after 5 s. A read takes no ballot while the acceptors agree, so the
+    readers do not pre-empt the writers: every writer is done within its
+    5 s. (With reads made as changes, `get`, the readers' ballots kept
+    ahead of the writers' and at most one writer was done.)"""
+    net = SimNetwork(seed, 0.0, max_delay=0.001)
+    names = [f"a{i}" for i in range(3)]
+    for n in names:
+        net.acceptors[n] = Acceptor(SyncedStorage())
+    net.down = {"a2"}
+    done: dict[str, bool] = {}
+
+    mount = Proposer("mount", names, net.sender("mount"), round_timeout=1.0)  # one for all its requests
+
+    async def reader(i: int) -> None:
+        reg = PaxosRegister(mount, "map")
+        await trio.sleep(net.rng(f"r{i}").uniform(0, 0.01))  # failed together, they wait together
+        while True:
+            await reg.read()
+            await trio.sleep(0.5)
+
+    async def writer(i: int) -> None:
+        reg = PaxosRegister(Proposer(f"w{i}", names, net.sender(f"w{i}"), round_timeout=1.0), "map")
+        with trio.move_on_after(5.0):
+            while True:
+                version, raw = await reg.read()
+                if raw == b"down" or await reg.cas(version, b"down"):
+                    done[f"w{i}"] = True
+                    return
+
+    async def main() -> None:
+        async with trio.open_nursery() as readers:
+            for i in range(64):
+                readers.start_soon(reader, i)
+            await trio.sleep(1.0)
+            async with trio.open_nursery() as writers:
+                for i in range(3):
+                    writers.start_soon(writer, i)
+            readers.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert done == {"w0": True, "w1": True, "w2": True}

@@ -64,8 +64,9 @@ class MetaClient:
         return await self._directory.read()
 
     async def read_map(self) -> ClusterMap | None:
-        """The current cluster map, linearizable."""
-        _version, raw = await self.register(CLUSTER_KEY).get()
+        """The current cluster map, linearizable (and taking no ballot unless a
+        change is under way: see `PaxosRegister.read`)."""
+        _version, raw = await self.register(CLUSTER_KEY).read()
         return ClusterMap.decode(raw) if raw else None
 
     async def peek_map(self) -> ClusterMap | None:
@@ -76,7 +77,7 @@ class MetaClient:
         """Apply fn to the current map; fn returns a new map, or None for no change."""
         reg = self.register(CLUSTER_KEY)
         while True:
-            version, raw = await reg.get()
+            version, raw = await reg.read()
             if not raw:  # a format that failed half way: peers were told of a map never stored
                 raise ConsensusUnavailable("the cluster register holds no map (was the format completed?)")
             current = ClusterMap.decode(raw)

@@ -355,6 +355,14 @@ class PaxosRegister:
                                                      msgpack.packb({"v": 0, "d": b"", "w": []})))
         return d["v"], d["d"]
 
+    async def read(self) -> tuple[int, bytes]:
+        """Like `get`, linearizable, but in one peek round when the acceptors
+        agree (`read_many`). `get` is a change (by the identity function): it
+        takes a ballot, and many readers polling a register that way pre-empt
+        the very change they wait for (a mount's requests waiting for a dead
+        replica to be marked down kept three peers from marking it down)."""
+        return (await PaxosRegister.read_many([self]))[0]
+
     async def peek(self) -> tuple[int, bytes]:
         """A cheap, possibly stale read (see `Proposer.peek`); unchanged since
         the last peek, it costs the acceptors no value sent."""
