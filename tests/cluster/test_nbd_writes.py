@@ -119,7 +119,9 @@ def test_a_replica_killed_under_writes_sent_together_costs_no_write(cluster):
     next), four peers and three copies; one replica is killed with -9
     mid-way. Every write is answered without error (the batches it was in
     are made again once the cluster has left it out) and the VDI holds
-    every byte."""
+    every byte. The writes waiting for the new map share their reads of it,
+    and those reads take no ballot: the peers mark the victim down at their
+    first try (reads made as changes used to hold the change off for 30 s)."""
     cluster.format(4, copies=3)
     m = cluster.mount("a")
     model = bytearray(os.urandom(4 * OBJ))
@@ -137,6 +139,7 @@ def test_a_replica_killed_under_writes_sent_together_costs_no_write(cluster):
         for offset, data in writes:
             model[offset:offset + len(data)] = data
         if not killed and time.monotonic() - started > 1.5:
+            reads_before, killed_at = io_stats(m)["map_reads"], time.monotonic()
             os.kill(victim.proc.pid, signal.SIGKILL)
             victim.proc.wait()
             victim.proc = None
@@ -144,6 +147,13 @@ def test_a_replica_killed_under_writes_sent_together_costs_no_write(cluster):
         elif killed and "continuing with cluster map epoch" in open(m.log).read():
             rounds_after += 1
         assert time.monotonic() - started < 150, "the cluster did not leave the dead replica out"
+    for peer in cluster.peers:
+        if peer is not victim:
+            assert "could not mark" not in peer.log_text(), peer.name
+    # the 64 writes waiting for the map that leaves the victim out share
+    # their reads of it: one each would be 128 a second
+    reads, waited = io_stats(m)["map_reads"] - reads_before, time.monotonic() - killed_at
+    assert reads <= 32 * waited, (reads, waited)
     c.disconnect()
     assert io_stats(m)["writes_together"] > 0
     assert read_at(m.path("vm"), 0, len(model)) == model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import secrets
 import socket
@@ -117,7 +118,9 @@ class RemotePool:
         self.writes_together = 0  # writes sent in obj.writev requests (`write_many`)
         self.write_batches = 0  # `write_many` calls
         self.writes_again = 0  # of those, sent again one by one (see `write_many`)
-        self._map_read: trio.Event | None = None  # set when a consensus read of the map under way ends
+        self._map_read: trio.Event | None = None  # set when the read of the map under way ends (`_read_map`)
+        self._map_read_began = -math.inf  # trio time that read began
+        self.map_reads = 0  # reads of the map through consensus (`_read_map`)
 
     # -- the map -----------------------------------------------------------------------
 
@@ -249,19 +252,36 @@ class RemotePool:
 
     async def _catch_up(self, claimed: int) -> None:
         """A peer says a map newer than ours exists: adopt the map the cluster
-        register holds (never one a peer or client made up). Concurrent
-        callers share one read."""
+        register holds (never one a peer or client made up)."""
         if claimed <= self.map.epoch:
             return
-        if self._map_read is not None:  # another caller is reading it
-            await self._map_read.wait()
-            return
-        self._map_read = reading = trio.Event()
         try:
-            latest = await self.meta.read_map()
+            await self._read_map(trio.current_time(), lambda: self.map.epoch >= claimed)
         except VdifsError as e:
             log.info("could not read the cluster map to confirm epoch %d: %s", claimed, e)
-            return
+
+    async def _read_map(self, since: float, enough: Callable[[], bool]) -> None:
+        """Adopt the map the cluster register holds now, read no earlier than
+        `since` (trio time), unless `enough()` says the map we have will do.
+        Callers share reads: one that began at or after `since` answers them
+        all, so a hundred requests waiting for a map cost the meta peers one
+        read, not a hundred. A failed read raises in the caller that made it
+        only."""
+        while True:
+            reading = self._map_read
+            if reading is not None and self._map_read_began >= since:
+                await reading.wait()
+                return
+            if reading is None:
+                break
+            await reading.wait()  # began too early for us: wait it out, then read
+            if enough():
+                return
+        self._map_read = reading = trio.Event()
+        self._map_read_began = trio.current_time()
+        self.map_reads += 1
+        try:
+            latest = await self.meta.read_map()
         finally:
             reading.set()
             self._map_read = None
@@ -303,13 +323,12 @@ class RemotePool:
             if self.rpc.version != routes:
                 log.info("continuing with requests relayed around %s", ", ".join(sorted(self.rpc.cut)) or "nobody")
                 return True
+            since = trio.current_time()
             await trio.sleep(0.5)
             try:
-                latest = await self.meta.read_map()
+                await self._read_map(since, lambda: self.map.epoch > epoch)
             except VdifsError:
                 continue
-            if latest is not None:
-                self._adopt(latest)
         log.info("continuing with cluster map epoch %d", self.map.epoch)
         return True
 
@@ -601,7 +620,7 @@ class RemotePool:
         return {"epoch": self.map.epoch, "peers_up": len(self.map.up_peers()),
                 "peers_cut_off": len(self.rpc.cut), "relayed": self.rpc.relayed,
                 "writes_together": self.writes_together, "write_batches": self.write_batches,
-                "writes_again": self.writes_again}
+                "writes_again": self.writes_again, "map_reads": self.map_reads}
 
     async def aclose(self) -> None:
         await self.rpc.aclose()
