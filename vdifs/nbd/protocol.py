@@ -117,6 +117,10 @@ ALLOWED_FLAGS = {
     Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
 }
 ALLOWED_FLAGS_BY_TYPE = {int(k): int(v) for k, v in ALLOWED_FLAGS.items()}
+#: The flags as plain integers, for the per-request path: `flags & CmdFlag.DF`
+#: makes an IntFlag each time (about a microsecond; three of them made
+#: `check_request` 3.9 us, half the mount's cost of an NBD read from its cache).
+FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO = (int(f) for f in CmdFlag)
 
 
 class ReplyType(IntEnum):
@@ -161,7 +165,7 @@ def check_request(flags: int, kind: int, offset: int, length: int, size: int, re
         return EINVAL if offset or length else 0
     if kind == CMD_BLOCK_STATUS and not (structured and contexts):
         return EINVAL
-    if flags & CmdFlag.DF and not structured:
+    if flags & FLAG_DF and not structured:
         return EINVAL
     if length > MAX_BLOCK and kind in (CMD_READ, CMD_WRITE):
         return EOVERFLOW if kind == CMD_READ else EINVAL
@@ -169,7 +173,7 @@ def check_request(flags: int, kind: int, offset: int, length: int, size: int, re
         return ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL
     if length == 0 and kind != CMD_CACHE:
         return EINVAL  # the protocol leaves zero-length requests undefined: refuse them
-    if flags & CmdFlag.FAST_ZERO and flags & CmdFlag.NO_HOLE:
+    if flags & FLAG_FAST_ZERO and flags & FLAG_NO_HOLE:
         return ENOTSUP  # zeros written out are no faster than the client's own
     return 0
 
@@ -281,13 +285,19 @@ def structured_header(cookie: int, kind: int, length: int, done: bool) -> bytes:
     return STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, kind, cookie, length)
 
 
+_DONE = struct.Struct(">IHHQI")  # a NONE chunk that ends its reply (every plain write's answer)
+_OFFSET_DATA = struct.Struct(">IHHQIQ")  # an OFFSET_DATA chunk's header and its offset
+_NONE, _DATA = int(ReplyType.NONE), int(ReplyType.OFFSET_DATA)
+
+
 def structured_done(cookie: int) -> bytes:
-    return structured_header(cookie, ReplyType.NONE, 0, True)
+    return _DONE.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, _NONE, cookie, 0)
 
 
 def structured_data_header(cookie: int, offset: int, length: int, done: bool) -> bytes:
     """The header of an OFFSET_DATA chunk of `length` bytes (they follow)."""
-    return structured_header(cookie, ReplyType.OFFSET_DATA, 8 + length, done) + struct.pack(">Q", offset)
+    return _OFFSET_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, _DATA, cookie, 8 + length,
+                             offset)
 
 
 def structured_hole(cookie: int, offset: int, length: int, done: bool) -> bytes:

@@ -46,7 +46,7 @@ from vdifs.model.directory import VdiRecord
 from vdifs.errors import VdifsError, as_vdifs_error
 from vdifs.model.buffers import drop_sent
 from vdifs.nbd import protocol as p
-from vdifs.nbd.protocol import Cmd, CmdFlag, Opt, ProtocolError, Rep, TransmissionFlag
+from vdifs.nbd.protocol import Cmd, Opt, ProtocolError, Rep, TransmissionFlag
 
 log = logging.getLogger("vdifs.nbd")
 
@@ -609,7 +609,7 @@ class Connection:
             await self._send([self._data_header(cookie, offset, length), data])
             return
         if kind == Cmd.WRITE:
-            fua = bool(flags & CmdFlag.FUA)
+            fua = bool(flags & p.FLAG_FUA)
             await vol.write(offset, payload, behind=self.flushed and not fua)
             await self._drop_kernel_pages(vol)
             if fua:
@@ -618,14 +618,14 @@ class Connection:
             await vol.flush()
             self.flushed = True
         elif kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
-            await vol.discard(offset, length, provision=kind == Cmd.WRITE_ZEROES and bool(flags & CmdFlag.NO_HOLE))
+            await vol.discard(offset, length, provision=kind == Cmd.WRITE_ZEROES and bool(flags & p.FLAG_NO_HOLE))
             await self._drop_kernel_pages(vol)
-            if flags & CmdFlag.FUA:
+            if flags & p.FLAG_FUA:
                 await vol.flush()
         elif kind == Cmd.BLOCK_STATUS:
             allocated = vol.allocation(offset, length)
             extents = p.allocation_extents(offset, length, vol.object_size, allocated,
-                                           bool(flags & CmdFlag.REQ_ONE))
+                                           bool(flags & p.FLAG_REQ_ONE))
             await self._send([p.block_status_reply(cookie, extents)])
             return
         # CACHE: nothing to do (reads are fast enough to need no warming)
