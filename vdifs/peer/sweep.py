@@ -42,7 +42,9 @@ from vdifs.model.cluster import ClusterMap, PeerInfo
 from vdifs.model.directory import Directory
 from vdifs.model.ids import ObjectKind, map_oid, unpack_oid, vid_of
 from vdifs.meta.lease import Lease, lease_key
+from vdifs.meta.paxos import PaxosRegister
 from vdifs.model.objmap import ObjectMap, is_allocated, map_chunks
+from vdifs.peer.membership import PEEK_MANY_MAX
 from vdifs.peer.recovery import recovery_settled
 from vdifs.peer.state import PeerState
 from vdifs.wire import objlist
@@ -139,14 +141,14 @@ def family_of(directory: Directory) -> dict[int, int]:
 async def families_in_use(meta: MetaClient, directory: Directory) -> set[int]:
     """Families with a VDI a mount may be writing: its lease has a holder,
     or it is shared (written without a lease)."""
-    busy = set()
-    for rec in directory.vdis.values():
-        if rec.shared:
-            busy.add(rec.family)
-            continue
-        _version, raw = await meta.register(lease_key(rec.vid)).get()
-        if Lease.decode(raw).holder is not None:
-            busy.add(rec.family)
+    busy = {rec.family for rec in directory.vdis.values() if rec.shared}
+    leased = [rec for rec in directory.vdis.values() if not rec.shared]
+    # All the leases in one peek round per PEEK_MANY_MAX (`read_many`): each
+    # read made as a change took a ballot that could pre-empt a mount's renewal.
+    for at in range(0, len(leased), PEEK_MANY_MAX):
+        part = leased[at:at + PEEK_MANY_MAX]
+        values = await PaxosRegister.read_many([meta.register(lease_key(rec.vid)) for rec in part])
+        busy.update(rec.family for rec, (_version, raw) in zip(part, values) if Lease.decode(raw).holder is not None)
     return busy
 
 
