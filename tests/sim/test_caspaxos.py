@@ -360,7 +360,7 @@ def test_readers_polling_a_register_do_not_hold_off_a_change(seed):
                     done[f"w{i}"] = True
                     return
 
-    async def main() -> None:
+    async def main() -> tuple[int, bytes]:
         async with trio.open_nursery() as readers:
             for i in range(64):
                 readers.start_soon(reader, i)
@@ -369,6 +369,8 @@ def test_readers_polling_a_register_do_not_hold_off_a_change(seed):
                 for i in range(3):
                     writers.start_soon(writer, i)
             readers.cancel_scope.cancel()
+        return await PaxosRegister(Proposer("check", names, net.sender("check"), round_timeout=1.0), "map").get()
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    version, value = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert done == {"w0": True, "w1": True, "w2": True}
+    assert (version, value) == (1, b"down")  # the same change, made once
