@@ -121,6 +121,7 @@ class RemotePool:
         self._map_read: trio.Event | None = None  # set when the read of the map under way ends (`_read_map`)
         self._map_read_began = -math.inf  # trio time that read began
         self.map_reads = 0  # reads of the map through consensus (`_read_map`)
+        self._continued_epoch = 0  # the newest map requests waited for and went on with (logged once)
 
     # -- the map -----------------------------------------------------------------------
 
@@ -329,7 +330,9 @@ class RemotePool:
                 await self._read_map(since, lambda: self.map.epoch > epoch)
             except VdifsError:
                 continue
-        log.info("continuing with cluster map epoch %d", self.map.epoch)
+        if self.map.epoch > self._continued_epoch:  # once, not once per request that waited
+            self._continued_epoch = self.map.epoch
+            log.info("continuing with cluster map epoch %d", self.map.epoch)
         return True
 
     def _writable_targets(self, oid: int, cmap: ClusterMap) -> list[str]:
