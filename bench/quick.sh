@@ -18,7 +18,8 @@
 # nbd engine) instead of the file; "TREE::peer:OPTION" gives the peers that
 # option (CLUSTER=1), e.g. "$PWD::peer:--cached-replica-writes". PROFILE=JOB records the mount
 # with py-spy during that job (collapsed stacks, next to WORK: $WORK.profile.*);
-# CPU=1 adds each job's CPU time per I/O: the machine's, the mount's, the peers', fio's. Not the issue's benchmark (bench/run.sh and
+# CPU=1 adds each job's CPU time per I/O: the machine's, the mount's, the peers', fio's;
+# STATUS=1 keeps the mount's `vdifs status --json` after each job ($WORK.JOB.status.ENTRY.json). Not the issue's benchmark (bench/run.sh and
 # bench/cluster.sh are): a tool for deciding whether a change pays.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -80,7 +81,7 @@ one() {  # one TREE[::OPTS] ROUND
     echo "$mpid ${ppids[*]}" > "$WORK.pids"
     for _ in $(seq 100); do mountpoint -q "$WORK/mnt" && break; sleep 0.1; done
     mountpoint -q "$WORK/mnt" || { echo "quick.sh: the mount did not come up (see $WORK.mount.log)" >&2; exit 1; }
-    local f=$WORK/mnt/q.img line="$(basename "$1")${3:+ [$3]} r$2"
+    local tree=$1 f=$WORK/mnt/q.img line="$(basename "$1")${3:+ [$3]} r$2"
     truncate -s "$SIZE" "$f"
     local -A spec=([seqwrite]="--rw=write --bs=1M --iodepth=8" [randwrite]="--rw=randwrite --bs=4k --iodepth=16"
         [randread]="--rw=randrw --rwmixread=100 --bs=4k --iodepth=16" [randrw70]="--rw=randrw --rwmixread=70 --bs=64k --iodepth=8"
@@ -102,6 +103,8 @@ one() {  # one TREE[::OPTS] ROUND
         fio --name="$name" "${target[@]}" "${engine[@]}" "${COMMON[@]}" "${timed[@]}" "$@" > "$WORK.$name.json"
         [[ -z $spy ]] || wait "$spy" || true
         [[ ${CPU:-0} == 1 ]] && echo "$before $(cpu_ticks)" > "$WORK.$name.cpu"
+        [[ ${STATUS:-0} == 1 ]] && env -C "$tree" PYTHONPATH="$tree" "$PY" -m vdifs status --store "$WORK/store" --json \
+            > "$WORK.$name.status.$(echo "$line" | cut -d' ' -f1-3 | tr -c 'A-Za-z0-9._-' _).json"
         line+=$(python3 - "$WORK.$name.json" "$name" <<'PY'
 import json, os, sys
 raw = open(sys.argv[1]).read()

@@ -257,6 +257,38 @@ def test_many_requests_in_flight_are_answered_each_once(mount):
         assert read_at(mount.path("q"), i * 65536, 4096) == d
 
 
+def test_flushes_sent_together_cost_one_sync(mount):
+    """A write, then sixteen flushes sent without waiting: each is
+    answered, once, without error, and `vdifs status` counts one sync for
+    them all (group commit), then one more for a flush after a new write.
+    (Flushes that come while a sync runs: tests/pool/test_volume.py.)"""
+    make_vdi(mount, "f", 16 * MiB)
+    c = nbd.Client(sock(mount))
+    c.structured_replies()
+    c.go("f")
+
+    def syncs() -> int:
+        return next(v["syncs"] for v in mount.call("status")["open"] if v["name"] == "f")
+
+    def write(offset: int, data: bytes) -> int:
+        cookie = c.request(nbd.CMD_WRITE, offset, len(data), payload=data)
+        got, error, _ = c.reply()
+        assert got == cookie
+        return error
+
+    assert write(0, b"a" * 4096) == 0
+    before = syncs()
+    cookies = {c.request(nbd.CMD_FLUSH, 0, 0) for _ in range(16)}
+    replies = dict(c.reply()[:2] for _ in cookies)
+    assert replies == {cookie: 0 for cookie in cookies}
+    assert syncs() == before + 1
+    assert write(MiB, b"b" * 4096) == 0
+    assert c.command(nbd.CMD_FLUSH)[0] == 0
+    assert syncs() == before + 2
+    c.disconnect()
+    assert read_at(mount.path("f"), 0, 4096) == b"a" * 4096 and read_at(mount.path("f"), MiB, 4096) == b"b" * 4096
+
+
 def test_broken_frames_close_only_their_connection(mount):
     need("qemu-io")
     make_vdi(mount, "b", 8 * MiB)

@@ -484,6 +484,59 @@ async def test_flushes_waiting_together_share_one_sync(store_dir, nursery, monke
     assert len(data_syncs) == 2 and obj[3] in data_syncs[1]
 
 
+async def test_flushes_with_no_write_between_share_the_sync_under_way(store_dir, nursery, monkeypatch):
+    """A flush with no write acknowledged since a sync began is covered by
+    that sync, although it came after the sync began: an NBD client with
+    slots free sends flush after flush while its first is answered (fio's
+    nbd engine does), and they cost one sync, not two. A flush with nothing
+    written since the last sync costs none; one after a write (also one
+    taken at once, `write_now`) syncs that write's object."""
+    cat = await open_catalog(store_dir, nursery)
+    rec = await cat.create("n", 8 * OBJ)
+    vol = await cat.open(rec.vid)
+    data_syncs: list[set[int]] = []
+    gate = trio.Event()
+    gate.set()
+    real_sync = vol.pool.sync
+
+    async def sync(oids):
+        oids = set(oids)
+        if any(unpack_oid(o)[0] == ObjectKind.DATA for o in oids):
+            data_syncs.append(oids)
+            await gate.wait()
+        await real_sync(oids)
+
+    monkeypatch.setattr(vol.pool, "sync", sync)
+    obj = [data_oid(rec.data_vid, i) for i in range(4)]
+    await vol.write(0, b"a" * 4096)
+    await vol.flush()
+    done: list[int] = []
+
+    async def flush(k):
+        await vol.flush()
+        done.append(k)
+
+    gate = trio.Event()
+    await vol.write(OBJ, b"b" * 4096)
+    syncs = vol.syncs
+    nursery.start_soon(flush, 0)
+    await wait_until(lambda: len(data_syncs) == 2)  # flush 0 syncs object 1, held at the gate
+    for k in range(1, 16):  # nothing written since that sync began
+        nursery.start_soon(flush, k)
+    await trio.testing.wait_all_tasks_blocked()
+    gate.set()
+    await wait_until(lambda: len(done) == 16)
+    assert vol.syncs == syncs + 1 and data_syncs[1] == {obj[1]}  # before: a second sync for 15 flushes
+    await vol.flush()
+    assert vol.syncs == syncs + 1  # nothing written since: nothing to sync
+    assert vol.write_now(8192, b"c" * 4096)  # into object 0, at once (the pool's page cache)
+    await vol.flush()
+    assert vol.syncs == syncs + 2 and data_syncs[-1] == {obj[0]}
+    await vol.write(2 * OBJ, b"d" * 4096)  # into a hole: the object is made
+    await vol.flush()
+    assert vol.syncs == syncs + 3 and data_syncs[-1] == {obj[2]}
+
+
 async def wait_until(condition, timeout=10.0):
     with trio.fail_after(timeout):
         while not condition():

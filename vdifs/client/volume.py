@@ -11,10 +11,15 @@ Concurrency invariants (trio; a task can only be interrupted at an await):
   taken inside the lock, so the last write of a page to land is also the
   newest: the pool's copy never goes backwards.
 - `_flush_lock` serialises flushes; writes go on during a flush, and what
-  they dirty is left for the next one. Flushes that wait for the lock
-  together share one sync (group commit): a flush is covered by any sync
-  that began after it was ready (its window written back), so when it gets
-  the lock and such a sync has already succeeded it returns at once.
+  they dirty is left for the next one. Every change (write, trim,
+  truncate, flatten copy) is counted in `_changes_done` when it ends,
+  after what it changed is in the pool (dirty) or in the window. A sync
+  reads that count when it begins, under the lock, then drains the window
+  and takes the dirty sets: it covers every change counted by then. A
+  flush needs the changes counted when it was called (every write
+  acknowledged before it), so it returns at once when a sync that covers
+  them has succeeded: flushes that arrive together, or with no write in
+  between, share one sync (group commit).
 
 Durability order on flush: data objects are synced, then dirty map pages
 are written and synced, then the directory record (size, mtime) is
@@ -90,8 +95,9 @@ class Volume:
         self._locks: dict[int, trio.Lock] = {}
         self._map_lock = trio.Lock()
         self._flush_lock = trio.Lock()
-        self._syncs_begun = 0  # flush syncs begun (numbered from 1, under `_flush_lock`)
-        self._synced = 0  # the number of the last flush sync that succeeded
+        self._changes_done = 0  # changes ended so far (`_change_done`, `write_now`)
+        self._synced_changes = -1  # the `_changes_done` the last successful flush sync covers
+        self.syncs = 0  # flushes that synced (the others were covered by one of these)
         self._dirty_data: set[int] = set()
         self._inflight: dict[int, int] = {}  # unlocked overwrites in flight, per index
         self._zero_checks: dict[int, bool] = {}  # index -> written during its zero check
@@ -324,6 +330,7 @@ class Volume:
 
     def _change_done(self) -> None:
         self._changes -= 1
+        self._changes_done += 1
         if not self._changes and self._quiet is not None:
             self._quiet.set()
 
@@ -365,6 +372,7 @@ class Volume:
         while a snapshot is cut or the VDI cannot be written: `write` waits
         for the cut, or says why. No await: atomic for the other tasks."""
         if self._write_now(offset, data, behind):
+            self._changes_done += 1
             self.io.write.add_at_once(len(data))
             return True
         return False
@@ -1008,6 +1016,7 @@ class Volume:
         was stored; the map in memory is already the new map's content."""
         self.record = record
         self.data_vid = record.data_vid
+        self._synced_changes = -1  # the next flush syncs, whatever was counted
 
     # -- flush / truncate ------------------------------------------------------
 
@@ -1034,16 +1043,14 @@ class Volume:
     async def _flush(self, times: bool) -> None:
         if self.fenced:
             raise PoolError(f"vid {self.vid}: {self.fenced}; nothing more is written")
-        if self.window:
-            await self._drain_window()
-        # Every write acknowledged before this call is now in the pool and
-        # dirty (data, map, size): a sync that begins from here on covers it.
-        ready = self._syncs_begun
+        need = self._changes_done  # every write acknowledged before this call is counted here
         async with self._flush_lock:
-            if self._synced > ready and not (times and self.times_dirty):
-                return  # another flush's sync began after we were ready, and succeeded
-            self._syncs_begun += 1
-            mine = self._syncs_begun
+            if (self._synced_changes >= need and not (self.map.dirty or self._unsynced_chunks or self.size_dirty)
+                    and not (times and self.times_dirty)):
+                return  # a sync that covers them all succeeded meanwhile, and no map change waits
+            covers = self._changes_done  # each in the pool (dirty) or in the window
+            if self.window:
+                await self._drain_window()
             data, self._dirty_data = self._dirty_data, set()
             try:
                 if data:  # nothing written: nothing to ask of the pool
@@ -1062,7 +1069,8 @@ class Volume:
                     self.size_dirty |= size_dirty
                     self.times_dirty |= times_dirty
                     raise
-            self._synced = mine
+            self._synced_changes = covers
+            self.syncs += 1
 
     def allocation(self, offset: int, length: int) -> list[bool]:
         """For each object [offset, offset + length) touches, from the first:

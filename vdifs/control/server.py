@@ -185,7 +185,8 @@ class ControlServer:
             leases = self.catalog.leases
             out.append({"name": name, "vid": vid, "handles": vol.handles if vol is not None else 0,
                         "lease": (leases.holds(vid) if leases is not None else None),
-                        "window": vol.window.bytes if vol is not None else 0, **io.as_dict()})
+                        "window": vol.window.bytes if vol is not None else 0,
+                        "syncs": vol.syncs if vol is not None else 0, **io.as_dict()})
         return out
 
     async def op_flush(self, args: dict[str, Any]) -> None:
