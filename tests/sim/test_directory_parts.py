@@ -49,6 +49,9 @@ class MemoryRegister:
         await trio.sleep(0)
         return self.registers.values.get(self.key, (0, b""))
 
+    async def read(self) -> tuple[int, bytes]:
+        return await self.get()
+
     async def cas(self, version: int, value: bytes) -> bool:
         regs = self.registers
         if regs.before_cas is not None:

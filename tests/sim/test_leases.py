@@ -223,6 +223,9 @@ class MemRegister:
         await trio.sleep(0.001)
         return self.version, self.value
 
+    async def read(self) -> tuple[int, bytes]:
+        return await self.get()
+
     async def cas(self, version: int, value: bytes) -> bool:
         await trio.sleep(0.001)
         if version != self.version:
@@ -327,3 +330,55 @@ async def test_a_restarted_mount_takes_its_earlier_runs_lease_at_once_and_nobody
     assert trio.current_time() - start < 0.1
     with pytest.raises(LeaseBusy):  # and the earlier run, were it alive, is the other one now
         await manager("run1-again", "s3").acquire(VID)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_lock_info_polled_through_one_proposer_never_costs_the_holder_its_lease(seed):
+    """A mount's users and scripts poll `vdifs vdi lock-info` (64 of them,
+    every half second, through the mount's one proposer) while another mount
+    holds the lease and renews it, with one acceptor of three gone and
+    4 ms fsyncs. A lock-info is a read that takes no ballot, so the holder's
+    renewals are never pre-empted: it holds the lease throughout, at the
+    generation it took, and every read saw it as the holder. (Made as
+    changes, `get`, the reads kept the renewals from ever landing.)"""
+    from vdifs.meta.paxos import Acceptor
+
+    from .test_caspaxos import SyncedStorage
+
+    net = SimNetwork(seed, 0.0, max_delay=0.001)
+    names = [f"a{i}" for i in range(3)]
+    for n in names:
+        net.acceptors[n] = Acceptor(SyncedStorage())
+    net.down = {"a2"}
+
+    async def fence(vid: int, gen: int) -> None:
+        pass
+
+    def manager(name: str) -> LeaseManager:
+        proposer = Proposer(name, names, net.sender(name), round_timeout=1.0)
+        return LeaseManager(name, {"host": name, "pid": 1, "mountpoint": f"/{name}"},
+                            lambda vid: PaxosRegister(proposer, f"lock/{vid}"), fence, term=TERM)
+
+    holder, watcher = manager("holder"), manager("watcher")
+    seen: list[str | None] = []
+
+    async def poll(i: int) -> None:
+        await trio.sleep(net.rng(f"p{i}").uniform(0, 0.5))
+        while True:
+            lease = await watcher.info(VID)
+            seen.append(lease.holder["mount"] if lease.holder else None)
+            await trio.sleep(0.5)
+
+    async def main() -> tuple[int, bool, str | None]:
+        generation = await holder.acquire(VID)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder.run)
+            for i in range(64):
+                nursery.start_soon(poll, i)
+            await trio.sleep(6 * TERM)
+            nursery.cancel_scope.cancel()
+        return generation, holder.holds(VID), holder.held[VID].lost
+
+    generation, holds, lost = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert lost is None and holds and holder.generation_held(VID) == generation
+    assert len(seen) > 64 * 6 * TERM and set(seen) == {"holder"}

@@ -17,6 +17,9 @@ class TwoFacedRegister:
     async def get(self):
         return self.version, self.value
 
+    async def read(self):
+        return await self.get()
+
     async def peek(self):
         return self.peeked or (self.version, self.value)
 

@@ -139,7 +139,10 @@ class LeaseManager:
         return self._locks.setdefault(vid, trio.Lock())
 
     async def info(self, vid: int) -> Lease:
-        _version, raw = await self.register_for(vid).get()
+        """The lease as the register holds it now, read without a ballot (a
+        user's lock-info, a check before maintenance): polled often, reads
+        made as changes would pre-empt the holder's renewals."""
+        _version, raw = await self.register_for(vid).read()
         return Lease.decode(raw)
 
     async def acquire(self, vid: int) -> int:

@@ -22,6 +22,13 @@ class Register(Protocol):
         """Current (version, value); version 0 and b'' for a never-written register."""
         ...
 
+    async def read(self) -> tuple[int, bytes]:
+        """`get` for a reader that changes nothing: as current, and taking no
+        ballot where the register can avoid it (a CASPaxos `get` is a change
+        by the identity function, and many readers polling that way hold off
+        the writers, design change 67)."""
+        ...
+
     async def cas(self, version: int, value: bytes) -> bool:
         """Store `value` as version+1 if the current version is `version`.
 
@@ -53,6 +60,9 @@ class FileRegister:
             if self._cached is None:
                 self._cached = await trio.to_thread.run_sync(self._load)
             return self._cached
+
+    async def read(self) -> tuple[int, bytes]:
+        return await self.get()  # one process: nobody to hold off
 
     async def cas(self, version: int, value: bytes) -> bool:
         async with self._lock:
