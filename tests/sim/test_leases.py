@@ -340,7 +340,8 @@ def test_lock_info_polled_through_one_proposer_never_costs_the_holder_its_lease(
     4 ms fsyncs. A lock-info is a read that takes no ballot, so the holder's
     renewals are never pre-empted: it holds the lease throughout, at the
     generation it took, and every read saw it as the holder. (Made as
-    changes, `get`, the reads kept the renewals from ever landing.)"""
+    changes, `get`, the reads kept the renewals from ever landing.) A
+    renewal takes one ballot: its read of the lease takes none."""
     from vdifs.meta.paxos import Acceptor
 
     from .test_caspaxos import SyncedStorage
@@ -354,8 +355,17 @@ def test_lock_info_polled_through_one_proposer_never_costs_the_holder_its_lease(
     async def fence(vid: int, gen: int) -> None:
         pass
 
+    prepares = {"holder": 0, "watcher": 0}  # ballots each proposer took (prepares sent to a0)
+
     def manager(name: str) -> LeaseManager:
-        proposer = Proposer(name, names, net.sender(name), round_timeout=1.0)
+        send = net.sender(name)
+
+        async def counted(dst: str, op: str, args: dict) -> dict:
+            if op == "prepare" and dst == "a0":
+                prepares[name] += 1
+            return await send(dst, op, args)
+
+        proposer = Proposer(name, names, counted, round_timeout=1.0)
         return LeaseManager(name, {"host": name, "pid": 1, "mountpoint": f"/{name}"},
                             lambda vid: PaxosRegister(proposer, f"lock/{vid}"), fence, term=TERM)
 
@@ -377,8 +387,13 @@ def test_lock_info_polled_through_one_proposer_never_costs_the_holder_its_lease(
                 nursery.start_soon(poll, i)
             await trio.sleep(6 * TERM)
             nursery.cancel_scope.cancel()
-        return generation, holder.holds(VID), holder.held[VID].lost
+        return generation, holder.holds(VID), holder.held[VID].lost, (await watcher.info(VID)).beat
 
-    generation, holds, lost = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    generation, holds, lost, renewals = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert lost is None and holds and holder.generation_held(VID) == generation
     assert len(seen) > 64 * 6 * TERM and set(seen) == {"holder"}
+    # a renewal reads without a ballot, then changes the lease: one ballot
+    # each (and one to take the lease); a read takes one only when it met a
+    # change in flight
+    assert renewals >= 6 * 3 - 1 and prepares["holder"] == renewals + 1, (renewals, prepares)
+    assert prepares["watcher"] <= len(seen) // 100, (len(seen), prepares)

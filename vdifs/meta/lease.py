@@ -155,7 +155,7 @@ class LeaseManager:
             if held is not None and held.lost is None:
                 return held.generation
             reg = self.register_for(vid)
-            version, raw = await reg.get()
+            version, raw = await reg.read()
             lease = Lease.decode(raw)
             earlier = lease.holder is not None and self.left_by_an_earlier_run(lease)
             if lease.holder is not None and lease.closing and not self.is_ours(lease) and not earlier:
@@ -192,7 +192,7 @@ class LeaseManager:
         while lease.holder is not None and lease.closing and self.clock() < deadline:
             await trio.sleep(pause)
             pause = min(pause * 2, 0.2)
-            version, raw = await reg.get()
+            version, raw = await reg.read()
             lease = Lease.decode(raw)
         return version, lease
 
@@ -239,7 +239,7 @@ class LeaseManager:
         tries); False if the lease is no longer the one we hold."""
         reg = self.register_for(vid)
         for _ in range(10):
-            version, raw = await reg.get()
+            version, raw = await reg.read()
             lease = Lease.decode(raw)
             if not self.is_ours(lease) or lease.generation != held.generation:
                 return False
@@ -253,7 +253,7 @@ class LeaseManager:
         async with self._lock(vid):
             reg = self.register_for(vid)
             while True:
-                version, raw = await reg.get()
+                version, raw = await reg.read()
                 lease = Lease.decode(raw)
                 new = Lease(None, lease.generation + 1, lease.since, time.time(), 0)
                 if await reg.cas(version, new.encode()):
@@ -288,7 +288,7 @@ class LeaseManager:
                 return
             reg = self.register_for(vid)
             try:
-                version, raw = await reg.get()
+                version, raw = await reg.read()
                 lease = Lease.decode(raw)
                 if not self.is_ours(lease) or lease.generation != held.generation:
                     self._lose(vid, held, f"taken over by {lease.describe()} (generation {lease.generation})"
