@@ -72,3 +72,41 @@ async def test_an_unchanged_directory_costs_a_poll_a_few_bytes_and_a_change_reac
                 seen[i] = trio.current_time() - made
         await trio.sleep(0.5)
     assert len(seen) == len(mounts) and max(seen.values()) <= 1.0
+
+
+async def test_reading_the_directory_takes_no_ballot(autojump_clock):
+    """A read of the directory, of one part (a VDI's, `refresh_vid`) or of a
+    directory in one part (format 1), is a peek round when nothing is in
+    flight: no prepare, so mounts reading it do not hold off a mount
+    changing it (design change 67). Their reads see every change made."""
+    acceptors = {name: Acceptor(MemoryAcceptorStorage()) for name in ("m1", "m2", "m3")}
+    requests: list[str] = []
+
+    async def send(dst: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        await trio.sleep(0.001)
+        requests.append(op)
+        acc = acceptors[dst]
+        if op == "peek_many":
+            unless = [tuple(u) if u else None for u in args["unless"]]
+            return await acc.peek_many(args["keys"], unless)  # type: ignore[arg-type]
+        if op == "peek":
+            return await acc.peek(args["key"], tuple(args["unless"]) if args.get("unless") else None)
+        if op == "prepare":
+            return await acc.prepare(args["key"], tuple(args["ballot"]))
+        return await acc.accept(args["key"], tuple(args["ballot"]), args["value"])
+
+    for parts in (1, 64):
+        acceptors.update({name: Acceptor(MemoryAcceptorStorage()) for name in acceptors})  # a new cluster
+        writer, reader = (DirectoryService(lambda key, p=Proposer(f"{who}{parts}", list(acceptors), send):
+                                           PaxosRegister(p, key), parts=parts) for who in ("w", "r"))
+        for i in range(20):
+            name = f"vm-{i:02d}"
+            await writer.update_name(name, lambda d, n=name: d.create(n, 1 << 30, copies=3))
+        await reader.refresh()
+        vid = reader.current.vdis["vm-07"].vid
+        requests.clear()
+        for i in range(5):
+            await reader.refresh()
+            await reader.refresh_vid(vid)
+            assert set(reader.current.vdis) == {f"vm-{k:02d}" for k in range(20)}
+        assert requests and "prepare" not in requests, (parts, sorted(set(requests)))

@@ -164,7 +164,7 @@ class DirectoryService:
     async def _read_part(self, k: int, expect: int | None = None) -> None:
         """Read part k; `expect`: the number of parts the caller works with
         (LayoutChanged if the directory was split meanwhile)."""
-        version, raw = await self._part_register(k).get()
+        (version, raw), = await _read_registers([self._part_register(k)])
         if self.parts == 1:
             self._adopt_root(version, raw)
             if self.parts != 1:  # split meanwhile
@@ -504,8 +504,10 @@ class DirectoryService:
 
 async def _read_registers(registers: list[Register]) -> list[tuple[int, bytes]]:
     """(version, value) of registers, each read linearizably: in one round
-    per meta peer when they are a cluster's and no change is in flight."""
-    if len(registers) > 1 and all(isinstance(r, PaxosRegister) for r in registers):
+    per meta peer when they are a cluster's and no change is in flight
+    (also one alone: a read made as a change takes a ballot, and readers
+    that poll that way hold off the writers, design change 67)."""
+    if registers and all(isinstance(r, PaxosRegister) for r in registers):
         try:
             return await PaxosRegister.read_many(registers)  # type: ignore[arg-type]
         except ConsensusUnavailable as e:
