@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from vdifs.meta.paxos import (
-    Acceptor, AcceptorState, ConsensusUnavailable, MemoryAcceptorStorage, PaxosRegister, Proposer,
+    PEEK_MANY_MAX, Acceptor, AcceptorState, ConsensusUnavailable, MemoryAcceptorStorage, PaxosRegister, Proposer,
 )
 
 
@@ -217,6 +217,35 @@ async def test_a_peek_of_an_unchanged_register_moves_no_value():
     sent.clear()
     assert await reg.peek() == (2, b"y")  # changed: the new value comes
     assert any(r.get("value") for r in sent)
+
+
+async def test_reads_of_more_registers_than_a_request_takes_go_in_several():
+    """`read_many` and `peek_many` of 2,100 registers (a peer's leak pass
+    reads every VDI's lease): requests of at most PEEK_MANY_MAX keys, as
+    the acceptor allows, three of them per acceptor, and every value
+    read back in order, also the never-written ones."""
+    acceptors = {name: Acceptor(MemoryAcceptorStorage()) for name in ("a", "b", "c")}
+    asked: list[int] = []  # keys per peek_many request
+
+    async def send(dst, op, args):
+        acc = acceptors[dst]
+        if op == "peek_many":
+            assert 0 < len(args["keys"]) <= PEEK_MANY_MAX  # what membership's handler refuses past
+            asked.append(len(args["keys"]))
+            return await acc.peek_many(args["keys"], [tuple(u) if u else None for u in args["unless"]])
+        if op == "prepare":
+            return await acc.prepare(args["key"], tuple(args["ballot"]))
+        return await acc.accept(args["key"], tuple(args["ballot"]), args["value"])
+
+    proposer = Proposer("p1", list(acceptors), send)
+    registers = [PaxosRegister(proposer, f"lock/{i}") for i in range(2100)]
+    for i in range(0, 2100, 7):
+        assert await registers[i].cas(0, b"held %d" % i)
+    want = [(1, b"held %d" % i) if i % 7 == 0 else (0, b"") for i in range(2100)]
+    for read in (PaxosRegister.read_many, PaxosRegister.peek_many):
+        asked.clear()
+        assert await read(registers) == want
+        assert sorted(asked) == sorted([PEEK_MANY_MAX, PEEK_MANY_MAX, 2100 - 2 * PEEK_MANY_MAX] * 3)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -16,9 +16,9 @@ import trio.testing
 
 from vdifs.errors import VdifsError
 from vdifs.meta.lease import LeaseBusy, LeaseManager
-from vdifs.meta.paxos import PaxosRegister, Proposer
+from vdifs.meta.paxos import Acceptor, PaxosRegister, Proposer
 
-from .test_caspaxos import SeededStreams, SimNetwork
+from .test_caspaxos import SeededStreams, SimNetwork, SyncedStorage
 
 VID = 7
 TERM = 9.0
@@ -342,10 +342,6 @@ def test_lock_info_polled_through_one_proposer_never_costs_the_holder_its_lease(
     generation it took, and every read saw it as the holder. (Made as
     changes, `get`, the reads kept the renewals from ever landing.) A
     renewal takes one ballot: its read of the lease takes none."""
-    from vdifs.meta.paxos import Acceptor
-
-    from .test_caspaxos import SyncedStorage
-
     net = SimNetwork(seed, 0.0, max_delay=0.001)
     names = [f"a{i}" for i in range(3)]
     for n in names:

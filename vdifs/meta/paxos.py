@@ -44,6 +44,9 @@ class ConsensusUnavailable(VdifsError):
     errno = errno.EAGAIN
 
 
+#: Registers one `peek_many` request may ask about (the acceptor refuses more):
+#: `PaxosRegister.read_many` and `peek_many` ask in requests of up to this many.
+PEEK_MANY_MAX = 1024
 #: An acceptor that answers an accept with one of these refused the change
 #: itself (`register_rules`), not the ballot: retrying cannot help.
 REFUSALS = frozenset({errno.EACCES, errno.EBUSY, errno.EINVAL})
@@ -192,6 +195,15 @@ class Acceptor:
             s.accepted, s.value, s.promise = ballot, value, max(s.promise, ballot)
             await self.storage.save(key, s)
             return True
+
+
+async def _in_requests(read: Callable[[list[PaxosRegister]], Awaitable[list[tuple[int, bytes]]]],
+                       registers: list[PaxosRegister]) -> list[tuple[int, bytes]]:
+    """`read` of the registers, PEEK_MANY_MAX at a time, one after another."""
+    out: list[tuple[int, bytes]] = []
+    for at in range(0, len(registers), PEEK_MANY_MAX):
+        out += await read(registers[at:at + PEEK_MANY_MAX])
+    return out
 
 
 # -- proposer -------------------------------------------------------------------
@@ -380,7 +392,10 @@ class PaxosRegister:
         same ballot was chosen (a majority accepted it), and it is at least
         as new as any change that ended before the read began (that change's
         majority meets ours). A register whose answers differ (a change in
-        flight, an acceptor behind) is read the full way (`get`)."""
+        flight, an acceptor behind) is read the full way (`get`). Registers
+        past PEEK_MANY_MAX go in further rounds."""
+        if len(registers) > PEEK_MANY_MAX:
+            return await _in_requests(PaxosRegister.read_many, registers)
         proposer = registers[0].proposer
         assert all(r.proposer is proposer for r in registers)
         known = [r._peeked for r in registers]
@@ -407,7 +422,10 @@ class PaxosRegister:
 
     @staticmethod
     async def peek_many(registers: list[PaxosRegister]) -> list[tuple[int, bytes]]:
-        """`peek` of registers of one proposer, in one request per acceptor."""
+        """`peek` of registers of one proposer, in one request per acceptor
+        (per PEEK_MANY_MAX of them)."""
+        if len(registers) > PEEK_MANY_MAX:
+            return await _in_requests(PaxosRegister.peek_many, registers)
         proposer = registers[0].proposer
         assert all(r.proposer is proposer for r in registers)
         peeked = await proposer.peek_many([r.key for r in registers], [r._peeked for r in registers])

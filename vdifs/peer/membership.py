@@ -21,7 +21,7 @@ import trio
 from vdifs.errors import InvalidArgument, VdifsError
 from vdifs.meta.consensus import CLUSTER_KEY
 from vdifs.meta.credentials import GRACE_MAX, ROTATION_GRACE, Credentials
-from vdifs.meta.paxos import Acceptor, Ballot, ConsensusUnavailable, FileAcceptorStorage
+from vdifs.meta.paxos import PEEK_MANY_MAX, Acceptor, Ballot, ConsensusUnavailable, FileAcceptorStorage
 from vdifs.meta.register_rules import LEASE_PREFIX, check_change
 from vdifs.model.cluster import COPIES_MAX, DOWN, UP, ClusterMap, PeerInfo, check_cluster_id, choose_meta
 from vdifs.peer.state import PeerState
@@ -37,8 +37,6 @@ KEY_MAX = 120
 BALLOT_MAX = (1 << 63) - 1
 SECRET_MIN, SECRET_MAX = 16, 128  # bytes of a cluster secret (format makes 32)
 PROPOSER_MAX = 256  # characters of a proposer id (a peer id, or a mount id that holds a host name)
-#: Registers one paxos.peek_many may ask about (a split directory has 65).
-PEEK_MANY_MAX = 1024
 
 MapChange = Callable[[ClusterMap], "ClusterMap | None"]
 

@@ -44,7 +44,6 @@ from vdifs.model.ids import ObjectKind, map_oid, unpack_oid, vid_of
 from vdifs.meta.lease import Lease, lease_key
 from vdifs.meta.paxos import PaxosRegister
 from vdifs.model.objmap import ObjectMap, is_allocated, map_chunks
-from vdifs.peer.membership import PEEK_MANY_MAX
 from vdifs.peer.recovery import recovery_settled
 from vdifs.peer.state import PeerState
 from vdifs.wire import objlist
@@ -143,12 +142,12 @@ async def families_in_use(meta: MetaClient, directory: Directory) -> set[int]:
     or it is shared (written without a lease)."""
     busy = {rec.family for rec in directory.vdis.values() if rec.shared}
     leased = [rec for rec in directory.vdis.values() if not rec.shared]
-    # All the leases in one peek round per PEEK_MANY_MAX (`read_many`): each
-    # read made as a change took a ballot that could pre-empt a mount's renewal.
-    for at in range(0, len(leased), PEEK_MANY_MAX):
-        part = leased[at:at + PEEK_MANY_MAX]
-        values = await PaxosRegister.read_many([meta.register(lease_key(rec.vid)) for rec in part])
-        busy.update(rec.family for rec, (_version, raw) in zip(part, values) if Lease.decode(raw).holder is not None)
+    if not leased:
+        return busy
+    # All the leases in peek rounds (`read_many`): a read made as a change
+    # takes a ballot, and could pre-empt a mount's renewal.
+    values = await PaxosRegister.read_many([meta.register(lease_key(rec.vid)) for rec in leased])
+    busy.update(rec.family for rec, (_version, raw) in zip(leased, values) if Lease.decode(raw).holder is not None)
     return busy
 
 
