@@ -16,11 +16,10 @@ from vdifs.meta.paxos import Acceptor, MemoryAcceptorStorage, PaxosRegister, Pro
 from vdifs.model.directory import Directory
 
 
-async def test_an_unchanged_directory_costs_a_poll_a_few_bytes_and_a_change_reaches_every_mount(autojump_clock):
-    acceptors = {name: Acceptor(MemoryAcceptorStorage()) for name in ("m1", "m2", "m3")}
-    answered: list[int] = []  # bytes of each register's answer to a peek
-    requests: list[str] = []  # the ops the acceptors were sent
-
+def network(acceptors: dict[str, Acceptor], requests: list[str], answered: list[int]):
+    """A proposer's send to `acceptors` in memory (1 ms a request): the op
+    of each request goes to `requests`, the bytes of each register's answer
+    to a peek to `answered`."""
     async def send(dst: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
         await trio.sleep(0.001)
         requests.append(op)
@@ -37,6 +36,14 @@ async def test_an_unchanged_directory_costs_a_poll_a_few_bytes_and_a_change_reac
         else:
             reply = await acc.accept(args["key"], tuple(args["ballot"]), args["value"])
         return reply
+    return send
+
+
+async def test_an_unchanged_directory_costs_a_poll_a_few_bytes_and_a_change_reaches_every_mount(autojump_clock):
+    acceptors = {name: Acceptor(MemoryAcceptorStorage()) for name in ("m1", "m2", "m3")}
+    answered: list[int] = []  # bytes of each register's answer to a peek
+    requests: list[str] = []  # the ops the acceptors were sent
+    send = network(acceptors, requests, answered)
 
     def service(i: int) -> DirectoryService:
         proposer = Proposer(f"mount{i}", list(acceptors), send)
@@ -81,19 +88,7 @@ async def test_reading_the_directory_takes_no_ballot(autojump_clock):
     changing it (design change 67). Their reads see every change made."""
     acceptors = {name: Acceptor(MemoryAcceptorStorage()) for name in ("m1", "m2", "m3")}
     requests: list[str] = []
-
-    async def send(dst: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        await trio.sleep(0.001)
-        requests.append(op)
-        acc = acceptors[dst]
-        if op == "peek_many":
-            unless = [tuple(u) if u else None for u in args["unless"]]
-            return await acc.peek_many(args["keys"], unless)  # type: ignore[arg-type]
-        if op == "peek":
-            return await acc.peek(args["key"], tuple(args["unless"]) if args.get("unless") else None)
-        if op == "prepare":
-            return await acc.prepare(args["key"], tuple(args["ballot"]))
-        return await acc.accept(args["key"], tuple(args["ballot"]), args["value"])
+    send = network(acceptors, requests, [])
 
     for parts in (1, 64):
         acceptors.update({name: Acceptor(MemoryAcceptorStorage()) for name in acceptors})  # a new cluster
