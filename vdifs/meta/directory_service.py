@@ -164,7 +164,7 @@ class DirectoryService:
     async def _read_part(self, k: int, expect: int | None = None) -> None:
         """Read part k; `expect`: the number of parts the caller works with
         (LayoutChanged if the directory was split meanwhile)."""
-        (version, raw), = await _read_registers([self._part_register(k)])
+        [(version, raw)] = await _read_registers([self._part_register(k)])
         if self.parts == 1:
             self._adopt_root(version, raw)
             if self.parts != 1:  # split meanwhile
